@@ -1,0 +1,548 @@
+//! Host side of the agent protocol (see `slicer_agent_proto`).
+//!
+//! One [`AgentClient`] per VM holds one HTTP/2 connection over the VM's agent socket and
+//! reconnects (with a fresh resync handshake) when it breaks. Everything the guest sends is
+//! untrusted: bodies are read with limits and frames are decoded with bounds.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use slicer_agent_proto::frame::{self, Decoder, Kind};
+use slicer_agent_proto::{
+    h2, sync, ErrorBody, ExecRequest, ExitStatus, Exited, FileWritten, Health, PathQuery, PowerAction, PowerRequest,
+    Started, HEADER_MODE,
+};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{mpsc, Mutex};
+
+pub type ReqBody = BoxBody<Bytes, io::Error>;
+
+/// Largest JSON answer (health, errors, results) accepted from a guest.
+const MAX_JSON: usize = 64 * 1024;
+const UPLOAD_CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot reach the agent at {path}: {source}")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("agent did not become ready within {0:?}")]
+    Timeout(Duration),
+    #[error("agent protocol error: {0}")]
+    Protocol(String),
+    #[error("agent connection failed: {0}")]
+    Http(#[from] hyper::Error),
+    /// The agent answered with an error.
+    #[error("{message}")]
+    Remote { status: u16, kind: String, message: String },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl AgentError {
+    /// The agent said the path or program does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, AgentError::Remote { status: 404, .. })
+    }
+}
+
+pub type Result<T> = std::result::Result<T, AgentError>;
+
+pub struct AgentClient {
+    path: PathBuf,
+    conn: Mutex<Option<SendRequest<ReqBody>>>,
+    handshake_timeout: Duration,
+}
+
+fn empty() -> ReqBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn full(b: impl Into<Bytes>) -> ReqBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Streams an `AsyncRead` as a request body, 256 KiB at a time.
+fn reader_body<R: AsyncRead + Send + Unpin + 'static>(prefix: Option<Bytes>, mut rd: R) -> ReqBody {
+    let (tx, body) = slicer_agent_proto::body::channel(4);
+    tokio::spawn(async move {
+        if let Some(p) = prefix {
+            if tx.send(Ok(p)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let mut buf = vec![0u8; UPLOAD_CHUNK];
+            match rd.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.send(Ok(Bytes::from(buf))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    body.boxed()
+}
+
+async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes> {
+    let b = http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| AgentError::Protocol(format!("reading agent answer: {e}")))?;
+    Ok(b.to_bytes())
+}
+
+async fn parse_json<T: serde::de::DeserializeOwned>(body: Incoming) -> Result<T> {
+    let raw = read_limited(body, MAX_JSON).await?;
+    serde_json::from_slice(&raw).map_err(|e| AgentError::Protocol(format!("invalid JSON from agent: {e}")))
+}
+
+/// Turns a non-2xx answer into [`AgentError::Remote`].
+async fn check(resp: http::Response<Incoming>) -> Result<http::Response<Incoming>> {
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status().as_u16();
+    let raw = read_limited(resp.into_body(), MAX_JSON).await.unwrap_or_default();
+    let (kind, message) = match serde_json::from_slice::<ErrorBody>(&raw) {
+        Ok(e) => (e.kind, e.error),
+        Err(_) => ("unknown".into(), format!("agent answered {status}")),
+    };
+    Err(AgentError::Remote { status, kind, message })
+}
+
+fn uri(path: &str, q: Option<&PathQuery>) -> String {
+    match q {
+        Some(q) => format!(
+            "http://agent{path}?{}",
+            serde_urlencoded::to_string(q).unwrap_or_default()
+        ),
+        None => format!("http://agent{path}"),
+    }
+}
+
+impl AgentClient {
+    /// A client for the agent behind the UNIX socket `path` (QEMU's chardev for the port).
+    pub fn new(path: impl Into<PathBuf>) -> AgentClient {
+        AgentClient {
+            path: path.into(),
+            conn: Mutex::new(None),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<SendRequest<ReqBody>> {
+        let stream = tokio::net::UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| AgentError::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
+        let nonce: sync::Nonce = rand::random();
+        let io = sync::host_handshake(stream, nonce, Duration::from_millis(100), timeout)
+            .await
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::TimedOut => AgentError::Timeout(timeout),
+                _ => AgentError::Io(e),
+            })?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(h2::INITIAL_STREAM_WINDOW)
+            .initial_connection_window_size(h2::INITIAL_CONN_WINDOW)
+            .max_frame_size(h2::MAX_FRAME_SIZE)
+            .max_header_list_size(h2::MAX_HEADER_LIST_SIZE)
+            .handshake(TokioIo::new(io))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("agent connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn sender(&self) -> Result<SendRequest<ReqBody>> {
+        let mut guard = self.conn.lock().await;
+        if let Some(s) = guard.as_ref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let s = self.connect(self.handshake_timeout).await?;
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Drops the current connection; the next request reconnects with a new handshake.
+    pub async fn reset(&self) {
+        *self.conn.lock().await = None;
+    }
+
+    async fn send(&self, req: Request<ReqBody>) -> Result<http::Response<Incoming>> {
+        let mut s = self.sender().await?;
+        s.ready().await?;
+        Ok(s.send_request(req).await?)
+    }
+
+    /// Waits until the agent answers health, polling the socket until `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<Health> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(AgentError::Timeout(timeout));
+            }
+            let attempt = async {
+                let mut guard = self.conn.lock().await;
+                let s = self.connect(left).await?;
+                *guard = Some(s);
+                drop(guard);
+                self.health().await
+            };
+            match tokio::time::timeout(left, attempt).await {
+                Ok(Ok(h)) => return Ok(h),
+                Ok(Err(AgentError::Connect { .. })) => {
+                    // QEMU has not created the socket yet.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!("agent not ready yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(_) => return Err(AgentError::Timeout(timeout)),
+            }
+        }
+    }
+
+    pub async fn health(&self) -> Result<Health> {
+        let req = Request::get(uri("/v1/health", None))
+            .body(empty())
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        parse_json(resp.into_body()).await
+    }
+
+    /// Starts a process. With `spec.stdin`, write to [`ExecProcess::stdin`]; dropping it closes stdin.
+    pub async fn exec(&self, spec: &ExecRequest) -> Result<ExecProcess> {
+        let prefix = frame::encode_spec(spec);
+        let (stdin, body) = if spec.stdin {
+            let (tx, body) = slicer_agent_proto::body::channel(4);
+            let prefix_tx = tx.clone();
+            prefix_tx
+                .send(Ok(prefix))
+                .await
+                .map_err(|_| AgentError::Protocol("stdin channel closed".into()))?;
+            (Some(StdinWriter { tx }), body.boxed())
+        } else {
+            (None, full(prefix))
+        };
+        let req = Request::post(uri("/v1/exec", None))
+            .body(body)
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        let mut p = ExecProcess {
+            pid: 0,
+            started_at_ms: 0,
+            stdin,
+            body: resp.into_body(),
+            decoder: Decoder::default(),
+            done: false,
+        };
+        match p.next_frame().await? {
+            Some(f) if f.kind == Kind::Started => {
+                let s: Started = serde_json::from_slice(&f.payload)
+                    .map_err(|e| AgentError::Protocol(format!("invalid started frame: {e}")))?;
+                p.pid = s.pid;
+                p.started_at_ms = s.started_at_ms;
+                Ok(p)
+            }
+            other => Err(AgentError::Protocol(format!(
+                "expected a started frame, got {:?}",
+                other.map(|f| f.kind)
+            ))),
+        }
+    }
+
+    /// Runs a process to completion with the given stdin, collecting its output.
+    pub async fn exec_output(&self, spec: &ExecRequest, stdin: Option<Bytes>) -> Result<Output> {
+        let mut spec = spec.clone();
+        spec.stdin = stdin.is_some();
+        let mut p = self.exec(&spec).await?;
+        if let (Some(w), Some(data)) = (p.stdin.take(), stdin) {
+            tokio::spawn(async move {
+                let _ = w.write(data).await;
+            });
+        }
+        p.output().await
+    }
+
+    /// Writes `data` to the file `path` in the guest (atomically replaced).
+    pub async fn upload_file<R: AsyncRead + Send + Unpin + 'static>(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        owner: Option<(u32, u32)>,
+        data: R,
+    ) -> Result<u64> {
+        let q = PathQuery {
+            path: path.into(),
+            mode: mode.map(|m| format!("{m:o}")),
+            uid: owner.map(|o| o.0),
+            gid: owner.map(|o| o.1),
+        };
+        let req = Request::put(uri("/v1/file", Some(&q)))
+            .body(reader_body(None, data))
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        let w: FileWritten = parse_json(resp.into_body()).await?;
+        Ok(w.bytes)
+    }
+
+    /// Reads the file `path` from the guest as a stream.
+    pub async fn download_file(&self, path: &str) -> Result<Download> {
+        let q = PathQuery {
+            path: path.into(),
+            ..Default::default()
+        };
+        let req = Request::get(uri("/v1/file", Some(&q)))
+            .body(empty())
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        let mode = resp
+            .headers()
+            .get(HEADER_MODE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| u32::from_str_radix(v, 8).ok())
+            .map(|m| m & 0o7777);
+        Ok(Download {
+            mode,
+            body: resp.into_body(),
+        })
+    }
+
+    /// Unpacks a tar stream into directory `dir` in the guest.
+    pub async fn upload_tar<R: AsyncRead + Send + Unpin + 'static>(
+        &self,
+        dir: &str,
+        owner: Option<(u32, u32)>,
+        tar: R,
+    ) -> Result<u64> {
+        let q = PathQuery {
+            path: dir.into(),
+            mode: None,
+            uid: owner.map(|o| o.0),
+            gid: owner.map(|o| o.1),
+        };
+        let req = Request::put(uri("/v1/tar", Some(&q)))
+            .body(reader_body(None, tar))
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        let w: FileWritten = parse_json(resp.into_body()).await?;
+        Ok(w.bytes)
+    }
+
+    /// Streams directory `dir` of the guest as a tar. The archive comes from the guest: never
+    /// unpack it on the host without path checks.
+    pub async fn download_tar(&self, dir: &str) -> Result<Download> {
+        let q = PathQuery {
+            path: dir.into(),
+            ..Default::default()
+        };
+        let req = Request::get(uri("/v1/tar", Some(&q)))
+            .body(empty())
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        Ok(Download {
+            mode: None,
+            body: resp.into_body(),
+        })
+    }
+
+    /// Asks the guest to power off or reboot. Both end the VM process (no ACPI: see the agent).
+    pub async fn power(&self, action: PowerAction) -> Result<()> {
+        let body = serde_json::to_vec(&PowerRequest { action }).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(uri("/v1/power", None))
+            .body(full(body))
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = self.send(req).await?;
+        if resp.status() != StatusCode::ACCEPTED {
+            check(resp).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes stdin of a running process; dropping it closes the process's stdin.
+pub struct StdinWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+}
+
+impl StdinWriter {
+    pub async fn write(&self, data: Bytes) -> Result<()> {
+        self.tx
+            .send(Ok(data))
+            .await
+            .map_err(|_| AgentError::Protocol("the process's stdin is closed".into()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecEvent {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    Exit(ExitStatus),
+}
+
+/// Output of a finished process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+}
+
+/// A running process in the guest.
+pub struct ExecProcess {
+    pub pid: u32,
+    pub started_at_ms: u64,
+    pub stdin: Option<StdinWriter>,
+    body: Incoming,
+    decoder: Decoder,
+    done: bool,
+}
+
+impl ExecProcess {
+    async fn next_frame(&mut self) -> Result<Option<frame::Frame>> {
+        loop {
+            if let Some(f) = self
+                .decoder
+                .next_frame()
+                .map_err(|e| AgentError::Protocol(e.to_string()))?
+            {
+                return Ok(Some(f));
+            }
+            match self.body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        self.decoder.push(&data);
+                    }
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    self.decoder.finish().map_err(|e| AgentError::Protocol(e.to_string()))?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// The next output chunk or the exit status; `None` after the exit.
+    pub async fn next_event(&mut self) -> Result<Option<ExecEvent>> {
+        if self.done {
+            return Ok(None);
+        }
+        let Some(f) = self.next_frame().await? else {
+            return Err(AgentError::Protocol("exec stream ended without an exit status".into()));
+        };
+        Ok(Some(match f.kind {
+            Kind::Stdout => ExecEvent::Stdout(f.payload),
+            Kind::Stderr => ExecEvent::Stderr(f.payload),
+            Kind::Exit => {
+                let e: Exited = serde_json::from_slice(&f.payload)
+                    .map_err(|e| AgentError::Protocol(format!("invalid exit frame: {e}")))?;
+                self.done = true;
+                ExecEvent::Exit(e.status)
+            }
+            Kind::Error => {
+                let e: ErrorBody = serde_json::from_slice(&f.payload)
+                    .map_err(|e| AgentError::Protocol(format!("invalid error frame: {e}")))?;
+                return Err(AgentError::Remote {
+                    status: 500,
+                    kind: e.kind,
+                    message: e.error,
+                });
+            }
+            Kind::Started => return Err(AgentError::Protocol("second started frame".into())),
+        }))
+    }
+
+    /// Collects all output until the process exits.
+    pub async fn output(mut self) -> Result<Output> {
+        self.stdin = None;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        loop {
+            match self.next_event().await? {
+                Some(ExecEvent::Stdout(b)) => stdout.extend_from_slice(&b),
+                Some(ExecEvent::Stderr(b)) => stderr.extend_from_slice(&b),
+                Some(ExecEvent::Exit(status)) => return Ok(Output { stdout, stderr, status }),
+                None => return Err(AgentError::Protocol("exec stream ended without an exit status".into())),
+            }
+        }
+    }
+}
+
+/// A file or tar stream coming from the guest.
+pub struct Download {
+    /// Mode bits of a downloaded file.
+    pub mode: Option<u32>,
+    body: Incoming,
+}
+
+impl Download {
+    /// The next chunk; `None` at the end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            match self.body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        return Ok(Some(d));
+                    }
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Copies the whole stream into `w`, returning the byte count.
+    pub async fn copy_to<W: tokio::io::AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<u64> {
+        use tokio::io::AsyncWriteExt;
+        let mut n = 0u64;
+        while let Some(c) = self.chunk().await? {
+            w.write_all(&c).await?;
+            n += c.len() as u64;
+        }
+        w.flush().await?;
+        Ok(n)
+    }
+
+    /// Reads everything into memory, failing beyond `limit` bytes.
+    pub async fn bytes(mut self, limit: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(c) = self.chunk().await? {
+            if out.len() + c.len() > limit {
+                return Err(AgentError::Protocol(format!("download larger than {limit} bytes")));
+            }
+            out.extend_from_slice(&c);
+        }
+        Ok(out)
+    }
+}

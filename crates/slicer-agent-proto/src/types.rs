@@ -1,0 +1,179 @@
+use serde::{Deserialize, Serialize};
+
+/// Health report of the agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    pub agent_version: String,
+    /// Nanoseconds since the agent started.
+    pub agent_uptime_ns: u64,
+    /// Nanoseconds since the guest kernel booted.
+    pub system_uptime_ns: u64,
+    /// Whether the agent runs as PID 1 (the `min` image) or under an init system.
+    pub pid1: bool,
+    pub hostname: String,
+}
+
+/// What to run. Exactly one of `argv` (direct exec) or `shell` (a command line run by
+/// `shell_path -c`) is given.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// Interpreter for `shell`; default `/bin/sh`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell_path: Option<String>,
+    /// Extra environment, `KEY=VALUE` pairs, on top of a clean default environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// When false, stdin is /dev/null and the request body after the spec is ignored.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+impl ExecRequest {
+    /// Run `argv[0]` with arguments, no shell.
+    pub fn argv<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Run a command line through `/bin/sh -c`.
+    pub fn shell(cmd: impl Into<String>) -> Self {
+        ExecRequest {
+            shell: Some(cmd.into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn with_stdin(mut self) -> Self {
+        self.stdin = true;
+        self
+    }
+
+    /// Checks the request's shape; the agent answers 400 with this message otherwise.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.shell, self.argv.is_empty()) {
+            (Some(_), false) => return Err("give either argv or shell, not both".into()),
+            (None, true) => return Err("nothing to run: argv is empty and no shell command given".into()),
+            (Some(s), true) if s.is_empty() => return Err("shell command is empty".into()),
+            _ => {}
+        }
+        if self.argv.first().is_some_and(|a| a.is_empty()) {
+            return Err("argv[0] is empty".into());
+        }
+        for (k, _) in &self.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(format!("invalid environment variable name {k:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// First frame of an exec response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Started {
+    pub pid: u32,
+    /// Unix time in milliseconds.
+    pub started_at_ms: u64,
+}
+
+/// How a process ended: exactly one of `code` or `signal` is set.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// Last frame of an exec response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Exited {
+    #[serde(flatten)]
+    pub status: ExitStatus,
+    pub ended_at_ms: u64,
+}
+
+/// Error body of any non-2xx agent response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    /// Machine-readable kind: `bad_request`, `not_found`, `permission_denied`, `conflict`, `internal`.
+    pub kind: String,
+    pub error: String,
+}
+
+/// Answer of `PUT /v1/file` and `PUT /v1/tar`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileWritten {
+    pub path: String,
+    pub bytes: u64,
+}
+
+/// Query of the file and tar routes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PathQuery {
+    pub path: String,
+    /// Octal mode for a written file, e.g. "644".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerAction {
+    Poweroff,
+    Reboot,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PowerRequest {
+    pub action: PowerAction,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_rejects_ambiguous_and_empty() {
+        assert!(ExecRequest::default().validate().is_err());
+        let mut both = ExecRequest::argv(["true"]);
+        both.shell = Some("true".into());
+        assert!(both.validate().is_err());
+        assert!(ExecRequest::argv([""]).validate().is_err());
+        let mut env = ExecRequest::argv(["env"]);
+        env.env.push(("A=B".into(), "x".into()));
+        assert!(env.validate().is_err());
+        assert!(ExecRequest::shell("echo hi").validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let r: Result<ExecRequest, _> = serde_json::from_str(r#"{"argv":["x"],"bogus":1}"#);
+        assert!(r.is_err());
+    }
+}

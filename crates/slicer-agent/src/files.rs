@@ -1,0 +1,299 @@
+//! File transfer routes: single files as raw bytes, directory trees as tar streams.
+//! Disk I/O runs on blocking threads fed through bounded channels, so HTTP/2 flow control
+//! reaches the disk.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use slicer_agent_proto::{FileWritten, PathQuery, HEADER_MODE, HEADER_SIZE};
+use tokio::sync::mpsc;
+
+use crate::server::{json, query, ApiError, Body};
+
+const CHUNK: usize = 256 * 1024;
+
+fn target_path(raw: &str) -> Result<PathBuf, ApiError> {
+    if raw.is_empty() || raw.contains('\0') {
+        return Err(ApiError::bad_request("path is empty or contains NUL"));
+    }
+    let p = Path::new(raw);
+    if !p.is_absolute() {
+        return Err(ApiError::bad_request(format!("path {raw:?} is not absolute")));
+    }
+    Ok(p.to_path_buf())
+}
+
+fn parse_mode(mode: &Option<String>, default: u32) -> Result<u32, ApiError> {
+    match mode {
+        None => Ok(default),
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|v| *v <= 0o7777)
+            .ok_or_else(|| ApiError::bad_request(format!("invalid mode {m:?}: expected octal such as 0644"))),
+    }
+}
+
+/// Feeds the request body's data frames to a blocking consumer.
+fn pump_body(mut body: Incoming) -> (mpsc::Receiver<Bytes>, tokio::task::JoinHandle<Result<(), ApiError>>) {
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    let task = tokio::spawn(async move {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ApiError::bad_request(format!("reading request body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if tx.send(data).await.is_err() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    });
+    (rx, task)
+}
+
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}
+
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: BytesMut,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let b = self.buf.split().freeze();
+            self.tx
+                .blocking_send(Ok(b))
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "host stopped reading"))?;
+        }
+        Ok(())
+    }
+}
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn chown(path: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    if uid.is_none() && gid.is_none() {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(path, uid, gid)
+}
+
+/// `PUT /v1/file`: writes the body to `path` atomically (temporary file + rename).
+pub async fn put_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let q: PathQuery = query(&req)?;
+    let path = target_path(&q.path)?;
+    let mode = parse_mode(&q.mode, 0o644)?;
+    let (rx, pump) = pump_body(req.into_body());
+    let p = path.clone();
+    let written = tokio::task::spawn_blocking(move || -> Result<u64, ApiError> {
+        let parent = p.parent().unwrap_or(Path::new("/"));
+        fs::create_dir_all(parent).map_err(|e| ApiError::io(&format!("creating {}", parent.display()), &e))?;
+        if p.is_dir() {
+            return Err(ApiError::bad_request(format!("{} is a directory", p.display())));
+        }
+        let tmp = parent.join(format!(
+            ".slicer-tmp-{}-{}",
+            std::process::id(),
+            TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = (|| {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| ApiError::io(&format!("creating {}", tmp.display()), &e))?;
+            let mut rd = ChannelReader { rx, cur: Bytes::new() };
+            let n = io::copy(&mut rd, &mut f).map_err(|e| ApiError::io("writing file", &e))?;
+            f.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(|e| ApiError::io("setting mode", &e))?;
+            chown(&tmp, q.uid, q.gid).map_err(|e| ApiError::io("setting owner", &e))?;
+            Ok(n)
+        })();
+        match result {
+            Ok(n) => {
+                fs::rename(&tmp, &p).map_err(|e| ApiError::io(&format!("replacing {}", p.display()), &e))?;
+                Ok(n)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("writer task: {e}")))?;
+    // A body error (the host aborted the upload) wins over a short write.
+    pump.await
+        .map_err(|e| ApiError::internal(format!("body task: {e}")))??;
+    let bytes = written?;
+    Ok(json(
+        StatusCode::OK,
+        &FileWritten {
+            path: path.display().to_string(),
+            bytes,
+        },
+    ))
+}
+
+/// `GET /v1/file`: streams a regular file.
+pub async fn get_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let q: PathQuery = query(&req)?;
+    let path = target_path(&q.path)?;
+    let mut f = fs::File::open(&path).map_err(|e| ApiError::io(&path.display().to_string(), &e))?;
+    let meta = f.metadata().map_err(|e| ApiError::io("stat", &e))?;
+    if !meta.is_file() {
+        return Err(ApiError::bad_request(format!(
+            "{} is not a regular file (use tar for directories)",
+            path.display()
+        )));
+    }
+    let (tx, body) = slicer_agent_proto::body::channel(8);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if tx.blocking_send(Ok(Bytes::copy_from_slice(&buf[..n]))).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    let mut resp = Response::new(BodyExt::boxed(body));
+    let h = resp.headers_mut();
+    h.insert(
+        HEADER_MODE,
+        HeaderValue::from_str(&format!("{:o}", meta.permissions().mode() & 0o7777)).expect("octal digits"),
+    );
+    h.insert(HEADER_SIZE, HeaderValue::from(meta.len()));
+    Ok(resp)
+}
+
+/// `PUT /v1/tar`: unpacks a tar stream into directory `path` (created if missing).
+pub async fn put_tar(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let q: PathQuery = query(&req)?;
+    let dest = target_path(&q.path)?;
+    let (rx, pump) = pump_body(req.into_body());
+    let d = dest.clone();
+    let unpacked = tokio::task::spawn_blocking(move || -> Result<u64, ApiError> {
+        fs::create_dir_all(&d).map_err(|e| ApiError::io(&format!("creating {}", d.display()), &e))?;
+        let mut ar = tar::Archive::new(ChannelReader { rx, cur: Bytes::new() });
+        ar.set_preserve_permissions(true);
+        ar.set_preserve_mtime(true);
+        ar.set_overwrite(true);
+        ar.set_preserve_ownerships(q.uid.is_none() && q.gid.is_none());
+        let mut total = 0u64;
+        let entries = ar
+            .entries()
+            .map_err(|e| ApiError::bad_request(format!("reading tar: {e}")))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| ApiError::bad_request(format!("reading tar: {e}")))?;
+            total += entry.size();
+            let rel = entry.path().map(|p| p.into_owned()).unwrap_or_default();
+            let ok = entry
+                .unpack_in(&d)
+                .map_err(|e| ApiError::io(&format!("unpacking {}", rel.display()), &e))?;
+            if ok {
+                chown(&d.join(&rel), q.uid, q.gid).map_err(|e| ApiError::io("setting owner", &e))?;
+            }
+        }
+        Ok(total)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("unpack task: {e}")))?;
+    pump.await
+        .map_err(|e| ApiError::internal(format!("body task: {e}")))??;
+    let bytes = unpacked?;
+    Ok(json(
+        StatusCode::OK,
+        &FileWritten {
+            path: dest.display().to_string(),
+            bytes,
+        },
+    ))
+}
+
+fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
+    let mut names: Vec<_> = fs::read_dir(root.join(rel))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()?;
+    names.sort();
+    for name in names {
+        let r = rel.join(&name);
+        out.push(r.clone());
+        if fs::symlink_metadata(root.join(&r))?.is_dir() {
+            walk(root, &r, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// `GET /v1/tar`: streams directory `path` as a tar (entries relative to it; symlinks kept).
+pub async fn get_tar(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let q: PathQuery = query(&req)?;
+    let root = target_path(&q.path)?;
+    let meta = fs::metadata(&root).map_err(|e| ApiError::io(&root.display().to_string(), &e))?;
+    if !meta.is_dir() {
+        return Err(ApiError::bad_request(format!("{} is not a directory", root.display())));
+    }
+    let mut list = Vec::new();
+    walk(&root, Path::new(""), &mut list).map_err(|e| ApiError::io(&format!("listing {}", root.display()), &e))?;
+    let (tx, body) = slicer_agent_proto::body::channel(8);
+    tokio::task::spawn_blocking(move || {
+        let w = ChannelWriter {
+            tx: tx.clone(),
+            buf: BytesMut::new(),
+        };
+        let mut b = tar::Builder::new(w);
+        b.follow_symlinks(false);
+        let res = (|| -> io::Result<()> {
+            for rel in &list {
+                b.append_path_with_name(root.join(rel), rel)?;
+            }
+            b.finish()?;
+            b.get_mut().flush()
+        })();
+        if let Err(e) = res {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    Ok(Response::new(BodyExt::boxed(body)))
+}

@@ -1,0 +1,193 @@
+//! What the agent does as PID 1 of the `min` image, and power handling in both modes.
+//!
+//! The guest has no ACPI (QEMU microvm with `acpi=off`, like Firecracker), so "power off" is a
+//! reboot: QEMU runs with `-no-reboot` and the kernel with `reboot=t`, so the VM process exits.
+
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use slicer_agent_proto::PowerAction;
+
+fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) {
+    let _ = std::fs::create_dir_all(target);
+    if let Err(e) = mount(Some(source), target, Some(fstype), flags, data) {
+        if e != nix::errno::Errno::EBUSY {
+            eprintln!("slicer-agent: mount {fstype} on {target}: {e}");
+        }
+    }
+}
+
+/// Mounts, identity and loopback, before anything else runs.
+pub fn early_setup() {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nosuid, None);
+    mount_fs("sysfs", "/sys", "sysfs", nosuid, None);
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("gid=5,mode=620,ptmxmode=666"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
+    mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None);
+    let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
+    configure_identity();
+    loopback_up();
+}
+
+/// Boot parameters slicer passes on the kernel command line.
+#[derive(Default, Debug, PartialEq)]
+pub struct BootParams {
+    pub hostname: Option<String>,
+    pub dns: Vec<String>,
+}
+
+pub fn parse_cmdline(cmdline: &str) -> BootParams {
+    let mut p = BootParams::default();
+    for word in cmdline.split_whitespace() {
+        if let Some(h) = word.strip_prefix("slicer.hostname=") {
+            p.hostname = Some(h.to_string());
+        } else if let Some(d) = word.strip_prefix("slicer.dns=") {
+            p.dns = d.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        }
+    }
+    p
+}
+
+/// Hostname and DNS from the kernel command line (both modes).
+pub fn configure_identity() {
+    let params = parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if let Some(h) = &params.hostname {
+        if let Err(e) = nix::unistd::sethostname(h) {
+            eprintln!("slicer-agent: sethostname {h}: {e}");
+        }
+        let _ = std::fs::write("/etc/hostname", format!("{h}\n"));
+    }
+    if !params.dns.is_empty() {
+        let conf: String = params.dns.iter().map(|s| format!("nameserver {s}\n")).collect();
+        let _ = std::fs::remove_file("/etc/resolv.conf");
+        let _ = std::fs::write("/etc/resolv.conf", conf);
+    }
+}
+
+fn loopback_up() {
+    // SAFETY: plain ioctls on a socket we own, with a zeroed and NUL-terminated ifreq.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return;
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr) == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr);
+        }
+        libc::close(fd);
+    }
+}
+
+pub fn spawn_signal_handlers(_state: std::sync::Arc<crate::server::State>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    for kind in [
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+        SignalKind::from_raw(libc::SIGPWR),
+    ] {
+        if let Ok(mut s) = signal(kind) {
+            tokio::spawn(async move {
+                if s.recv().await.is_some() {
+                    power(PowerAction::Poweroff, true).await;
+                }
+            });
+        }
+    }
+}
+
+fn other_processes_alive() -> bool {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten().any(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.chars().all(|c| c.is_ascii_digit())
+                    && name != me
+                    // kernel threads have an empty cmdline
+                    && std::fs::read(e.path().join("cmdline")).map(|c| !c.is_empty()).unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Shuts the guest down. As PID 1: TERM everyone, wait briefly, KILL, sync, remount read-only,
+/// reboot. Under an init system: ask it to reboot.
+pub async fn power(action: PowerAction, pid1: bool) {
+    eprintln!("slicer-agent: {action:?} requested");
+    if !pid1 {
+        let ok = tokio::process::Command::new("systemctl")
+            .arg("reboot")
+            .status()
+            .await
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            let _ = tokio::process::Command::new("reboot").arg("-f").status().await;
+        }
+        return;
+    }
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while other_processes_alive() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    halt_forever();
+}
+
+/// Syncs, remounts root read-only and reboots (which ends the VM). Never returns.
+pub fn halt_forever() -> ! {
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    nix::unistd::sync();
+    let _ = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // Not PID 1 or not permitted: nothing else to do.
+    std::process::exit(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_params() {
+        let p = parse_cmdline("console=ttyS0 slicer.hostname=vm-1 quiet slicer.dns=1.1.1.1,8.8.8.8");
+        assert_eq!(p.hostname.as_deref(), Some("vm-1"));
+        assert_eq!(p.dns, vec!["1.1.1.1", "8.8.8.8"]);
+        assert_eq!(parse_cmdline("quiet"), BootParams::default());
+    }
+}

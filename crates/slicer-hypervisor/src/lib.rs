@@ -1,0 +1,10 @@
+//! Hypervisor backends. Today: QEMU's `microvm` machine, with KVM where KVM can really boot
+//! our guest and TCG elsewhere.
+
+pub mod accel;
+pub mod qemu;
+pub mod qmp;
+
+pub use accel::{Accel, AccelChoice};
+pub use qemu::{QemuConfig, QemuProcess};
+pub use qmp::Qmp;

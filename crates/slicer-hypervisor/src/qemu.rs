@@ -1,0 +1,201 @@
+//! One QEMU `microvm` process per VM.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+
+use crate::accel::{host_tsc_khz, Accel};
+
+/// Everything a QEMU microvm needs; built by the VM manager from a VM's resources.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub binary: PathBuf,
+    pub name: String,
+    pub accel: Accel,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    /// Kernel arguments beyond the ones every slicer guest gets.
+    pub cmdline: Vec<String>,
+    /// The VM's qcow2 root disk.
+    pub disk: PathBuf,
+    pub agent_socket: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub console_log: PathBuf,
+    /// QEMU's own stderr.
+    pub qemu_log: PathBuf,
+}
+
+impl QemuConfig {
+    /// The full kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut c = vec![
+            "console=ttyS0".to_string(),
+            "reboot=t".into(),
+            "panic=-1".into(),
+            "quiet".into(),
+            "root=/dev/vda".into(),
+            "rw".into(),
+        ];
+        if self.accel == Accel::Tcg {
+            // Under TCG the PIT calibration of TSC/LAPIC fails when the host is busy.
+            if let Some(khz) = host_tsc_khz() {
+                c.push(format!("tsc_early_khz={khz}"));
+            }
+            c.push("tsc=reliable".into());
+        }
+        c.extend(self.cmdline.iter().cloned());
+        c.join(" ")
+    }
+
+    /// The argument vector (without the binary).
+    pub fn args(&self) -> Vec<String> {
+        let p = |p: &Path| p.display().to_string();
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("slicer-{}", self.name),
+            "-M".into(),
+            "microvm,x-option-roms=off,acpi=off".into(),
+            "-accel".into(),
+            self.accel.as_str().into(),
+        ];
+        if self.accel == Accel::Kvm {
+            a.extend(["-cpu".into(), "host".into()]);
+        }
+        a.extend([
+            "-m".into(),
+            self.memory_mib.to_string(),
+            "-smp".into(),
+            self.cpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            p(&self.kernel),
+            "-append".into(),
+            self.kernel_cmdline(),
+            "-chardev".into(),
+            format!("file,id=console,path={},append=on", p(&self.console_log)),
+            "-serial".into(),
+            "chardev:console".into(),
+            "-drive".into(),
+            format!("id=root,file={},format=qcow2,if=none,discard=unmap", p(&self.disk)),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+            "-device".into(),
+            "virtio-serial-device,max_ports=2".into(),
+            "-chardev".into(),
+            format!("socket,id=agent,path={},server=on,wait=off", p(&self.agent_socket)),
+            "-device".into(),
+            format!("virtserialport,chardev=agent,name={}", AGENT_PORT_NAME),
+            "-device".into(),
+            "virtio-rng-device".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p(&self.qmp_socket)),
+        ]);
+        a
+    }
+}
+
+/// Must match `slicer_agent_proto::AGENT_PORT_NAME` (kept here to avoid the dependency).
+const AGENT_PORT_NAME: &str = "slicer.agent";
+
+/// A running QEMU process.
+pub struct QemuProcess {
+    pub pid: u32,
+    exited: watch::Receiver<Option<std::process::ExitStatus>>,
+}
+
+impl QemuProcess {
+    /// Starts QEMU in its own process group, so signals for the caller's terminal do not reach it.
+    pub async fn spawn(cfg: &QemuConfig) -> Result<QemuProcess> {
+        let log =
+            std::fs::File::create(&cfg.qemu_log).with_context(|| format!("creating {}", cfg.qemu_log.display()))?;
+        let mut child = tokio::process::Command::new(&cfg.binary)
+            .args(cfg.args())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    anyhow::anyhow!("{} not found: apt-get install -y qemu-system-x86", cfg.binary.display())
+                } else {
+                    anyhow::anyhow!("starting {}: {e}", cfg.binary.display())
+                }
+            })?;
+        let pid = child.id().context("QEMU exited before it got a pid")?;
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let st = child.wait().await.ok();
+            let _ = tx.send(st);
+        });
+        Ok(QemuProcess { pid, exited: rx })
+    }
+
+    /// The exit status once QEMU has exited.
+    pub fn try_status(&self) -> Option<std::process::ExitStatus> {
+        *self.exited.borrow()
+    }
+
+    /// Waits until QEMU exits.
+    pub async fn wait(&self) -> Option<std::process::ExitStatus> {
+        let mut rx = self.exited.clone();
+        loop {
+            if let Some(s) = *rx.borrow_and_update() {
+                return Some(s);
+            }
+            if rx.changed().await.is_err() {
+                return *rx.borrow();
+            }
+        }
+    }
+
+    pub fn kill(&self) {
+        if self.try_status().is_none() {
+            // SAFETY: kill(2) with our child's pid; it has not been reaped (no status yet).
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(accel: Accel) -> QemuConfig {
+        QemuConfig {
+            binary: "qemu-system-x86_64".into(),
+            name: "t-1".into(),
+            accel,
+            cpus: 1,
+            memory_mib: 256,
+            kernel: "/k".into(),
+            cmdline: vec!["init=/x".into()],
+            disk: "/d.qcow2".into(),
+            agent_socket: "/a.sock".into(),
+            qmp_socket: "/q.sock".into(),
+            console_log: "/c.log".into(),
+            qemu_log: "/q.log".into(),
+        }
+    }
+
+    #[test]
+    fn tcg_gets_tsc_parameters_and_kvm_gets_host_cpu() {
+        let t = cfg(Accel::Tcg);
+        assert!(t.kernel_cmdline().contains("tsc=reliable"));
+        assert!(t.kernel_cmdline().ends_with("init=/x"));
+        assert!(!t.args().contains(&"host".to_string()));
+        let k = cfg(Accel::Kvm);
+        assert!(!k.kernel_cmdline().contains("tsc="));
+        assert!(k.args().windows(2).any(|w| w == ["-cpu", "host"]));
+        assert!(k.args().iter().any(|a| a.contains("acpi=off")));
+    }
+}

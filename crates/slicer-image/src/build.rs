@@ -1,0 +1,492 @@
+//! Building kernels and root filesystems into the store.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::progress::Step;
+use crate::store::{file_sha256, key_of, Image, ImageStore};
+use crate::{tools, Variant, AGENT_GUEST_PATH, KERNEL_FRAGMENT};
+
+/// Bump when the build steps change in a way the inputs do not show.
+const BUILDER_VERSION: &str = "1";
+/// Packages added to debootstrap's minbase in every variant.
+const BASE_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "procps", "ca-certificates", "e2fsprogs"];
+/// Packages added for the systemd variant.
+const SYSTEMD_PACKAGES: &[&str] = &["systemd-sysv", "dbus"];
+/// Size of the ext4 base image (sparse; VMs get their own size through their overlay).
+const ROOTFS_SIZE: &str = "1G";
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub variant: Variant,
+    /// The static slicer-agent binary to install.
+    pub agent: PathBuf,
+    /// Debian's kernel source tarball.
+    pub linux_source: PathBuf,
+    pub mirror: String,
+    pub suite: String,
+    /// Parallel kernel build jobs.
+    pub jobs: usize,
+}
+
+impl BuildOptions {
+    pub fn new(variant: Variant, agent: PathBuf) -> BuildOptions {
+        BuildOptions {
+            variant,
+            agent,
+            linux_source: PathBuf::from("/usr/src/linux-source-6.1.tar.xz"),
+            mirror: default_mirror(),
+            suite: "bookworm".into(),
+            jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        }
+    }
+}
+
+/// The Debian mirror the host itself uses (so builds work wherever apt works).
+fn default_mirror() -> String {
+    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
+    if let Ok(d) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        for e in d.flatten() {
+            texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    for t in texts {
+        for line in t.lines() {
+            let line = line.trim();
+            let url = line.strip_prefix("URIs:").map(str::trim).or_else(|| {
+                line.strip_prefix("deb ")
+                    .and_then(|r| r.split_whitespace().find(|w| w.starts_with("http")))
+            });
+            if let Some(u) = url {
+                if u.ends_with("/debian") || u.ends_with("/debian/") {
+                    return u.trim_end_matches('/').to_string();
+                }
+            }
+        }
+    }
+    "http://deb.debian.org/debian".into()
+}
+
+/// Runs a command with its output going to `log`; on failure the error shows the log's tail.
+fn run(cmd: &mut Command, log: &Path) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening log {}", log.display()))?;
+    let desc = format!("{cmd:?}");
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .status()
+        .with_context(|| format!("starting {desc}"))?;
+    if !status.success() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(25).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "{desc} failed ({status}); last lines of {}:\n{}",
+            log.display(),
+            tail.join("\n")
+        );
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether an ELF file has no program interpreter (statically linked).
+pub fn is_static_elf(path: &Path) -> Result<bool> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    ensure!(
+        data.len() > 64 && &data[..4] == b"\x7fELF" && data[4] == 2,
+        "{} is not a 64-bit ELF file",
+        path.display()
+    );
+    let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(data[0x20..0x28].try_into()?) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    for i in 0..phnum {
+        let o = phoff + i * phentsize;
+        ensure!(o + 4 <= data.len(), "{} has a truncated program header", path.display());
+        if u32::from_le_bytes(data[o..o + 4].try_into()?) == 3 {
+            return Ok(false); // PT_INTERP
+        }
+    }
+    Ok(true)
+}
+
+/// Builds (or finds in the store) the kernel and root filesystem of `opts.variant`.
+pub fn build_image(store: &ImageStore, opts: &BuildOptions) -> Result<Image> {
+    ensure!(
+        is_root(),
+        "building images needs root (debootstrap and chroot): run it with sudo"
+    );
+    ensure!(
+        opts.agent.is_file(),
+        "slicer-agent binary {} not found: build it with `cargo build --release -p slicer-agent --target x86_64-unknown-linux-gnu` (see scripts/setup.sh) or pass --agent",
+        opts.agent.display()
+    );
+    ensure!(
+        is_static_elf(&opts.agent)?,
+        "{} is dynamically linked; the guest needs a static agent (RUSTFLAGS='-C target-feature=+crt-static', see scripts/setup.sh)",
+        opts.agent.display()
+    );
+    std::fs::create_dir_all(store.build_dir()).with_context(|| format!("creating {}", store.build_dir().display()))?;
+    let (kernel_dir, release) = build_kernel(store, opts)?;
+    let rootfs = build_rootfs(store, opts)?;
+    let agent_hash = file_sha256(&opts.agent)?;
+    let img = Image {
+        name: opts.variant.to_string(),
+        variant: opts.variant,
+        kernel: kernel_dir.join("bzImage"),
+        vmlinux: kernel_dir.join("vmlinux"),
+        rootfs,
+        kernel_release: release,
+        key: key_of(&[kernel_dir.to_string_lossy().as_bytes(), agent_hash.as_bytes()]),
+    };
+    store.publish(&img)?;
+    Ok(img)
+}
+
+fn kernel_key(opts: &BuildOptions) -> Result<String> {
+    let meta = std::fs::metadata(&opts.linux_source).with_context(|| {
+        format!(
+            "kernel source {} not found: apt-get install -y linux-source-6.1",
+            opts.linux_source.display()
+        )
+    })?;
+    let ident = format!(
+        "{}:{}:{:?}",
+        opts.linux_source.display(),
+        meta.len(),
+        meta.modified().ok()
+    );
+    Ok(key_of(&[
+        BUILDER_VERSION.as_bytes(),
+        KERNEL_FRAGMENT.as_bytes(),
+        ident.as_bytes(),
+    ]))
+}
+
+/// Parses `CONFIG_X=v` and `# CONFIG_X is not set` lines.
+fn parse_config(text: &str) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("# ").and_then(|l| l.strip_suffix(" is not set")) {
+            m.insert(rest.to_string(), "n".to_string());
+        } else if let Some((k, v)) = line.split_once('=') {
+            if k.starts_with("CONFIG_") {
+                m.insert(k.to_string(), v.to_string());
+            }
+        }
+    }
+    m
+}
+
+/// Options of the fragment that the final config does not carry as asked.
+fn config_mismatches(fragment: &str, final_config: &str) -> Vec<String> {
+    let have = parse_config(final_config);
+    parse_config(fragment)
+        .into_iter()
+        .filter(|(k, v)| have.get(k).map(String::as_str).unwrap_or("n") != v)
+        .map(|(k, v)| format!("{k}={v} (got {})", have.get(&k).map(String::as_str).unwrap_or("n")))
+        .collect()
+}
+
+fn build_kernel(store: &ImageStore, opts: &BuildOptions) -> Result<(PathBuf, String)> {
+    let key = kernel_key(opts)?;
+    let dir = store.kernel_dir(&key);
+    if dir.join("bzImage").exists() && dir.join("vmlinux").exists() && dir.join("release").exists() {
+        let release = std::fs::read_to_string(dir.join("release"))?.trim().to_string();
+        eprintln!("kernel {release} is up to date ({})", dir.display());
+        return Ok((dir, release));
+    }
+    tools::require(tools::KERNEL_TOOLS)?;
+    let work = store.build_dir().join(format!("kernel-{key}"));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let log = work.with_extension("log");
+    let _ = std::fs::remove_file(&log);
+
+    let step = Step::start("unpacking linux-source");
+    run(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&opts.linux_source)
+            .arg("-C")
+            .arg(&work)
+            .arg("--strip-components=1"),
+        &log,
+    )?;
+    step.done();
+
+    let step = Step::start("configuring the kernel");
+    let fragment = work.join("slicer.config");
+    std::fs::write(&fragment, KERNEL_FRAGMENT)?;
+    run(Command::new("make").arg("-C").arg(&work).arg("tinyconfig"), &log)?;
+    run(
+        Command::new(work.join("scripts/kconfig/merge_config.sh"))
+            .current_dir(&work)
+            .args(["-m", ".config", "slicer.config"]),
+        &log,
+    )?;
+    run(Command::new("make").arg("-C").arg(&work).arg("olddefconfig"), &log)?;
+    let final_config = std::fs::read_to_string(work.join(".config"))?;
+    let bad = config_mismatches(KERNEL_FRAGMENT, &final_config);
+    ensure!(
+        bad.is_empty(),
+        "the kernel config fragment asks for options the kernel did not accept: {}",
+        bad.join(", ")
+    );
+    step.done();
+
+    let step = Step::start(&format!(
+        "building the kernel (make -j{} bzImage; minutes on 2 cores, logged to {})",
+        opts.jobs,
+        log.display()
+    ));
+    run(
+        Command::new("make")
+            .arg("-C")
+            .arg(&work)
+            .arg(format!("-j{}", opts.jobs))
+            .arg("bzImage"),
+        &log,
+    )?;
+    step.done();
+
+    let release = std::fs::read_to_string(work.join("include/config/kernel.release"))?
+        .trim()
+        .to_string();
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    std::fs::copy(work.join("arch/x86/boot/bzImage"), tmp.join("bzImage"))?;
+    std::fs::copy(work.join("vmlinux"), tmp.join("vmlinux"))?;
+    std::fs::write(tmp.join("config"), &final_config)?;
+    std::fs::write(tmp.join("release"), format!("{release}\n"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir)?;
+    std::fs::remove_dir_all(&work)?;
+    Ok((dir, release))
+}
+
+fn debootstrap_base(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
+    let key = key_of(&[
+        BUILDER_VERSION.as_bytes(),
+        opts.suite.as_bytes(),
+        opts.mirror.as_bytes(),
+        BASE_PACKAGES.join(",").as_bytes(),
+    ]);
+    let dir = store.debootstrap_dir(&key);
+    let tree = dir.join("rootfs");
+    if dir.join("complete").exists() {
+        return Ok(tree);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let log = dir.join("debootstrap.log");
+    let step = Step::start(&format!(
+        "debootstrap --variant=minbase {} ({})",
+        opts.suite, opts.mirror
+    ));
+    run(
+        Command::new("debootstrap")
+            .arg("--variant=minbase")
+            .arg(format!("--include={}", BASE_PACKAGES.join(",")))
+            .arg(&opts.suite)
+            .arg(&tree)
+            .arg(&opts.mirror),
+        &log,
+    )?;
+    std::fs::write(dir.join("complete"), b"")?;
+    step.done();
+    Ok(tree)
+}
+
+/// Runs `apt-get install` inside a root tree with /proc, /sys and /dev bound in, always unmounting.
+fn chroot_install(tree: &Path, packages: &[&str], log: &Path) -> Result<()> {
+    let mounts = ["proc", "sys", "dev"];
+    let mut mounted = Vec::new();
+    let result = (|| -> Result<()> {
+        for m in mounts {
+            let target = tree.join(m);
+            std::fs::create_dir_all(&target)?;
+            run(
+                Command::new("mount").arg("--bind").arg(format!("/{m}")).arg(&target),
+                log,
+            )?;
+            mounted.push(target);
+        }
+        let mut cmd = Command::new("chroot");
+        cmd.arg(tree)
+            .args(["apt-get", "install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut cmd, log)
+    })();
+    for target in mounted.iter().rev() {
+        let _ = Command::new("umount").arg("-l").arg(target).status();
+    }
+    result
+}
+
+fn install_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+fn symlink_force(target: &str, link: &Path) -> Result<()> {
+    if let Some(p) = link.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(target, link).with_context(|| format!("linking {}", link.display()))
+}
+
+const AGENT_UNIT: &str = "[Unit]
+Description=slicer guest agent
+DefaultDependencies=no
+After=local-fs.target
+
+[Service]
+ExecStart=/usr/local/bin/slicer-agent
+Restart=always
+RestartSec=100ms
+
+[Install]
+WantedBy=sysinit.target
+";
+
+fn build_rootfs(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
+    let agent_hash = file_sha256(&opts.agent)?;
+    let key = key_of(&[
+        BUILDER_VERSION.as_bytes(),
+        opts.variant.as_str().as_bytes(),
+        opts.suite.as_bytes(),
+        opts.mirror.as_bytes(),
+        BASE_PACKAGES.join(",").as_bytes(),
+        SYSTEMD_PACKAGES.join(",").as_bytes(),
+        agent_hash.as_bytes(),
+        AGENT_UNIT.as_bytes(),
+        ROOTFS_SIZE.as_bytes(),
+    ]);
+    let dir = store.rootfs_dir(opts.variant, &key);
+    let image = dir.join("rootfs.ext4");
+    if image.exists() {
+        eprintln!("{} root filesystem is up to date ({})", opts.variant, image.display());
+        return Ok(image);
+    }
+    tools::require(tools::ROOTFS_TOOLS)?;
+    let base = debootstrap_base(store, opts)?;
+    let stage = store.build_dir().join(format!("rootfs-{}-{key}", opts.variant));
+    let _ = std::fs::remove_dir_all(&stage);
+    let log = stage.with_extension("log");
+    let _ = std::fs::remove_file(&log);
+
+    let step = Step::start(&format!("assembling the {} root filesystem", opts.variant));
+    run(Command::new("cp").arg("-a").arg(&base).arg(&stage), &log)?;
+    if opts.variant == Variant::Systemd {
+        chroot_install(&stage, SYSTEMD_PACKAGES, &log)?;
+        install_file(
+            &stage.join("etc/systemd/system/slicer-agent.service"),
+            AGENT_UNIT.as_bytes(),
+            0o644,
+        )?;
+        symlink_force(
+            "/etc/systemd/system/slicer-agent.service",
+            &stage.join("etc/systemd/system/sysinit.target.wants/slicer-agent.service"),
+        )?;
+        // Without udev the serial gettys wait 90 s for their device: mask them.
+        for unit in ["serial-getty@ttyS0.service", "getty@tty1.service", "getty.target"] {
+            symlink_force("/dev/null", &stage.join("etc/systemd/system").join(unit))?;
+        }
+    }
+    let agent = std::fs::read(&opts.agent)?;
+    install_file(&stage.join(AGENT_GUEST_PATH.trim_start_matches('/')), &agent, 0o755)?;
+    install_file(&stage.join("etc/hostname"), b"slicer\n", 0o644)?;
+    install_file(
+        &stage.join("etc/fstab"),
+        b"/dev/vda / ext4 rw,relatime,errors=remount-ro 0 1\n",
+        0o644,
+    )?;
+    install_file(
+        &stage.join("etc/slicer/image.json"),
+        serde_json::to_string(&serde_json::json!({"variant": opts.variant, "key": key}))?.as_bytes(),
+        0o644,
+    )?;
+    for d in ["var/lib/apt/lists", "var/cache/apt/archives"] {
+        if let Ok(entries) = std::fs::read_dir(stage.join(d)) {
+            for e in entries.flatten() {
+                if e.path().is_file() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    step.done();
+
+    let step = Step::start("writing ext4 image (mkfs.ext4 -d)");
+    let tmp_dir = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp_dir);
+    std::fs::create_dir_all(&tmp_dir)?;
+    run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "slicer-root", "-d"])
+            .arg(&stage)
+            .arg(tmp_dir.join("rootfs.ext4"))
+            .arg(ROOTFS_SIZE),
+        &log,
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp_dir, &dir)?;
+    std::fs::remove_dir_all(&stage)?;
+    step.done();
+    Ok(image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragment_mismatches_are_named() {
+        let frag = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x\"\n";
+        assert!(config_mismatches(frag, "CONFIG_A=y\nCONFIG_C=\"x\"\n").is_empty());
+        let bad = config_mismatches(frag, "CONFIG_B=y\n");
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        assert!(bad.iter().any(|m| m.starts_with("CONFIG_B=n")));
+    }
+
+    #[test]
+    fn the_repository_fragment_parses() {
+        let m = parse_config(KERNEL_FRAGMENT);
+        assert_eq!(m.get("CONFIG_VIRTIO_MMIO").map(String::as_str), Some("y"));
+        assert_eq!(m.get("CONFIG_MODULES").map(String::as_str), Some("n"));
+    }
+
+    #[test]
+    fn static_check_reads_elf_headers() {
+        // The test binary itself is dynamically linked.
+        let me = std::env::current_exe().unwrap();
+        assert!(!is_static_elf(&me).unwrap());
+        let d = tempfile::tempdir().unwrap();
+        let junk = d.path().join("junk");
+        std::fs::write(&junk, b"not an elf").unwrap();
+        assert!(is_static_elf(&junk).is_err());
+    }
+}

@@ -1,0 +1,74 @@
+//! The `slicer` command line: a thin layer over the library crates.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+mod image;
+
+/// Default data directory: images, VM disks, state.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/slicer";
+
+#[derive(Parser)]
+#[command(name = "slicer", version, about = "microVM sandboxes on a Linux host")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build and list guest images.
+    Image {
+        #[command(subcommand)]
+        cmd: image::ImageCmd,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLICER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Image { cmd } => image::run(cmd),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The data directory from `--data-dir`, `SLICER_DATA_DIR` or the default.
+pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("SLICER_DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+}
+
+/// The static agent: `--agent`, `SLICER_AGENT`, beside this binary, or the workspace build.
+pub fn agent_path(flag: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = flag.or_else(|| std::env::var_os("SLICER_AGENT").map(PathBuf::from)) {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("locating the slicer binary")?;
+    let mut candidates = vec![];
+    if let Some(dir) = exe.parent() {
+        candidates.push(dir.join("slicer-agent-static"));
+        // target/<profile>/slicer -> target/x86_64-unknown-linux-gnu/release/slicer-agent
+        if let Some(target) = dir.parent() {
+            candidates.push(target.join("x86_64-unknown-linux-gnu/release/slicer-agent"));
+        }
+    }
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no static slicer-agent found (looked at {}); build it with scripts/setup.sh or pass --agent",
+            candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
