@@ -196,7 +196,7 @@ mod tests {
         });
         // stale garbage, then a stale ACK of another session in the agent->host direction is
         // simulated by the agent never sending it; the host sends garbage + two SYNC copies.
-        let (mut hr, mut hw) = tokio::io::split(host);
+        let (hr, mut hw) = tokio::io::split(host);
         hw.write_all(b"stale bytes of an old session").await.unwrap();
         hw.write_all(&message(&SYNC_MAGIC, &nonce)).await.unwrap();
         let host = hr.unsplit(hw);

@@ -55,8 +55,8 @@ pub async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Respons
         serde_json::from_slice(&raw).map_err(|e| ApiError::bad_request(format!("invalid exec spec: {e}")))?;
     spec.validate().map_err(ApiError::bad_request)?;
 
-    let mut child = spawn(&spec)?;
-    let pid = child.id();
+    let child = spawn(&spec)?;
+    let pid = child.pid;
     let exit_rx = state.reaper.register(pid as i32);
     let started_at_ms = now_ms();
 
@@ -65,17 +65,17 @@ pub async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Respons
         .send(Ok(frame::encode_json(Kind::Started, &Started { pid, started_at_ms })))
         .await;
 
-    if let Some(stdin) = child.stdin.take() {
-        let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(stdin))
-            .map_err(|e| ApiError::io("stdin pipe", &e))?;
+    if let Some(stdin) = child.stdin {
+        let mut pipe =
+            tokio::net::unix::pipe::Sender::from_owned_fd(stdin).map_err(|e| ApiError::io("stdin pipe", &e))?;
         tokio::spawn(async move {
             // A process that exits without reading its stdin makes this fail: that is fine.
             let _ = tokio::io::copy(&mut rd, &mut pipe).await;
             let _ = pipe.shutdown().await;
         });
     }
-    let out = pipe_task(child.stdout.take().map(OwnedFd::from), Kind::Stdout, tx.clone());
-    let err = pipe_task(child.stderr.take().map(OwnedFd::from), Kind::Stderr, tx.clone());
+    let out = pipe_task(Some(child.stdout), Kind::Stdout, tx.clone());
+    let err = pipe_task(Some(child.stderr), Kind::Stderr, tx.clone());
 
     tokio::spawn(async move {
         let mut exit_rx = exit_rx;
@@ -166,33 +166,77 @@ pub fn lookup_user(uid: u32) -> Option<User> {
     })
 }
 
-fn spawn(spec: &ExecRequest) -> Result<std::process::Child, ApiError> {
+/// Finds `program` on `path` the way execvp would, so the child can be started with
+/// posix_spawn (std only uses it for an absolute program when PATH is set for the child).
+fn resolve_program(program: &str, path: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Some(program.to_string());
+    }
+    path.split(':').filter(|d| !d.is_empty()).find_map(|dir| {
+        let candidate = format!("{dir}/{program}");
+        match std::fs::metadata(&candidate) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Some(candidate),
+            _ => None,
+        }
+    })
+}
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A started child: its pid and our ends of its pipes.
+pub struct Spawned {
+    pub pid: u32,
+    pub stdin: Option<OwnedFd>,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// The resolved form of an exec request.
+struct Plan {
+    program: String,
+    resolved: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: String,
+    identity: Option<(u32, u32)>,
+    stdin: bool,
+}
+
+fn spawn(spec: &ExecRequest) -> Result<Spawned, ApiError> {
     let program = match &spec.shell {
         Some(_) => spec.shell_path.clone().unwrap_or_else(|| "/bin/sh".to_string()),
         None => spec.argv[0].clone(),
     };
-    let mut cmd = Command::new(&program);
-    match &spec.shell {
-        Some(line) => {
-            cmd.arg("-c").arg(line);
-        }
-        None => {
-            cmd.args(&spec.argv[1..]);
-        }
-    }
+    let path_var = spec
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or(DEFAULT_PATH);
+    let resolved = resolve_program(&program, path_var)
+        .ok_or_else(|| ApiError::not_found(format!("executable not found: {program}")))?;
+    let args = match &spec.shell {
+        Some(line) => vec!["-c".to_string(), line.clone()],
+        None => spec.argv[1..].to_vec(),
+    };
     let uid = spec.uid.unwrap_or(0);
     let user = lookup_user(uid);
     let home = user.as_ref().map(|u| u.home.clone()).unwrap_or_else(|| "/".to_string());
     let gid = spec.gid.or(user.as_ref().map(|u| u.gid)).unwrap_or(uid);
-    cmd.env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", &home)
-        .env("LANG", "C.UTF-8");
+    let mut env = vec![
+        ("PATH".to_string(), DEFAULT_PATH.to_string()),
+        ("HOME".to_string(), home.clone()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+    ];
     if let Some(u) = &user {
-        cmd.env("USER", &u.name).env("LOGNAME", &u.name);
+        env.push(("USER".into(), u.name.clone()));
+        env.push(("LOGNAME".into(), u.name.clone()));
     }
     for (k, v) in &spec.env {
-        cmd.env(k, v);
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
     }
     let cwd = spec.cwd.clone().unwrap_or(home);
     match std::fs::metadata(&cwd) {
@@ -200,28 +244,157 @@ fn spawn(spec: &ExecRequest) -> Result<std::process::Child, ApiError> {
         Ok(_) => return Err(ApiError::bad_request(format!("cwd {cwd} is not a directory"))),
         Err(e) => return Err(ApiError::io(&format!("cwd {cwd}"), &e)),
     }
-    cmd.current_dir(&cwd);
-    if spec.uid.is_some() || spec.gid.is_some() {
+    // SAFETY: geteuid/getegid have no preconditions.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let plan = Plan {
+        program,
+        resolved,
+        args,
+        env,
+        cwd,
+        identity: (uid != euid || gid != egid).then_some((uid, gid)),
+        stdin: spec.stdin,
+    };
+    let result = match plan.identity {
+        // posix_spawn (vfork-like) is several ms cheaper than fork under TCG, but cannot
+        // change identity.
+        None => posix_spawn(&plan),
+        Some(_) => fork_spawn(&plan),
+    };
+    result.map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => ApiError::not_found(format!("executable not found: {}", plan.program)),
+        _ => ApiError::io(&format!("starting {}", plan.program), &e),
+    })
+}
+
+fn fork_spawn(plan: &Plan) -> io::Result<Spawned> {
+    let mut cmd = Command::new(&plan.resolved);
+    cmd.arg0(&plan.program)
+        .args(&plan.args)
+        .env_clear()
+        .envs(plan.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&plan.cwd)
+        .stdin(if plan.stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Own process group, so the whole tree can be signalled.
+        .process_group(0);
+    if let Some((uid, gid)) = plan.identity {
         cmd.uid(uid).gid(gid);
     }
-    cmd.stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            // Own session and process group, so the whole tree can be signalled.
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            Ok(())
-        });
-    }
-    cmd.spawn().map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => ApiError::not_found(format!("executable not found: {program}")),
-        _ => ApiError::io(&format!("starting {program}"), &e),
+    let mut child = cmd.spawn()?;
+    let missing = || io::Error::other("child pipe missing");
+    Ok(Spawned {
+        pid: child.id(),
+        stdin: child.stdin.take().map(OwnedFd::from),
+        stdout: OwnedFd::from(child.stdout.take().ok_or_else(missing)?),
+        stderr: OwnedFd::from(child.stderr.take().ok_or_else(missing)?),
     })
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    Ok((r, w))
+}
+
+fn cstr(s: &str) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "string contains NUL"))
+}
+
+/// Starts the child with glibc's posix_spawn: new process group, default signal handling,
+/// empty signal mask, pipes on 0/1/2, working directory.
+fn posix_spawn(plan: &Plan) -> io::Result<Spawned> {
+    use std::os::fd::AsRawFd;
+    let (in_r, in_w) = if plan.stdin {
+        pipe().map(|(r, w)| (Some(r), Some(w)))?
+    } else {
+        (None, None)
+    };
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let path = cstr(&plan.resolved)?;
+    let mut argv_c = vec![cstr(&plan.program)?];
+    for a in &plan.args {
+        argv_c.push(cstr(a)?);
+    }
+    let env_c = plan
+        .env
+        .iter()
+        .map(|(k, v)| cstr(&format!("{k}={v}")))
+        .collect::<io::Result<Vec<_>>>()?;
+    let cwd = cstr(&plan.cwd)?;
+    let devnull = cstr("/dev/null")?;
+    let mut argv: Vec<*mut libc::c_char> = argv_c.iter().map(|c| c.as_ptr() as *mut _).collect();
+    argv.push(std::ptr::null_mut());
+    let mut envp: Vec<*mut libc::c_char> = env_c.iter().map(|c| c.as_ptr() as *mut _).collect();
+    envp.push(std::ptr::null_mut());
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    };
+    // SAFETY: every pointer handed to libc points into a live CString/Vec above; the
+    // attribute and file-action objects are initialised before use and destroyed after.
+    unsafe {
+        let mut fa: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut fa))?;
+        if let Err(e) = check(libc::posix_spawnattr_init(&mut attr)) {
+            libc::posix_spawn_file_actions_destroy(&mut fa);
+            return Err(e);
+        }
+        let result = (|| -> io::Result<libc::pid_t> {
+            match &in_r {
+                Some(r) => check(libc::posix_spawn_file_actions_adddup2(&mut fa, r.as_raw_fd(), 0))?,
+                None => check(libc::posix_spawn_file_actions_addopen(
+                    &mut fa,
+                    0,
+                    devnull.as_ptr(),
+                    libc::O_RDONLY,
+                    0,
+                ))?,
+            }
+            check(libc::posix_spawn_file_actions_adddup2(&mut fa, out_w.as_raw_fd(), 1))?;
+            check(libc::posix_spawn_file_actions_adddup2(&mut fa, err_w.as_raw_fd(), 2))?;
+            check(posix_spawn_file_actions_addchdir_np(&mut fa, cwd.as_ptr()))?;
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            check(libc::posix_spawnattr_setsigmask(&mut attr, &empty))?;
+            check(libc::posix_spawnattr_setsigdefault(&mut attr, &all))?;
+            check(libc::posix_spawnattr_setpgroup(&mut attr, 0))?;
+            let flags = libc::POSIX_SPAWN_SETPGROUP | libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+            check(libc::posix_spawnattr_setflags(&mut attr, flags as libc::c_short))?;
+            let mut pid: libc::pid_t = 0;
+            check(libc::posix_spawn(
+                &mut pid,
+                path.as_ptr(),
+                &fa,
+                &attr,
+                argv.as_ptr(),
+                envp.as_ptr(),
+            ))?;
+            Ok(pid)
+        })();
+        libc::posix_spawn_file_actions_destroy(&mut fa);
+        libc::posix_spawnattr_destroy(&mut attr);
+        let pid = result?;
+        Ok(Spawned {
+            pid: pid as u32,
+            stdin: in_w,
+            stdout: out_r,
+            stderr: err_r,
+        })
+    }
+}
+
+extern "C" {
+    // glibc >= 2.29; not exported by the libc crate for gnu targets.
+    fn posix_spawn_file_actions_addchdir_np(
+        actions: *mut libc::posix_spawn_file_actions_t,
+        path: *const libc::c_char,
+    ) -> libc::c_int;
 }

@@ -134,8 +134,13 @@ pub async fn put_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(|e| ApiError::io(&format!("creating {}", tmp.display()), &e))?;
-            let mut rd = ChannelReader { rx, cur: Bytes::new() };
-            let n = io::copy(&mut rd, &mut f).map_err(|e| ApiError::io("writing file", &e))?;
+            // Write the received chunks as they are: no extra copy through a small buffer.
+            let mut rx = rx;
+            let mut n = 0u64;
+            while let Some(chunk) = rx.blocking_recv() {
+                f.write_all(&chunk).map_err(|e| ApiError::io("writing file", &e))?;
+                n += chunk.len() as u64;
+            }
             f.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(|e| ApiError::io("setting mode", &e))?;
             chown(&tmp, q.uid, q.gid).map_err(|e| ApiError::io("setting owner", &e))?;

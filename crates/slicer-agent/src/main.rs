@@ -32,6 +32,9 @@ fn main() {
     let pid1 = std::process::id() == 1;
     if pid1 {
         init::early_setup();
+    } else {
+        // Under an init system: still take the identity slicer gave this VM.
+        init::configure_identity();
     }
     let mut listen = Listen::PortName(slicer_agent_proto::AGENT_PORT_NAME.to_string());
     let mut args = std::env::args().skip(1);
@@ -49,8 +52,10 @@ fn main() {
             _ => usage(),
         }
     }
+    // One worker per vCPU: on a 1-vCPU guest extra workers only add cross-thread wakeups.
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .max_blocking_threads(64)
         .enable_all()
         .build()

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod image;
+mod run;
 
 /// Default data directory: images, VM disks, state.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/slicer";
@@ -19,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Boot a throwaway sandbox, run one command in it, print its output and delete it.
+    Run(run::RunArgs),
     /// Build and list guest images.
     Image {
         #[command(subcommand)]
@@ -34,6 +37,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Image { cmd } => image::run(cmd),
+        Cmd::Run(args) => run::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -55,7 +59,8 @@ pub fn agent_path(flag: Option<PathBuf>) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the slicer binary")?;
     let mut candidates = vec![];
     if let Some(dir) = exe.parent() {
-        candidates.push(dir.join("slicer-agent-static"));
+        // scripts/setup.sh installs /usr/local/bin/slicer and /usr/local/lib/slicer/slicer-agent
+        candidates.push(dir.join("../lib/slicer/slicer-agent"));
         // target/<profile>/slicer -> target/x86_64-unknown-linux-gnu/release/slicer-agent
         if let Some(target) = dir.parent() {
             candidates.push(target.join("x86_64-unknown-linux-gnu/release/slicer-agent"));

@@ -1,0 +1,231 @@
+//! `slicer-bench boot`: boot-to-agent against a raw QEMU boot of the same kernel and root
+//! filesystem, exec round trip, and transfer throughput, measured side by side in one run.
+//! Prints a Markdown table and records it in docs/benchmarks.md.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use slicer_hypervisor::{QemuConfig, QemuProcess};
+use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
+
+#[derive(Parser)]
+struct Args {
+    /// Image to measure.
+    #[arg(long, default_value = "min")]
+    image: String,
+    /// Boots of each kind (medians are reported).
+    #[arg(long, default_value_t = 10)]
+    boots: usize,
+    /// Exec round trips.
+    #[arg(long, default_value_t = 100)]
+    execs: usize,
+    /// Transfer size in MiB.
+    #[arg(long, default_value_t = 64)]
+    transfer_mib: usize,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Markdown file to update (the section between the bench markers).
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    record: PathBuf,
+    #[arg(long)]
+    no_record: bool,
+    /// vCPUs and memory (MiB) of the guests.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// Guest file the transfers write and read.
+    #[arg(long, default_value = "/root/bench.bin")]
+    transfer_path: String,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+const MARKER: &str = "@@RAW-INIT@@";
+
+/// QEMU with the same machine, devices, kernel and disk as a slicer VM, but `/bin/sh` as init
+/// printing a marker as its prompt: the time from spawn to the marker on the console.
+fn spec(name: String, args: &Args) -> VmSpec {
+    let mut s = VmSpec::new(name, &args.image);
+    s.cpus = args.cpus;
+    s.memory_mib = args.memory;
+    s
+}
+
+async fn raw_boot(host: &Host, image: &slicer_image::Image, dir: &Path, args: &Args) -> Result<Duration> {
+    let accel = host.accel(&image.kernel).await?;
+    std::fs::create_dir_all(dir)?;
+    let disk = dir.join("disk.qcow2");
+    slicer_storage::create_overlay(&image.rootfs, &disk, None).await?;
+    let cfg = QemuConfig {
+        binary: host.qemu.clone(),
+        name: "raw".into(),
+        accel,
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        kernel: image.kernel.clone(),
+        // The kernel hands unknown `k=v` parameters to init as environment: the interactive
+        // shell on the console prints PS1 once it is up. (Arguments after `--` would swallow
+        // the virtio_mmio.device= parameters QEMU appends.)
+        cmdline: vec!["init=/bin/sh".into(), format!("PS1={MARKER}")],
+        disk,
+        agent_socket: dir.join("agent.sock"),
+        qmp_socket: dir.join("qmp.sock"),
+        console_log: dir.join("console.log"),
+        qemu_log: dir.join("qemu.log"),
+    };
+    let t0 = Instant::now();
+    let q = QemuProcess::spawn(&cfg).await?;
+    let deadline = t0 + Duration::from_secs(60);
+    let took = loop {
+        if std::fs::read_to_string(&cfg.console_log)
+            .unwrap_or_default()
+            .contains(MARKER)
+        {
+            break t0.elapsed();
+        }
+        if Instant::now() > deadline || q.try_status().is_some() {
+            q.kill();
+            bail!(
+                "raw boot did not print its marker; console: {}",
+                std::fs::read_to_string(&cfg.console_log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    q.kill();
+    q.wait().await;
+    std::fs::remove_dir_all(dir)?;
+    Ok(took)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| std::env::var_os("SLICER_DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/slicer"));
+    let tmp = tempfile::Builder::new().prefix("slicer-bench-").tempdir()?;
+    let host = Host::new(&data_dir, tmp.path());
+    let image = host.images.get(&args.image)?;
+    let accel = host.accel(&image.kernel).await?;
+
+    // Boots, interleaved so that noise hits both kinds alike.
+    let (mut raw, mut ours) = (Vec::new(), Vec::new());
+    for i in 0..args.boots {
+        raw.push(
+            raw_boot(&host, &image, &tmp.path().join(format!("raw-{i}")), &args)
+                .await?
+                .as_secs_f64()
+                * 1000.0,
+        );
+        let vm = Vm::boot(&host, &spec(format!("bench-{i}"), &args)).await?;
+        ours.push(vm.boot_time.as_secs_f64() * 1000.0);
+        vm.stop(Duration::ZERO).await?;
+        eprintln!("boot {i}: raw {:.0} ms, slicer {:.0} ms", raw[i], ours[i]);
+    }
+
+    let vm = Vm::boot(&host, &spec("bench-io".into(), &args)).await?;
+    let agent = vm.agent();
+    let mut health = Vec::new();
+    for _ in 0..args.execs {
+        let t = Instant::now();
+        agent.health().await?;
+        health.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let mut rtt = Vec::new();
+    for _ in 0..args.execs {
+        let t = Instant::now();
+        let out = agent.exec_output(&ExecRequest::argv(["true"]), None).await?;
+        rtt.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !out.status.success() {
+            bail!("true failed: {:?}", out.status);
+        }
+    }
+    // The floor: the guest's own cost of starting /bin/true, timed inside the guest by bash.
+    let floor_cmd = format!(
+        "s=$(date +%s%N); for i in $(seq {n}); do /bin/true; done; e=$(date +%s%N); echo $(( (e - s) / {n} ))",
+        n = args.execs
+    );
+    let out = agent.exec_output(&ExecRequest::argv(["bash", "-c", &floor_cmd]), None).await?;
+    let floor_ms: f64 = String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().context("floor output")? / 1e6;
+    let size = args.transfer_mib << 20;
+    let data: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
+    let t = Instant::now();
+    agent
+        .upload_file(&args.transfer_path, None, None, std::io::Cursor::new(data))
+        .await
+        .context("upload")?;
+    let up = size as f64 / 1e6 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut d = agent.download_file(&args.transfer_path).await?;
+    let mut sink = tokio::io::sink();
+    let n = d.copy_to(&mut sink).await?;
+    let down = n as f64 / 1e6 / t.elapsed().as_secs_f64();
+    vm.stop(Duration::ZERO).await?;
+
+    let (raw_m, ours_m) = (median(raw), median(ours));
+    let table = format!(
+        "| measure ({} image, {}, {} vCPU, {} MiB, {} boots) | value | target |\n|---|---|---|\n\
+         | raw QEMU boot to init marker, median | {:.0} ms | — |\n\
+         | slicer boot to agent ready (overlay + QEMU + agent handshake + health), median | {:.0} ms | — |\n\
+         | ratio slicer / raw | {:.2}× | ≤ 1.25× |\n\
+         | agent health round trip (no process), median of {} | {:.2} ms | — |\n\
+         | exec `true` round trip, median of {} | {:.1} ms | ≤ 25 ms |\n\
+         | in-guest floor: bash starting `/bin/true`, mean of {} | {:.1} ms | — |\n\
+         | upload {} MiB | {:.0} MB/s | ≥ 50 MB/s |\n\
+         | download {} MiB | {:.0} MB/s | ≥ 50 MB/s |\n",
+        args.image,
+        accel.as_str(),
+        args.cpus,
+        args.memory,
+        args.boots,
+        raw_m,
+        ours_m,
+        ours_m / raw_m,
+        args.execs,
+        median(health),
+        args.execs,
+        median(rtt),
+        args.execs,
+        floor_ms,
+        args.transfer_mib,
+        up,
+        args.transfer_mib,
+        down
+    );
+    println!("{table}");
+    if !args.no_record {
+        record(&args.record, &format!("boot-{}-{}cpu", args.image, args.cpus), &table)?;
+    }
+    Ok(())
+}
+
+/// Replaces the section between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`, or appends it.
+fn record(path: &Path, name: &str, table: &str) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
+    let when = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let block = format!("{open}\nRecorded {when} by `scripts/bench.sh`.\n\n{table}{close}");
+    let new = match (text.find(&open), text.find(&close)) {
+        (Some(a), Some(b)) if b > a => format!("{}{}{}", &text[..a], block, &text[b + close.len()..]),
+        _ => format!("{}\n{}\n", text.trim_end(), block),
+    };
+    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,312 @@
+//! The VM library: a [`Host`] knows where images, VM directories and QEMU are; [`Vm::boot`]
+//! assembles one microVM from an image and a [`VmSpec`] (per-VM overlay disk, sockets, console
+//! log, kernel command line), starts QEMU and waits for the agent; the [`Vm`] handle runs
+//! commands and moves files through the agent, and stops the VM in escalating steps.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use slicer_agent_client::AgentClient;
+use slicer_agent_proto::PowerAction;
+use slicer_hypervisor::{Accel, AccelChoice, QemuConfig, QemuProcess, Qmp};
+use slicer_image::{Image, ImageStore};
+use tokio::sync::OnceCell;
+
+pub use slicer_agent_client as agent;
+pub use slicer_agent_proto::ExecRequest;
+
+/// Where things live on this host and how VMs are accelerated.
+pub struct Host {
+    pub images: ImageStore,
+    /// Per-VM directories (disk overlay, sockets, logs) go below this.
+    pub vm_root: PathBuf,
+    pub qemu: PathBuf,
+    pub accel_choice: AccelChoice,
+    cache_dir: PathBuf,
+    accel: OnceCell<Accel>,
+}
+
+impl Host {
+    pub fn new(data_dir: &Path, vm_root: &Path) -> Host {
+        Host {
+            images: ImageStore::new(data_dir),
+            vm_root: vm_root.to_path_buf(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            accel_choice: AccelChoice::Auto,
+            cache_dir: data_dir.join("cache"),
+            accel: OnceCell::new(),
+        }
+    }
+
+    /// KVM or TCG, resolved once (see `slicer_hypervisor::accel`).
+    pub async fn accel(&self, kernel: &Path) -> Result<Accel> {
+        self.accel
+            .get_or_try_init(|| {
+                slicer_hypervisor::accel::resolve(self.accel_choice, &self.qemu, kernel, &self.cache_dir)
+            })
+            .await
+            .copied()
+    }
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Unique name; also the guest's hostname.
+    pub name: String,
+    /// Image name in the store (`min`, `systemd`).
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Virtual size of the root disk in bytes (default: the base image's size).
+    pub disk_size: Option<u64>,
+    pub dns: Vec<String>,
+    /// Extra kernel arguments.
+    pub cmdline: Vec<String>,
+    pub boot_timeout: Duration,
+}
+
+impl VmSpec {
+    pub fn new(name: impl Into<String>, image: impl Into<String>) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            image: image.into(),
+            cpus: 1,
+            memory_mib: 256,
+            disk_size: None,
+            dns: Vec::new(),
+            cmdline: Vec::new(),
+            boot_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Checks a VM name: a DNS label, since it becomes the hostname and part of paths.
+pub fn validate_name(name: &str) -> Result<()> {
+    ensure!(
+        !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-'),
+        "invalid VM name {name:?}: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
+    );
+    Ok(())
+}
+
+/// How a VM ended when stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// The guest powered off when asked.
+    Graceful,
+    /// QMP `quit` ended QEMU.
+    Quit,
+    /// SIGKILL.
+    Killed,
+    /// It had already exited.
+    AlreadyExited,
+}
+
+/// A running VM. Dropping it kills QEMU and removes its directory; call [`Vm::stop`] for a
+/// clean shutdown.
+pub struct Vm {
+    pub name: String,
+    pub image: Image,
+    pub accel: Accel,
+    /// From spawning QEMU to the agent's first health answer.
+    pub boot_time: Duration,
+    dir: PathBuf,
+    qmp_socket: PathBuf,
+    console_log: PathBuf,
+    qemu_log: PathBuf,
+    qemu: QemuProcess,
+    agent: AgentClient,
+    cleaned: bool,
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Vm {
+    pub async fn boot(host: &Host, spec: &VmSpec) -> Result<Vm> {
+        validate_name(&spec.name)?;
+        ensure!(
+            (1..=64).contains(&spec.cpus),
+            "cpus must be between 1 and 64, got {}",
+            spec.cpus
+        );
+        ensure!(
+            spec.memory_mib >= 64,
+            "memory must be at least 64 MiB, got {}",
+            spec.memory_mib
+        );
+        let image = host.images.get(&spec.image)?;
+        let accel = host.accel(&image.kernel).await?;
+        let dir = host.vm_root.join(&spec.name);
+        ensure!(!dir.exists(), "VM directory {} already exists", dir.display());
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let disk = dir.join("disk.qcow2");
+        if let Err(e) = slicer_storage::create_overlay(&image.rootfs, &disk, spec.disk_size).await {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let mut cmdline = Vec::new();
+        if let Some(init) = image.init() {
+            cmdline.push(format!("init={init}"));
+        }
+        cmdline.push(format!("slicer.hostname={}", spec.name));
+        if !spec.dns.is_empty() {
+            cmdline.push(format!("slicer.dns={}", spec.dns.join(",")));
+        }
+        cmdline.extend(spec.cmdline.iter().cloned());
+        let cfg = QemuConfig {
+            binary: host.qemu.clone(),
+            name: spec.name.clone(),
+            accel,
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            kernel: image.kernel.clone(),
+            cmdline,
+            disk,
+            agent_socket: dir.join("agent.sock"),
+            qmp_socket: dir.join("qmp.sock"),
+            console_log: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+        };
+        let started = Instant::now();
+        let qemu = match QemuProcess::spawn(&cfg).await {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let mut vm = Vm {
+            name: spec.name.clone(),
+            image,
+            accel,
+            boot_time: Duration::ZERO,
+            dir,
+            qmp_socket: cfg.qmp_socket.clone(),
+            console_log: cfg.console_log.clone(),
+            qemu_log: cfg.qemu_log.clone(),
+            qemu,
+            agent: AgentClient::new(&cfg.agent_socket),
+            cleaned: false,
+        };
+        tokio::select! {
+            r = vm.agent.wait_ready(spec.boot_timeout) => {
+                r.with_context(|| format!(
+                    "VM {} did not become ready; console:\n{}", vm.name, tail(&vm.console_log, 30)
+                ))?;
+            }
+            st = vm.qemu.wait() => {
+                bail!(
+                    "QEMU for VM {} exited ({}) before the agent was ready; QEMU said:\n{}\nconsole:\n{}",
+                    vm.name,
+                    st.map(|s| s.to_string()).unwrap_or_default(),
+                    tail(&vm.qemu_log, 10),
+                    tail(&vm.console_log, 30)
+                );
+            }
+        }
+        vm.boot_time = started.elapsed();
+        Ok(vm)
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.qemu.pid
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_running(&self) -> bool {
+        self.qemu.try_status().is_none()
+    }
+
+    /// Stops the VM: ask the guest to power off (up to `graceful`), then QMP `quit` (2 s),
+    /// then SIGKILL. Removes the VM's directory.
+    pub async fn stop(mut self, graceful: Duration) -> Result<StopOutcome> {
+        let outcome = self.stop_inner(graceful).await;
+        self.cleanup();
+        Ok(outcome)
+    }
+
+    async fn stop_inner(&self, graceful: Duration) -> StopOutcome {
+        if !self.is_running() {
+            return StopOutcome::AlreadyExited;
+        }
+        if !graceful.is_zero() {
+            let asked = tokio::time::timeout(graceful, self.agent.power(PowerAction::Poweroff)).await;
+            if matches!(asked, Ok(Ok(()))) && tokio::time::timeout(graceful, self.qemu.wait()).await.is_ok() {
+                return StopOutcome::Graceful;
+            }
+        }
+        if let Ok(Ok(qmp)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            Qmp::connect(&self.qmp_socket, Duration::from_secs(1)),
+        )
+        .await
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(1), qmp.execute("quit", None)).await;
+            if tokio::time::timeout(Duration::from_secs(2), self.qemu.wait())
+                .await
+                .is_ok()
+            {
+                return StopOutcome::Quit;
+            }
+        }
+        self.qemu.kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.qemu.wait()).await;
+        StopOutcome::Killed
+    }
+
+    fn cleanup(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.cleaned = true;
+        self.qemu.kill();
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", self.dir.display());
+            }
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_dns_labels() {
+        validate_name("sandbox-1").unwrap();
+        for bad in ["", "-a", "a-", "A", "a_b", "a/b", "..", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Benchmarks against real guests; records tables in docs/benchmarks.md.
+#   sudo ./scripts/bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh --no-run
+cargo build --release -q -p slicer-bench
+for cpus in 1 2; do
+  target/release/slicer-bench --image min --cpus "$cpus" "$@"
+done

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs everything slicer needs on a Debian 12 host, builds it and its guest images, and
+# (unless --no-run) boots a sandbox to show it works.
+#   sudo ./scripts/setup.sh            install + build + demo
+#   sudo ./scripts/setup.sh --no-run   install + build only (used by scripts/test.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUN=1
+[ "${1:-}" = "--no-run" ] && RUN=0
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup needs root (apt-get, debootstrap, VM networking): run it with sudo" >&2
+  exit 1
+fi
+
+# --- host packages ------------------------------------------------------------------------
+PKGS=(qemu-system-x86 qemu-utils debootstrap linux-source-6.1 build-essential bc flex bison
+      libelf-dev libssl-dev e2fsprogs cpio xz-utils iproute2 nftables socat ca-certificates)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# QEMU's system emulator and qemu-img must come from the same release: pin qemu-utils to the
+# version of qemu-system-x86 that apt offers (some images ship a newer qemu-utils alone).
+qemu_mismatch=0
+if dpkg-query -W -f='${Version}' qemu-system-x86 >/dev/null 2>&1 && \
+   [ "$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null)" != "$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null)" ]; then
+  qemu_mismatch=1
+fi
+if [ ${#missing[@]} -gt 0 ] || [ $qemu_mismatch -eq 1 ]; then
+  echo "==> apt-get install ${missing[*]:-qemu-utils (version match)}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  qv=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+  install=()
+  for p in "${PKGS[@]}"; do
+    case "$p" in qemu-system-x86|qemu-utils) install+=("$p=$qv") ;; *) install+=("$p") ;; esac
+  done
+  apt-get install -y -q --no-install-recommends --allow-downgrades "${install[@]}" qemu-block-extra- >/dev/null
+fi
+
+# --- build --------------------------------------------------------------------------------
+echo "==> cargo build (slicer, and the static guest agent)"
+cargo build --release -q -p slicer
+CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+  cargo build --release -q -p slicer-agent --target x86_64-unknown-linux-gnu
+install -D -m 0755 target/release/slicer /usr/local/bin/slicer
+install -D -m 0755 target/x86_64-unknown-linux-gnu/release/slicer-agent /usr/local/lib/slicer/slicer-agent
+
+# --- guest images (cached by their inputs: fast when nothing changed) ----------------------
+slicer image build --variant min
+slicer image build --variant systemd
+
+if [ $RUN -eq 1 ]; then
+  echo "==> booting a sandbox from the min image"
+  slicer run --image min -- sh -c 'echo "hello from $(hostname), kernel $(uname -r)"'
+fi
