@@ -224,7 +224,6 @@ pub async fn put_tar(req: Request<Incoming>) -> Result<Response<Body>, ApiError>
         ar.set_preserve_permissions(true);
         ar.set_preserve_mtime(true);
         ar.set_overwrite(true);
-        ar.set_preserve_ownerships(q.uid.is_none() && q.gid.is_none());
         let mut total = 0u64;
         let entries = ar
             .entries()
@@ -233,11 +232,15 @@ pub async fn put_tar(req: Request<Incoming>) -> Result<Response<Body>, ApiError>
             let mut entry = entry.map_err(|e| ApiError::bad_request(format!("reading tar: {e}")))?;
             total += entry.size();
             let rel = entry.path().map(|p| p.into_owned()).unwrap_or_default();
+            // Owner: the query's, else the archive's when it has one (many writers leave the
+            // numeric fields empty; then the files stay root's).
+            let uid = q.uid.or_else(|| entry.header().uid().ok().map(|v| v as u32));
+            let gid = q.gid.or_else(|| entry.header().gid().ok().map(|v| v as u32));
             let ok = entry
                 .unpack_in(&d)
                 .map_err(|e| ApiError::io(&format!("unpacking {}", rel.display()), &e))?;
             if ok {
-                chown(&d.join(&rel), q.uid, q.gid).map_err(|e| ApiError::io("setting owner", &e))?;
+                chown(&d.join(&rel), uid, gid).map_err(|e| ApiError::io("setting owner", &e))?;
             }
         }
         Ok(total)

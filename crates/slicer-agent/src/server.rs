@@ -71,11 +71,14 @@ impl ApiError {
             }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        ApiError {
-            status,
-            kind,
-            message: format!("{what}: {e}"),
+        // Include the causes (tar wraps the OS error it hit).
+        let mut message = format!("{what}: {e}");
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            message.push_str(&format!(": {s}"));
+            src = s.source();
         }
+        ApiError { status, kind, message }
     }
 
     fn into_response(self) -> Response<Body> {

@@ -164,3 +164,22 @@ async fn reconnects_after_the_connection_drops() {
     let h = a.client.health().await.unwrap();
     assert!(!h.pid1);
 }
+
+#[tokio::test]
+async fn tar_without_directory_entries_unpacks() {
+    let a = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = tar::Builder::new(Vec::new());
+    let mut hdr = tar::Header::new_gnu();
+    hdr.set_size(5);
+    hdr.set_mode(0o755);
+    hdr.set_cksum();
+    tb.append_data(&mut hdr, "bin/tool", &b"#!/x\n"[..]).unwrap();
+    let tar_in = tb.into_inner().unwrap();
+    let dest = dir.path().join("app");
+    a.client
+        .upload_tar(dest.to_str().unwrap(), None, std::io::Cursor::new(tar_in))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(dest.join("bin/tool")).unwrap(), b"#!/x\n");
+}

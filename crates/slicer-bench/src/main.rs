@@ -132,7 +132,7 @@ async fn main() -> Result<()> {
                 * 1000.0,
         );
         let vm = Vm::boot(&host, &spec(format!("bench-{i}"), &args)).await?;
-        ours.push(vm.boot_time.as_secs_f64() * 1000.0);
+        ours.push(vm.boot_time().as_secs_f64() * 1000.0);
         vm.stop(Duration::ZERO).await?;
         eprintln!("boot {i}: raw {:.0} ms, slicer {:.0} ms", raw[i], ours[i]);
     }
@@ -159,8 +159,14 @@ async fn main() -> Result<()> {
         "s=$(date +%s%N); for i in $(seq {n}); do /bin/true; done; e=$(date +%s%N); echo $(( (e - s) / {n} ))",
         n = args.execs
     );
-    let out = agent.exec_output(&ExecRequest::argv(["bash", "-c", &floor_cmd]), None).await?;
-    let floor_ms: f64 = String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().context("floor output")? / 1e6;
+    let out = agent
+        .exec_output(&ExecRequest::argv(["bash", "-c", &floor_cmd]), None)
+        .await?;
+    let floor_ms: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse::<f64>()
+        .context("floor output")?
+        / 1e6;
     let size = args.transfer_mib << 20;
     let data: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
     let t = Instant::now();

@@ -44,9 +44,15 @@ pub struct ImageStore {
 }
 
 impl ImageStore {
+    /// The store of a data directory: `<data_dir>/images`.
     pub fn new(data_dir: &Path) -> ImageStore {
+        ImageStore::at(&data_dir.join("images"))
+    }
+
+    /// A store rooted at `root`.
+    pub fn at(root: &Path) -> ImageStore {
         ImageStore {
-            root: data_dir.join("images"),
+            root: root.to_path_buf(),
         }
     }
 

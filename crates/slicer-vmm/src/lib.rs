@@ -29,8 +29,14 @@ pub struct Host {
 
 impl Host {
     pub fn new(data_dir: &Path, vm_root: &Path) -> Host {
+        Host::with_images(ImageStore::new(data_dir), data_dir, vm_root)
+    }
+
+    /// A host whose images come from `images` (e.g. a shared store) and whose caches live
+    /// under `data_dir`.
+    pub fn with_images(images: ImageStore, data_dir: &Path, vm_root: &Path) -> Host {
         Host {
-            images: ImageStore::new(data_dir),
+            images,
             vm_root: vm_root.to_path_buf(),
             qemu: PathBuf::from("qemu-system-x86_64"),
             accel_choice: AccelChoice::Auto,
@@ -62,6 +68,8 @@ pub struct VmSpec {
     /// Virtual size of the root disk in bytes (default: the base image's size).
     pub disk_size: Option<u64>,
     pub dns: Vec<String>,
+    /// Keep the disk when the VM stops, and boot from an existing disk if there is one.
+    pub persistent: bool,
     /// Extra kernel arguments.
     pub cmdline: Vec<String>,
     pub boot_timeout: Duration,
@@ -76,6 +84,7 @@ impl VmSpec {
             memory_mib: 256,
             disk_size: None,
             dns: Vec::new(),
+            persistent: false,
             cmdline: Vec::new(),
             boot_timeout: Duration::from_secs(60),
         }
@@ -110,21 +119,24 @@ pub enum StopOutcome {
     AlreadyExited,
 }
 
-/// A running VM. Dropping it kills QEMU and removes its directory; call [`Vm::stop`] for a
-/// clean shutdown.
+/// A running VM. Dropping it kills QEMU and removes its files (all of them for an
+/// ephemeral VM, all but the disk and console log for a persistent one); call [`Vm::stop`]
+/// for a clean shutdown.
 pub struct Vm {
     pub name: String,
     pub image: Image,
     pub accel: Accel,
-    /// From spawning QEMU to the agent's first health answer.
-    pub boot_time: Duration,
+    pub persistent: bool,
+    /// From spawning QEMU to the agent's first health answer, in ns (0 until ready).
+    boot_time_ns: std::sync::atomic::AtomicU64,
+    started: Instant,
     dir: PathBuf,
     qmp_socket: PathBuf,
     console_log: PathBuf,
     qemu_log: PathBuf,
     qemu: QemuProcess,
     agent: AgentClient,
-    cleaned: bool,
+    cleaned: std::sync::atomic::AtomicBool,
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -134,7 +146,15 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 impl Vm {
+    /// Starts a VM and waits until its agent answers.
     pub async fn boot(host: &Host, spec: &VmSpec) -> Result<Vm> {
+        let vm = Vm::start(host, spec).await?;
+        vm.wait_ready(spec.boot_timeout).await?;
+        Ok(vm)
+    }
+
+    /// Assembles and spawns the VM without waiting for its agent.
+    pub async fn start(host: &Host, spec: &VmSpec) -> Result<Vm> {
         validate_name(&spec.name)?;
         ensure!(
             (1..=64).contains(&spec.cpus),
@@ -149,12 +169,17 @@ impl Vm {
         let image = host.images.get(&spec.image)?;
         let accel = host.accel(&image.kernel).await?;
         let dir = host.vm_root.join(&spec.name);
-        ensure!(!dir.exists(), "VM directory {} already exists", dir.display());
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let disk = dir.join("disk.qcow2");
-        if let Err(e) = slicer_storage::create_overlay(&image.rootfs, &disk, spec.disk_size).await {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
+        let reuse = spec.persistent && disk.exists();
+        if !reuse {
+            ensure!(!dir.exists(), "VM directory {} already exists", dir.display());
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if !reuse {
+            if let Err(e) = slicer_storage::create_overlay(&image.rootfs, &disk, spec.disk_size).await {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
         }
         let mut cmdline = Vec::new();
         if let Some(init) = image.init() {
@@ -179,45 +204,70 @@ impl Vm {
             console_log: dir.join("console.log"),
             qemu_log: dir.join("qemu.log"),
         };
+        for stale in [&cfg.agent_socket, &cfg.qmp_socket] {
+            let _ = std::fs::remove_file(stale);
+        }
         let started = Instant::now();
         let qemu = match QemuProcess::spawn(&cfg).await {
             Ok(q) => q,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                if !reuse {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
                 return Err(e);
             }
         };
-        let mut vm = Vm {
+        Ok(Vm {
             name: spec.name.clone(),
             image,
             accel,
-            boot_time: Duration::ZERO,
+            persistent: spec.persistent,
+            boot_time_ns: 0.into(),
+            started,
             dir,
             qmp_socket: cfg.qmp_socket.clone(),
             console_log: cfg.console_log.clone(),
             qemu_log: cfg.qemu_log.clone(),
             qemu,
             agent: AgentClient::new(&cfg.agent_socket),
-            cleaned: false,
-        };
+            cleaned: false.into(),
+        })
+    }
+
+    /// Waits for the agent's first health answer; fails early if QEMU exits.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         tokio::select! {
-            r = vm.agent.wait_ready(spec.boot_timeout) => {
+            r = self.agent.wait_ready(timeout) => {
                 r.with_context(|| format!(
-                    "VM {} did not become ready; console:\n{}", vm.name, tail(&vm.console_log, 30)
+                    "VM {} did not become ready; console:\n{}", self.name, tail(&self.console_log, 30)
                 ))?;
             }
-            st = vm.qemu.wait() => {
+            st = self.qemu.wait() => {
                 bail!(
                     "QEMU for VM {} exited ({}) before the agent was ready; QEMU said:\n{}\nconsole:\n{}",
-                    vm.name,
+                    self.name,
                     st.map(|s| s.to_string()).unwrap_or_default(),
-                    tail(&vm.qemu_log, 10),
-                    tail(&vm.console_log, 30)
+                    tail(&self.qemu_log, 10),
+                    tail(&self.console_log, 30)
                 );
             }
         }
-        vm.boot_time = started.elapsed();
-        Ok(vm)
+        self.boot_time_ns.store(
+            self.started.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// From spawning QEMU to the agent's first health answer (zero until ready).
+    pub fn boot_time(&self) -> Duration {
+        Duration::from_nanos(self.boot_time_ns.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Stops QEMU (as [`Vm::stop`]) but leaves every file in place, e.g. to boot the same
+    /// disk again.
+    pub async fn stop_process(&self, graceful: Duration) -> StopOutcome {
+        self.stop_inner(graceful).await
     }
 
     pub fn agent(&self) -> &AgentClient {
@@ -241,9 +291,19 @@ impl Vm {
         self.qemu.try_status().is_none()
     }
 
+    /// Waits until QEMU exits, for whatever reason.
+    pub async fn wait_exit(&self) {
+        self.qemu.wait().await;
+    }
+
+    /// Connects to QEMU's monitor.
+    pub async fn qmp(&self) -> Result<Qmp> {
+        Qmp::connect(&self.qmp_socket, Duration::from_secs(2)).await
+    }
+
     /// Stops the VM: ask the guest to power off (up to `graceful`), then QMP `quit` (2 s),
-    /// then SIGKILL. Removes the VM's directory.
-    pub async fn stop(mut self, graceful: Duration) -> Result<StopOutcome> {
+    /// then SIGKILL. Then removes its files (keeping a persistent VM's disk and log).
+    pub async fn stop(&self, graceful: Duration) -> Result<StopOutcome> {
         let outcome = self.stop_inner(graceful).await;
         self.cleanup();
         Ok(outcome)
@@ -278,15 +338,24 @@ impl Vm {
         StopOutcome::Killed
     }
 
-    fn cleanup(&mut self) {
-        if self.cleaned {
+    /// Kills QEMU if needed and removes the VM's files.
+    pub fn cleanup(&self) {
+        if self.cleaned.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        self.cleaned = true;
         self.qemu.kill();
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+        let result = if self.persistent {
+            ["agent.sock", "qmp.sock", "qemu.log"]
+                .iter()
+                .map(|f| std::fs::remove_file(self.dir.join(f)))
+                .find(|r| r.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::NotFound))
+                .unwrap_or(Ok(()))
+        } else {
+            std::fs::remove_dir_all(&self.dir)
+        };
+        if let Err(e) = result {
             if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("removing {}: {e}", self.dir.display());
+                tracing::warn!("removing files of VM {}: {e}", self.name);
             }
         }
     }

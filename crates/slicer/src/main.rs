@@ -6,7 +6,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod image;
+mod new;
 mod run;
+mod up;
+mod vm;
 
 /// Default data directory: images, VM disks, state.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/slicer";
@@ -20,6 +23,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Print a config for a host group: `slicer new NAME [flags] > slicer.yaml`.
+    New(new::NewArgs),
+    /// Run the daemon: VMs and the REST API.
+    Up(up::UpArgs),
+    /// Talk to the daemon's API.
+    #[command(alias = "v")]
+    Vm {
+        #[command(flatten)]
+        conn: vm::Conn,
+        #[command(subcommand)]
+        cmd: vm::VmCmd,
+    },
+    /// List VMs (`slicer vm list`).
+    #[command(alias = "l")]
+    Ls {
+        #[command(flatten)]
+        conn: vm::Conn,
+    },
     /// Boot a throwaway sandbox, run one command in it, print its output and delete it.
     Run(run::RunArgs),
     /// Build and list guest images.
@@ -38,6 +59,16 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Image { cmd } => image::run(cmd),
         Cmd::Run(args) => run::run(args),
+        Cmd::New(args) => new::run(args),
+        Cmd::Up(args) => up::run(args),
+        Cmd::Vm { conn, cmd } => vm::run(cmd, conn),
+        Cmd::Ls { conn } => vm::run(
+            vm::VmCmd::List {
+                tag: None,
+                tag_prefix: None,
+            },
+            conn,
+        ),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -47,7 +47,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             vm.name,
             vm.image.name,
             vm.accel.as_str(),
-            vm.boot_time.as_millis()
+            vm.boot_time().as_millis()
         );
         let result = async {
             let mut p = vm.agent().exec(&ExecRequest::argv(args.command.clone())).await?;

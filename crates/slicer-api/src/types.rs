@@ -1,0 +1,248 @@
+//! JSON shapes of the REST API. Field names follow SlicerVM's SDKs exactly.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorResponse {
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Info {
+    pub version: String,
+    pub git_commit: String,
+    pub platform: String,
+    pub arch: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostGroupInfo {
+    pub name: String,
+    pub count: u32,
+    pub ram_bytes: u64,
+    pub cpus: u32,
+    pub arch: String,
+    pub gpu_count: u32,
+}
+
+/// Status of a VM as the API reports it.
+pub const STATUS_RUNNING: &str = "Running";
+pub const STATUS_PAUSED: &str = "Paused";
+pub const STATUS_STOPPED: &str = "Stopped";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Node {
+    pub hostname: String,
+    pub hostgroup: String,
+    /// Bare address (no prefix) in lists; empty when the VM has no network.
+    pub ip: String,
+    pub ram_bytes: u64,
+    pub cpus: u32,
+    /// RFC3339.
+    pub created_at: String,
+    pub arch: String,
+    pub tags: Vec<String>,
+    pub status: String,
+    pub persistent: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NetworkOverride {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop: Option<Vec<String>>,
+}
+
+/// Body of `POST /hostgroup/{g}/nodes`; every field is optional (`{}` = host-group defaults).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNodeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_count: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userdata: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkOverride>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreateNodeResponse {
+    pub hostname: String,
+    pub hostgroup: String,
+    /// Address with prefix, e.g. "169.254.100.2/30"; empty without a network.
+    pub ip: String,
+    pub created_at: String,
+    pub arch: String,
+    pub persistent: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeleteResponse {
+    pub message: String,
+    /// "true" or "false": a string, as SlicerVM's SDK expects.
+    pub disk_removed: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Policy {
+    pub allow: Vec<String>,
+    pub drop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NetworkInfo {
+    pub mode: String,
+    pub policy_source: String,
+    pub host_group: Policy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r#override: Option<NetworkOverride>,
+    pub effective: Policy,
+}
+
+/// `GET /vm/{h}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmDescription {
+    #[serde(flatten)]
+    pub node: Node,
+    pub storage: String,
+    pub storage_size: u64,
+    pub image: String,
+    pub network: NetworkInfo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TagsResponse {
+    pub hostname: String,
+    pub tags: Vec<String>,
+}
+
+/// Body of `PATCH /vm/{h}/tags`: `replace` excludes `add` and `remove`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TagsPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub add: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogsResponse {
+    pub hostname: String,
+    pub lines: usize,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HealthResponse {
+    pub hostname: String,
+    /// Nanoseconds (Go's time.Duration).
+    pub agent_uptime: i64,
+    pub agent_version: String,
+    /// Nanoseconds.
+    pub system_uptime: i64,
+    pub userdata_ran: bool,
+    pub userdata_exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ip: String,
+}
+
+/// One NDJSON frame of `POST /vm/{h}/exec`. Typed frames (`type`) with the payload in both
+/// `data` and the legacy `stdout`/`stderr` field, so old and new clients read it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExecFrame {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub r#type: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub timestamp: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ended_at: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub encoding: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub data: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stdout: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stderr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signal: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+/// `POST /vm/{h}/exec?buffered=true`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BufferedExec {
+    pub stdout: String,
+    pub stderr: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub encoding: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ended_at: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signal: String,
+    pub exit_code: i32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_request_rejects_unknown_fields_and_accepts_sdk_ones() {
+        let ok: CreateNodeRequest =
+            serde_json::from_str(r#"{"tags":["user=alice"],"cpus":1,"ram_bytes":1,"gpu_count":0,"secrets":[]}"#)
+                .unwrap();
+        assert_eq!(ok.tags, vec!["user=alice"]);
+        let err = serde_json::from_str::<CreateNodeRequest>(r#"{"cpu":1}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `cpu`"));
+    }
+
+    #[test]
+    fn delete_response_uses_string_flag() {
+        let v = serde_json::to_value(DeleteResponse {
+            message: "m".into(),
+            disk_removed: "true".into(),
+            error: String::new(),
+        })
+        .unwrap();
+        assert_eq!(v["disk_removed"], "true");
+    }
+}

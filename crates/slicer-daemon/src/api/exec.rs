@@ -1,0 +1,314 @@
+//! `POST /vm/{h}/exec`: NDJSON frames as the process produces output, or one buffered answer.
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use slicer_agent_client::ExecEvent;
+use slicer_agent_proto::ExecRequest;
+use slicer_api::{BufferedExec, ExecFrame};
+
+use super::{query_bool, query_one, query_pairs, query_u32, Shared};
+use crate::error::ApiErr;
+use crate::manager::now_rfc3339;
+
+/// Quotes a word for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn signal_name(sig: i32) -> String {
+    nix_signal_name(sig).unwrap_or_else(|| format!("SIG{sig}"))
+}
+
+fn nix_signal_name(sig: i32) -> Option<String> {
+    let names = [
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGQUIT, "SIGQUIT"),
+        (libc::SIGILL, "SIGILL"),
+        (libc::SIGABRT, "SIGABRT"),
+        (libc::SIGBUS, "SIGBUS"),
+        (libc::SIGFPE, "SIGFPE"),
+        (libc::SIGKILL, "SIGKILL"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGSEGV, "SIGSEGV"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGPIPE, "SIGPIPE"),
+        (libc::SIGALRM, "SIGALRM"),
+        (libc::SIGTERM, "SIGTERM"),
+    ];
+    names.iter().find(|(n, _)| *n == sig).map(|(_, s)| s.to_string())
+}
+
+/// Builds the agent request from the query (SlicerVM's parameters).
+pub fn exec_request(pairs: &[(String, String)]) -> Result<ExecRequest, ApiErr> {
+    let cmd = query_one(pairs, "cmd")
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| ApiErr::bad_request("query cmd is required"))?;
+    let args: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k == "args")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let mut env = Vec::new();
+    for (_, kv) in pairs.iter().filter(|(k, _)| k == "env") {
+        let (k, v) = kv
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| ApiErr::bad_request(format!("query env: {kv:?} is not KEY=VALUE")))?;
+        env.push((k.to_string(), v.to_string()));
+    }
+    let cwd = query_one(pairs, "cwd").filter(|c| !c.is_empty()).map(str::to_string);
+    if let Some(c) = &cwd {
+        if c.split('/').any(|part| part == "..") {
+            return Err(ApiErr::bad_request(format!("query cwd: {c:?} must not contain '..'")));
+        }
+    }
+    // uid=0 is what SDKs send when they mean "the default": both mean root here.
+    let uid = query_u32(pairs, "uid")?.filter(|u| *u != 0);
+    let gid = query_u32(pairs, "gid")?.filter(|g| *g != 0);
+    // As SlicerVM: the command line goes through /bin/bash unless `shell` is given; an
+    // explicitly empty `shell` runs the command directly.
+    let shell = match query_one(pairs, "shell") {
+        None => Some("/bin/bash".to_string()),
+        Some("") => None,
+        Some(s) => Some(s.to_string()),
+    };
+    let mut req = match shell {
+        Some(sh) => {
+            let mut line = cmd.to_string();
+            for a in &args {
+                line.push(' ');
+                line.push_str(&shell_quote(a));
+            }
+            ExecRequest {
+                shell: Some(line),
+                shell_path: Some(sh),
+                ..Default::default()
+            }
+        }
+        None => {
+            let mut argv = vec![cmd.to_string()];
+            argv.extend(args);
+            ExecRequest::argv(argv)
+        }
+    };
+    req.env = env;
+    req.cwd = cwd;
+    req.uid = uid;
+    req.gid = gid.or(uid);
+    req.stdin = query_bool(pairs, "stdin")?;
+    req.validate().map_err(ApiErr::bad_request)?;
+    Ok(req)
+}
+
+fn line(frame: &ExecFrame) -> Bytes {
+    let mut v = serde_json::to_vec(frame).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+fn encode(data: &[u8], base64: bool) -> String {
+    if base64 {
+        base64::engine::general_purpose::STANDARD.encode(data)
+    } else {
+        String::from_utf8_lossy(data).into_owned()
+    }
+}
+
+pub async fn exec(
+    State(st): State<Shared>,
+    Path(hostname): Path<String>,
+    q: RawQuery,
+    body: Body,
+) -> Result<Response, ApiErr> {
+    let pairs = query_pairs(&q.0);
+    let spec = exec_request(&pairs)?;
+    let buffered = query_bool(&pairs, "buffered")?;
+    if buffered && spec.stdin {
+        return Err(ApiErr::bad_request("stdin cannot be combined with buffered"));
+    }
+    let b64 = match query_one(&pairs, "stdio") {
+        None | Some("") | Some("text") => false,
+        Some("base64") => true,
+        Some(o) => return Err(ApiErr::bad_request(format!("query stdio: {o:?} is not text or base64"))),
+    };
+    if query_bool(&pairs, "background")? {
+        return Err(ApiErr::bad_request("background exec is not supported yet"));
+    }
+    let running = st.manager.running(&hostname)?;
+    let enc = if b64 { "base64".to_string() } else { String::new() };
+
+    let mut proc = match running.vm.agent().exec(&spec).await {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = e.to_string();
+            if let slicer_agent_client::AgentError::Remote { status, .. } = &e {
+                if *status == 404 || *status == 403 {
+                    // Could not start the program: one error frame, as SlicerVM answers.
+                    if buffered {
+                        return Ok(Json(BufferedExec {
+                            exit_code: 1,
+                            error: msg,
+                            ..Default::default()
+                        })
+                        .into_response());
+                    }
+                    let frame = ExecFrame {
+                        timestamp: now_rfc3339(),
+                        error: msg,
+                        exit_code: Some(1),
+                        ..Default::default()
+                    };
+                    return Ok(ndjson(Body::from(line(&frame))));
+                }
+            }
+            return Err(ApiErr::agent(e));
+        }
+    };
+    let started_at = now_rfc3339();
+    if let Some(stdin) = proc.stdin.take() {
+        let mut data = body.into_data_stream();
+        tokio::spawn(async move {
+            while let Ok(Some(chunk)) = data.try_next().await {
+                if stdin.write(chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    if buffered {
+        let pid = proc.pid;
+        let out = proc.output().await.map_err(ApiErr::agent)?;
+        return Ok(Json(BufferedExec {
+            stdout: encode(&out.stdout, b64),
+            stderr: encode(&out.stderr, b64),
+            encoding: enc,
+            pid: Some(pid),
+            started_at,
+            ended_at: now_rfc3339(),
+            signal: out.status.signal.map(signal_name).unwrap_or_default(),
+            exit_code: out.status.code.unwrap_or_else(|| 128 + out.status.signal.unwrap_or(0)),
+            error: String::new(),
+        })
+        .into_response());
+    }
+
+    let (tx, rx) = slicer_agent_proto::body::channel(16);
+    let pid = proc.pid;
+    tokio::spawn(async move {
+        let first = ExecFrame {
+            r#type: "started".into(),
+            timestamp: started_at.clone(),
+            pid: Some(pid),
+            started_at,
+            ..Default::default()
+        };
+        if tx.send(Ok(line(&first))).await.is_err() {
+            return;
+        }
+        loop {
+            let frame = match proc.next_event().await {
+                Ok(Some(ExecEvent::Stdout(b))) => {
+                    let data = encode(&b, b64);
+                    ExecFrame {
+                        r#type: "stdout".into(),
+                        timestamp: now_rfc3339(),
+                        encoding: enc.clone(),
+                        stdout: data.clone(),
+                        data,
+                        ..Default::default()
+                    }
+                }
+                Ok(Some(ExecEvent::Stderr(b))) => {
+                    let data = encode(&b, b64);
+                    ExecFrame {
+                        r#type: "stderr".into(),
+                        timestamp: now_rfc3339(),
+                        encoding: enc.clone(),
+                        stderr: data.clone(),
+                        data,
+                        ..Default::default()
+                    }
+                }
+                Ok(Some(ExecEvent::Exit(st))) => {
+                    let f = ExecFrame {
+                        r#type: "exit".into(),
+                        timestamp: now_rfc3339(),
+                        ended_at: now_rfc3339(),
+                        pid: Some(pid),
+                        exit_code: Some(st.code.unwrap_or_else(|| 128 + st.signal.unwrap_or(0))),
+                        signal: st.signal.map(signal_name).unwrap_or_default(),
+                        ..Default::default()
+                    };
+                    let _ = tx.send(Ok(line(&f))).await;
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => ExecFrame {
+                    r#type: "error".into(),
+                    timestamp: now_rfc3339(),
+                    error: e.to_string(),
+                    exit_code: Some(1),
+                    ..Default::default()
+                },
+            };
+            let is_error = frame.r#type == "error";
+            if tx.send(Ok(line(&frame))).await.is_err() || is_error {
+                // The client went away (dropping the process kills it in the guest), or the
+                // agent stream broke.
+                return;
+            }
+        }
+    });
+    Ok(ndjson(Body::new(rx)))
+}
+
+fn ndjson(body: Body) -> Response {
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(s: &str) -> Vec<(String, String)> {
+        query_pairs(&Some(s.to_string()))
+    }
+
+    #[test]
+    fn query_maps_to_agent_requests() {
+        let r = exec_request(&q("cmd=echo&args=a b&args=it's")).unwrap();
+        assert_eq!(r.shell.as_deref(), Some("echo 'a b' 'it'\\''s'"));
+        assert_eq!(r.shell_path.as_deref(), Some("/bin/bash"));
+        let r = exec_request(&q("cmd=ls&args=-la&shell=")).unwrap();
+        assert_eq!(r.argv, vec!["ls", "-la"]);
+        let r = exec_request(&q("cmd=id&uid=1000&gid=0&env=A=1&cwd=/tmp&stdin=true")).unwrap();
+        assert_eq!((r.uid, r.gid, r.stdin), (Some(1000), Some(1000), true));
+        assert_eq!(r.env, vec![("A".to_string(), "1".to_string())]);
+        assert!(exec_request(&q("args=x")).is_err());
+        assert!(exec_request(&q("cmd=x&env=novalue")).is_err());
+        assert!(exec_request(&q("cmd=x&cwd=/a/../b")).is_err());
+        assert!(exec_request(&q("cmd=x&stdin=maybe")).is_err());
+    }
+}

@@ -1,0 +1,444 @@
+//! The REST API (routes, status codes and JSON shapes of SlicerVM's API).
+
+mod cp;
+mod exec;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use slicer_api::{
+    CreateNodeRequest, HealthResponse, HostGroupInfo, Info, LogsResponse, NetworkInfo, Node, Policy, TagsPatch,
+    TagsResponse, VmDescription,
+};
+
+use crate::error::ApiErr;
+use crate::manager::{Manager, Wait};
+
+pub struct AppState {
+    pub manager: Arc<Manager>,
+    /// Bearer token; `None` when auth is off.
+    pub token: Option<String>,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// Every route: (method, path). docs/openapi.yaml is checked against this list by a test.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("HEAD", "/healthz"),
+    ("GET", "/info"),
+    ("GET", "/hostgroup"),
+    ("GET", "/hostgroup/{group}/nodes"),
+    ("POST", "/hostgroup/{group}/nodes"),
+    ("DELETE", "/hostgroup/{group}/nodes/{hostname}"),
+    ("GET", "/nodes"),
+    ("GET", "/devices"),
+    ("GET", "/vm/{hostname}"),
+    ("GET", "/vm/{hostname}/tags"),
+    ("PATCH", "/vm/{hostname}/tags"),
+    ("POST", "/vm/{hostname}/exec"),
+    ("POST", "/vm/{hostname}/cp"),
+    ("GET", "/vm/{hostname}/cp"),
+    ("GET", "/vm/{hostname}/logs"),
+    ("GET", "/vm/{hostname}/health"),
+    ("HEAD", "/vm/{hostname}/health"),
+    ("POST", "/vm/{hostname}/shutdown"),
+];
+
+/// Largest JSON request body; streamed bodies (exec stdin, cp) have no limit.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+pub fn router(state: Shared) -> Router {
+    let authed = Router::new()
+        .route("/info", get(info))
+        .route("/hostgroup", get(hostgroups))
+        .route("/hostgroup/{group}/nodes", get(group_nodes).post(create))
+        .route("/hostgroup/{group}/nodes/{hostname}", axum::routing::delete(delete))
+        .route("/nodes", get(nodes))
+        .route("/devices", get(nodes))
+        .route("/vm/{hostname}", get(describe))
+        .route("/vm/{hostname}/tags", get(tags).patch(patch_tags))
+        .route("/vm/{hostname}/exec", post(exec::exec))
+        .route("/vm/{hostname}/cp", post(cp::upload).get(cp::download))
+        .route("/vm/{hostname}/logs", get(logs))
+        .route("/vm/{hostname}/health", get(health).head(health_head))
+        .route("/vm/{hostname}/shutdown", post(shutdown))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(healthz).head(healthz))
+        .merge(authed)
+        .fallback(|| async { ApiErr::not_found("no such route") })
+        .method_not_allowed_fallback(|| async { ApiErr::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") })
+        .with_state(state)
+}
+
+async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    if let Some(expected) = &st.token {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !crate::auth::token_matches(expected, given) {
+            return ApiErr::new(StatusCode::UNAUTHORIZED, "missing or invalid bearer token").into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// A JSON body with our error shape: 400 for malformed JSON, 413 over the size limit.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiErr;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiErr> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiErr::new(e.status(), e.body_text()))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonBody(T::default()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiErr::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Query pairs in order (keys may repeat, as `args` and `env` do).
+pub fn query_pairs(raw: &Option<String>) -> Vec<(String, String)> {
+    form_urlencoded::parse(raw.as_deref().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+pub fn query_one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+pub fn query_bool(pairs: &[(String, String)], key: &str) -> Result<bool, ApiErr> {
+    match query_one(pairs, key) {
+        None => Ok(false),
+        Some("" | "true" | "1") => Ok(true),
+        Some("false" | "0") => Ok(false),
+        Some(v) => Err(ApiErr::bad_request(format!("query {key}: {v:?} is not true or false"))),
+    }
+}
+
+pub fn query_u32(pairs: &[(String, String)], key: &str) -> Result<Option<u32>, ApiErr> {
+    query_one(pairs, key)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| ApiErr::bad_request(format!("query {key}: {v:?} is not a number")))
+        })
+        .transpose()
+}
+
+/// Parses a Go duration such as `5m`, `1m30s`, `250ms`.
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let n: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let secs = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += n * secs;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn info() -> Json<Info> {
+    Json(Info {
+        version: env!("CARGO_PKG_VERSION").into(),
+        git_commit: option_env!("SLICER_GIT_COMMIT").unwrap_or("unknown").into(),
+        platform: "linux".into(),
+        arch: "amd64".into(),
+    })
+}
+
+async fn hostgroups(State(st): State<Shared>) -> Json<Vec<HostGroupInfo>> {
+    Json(
+        st.manager
+            .settings
+            .groups
+            .iter()
+            .map(|g| HostGroupInfo {
+                name: g.name.clone(),
+                count: g.count,
+                ram_bytes: g.ram_bytes,
+                cpus: g.cpus,
+                arch: "x86_64".into(),
+                gpu_count: 0,
+            })
+            .collect(),
+    )
+}
+
+fn filter_nodes(nodes: Vec<Node>, q: &RawQuery) -> Result<Vec<Node>, ApiErr> {
+    let pairs = query_pairs(&q.0);
+    let tag = query_one(&pairs, "tag");
+    let prefix = query_one(&pairs, "tag_prefix");
+    if tag.is_some() && prefix.is_some() {
+        return Err(ApiErr::bad_request("give tag or tag_prefix, not both"));
+    }
+    Ok(nodes
+        .into_iter()
+        .filter(|n| match (tag, prefix) {
+            (Some(t), _) => n.tags.iter().any(|x| x == t),
+            (_, Some(p)) => n.tags.iter().any(|x| x.starts_with(p)),
+            _ => true,
+        })
+        .collect())
+}
+
+async fn nodes(State(st): State<Shared>, q: RawQuery) -> Result<Json<Vec<Node>>, ApiErr> {
+    Ok(Json(filter_nodes(st.manager.list(None)?, &q)?))
+}
+
+async fn group_nodes(
+    State(st): State<Shared>,
+    Path(group): Path<String>,
+    q: RawQuery,
+) -> Result<Json<Vec<Node>>, ApiErr> {
+    st.manager.group(&group)?;
+    Ok(Json(filter_nodes(st.manager.list(Some(&group))?, &q)?))
+}
+
+async fn create(
+    State(st): State<Shared>,
+    Path(group): Path<String>,
+    q: RawQuery,
+    JsonBody(req): JsonBody<CreateNodeRequest>,
+) -> Result<(StatusCode, Json<slicer_api::CreateNodeResponse>), ApiErr> {
+    let pairs = query_pairs(&q.0);
+    let wait = match query_one(&pairs, "wait") {
+        None | Some("") => None,
+        Some("agent") => Some(Wait::Agent),
+        Some("userdata") => Some(Wait::Userdata),
+        Some(o) => {
+            return Err(ApiErr::bad_request(format!(
+                "query wait: {o:?} is not agent or userdata"
+            )))
+        }
+    };
+    let timeout = match query_one(&pairs, "timeout") {
+        None | Some("") => Duration::from_secs(300),
+        Some(t) => parse_go_duration(t)
+            .ok_or_else(|| ApiErr::bad_request(format!("query timeout: {t:?} is not a duration such as 30s or 5m")))?,
+    };
+    let resp = st.manager.create(&group, req, wait, timeout).await?;
+    Ok((StatusCode::CREATED, Json(resp)))
+}
+
+async fn delete(
+    State(st): State<Shared>,
+    Path((group, hostname)): Path<(String, String)>,
+) -> Result<Json<slicer_api::DeleteResponse>, ApiErr> {
+    st.manager.group(&group)?;
+    let rec = st.manager.record(&hostname)?;
+    if rec.host_group != group {
+        return Err(ApiErr::not_found(format!(
+            "VM {hostname:?} not found in host group {group:?}"
+        )));
+    }
+    Ok(Json(st.manager.delete(&hostname, false).await?))
+}
+
+async fn describe(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Json<VmDescription>, ApiErr> {
+    let rec = st.manager.record(&hostname)?;
+    let g = st.manager.group(&rec.host_group).ok();
+    let policy = Policy {
+        allow: g.map(|g| g.allow.clone()).unwrap_or_default(),
+        drop: g.map(|g| g.drop.clone()).unwrap_or_default(),
+    };
+    Ok(Json(VmDescription {
+        node: st.manager.node(&rec),
+        storage: "image".into(),
+        storage_size: rec.storage_size.unwrap_or(0),
+        image: rec.image.clone(),
+        network: NetworkInfo {
+            mode: g.map(|g| g.network_mode.clone()).unwrap_or_default(),
+            policy_source: "host_group".into(),
+            host_group: policy.clone(),
+            r#override: None,
+            effective: policy,
+        },
+    }))
+}
+
+async fn tags(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Json<TagsResponse>, ApiErr> {
+    let rec = st.manager.record(&hostname)?;
+    Ok(Json(TagsResponse {
+        hostname,
+        tags: rec.tags,
+    }))
+}
+
+async fn patch_tags(
+    State(st): State<Shared>,
+    Path(hostname): Path<String>,
+    JsonBody(p): JsonBody<TagsPatch>,
+) -> Result<Json<TagsResponse>, ApiErr> {
+    let rec = st.manager.record(&hostname)?;
+    let is_name = |t: &String| t.starts_with("name=");
+    let tags = match (&p.replace, &p.add, &p.remove) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return Err(ApiErr::bad_request("replace cannot be combined with add or remove"))
+        }
+        (Some(new), None, None) => {
+            if new.iter().any(is_name) {
+                return Err(ApiErr::bad_request("the name= tag is immutable: replace cannot set it"));
+            }
+            let mut t: Vec<String> = rec.tags.iter().filter(|t| is_name(t)).cloned().collect();
+            t.extend(new.iter().cloned());
+            t
+        }
+        (None, add, remove) => {
+            let mut t = rec.tags.clone();
+            if let Some(rm) = remove {
+                if rm.iter().any(is_name) {
+                    return Err(ApiErr::bad_request("the name= tag is immutable"));
+                }
+                t.retain(|x| !rm.contains(x));
+            }
+            for a in add.iter().flatten() {
+                if is_name(a) && t.iter().any(is_name) {
+                    return Err(ApiErr::bad_request("the name= tag is immutable"));
+                }
+                if !t.contains(a) {
+                    t.push(a.clone());
+                }
+            }
+            t
+        }
+    };
+    for t in &tags {
+        if t.is_empty() || t.len() > 256 || t.chars().any(char::is_control) {
+            return Err(ApiErr::bad_request(format!(
+                "invalid tag {t:?}: 1-256 printable characters"
+            )));
+        }
+    }
+    st.manager.db.set_tags(&hostname, &tags).map_err(ApiErr::internal)?;
+    Ok(Json(TagsResponse { hostname, tags }))
+}
+
+async fn logs(
+    State(st): State<Shared>,
+    Path(hostname): Path<String>,
+    q: RawQuery,
+) -> Result<Json<LogsResponse>, ApiErr> {
+    st.manager.record(&hostname)?;
+    let pairs = query_pairs(&q.0);
+    let lines = match query_one(&pairs, "lines") {
+        None => 20,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiErr::bad_request(format!("query lines: {v:?} is not a number >= 0")))?
+            as usize,
+    };
+    let path = st.manager.host.vm_root.join(&hostname).join("console.log");
+    let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
+    let all: Vec<&str> = text.lines().collect();
+    let take = if lines == 0 { all.len() } else { lines.min(all.len()) };
+    let content = all[all.len() - take..].join("\n");
+    Ok(Json(LogsResponse {
+        hostname,
+        lines: take,
+        content,
+    }))
+}
+
+async fn health(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Json<HealthResponse>, ApiErr> {
+    let rec = st.manager.record(&hostname)?;
+    let r = st.manager.running(&hostname)?;
+    let h = r.vm.agent().health().await.map_err(ApiErr::agent)?;
+    Ok(Json(HealthResponse {
+        hostname,
+        agent_uptime: h.agent_uptime_ns as i64,
+        agent_version: h.agent_version,
+        system_uptime: h.system_uptime_ns as i64,
+        userdata_ran: rec.userdata.is_none() || rec.userdata_ran,
+        userdata_exit_code: rec.userdata_exit_code,
+        ip: rec.ip.split('/').next().unwrap_or_default().to_string(),
+    }))
+}
+
+async fn health_head(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<StatusCode, ApiErr> {
+    let r = st.manager.running(&hostname)?;
+    r.vm.agent().health().await.map_err(ApiErr::agent)?;
+    Ok(StatusCode::OK)
+}
+
+async fn shutdown(State(st): State<Shared>, Path(hostname): Path<String>, q: RawQuery) -> Result<Response, ApiErr> {
+    let pairs = query_pairs(&q.0);
+    let reboot = match query_one(&pairs, "action") {
+        None | Some("") | Some("shutdown") => false,
+        Some("reboot") => true,
+        Some(o) => {
+            return Err(ApiErr::bad_request(format!(
+                "query action: {o:?} is not shutdown or reboot"
+            )))
+        }
+    };
+    st.manager.shutdown(&hostname, reboot).await?;
+    let mut h = HeaderMap::new();
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        "text/plain".parse().expect("static header"),
+    );
+    Ok((StatusCode::OK, h, if reboot { "rebooting\n" } else { "shut down\n" }).into_response())
+}
+
+/// Used by tests: every (method, path) in [`ROUTES`].
+pub fn methods() -> Vec<(Method, &'static str)> {
+    ROUTES
+        .iter()
+        .map(|(m, p)| (Method::from_bytes(m.as_bytes()).expect("valid method"), *p))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_go_duration("5"), None);
+        assert_eq!(parse_go_duration("abc"), None);
+    }
+}

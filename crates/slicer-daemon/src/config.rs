@@ -1,0 +1,590 @@
+//! The YAML configuration (`slicer up ./x.yaml`), compatible with SlicerVM's schema.
+//! Unknown keys and bad values are errors that name the field.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub config: Config,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub host_groups: Vec<HostGroup>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor: Option<String>,
+    /// slicer extension: auto (default), kvm or tcg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acceleration: Option<String>,
+    #[serde(default = "yes")]
+    pub graceful_shutdown: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_registry: Option<bool>,
+    #[serde(default)]
+    pub api: Api,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Api {
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default = "default_bind")]
+    pub bind_address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Auth>,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api {
+            port: default_port(),
+            bind_address: default_bind(),
+            auth: None,
+        }
+    }
+}
+
+fn default_port() -> u16 {
+    8080
+}
+fn default_bind() -> String {
+    "127.0.0.1".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostGroup {
+    pub name: String,
+    #[serde(default = "one")]
+    pub count: u32,
+    #[serde(default = "two", alias = "cpus")]
+    pub vcpu: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_gb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_bytes: Option<u64>,
+    #[serde(default = "default_storage")]
+    pub storage: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_size: Option<String>,
+    #[serde(default)]
+    pub persistent: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userdata: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userdata_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_count: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn two() -> u32 {
+    2
+}
+fn default_storage() -> String {
+    "image".into()
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+}
+
+/// A host group after validation, with defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub name: String,
+    pub count: u32,
+    pub cpus: u32,
+    pub ram_bytes: u64,
+    pub storage_size: Option<u64>,
+    pub persistent: bool,
+    pub userdata: Option<String>,
+    pub dns: Vec<String>,
+    pub image: String,
+    pub network_mode: String,
+    pub allow: Vec<String>,
+    pub drop: Vec<String>,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub groups: Vec<Group>,
+    pub graceful_shutdown: bool,
+    pub acceleration: slicer_hypervisor::AccelChoice,
+    pub listen: Listen,
+    pub auth: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Listen {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+/// Parses sizes such as `25G`, `512M`, `2GiB`, `1024` (bytes).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let digits = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &t[digits.len()..];
+    let n: u64 = digits.trim().parse().ok()?;
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        "T" | "TB" | "TIB" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Maps an image setting to one of ours. SlicerVM OCI references are accepted by name:
+/// `...slicer-systemd-min...` → `min`, `...slicer-systemd...` → `systemd`.
+pub fn resolve_image(s: &str) -> Option<&'static str> {
+    match s {
+        "min" => Some("min"),
+        "systemd" => Some("systemd"),
+        _ if s.contains("systemd-min") || s.ends_with("-min") => Some("min"),
+        _ if s.contains("systemd") => Some("systemd"),
+        _ => None,
+    }
+}
+
+fn valid_cidr(s: &str) -> bool {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, p.parse::<u8>().ok().filter(|p| *p <= 32)),
+        None => (s, Some(32)),
+    };
+    prefix.is_some() && addr.parse::<Ipv4Addr>().is_ok()
+}
+
+/// An allow/drop entry: a CIDR, an address, or `address:port`.
+pub fn valid_rule(s: &str) -> bool {
+    if let Some((addr, port)) = s.rsplit_once(':') {
+        return port.parse::<u16>().is_ok_and(|p| p > 0) && valid_cidr(addr);
+    }
+    valid_cidr(s)
+}
+
+impl File {
+    pub fn parse(text: &str) -> Result<File> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow::anyhow!("invalid config at `{path}`: {}", e.into_inner())
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<File> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "reading config {}: create one with `slicer new NAME > {}`",
+                path.display(),
+                path.display()
+            )
+        })?;
+        File::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Checks every value and applies defaults. `base_dir` resolves `userdata_file`.
+    pub fn settings(&self, base_dir: &Path) -> Result<Settings> {
+        let c = &self.config;
+        match c.hypervisor.as_deref() {
+            None | Some("qemu") => {}
+            Some("firecracker") => bail!(
+                "config.hypervisor: firecracker is not available on this host (slicer runs VMs with QEMU here); set `hypervisor: qemu` or remove the line"
+            ),
+            Some(other) => bail!("config.hypervisor: unsupported hypervisor {other:?}; use qemu"),
+        }
+        let acceleration = match c.acceleration.as_deref() {
+            None => slicer_hypervisor::AccelChoice::Auto,
+            Some(a) => a.parse().map_err(|e| anyhow::anyhow!("config.acceleration: {e}"))?,
+        };
+        let default_image = match &c.image {
+            None => "min",
+            Some(i) => resolve_image(i)
+                .ok_or_else(|| anyhow::anyhow!("config.image: unknown image {i:?}; use min or systemd"))?,
+        };
+        if c.host_groups.is_empty() {
+            bail!("config.host_groups: at least one host group is needed");
+        }
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, g) in c.host_groups.iter().enumerate() {
+            let at = format!("config.host_groups[{i}]");
+            let name_ok = !g.name.is_empty()
+                && g.name.len() <= 20
+                && g.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !g.name.starts_with('-')
+                && !g.name.ends_with('-');
+            if !name_ok {
+                bail!("{at}.name: {:?} must be 1-20 lowercase letters, digits or '-'", g.name);
+            }
+            if groups.iter().any(|o| o.name == g.name) {
+                bail!("{at}.name: host group {:?} is defined twice", g.name);
+            }
+            if g.vcpu == 0 || g.vcpu > 64 {
+                bail!("{at}.vcpu: must be between 1 and 64, got {}", g.vcpu);
+            }
+            let rams = [g.ram_gb.map(|v| v << 30), g.ram_mb.map(|v| v << 20), g.ram_bytes];
+            let given: Vec<u64> = rams.iter().flatten().copied().collect();
+            if given.len() > 1 {
+                bail!("{at}: give only one of ram_gb, ram_mb and ram_bytes");
+            }
+            let ram_bytes = given.first().copied().unwrap_or(4 << 30);
+            if ram_bytes < 128 << 20 {
+                bail!("{at}.ram: at least 128 MiB is needed, got {ram_bytes} bytes");
+            }
+            if g.storage != "image" {
+                bail!(
+                    "{at}.storage: {:?} is not supported here; use `image` (a qcow2 overlay per VM)",
+                    g.storage
+                );
+            }
+            let storage_size = match &g.storage_size {
+                None => None,
+                Some(s) => Some(parse_size(s).filter(|v| *v >= 1 << 30).ok_or_else(|| {
+                    anyhow::anyhow!("{at}.storage_size: {s:?} is not a size of at least 1G (e.g. 25G)")
+                })?),
+            };
+            let userdata = match (&g.userdata, &g.userdata_file) {
+                (Some(_), Some(_)) => bail!("{at}: give userdata or userdata_file, not both"),
+                (Some(u), None) => Some(u.clone()),
+                (None, Some(f)) => {
+                    let p = base_dir.join(f);
+                    Some(
+                        std::fs::read_to_string(&p)
+                            .with_context(|| format!("{at}.userdata_file: reading {}", p.display()))?,
+                    )
+                }
+                (None, None) => None,
+            };
+            let dns = g
+                .dns_servers
+                .clone()
+                .unwrap_or_else(|| vec!["8.8.8.8".into(), "1.1.1.1".into()]);
+            for d in &dns {
+                if d.parse::<std::net::IpAddr>().is_err() {
+                    bail!("{at}.dns_servers: {d:?} is not an IP address");
+                }
+            }
+            let image = match &g.image {
+                None => default_image,
+                Some(i) => resolve_image(i)
+                    .ok_or_else(|| anyhow::anyhow!("{at}.image: unknown image {i:?}; use min or systemd"))?,
+            };
+            let net = g.network.clone().unwrap_or_default();
+            let mode = net.mode.clone().unwrap_or_else(|| "bridge".into());
+            if mode != "bridge" && mode != "isolated" {
+                bail!("{at}.network.mode: {mode:?} is not supported; use bridge or isolated");
+            }
+            for (field, list) in [("drop", &net.drop), ("allow", &net.allow)] {
+                if !list.is_empty() && mode != "isolated" {
+                    bail!("{at}.network.{field}: only applies to isolated mode");
+                }
+                for r in list {
+                    if !valid_rule(r) {
+                        bail!("{at}.network.{field}: {r:?} is not a CIDR, an address or address:port");
+                    }
+                }
+            }
+            if let Some(tp) = &net.tap_prefix {
+                if tp.len() > 12 {
+                    bail!(
+                        "{at}.network.tap_prefix: {tp:?} is longer than 12 characters (interface names are at most 15)"
+                    );
+                }
+            }
+            groups.push(Group {
+                name: g.name.clone(),
+                count: g.count,
+                cpus: g.vcpu,
+                ram_bytes,
+                storage_size,
+                persistent: g.persistent,
+                userdata,
+                dns,
+                image: image.to_string(),
+                network_mode: mode,
+                allow: net.allow.clone(),
+                drop: net.drop.clone(),
+            });
+        }
+        let bind = c.api.bind_address.trim();
+        let listen =
+            if bind.starts_with('/') || bind.starts_with("./") || bind.starts_with("../") || bind.ends_with(".sock") {
+                Listen::Unix(base_dir.join(bind))
+            } else {
+                let ip: std::net::IpAddr = bind.parse().map_err(|_| {
+                    anyhow::anyhow!("config.api.bind_address: {bind:?} is neither an IP address nor a socket path")
+                })?;
+                Listen::Tcp(std::net::SocketAddr::new(ip, c.api.port).to_string())
+            };
+        let auth = match (&c.api.auth, &listen) {
+            (Some(a), _) => a.enabled,
+            (None, Listen::Tcp(_)) => true,
+            (None, Listen::Unix(_)) => false,
+        };
+        Ok(Settings {
+            groups,
+            graceful_shutdown: c.graceful_shutdown,
+            acceleration,
+            listen,
+            auth,
+        })
+    }
+}
+
+/// Options of `slicer new`.
+#[derive(Debug, Clone, Default)]
+pub struct NewOptions {
+    pub name: String,
+    pub count: u32,
+    pub vcpu: u32,
+    pub ram_gb: u64,
+    pub storage: String,
+    pub storage_size: String,
+    pub persistent: bool,
+    pub image: String,
+    pub net: String,
+    pub cidr: Option<String>,
+    pub tap_prefix: Option<String>,
+    pub isolated_range: Option<String>,
+    pub drop: Vec<String>,
+    pub allow: Vec<String>,
+    pub userdata: Option<String>,
+    pub userdata_file: Option<String>,
+    pub ssh_keys: Vec<String>,
+    pub api_bind: String,
+    pub api_port: u16,
+    pub api_auth: Option<bool>,
+    pub graceful_shutdown: bool,
+    pub hypervisor: String,
+}
+
+/// Renders the YAML `slicer new` prints.
+pub fn render_new(o: &NewOptions) -> Result<String> {
+    let mut allow = o.allow.clone();
+    if o.net == "isolated" && !o.drop.is_empty() && allow.is_empty() {
+        // As SlicerVM does: dropping some ranges in isolated mode allows the rest.
+        allow.push("0.0.0.0/0".into());
+    }
+    let network = match o.net.as_str() {
+        "isolated" => Network {
+            mode: Some("isolated".into()),
+            range: o.isolated_range.clone(),
+            drop: o.drop.clone(),
+            allow,
+            ..Default::default()
+        },
+        "bridge" => Network {
+            mode: Some("bridge".into()),
+            bridge: Some(format!("br{}0", o.name.chars().take(8).collect::<String>())),
+            tap_prefix: Some(
+                o.tap_prefix
+                    .clone()
+                    .unwrap_or_else(|| format!("{}tap", o.name.chars().take(6).collect::<String>())),
+            ),
+            gateway: Some(o.cidr.clone().unwrap_or_else(|| "192.168.137.1/24".into())),
+            ..Default::default()
+        },
+        other => bail!("--net: {other:?} is not supported; use bridge or isolated"),
+    };
+    let file = File {
+        config: Config {
+            host_groups: vec![HostGroup {
+                name: o.name.clone(),
+                count: o.count,
+                vcpu: o.vcpu,
+                ram_gb: Some(o.ram_gb),
+                ram_mb: None,
+                ram_bytes: None,
+                storage: o.storage.clone(),
+                storage_size: Some(o.storage_size.clone()),
+                persistent: o.persistent,
+                userdata: o.userdata.clone(),
+                userdata_file: o.userdata_file.clone(),
+                dns_servers: None,
+                gpu_count: None,
+                image: None,
+                network: Some(network),
+            }],
+            image: Some(o.image.clone()),
+            kernel_image: None,
+            kernel_file: None,
+            hypervisor: Some(o.hypervisor.clone()),
+            acceleration: None,
+            graceful_shutdown: o.graceful_shutdown,
+            ssh_keys: o.ssh_keys.clone(),
+            github_user: None,
+            insecure_registry: None,
+            api: Api {
+                port: o.api_port,
+                bind_address: o.api_bind.clone(),
+                auth: Some(Auth {
+                    enabled: o
+                        .api_auth
+                        .unwrap_or(!(o.api_bind.starts_with('/') || o.api_bind.ends_with(".sock"))),
+                }),
+            },
+        },
+    };
+    // What we print must load.
+    let text = serde_yaml_ng::to_string(&file)?;
+    File::parse(&text)?.settings(Path::new("."))?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+config:
+  host_groups:
+  - name: sandbox
+    count: 0
+    vcpu: 2
+    ram_gb: 4
+    storage: image
+    storage_size: 25G
+    network:
+      mode: "isolated"
+      drop: ["192.168.1.0/24"]
+      allow: ["0.0.0.0/0"]
+  image: "ghcr.io/openfaasltd/slicer-systemd:6.1.90-x86_64-latest"
+  hypervisor: qemu
+  graceful_shutdown: false
+  api:
+    port: 8080
+    bind_address: "127.0.0.1"
+    auth:
+      enabled: true
+"#;
+
+    #[test]
+    fn seed_style_config_parses() {
+        let s = File::parse(SEED).unwrap().settings(Path::new(".")).unwrap();
+        let g = &s.groups[0];
+        assert_eq!(
+            (g.name.as_str(), g.count, g.cpus, g.ram_bytes),
+            ("sandbox", 0, 2, 4 << 30)
+        );
+        assert_eq!(g.drop, vec!["192.168.1.0/24"]);
+        assert_eq!(g.image, "systemd");
+        assert_eq!(s.listen, Listen::Tcp("127.0.0.1:8080".into()));
+        assert!(s.auth && !s.graceful_shutdown);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = |yaml: &str| {
+            format!(
+                "{:#}",
+                File::parse(yaml).and_then(|f| f.settings(Path::new("."))).unwrap_err()
+            )
+        };
+        let e = err("config:\n  host_groups:\n  - name: a\n    cpu: 2\n");
+        assert!(e.contains("host_groups[0]") && e.contains("unknown field `cpu`"), "{e}");
+        let e = err("config:\n  host_groups:\n  - name: a\n    vcpu: lots\n");
+        assert!(e.contains("host_groups[0].vcpu"), "{e}");
+        let e = err("config:\n  host_groups:\n  - name: a\n    storage_size: big\n");
+        assert!(e.contains("storage_size"), "{e}");
+        let e = err("config:\n  hypervisor: firecracker\n  host_groups:\n  - name: a\n");
+        assert!(e.contains("config.hypervisor") && e.contains("hypervisor: qemu"), "{e}");
+        let e = err("config:\n  host_groups:\n  - name: a\n    network: {mode: isolated, drop: [\"300.1.1.0/24\"]}\n");
+        assert!(e.contains("network.drop"), "{e}");
+        let e = err("config:\n  host_groups:\n  - name: Bad\n");
+        assert!(e.contains("host_groups[0].name"), "{e}");
+    }
+
+    #[test]
+    fn new_renders_loadable_yaml_with_allow_all_for_drops() {
+        let o = NewOptions {
+            name: "sandbox".into(),
+            count: 0,
+            vcpu: 2,
+            ram_gb: 4,
+            storage: "image".into(),
+            storage_size: "25G".into(),
+            image: "min".into(),
+            net: "isolated".into(),
+            drop: vec!["192.168.1.0/24".into()],
+            api_bind: "127.0.0.1".into(),
+            api_port: 8080,
+            graceful_shutdown: false,
+            hypervisor: "qemu".into(),
+            ..Default::default()
+        };
+        let y = render_new(&o).unwrap();
+        let s = File::parse(&y).unwrap().settings(Path::new(".")).unwrap();
+        assert_eq!(s.groups[0].allow, vec!["0.0.0.0/0"]);
+        assert_eq!(s.groups[0].network_mode, "isolated");
+    }
+
+    #[test]
+    fn sizes_and_rules() {
+        assert_eq!(parse_size("25G"), Some(25 << 30));
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("x"), None);
+        assert!(valid_rule("192.168.1.0/24") && valid_rule("10.0.0.1:3128") && valid_rule("0.0.0.0/0"));
+        assert!(!valid_rule("10.0.0.1:0") && !valid_rule("10.0.0.0/33") && !valid_rule("nope"));
+    }
+}

@@ -1,0 +1,303 @@
+//! Daemon state in SQLite: VMs, their tags, and hostname allocation. Every change is one
+//! transaction, so a crash leaves either the old or the new state.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    pub hostname: String,
+    pub host_group: String,
+    pub cpus: u32,
+    pub ram_bytes: u64,
+    pub persistent: bool,
+    /// Created from the config's `count`: DELETE answers 403.
+    pub protected: bool,
+    pub status: String,
+    pub created_at: String,
+    pub ip: String,
+    pub pid: Option<u32>,
+    pub image: String,
+    pub storage_size: Option<u64>,
+    pub userdata: Option<String>,
+    pub userdata_ran: bool,
+    pub userdata_exit_code: Option<i32>,
+    pub tags: Vec<String>,
+}
+
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA foreign_keys = ON;
+CREATE TABLE IF NOT EXISTS vms (
+    hostname TEXT PRIMARY KEY,
+    host_group TEXT NOT NULL,
+    cpus INTEGER NOT NULL,
+    ram_bytes INTEGER NOT NULL,
+    persistent INTEGER NOT NULL,
+    protected INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    ip TEXT NOT NULL DEFAULT '',
+    pid INTEGER,
+    image TEXT NOT NULL,
+    storage_size INTEGER,
+    userdata TEXT,
+    userdata_ran INTEGER NOT NULL DEFAULT 0,
+    userdata_exit_code INTEGER
+);
+CREATE TABLE IF NOT EXISTS tags (
+    hostname TEXT NOT NULL REFERENCES vms(hostname) ON DELETE CASCADE,
+    pos INTEGER NOT NULL,
+    tag TEXT NOT NULL,
+    PRIMARY KEY (hostname, pos)
+);
+CREATE TABLE IF NOT EXISTS allocations (
+    host_group TEXT PRIMARY KEY,
+    next INTEGER NOT NULL
+);
+";
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
+    Ok(VmRecord {
+        hostname: r.get(0)?,
+        host_group: r.get(1)?,
+        cpus: r.get(2)?,
+        ram_bytes: r.get::<_, i64>(3)? as u64,
+        persistent: r.get(4)?,
+        protected: r.get(5)?,
+        status: r.get(6)?,
+        created_at: r.get(7)?,
+        ip: r.get(8)?,
+        pid: r.get(9)?,
+        image: r.get(10)?,
+        storage_size: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+        userdata: r.get(12)?,
+        userdata_ran: r.get(13)?,
+        userdata_exit_code: r.get(14)?,
+        tags: Vec::new(),
+    })
+}
+
+const COLUMNS: &str = "hostname, host_group, cpus, ram_bytes, persistent, protected, status, created_at, ip, pid, \
+                       image, storage_size, userdata, userdata_ran, userdata_exit_code";
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db> {
+        let conn = Connection::open(path).with_context(|| format!("opening state database {}", path.display()))?;
+        conn.execute_batch(SCHEMA).context("creating the state schema")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Db { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Allocates the next hostname number of a group and inserts the VM, atomically.
+    /// Numbers are never reused, so a stale hostname never reaches a newer VM.
+    pub fn create(&self, rec: &mut VmRecord, fixed_number: Option<u32>) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let n: u32 = match fixed_number {
+            Some(n) => {
+                // Keep API allocations above the fixed numbers of count VMs.
+                tx.execute(
+                    "INSERT INTO allocations (host_group, next) VALUES (?1, ?2)
+                     ON CONFLICT(host_group) DO UPDATE SET next = max(next, excluded.next)",
+                    params![rec.host_group, n + 1],
+                )?;
+                n
+            }
+            None => {
+                let next: Option<u32> = tx
+                    .query_row(
+                        "SELECT next FROM allocations WHERE host_group = ?1",
+                        params![rec.host_group],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let n = next.unwrap_or(1);
+                tx.execute(
+                    "INSERT INTO allocations (host_group, next) VALUES (?1, ?2)
+                     ON CONFLICT(host_group) DO UPDATE SET next = excluded.next",
+                    params![rec.host_group, n + 1],
+                )?;
+                n
+            }
+        };
+        rec.hostname = format!("{}-{n}", rec.host_group);
+        tx.execute(
+            &format!(
+                "INSERT INTO vms ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            ),
+            params![
+                rec.hostname,
+                rec.host_group,
+                rec.cpus,
+                rec.ram_bytes as i64,
+                rec.persistent,
+                rec.protected,
+                rec.status,
+                rec.created_at,
+                rec.ip,
+                rec.pid,
+                rec.image,
+                rec.storage_size.map(|v| v as i64),
+                rec.userdata,
+                rec.userdata_ran,
+                rec.userdata_exit_code
+            ],
+        )
+        .with_context(|| format!("recording VM {}", rec.hostname))?;
+        for (i, t) in rec.tags.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO tags (hostname, pos, tag) VALUES (?1, ?2, ?3)",
+                params![rec.hostname, i as i64, t],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn load_tags(conn: &Connection, rec: &mut VmRecord) -> Result<()> {
+        let mut st = conn.prepare_cached("SELECT tag FROM tags WHERE hostname = ?1 ORDER BY pos")?;
+        rec.tags = st
+            .query_map(params![rec.hostname], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(())
+    }
+
+    pub fn get(&self, hostname: &str) -> Result<Option<VmRecord>> {
+        let conn = self.conn();
+        let rec = conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM vms WHERE hostname = ?1"),
+                params![hostname],
+                row_to_record,
+            )
+            .optional()?;
+        match rec {
+            Some(mut r) => {
+                Db::load_tags(&conn, &mut r)?;
+                Ok(Some(r))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<VmRecord>> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM vms ORDER BY host_group, created_at, hostname"
+        ))?;
+        let mut recs: Vec<VmRecord> = st.query_map([], row_to_record)?.collect::<rusqlite::Result<_>>()?;
+        let mut tags = conn.prepare_cached("SELECT hostname, tag FROM tags ORDER BY hostname, pos")?;
+        let mut by_host: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+        for row in tags.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            let (h, t) = row?;
+            by_host.entry(h).or_default().push(t);
+        }
+        for r in &mut recs {
+            r.tags = by_host.remove(&r.hostname).unwrap_or_default();
+        }
+        Ok(recs)
+    }
+
+    pub fn set_status(&self, hostname: &str, status: &str, pid: Option<u32>) -> Result<()> {
+        self.conn().execute(
+            "UPDATE vms SET status = ?2, pid = ?3 WHERE hostname = ?1",
+            params![hostname, status, pid],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_userdata_result(&self, hostname: &str, code: i32) -> Result<()> {
+        self.conn().execute(
+            "UPDATE vms SET userdata_ran = 1, userdata_exit_code = ?2 WHERE hostname = ?1",
+            params![hostname, code],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_tags(&self, hostname: &str, tags: &[String]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM tags WHERE hostname = ?1", params![hostname])?;
+        for (i, t) in tags.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO tags (hostname, pos, tag) VALUES (?1, ?2, ?3)",
+                params![hostname, i as i64, t],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn delete(&self, hostname: &str) -> Result<bool> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM vms WHERE hostname = ?1", params![hostname])?;
+        Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(group: &str) -> VmRecord {
+        VmRecord {
+            hostname: String::new(),
+            host_group: group.into(),
+            cpus: 1,
+            ram_bytes: 1 << 30,
+            persistent: false,
+            protected: false,
+            status: "Running".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            ip: String::new(),
+            pid: Some(5),
+            image: "min".into(),
+            storage_size: None,
+            userdata: None,
+            userdata_ran: false,
+            userdata_exit_code: None,
+            tags: vec!["b=2".into(), "a=1".into()],
+        }
+    }
+
+    #[test]
+    fn hostnames_are_allocated_per_group_and_never_reused() {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("s.db")).unwrap();
+        let mut a = rec("sb");
+        db.create(&mut a, None).unwrap();
+        let mut b = rec("sb");
+        db.create(&mut b, None).unwrap();
+        let mut c = rec("other");
+        db.create(&mut c, None).unwrap();
+        assert_eq!(
+            (a.hostname.as_str(), b.hostname.as_str(), c.hostname.as_str()),
+            ("sb-1", "sb-2", "other-1")
+        );
+        assert!(db.delete("sb-2").unwrap());
+        let mut d2 = rec("sb");
+        db.create(&mut d2, None).unwrap();
+        assert_eq!(d2.hostname, "sb-3");
+        let got = db.get("sb-1").unwrap().unwrap();
+        assert_eq!(got.tags, vec!["b=2", "a=1"], "tag order is kept");
+        db.set_tags("sb-1", &["x".into()]).unwrap();
+        assert_eq!(
+            db.list().unwrap().iter().find(|r| r.hostname == "sb-1").unwrap().tags,
+            vec!["x"]
+        );
+        assert!(db.get("sb-2").unwrap().is_none());
+    }
+}

@@ -1,0 +1,144 @@
+//! A real daemon (the library `slicer up` runs) on a free port with a temporary data
+//! directory; images come from the store built by scripts/setup.sh.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use http::Method;
+use http_body_util::BodyExt;
+use slicer_api::client::{empty, full, Body};
+use slicer_api::ApiClient;
+use slicer_daemon::{Daemon, UpOptions};
+
+pub struct TestDaemon {
+    pub daemon: Option<Daemon>,
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub token: String,
+    pub config: PathBuf,
+}
+
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("SLICER_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/slicer/images"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A config with one host group `group`, the given extra group keys and API port.
+pub fn config_yaml(group: &str, extra: &str, port: u16) -> String {
+    format!(
+        "config:\n  host_groups:\n  - name: {group}\n    count: 0\n    vcpu: 2\n    ram_gb: 1\n{extra}  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+    )
+}
+
+impl TestDaemon {
+    pub async fn start(yaml_for_port: impl Fn(u16) -> String) -> TestDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("slicer-daemon-test-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let config = dir.path().join("slicer.yaml");
+        std::fs::write(&config, yaml_for_port(port)).unwrap();
+        let mut t = TestDaemon {
+            daemon: None,
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+            token: String::new(),
+            config,
+        };
+        t.restart().await;
+        t
+    }
+
+    /// Starts the daemon (again) on the same data directory.
+    pub async fn restart(&mut self) {
+        let d = slicer_daemon::start(&UpOptions {
+            config: self.config.clone(),
+            data_dir: self.dir.path().join("data"),
+            images_dir: Some(images_dir()),
+            agent: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("starting the daemon: {e:#}"));
+        self.token = d.token.clone().unwrap_or_default();
+        self.daemon = Some(d);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.stop().await;
+        }
+    }
+
+    pub fn client(&self) -> ApiClient {
+        ApiClient::new(&self.url, Some(self.token.clone())).unwrap()
+    }
+
+    pub fn anon(&self) -> ApiClient {
+        ApiClient::new(&self.url, None).unwrap()
+    }
+
+    /// A raw request: (status, body bytes).
+    pub async fn raw(&self, c: &ApiClient, m: Method, path: &str, ct: Option<&str>, body: Body) -> (u16, Vec<u8>) {
+        let resp = c.send(m, path, ct, body).await.unwrap();
+        let status = resp.status().as_u16();
+        let b = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+        (status, b)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let (s, b) = self.raw(&self.client(), Method::GET, path, None, empty()).await;
+        (s, serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn send_json(&self, m: Method, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let (s, b) = self
+            .raw(
+                &self.client(),
+                m,
+                path,
+                Some("application/json"),
+                full(body.to_string()),
+            )
+            .await;
+        (s, serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null))
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        // A failed test must not leave VMs: stop them on a fresh runtime.
+        if let Some(d) = self.daemon.take() {
+            std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Runtime::new() {
+                    rt.block_on(d.stop());
+                }
+            })
+            .join()
+            .ok();
+        }
+    }
+}
+
+/// No QEMU of ours runs for `hostname`.
+pub fn no_qemu_for(hostname: &str) -> bool {
+    let needle = format!("slicer-{hostname}");
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            !d.flatten().any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|c| c.split(|b| *b == 0).any(|a| a == needle.as_bytes()))
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(true)
+}

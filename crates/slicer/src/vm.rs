@@ -1,0 +1,654 @@
+//! `slicer vm ...` and `slicer ls`: the REST client.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use clap::{Args, Subcommand};
+use futures_util::TryStreamExt;
+use http::Method;
+use http_body_util::BodyExt;
+use slicer_api::client::{empty, query, Body};
+use slicer_api::{
+    ApiClient, CreateNodeRequest, CreateNodeResponse, DeleteResponse, ExecFrame, HealthResponse, HostGroupInfo,
+    LogsResponse, Node, TagsResponse, VmDescription,
+};
+
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// API URL, or a UNIX socket path.
+    #[arg(
+        long,
+        alias = "api",
+        env = "SLICER_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    #[arg(long, env = "SLICER_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// File holding the token (default /var/lib/slicer/auth/token when readable).
+    #[arg(long, env = "SLICER_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl Conn {
+    fn client(&self) -> Result<ApiClient> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => {
+                let f = expand_home(f);
+                Some(
+                    std::fs::read_to_string(&f)
+                        .with_context(|| format!("reading token file {}", f.display()))?
+                        .trim()
+                        .to_string(),
+                )
+            }
+            (None, None) => std::fs::read_to_string("/var/lib/slicer/auth/token")
+                .ok()
+                .map(|t| t.trim().to_string()),
+        };
+        Ok(ApiClient::new(&self.url, token)?)
+    }
+}
+
+fn expand_home(p: &Path) -> PathBuf {
+    match (p.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => p.to_path_buf(),
+    }
+}
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// List VMs.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        tag: Option<String>,
+        #[arg(long)]
+        tag_prefix: Option<String>,
+    },
+    /// Create a VM in a host group (the only group when omitted).
+    #[command(alias = "launch")]
+    Add {
+        group: Option<String>,
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[arg(long)]
+        ram_gb: Option<u64>,
+        #[arg(long)]
+        ram_mb: Option<u64>,
+        /// key=value (repeatable).
+        #[arg(long)]
+        tag: Vec<String>,
+        #[arg(long)]
+        userdata: Option<String>,
+        #[arg(long)]
+        userdata_file: Option<PathBuf>,
+        #[arg(long)]
+        persistent: bool,
+        /// Wait for the agent (or with --wait-userdata, for userdata) before returning.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        wait_userdata: bool,
+        #[arg(long, default_value = "5m")]
+        timeout: String,
+    },
+    /// Delete a VM and its disk.
+    #[command(alias = "rm")]
+    Delete { name: String, group: Option<String> },
+    /// Run a command; streams its output and exits with its exit code.
+    Exec {
+        name: String,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+        #[arg(long)]
+        cwd: Option<String>,
+        /// KEY=VALUE (repeatable).
+        #[arg(long)]
+        env: Vec<String>,
+        /// Shell for the command line; "" runs the command directly.
+        #[arg(long)]
+        shell: Option<String>,
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// Copy a file or directory: `./f NAME:/path` or `NAME:/path ./f`.
+    Cp {
+        src: String,
+        dst: String,
+        /// binary (one file) or tar (a directory).
+        #[arg(long)]
+        mode: Option<String>,
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+        #[arg(long)]
+        permissions: Option<String>,
+    },
+    /// Serial console of a VM.
+    Logs {
+        name: String,
+        #[arg(long, default_value_t = 20)]
+        lines: usize,
+    },
+    /// Agent health of a VM.
+    Health { name: String },
+    /// Show or change tags.
+    Tags {
+        name: String,
+        #[arg(long)]
+        add: Vec<String>,
+        #[arg(long)]
+        remove: Vec<String>,
+        #[arg(long)]
+        replace: Vec<String>,
+    },
+    /// Host groups.
+    Group,
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn human_bytes(b: u64) -> String {
+    if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
+        format!("{}GiB", b >> 30)
+    } else {
+        format!("{}MiB", b >> 20)
+    }
+}
+
+pub fn print_nodes(nodes: &[Node]) {
+    println!(
+        "{:<20} {:<16} {:<8} {:<5} {:<8} {:<21} TAGS",
+        "HOSTNAME", "IP", "RAM", "CPUS", "STATUS", "CREATED"
+    );
+    for n in nodes {
+        let created = n.created_at.split('.').next().unwrap_or_default().trim_end_matches('Z');
+        println!(
+            "{:<20} {:<16} {:<8} {:<5} {:<8} {:<21} {}",
+            n.hostname,
+            if n.ip.is_empty() { "-" } else { &n.ip },
+            human_bytes(n.ram_bytes),
+            n.cpus,
+            n.status,
+            created,
+            n.tags.join(",")
+        );
+    }
+}
+
+pub fn run(cmd: VmCmd, conn: Conn) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let code = rt.block_on(run_async(cmd, conn))?;
+    std::process::exit(code)
+}
+
+async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
+    let c = conn.client()?;
+    match cmd {
+        VmCmd::List { tag, tag_prefix } => {
+            let mut q = Vec::new();
+            if let Some(t) = tag {
+                q.push(("tag", t));
+            }
+            if let Some(t) = tag_prefix {
+                q.push(("tag_prefix", t));
+            }
+            let nodes: Vec<Node> = c.json(Method::GET, &format!("/nodes?{}", query(&q)), None).await?;
+            if conn.json {
+                print_json(&nodes)?;
+            } else {
+                print_nodes(&nodes);
+            }
+        }
+        VmCmd::Group => {
+            let groups: Vec<HostGroupInfo> = c.json(Method::GET, "/hostgroup", None).await?;
+            if conn.json {
+                print_json(&groups)?;
+            } else {
+                println!("{:<20} {:<6} {:<5} RAM", "NAME", "COUNT", "CPUS");
+                for g in groups {
+                    println!(
+                        "{:<20} {:<6} {:<5} {}",
+                        g.name,
+                        g.count,
+                        g.cpus,
+                        human_bytes(g.ram_bytes)
+                    );
+                }
+            }
+        }
+        VmCmd::Add {
+            group,
+            cpus,
+            ram_gb,
+            ram_mb,
+            tag,
+            userdata,
+            userdata_file,
+            persistent,
+            wait,
+            wait_userdata,
+            timeout,
+        } => {
+            let group = match group {
+                Some(g) => g,
+                None => {
+                    let groups: Vec<HostGroupInfo> = c.json(Method::GET, "/hostgroup", None).await?;
+                    match groups.as_slice() {
+                        [one] => one.name.clone(),
+                        [] => bail!("the daemon has no host groups"),
+                        _ => bail!(
+                            "the daemon has several host groups ({}): name one, e.g. `slicer vm add {}`",
+                            groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", "),
+                            groups[0].name
+                        ),
+                    }
+                }
+            };
+            let userdata = match (userdata, userdata_file) {
+                (Some(u), None) => Some(u),
+                (None, Some(f)) => {
+                    Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?)
+                }
+                (None, None) => None,
+                (Some(_), Some(_)) => bail!("give --userdata or --userdata-file, not both"),
+            };
+            let req = CreateNodeRequest {
+                cpus,
+                ram_bytes: ram_gb.map(|g| g << 30).or(ram_mb.map(|m| m << 20)),
+                tags: tag,
+                userdata,
+                persistent: persistent.then_some(true),
+                ..Default::default()
+            };
+            let mut q = vec![];
+            if wait_userdata {
+                q.push(("wait", "userdata".to_string()));
+            } else if wait {
+                q.push(("wait", "agent".to_string()));
+            }
+            if wait || wait_userdata {
+                q.push(("timeout", timeout));
+            }
+            let resp: CreateNodeResponse = c
+                .json(
+                    Method::POST,
+                    &format!("/hostgroup/{group}/nodes?{}", query(&q)),
+                    Some(&serde_json::to_value(&req)?),
+                )
+                .await?;
+            if conn.json {
+                print_json(&resp)?;
+            } else {
+                println!("VM created");
+                println!("Hostname:   {}", resp.hostname);
+                println!("Group:      {}", resp.hostgroup);
+                println!("IP:         {}", if resp.ip.is_empty() { "-" } else { &resp.ip });
+                println!("Persistent: {}", resp.persistent);
+                println!("Created:    {}", resp.created_at);
+            }
+        }
+        VmCmd::Delete { name, group } => {
+            let group = match group {
+                Some(g) => g,
+                None => {
+                    let d: VmDescription = c.json(Method::GET, &format!("/vm/{name}"), None).await?;
+                    d.node.hostgroup
+                }
+            };
+            let r: DeleteResponse = c
+                .json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{name}"), None)
+                .await?;
+            if !r.error.is_empty() {
+                bail!("{}", r.error);
+            }
+            if conn.json {
+                print_json(&r)?;
+            } else {
+                println!("{} ({name}, disk removed: {})", r.message, r.disk_removed);
+            }
+        }
+        VmCmd::Exec {
+            name,
+            uid,
+            gid,
+            cwd,
+            env,
+            shell,
+            command,
+        } => return exec(&c, &name, uid, gid, cwd, env, shell, command).await,
+        VmCmd::Cp {
+            src,
+            dst,
+            mode,
+            recursive,
+            uid,
+            gid,
+            permissions,
+        } => cp(&c, &src, &dst, mode, recursive, uid, gid, permissions).await?,
+        VmCmd::Logs { name, lines } => {
+            let l: LogsResponse = c
+                .json(Method::GET, &format!("/vm/{name}/logs?lines={lines}"), None)
+                .await?;
+            if conn.json {
+                print_json(&l)?;
+            } else {
+                println!("{}", l.content);
+            }
+        }
+        VmCmd::Health { name } => {
+            let h: HealthResponse = c.json(Method::GET, &format!("/vm/{name}/health"), None).await?;
+            if conn.json {
+                print_json(&h)?;
+            } else {
+                println!(
+                    "{:<20} {:<14} {:<14} {:<14} USERDATA RAN",
+                    "HOSTNAME", "AGENT UPTIME", "SYSTEM UPTIME", "AGENT VERSION"
+                );
+                println!(
+                    "{:<20} {:<14} {:<14} {:<14} {}",
+                    h.hostname,
+                    format!("{:.1}s", h.agent_uptime as f64 / 1e9),
+                    format!("{:.1}s", h.system_uptime as f64 / 1e9),
+                    h.agent_version,
+                    h.userdata_ran
+                );
+            }
+        }
+        VmCmd::Tags {
+            name,
+            add,
+            remove,
+            replace,
+        } => {
+            let t: TagsResponse = if add.is_empty() && remove.is_empty() && replace.is_empty() {
+                c.json(Method::GET, &format!("/vm/{name}/tags"), None).await?
+            } else {
+                let mut body = serde_json::Map::new();
+                if !replace.is_empty() {
+                    body.insert("replace".into(), serde_json::json!(replace));
+                }
+                if !add.is_empty() {
+                    body.insert("add".into(), serde_json::json!(add));
+                }
+                if !remove.is_empty() {
+                    body.insert("remove".into(), serde_json::json!(remove));
+                }
+                c.json(
+                    Method::PATCH,
+                    &format!("/vm/{name}/tags"),
+                    Some(&serde_json::Value::Object(body)),
+                )
+                .await?
+            };
+            if conn.json {
+                print_json(&t)?;
+            } else {
+                for tag in t.tags {
+                    println!("{tag}");
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn exec(
+    c: &ApiClient,
+    name: &str,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    cwd: Option<String>,
+    env: Vec<String>,
+    shell: Option<String>,
+    command: Vec<String>,
+) -> Result<i32> {
+    let mut q: Vec<(&str, String)> = vec![("cmd", command[0].clone()), ("stdio", "base64".into())];
+    for a in &command[1..] {
+        q.push(("args", a.clone()));
+    }
+    for e in env {
+        q.push(("env", e));
+    }
+    if let Some(u) = uid {
+        q.push(("uid", u.to_string()));
+    }
+    if let Some(g) = gid {
+        q.push(("gid", g.to_string()));
+    }
+    if let Some(d) = cwd {
+        q.push(("cwd", d));
+    }
+    if let Some(s) = shell {
+        q.push(("shell", s));
+    }
+    let stdin = !std::io::stdin().is_terminal();
+    let body: Body = if stdin {
+        q.push(("stdin", "true".into()));
+        let (tx, body) = slicer_agent_proto_body();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut input = std::io::stdin().lock();
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tx.blocking_send(Ok(bytes::Bytes::copy_from_slice(&buf[..n]))).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        body
+    } else {
+        empty()
+    };
+    let resp = c
+        .call(
+            Method::POST,
+            &format!("/vm/{name}/exec?{}", query(&q)),
+            Some("application/octet-stream"),
+            body,
+        )
+        .await?;
+    let mut stream = resp.into_body().into_data_stream();
+    let mut buf = Vec::new();
+    let mut code = 0;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    while let Some(chunk) = stream.try_next().await? {
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let f: ExecFrame = serde_json::from_slice(&line).context("invalid exec frame")?;
+            if !f.error.is_empty() {
+                eprintln!("error: {}", f.error);
+                return Ok(f.exit_code.unwrap_or(1).max(1));
+            }
+            let payload = if !f.data.is_empty() {
+                &f.data
+            } else if !f.stdout.is_empty() {
+                &f.stdout
+            } else {
+                &f.stderr
+            };
+            let data = if f.encoding == "base64" {
+                b64.decode(payload).unwrap_or_default()
+            } else {
+                payload.as_bytes().to_vec()
+            };
+            match f.r#type.as_str() {
+                "stdout" => std::io::stdout().write_all(&data)?,
+                "stderr" => std::io::stderr().write_all(&data)?,
+                "exit" => code = f.exit_code.unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    std::io::stdout().flush()?;
+    Ok(code)
+}
+
+fn slicer_agent_proto_body() -> (tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>, Body) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    (tx, http_body_util::StreamBody::new(stream.map_ok(hyper_frame)).boxed())
+}
+
+fn hyper_frame(b: bytes::Bytes) -> http_body::Frame<bytes::Bytes> {
+    http_body::Frame::data(b)
+}
+
+/// `NAME:/path` → (NAME, /path); a local path → None.
+fn remote(spec: &str) -> Option<(&str, &str)> {
+    let (name, path) = spec.split_once(':')?;
+    (!name.is_empty() && !name.contains('/') && !name.starts_with('.')).then_some((name, path))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn cp(
+    c: &ApiClient,
+    src: &str,
+    dst: &str,
+    mode: Option<String>,
+    recursive: bool,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    permissions: Option<String>,
+) -> Result<()> {
+    match (remote(src), remote(dst)) {
+        (None, Some((name, path))) => {
+            let local = PathBuf::from(src);
+            let meta = std::fs::metadata(&local).with_context(|| format!("{}", local.display()))?;
+            let tar = mode.as_deref() == Some("tar") || recursive || meta.is_dir();
+            let mut q: Vec<(&str, String)> = vec![("path", path.to_string())];
+            q.push(("mode", if tar { "tar" } else { "binary" }.into()));
+            if let Some(u) = uid {
+                q.push(("uid", u.to_string()));
+            }
+            if let Some(g) = gid {
+                q.push(("gid", g.to_string()));
+            }
+            if let Some(p) = permissions {
+                q.push(("permissions", p));
+            }
+            let (tx, body) = slicer_agent_proto_body();
+            std::thread::spawn(move || {
+                let mut w = ChannelWriter { tx: tx.clone() };
+                let res = if tar {
+                    let mut b = tar::Builder::new(&mut w);
+                    b.follow_symlinks(false);
+                    b.append_dir_all(".", &local).and_then(|_| b.finish())
+                } else {
+                    std::fs::File::open(&local).and_then(|mut f| std::io::copy(&mut f, &mut w).map(|_| ()))
+                };
+                if let Err(e) = res {
+                    let _ = tx.blocking_send(Err(e));
+                }
+            });
+            let ct = if tar {
+                "application/x-tar"
+            } else {
+                "application/octet-stream"
+            };
+            c.call(Method::POST, &format!("/vm/{name}/cp?{}", query(&q)), Some(ct), body)
+                .await?;
+        }
+        (Some((name, path)), None) => {
+            let tar = mode.as_deref() == Some("tar") || recursive;
+            let q: Vec<(&str, String)> = vec![
+                ("path", path.to_string()),
+                ("mode", if tar { "tar" } else { "binary" }.into()),
+            ];
+            let resp = c
+                .call(Method::GET, &format!("/vm/{name}/cp?{}", query(&q)), None, empty())
+                .await?;
+            let mut stream = resp.into_body().into_data_stream();
+            if tar {
+                // The archive comes from the guest: unpack entry by entry, refusing paths
+                // that leave the destination.
+                let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
+                let dest = PathBuf::from(dst);
+                let unpack = std::thread::spawn(move || -> Result<()> {
+                    std::fs::create_dir_all(&dest)?;
+                    let mut ar = tar::Archive::new(ChannelReader {
+                        rx,
+                        cur: bytes::Bytes::new(),
+                    });
+                    for e in ar.entries()? {
+                        let mut e = e?;
+                        e.unpack_in(&dest)?;
+                    }
+                    Ok(())
+                });
+                while let Some(chunk) = stream.try_next().await? {
+                    if tx.send(chunk).is_err() {
+                        break;
+                    }
+                }
+                drop(tx);
+                unpack.join().map_err(|_| anyhow::anyhow!("unpack thread panicked"))??;
+            } else {
+                let mut f = std::fs::File::create(dst).with_context(|| format!("creating {dst}"))?;
+                while let Some(chunk) = stream.try_next().await? {
+                    f.write_all(&chunk)?;
+                }
+            }
+        }
+        _ => bail!("give exactly one side as NAME:/path, e.g. `slicer vm cp ./f sandbox-1:/tmp/f`"),
+    }
+    Ok(())
+}
+
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.tx
+            .blocking_send(Ok(bytes::Bytes::copy_from_slice(data)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload ended"))?;
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<bytes::Bytes>,
+    cur: bytes::Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(b) => self.cur = b,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}

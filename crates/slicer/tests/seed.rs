@@ -1,0 +1,192 @@
+//! The seed workflow, as a user runs it: `slicer new`, `slicer up`, then curl-style calls and
+//! the `slicer` client, against the real binary, real guests and a temporary data directory.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use http_body_util::BodyExt;
+use slicer_api::client::{empty, full};
+use slicer_api::ApiClient;
+
+const SLICER: &str = env!("CARGO_BIN_EXE_slicer");
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM: the daemon stops its VMs; then make sure it is gone.
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn images_dir() -> String {
+    std::env::var("SLICER_IMAGES_DIR").unwrap_or_else(|_| "/var/lib/slicer/images".into())
+}
+
+fn slicer(dir: &Path, args: &[&str], url: &str) -> std::process::Output {
+    Command::new(SLICER)
+        .args(args)
+        .current_dir(dir)
+        .env("SLICER_URL", url)
+        .env("SLICER_TOKEN_FILE", dir.join("data/auth/token"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_workflow() {
+    let dir = tempfile::Builder::new().prefix("slicer-seed-").tempdir().unwrap();
+    let out = Command::new(SLICER)
+        .args([
+            "new",
+            "sandbox",
+            "--net=isolated",
+            "--count=0",
+            "--graceful-shutdown=false",
+            "--drop",
+            "192.168.1.0/24",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        yaml.contains("mode: isolated") && yaml.contains("192.168.1.0/24") && yaml.contains("0.0.0.0/0"),
+        "{yaml}"
+    );
+    // The one change to the seed: a free port instead of 8080.
+    let port = free_port();
+    std::fs::write(
+        dir.path().join("sandbox.yaml"),
+        yaml.replace("port: 8080", &format!("port: {port}")),
+    )
+    .unwrap();
+
+    let child = Command::new(SLICER)
+        .args(["up", "./sandbox.yaml", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .current_dir(dir.path())
+        .env("SLICER_IMAGES_DIR", images_dir())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon(child);
+    let url = format!("http://127.0.0.1:{port}");
+    let anon = ApiClient::new(&url, None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = anon.send(Method::GET, "/healthz", None, empty()).await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "daemon did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token_path = dir.path().join("data/auth/token");
+    let token = std::fs::read_to_string(&token_path).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let c = ApiClient::new(&url, Some(token.trim().to_string())).unwrap();
+
+    let resp = c
+        .send(
+            Method::POST,
+            "/hostgroup/sandbox/nodes",
+            Some("application/json"),
+            full(r#"{"tags":["user=alice","job=convert-video-123"]}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let created: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(created["hostname"], "sandbox-1");
+    let nodes: serde_json::Value = c.json(Method::GET, "/nodes", None).await.unwrap();
+    assert_eq!(nodes[0]["hostname"], "sandbox-1");
+    assert_eq!(
+        nodes[0]["tags"],
+        serde_json::json!(["user=alice", "job=convert-video-123"])
+    );
+    assert_eq!(nodes[0]["status"], "Running");
+
+    // The client: list, exec (waits for the agent by retrying like a user would), cp.
+    let out = slicer(dir.path(), &["ls"], &url);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("sandbox-1") && table.contains("user=alice"),
+        "{table}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let out = loop {
+        let out = slicer(
+            dir.path(),
+            &["vm", "exec", "sandbox-1", "--", "sh", "-c", "echo hello; exit 4"],
+            &url,
+        );
+        if out.status.code() == Some(4) || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    std::fs::write(dir.path().join("in.txt"), "payload").unwrap();
+    assert!(
+        slicer(dir.path(), &["vm", "cp", "./in.txt", "sandbox-1:/tmp/in.txt"], &url)
+            .status
+            .success()
+    );
+    assert!(
+        slicer(dir.path(), &["vm", "cp", "sandbox-1:/tmp/in.txt", "./out.txt"], &url)
+            .status
+            .success()
+    );
+    assert_eq!(std::fs::read_to_string(dir.path().join("out.txt")).unwrap(), "payload");
+    let out = slicer(dir.path(), &["vm", "exec", "nope", "--", "true"], &url);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    // SIGTERM stops the daemon and its ephemeral VM.
+    let mut daemon = daemon;
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(daemon.0.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = daemon.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success());
+    assert_eq!(std::fs::read_dir(dir.path().join("data/vms")).unwrap().count(), 0);
+}
