@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh --no-run
 cargo build --release -q -p slicer-bench
 for cpus in 1 2; do
-  target/release/slicer-bench --image min --cpus "$cpus" "$@"
+  target/release/slicer-bench --suite boot --image min --cpus "$cpus" "$@"
 done
+target/release/slicer-bench --suite daemon --image min "$@"

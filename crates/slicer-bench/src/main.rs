@@ -10,8 +10,16 @@ use clap::Parser;
 use slicer_hypervisor::{QemuConfig, QemuProcess};
 use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
 
+mod daemon;
+
 #[derive(Parser)]
-struct Args {
+pub struct Args {
+    /// `boot` (VM library: boot, exec, transfers) or `daemon` (REST API: creates, list).
+    #[arg(long, default_value = "boot")]
+    suite: String,
+    /// Concurrent creates in the daemon suite.
+    #[arg(long, default_value_t = 16)]
+    burst: usize,
     /// Image to measure.
     #[arg(long, default_value = "min")]
     image: String,
@@ -41,7 +49,16 @@ struct Args {
     transfer_path: String,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+impl Args {
+    /// The raw-boot settings the daemon suite compares against (1 vCPU, 256 MiB).
+    pub fn for_daemon(image: &str) -> Args {
+        let mut a = Args::parse_from(["slicer-bench"]);
+        a.image = image.to_string();
+        a
+    }
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {
@@ -62,7 +79,7 @@ fn spec(name: String, args: &Args) -> VmSpec {
     s
 }
 
-async fn raw_boot(host: &Host, image: &slicer_image::Image, dir: &Path, args: &Args) -> Result<Duration> {
+pub async fn raw_boot(host: &Host, image: &slicer_image::Image, dir: &Path, args: &Args) -> Result<Duration> {
     let accel = host.accel(&image.kernel).await?;
     std::fs::create_dir_all(dir)?;
     let disk = dir.join("disk.qcow2");
@@ -117,6 +134,16 @@ async fn main() -> Result<()> {
         .clone()
         .or_else(|| std::env::var_os("SLICER_DATA_DIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/var/lib/slicer"));
+    if args.suite == "daemon" {
+        return daemon::run(daemon::DaemonArgs {
+            image: args.image.clone(),
+            creates: args.boots,
+            burst: args.burst,
+            images_dir: data_dir.join("images"),
+            record_to: (!args.no_record).then(|| args.record.clone()),
+        })
+        .await;
+    }
     let tmp = tempfile::Builder::new().prefix("slicer-bench-").tempdir()?;
     let host = Host::new(&data_dir, tmp.path());
     let image = host.images.get(&args.image)?;
@@ -220,7 +247,7 @@ async fn main() -> Result<()> {
 }
 
 /// Replaces the section between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`, or appends it.
-fn record(path: &Path, name: &str, table: &str) -> Result<()> {
+pub fn record(path: &Path, name: &str, table: &str) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
     let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
     let when = std::process::Command::new("date")

@@ -42,7 +42,9 @@ fn free_port() -> u16 {
 }
 
 fn images_dir() -> String {
-    std::env::var("SLICER_IMAGES_DIR").unwrap_or_else(|_| "/var/lib/slicer/images".into())
+    std::env::var("SLICER_IMAGES_DIR")
+        .or_else(|_| std::env::var("SLICER_DATA_DIR").map(|d| format!("{d}/images")))
+        .unwrap_or_else(|_| "/var/lib/slicer/images".into())
 }
 
 fn slicer(dir: &Path, args: &[&str], url: &str) -> std::process::Output {

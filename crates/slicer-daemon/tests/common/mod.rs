@@ -22,6 +22,7 @@ pub struct TestDaemon {
 pub fn images_dir() -> PathBuf {
     std::env::var_os("SLICER_IMAGES_DIR")
         .map(PathBuf::from)
+        .or_else(|| std::env::var_os("SLICER_DATA_DIR").map(|d| PathBuf::from(d).join("images")))
         .unwrap_or_else(|| PathBuf::from("/var/lib/slicer/images"))
 }
 
