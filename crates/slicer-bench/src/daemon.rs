@@ -115,6 +115,8 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             userdata_ran: false,
             userdata_exit_code: None,
             tags: vec!["user=bench".into(), "job=list".into()],
+            net_allow: None,
+            net_drop: None,
         };
         d.manager.db.create(&mut rec, None)?;
     }

@@ -100,6 +100,7 @@ pub async fn raw_boot(host: &Host, image: &slicer_image::Image, dir: &Path, args
         qmp_socket: dir.join("qmp.sock"),
         console_log: dir.join("console.log"),
         qemu_log: dir.join("qemu.log"),
+        net: None,
     };
     let t0 = Instant::now();
     let q = QemuProcess::spawn(&cfg).await?;

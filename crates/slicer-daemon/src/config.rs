@@ -159,6 +159,12 @@ pub struct Group {
     pub network_mode: String,
     pub allow: Vec<String>,
     pub drop: Vec<String>,
+    /// Bridge mode: the bridge, TAP name prefix and gateway (address/prefix).
+    pub bridge: String,
+    pub tap_prefix: String,
+    pub gateway: String,
+    /// Isolated mode: the range the /30s come from (derived from the name when absent).
+    pub range: Option<String>,
 }
 
 /// The whole validated configuration.
@@ -345,11 +351,34 @@ impl File {
                     }
                 }
             }
-            if let Some(tp) = &net.tap_prefix {
-                if tp.len() > 12 {
-                    bail!(
-                        "{at}.network.tap_prefix: {tp:?} is longer than 12 characters (interface names are at most 15)"
-                    );
+            let short: String = g.name.chars().filter(|c| *c != '-').take(8).collect();
+            let tap_prefix = net.tap_prefix.clone().unwrap_or_else(|| format!("{short}tap"));
+            if tap_prefix.is_empty() || tap_prefix.len() > 12 {
+                bail!(
+                    "{at}.network.tap_prefix: {tap_prefix:?} must be 1-12 characters (interface names are at most 15)"
+                );
+            }
+            let bridge = net.bridge.clone().unwrap_or_else(|| format!("br{short}0"));
+            if bridge.is_empty() || bridge.len() > 15 {
+                bail!("{at}.network.bridge: {bridge:?} must be 1-15 characters");
+            }
+            let gateway = net.gateway.clone().unwrap_or_else(|| "192.168.137.1/24".into());
+            if mode == "bridge" {
+                let ok = gateway.split_once('/').is_some_and(|(a, p)| {
+                    a.parse::<Ipv4Addr>().is_ok() && p.parse::<u8>().is_ok_and(|p| (8..=30).contains(&p))
+                });
+                if !ok {
+                    bail!("{at}.network.gateway: {gateway:?} is not an address with a prefix such as 192.168.137.1/24");
+                }
+            }
+            if let Some(r) = &net.range {
+                if mode == "isolated" {
+                    let ok = r.split_once('/').is_some_and(|(a, p)| {
+                        a.parse::<Ipv4Addr>().is_ok() && p.parse::<u8>().is_ok_and(|p| (16..=28).contains(&p))
+                    });
+                    if !ok {
+                        bail!("{at}.network.range: {r:?} is not a CIDR from /16 to /28 such as 169.254.100.0/22");
+                    }
                 }
             }
             groups.push(Group {
@@ -362,10 +391,47 @@ impl File {
                 userdata,
                 dns,
                 image: image.to_string(),
+                range: if mode == "isolated" { net.range.clone() } else { None },
                 network_mode: mode,
                 allow: net.allow.clone(),
                 drop: net.drop.clone(),
+                bridge,
+                tap_prefix,
+                gateway,
             });
+        }
+        // Address ranges and interface names of the groups must not collide.
+        let nets: Vec<(String, slicer_net::Net)> = groups
+            .iter()
+            .filter_map(|g| {
+                let cidr = if g.network_mode == "bridge" {
+                    Some(g.gateway.as_str())
+                } else {
+                    g.range.as_deref()
+                };
+                cidr.and_then(slicer_net::Net::parse).map(|n| (g.name.clone(), n))
+            })
+            .collect();
+        for (i, (a, na)) in nets.iter().enumerate() {
+            for (b, nb) in &nets[i + 1..] {
+                if na.overlaps(nb) {
+                    bail!("config.host_groups: the networks of {a:?} ({na}) and {b:?} ({nb}) overlap");
+                }
+            }
+        }
+        for (i, a) in groups.iter().enumerate() {
+            for b in &groups[i + 1..] {
+                if a.network_mode == "bridge"
+                    && b.network_mode == "bridge"
+                    && (a.bridge == b.bridge || a.tap_prefix == b.tap_prefix)
+                {
+                    bail!(
+                        "config.host_groups: {:?} and {:?} use the same bridge or tap_prefix",
+                        a.name,
+                        b.name
+                    );
+                }
+            }
         }
         let bind = c.api.bind_address.trim();
         let listen =
@@ -553,6 +619,16 @@ config:
         assert!(e.contains("network.drop"), "{e}");
         let e = err("config:\n  host_groups:\n  - name: Bad\n");
         assert!(e.contains("host_groups[0].name"), "{e}");
+        let e = err("config:\n  host_groups:\n  - name: a\n    network: {mode: isolated, range: 169.254.100.0/22}\n  - name: b\n    network: {mode: isolated, range: 169.254.101.0/24}\n");
+        assert!(e.contains("overlap"), "{e}");
+        let e = err("config:\n  host_groups:\n  - name: a\n    network: {mode: isolated, range: 169.254.100.0/33}\n");
+        assert!(e.contains("network.range"), "{e}");
+        let e =
+            err("config:\n  host_groups:\n  - name: a\n    network: {mode: bridge, bridge: a-very-long-bridge-name}\n");
+        assert!(e.contains("network.bridge"), "{e}");
+        let e =
+            err("config:\n  host_groups:\n  - name: a\n    network: {mode: bridge, tap_prefix: waytoolongprefix}\n");
+        assert!(e.contains("network.tap_prefix"), "{e}");
     }
 
     #[test]

@@ -77,8 +77,9 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
         None
     };
     let listen = settings.listen.clone();
-    let manager = Manager::new(settings, host, opts.data_dir.clone())?;
+    let manager = Manager::new(settings, host, opts.data_dir.clone()).await?;
     manager.recover().await?;
+    manager.setup_networks().await?;
     let app = api::router(Arc::new(api::AppState {
         manager: manager.clone(),
         token: token.clone(),

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use slicer_api::{CreateNodeRequest, CreateNodeResponse, DeleteResponse, Node, STATUS_RUNNING, STATUS_STOPPED};
 use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
 use tokio::sync::watch;
@@ -25,8 +26,32 @@ pub const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Boot progress of a VM: `None` while booting, then ready or the reason it failed.
 pub type Ready = Option<Result<(), String>>;
 
+/// What a VM's network consists of on the host, to undo when it stops.
+pub enum NetHandle {
+    Isolated(slicer_net::Isolated),
+    Tap(String),
+}
+
+impl NetHandle {
+    async fn teardown(&self) {
+        match self {
+            NetHandle::Isolated(i) => i.teardown().await,
+            NetHandle::Tap(t) => slicer_net::Bridge::del_tap(t).await,
+        }
+    }
+}
+
+/// Where a host group's VMs get their addresses.
+#[derive(Debug, Clone)]
+pub enum GroupNet {
+    /// One /30 per VM from this range.
+    Isolated(slicer_net::Net),
+    Bridge(slicer_net::Bridge),
+}
+
 pub struct Running {
     pub vm: Vm,
+    net: Option<NetHandle>,
     /// Set before an intentional stop, so the exit watcher does not treat it as a crash.
     stopping: AtomicBool,
     pub ready: watch::Receiver<Ready>,
@@ -40,6 +65,9 @@ pub struct Manager {
     pub db: Db,
     pub data_dir: PathBuf,
     vms: Mutex<HashMap<String, Arc<Running>>>,
+    nets: HashMap<String, GroupNet>,
+    /// Serializes address allocation with the record's creation.
+    alloc: tokio::sync::Mutex<()>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -64,16 +92,160 @@ pub enum Wait {
 }
 
 impl Manager {
-    pub fn new(settings: Settings, host: Host, data_dir: PathBuf) -> anyhow::Result<Arc<Manager>> {
+    pub async fn new(settings: Settings, host: Host, data_dir: PathBuf) -> anyhow::Result<Arc<Manager>> {
         std::fs::create_dir_all(&host.vm_root)?;
         let db = Db::open(&data_dir.join("state.db"))?;
+        // Address plan: explicit ranges, then ranges derived from group names that avoid the
+        // host's addresses and each other.
+        let mut used = slicer_net::host_addresses().await;
+        let mut nets = HashMap::new();
+        for g in &settings.groups {
+            let n = if g.network_mode == "isolated" {
+                let range = match &g.range {
+                    Some(r) => slicer_net::Net::parse(r).context("range")?,
+                    None => slicer_net::derived_range(&g.name, &used),
+                };
+                used.push(range.addr);
+                GroupNet::Isolated(range)
+            } else {
+                GroupNet::Bridge(slicer_net::Bridge::new(&g.name, &g.bridge, &g.gateway)?)
+            };
+            nets.insert(g.name.clone(), n);
+        }
         Ok(Arc::new(Manager {
             settings,
             host,
             db,
             data_dir,
             vms: Mutex::new(HashMap::new()),
+            nets,
+            alloc: tokio::sync::Mutex::new(()),
         }))
+    }
+
+    /// The network plan of a group.
+    pub fn group_net(&self, group: &str) -> Option<&GroupNet> {
+        self.nets.get(group)
+    }
+
+    /// Picks the VM's address (the lowest free one of its group) and records the VM.
+    async fn allocate_and_record(&self, rec: &mut VmRecord, fixed: Option<u32>) -> anyhow::Result<()> {
+        let _guard = self.alloc.lock().await;
+        let taken: Vec<std::net::Ipv4Addr> = self
+            .db
+            .list()?
+            .iter()
+            .filter(|r| r.host_group == rec.host_group)
+            .filter_map(|r| r.ip.split('/').next()?.parse().ok())
+            .collect();
+        rec.ip = match self.nets.get(&rec.host_group) {
+            Some(GroupNet::Isolated(range)) => {
+                let slots = (range.size() / 4) as u32;
+                let slot = (0..slots)
+                    .find(|s| !taken.contains(&range.nth(4 * s + 2)))
+                    .with_context(|| format!("no free /30 left in {range} for host group {}", rec.host_group))?;
+                format!("{}/30", range.nth(4 * slot + 2))
+            }
+            Some(GroupNet::Bridge(b)) => {
+                let n = (1..(b.subnet.size() as u32 - 1))
+                    .map(|i| b.subnet.nth(i))
+                    .find(|a| *a != b.gateway && !taken.contains(a))
+                    .with_context(|| {
+                        format!("no free address left in {} for host group {}", b.subnet, rec.host_group)
+                    })?;
+                format!("{n}/{}", b.subnet.prefix)
+            }
+            None => String::new(),
+        };
+        self.db.create(rec, fixed)
+    }
+
+    /// Host-side network objects for a VM, and the spec's NIC.
+    async fn setup_net(&self, rec: &VmRecord) -> anyhow::Result<Option<(NetHandle, slicer_vmm::VmNet)>> {
+        let Some(ip) = rec
+            .ip
+            .split('/')
+            .next()
+            .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+        else {
+            return Ok(None);
+        };
+        let mac = slicer_net::mac_for(&rec.hostname);
+        match self.nets.get(&rec.host_group) {
+            Some(GroupNet::Isolated(_)) => {
+                let subnet = slicer_net::Net { addr: ip, prefix: 30 }.normalized();
+                let (allow, drop) = self.effective_policy(rec);
+                let iso = slicer_net::Isolated::new(&rec.hostname, subnet, allow, drop);
+                iso.setup().await?;
+                let net = slicer_vmm::VmNet {
+                    netns: Some(iso.netns.clone()),
+                    tap: iso.tap.clone(),
+                    mac,
+                    kernel_ip: iso.kernel_ip_arg(),
+                };
+                Ok(Some((NetHandle::Isolated(iso), net)))
+            }
+            Some(GroupNet::Bridge(b)) => {
+                let g = self.group(&rec.host_group).map_err(|e| anyhow::anyhow!(e.message))?;
+                let offset = u32::from(ip) - u32::from(b.subnet.addr);
+                let tap = format!("{}{offset}", g.tap_prefix);
+                anyhow::ensure!(
+                    tap.len() <= slicer_net::IFNAMSIZ_MAX,
+                    "TAP name {tap} is longer than 15 characters"
+                );
+                b.add_tap(&tap).await?;
+                let mask = std::net::Ipv4Addr::from(b.subnet.mask());
+                let net = slicer_vmm::VmNet {
+                    netns: None,
+                    tap: tap.clone(),
+                    mac,
+                    kernel_ip: format!("ip={ip}::{}:{mask}::eth0:off", b.gateway),
+                };
+                Ok(Some((NetHandle::Tap(tap), net)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The allow and drop lists in force for a VM: its overrides, else its group's.
+    pub fn effective_policy(&self, rec: &VmRecord) -> (Vec<String>, Vec<String>) {
+        let g = self.settings.groups.iter().find(|g| g.name == rec.host_group);
+        let allow = rec
+            .net_allow
+            .clone()
+            .unwrap_or_else(|| g.map(|g| g.allow.clone()).unwrap_or_default());
+        let drop = rec
+            .net_drop
+            .clone()
+            .unwrap_or_else(|| g.map(|g| g.drop.clone()).unwrap_or_default());
+        (allow, drop)
+    }
+
+    /// Network objects for the daemon as a whole: leftovers of earlier runs go, group bridges come.
+    pub async fn setup_networks(&self) -> anyhow::Result<()> {
+        let taps: Vec<String> = self
+            .settings
+            .groups
+            .iter()
+            .filter(|g| g.network_mode == "bridge")
+            .map(|g| g.tap_prefix.clone())
+            .collect();
+        let groups: Vec<String> = self.settings.groups.iter().map(|g| g.name.clone()).collect();
+        slicer_net::remove_leftovers(&groups, &taps).await;
+        for n in self.nets.values() {
+            if let GroupNet::Bridge(b) = n {
+                b.setup().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn teardown_networks(&self) {
+        for n in self.nets.values() {
+            if let GroupNet::Bridge(b) = n {
+                b.teardown().await;
+            }
+        }
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Running>>> {
@@ -128,7 +300,7 @@ impl Manager {
                             .map_err(|e| anyhow::anyhow!("host group {}: {}", g.name, e.message))?;
                         r.protected = true;
                         r.persistent = true;
-                        self.db.create(&mut r, Some(n))?;
+                        self.allocate_and_record(&mut r, Some(n)).await?;
                         r
                     }
                 };
@@ -186,6 +358,8 @@ impl Manager {
             userdata_ran: false,
             userdata_exit_code: None,
             tags: req.tags.clone(),
+            net_allow: None,
+            net_drop: None,
         })
     }
 
@@ -199,7 +373,28 @@ impl Manager {
     ) -> Result<CreateNodeResponse, ApiErr> {
         let g = self.group(group)?.clone();
         let mut rec = self.new_record(&g, &req, false)?;
-        self.db.create(&mut rec, None).map_err(ApiErr::internal)?;
+        if let Some(n) = &req.network {
+            if g.network_mode != "isolated" {
+                return Err(ApiErr::bad_request(format!(
+                    "network: per-VM allow/drop lists need an isolated host group; {} is in {} mode",
+                    g.name, g.network_mode
+                )));
+            }
+            for (field, list) in [("allow", &n.allow), ("drop", &n.drop)] {
+                for e in list.iter().flatten() {
+                    if slicer_net::policy::parse_entry(e).is_none() {
+                        return Err(ApiErr::bad_request(format!(
+                            "network.{field}: {e:?} is not a CIDR, an address or address:port"
+                        )));
+                    }
+                }
+            }
+            rec.net_allow = n.allow.clone();
+            rec.net_drop = n.drop.clone();
+        }
+        self.allocate_and_record(&mut rec, None)
+            .await
+            .map_err(ApiErr::internal)?;
         let running = match self.launch(&rec).await {
             Ok(r) => r,
             Err(e) => {
@@ -265,7 +460,21 @@ impl Manager {
 
     /// Starts the VM of a record, and the tasks that follow its boot and its exit.
     async fn launch(self: &Arc<Self>, rec: &VmRecord) -> anyhow::Result<Arc<Running>> {
-        let vm = Vm::start(&self.host, &self.spec(rec)).await?;
+        let mut spec = self.spec(rec);
+        let (net, vmnet) = match self.setup_net(rec).await? {
+            Some((h, n)) => (Some(h), Some(n)),
+            None => (None, None),
+        };
+        spec.net = vmnet;
+        let vm = match Vm::start(&self.host, &spec).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                if let Some(n) = &net {
+                    n.teardown().await;
+                }
+                return Err(e);
+            }
+        };
         self.db.set_status(&rec.hostname, STATUS_RUNNING, Some(vm.pid()))?;
         let (ready_tx, ready_rx) = watch::channel(None);
         let (ud_tx, ud_rx) = watch::channel(if rec.userdata.is_none() || rec.userdata_ran {
@@ -275,6 +484,7 @@ impl Manager {
         });
         let running = Arc::new(Running {
             vm,
+            net,
             stopping: AtomicBool::new(false),
             ready: ready_rx,
             userdata: ud_rx,
@@ -301,14 +511,17 @@ impl Manager {
                 return;
             }
             tracing::warn!("VM {hostname} exited unexpectedly");
-            me.reap(&hostname, &r);
+            me.reap(&hostname, &r).await;
         });
         Ok(running)
     }
 
     /// After a VM stopped on its own: ephemeral VMs vanish, persistent ones become Stopped.
-    fn reap(&self, hostname: &str, r: &Arc<Running>) {
+    async fn reap(&self, hostname: &str, r: &Arc<Running>) {
         r.vm.cleanup();
+        if let Some(n) = &r.net {
+            n.teardown().await;
+        }
         {
             let mut vms = self.vms();
             if vms.get(hostname).is_some_and(|cur| Arc::ptr_eq(cur, r)) {
@@ -386,6 +599,9 @@ impl Manager {
         if let Some(r) = running {
             r.stopping.store(true, Ordering::SeqCst);
             let _ = r.vm.stop(Duration::ZERO).await;
+            if let Some(n) = &r.net {
+                n.teardown().await;
+            }
         }
         let dir = self.vm_dir(hostname);
         let disk_removed = match std::fs::remove_dir_all(&dir) {
@@ -412,10 +628,13 @@ impl Manager {
         if reboot {
             self.vms().remove(hostname);
             r.vm.cleanup();
+            if let Some(n) = &r.net {
+                n.teardown().await;
+            }
             let rec = self.record(hostname)?;
             self.launch(&rec).await.map_err(ApiErr::internal)?;
         } else {
-            self.reap(hostname, &r);
+            self.reap(hostname, &r).await;
         }
         Ok(())
     }
@@ -432,9 +651,10 @@ impl Manager {
         let stops = all.iter().map(|(h, r)| async move {
             r.stopping.store(true, Ordering::SeqCst);
             let _ = r.vm.stop(graceful).await;
-            self.reap(h, r);
+            self.reap(h, r).await;
         });
         futures_util::future::join_all(stops).await;
+        self.teardown_networks().await;
     }
 }
 

@@ -26,6 +26,9 @@ pub struct VmRecord {
     pub userdata_ran: bool,
     pub userdata_exit_code: Option<i32>,
     pub tags: Vec<String>,
+    /// Per-VM network policy overrides (`None`: inherit the host group's list).
+    pub net_allow: Option<Vec<String>>,
+    pub net_drop: Option<Vec<String>>,
 }
 
 pub struct Db {
@@ -50,7 +53,9 @@ CREATE TABLE IF NOT EXISTS vms (
     storage_size INTEGER,
     userdata TEXT,
     userdata_ran INTEGER NOT NULL DEFAULT 0,
-    userdata_exit_code INTEGER
+    userdata_exit_code INTEGER,
+    net_allow TEXT,
+    net_drop TEXT
 );
 CREATE TABLE IF NOT EXISTS tags (
     hostname TEXT NOT NULL REFERENCES vms(hostname) ON DELETE CASCADE,
@@ -82,11 +87,17 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         userdata_ran: r.get(13)?,
         userdata_exit_code: r.get(14)?,
         tags: Vec::new(),
+        net_allow: r
+            .get::<_, Option<String>>(15)?
+            .and_then(|j| serde_json::from_str(&j).ok()),
+        net_drop: r
+            .get::<_, Option<String>>(16)?
+            .and_then(|j| serde_json::from_str(&j).ok()),
     })
 }
 
 const COLUMNS: &str = "hostname, host_group, cpus, ram_bytes, persistent, protected, status, created_at, ip, pid, \
-                       image, storage_size, userdata, userdata_ran, userdata_exit_code";
+                       image, storage_size, userdata, userdata_ran, userdata_exit_code, net_allow, net_drop";
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
@@ -135,7 +146,7 @@ impl Db {
         rec.hostname = format!("{}-{n}", rec.host_group);
         tx.execute(
             &format!(
-                "INSERT INTO vms ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                "INSERT INTO vms ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
             ),
             params![
                 rec.hostname,
@@ -152,7 +163,9 @@ impl Db {
                 rec.storage_size.map(|v| v as i64),
                 rec.userdata,
                 rec.userdata_ran,
-                rec.userdata_exit_code
+                rec.userdata_exit_code,
+                rec.net_allow.as_ref().map(|v| serde_json::to_string(v).unwrap_or_default()),
+                rec.net_drop.as_ref().map(|v| serde_json::to_string(v).unwrap_or_default())
             ],
         )
         .with_context(|| format!("recording VM {}", rec.hostname))?;
@@ -270,6 +283,8 @@ mod tests {
             userdata_ran: false,
             userdata_exit_code: None,
             tags: vec!["b=2".into(), "a=1".into()],
+            net_allow: None,
+            net_drop: Some(vec![]),
         }
     }
 
@@ -293,6 +308,11 @@ mod tests {
         assert_eq!(d2.hostname, "sb-3");
         let got = db.get("sb-1").unwrap().unwrap();
         assert_eq!(got.tags, vec!["b=2", "a=1"], "tag order is kept");
+        assert_eq!(
+            (got.net_allow, got.net_drop),
+            (None, Some(vec![])),
+            "absent and empty overrides differ"
+        );
         db.set_tags("sb-1", &["x".into()]).unwrap();
         assert_eq!(
             db.list().unwrap().iter().find(|r| r.hostname == "sb-1").unwrap().tags,

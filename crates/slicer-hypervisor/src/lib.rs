@@ -6,5 +6,5 @@ pub mod qemu;
 pub mod qmp;
 
 pub use accel::{Accel, AccelChoice};
-pub use qemu::{QemuConfig, QemuProcess};
+pub use qemu::{QemuConfig, QemuNet, QemuProcess};
 pub use qmp::Qmp;

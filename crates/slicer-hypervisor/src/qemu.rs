@@ -26,6 +26,17 @@ pub struct QemuConfig {
     pub console_log: PathBuf,
     /// QEMU's own stderr.
     pub qemu_log: PathBuf,
+    /// A NIC on a TAP device, if the VM has a network.
+    pub net: Option<QemuNet>,
+}
+
+/// A virtio-net NIC backed by a TAP device, optionally inside a network namespace (QEMU then
+/// runs in that namespace; its UNIX sockets still work, they live in the filesystem).
+#[derive(Debug, Clone)]
+pub struct QemuNet {
+    pub netns: Option<String>,
+    pub tap: String,
+    pub mac: String,
 }
 
 impl QemuConfig {
@@ -97,6 +108,14 @@ impl QemuConfig {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", p(&self.qmp_socket)),
         ]);
+        if let Some(n) = &self.net {
+            a.extend([
+                "-netdev".into(),
+                format!("tap,id=net0,ifname={},script=no,downscript=no", n.tap),
+                "-device".into(),
+                format!("virtio-net-device,netdev=net0,mac={}", n.mac),
+            ]);
+        }
         a
     }
 }
@@ -115,20 +134,42 @@ impl QemuProcess {
     pub async fn spawn(cfg: &QemuConfig) -> Result<QemuProcess> {
         let log =
             std::fs::File::create(&cfg.qemu_log).with_context(|| format!("creating {}", cfg.qemu_log.display()))?;
-        let mut child = tokio::process::Command::new(&cfg.binary)
-            .args(cfg.args())
+        let mut cmd = tokio::process::Command::new(&cfg.binary);
+        cmd.args(cfg.args())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    anyhow::anyhow!("{} not found: apt-get install -y qemu-system-x86", cfg.binary.display())
-                } else {
-                    anyhow::anyhow!("starting {}: {e}", cfg.binary.display())
-                }
-            })?;
+            .process_group(0);
+        let netns = match cfg.net.as_ref().and_then(|n| n.netns.as_ref()) {
+            Some(ns) => {
+                let path = format!("/run/netns/{ns}");
+                Some(std::fs::File::open(&path).with_context(|| format!("opening network namespace {path}"))?)
+            }
+            None => None,
+        };
+        if let Some(f) = &netns {
+            use std::os::fd::AsRawFd;
+            let fd = f.as_raw_fd();
+            // SAFETY: setns(2) is async-signal-safe; the file stays open in the parent until
+            // spawn returns, so the child's copy of the descriptor is valid.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let spawned = cmd.spawn();
+        drop(netns);
+        let mut child = spawned.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                anyhow::anyhow!("{} not found: apt-get install -y qemu-system-x86", cfg.binary.display())
+            } else {
+                anyhow::anyhow!("starting {}: {e}", cfg.binary.display())
+            }
+        })?;
         let pid = child.id().context("QEMU exited before it got a pid")?;
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
@@ -184,6 +225,7 @@ mod tests {
             qmp_socket: "/q.sock".into(),
             console_log: "/c.log".into(),
             qemu_log: "/q.log".into(),
+            net: None,
         }
     }
 

@@ -72,6 +72,8 @@ pub struct VmSpec {
     pub persistent: bool,
     /// Extra kernel arguments.
     pub cmdline: Vec<String>,
+    /// A NIC: the TAP (set up by the caller) and the guest's `ip=` kernel argument.
+    pub net: Option<VmNet>,
     pub boot_timeout: Duration,
 }
 
@@ -86,9 +88,20 @@ impl VmSpec {
             dns: Vec::new(),
             persistent: false,
             cmdline: Vec::new(),
+            net: None,
             boot_timeout: Duration::from_secs(60),
         }
     }
+}
+
+/// A VM's NIC: a TAP device (in `netns`, if given) and the kernel's `ip=` argument.
+#[derive(Debug, Clone)]
+pub struct VmNet {
+    pub netns: Option<String>,
+    pub tap: String,
+    pub mac: String,
+    /// e.g. `ip=169.254.8.2::169.254.8.1:255.255.255.252::eth0:off`
+    pub kernel_ip: String,
 }
 
 /// Checks a VM name: a DNS label, since it becomes the hostname and part of paths.
@@ -189,6 +202,9 @@ impl Vm {
         if !spec.dns.is_empty() {
             cmdline.push(format!("slicer.dns={}", spec.dns.join(",")));
         }
+        if let Some(n) = &spec.net {
+            cmdline.push(n.kernel_ip.clone());
+        }
         cmdline.extend(spec.cmdline.iter().cloned());
         let cfg = QemuConfig {
             binary: host.qemu.clone(),
@@ -203,6 +219,11 @@ impl Vm {
             qmp_socket: dir.join("qmp.sock"),
             console_log: dir.join("console.log"),
             qemu_log: dir.join("qemu.log"),
+            net: spec.net.as_ref().map(|n| slicer_hypervisor::QemuNet {
+                netns: n.netns.clone(),
+                tap: n.tap.clone(),
+                mac: n.mac.clone(),
+            }),
         };
         for stale in [&cfg.agent_socket, &cfg.qmp_socket] {
             let _ = std::fs::remove_file(stale);

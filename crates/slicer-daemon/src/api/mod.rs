@@ -280,6 +280,8 @@ async fn describe(State(st): State<Shared>, Path(hostname): Path<String>) -> Res
         allow: g.map(|g| g.allow.clone()).unwrap_or_default(),
         drop: g.map(|g| g.drop.clone()).unwrap_or_default(),
     };
+    let (allow, drop) = st.manager.effective_policy(&rec);
+    let overridden = rec.net_allow.is_some() || rec.net_drop.is_some();
     Ok(Json(VmDescription {
         node: st.manager.node(&rec),
         storage: "image".into(),
@@ -287,10 +289,13 @@ async fn describe(State(st): State<Shared>, Path(hostname): Path<String>) -> Res
         image: rec.image.clone(),
         network: NetworkInfo {
             mode: g.map(|g| g.network_mode.clone()).unwrap_or_default(),
-            policy_source: "host_group".into(),
-            host_group: policy.clone(),
-            r#override: None,
-            effective: policy,
+            policy_source: if overridden { "override" } else { "host_group" }.into(),
+            host_group: policy,
+            r#override: overridden.then(|| slicer_api::NetworkOverride {
+                allow: rec.net_allow.clone(),
+                drop: rec.net_drop.clone(),
+            }),
+            effective: Policy { allow, drop },
         },
     }))
 }
