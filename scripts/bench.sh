@@ -9,3 +9,4 @@ for cpus in 1 2; do
   target/release/slicer-bench --suite boot --image min --cpus "$cpus" "$@"
 done
 target/release/slicer-bench --suite daemon --image min "$@"
+target/release/slicer-bench --suite net --image min "$@"

@@ -25,7 +25,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "config:\n  host_groups:\n  - name: bench\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n",
+            "config:\n  host_groups:\n  - name: bench\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {}\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n",
             a.image
         ),
     )?;

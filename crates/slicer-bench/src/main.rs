@@ -11,6 +11,7 @@ use slicer_hypervisor::{QemuConfig, QemuProcess};
 use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
 
 mod daemon;
+mod net;
 
 #[derive(Parser)]
 pub struct Args {
@@ -135,6 +136,15 @@ async fn main() -> Result<()> {
         .clone()
         .or_else(|| std::env::var_os("SLICER_DATA_DIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/var/lib/slicer"));
+    if args.suite == "net" {
+        return net::run(
+            &args.image,
+            args.boots,
+            data_dir.join("images"),
+            (!args.no_record).then(|| args.record.clone()),
+        )
+        .await;
+    }
     if args.suite == "daemon" {
         return daemon::run(daemon::DaemonArgs {
             image: args.image.clone(),

@@ -338,8 +338,9 @@ impl File {
             };
             let net = g.network.clone().unwrap_or_default();
             let mode = net.mode.clone().unwrap_or_else(|| "bridge".into());
-            if mode != "bridge" && mode != "isolated" {
-                bail!("{at}.network.mode: {mode:?} is not supported; use bridge or isolated");
+            // `none` (no NIC at all) is a slicer extension.
+            if mode != "bridge" && mode != "isolated" && mode != "none" {
+                bail!("{at}.network.mode: {mode:?} is not supported; use bridge, isolated or none");
             }
             for (field, list) in [("drop", &net.drop), ("allow", &net.allow)] {
                 if !list.is_empty() && mode != "isolated" {

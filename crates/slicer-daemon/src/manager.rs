@@ -100,15 +100,17 @@ impl Manager {
         let mut used = slicer_net::host_addresses().await;
         let mut nets = HashMap::new();
         for g in &settings.groups {
-            let n = if g.network_mode == "isolated" {
-                let range = match &g.range {
-                    Some(r) => slicer_net::Net::parse(r).context("range")?,
-                    None => slicer_net::derived_range(&g.name, &used),
-                };
-                used.push(range.addr);
-                GroupNet::Isolated(range)
-            } else {
-                GroupNet::Bridge(slicer_net::Bridge::new(&g.name, &g.bridge, &g.gateway)?)
+            let n = match g.network_mode.as_str() {
+                "isolated" => {
+                    let range = match &g.range {
+                        Some(r) => slicer_net::Net::parse(r).context("range")?,
+                        None => slicer_net::derived_range(&g.name, &used),
+                    };
+                    used.push(range.addr);
+                    GroupNet::Isolated(range)
+                }
+                "bridge" => GroupNet::Bridge(slicer_net::Bridge::new(&g.name, &g.bridge, &g.gateway)?),
+                _ => continue,
             };
             nets.insert(g.name.clone(), n);
         }

@@ -466,7 +466,7 @@ async fn exec_output_streams_before_the_exit() {
 async fn restart_keeps_persistent_vms_and_tags() {
     let mut d = TestDaemon::start(|port| {
         format!(
-            "config:\n  host_groups:\n  - name: keep\n    count: 1\n    vcpu: 1\n    ram_mb: 256\n  graceful_shutdown: true\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+            "config:\n  host_groups:\n  - name: keep\n    count: 1\n    vcpu: 1\n    ram_mb: 256\n    network: {{mode: none}}\n  graceful_shutdown: true\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
         )
     })
     .await;

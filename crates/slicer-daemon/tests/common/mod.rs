@@ -36,7 +36,7 @@ pub fn free_port() -> u16 {
 /// A config with one host group `group`, the given extra group keys and API port.
 pub fn config_yaml(group: &str, extra: &str, port: u16) -> String {
     format!(
-        "config:\n  host_groups:\n  - name: {group}\n    count: 0\n    vcpu: 2\n    ram_gb: 1\n{extra}  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+        "config:\n  host_groups:\n  - name: {group}\n    count: 0\n    vcpu: 2\n    ram_gb: 1\n    network: {{mode: none}}\n{extra}  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
     )
 }
 

@@ -1,0 +1,146 @@
+//! `slicer-bench --suite net`: what an isolated network adds to a create, and the round trip
+//! from a VM to a test host in a namespace this benchmark creates (198.18.9.0/24).
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use http::Method;
+use slicer_api::ApiClient;
+
+use crate::{median, record};
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+struct TestHost;
+
+impl TestHost {
+    fn new() -> Result<TestHost> {
+        let _ = TestHost::remove();
+        ip(&["netns", "add", "slbench-host"])?;
+        ip(&[
+            "link",
+            "add",
+            "slb-host",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            "slbench-host",
+        ])?;
+        ip(&["addr", "add", "198.18.9.1/24", "dev", "slb-host"])?;
+        ip(&["link", "set", "slb-host", "up"])?;
+        ip(&["-n", "slbench-host", "addr", "add", "198.18.9.2/24", "dev", "eth0"])?;
+        ip(&["-n", "slbench-host", "link", "set", "eth0", "up"])?;
+        Ok(TestHost)
+    }
+    fn remove() -> Result<()> {
+        let _ = Command::new("ip").args(["link", "del", "slb-host"]).output();
+        let _ = Command::new("ip").args(["netns", "del", "slbench-host"]).output();
+        Ok(())
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let _ = TestHost::remove();
+    }
+}
+
+pub async fn run(
+    image: &str,
+    n: usize,
+    images_dir: std::path::PathBuf,
+    record_to: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let tmp = tempfile::Builder::new().prefix("slicer-bench-net-").tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let config = tmp.path().join("slicer.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "config:\n  host_groups:\n  - name: plain\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {image}\n    network: {{mode: none}}\n  - name: iso\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {image}\n    network: {{mode: isolated, range: 169.254.240.0/22}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+        ),
+    )?;
+    let d = slicer_daemon::start(&slicer_daemon::UpOptions {
+        config,
+        data_dir: tmp.path().join("data"),
+        images_dir: Some(images_dir),
+        agent: None,
+    })
+    .await?;
+    let c = ApiClient::new(&format!("http://127.0.0.1:{port}"), d.token.clone())?;
+    let create = |group: &'static str| {
+        let c = c.clone();
+        async move {
+            let t = Instant::now();
+            let v: serde_json::Value = c
+                .json(
+                    Method::POST,
+                    &format!("/hostgroup/{group}/nodes?wait=agent"),
+                    Some(&serde_json::json!({})),
+                )
+                .await?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let h = v["hostname"].as_str().context("hostname")?.to_string();
+            Ok::<_, anyhow::Error>((ms, h))
+        }
+    };
+    let (mut plain, mut iso) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        for (group, out) in [("plain", &mut plain), ("iso", &mut iso)] {
+            let (ms, h) = create(group).await?;
+            out.push(ms);
+            let _: serde_json::Value = c
+                .json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), None)
+                .await?;
+        }
+        eprintln!("create {i}: none {:.0} ms, isolated {:.0} ms", plain[i], iso[i]);
+    }
+
+    let host = TestHost::new()?;
+    let (_, h) = create("iso").await?;
+    let q = slicer_api::client::query(&[
+        ("cmd", "ping -q -c 20 -i 0.2 198.18.9.2".to_string()),
+        ("buffered", "true".to_string()),
+    ]);
+    let v: serde_json::Value = c.json(Method::POST, &format!("/vm/{h}/exec?{q}"), None).await?;
+    let out = v["stdout"].as_str().unwrap_or_default();
+    // rtt min/avg/max/mdev = 0.512/0.873/1.900/0.300 ms
+    let avg: f64 = out
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("ping output: {out}"))?;
+    let _: serde_json::Value = c
+        .json(Method::DELETE, &format!("/hostgroup/iso/nodes/{h}"), None)
+        .await?;
+    drop(host);
+    d.stop().await;
+
+    let (p, i) = (median(plain), median(iso));
+    let table = format!(
+        "| measure ({image} image, tcg, 1 vCPU, 256 MiB) | value |\n|---|---|\n\
+         | create?wait=agent, no network, median of {n} | {p:.0} ms |\n\
+         | create?wait=agent, isolated network, median of {n} | {i:.0} ms |\n\
+         | added by the isolated network (netns, veth, TAP, nftables table) | {:.0} ms ({:.2}×) |\n\
+         | VM → test host round trip (ping, mean of 20, through TAP, bridge, veth, nftables, NAT) | {avg:.2} ms |\n",
+        i - p,
+        i / p
+    );
+    println!("{table}");
+    if let Some(path) = record_to {
+        record(&path, &format!("net-{image}"), &table)?;
+    }
+    Ok(())
+}
