@@ -71,6 +71,39 @@ pub fn parse_cmdline(cmdline: &str) -> BootParams {
     p
 }
 
+/// Grows the root filesystem to its disk: a VM's disk may be larger than the image
+/// (`storage_size`). ext4 grows online; a no-op when the sizes already match.
+pub async fn grow_root(reaper: std::sync::Arc<crate::reaper::Reaper>) {
+    let Ok(sectors) = std::fs::read_to_string("/sys/block/vda/size") else {
+        return;
+    };
+    let Ok(sectors) = sectors.trim().parse::<u64>() else {
+        return;
+    };
+    let Ok(st) = nix::sys::statvfs::statvfs("/") else {
+        return;
+    };
+    let fs_bytes = st.blocks() * st.fragment_size();
+    if sectors * 512 <= fs_bytes + (64 << 20) {
+        return;
+    }
+    // The reaper collects every child, so wait through it rather than with std's wait.
+    let child = std::process::Command::new("resize2fs")
+        .arg("/dev/vda")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => match reaper.register(c.id() as i32).await {
+            Ok(st) if st.success() => eprintln!("slicer-agent: grew / to {} MiB", (sectors * 512) >> 20),
+            Ok(st) => eprintln!("slicer-agent: resize2fs /dev/vda failed: {st:?}"),
+            Err(_) => {}
+        },
+        Err(e) => eprintln!("slicer-agent: resize2fs: {e}"),
+    }
+}
+
 /// Hostname and DNS from the kernel command line (both modes).
 pub fn configure_identity() {
     let params = parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());

@@ -72,6 +72,8 @@ fn main() {
     let result = rt.block_on(async move {
         let reaper = reaper::Reaper::start(pid1)?;
         let state = Arc::new(server::State::new(started, pid1, reaper));
+        // Off the boot path: the agent answers while the filesystem grows.
+        tokio::spawn(init::grow_root(state.reaper.clone()));
         if pid1 {
             init::spawn_signal_handlers(state.clone());
         }

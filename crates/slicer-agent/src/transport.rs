@@ -103,13 +103,27 @@ impl AsyncWrite for CharDev {
 /// Serves host sessions on the port for ever. A session ends when the host disconnects
 /// (reads return 0), or on a protocol error; the next one starts with a fresh handshake.
 pub async fn serve_port(path: &str, state: Arc<State>) -> Result<()> {
-    let dev = CharDev::open(path).with_context(|| format!("opening agent port {path}"))?;
-    eprintln!(
-        "slicer-agent {} ready on {path} ({} ms after start)",
-        slicer_agent_proto::VERSION,
-        state.started.elapsed().as_millis()
-    );
+    let mut announced = false;
     loop {
+        // A fresh descriptor for every session: once the host hangs up, epoll reports HUP and
+        // tokio keeps that "closed" readiness for the life of the registration, which would
+        // make every later read spin instead of waiting.
+        let dev = match CharDev::open(path) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening agent port {path}")),
+        };
+        if !announced {
+            announced = true;
+            eprintln!(
+                "slicer-agent {} ready on {path} ({} ms after start)",
+                slicer_agent_proto::VERSION,
+                state.started.elapsed().as_millis()
+            );
+        }
         match slicer_agent_proto::sync::agent_handshake(dev.handle()).await {
             Ok((io, _nonce)) => {
                 if let Err(e) = server::serve_session(io, state.clone()).await {
@@ -125,6 +139,7 @@ pub async fn serve_port(path: &str, state: Arc<State>) -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
+        drop(dev);
     }
 }
 

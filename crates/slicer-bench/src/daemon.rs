@@ -117,6 +117,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             tags: vec!["user=bench".into(), "job=list".into()],
             net_allow: None,
             net_drop: None,
+            pid_start: None,
         };
         d.manager.db.create(&mut rec, None)?;
     }

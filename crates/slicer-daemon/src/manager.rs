@@ -52,6 +52,8 @@ pub enum GroupNet {
 pub struct Running {
     pub vm: Vm,
     net: Option<NetHandle>,
+    /// vCPUs stopped through QMP (`POST /vm/{h}/pause`).
+    paused: AtomicBool,
     /// Set before an intentional stop, so the exit watcher does not treat it as a crash.
     stopping: AtomicBool,
     pub ready: watch::Receiver<Ready>,
@@ -233,7 +235,17 @@ impl Manager {
             .map(|g| g.tap_prefix.clone())
             .collect();
         let groups: Vec<String> = self.settings.groups.iter().map(|g| g.name.clone()).collect();
-        slicer_net::remove_leftovers(&groups, &taps).await;
+        // What adopted VMs use stays.
+        let keep: Vec<String> = self
+            .vms()
+            .values()
+            .filter_map(|r| r.net.as_ref())
+            .flat_map(|n| match n {
+                NetHandle::Isolated(i) => vec![i.netns.clone(), i.table.clone()],
+                NetHandle::Tap(t) => vec![t.clone()],
+            })
+            .collect();
+        slicer_net::remove_leftovers(&groups, &taps, &keep).await;
         for n in self.nets.values() {
             if let GroupNet::Bridge(b) = n {
                 b.setup().await?;
@@ -268,10 +280,21 @@ impl Manager {
 
     /// Brings the records in line with reality after a start: no VM process of an earlier run
     /// is left running, ephemeral VMs are gone, persistent ones are Stopped.
-    pub async fn recover(&self) -> anyhow::Result<()> {
+    pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
         for rec in self.db.list()? {
             if let Some(pid) = rec.pid {
-                if pid_is_our_qemu(pid, &rec.hostname) {
+                let ours = pid_is_our_qemu(pid, &rec.hostname);
+                let same = rec.pid_start.is_some() && slicer_hypervisor::qemu::process_start_time(pid) == rec.pid_start;
+                if ours && same && self.group(&rec.host_group).is_ok() {
+                    match self.adopt(&rec, pid, rec.pid_start.unwrap_or_default()).await {
+                        Ok(()) => {
+                            tracing::info!("adopted VM {} (pid {pid})", rec.hostname);
+                            continue;
+                        }
+                        Err(e) => tracing::warn!("cannot adopt VM {}: {e:#}", rec.hostname),
+                    }
+                }
+                if ours {
                     tracing::warn!("stopping VM process {pid} of {} left by an earlier run", rec.hostname);
                     // SAFETY: plain kill(2) on a pid whose command line names this VM.
                     unsafe {
@@ -294,6 +317,9 @@ impl Manager {
         for g in self.settings.groups.clone() {
             for n in 1..=g.count {
                 let hostname = format!("{}-{n}", g.name);
+                if self.running(&hostname).is_ok() {
+                    continue; // adopted
+                }
                 let rec = match self.db.get(&hostname)? {
                     Some(r) => r,
                     None => {
@@ -362,6 +388,7 @@ impl Manager {
             tags: req.tags.clone(),
             net_allow: None,
             net_drop: None,
+            pid_start: None,
         })
     }
 
@@ -477,7 +504,47 @@ impl Manager {
                 return Err(e);
             }
         };
-        self.db.set_status(&rec.hostname, STATUS_RUNNING, Some(vm.pid()))?;
+        self.db
+            .set_status(&rec.hostname, STATUS_RUNNING, vm.start_time().map(|t| (vm.pid(), t)))?;
+        Ok(self.track(rec, vm, net, false))
+    }
+
+    /// Takes over a VM still running from an earlier daemon (same pid and start time).
+    async fn adopt(self: &Arc<Self>, rec: &VmRecord, pid: u32, start: u64) -> anyhow::Result<()> {
+        let vm = Vm::adopt(&self.host, &self.spec(rec), pid, start).await?;
+        let net = self.net_handle(rec);
+        let paused = rec.status == slicer_api::STATUS_PAUSED;
+        self.track(rec, vm, net, paused);
+        Ok(())
+    }
+
+    /// The host-side network objects a VM has (for an adopted VM: they already exist).
+    fn net_handle(&self, rec: &VmRecord) -> Option<NetHandle> {
+        let ip: std::net::Ipv4Addr = rec.ip.split('/').next()?.parse().ok()?;
+        match self.nets.get(&rec.host_group)? {
+            GroupNet::Isolated(_) => {
+                let (allow, drop) = self.effective_policy(rec);
+                let subnet = slicer_net::Net { addr: ip, prefix: 30 }.normalized();
+                Some(NetHandle::Isolated(slicer_net::Isolated::new(
+                    &rec.hostname,
+                    subnet,
+                    allow,
+                    drop,
+                )))
+            }
+            GroupNet::Bridge(b) => {
+                let g = self.group(&rec.host_group).ok()?;
+                Some(NetHandle::Tap(format!(
+                    "{}{}",
+                    g.tap_prefix,
+                    u32::from(ip) - u32::from(b.subnet.addr)
+                )))
+            }
+        }
+    }
+
+    /// Registers a started or adopted VM and the tasks that follow its boot and its exit.
+    fn track(self: &Arc<Self>, rec: &VmRecord, vm: Vm, net: Option<NetHandle>, paused: bool) -> Arc<Running> {
         let (ready_tx, ready_rx) = watch::channel(None);
         let (ud_tx, ud_rx) = watch::channel(if rec.userdata.is_none() || rec.userdata_ran {
             Some(rec.userdata_exit_code.unwrap_or(0))
@@ -487,6 +554,7 @@ impl Manager {
         let running = Arc::new(Running {
             vm,
             net,
+            paused: AtomicBool::new(paused),
             stopping: AtomicBool::new(false),
             ready: ready_rx,
             userdata: ud_rx,
@@ -496,7 +564,11 @@ impl Manager {
         let (me, r, hostname) = (self.clone(), running.clone(), rec.hostname.clone());
         let userdata = if rec.userdata_ran { None } else { rec.userdata.clone() };
         tokio::spawn(async move {
-            let result = r.vm.wait_ready(BOOT_TIMEOUT).await.map_err(|e| format!("{e:#}"));
+            let result = if r.paused.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                r.vm.wait_ready(BOOT_TIMEOUT).await.map_err(|e| format!("{e:#}"))
+            };
             let ok = result.is_ok();
             let _ = ready_tx.send(Some(result));
             if let (true, Some(script)) = (ok, userdata) {
@@ -515,7 +587,7 @@ impl Manager {
             tracing::warn!("VM {hostname} exited unexpectedly");
             me.reap(&hostname, &r).await;
         });
-        Ok(running)
+        running
     }
 
     /// After a VM stopped on its own: ephemeral VMs vanish, persistent ones become Stopped.
@@ -551,6 +623,7 @@ impl Manager {
 
     pub fn node(&self, rec: &VmRecord) -> Node {
         let status = match self.vms().get(&rec.hostname) {
+            Some(r) if r.vm.is_running() && r.paused.load(Ordering::SeqCst) => slicer_api::STATUS_PAUSED,
             Some(r) if r.vm.is_running() => STATUS_RUNNING,
             _ => STATUS_STOPPED,
         };
@@ -586,6 +659,55 @@ impl Manager {
         }
         self.record(hostname)?;
         Err(ApiErr::conflict(format!("VM {hostname} is not running")))
+    }
+
+    /// The running, unpaused VM of `hostname`, for guest operations: 409 when paused.
+    pub fn active(&self, hostname: &str) -> Result<Arc<Running>, ApiErr> {
+        let r = self.running(hostname)?;
+        if r.paused.load(Ordering::SeqCst) {
+            return Err(ApiErr::conflict(format!("VM {hostname} is paused: resume it first")));
+        }
+        Ok(r)
+    }
+
+    /// `POST /vm/{h}/pause` and `/resume`: QMP stop and cont.
+    pub async fn set_paused(&self, hostname: &str, pause: bool) -> Result<(), ApiErr> {
+        let r = self.running(hostname)?;
+        let qmp = r.vm.qmp().await.map_err(ApiErr::internal)?;
+        qmp.execute(if pause { "stop" } else { "cont" }, None)
+            .await
+            .map_err(ApiErr::internal)?;
+        r.paused.store(pause, Ordering::SeqCst);
+        let status = if pause {
+            slicer_api::STATUS_PAUSED
+        } else {
+            STATUS_RUNNING
+        };
+        self.db
+            .set_status(hostname, status, r.vm.start_time().map(|t| (r.vm.pid(), t)))
+            .map_err(ApiErr::internal)?;
+        Ok(())
+    }
+
+    /// `POST /vm/{h}/relaunch`: boots a stopped persistent VM again from its disk.
+    pub async fn relaunch(self: &Arc<Self>, hostname: &str) -> Result<CreateNodeResponse, ApiErr> {
+        let rec = self.record(hostname)?;
+        if self.running(hostname).is_ok() {
+            return Err(ApiErr::conflict(format!("VM {hostname} is running")));
+        }
+        if !rec.persistent && !rec.protected {
+            return Err(ApiErr::bad_request(format!("VM {hostname} is not persistent")));
+        }
+        let r = self.launch(&rec).await.map_err(ApiErr::internal)?;
+        self.wait_for(&r, Wait::Agent).await.map_err(ApiErr::internal)?;
+        Ok(CreateNodeResponse {
+            hostname: rec.hostname.clone(),
+            hostgroup: rec.host_group.clone(),
+            ip: rec.ip.clone(),
+            created_at: rec.created_at.clone(),
+            arch: "amd64".into(),
+            persistent: rec.persistent,
+        })
     }
 
     /// Stops and removes a VM with its disk. `force` skips the protection of count VMs.

@@ -29,6 +29,8 @@ pub struct VmRecord {
     /// Per-VM network policy overrides (`None`: inherit the host group's list).
     pub net_allow: Option<Vec<String>>,
     pub net_drop: Option<Vec<String>>,
+    /// Start time of `pid` (clock ticks since boot), to recognise the process after a restart.
+    pub pid_start: Option<u64>,
 }
 
 pub struct Db {
@@ -55,7 +57,8 @@ CREATE TABLE IF NOT EXISTS vms (
     userdata_ran INTEGER NOT NULL DEFAULT 0,
     userdata_exit_code INTEGER,
     net_allow TEXT,
-    net_drop TEXT
+    net_drop TEXT,
+    pid_start INTEGER
 );
 CREATE TABLE IF NOT EXISTS tags (
     hostname TEXT NOT NULL REFERENCES vms(hostname) ON DELETE CASCADE,
@@ -93,11 +96,12 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         net_drop: r
             .get::<_, Option<String>>(16)?
             .and_then(|j| serde_json::from_str(&j).ok()),
+        pid_start: r.get::<_, Option<i64>>(17)?.map(|v| v as u64),
     })
 }
 
 const COLUMNS: &str = "hostname, host_group, cpus, ram_bytes, persistent, protected, status, created_at, ip, pid, \
-                       image, storage_size, userdata, userdata_ran, userdata_exit_code, net_allow, net_drop";
+                       image, storage_size, userdata, userdata_ran, userdata_exit_code, net_allow, net_drop, pid_start";
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
@@ -146,7 +150,7 @@ impl Db {
         rec.hostname = format!("{}-{n}", rec.host_group);
         tx.execute(
             &format!(
-                "INSERT INTO vms ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                "INSERT INTO vms ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
             ),
             params![
                 rec.hostname,
@@ -165,7 +169,8 @@ impl Db {
                 rec.userdata_ran,
                 rec.userdata_exit_code,
                 rec.net_allow.as_ref().map(|v| serde_json::to_string(v).unwrap_or_default()),
-                rec.net_drop.as_ref().map(|v| serde_json::to_string(v).unwrap_or_default())
+                rec.net_drop.as_ref().map(|v| serde_json::to_string(v).unwrap_or_default()),
+                rec.pid_start.map(|v| v as i64)
             ],
         )
         .with_context(|| format!("recording VM {}", rec.hostname))?;
@@ -223,10 +228,11 @@ impl Db {
         Ok(recs)
     }
 
-    pub fn set_status(&self, hostname: &str, status: &str, pid: Option<u32>) -> Result<()> {
+    /// Status and, while it runs, the VM process (pid and start time).
+    pub fn set_status(&self, hostname: &str, status: &str, process: Option<(u32, u64)>) -> Result<()> {
         self.conn().execute(
-            "UPDATE vms SET status = ?2, pid = ?3 WHERE hostname = ?1",
-            params![hostname, status, pid],
+            "UPDATE vms SET status = ?2, pid = ?3, pid_start = ?4 WHERE hostname = ?1",
+            params![hostname, status, process.map(|p| p.0), process.map(|p| p.1 as i64)],
         )?;
         Ok(())
     }
@@ -285,6 +291,7 @@ mod tests {
             tags: vec!["b=2".into(), "a=1".into()],
             net_allow: None,
             net_drop: Some(vec![]),
+            pid_start: None,
         }
     }
 

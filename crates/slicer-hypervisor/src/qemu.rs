@@ -129,7 +129,45 @@ pub struct QemuProcess {
     exited: watch::Receiver<Option<std::process::ExitStatus>>,
 }
 
+/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat): with the
+/// pid, it identifies a process across pid reuse.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields after it follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 impl QemuProcess {
+    /// Takes over a QEMU that an earlier daemon started (not our child): its exit is watched
+    /// through a pidfd. `start_time` must match, so a reused pid is never adopted.
+    pub fn adopt(pid: u32, start_time: u64) -> Result<QemuProcess> {
+        anyhow::ensure!(
+            process_start_time(pid) == Some(start_time),
+            "process {pid} is not the VM process that was recorded"
+        );
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        anyhow::ensure!(fd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        // SAFETY: the descriptor was just returned by pidfd_open and is owned by nobody else.
+        let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        // SAFETY: the AsyncFd owns the descriptor for its whole life.
+        let afd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }?;
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            // A pidfd becomes readable when the process exits.
+            let _ = afd.readable().await;
+            use std::os::unix::process::ExitStatusExt;
+            let _ = tx.send(Some(std::process::ExitStatus::from_raw(0)));
+        });
+        Ok(QemuProcess { pid, exited: rx })
+    }
+
+    /// This process's start time (see [`process_start_time`]).
+    pub fn start_time(&self) -> Option<u64> {
+        process_start_time(self.pid)
+    }
+
     /// Starts QEMU in its own process group, so signals for the caller's terminal do not reach it.
     pub async fn spawn(cfg: &QemuConfig) -> Result<QemuProcess> {
         let log =

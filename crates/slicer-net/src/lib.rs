@@ -390,10 +390,10 @@ fn is_vm_object(name: &str, prefix: &str, groups: &[String]) -> bool {
 /// Removes what an earlier run of a daemon with these host groups left behind: VM
 /// namespaces (their veths go with them), VM and bridge tables, and TAPs with the groups'
 /// prefixes. Objects of other daemons (other groups) are left alone.
-pub async fn remove_leftovers(groups: &[String], tap_prefixes: &[String]) {
+pub async fn remove_leftovers(groups: &[String], tap_prefixes: &[String], keep: &[String]) {
     if let Ok(out) = ip(&["netns", "list"]).await {
         for ns in out.lines().filter_map(|l| l.split_whitespace().next()) {
-            if is_vm_object(ns, NETNS_PREFIX, groups) {
+            if is_vm_object(ns, NETNS_PREFIX, groups) && !keep.iter().any(|k| k == ns) {
                 let _ = ip(&["netns", "del", ns]).await;
             }
         }
@@ -411,7 +411,7 @@ pub async fn remove_leftovers(groups: &[String], tap_prefixes: &[String]) {
                 name.strip_prefix(p.as_str())
                     .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
             });
-            if is_tap {
+            if is_tap && !keep.contains(&name) {
                 let _ = ip(&["link", "del", &name]).await;
             }
         }
@@ -421,7 +421,7 @@ pub async fn remove_leftovers(groups: &[String], tap_prefixes: &[String]) {
             let w: Vec<&str> = l.split_whitespace().collect();
             if w.len() == 3 && w[0] == "table" {
                 let bridge = groups.iter().any(|g| w[2] == format!("{TABLE_PREFIX}br-{g}"));
-                if bridge || is_vm_object(w[2], TABLE_PREFIX, groups) {
+                if bridge || (is_vm_object(w[2], TABLE_PREFIX, groups) && !keep.iter().any(|k| k == w[2])) {
                     let _ = run("nft", &["delete", "table", w[1], w[2]], None).await;
                 }
             }

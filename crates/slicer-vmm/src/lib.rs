@@ -255,6 +255,36 @@ impl Vm {
         })
     }
 
+    /// Takes over a VM whose QEMU an earlier process started (after a daemon restart). The
+    /// process must be the one recorded: same pid and start time.
+    pub async fn adopt(host: &Host, spec: &VmSpec, pid: u32, start_time: u64) -> Result<Vm> {
+        validate_name(&spec.name)?;
+        let image = host.images.get(&spec.image)?;
+        let accel = host.accel(&image.kernel).await?;
+        let dir = host.vm_root.join(&spec.name);
+        let qemu = QemuProcess::adopt(pid, start_time)?;
+        Ok(Vm {
+            name: spec.name.clone(),
+            image,
+            accel,
+            persistent: spec.persistent,
+            boot_time_ns: 0.into(),
+            started: Instant::now(),
+            qmp_socket: dir.join("qmp.sock"),
+            console_log: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+            agent: AgentClient::new(dir.join("agent.sock")),
+            dir,
+            qemu,
+            cleaned: false.into(),
+        })
+    }
+
+    /// Start time of the QEMU process (with the pid, it identifies the process).
+    pub fn start_time(&self) -> Option<u64> {
+        self.qemu.start_time()
+    }
+
     /// Waits for the agent's first health answer; fails early if QEMU exits.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         tokio::select! {

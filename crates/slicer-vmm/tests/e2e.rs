@@ -235,3 +235,31 @@ async fn bad_specs_fail_before_anything_starts() {
     assert!(err.to_string().contains("slicer image build"), "{err}");
     assert_eq!(std::fs::read_dir(f.tmp.path()).unwrap().count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_channel_recovers_when_the_host_reconnects_mid_stream() {
+    let f = fixture();
+    let vm = boot(&f, "e2e-reconnect", "min").await;
+    // Dropping the connection while the guest streams output into it stands for a daemon
+    // that died; QEMU serves one client at a time, so the next connection is the new daemon.
+    let agent = vm.agent();
+    let mut p = agent
+        .exec(&ExecRequest::shell("while true; do head -c 65536 /dev/zero; done"))
+        .await
+        .unwrap();
+    let _ = p.next_event().await.unwrap();
+    agent.reset().await;
+    drop(p);
+    let t0 = Instant::now();
+    agent
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("the agent answers a new host session");
+    eprintln!("reconnected in {:?}", t0.elapsed());
+    let out = agent
+        .exec_output(&ExecRequest::argv(["echo", "again"]), None)
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"again\n");
+    vm.stop(Duration::from_secs(10)).await.unwrap();
+}

@@ -66,7 +66,7 @@ pub async fn upload(
         (None, None) => None,
         (u, g) => Some((u.unwrap_or(0), g.or(u).unwrap_or(0))),
     };
-    let running = st.manager.running(&hostname)?;
+    let running = st.manager.active(&hostname)?;
     let reader = tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
     let agent = running.vm.agent();
     let bytes = match mode {
@@ -81,7 +81,7 @@ pub async fn download(State(st): State<Shared>, Path(hostname): Path<String>, q:
     let pairs = query_pairs(&q.0);
     let path = guest_path(&pairs)?;
     let mode = mode(&pairs)?;
-    let running = st.manager.running(&hostname)?;
+    let running = st.manager.active(&hostname)?;
     let agent = running.vm.agent();
     let dl = match mode {
         Mode::Binary => agent.download_file(&path).await,

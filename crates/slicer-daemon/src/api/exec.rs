@@ -147,7 +147,7 @@ pub async fn exec(
     if query_bool(&pairs, "background")? {
         return Err(ApiErr::bad_request("background exec is not supported yet"));
     }
-    let running = st.manager.running(&hostname)?;
+    let running = st.manager.active(&hostname)?;
     let enc = if b64 { "base64".to_string() } else { String::new() };
 
     let mut proc = match running.vm.agent().exec(&spec).await {

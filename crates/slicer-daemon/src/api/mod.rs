@@ -50,6 +50,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/vm/{hostname}/health"),
     ("HEAD", "/vm/{hostname}/health"),
     ("POST", "/vm/{hostname}/shutdown"),
+    ("POST", "/vm/{hostname}/pause"),
+    ("POST", "/vm/{hostname}/resume"),
+    ("POST", "/vm/{hostname}/relaunch"),
 ];
 
 /// Largest JSON request body; streamed bodies (exec stdin, cp) have no limit.
@@ -70,6 +73,9 @@ pub fn router(state: Shared) -> Router {
         .route("/vm/{hostname}/logs", get(logs))
         .route("/vm/{hostname}/health", get(health).head(health_head))
         .route("/vm/{hostname}/shutdown", post(shutdown))
+        .route("/vm/{hostname}/pause", post(pause))
+        .route("/vm/{hostname}/resume", post(resume))
+        .route("/vm/{hostname}/relaunch", post(relaunch))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(healthz).head(healthz))
@@ -387,7 +393,7 @@ async fn logs(
 
 async fn health(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Json<HealthResponse>, ApiErr> {
     let rec = st.manager.record(&hostname)?;
-    let r = st.manager.running(&hostname)?;
+    let r = st.manager.active(&hostname)?;
     let h = r.vm.agent().health().await.map_err(ApiErr::agent)?;
     Ok(Json(HealthResponse {
         hostname,
@@ -401,7 +407,7 @@ async fn health(State(st): State<Shared>, Path(hostname): Path<String>) -> Resul
 }
 
 async fn health_head(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<StatusCode, ApiErr> {
-    let r = st.manager.running(&hostname)?;
+    let r = st.manager.active(&hostname)?;
     r.vm.agent().health().await.map_err(ApiErr::agent)?;
     Ok(StatusCode::OK)
 }
@@ -424,6 +430,27 @@ async fn shutdown(State(st): State<Shared>, Path(hostname): Path<String>, q: Raw
         "text/plain".parse().expect("static header"),
     );
     Ok((StatusCode::OK, h, if reboot { "rebooting\n" } else { "shut down\n" }).into_response())
+}
+
+fn text(body: &'static str) -> Response {
+    (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+async fn pause(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Response, ApiErr> {
+    st.manager.set_paused(&hostname, true).await?;
+    Ok(text("paused\n"))
+}
+
+async fn resume(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Response, ApiErr> {
+    st.manager.set_paused(&hostname, false).await?;
+    Ok(text("resumed\n"))
+}
+
+async fn relaunch(
+    State(st): State<Shared>,
+    Path(hostname): Path<String>,
+) -> Result<Json<slicer_api::CreateNodeResponse>, ApiErr> {
+    Ok(Json(st.manager.relaunch(&hostname).await?))
 }
 
 /// Used by tests: every (method, path) in [`ROUTES`].
