@@ -72,6 +72,18 @@ pub struct Manager {
     alloc: tokio::sync::Mutex<()>,
 }
 
+/// The answer to a create (or relaunch) of `rec`.
+fn created(rec: &VmRecord) -> CreateNodeResponse {
+    CreateNodeResponse {
+        hostname: rec.hostname.clone(),
+        hostgroup: rec.host_group.clone(),
+        ip: rec.ip.clone(),
+        created_at: rec.created_at.clone(),
+        arch: "amd64".into(),
+        persistent: rec.persistent,
+    }
+}
+
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -447,14 +459,7 @@ impl Manager {
                 return Err(err);
             }
         }
-        Ok(CreateNodeResponse {
-            hostname: rec.hostname.clone(),
-            hostgroup: rec.host_group.clone(),
-            ip: rec.ip.clone(),
-            created_at: rec.created_at.clone(),
-            arch: "amd64".into(),
-            persistent: rec.persistent,
-        })
+        Ok(created(&rec))
     }
 
     async fn wait_for(&self, r: &Running, w: Wait) -> Result<(), String> {
@@ -700,14 +705,7 @@ impl Manager {
         }
         let r = self.launch(&rec).await.map_err(ApiErr::internal)?;
         self.wait_for(&r, Wait::Agent).await.map_err(ApiErr::internal)?;
-        Ok(CreateNodeResponse {
-            hostname: rec.hostname.clone(),
-            hostgroup: rec.host_group.clone(),
-            ip: rec.ip.clone(),
-            created_at: rec.created_at.clone(),
-            arch: "amd64".into(),
-            persistent: rec.persistent,
-        })
+        Ok(created(&rec))
     }
 
     /// Stops and removes a VM with its disk. `force` skips the protection of count VMs.
