@@ -27,9 +27,6 @@ pub type ReqBody = BoxBody<Bytes, io::Error>;
 /// Largest JSON answer (health, errors, results) accepted from a guest.
 const MAX_JSON: usize = 64 * 1024;
 const UPLOAD_CHUNK: usize = 256 * 1024;
-/// How long a fresh connection's first health answer may take before the connection is
-/// considered stalled (see [`AgentClient::connect`]).
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -46,8 +43,6 @@ pub enum AgentError {
     Remote { status: u16, kind: String, message: String },
     #[error("{0}")]
     Io(#[from] io::Error),
-    #[error("the agent channel stalled after the handshake")]
-    Stalled,
 }
 
 impl AgentError {
@@ -174,35 +169,12 @@ impl AgentClient {
             .max_header_list_size(h2::MAX_HEADER_LIST_SIZE)
             .handshake(TokioIo::new(io))
             .await?;
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!("agent connection ended: {e}");
             }
         });
-        // QEMU's virtio-serial can leave a port throttled when the guest wrote while no host
-        // was connected (a daemon that died mid-stream): the handshake gets through, then the
-        // guest's answers stall until the next disconnect, which resets the port. Probe once;
-        // on a stall, close this connection so the next attempt starts on a clean port.
-        let mut probe = sender.clone();
-        let ok = tokio::time::timeout(PROBE_TIMEOUT, async {
-            probe.ready().await?;
-            let req = Request::get(uri("/v1/health", None))
-                .body(empty())
-                .map_err(|e| AgentError::Protocol(e.to_string()))?;
-            check(probe.send_request(req).await?).await.map(|_| ())
-        })
-        .await;
-        match ok {
-            Ok(Ok(())) => Ok(sender),
-            Ok(Err(e)) => {
-                task.abort();
-                Err(e)
-            }
-            Err(_) => {
-                task.abort();
-                Err(AgentError::Stalled)
-            }
-        }
+        Ok(sender)
     }
 
     async fn sender(&self) -> Result<SendRequest<ReqBody>> {
@@ -212,13 +184,7 @@ impl AgentClient {
                 return Ok(s.clone());
             }
         }
-        let mut attempts = 0;
-        let s = loop {
-            match self.connect(self.handshake_timeout).await {
-                Err(AgentError::Stalled) if attempts < 3 => attempts += 1,
-                other => break other?,
-            }
-        };
+        let s = self.connect(self.handshake_timeout).await?;
         *guard = Some(s.clone());
         Ok(s)
     }
