@@ -7,29 +7,12 @@ use std::time::{Duration, Instant};
 
 use common::{no_qemu_for, TestDaemon};
 use http::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn cfg(group: &str, extra: &str, port: u16) -> String {
     format!(
         "config:\n  host_groups:\n  - name: {group}\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n{extra}  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
     )
-}
-
-async fn create(d: &TestDaemon, group: &str, body: Value) -> Value {
-    let (s, v) = d
-        .send_json(
-            Method::POST,
-            &format!("/hostgroup/{group}/nodes?wait=agent"),
-            &body.to_string(),
-        )
-        .await;
-    assert_eq!(s, 201, "{v}");
-    v
-}
-
-async fn sh(d: &TestDaemon, vm: &str, line: &str) -> (u16, Value) {
-    let q = slicer_api::client::query(&[("cmd", line.to_string()), ("buffered", "true".into())]);
-    d.send_json(Method::POST, &format!("/vm/{vm}/exec?{q}"), "").await
 }
 
 fn qemu_pid(hostname: &str) -> Option<u32> {
@@ -49,11 +32,11 @@ fn netns_exists(name: &str) -> bool {
 async fn a_killed_vm_is_noticed_within_two_seconds() {
     let mut d =
         TestDaemon::start(|p| cfg("crash", "    network: {mode: isolated, range: 169.254.220.0/22}\n", p)).await;
-    let eph = create(&d, "crash", json!({})).await["hostname"]
+    let eph = d.create_vm("crash", json!({})).await["hostname"]
         .as_str()
         .unwrap()
         .to_string();
-    let per = create(&d, "crash", json!({"persistent": true})).await["hostname"]
+    let per = d.create_vm("crash", json!({"persistent": true})).await["hostname"]
         .as_str()
         .unwrap()
         .to_string();
@@ -94,14 +77,14 @@ async fn a_killed_vm_is_noticed_within_two_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_disk_survives_shutdown_and_relaunch_and_has_its_size() {
     let mut d = TestDaemon::start(|p| cfg("keep", "    storage_size: 2G\n    network: {mode: none}\n", p)).await;
-    let h = create(&d, "keep", json!({"persistent": true})).await["hostname"]
+    let h = d.create_vm("keep", json!({"persistent": true})).await["hostname"]
         .as_str()
         .unwrap()
         .to_string();
     // The root filesystem grows to storage_size in the background after boot.
     let deadline = Instant::now() + Duration::from_secs(60);
     let size = loop {
-        let (_, v) = sh(&d, &h, "df -B1 --output=size / | tail -1").await;
+        let (_, v) = d.sh(&h, "df -B1 --output=size / | tail -1").await;
         let size: u64 = v["stdout"].as_str().unwrap().trim().parse().unwrap();
         if size > 1800 << 20 || Instant::now() > deadline {
             break size;
@@ -109,7 +92,7 @@ async fn persistent_disk_survives_shutdown_and_relaunch_and_has_its_size() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!((1800 << 20..=2 << 30).contains(&size), "df / reports {size} bytes");
-    let (s, v) = sh(&d, &h, "echo kept > /root/marker && sync").await;
+    let (s, v) = d.sh(&h, "echo kept > /root/marker && sync").await;
     assert_eq!((s, v["exit_code"].as_i64()), (200, Some(0)));
     assert_eq!(
         d.send_json(Method::POST, &format!("/vm/{h}/relaunch"), "").await.0,
@@ -125,10 +108,10 @@ async fn persistent_disk_survives_shutdown_and_relaunch_and_has_its_size() {
     let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/relaunch"), "").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["hostname"], h.as_str());
-    let (_, v) = sh(&d, &h, "cat /root/marker").await;
+    let (_, v) = d.sh(&h, "cat /root/marker").await;
     assert_eq!(v["stdout"], "kept\n");
     // An ephemeral VM cannot be relaunched; an unknown one is 404.
-    let e = create(&d, "keep", json!({})).await["hostname"]
+    let e = d.create_vm("keep", json!({})).await["hostname"]
         .as_str()
         .unwrap()
         .to_string();
@@ -140,19 +123,19 @@ async fn persistent_disk_survives_shutdown_and_relaunch_and_has_its_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_blocks_guest_operations_until_resume() {
     let mut d = TestDaemon::start(|p| cfg("pz", "    network: {mode: none}\n", p)).await;
-    let h = create(&d, "pz", json!({})).await["hostname"]
+    let h = d.create_vm("pz", json!({})).await["hostname"]
         .as_str()
         .unwrap()
         .to_string();
     let (s, _) = d.send_json(Method::POST, &format!("/vm/{h}/pause"), "").await;
     assert_eq!(s, 200);
     assert_eq!(d.get(&format!("/vm/{h}")).await.1["status"], "Paused");
-    let (s, v) = sh(&d, &h, "true").await;
+    let (s, v) = d.sh(&h, "true").await;
     assert_eq!(s, 409, "{v}");
     assert_eq!(d.get(&format!("/vm/{h}/cp?path=/etc/hostname")).await.0, 409);
     let (s, _) = d.send_json(Method::POST, &format!("/vm/{h}/resume"), "").await;
     assert_eq!(s, 200);
-    let (s, v) = sh(&d, &h, "hostname").await;
+    let (s, v) = d.sh(&h, "hostname").await;
     assert_eq!((s, v["stdout"].as_str()), (200, Some(format!("{h}\n").as_str())));
     assert_eq!(d.send_json(Method::POST, "/vm/pz-99/pause", "").await.0, 404);
     d.stop().await;
@@ -192,9 +175,9 @@ async fn fifty_create_delete_cycles_leak_nothing() {
     let before = count_ours();
     let fds_before = std::fs::read_dir("/proc/self/fd").unwrap().count();
     for i in 0..50 {
-        let v = create(&d, "cyc", json!({"tags": [format!("i={i}")]})).await;
+        let v = d.create_vm("cyc", json!({"tags": [format!("i={i}")]})).await;
         let h = v["hostname"].as_str().unwrap().to_string();
-        let (s, out) = sh(&d, &h, "echo ok").await;
+        let (s, out) = d.sh(&h, "echo ok").await;
         assert_eq!((s, out["stdout"].as_str()), (200, Some("ok\n")));
         let (s, v) = d
             .send_json(Method::DELETE, &format!("/hostgroup/cyc/nodes/{h}"), "")

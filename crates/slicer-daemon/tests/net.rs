@@ -93,8 +93,7 @@ impl Drop for TestHost {
 
 /// Runs a shell line in the VM: (exit code, stdout).
 async fn sh(d: &TestDaemon, vm: &str, line: &str) -> (i64, String) {
-    let q = slicer_api::client::query(&[("cmd", line.to_string()), ("buffered", "true".into())]);
-    let (s, v) = d.send_json(Method::POST, &format!("/vm/{vm}/exec?{q}"), "").await;
+    let (s, v) = d.sh(vm, line).await;
     assert_eq!(s, 200, "{v}");
     (
         v["exit_code"].as_i64().unwrap(),
@@ -118,14 +117,7 @@ async fn pings(d: &TestDaemon, vm: &str, addr: &str) -> bool {
 }
 
 async fn create(d: &TestDaemon, group: &str, body: Value) -> (String, String) {
-    let (s, v) = d
-        .send_json(
-            Method::POST,
-            &format!("/hostgroup/{group}/nodes?wait=agent"),
-            &body.to_string(),
-        )
-        .await;
-    assert_eq!(s, 201, "{v}");
+    let v = d.create_vm(group, body).await;
     let ip = v["ip"].as_str().unwrap().split('/').next().unwrap().to_string();
     (v["hostname"].as_str().unwrap().to_string(), ip)
 }

@@ -115,6 +115,22 @@ impl TestDaemon {
     }
 }
 
+impl TestDaemon {
+    /// Creates a VM with `wait=agent`, asserting 201; returns the answer.
+    pub async fn create_vm(&self, group: &str, body: serde_json::Value) -> serde_json::Value {
+        let path = format!("/hostgroup/{group}/nodes?wait=agent");
+        let (s, v) = self.send_json(Method::POST, &path, &body.to_string()).await;
+        assert_eq!(s, 201, "{v}");
+        v
+    }
+
+    /// Runs a shell line in a VM with `buffered=true`: (status, answer).
+    pub async fn sh(&self, vm: &str, line: &str) -> (u16, serde_json::Value) {
+        let q = slicer_api::client::query(&[("cmd", line.to_string()), ("buffered", "true".into())]);
+        self.send_json(Method::POST, &format!("/vm/{vm}/exec?{q}"), "").await
+    }
+}
+
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         // A failed test must not leave VMs: stop them on a fresh runtime.
