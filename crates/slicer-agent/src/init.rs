@@ -139,7 +139,8 @@ fn loopback_up() {
     }
 }
 
-pub fn spawn_signal_handlers(_state: std::sync::Arc<crate::server::State>) {
+/// As PID 1: SIGTERM, SIGINT (ctrl-alt-del) and SIGPWR power the guest off.
+pub fn spawn_signal_handlers() {
     use tokio::signal::unix::{signal, SignalKind};
     for kind in [
         SignalKind::terminate(),

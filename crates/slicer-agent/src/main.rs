@@ -70,12 +70,12 @@ fn main() {
         }
     };
     let result = rt.block_on(async move {
-        let reaper = reaper::Reaper::start(pid1)?;
+        let reaper = reaper::Reaper::start()?;
         let state = Arc::new(server::State::new(started, pid1, reaper));
         // Off the boot path: the agent answers while the filesystem grows.
         tokio::spawn(init::grow_root(state.reaper.clone()));
         if pid1 {
-            init::spawn_signal_handlers(state.clone());
+            init::spawn_signal_handlers();
         }
         match listen {
             Listen::Unix(path) => transport::serve_unix(&path, state).await,

@@ -27,7 +27,7 @@ const UNCLAIMED_TTL: Duration = Duration::from_secs(30);
 
 impl Reaper {
     /// Installs the SIGCHLD handler and the reaping task. Must run before any child is spawned.
-    pub fn start(_pid1: bool) -> std::io::Result<Arc<Reaper>> {
+    pub fn start() -> std::io::Result<Arc<Reaper>> {
         // As a subreaper the agent also collects orphaned grandchildren under an init system.
         // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes a plain integer argument.
         unsafe {

@@ -77,7 +77,7 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
         None
     };
     let listen = settings.listen.clone();
-    let manager = Manager::new(settings, host, opts.data_dir.clone()).await?;
+    let manager = Manager::new(settings, host, &opts.data_dir).await?;
     manager.recover().await?;
     manager.setup_networks().await?;
     let app = api::router(Arc::new(api::AppState {

@@ -65,7 +65,6 @@ pub struct Manager {
     pub settings: Settings,
     pub host: Host,
     pub db: Db,
-    pub data_dir: PathBuf,
     vms: Mutex<HashMap<String, Arc<Running>>>,
     nets: HashMap<String, GroupNet>,
     /// Serializes address allocation with the record's creation.
@@ -106,7 +105,7 @@ pub enum Wait {
 }
 
 impl Manager {
-    pub async fn new(settings: Settings, host: Host, data_dir: PathBuf) -> anyhow::Result<Arc<Manager>> {
+    pub async fn new(settings: Settings, host: Host, data_dir: &std::path::Path) -> anyhow::Result<Arc<Manager>> {
         std::fs::create_dir_all(&host.vm_root)?;
         let db = Db::open(&data_dir.join("state.db"))?;
         // Address plan: explicit ranges, then ranges derived from group names that avoid the
@@ -132,7 +131,6 @@ impl Manager {
             settings,
             host,
             db,
-            data_dir,
             vms: Mutex::new(HashMap::new()),
             nets,
             alloc: tokio::sync::Mutex::new(()),
@@ -336,7 +334,7 @@ impl Manager {
                     Some(r) => r,
                     None => {
                         let mut r = self
-                            .new_record(&g, &CreateNodeRequest::default(), true)
+                            .new_record(&g, &CreateNodeRequest::default())
                             .map_err(|e| anyhow::anyhow!("host group {}: {}", g.name, e.message))?;
                         r.protected = true;
                         r.persistent = true;
@@ -350,7 +348,7 @@ impl Manager {
         Ok(())
     }
 
-    fn new_record(&self, g: &Group, req: &CreateNodeRequest, _count: bool) -> Result<VmRecord, ApiErr> {
+    fn new_record(&self, g: &Group, req: &CreateNodeRequest) -> Result<VmRecord, ApiErr> {
         let cpus = req.cpus.unwrap_or(g.cpus);
         if cpus == 0 || cpus > g.cpus {
             return Err(ApiErr::bad_request(format!(
@@ -413,7 +411,7 @@ impl Manager {
         timeout: Duration,
     ) -> Result<CreateNodeResponse, ApiErr> {
         let g = self.group(group)?.clone();
-        let mut rec = self.new_record(&g, &req, false)?;
+        let mut rec = self.new_record(&g, &req)?;
         if let Some(n) = &req.network {
             if g.network_mode != "isolated" {
                 return Err(ApiErr::bad_request(format!(

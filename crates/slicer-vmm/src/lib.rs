@@ -238,21 +238,7 @@ impl Vm {
                 return Err(e);
             }
         };
-        Ok(Vm {
-            name: spec.name.clone(),
-            image,
-            accel,
-            persistent: spec.persistent,
-            boot_time_ns: 0.into(),
-            started,
-            dir,
-            qmp_socket: cfg.qmp_socket.clone(),
-            console_log: cfg.console_log.clone(),
-            qemu_log: cfg.qemu_log.clone(),
-            qemu,
-            agent: AgentClient::new(&cfg.agent_socket),
-            cleaned: false.into(),
-        })
+        Ok(Vm::handle(spec, image, accel, dir, qemu, started))
     }
 
     /// Takes over a VM whose QEMU an earlier process started (after a daemon restart). The
@@ -263,13 +249,18 @@ impl Vm {
         let accel = host.accel(&image.kernel).await?;
         let dir = host.vm_root.join(&spec.name);
         let qemu = QemuProcess::adopt(pid, start_time)?;
-        Ok(Vm {
+        Ok(Vm::handle(spec, image, accel, dir, qemu, Instant::now()))
+    }
+
+    /// The handle of a VM whose files live in `dir` (the same layout [`Vm::start`] creates).
+    fn handle(spec: &VmSpec, image: Image, accel: Accel, dir: PathBuf, qemu: QemuProcess, started: Instant) -> Vm {
+        Vm {
             name: spec.name.clone(),
             image,
             accel,
             persistent: spec.persistent,
             boot_time_ns: 0.into(),
-            started: Instant::now(),
+            started,
             qmp_socket: dir.join("qmp.sock"),
             console_log: dir.join("console.log"),
             qemu_log: dir.join("qemu.log"),
@@ -277,7 +268,7 @@ impl Vm {
             dir,
             qemu,
             cleaned: false.into(),
-        })
+        }
     }
 
     /// Start time of the QEMU process (with the pid, it identifies the process).

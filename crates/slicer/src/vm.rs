@@ -443,7 +443,7 @@ async fn exec(
     let stdin = !std::io::stdin().is_terminal();
     let body: Body = if stdin {
         q.push(("stdin", "true".into()));
-        let (tx, body) = slicer_agent_proto_body();
+        let (tx, body) = channel_body();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             let mut input = std::io::stdin().lock();
@@ -507,7 +507,7 @@ async fn exec(
     Ok(code)
 }
 
-fn slicer_agent_proto_body() -> (tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>, Body) {
+fn channel_body() -> (tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>, Body) {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     (tx, http_body_util::StreamBody::new(stream.map_ok(hyper_frame)).boxed())
@@ -550,7 +550,7 @@ async fn cp(
             if let Some(p) = permissions {
                 q.push(("permissions", p));
             }
-            let (tx, body) = slicer_agent_proto_body();
+            let (tx, body) = channel_body();
             std::thread::spawn(move || {
                 let mut w = ChannelWriter { tx: tx.clone() };
                 let res = if tar {
