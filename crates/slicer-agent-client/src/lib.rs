@@ -16,8 +16,8 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use slicer_agent_proto::frame::{self, Decoder, Kind};
 use slicer_agent_proto::{
-    h2, sync, ErrorBody, ExecRequest, ExitStatus, Exited, FileWritten, Health, PathQuery, PowerAction, PowerRequest,
-    Started, HEADER_MODE,
+    h2, sync, ErrorBody, ExecRequest, ExitStatus, Exited, FileWritten, Health, Identity, PathQuery, PowerAction,
+    PowerRequest, Started, HEADER_MODE,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, Mutex};
@@ -210,6 +210,9 @@ impl AgentClient {
             }
             let attempt = async {
                 let mut guard = self.conn.lock().await;
+                // QEMU serves one client at a time: an open connection would keep the new one
+                // waiting in the socket's backlog.
+                *guard = None;
                 let s = self.connect(left).await?;
                 *guard = Some(s);
                 drop(guard);
@@ -387,6 +390,18 @@ impl AgentClient {
             check(resp).await?;
         }
         Ok(())
+    }
+
+    /// Gives a restored guest its own identity (see [`Identity`]); answers what was applied.
+    pub async fn set_identity(&self, id: &Identity) -> Result<Identity> {
+        let body = serde_json::to_vec(id).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(uri("/v1/identity", None))
+            .body(full(body))
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        parse_json(resp.into_body()).await
     }
 }
 

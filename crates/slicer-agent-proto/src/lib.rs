@@ -15,6 +15,8 @@
 //! - `PUT  /v1/tar?path&uid&gid` body = tar stream, unpacked into directory `path`
 //! - `GET  /v1/tar?path` → tar stream of directory `path`
 //! - `POST /v1/power` body = [`PowerRequest`]
+//! - `POST /v1/identity` body = [`Identity`]: hostname, machine-id, address, DNS, RNG seed and
+//!   clock of a VM restored from a snapshot → [`Identity`] as applied
 //!
 //! Errors are non-2xx responses with an [`ErrorBody`] JSON body.
 

@@ -142,6 +142,50 @@ pub struct PathQuery {
     pub gid: Option<u32>,
 }
 
+/// `POST /v1/identity`: what makes a VM restored from a template (or a suspended state) its
+/// own. Every field is optional; the agent applies the ones given.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// Bytes mixed into the kernel's entropy pool, followed by a reseed of its CRNG.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rng_seed: Vec<u8>,
+    /// Wall-clock time to set, in ns since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_unix_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// 32 lowercase hex digits, written to /etc/machine-id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+    /// Nameservers for /etc/resolv.conf.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetIdentity>,
+    /// The root disk's size in bytes: the agent waits until the kernel sees it, then grows
+    /// the root filesystem (in the background).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+}
+
+/// The first NIC's (`eth0`) address, MAC and default route.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetIdentity {
+    pub mac: String,
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+}
+
+/// Checks a machine id: 32 lowercase hex digits, not all zero.
+pub fn valid_machine_id(id: &str) -> bool {
+    id.len() == 32
+        && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && id.bytes().any(|b| b != b'0')
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PowerAction {

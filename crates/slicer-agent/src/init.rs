@@ -57,6 +57,8 @@ pub fn early_setup() {
 pub struct BootParams {
     pub hostname: Option<String>,
     pub dns: Vec<String>,
+    /// `systemd.machine_id=` (systemd reads it too; as PID 1 the agent writes it).
+    pub machine_id: Option<String>,
 }
 
 pub fn parse_cmdline(cmdline: &str) -> BootParams {
@@ -64,6 +66,8 @@ pub fn parse_cmdline(cmdline: &str) -> BootParams {
     for word in cmdline.split_whitespace() {
         if let Some(h) = word.strip_prefix("slicer.hostname=") {
             p.hostname = Some(h.to_string());
+        } else if let Some(m) = word.strip_prefix("systemd.machine_id=") {
+            p.machine_id = Some(m.to_string());
         } else if let Some(d) = word.strip_prefix("slicer.dns=") {
             p.dns = d.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
         }
@@ -104,19 +108,29 @@ pub async fn grow_root(reaper: std::sync::Arc<crate::reaper::Reaper>) {
     }
 }
 
-/// Hostname and DNS from the kernel command line (both modes).
+/// Hostname, machine-id and DNS from the kernel command line (both modes).
 pub fn configure_identity() {
     let params = parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     if let Some(h) = &params.hostname {
-        if let Err(e) = nix::unistd::sethostname(h) {
-            eprintln!("slicer-agent: sethostname {h}: {e}");
+        if let Err(e) = crate::identity::set_hostname(h) {
+            eprintln!("slicer-agent: hostname {h}: {e}");
         }
-        let _ = std::fs::write("/etc/hostname", format!("{h}\n"));
+    }
+    if let Some(m) = params.machine_id.filter(|m| slicer_agent_proto::valid_machine_id(m)) {
+        // Under systemd, PID 1 has already taken it from the command line.
+        if std::fs::read_to_string("/etc/machine-id")
+            .map(|c| c.trim() != m)
+            .unwrap_or(true)
+        {
+            if let Err(e) = std::fs::write("/etc/machine-id", format!("{m}\n")) {
+                eprintln!("slicer-agent: /etc/machine-id: {e}");
+            }
+        }
     }
     if !params.dns.is_empty() {
-        let conf: String = params.dns.iter().map(|s| format!("nameserver {s}\n")).collect();
-        let _ = std::fs::remove_file("/etc/resolv.conf");
-        let _ = std::fs::write("/etc/resolv.conf", conf);
+        if let Err(e) = crate::identity::set_dns(&params.dns) {
+            eprintln!("slicer-agent: /etc/resolv.conf: {e}");
+        }
     }
 }
 
@@ -222,6 +236,8 @@ mod tests {
         let p = parse_cmdline("console=ttyS0 slicer.hostname=vm-1 quiet slicer.dns=1.1.1.1,8.8.8.8");
         assert_eq!(p.hostname.as_deref(), Some("vm-1"));
         assert_eq!(p.dns, vec!["1.1.1.1", "8.8.8.8"]);
+        let m = parse_cmdline("systemd.machine_id=0123456789abcdef0123456789abcdef");
+        assert_eq!(m.machine_id.as_deref(), Some("0123456789abcdef0123456789abcdef"));
         assert_eq!(parse_cmdline("quiet"), BootParams::default());
     }
 }

@@ -8,6 +8,7 @@
 
 mod exec;
 mod files;
+mod identity;
 mod init;
 mod reaper;
 mod server;

@@ -140,6 +140,7 @@ async fn route(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         (Method::PUT, "/v1/tar") => crate::files::put_tar(req).await,
         (Method::GET, "/v1/tar") => crate::files::get_tar(req).await,
         (Method::POST, "/v1/power") => power(req, state).await,
+        (Method::POST, "/v1/identity") => crate::identity::handle(req, state).await,
         (_, path) => Err(ApiError::not_found(format!("no route {} {path}", req.method()))),
     }
 }

@@ -42,23 +42,41 @@ pub struct CharDev {
 }
 
 impl CharDev {
-    fn open(path: &str) -> io::Result<CharDev> {
-        let fd = nix::fcntl::open(
-            path,
-            nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )?;
-        // SAFETY: `open` just returned this descriptor and nothing else owns it.
-        let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    /// Registers a descriptor of the port with the runtime.
+    fn new(fd: OwnedFd) -> io::Result<CharDev> {
         // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for its
         // whole lifetime.
-        let fd = unsafe { AsyncFd::register(owned) }?;
+        let fd = unsafe { AsyncFd::register(fd) }?;
         Ok(CharDev { fd: Arc::new(fd) })
     }
 
     fn handle(&self) -> CharDev {
         CharDev { fd: self.fd.clone() }
     }
+}
+
+fn open_port(path: &str) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::open(
+        path,
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // SAFETY: `open` just returned this descriptor and nothing else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Whether a host is connected to the port: the driver reports POLLHUP while none is.
+fn host_connected(fd: &OwnedFd) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    if unsafe { libc::poll(&mut p, 1, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.revents & libc::POLLHUP == 0)
 }
 
 impl AsyncRead for CharDev {
@@ -102,38 +120,41 @@ impl AsyncWrite for CharDev {
 
 /// Serves host sessions on the port for ever. A session ends when the host disconnects
 /// (reads return 0), or on a protocol error; the next one starts with a fresh handshake.
+///
+/// The port stays open the whole time. Closing it between sessions would race with a host
+/// connecting: QEMU stops reading the host socket while the guest has the port closed, and
+/// nothing makes it look again when the guest reopens an idle port, so the host's handshake
+/// can sit unread for ever (seen after snapshot restores). Each session instead gets a fresh
+/// epoll registration on a duplicate descriptor: after a hang-up, tokio keeps the "closed"
+/// readiness for the life of a registration, which would make later reads spin.
 pub async fn serve_port(path: &str, state: Arc<State>) -> Result<()> {
-    let mut announced = false;
-    loop {
-        // A fresh descriptor for every session: once the host hangs up, epoll reports HUP and
-        // tokio keeps that "closed" readiness for the life of the registration, which would
-        // make every later read spin instead of waiting.
-        let dev = match CharDev::open(path) {
-            Ok(d) => d,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
+    let port = loop {
+        match open_port(path) {
+            Ok(fd) => break fd,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => tokio::time::sleep(Duration::from_millis(5)).await,
             Err(e) => return Err(e).with_context(|| format!("opening agent port {path}")),
-        };
-        if !announced {
-            announced = true;
-            eprintln!(
-                "slicer-agent {} ready on {path} ({} ms after start)",
-                slicer_agent_proto::VERSION,
-                state.started.elapsed().as_millis()
-            );
         }
+    };
+    eprintln!(
+        "slicer-agent {} ready on {path} ({} ms after start)",
+        slicer_agent_proto::VERSION,
+        state.started.elapsed().as_millis()
+    );
+    loop {
+        if !host_connected(&port).with_context(|| format!("polling agent port {path}"))? {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        let dev = CharDev::new(port.try_clone().context("duplicating the port descriptor")?)
+            .context("registering the agent port")?;
         match slicer_agent_proto::sync::agent_handshake(dev.handle()).await {
             Ok((io, _nonce)) => {
                 if let Err(e) = server::serve_session(io, state.clone()).await {
                     eprintln!("slicer-agent: session ended: {e}");
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                // No host connected: the port reads EOF until one connects.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            // The host left before the handshake finished.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
             Err(e) => {
                 eprintln!("slicer-agent: handshake failed: {e}");
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -102,6 +102,7 @@ pub async fn raw_boot(host: &Host, image: &slicer_image::Image, dir: &Path, args
         console_log: dir.join("console.log"),
         qemu_log: dir.join("qemu.log"),
         net: None,
+        incoming: None,
     };
     let t0 = Instant::now();
     let q = QemuProcess::spawn(&cfg).await?;

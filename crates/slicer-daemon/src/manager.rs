@@ -195,7 +195,9 @@ impl Manager {
                     netns: Some(iso.netns.clone()),
                     tap: iso.tap.clone(),
                     mac,
-                    kernel_ip: iso.kernel_ip_arg(),
+                    address: iso.guest_ip(),
+                    prefix: 30,
+                    gateway: iso.gateway(),
                 };
                 Ok(Some((NetHandle::Isolated(iso), net)))
             }
@@ -208,12 +210,13 @@ impl Manager {
                     "TAP name {tap} is longer than 15 characters"
                 );
                 b.add_tap(&tap).await?;
-                let mask = std::net::Ipv4Addr::from(b.subnet.mask());
                 let net = slicer_vmm::VmNet {
                     netns: None,
                     tap: tap.clone(),
                     mac,
-                    kernel_ip: format!("ip={ip}::{}:{mask}::eth0:off", b.gateway),
+                    address: ip,
+                    prefix: b.subnet.prefix,
+                    gateway: b.gateway,
                 };
                 Ok(Some((NetHandle::Tap(tap), net)))
             }

@@ -28,6 +28,9 @@ pub struct QemuConfig {
     pub qemu_log: PathBuf,
     /// A NIC on a TAP device, if the VM has a network.
     pub net: Option<QemuNet>,
+    /// Start from a saved state (`-incoming`) instead of booting: QEMU loads the file and
+    /// stays paused until QMP `cont`.
+    pub incoming: Option<PathBuf>,
 }
 
 /// A virtio-net NIC backed by a TAP device, optionally inside a network namespace (QEMU then
@@ -35,7 +38,9 @@ pub struct QemuConfig {
 #[derive(Debug, Clone)]
 pub struct QemuNet {
     pub netns: Option<String>,
-    pub tap: String,
+    /// The TAP behind the NIC; `None` gives a NIC with nothing behind it (an otherwise empty
+    /// hub port), as a template has: the device is what a saved state must match, not its backend.
+    pub tap: Option<String>,
     pub mac: String,
 }
 
@@ -109,15 +114,43 @@ impl QemuConfig {
             format!("unix:{},server=on,wait=off", p(&self.qmp_socket)),
         ]);
         if let Some(n) = &self.net {
+            let backend = match &n.tap {
+                Some(tap) => format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+                None => "hubport,id=net0,hubid=0".to_string(),
+            };
             a.extend([
                 "-netdev".into(),
-                format!("tap,id=net0,ifname={},script=no,downscript=no", n.tap),
+                backend,
                 "-device".into(),
                 format!("virtio-net-device,netdev=net0,mac={}", n.mac),
             ]);
         }
+        if let Some(state) = &self.incoming {
+            a.extend(["-incoming".into(), format!("exec:cat {}", shell_quote(&p(state)))]);
+        }
         a
     }
+}
+
+/// `s` as one word for `/bin/sh` (QEMU runs `exec:` URIs through it).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// QEMU's version line (`QEMU emulator version 7.2.x ...`): saved states are only restored
+/// by the version that wrote them.
+pub async fn version(binary: &Path) -> Result<String> {
+    let out = tokio::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .await
+        .with_context(|| format!("running {} --version", binary.display()))?;
+    anyhow::ensure!(out.status.success(), "{} --version failed", binary.display());
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string())
 }
 
 /// Must match `slicer_agent_proto::AGENT_PORT_NAME` (kept here to avoid the dependency).
@@ -264,6 +297,7 @@ mod tests {
             console_log: "/c.log".into(),
             qemu_log: "/q.log".into(),
             net: None,
+            incoming: None,
         }
     }
 
@@ -277,5 +311,21 @@ mod tests {
         assert!(!k.kernel_cmdline().contains("tsc="));
         assert!(k.args().windows(2).any(|w| w == ["-cpu", "host"]));
         assert!(k.args().iter().any(|a| a.contains("acpi=off")));
+    }
+
+    #[test]
+    fn templates_get_a_detached_nic_and_restores_an_incoming_state() {
+        let mut c = cfg(Accel::Tcg);
+        c.net = Some(QemuNet {
+            netns: None,
+            tap: None,
+            mac: "02:00:00:00:00:01".into(),
+        });
+        c.incoming = Some("/data/it's here/memory".into());
+        let a = c.args();
+        assert!(a.windows(2).any(|w| w == ["-netdev", "hubport,id=net0,hubid=0"]));
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["-incoming", r"exec:cat '/data/it'\''s here/memory'"]));
     }
 }

@@ -85,6 +85,55 @@ impl Qmp {
         }
     }
 
+    /// Saves the paused VM's state (RAM and devices) to `path`: `stop`, then `migrate` into a
+    /// file, polled until done. The VM stays paused; its disks are flushed and left to the caller.
+    pub async fn save_state(&self, path: &Path, timeout: Duration) -> Result<()> {
+        self.execute("stop", None).await?;
+        let uri = format!("exec:cat > '{}'", path.display().to_string().replace('\'', r"'\''"));
+        self.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.execute("query-migrate", None).await?;
+            match v.get("status").and_then(Value::as_str).unwrap_or("none") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => bail!(
+                    "saving the VM state failed: {}",
+                    v.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given")
+                ),
+                _ if tokio::time::Instant::now() > deadline => {
+                    let _ = self.execute("migrate_cancel", None).await;
+                    bail!("saving the VM state took longer than {timeout:?}");
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// Waits until an `-incoming` QEMU has loaded its state, then resumes the vCPUs.
+    pub async fn resume_incoming(&self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.status().await?.as_str() {
+                "inmigrate" if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                "inmigrate" => bail!("loading the VM state took longer than {timeout:?}"),
+                "paused" | "postmigrate" | "prelaunch" | "running" => break,
+                other => {
+                    let v = self.execute("query-migrate", None).await.unwrap_or_default();
+                    bail!(
+                        "loading the VM state failed (status {other}): {}",
+                        v.get("error-desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("see the QEMU log")
+                    );
+                }
+            }
+        }
+        self.execute("cont", None).await?;
+        Ok(())
+    }
+
     /// `query-status`'s status string (running, paused, inmigrate, ...).
     pub async fn status(&self) -> Result<String> {
         let v = self.execute("query-status", None).await?;

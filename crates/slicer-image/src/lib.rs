@@ -14,7 +14,7 @@ mod store;
 mod tools;
 
 pub use build::{build_image, BuildOptions};
-pub use store::{Image, ImageStore};
+pub use store::{key_of, Image, ImageStore};
 
 use std::fmt;
 use std::str::FromStr;

@@ -202,11 +202,6 @@ impl Isolated {
     pub fn guest_ip(&self) -> Ipv4Addr {
         self.subnet.nth(2)
     }
-    /// The kernel's `ip=` argument for the guest.
-    pub fn kernel_ip_arg(&self) -> String {
-        format!("ip={}::{}:255.255.255.252::eth0:off", self.guest_ip(), self.gateway())
-    }
-
     /// The nftables table of this VM.
     pub fn ruleset(&self) -> String {
         let v = &self.host_veth;
@@ -444,10 +439,6 @@ mod tests {
         assert!(i.host_veth.len() <= IFNAMSIZ_MAX);
         assert_eq!(i.gateway(), Ipv4Addr::new(169, 254, 100, 5));
         assert_eq!(i.guest_ip(), Ipv4Addr::new(169, 254, 100, 6));
-        assert_eq!(
-            i.kernel_ip_arg(),
-            "ip=169.254.100.6::169.254.100.5:255.255.255.252::eth0:off"
-        );
     }
 
     #[test]

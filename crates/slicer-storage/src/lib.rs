@@ -5,8 +5,20 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-/// Creates `overlay` as a qcow2 file backed by the raw `base`. `size` (bytes) sets the
-/// virtual size the guest sees; `None` keeps the base's size.
+/// The format of an image file: `qcow2` by its magic, else `raw`.
+pub fn format_of(path: &Path) -> Result<&'static str> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(if n == 4 && &magic == b"QFI\xfb" { "qcow2" } else { "raw" })
+}
+
+/// Creates `overlay` as a qcow2 file backed by `base` (a raw base image, or a qcow2 such as a
+/// template's disk). `size` (bytes) sets the virtual size the guest sees; `None` keeps the
+/// base's size.
 pub async fn create_overlay(base: &Path, overlay: &Path, size: Option<u64>) -> Result<()> {
     if !base.is_file() {
         bail!("base image {} does not exist", base.display());
@@ -15,7 +27,7 @@ pub async fn create_overlay(base: &Path, overlay: &Path, size: Option<u64>) -> R
         .canonicalize()
         .with_context(|| format!("resolving {}", base.display()))?;
     let mut cmd = tokio::process::Command::new("qemu-img");
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", format_of(&base)?, "-b"])
         .arg(&base)
         .arg(overlay);
     if let Some(s) = size {
@@ -51,6 +63,18 @@ mod tests {
         create_overlay(&base, &ov, Some(4 << 20)).await.unwrap();
         let head = std::fs::read(&ov).unwrap();
         assert_eq!(&head[..4], b"QFI\xfb");
+        assert_eq!(format_of(&ov).unwrap(), "qcow2");
+        assert_eq!(format_of(&base).unwrap(), "raw");
+        let ov2 = d.path().join("ov2.qcow2");
+        create_overlay(&ov, &ov2, None).await.unwrap();
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&ov2)
+            .output()
+            .unwrap();
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(info.contains(r#""backing-filename-format": "qcow2""#), "{info}");
+        assert!(info.contains(r#""virtual-size": 4194304"#), "{info}");
         let err = create_overlay(&d.path().join("missing"), &ov, None).await.unwrap_err();
         assert!(err.to_string().contains("does not exist"));
     }

@@ -1,20 +1,32 @@
 //! The VM library: a [`Host`] knows where images, VM directories and QEMU are; [`Vm::boot`]
 //! assembles one microVM from an image and a [`VmSpec`] (per-VM overlay disk, sockets, console
-//! log, kernel command line), starts QEMU and waits for the agent; the [`Vm`] handle runs
-//! commands and moves files through the agent, and stops the VM in escalating steps.
+//! log, kernel command line), starts QEMU and waits for the agent; [`Vm::restore`] starts one
+//! from a [`Template`] instead; the [`Vm`] handle runs commands and moves files through the
+//! agent, suspends the VM to a file, and stops it in escalating steps.
 
+pub mod template;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use slicer_agent_client::AgentClient;
-use slicer_agent_proto::PowerAction;
+use slicer_agent_proto::{Identity, NetIdentity, PowerAction};
 use slicer_hypervisor::{Accel, AccelChoice, QemuConfig, QemuProcess, Qmp};
 use slicer_image::{Image, ImageStore};
 use tokio::sync::OnceCell;
 
 pub use slicer_agent_client as agent;
 pub use slicer_agent_proto::ExecRequest;
+pub use template::{Shape, Template};
+
+/// Longest an incoming QEMU may take to load a saved state.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// The saved state of a suspended VM, in its directory.
+pub const SUSPEND_FILE: &str = "suspend.state";
 
 /// Where things live on this host and how VMs are accelerated.
 pub struct Host {
@@ -25,6 +37,8 @@ pub struct Host {
     pub accel_choice: AccelChoice,
     cache_dir: PathBuf,
     accel: OnceCell<Accel>,
+    qemu_version: OnceCell<String>,
+    templates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<template::Slot>>>>,
 }
 
 impl Host {
@@ -42,6 +56,37 @@ impl Host {
             accel_choice: AccelChoice::Auto,
             cache_dir: data_dir.join("cache"),
             accel: OnceCell::new(),
+            qemu_version: OnceCell::new(),
+            templates: Default::default(),
+        }
+    }
+
+    /// The QEMU configuration of a VM living in `dir`, before its kernel arguments, NIC and
+    /// saved state are chosen.
+    fn qemu_config(
+        &self,
+        name: &str,
+        dir: &Path,
+        accel: Accel,
+        image: &Image,
+        cpus: u32,
+        memory_mib: u32,
+    ) -> QemuConfig {
+        QemuConfig {
+            binary: self.qemu.clone(),
+            name: name.to_string(),
+            accel,
+            cpus,
+            memory_mib,
+            kernel: image.kernel.clone(),
+            cmdline: Vec::new(),
+            disk: dir.join("disk.qcow2"),
+            agent_socket: dir.join("agent.sock"),
+            qmp_socket: dir.join("qmp.sock"),
+            console_log: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+            net: None,
+            incoming: None,
         }
     }
 
@@ -94,14 +139,62 @@ impl VmSpec {
     }
 }
 
-/// A VM's NIC: a TAP device (in `netns`, if given) and the kernel's `ip=` argument.
+/// A VM's NIC: a TAP device (in `netns`, if given) and the guest's address on it.
 #[derive(Debug, Clone)]
 pub struct VmNet {
     pub netns: Option<String>,
     pub tap: String,
     pub mac: String,
-    /// e.g. `ip=169.254.8.2::169.254.8.1:255.255.255.252::eth0:off`
-    pub kernel_ip: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+}
+
+impl VmNet {
+    /// The kernel's `ip=` argument, e.g. `ip=169.254.8.2::169.254.8.1:255.255.255.252::eth0:off`.
+    pub fn kernel_ip_arg(&self) -> String {
+        let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0));
+        format!("ip={}::{}:{mask}::eth0:off", self.address, self.gateway)
+    }
+
+    fn identity(&self) -> NetIdentity {
+        NetIdentity {
+            mac: self.mac.clone(),
+            address: self.address,
+            prefix: self.prefix,
+            gateway: self.gateway,
+        }
+    }
+}
+
+/// A fresh random machine id (32 hex digits).
+fn new_machine_id() -> String {
+    let b: [u8; 16] = rand::random();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// How a VM came to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// Booted its kernel.
+    Cold,
+    /// Restored from a template.
+    Template,
+    /// Restored from its own suspended state.
+    Resume,
+    /// Taken over from an earlier daemon.
+    Adopted,
+}
+
+impl StartMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartMode::Cold => "cold",
+            StartMode::Template => "template",
+            StartMode::Resume => "resume",
+            StartMode::Adopted => "adopted",
+        }
+    }
 }
 
 /// Checks a VM name: a DNS label, since it becomes the hostname and part of paths.
@@ -140,6 +233,7 @@ pub struct Vm {
     pub image: Image,
     pub accel: Accel,
     pub persistent: bool,
+    pub start_mode: StartMode,
     /// From spawning QEMU to the agent's first health answer, in ns (0 until ready).
     boot_time_ns: std::sync::atomic::AtomicU64,
     started: Instant,
@@ -149,10 +243,12 @@ pub struct Vm {
     qemu_log: PathBuf,
     qemu: QemuProcess,
     agent: AgentClient,
+    /// Identity fix-ups the agent gets once it answers (restored VMs).
+    pending: std::sync::Mutex<Option<Identity>>,
     cleaned: std::sync::atomic::AtomicBool,
 }
 
-fn tail(path: &Path, lines: usize) -> String {
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let v: Vec<&str> = text.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
@@ -166,8 +262,7 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Assembles and spawns the VM without waiting for its agent.
-    pub async fn start(host: &Host, spec: &VmSpec) -> Result<Vm> {
+    fn check_spec(spec: &VmSpec) -> Result<()> {
         validate_name(&spec.name)?;
         ensure!(
             (1..=64).contains(&spec.cpus),
@@ -179,6 +274,12 @@ impl Vm {
             "memory must be at least 64 MiB, got {}",
             spec.memory_mib
         );
+        Ok(())
+    }
+
+    /// Assembles and spawns the VM (a cold boot of its kernel) without waiting for its agent.
+    pub async fn start(host: &Host, spec: &VmSpec) -> Result<Vm> {
+        Vm::check_spec(spec)?;
         let image = host.images.get(&spec.image)?;
         let accel = host.accel(&image.kernel).await?;
         let dir = host.vm_root.join(&spec.name);
@@ -199,37 +300,26 @@ impl Vm {
             cmdline.push(format!("init={init}"));
         }
         cmdline.push(format!("slicer.hostname={}", spec.name));
+        if !reuse {
+            // A first boot gets a machine id of its own; later boots keep the one on disk.
+            cmdline.push(format!("systemd.machine_id={}", new_machine_id()));
+        }
         if !spec.dns.is_empty() {
             cmdline.push(format!("slicer.dns={}", spec.dns.join(",")));
         }
         if let Some(n) = &spec.net {
-            cmdline.push(n.kernel_ip.clone());
+            cmdline.push(n.kernel_ip_arg());
         }
         cmdline.extend(spec.cmdline.iter().cloned());
-        let cfg = QemuConfig {
-            binary: host.qemu.clone(),
-            name: spec.name.clone(),
-            accel,
-            cpus: spec.cpus,
-            memory_mib: spec.memory_mib,
-            kernel: image.kernel.clone(),
-            cmdline,
-            disk,
-            agent_socket: dir.join("agent.sock"),
-            qmp_socket: dir.join("qmp.sock"),
-            console_log: dir.join("console.log"),
-            qemu_log: dir.join("qemu.log"),
-            net: spec.net.as_ref().map(|n| slicer_hypervisor::QemuNet {
-                netns: n.netns.clone(),
-                tap: n.tap.clone(),
-                mac: n.mac.clone(),
-            }),
-        };
-        for stale in [&cfg.agent_socket, &cfg.qmp_socket] {
-            let _ = std::fs::remove_file(stale);
-        }
+        let mut cfg = host.qemu_config(&spec.name, &dir, accel, &image, spec.cpus, spec.memory_mib);
+        cfg.cmdline = cmdline;
+        cfg.net = spec.net.as_ref().map(|n| slicer_hypervisor::QemuNet {
+            netns: n.netns.clone(),
+            tap: Some(n.tap.clone()),
+            mac: n.mac.clone(),
+        });
         let started = Instant::now();
-        let qemu = match QemuProcess::spawn(&cfg).await {
+        let qemu = match Vm::spawn(&cfg).await {
             Ok(q) => q,
             Err(e) => {
                 if !reuse {
@@ -238,7 +328,169 @@ impl Vm {
                 return Err(e);
             }
         };
-        Ok(Vm::handle(spec, image, accel, dir, qemu, started))
+        Ok(Vm::handle(spec, image, accel, dir, qemu, started, StartMode::Cold))
+    }
+
+    async fn spawn(cfg: &QemuConfig) -> Result<QemuProcess> {
+        for stale in [&cfg.agent_socket, &cfg.qmp_socket] {
+            let _ = std::fs::remove_file(stale);
+        }
+        QemuProcess::spawn(cfg).await
+    }
+
+    /// Starts the VM from `template`: a new overlay on the template's disk, QEMU loading the
+    /// template's saved state, the disk grown to the spec's size; once the agent answers
+    /// ([`Vm::wait_ready`]) it takes this VM's hostname, machine id, address, DNS, a fresh RNG
+    /// seed and the host's clock. On failure nothing of the VM is left behind, so the caller
+    /// can boot it cold instead.
+    pub async fn restore(host: &Host, spec: &VmSpec, template: &Template) -> Result<Vm> {
+        Vm::check_spec(spec)?;
+        ensure!(
+            Shape::of(spec) == template.shape,
+            "template {} is for {:?}, not {:?}",
+            template.id,
+            template.shape,
+            Shape::of(spec)
+        );
+        let image = host.images.get(&spec.image)?;
+        let accel = host.accel(&image.kernel).await?;
+        let dir = host.vm_root.join(&spec.name);
+        ensure!(!dir.exists(), "VM directory {} already exists", dir.display());
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut cfg = host.qemu_config(&spec.name, &dir, accel, &image, spec.cpus, spec.memory_mib);
+        cfg.cmdline = template.cmdline.clone();
+        cfg.net = spec.net.as_ref().map(|n| slicer_hypervisor::QemuNet {
+            netns: n.netns.clone(),
+            tap: Some(n.tap.clone()),
+            mac: n.mac.clone(),
+        });
+        cfg.incoming = Some(template.state());
+        let started = Instant::now();
+        let spawned = async {
+            slicer_storage::create_overlay(&template.disk(), &cfg.disk, None).await?;
+            Vm::spawn(&cfg).await
+        };
+        let qemu = match spawned.await {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let vm = Vm::handle(spec, image, accel, dir, qemu, started, StartMode::Template);
+        let grow = spec.disk_size.filter(|&s| s > template.disk_bytes);
+        if let Err(e) = vm.resume_incoming(grow).await {
+            vm.discard();
+            return Err(e.context(format!("restoring VM {} from template {}", spec.name, template.id)));
+        }
+        *vm.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(Identity {
+            rng_seed: rand::random::<[u8; 32]>()
+                .into_iter()
+                .chain(rand::random::<[u8; 32]>())
+                .collect(),
+            time_unix_ns: Some(now_unix_ns()),
+            hostname: Some(spec.name.clone()),
+            machine_id: Some(new_machine_id()),
+            dns: (!spec.dns.is_empty()).then(|| spec.dns.clone()),
+            net: spec.net.as_ref().map(VmNet::identity),
+            disk_bytes: grow,
+        });
+        Ok(vm)
+    }
+
+    /// Starts a suspended VM (see [`Vm::suspend`]) from its saved state and disk. The saved
+    /// state is removed once the guest runs again (its disk moves on from that point). Once
+    /// the agent answers, the guest's clock is set and its RNG reseeded.
+    pub async fn resume(host: &Host, spec: &VmSpec) -> Result<Vm> {
+        Vm::check_spec(spec)?;
+        let image = host.images.get(&spec.image)?;
+        let accel = host.accel(&image.kernel).await?;
+        let dir = host.vm_root.join(&spec.name);
+        let state = dir.join(SUSPEND_FILE);
+        ensure!(state.is_file(), "VM {} has no saved state to restore", spec.name);
+        let mut cfg = host.qemu_config(&spec.name, &dir, accel, &image, spec.cpus, spec.memory_mib);
+        cfg.net = spec.net.as_ref().map(|n| slicer_hypervisor::QemuNet {
+            netns: n.netns.clone(),
+            tap: Some(n.tap.clone()),
+            mac: n.mac.clone(),
+        });
+        cfg.incoming = Some(state.clone());
+        let started = Instant::now();
+        let qemu = Vm::spawn(&cfg).await?;
+        let vm = Vm::handle(spec, image, accel, dir, qemu, started, StartMode::Resume);
+        if let Err(e) = vm.resume_incoming(None).await {
+            vm.stop_inner(Duration::ZERO).await;
+            vm.mark_cleaned();
+            return Err(e.context(format!("restoring VM {}; its saved state is kept", spec.name)));
+        }
+        if let Err(e) = std::fs::remove_file(&state) {
+            tracing::warn!("removing {}: {e}", state.display());
+        }
+        *vm.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(Identity {
+            rng_seed: rand::random::<[u8; 32]>().to_vec(),
+            time_unix_ns: Some(now_unix_ns()),
+            ..Default::default()
+        });
+        Ok(vm)
+    }
+
+    /// Waits for an `-incoming` QEMU to load its state, grows the disk if asked, and resumes
+    /// the vCPUs. Fails early if QEMU exits (e.g. a state it cannot load).
+    async fn resume_incoming(&self, grow_to: Option<u64>) -> Result<()> {
+        let steps = async {
+            let qmp = Qmp::connect(&self.qmp_socket, Duration::from_secs(10)).await?;
+            qmp.resume_incoming(LOAD_TIMEOUT).await?;
+            if let Some(size) = grow_to {
+                // The guest learns of the new size from a config interrupt; its agent grows
+                // the filesystem when told the size (see `Identity::disk_bytes`).
+                qmp.execute(
+                    "block_resize",
+                    Some(serde_json::json!({ "device": "root", "size": size })),
+                )
+                .await
+                .context("growing the disk")?;
+            }
+            anyhow::Ok(())
+        };
+        tokio::select! {
+            r = steps => r,
+            st = self.qemu.wait() => bail!(
+                "QEMU exited ({}) while loading the saved state; QEMU said:\n{}",
+                st.map(|s| s.to_string()).unwrap_or_default(),
+                tail(&self.qemu_log, 10)
+            ),
+        }
+    }
+
+    /// Saves the running VM (RAM, devices) to `suspend.state` in its directory and ends its
+    /// QEMU; [`Vm::resume`] continues it. The disk and files stay. If saving fails the VM
+    /// keeps running and nothing is left behind. Afterwards the handle is spent: dropping it
+    /// leaves the files.
+    pub async fn suspend(&self) -> Result<()> {
+        ensure!(self.is_running(), "VM {} is not running", self.name);
+        // No host session inside the saved state.
+        self.agent.reset().await;
+        let qmp = self.qmp().await?;
+        let tmp = self.dir.join(format!("{SUSPEND_FILE}.tmp"));
+        if let Err(e) = qmp.save_state(&tmp, Duration::from_secs(300)).await {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = qmp.execute("cont", None).await;
+            return Err(e.context(format!("suspending VM {}", self.name)));
+        }
+        std::fs::rename(&tmp, self.dir.join(SUSPEND_FILE)).context("keeping the saved state")?;
+        let _ = tokio::time::timeout(Duration::from_secs(2), qmp.execute("quit", None)).await;
+        if tokio::time::timeout(Duration::from_secs(5), self.qemu.wait())
+            .await
+            .is_err()
+        {
+            self.qemu.kill();
+            self.qemu.wait().await;
+        }
+        // The files are the suspended VM now: dropping this handle must keep them.
+        self.mark_cleaned();
+        let _ = std::fs::remove_file(&self.qmp_socket);
+        let _ = std::fs::remove_file(self.agent.socket_path());
+        Ok(())
     }
 
     /// Takes over a VM whose QEMU an earlier process started (after a daemon restart). The
@@ -249,16 +501,33 @@ impl Vm {
         let accel = host.accel(&image.kernel).await?;
         let dir = host.vm_root.join(&spec.name);
         let qemu = QemuProcess::adopt(pid, start_time)?;
-        Ok(Vm::handle(spec, image, accel, dir, qemu, Instant::now()))
+        Ok(Vm::handle(
+            spec,
+            image,
+            accel,
+            dir,
+            qemu,
+            Instant::now(),
+            StartMode::Adopted,
+        ))
     }
 
     /// The handle of a VM whose files live in `dir` (the same layout [`Vm::start`] creates).
-    fn handle(spec: &VmSpec, image: Image, accel: Accel, dir: PathBuf, qemu: QemuProcess, started: Instant) -> Vm {
+    fn handle(
+        spec: &VmSpec,
+        image: Image,
+        accel: Accel,
+        dir: PathBuf,
+        qemu: QemuProcess,
+        started: Instant,
+        start_mode: StartMode,
+    ) -> Vm {
         Vm {
             name: spec.name.clone(),
             image,
             accel,
             persistent: spec.persistent,
+            start_mode,
             boot_time_ns: 0.into(),
             started,
             qmp_socket: dir.join("qmp.sock"),
@@ -267,8 +536,21 @@ impl Vm {
             agent: AgentClient::new(dir.join("agent.sock")),
             dir,
             qemu,
+            pending: std::sync::Mutex::new(None),
             cleaned: false.into(),
         }
+    }
+
+    /// Kills QEMU and removes every file of the VM, its disk too.
+    fn discard(&self) {
+        self.mark_cleaned();
+        self.qemu.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// From now on dropping the handle leaves the VM's files alone.
+    fn mark_cleaned(&self) {
+        self.cleaned.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Start time of the QEMU process (with the pid, it identifies the process).
@@ -293,6 +575,13 @@ impl Vm {
                     tail(&self.console_log, 30)
                 );
             }
+        }
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(id) = pending {
+            self.agent
+                .set_identity(&id)
+                .await
+                .with_context(|| format!("giving VM {} its identity", self.name))?;
         }
         self.boot_time_ns.store(
             self.started.elapsed().as_nanos() as u64,
@@ -409,9 +698,33 @@ impl Drop for Vm {
     }
 }
 
+fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_ip_argument() {
+        let n = VmNet {
+            netns: None,
+            tap: "t".into(),
+            mac: "02:00:00:00:00:02".into(),
+            address: Ipv4Addr::new(169, 254, 100, 6),
+            prefix: 30,
+            gateway: Ipv4Addr::new(169, 254, 100, 5),
+        };
+        assert_eq!(
+            n.kernel_ip_arg(),
+            "ip=169.254.100.6::169.254.100.5:255.255.255.252::eth0:off"
+        );
+        assert_eq!(new_machine_id().len(), 32);
+        assert_ne!(new_machine_id(), new_machine_id());
+    }
 
     #[test]
     fn names_are_dns_labels() {

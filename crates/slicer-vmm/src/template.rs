@@ -1,0 +1,321 @@
+//! Templates: a guest booted once to agent-ready and saved (RAM and device state plus its
+//! disk), from which VMs of the same shape start in a fraction of a cold boot.
+//!
+//! A template lives in `<images>/templates/<id>/` beside the images: `disk.qcow2` (read-only
+//! from then on; each restored VM gets a qcow2 overlay on it), `state` (QEMU's migration
+//! stream) and `meta.json`. The id hashes everything the saved state depends on (the image and
+//! kernel builds, the QEMU version, the accelerator, the kernel command line, vCPUs, RAM and
+//! whether there is a NIC), so a change to any of them makes a new template rather than
+//! restoring a stale one. Builds go to a scratch directory renamed into place, so a crash or a
+//! second daemon building the same template never leaves a half-written one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use slicer_agent_client::AgentClient;
+use slicer_hypervisor::{Accel, QemuNet, QemuProcess, Qmp};
+use slicer_image::Image;
+
+use crate::{tail, Host, VmSpec};
+
+/// The MAC of a template's NIC; each restored VM's agent sets the VM's own.
+const TEMPLATE_MAC: &str = "02:00:00:00:00:01";
+/// Longest a template build may take to boot its guest.
+const BUILD_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Longest a saved state may take to write.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
+/// After a failed build, creates boot cold (and say why) for this long before trying again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// What a template is made for. A saved state restores only into the same devices, vCPUs and
+/// RAM, so VMs of a shape share the shape's template.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Shape {
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// A virtio-net device.
+    pub nic: bool,
+}
+
+impl Shape {
+    pub fn of(spec: &VmSpec) -> Shape {
+        Shape {
+            image: spec.image.clone(),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            nic: spec.net.is_some(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    id: String,
+    shape: Shape,
+    image_key: String,
+    qemu_version: String,
+    accel: String,
+    /// Kernel arguments the template booted with (restores pass the same).
+    cmdline: Vec<String>,
+    disk_bytes: u64,
+    state_bytes: u64,
+    boot_ms: u64,
+    save_ms: u64,
+}
+
+/// A built template.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub id: String,
+    pub dir: PathBuf,
+    pub shape: Shape,
+    pub cmdline: Vec<String>,
+    /// Virtual size of the template's disk; restored VMs grow from it.
+    pub disk_bytes: u64,
+    /// Size of the saved state.
+    pub state_bytes: u64,
+}
+
+impl Template {
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn load(dir: &Path) -> Result<Template> {
+        let path = dir.join("meta.json");
+        let meta: Meta =
+            serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
+                .with_context(|| format!("parsing {}", path.display()))?;
+        let t = Template {
+            id: meta.id,
+            dir: dir.to_path_buf(),
+            shape: meta.shape,
+            cmdline: meta.cmdline,
+            disk_bytes: meta.disk_bytes,
+            state_bytes: meta.state_bytes,
+        };
+        for f in [t.disk(), t.state()] {
+            ensure!(f.is_file(), "template {} lacks {}", t.id, f.display());
+        }
+        Ok(t)
+    }
+}
+
+/// Per template id: the template once known, or the last failure.
+#[derive(Default)]
+pub(crate) struct Slot {
+    ready: Option<Arc<Template>>,
+    failed: Option<(Instant, String)>,
+}
+
+/// Kernel arguments of a template (and of every VM restored from it): no hostname, address or
+/// DNS, since restores get their own through the agent.
+fn template_cmdline(image: &Image) -> Vec<String> {
+    let mut c = Vec::new();
+    if let Some(init) = image.init() {
+        c.push(format!("init={init}"));
+    }
+    c.push("slicer.hostname=template".into());
+    c
+}
+
+impl Host {
+    /// Where templates are kept: beside the images they are made from.
+    pub fn templates_dir(&self) -> PathBuf {
+        self.images.root().join("templates")
+    }
+
+    async fn qemu_version(&self) -> Result<String> {
+        self.qemu_version
+            .get_or_try_init(|| slicer_hypervisor::qemu::version(&self.qemu))
+            .await
+            .cloned()
+    }
+
+    /// The template for `shape`: from memory, from disk, or built now (one build per template at
+    /// a time; concurrent callers wait for it). A failed build is remembered for
+    /// [`RETRY_AFTER`], so callers fall back to cold boots without retrying each time.
+    pub async fn template(&self, shape: &Shape) -> Result<Arc<Template>> {
+        let image = self.images.get(&shape.image)?;
+        let accel = self.accel(&image.kernel).await?;
+        let qemu_version = self.qemu_version().await?;
+        let cmdline = template_cmdline(&image);
+        let mut probe = self.qemu_config("template", Path::new("/"), accel, &image, shape.cpus, shape.memory_mib);
+        probe.cmdline = cmdline.clone();
+        let id = slicer_image::key_of(&[
+            image.key.as_bytes(),
+            image.kernel.to_string_lossy().as_bytes(),
+            image.rootfs.to_string_lossy().as_bytes(),
+            qemu_version.as_bytes(),
+            accel.as_str().as_bytes(),
+            probe.kernel_cmdline().as_bytes(),
+            &shape.cpus.to_le_bytes(),
+            &shape.memory_mib.to_le_bytes(),
+            &[shape.nic as u8],
+        ]);
+        let slot = self
+            .templates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(t) = &slot.ready {
+            return Ok(t.clone());
+        }
+        if let Some((at, why)) = &slot.failed {
+            if at.elapsed() < RETRY_AFTER {
+                bail!(
+                    "the template for {shape:?} failed to build {}s ago: {why}",
+                    at.elapsed().as_secs()
+                );
+            }
+        }
+        let dir = self.templates_dir().join(&id);
+        let result = if dir.join("meta.json").is_file() {
+            Template::load(&dir)
+        } else {
+            let meta = Meta {
+                id: id.clone(),
+                shape: shape.clone(),
+                image_key: image.key.clone(),
+                qemu_version,
+                accel: accel.as_str().to_string(),
+                cmdline,
+                disk_bytes: 0,
+                state_bytes: 0,
+                boot_ms: 0,
+                save_ms: 0,
+            };
+            self.build_template(&image, accel, meta, &dir).await
+        };
+        match result {
+            Ok(t) => {
+                let t = Arc::new(t);
+                slot.ready = Some(t.clone());
+                slot.failed = None;
+                Ok(t)
+            }
+            Err(e) => {
+                slot.failed = Some((Instant::now(), format!("{e:#}")));
+                Err(e)
+            }
+        }
+    }
+
+    /// Boots the template guest in a scratch directory, saves it and moves it to `dir`.
+    async fn build_template(&self, image: &Image, accel: Accel, mut meta: Meta, dir: &Path) -> Result<Template> {
+        let root = self.templates_dir();
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        let scratch = Scratch(root.join(format!(
+            ".build-{}-{}-{:08x}",
+            meta.id,
+            std::process::id(),
+            rand::random::<u32>()
+        )));
+        let _ = std::fs::remove_dir_all(&scratch.0);
+        std::fs::create_dir(&scratch.0).with_context(|| format!("creating {}", scratch.0.display()))?;
+        let s = &scratch.0;
+        tracing::info!("building template {} for {:?}", meta.id, meta.shape);
+        let disk = s.join("disk.qcow2");
+        slicer_storage::create_overlay(&image.rootfs, &disk, None).await?;
+        let mut cfg = self.qemu_config("template", s, accel, image, meta.shape.cpus, meta.shape.memory_mib);
+        cfg.cmdline = meta.cmdline.clone();
+        cfg.net = meta.shape.nic.then(|| QemuNet {
+            netns: None,
+            tap: None,
+            mac: TEMPLATE_MAC.into(),
+        });
+        let started = Instant::now();
+        let qemu = QemuProcess::spawn(&cfg).await?;
+        let killer = KillOnDrop(&qemu);
+        let agent = AgentClient::new(&cfg.agent_socket);
+        tokio::select! {
+            r = agent.wait_ready(BUILD_BOOT_TIMEOUT) => {
+                r.with_context(|| format!("template guest did not become ready; console:\n{}", tail(&cfg.console_log, 30)))?;
+            }
+            _ = qemu.wait() => bail!(
+                "QEMU exited while booting the template; QEMU said:\n{}\nconsole:\n{}",
+                tail(&cfg.qemu_log, 10),
+                tail(&cfg.console_log, 30)
+            ),
+        }
+        meta.boot_ms = started.elapsed().as_millis() as u64;
+        // Clean disk pages, and no host session inside the saved state: a restored guest's
+        // agent then simply waits for its new host.
+        let synced = agent
+            .exec_output(&slicer_agent_proto::ExecRequest::argv(["/bin/sync"]), None)
+            .await
+            .context("syncing the template's disk")?;
+        ensure!(
+            synced.status.success(),
+            "sync in the template guest failed: {:?}",
+            synced.status
+        );
+        agent.reset().await;
+        drop(agent);
+        let saved = Instant::now();
+        let qmp = Qmp::connect(&cfg.qmp_socket, Duration::from_secs(5)).await?;
+        let state_tmp = s.join("state.tmp");
+        qmp.save_state(&state_tmp, SAVE_TIMEOUT)
+            .await
+            .context("saving the template")?;
+        meta.save_ms = saved.elapsed().as_millis() as u64;
+        let _ = tokio::time::timeout(Duration::from_secs(2), qmp.execute("quit", None)).await;
+        if tokio::time::timeout(Duration::from_secs(5), qemu.wait()).await.is_err() {
+            qemu.kill();
+            qemu.wait().await;
+        }
+        drop(killer);
+        std::fs::rename(&state_tmp, s.join("state"))?;
+        meta.state_bytes = std::fs::metadata(s.join("state"))?.len();
+        meta.disk_bytes = std::fs::metadata(&image.rootfs)?.len();
+        for f in ["agent.sock", "qmp.sock"] {
+            let _ = std::fs::remove_file(s.join(f));
+        }
+        // Restored VMs' overlays read this disk: nothing may write it again.
+        std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o444))?;
+        std::fs::write(s.join("meta.json"), serde_json::to_vec_pretty(&meta)?)?;
+        match std::fs::rename(s, dir) {
+            Ok(()) => {}
+            // Another process built the same template meanwhile: use theirs.
+            Err(_) if dir.join("meta.json").is_file() => {}
+            Err(e) => return Err(e).with_context(|| format!("moving the template to {}", dir.display())),
+        }
+        tracing::info!(
+            "template {} ready: boot {} ms, save {} ms, {} MB of state",
+            meta.id,
+            meta.boot_ms,
+            meta.save_ms,
+            meta.state_bytes >> 20
+        );
+        Template::load(dir)
+    }
+}
+
+/// A build directory, removed unless the build completes.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills a QEMU when a build step fails.
+struct KillOnDrop<'a>(&'a QemuProcess);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.kill();
+    }
+}

@@ -1,0 +1,169 @@
+//! Warm start end to end: VMs restored from a template snapshot, suspend and resume.
+//! Needs the images built by `scripts/setup.sh`; the template is built on first use and kept
+//! in the image store.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{fixture, pid_alive};
+use slicer_vmm::{ExecRequest, Shape, StartMode, Vm, VmSpec};
+
+async fn sh(vm: &Vm, script: &str) -> String {
+    let out = vm
+        .agent()
+        .exec_output(&ExecRequest::shell(script), None)
+        .await
+        .unwrap_or_else(|e| panic!("{}: {script}: {e}", vm.name));
+    assert!(
+        out.status.success(),
+        "{}: {script}: {:?} {}",
+        vm.name,
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn shape() -> Shape {
+    Shape {
+        image: "min".into(),
+        cpus: 1,
+        memory_mib: 256,
+        nic: false,
+    }
+}
+
+async fn restore(f: &common::Fixture, name: &str, disk_size: Option<u64>) -> Vm {
+    let tpl = f.host.template(&shape()).await.expect("template");
+    let mut spec = VmSpec::new(name, "min");
+    spec.disk_size = disk_size;
+    let vm = Vm::restore(&f.host, &spec, &tpl)
+        .await
+        .unwrap_or_else(|e| panic!("restoring {name}: {e:#}"));
+    vm.wait_ready(Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("{name} after restore: {e:#}"));
+    assert_eq!(vm.start_mode, StartMode::Template);
+    vm
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_restored_vms_are_distinct_and_work() {
+    let f = fixture();
+    let tpl = f.host.template(&shape()).await.expect("template");
+    assert!(tpl.disk().is_file() && tpl.state().is_file());
+    let names: Vec<String> = (0..10).map(|i| format!("warm-{i}")).collect();
+    let vms = futures_util::future::join_all(names.iter().map(|n| restore(&f, n, None))).await;
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut seen = [HashSet::new(), HashSet::new(), HashSet::new()];
+    for vm in &vms {
+        let out = sh(
+            vm,
+            "hostname; cat /etc/hostname; cat /etc/machine-id; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s",
+        )
+        .await;
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 5, "{out}");
+        assert_eq!(lines[0], vm.name);
+        assert_eq!(lines[1], vm.name);
+        for (i, v) in [lines[0], lines[2], lines[3]].into_iter().enumerate() {
+            assert!(seen[i].insert(v.to_string()), "{} repeats {v}", vm.name);
+        }
+        assert_eq!(lines[2].len(), 32, "machine-id {}", lines[2]);
+        let guest_now: u64 = lines[4].parse().unwrap();
+        assert!(
+            guest_now.abs_diff(host_now) < 60,
+            "guest clock {guest_now} vs host {host_now}"
+        );
+
+        // cp both ways, and exec on what was copied.
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        vm.agent()
+            .upload_file("/tmp/in.bin", Some(0o600), None, std::io::Cursor::new(data.clone()))
+            .await
+            .unwrap();
+        let back = vm.agent().download_file("/tmp/in.bin").await.unwrap();
+        assert_eq!(back.bytes(1 << 20).await.unwrap(), data, "{}", vm.name);
+        assert_eq!(sh(vm, "wc -c < /tmp/in.bin").await.trim(), "300000");
+    }
+    for vm in &vms {
+        vm.stop(Duration::ZERO).await.unwrap();
+    }
+    assert_eq!(std::fs::read_dir(f.tmp.path()).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_vm_grows_its_disk() {
+    let f = fixture();
+    let vm = restore(&f, "warm-big", Some(2 << 30)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let kb: u64 = sh(&vm, "df -k --output=size / | tail -1").await.trim().parse().unwrap();
+        if kb > 1_900_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "root is still {kb} KiB");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_and_resume_keep_processes_and_files() {
+    let f = fixture();
+    let vm = restore(&f, "warm-suspend", None).await;
+    let pid = sh(
+        &vm,
+        "echo kept > /tmp/marker; setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    let pid = pid.trim().to_string();
+    let qemu = vm.pid();
+    vm.suspend().await.expect("suspend");
+    assert!(!vm.is_running() && !pid_alive(qemu));
+    let state = vm.dir().join(slicer_vmm::SUSPEND_FILE);
+    assert!(state.is_file());
+    let spec = VmSpec::new("warm-suspend", "min");
+    // The spent handle leaves the files the resume needs.
+    let dir = vm.dir().to_path_buf();
+    drop(vm);
+    assert!(state.is_file());
+    let vm = Vm::resume(&f.host, &spec).await.expect("resume");
+    vm.wait_ready(Duration::from_secs(60))
+        .await
+        .expect("ready after resume");
+    assert_eq!(vm.start_mode, StartMode::Resume);
+    assert!(!state.exists(), "the saved state is spent once the guest runs");
+    assert_eq!(sh(&vm, "cat /tmp/marker").await.trim(), "kept");
+    assert_eq!(sh(&vm, &format!("cat /proc/{pid}/comm")).await.trim(), "sleep");
+    // A second resume has nothing to start from.
+    drop(vm);
+    assert!(!dir.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_template_fails_cleanly() {
+    let f = fixture();
+    let good = f.host.template(&shape()).await.expect("template");
+    let bad_dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(good.disk(), bad_dir.path().join("disk.qcow2")).unwrap();
+    let state = std::fs::read(good.state()).unwrap();
+    std::fs::write(bad_dir.path().join("state"), &state[..state.len() / 3]).unwrap();
+    let mut bad = (*good).clone();
+    bad.dir = bad_dir.path().to_path_buf();
+    let err = Vm::restore(&f.host, &VmSpec::new("warm-bad", "min"), &bad)
+        .await
+        .err()
+        .expect("a truncated state must not restore");
+    assert!(format!("{err:#}").contains("warm-bad"), "{err:#}");
+    assert!(!f.tmp.path().join("warm-bad").exists(), "nothing is left behind");
+    // The wrong shape is refused before anything starts.
+    let mut spec = VmSpec::new("warm-shape", "min");
+    spec.cpus = 2;
+    let err = Vm::restore(&f.host, &spec, &good).await.err().unwrap();
+    assert!(err.to_string().contains("is for"), "{err}");
+}
