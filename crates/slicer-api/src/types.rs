@@ -29,6 +29,8 @@ pub struct HostGroupInfo {
 pub const STATUS_RUNNING: &str = "Running";
 pub const STATUS_PAUSED: &str = "Paused";
 pub const STATUS_STOPPED: &str = "Stopped";
+/// Saved to disk by `POST /vm/{h}/suspend`, waiting for `POST /vm/{h}/restore`.
+pub const STATUS_SUSPENDED: &str = "Suspended";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Node {
@@ -130,6 +132,10 @@ pub struct VmDescription {
     pub storage_size: u64,
     pub image: String,
     pub network: NetworkInfo,
+    /// How the VM's current run started: `cold` (kernel boot), `template` (restored from a
+    /// template snapshot), `resume` (from its suspended state) or `adopted` (slicer extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_mode: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -111,6 +111,9 @@ pub struct HostGroup {
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<Network>,
+    /// Start new VMs from a template snapshot (slicer extension; default on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_start: Option<bool>,
 }
 
 fn one() -> u32 {
@@ -165,6 +168,8 @@ pub struct Group {
     pub gateway: String,
     /// Isolated mode: the range the /30s come from (derived from the name when absent).
     pub range: Option<String>,
+    /// New VMs start from a template snapshot (falling back to a cold boot).
+    pub warm_start: bool,
 }
 
 /// The whole validated configuration.
@@ -393,6 +398,7 @@ impl File {
                 dns,
                 image: image.to_string(),
                 range: if mode == "isolated" { net.range.clone() } else { None },
+                warm_start: g.warm_start.unwrap_or(true),
                 network_mode: mode,
                 allow: net.allow.clone(),
                 drop: net.drop.clone(),
@@ -532,6 +538,7 @@ pub fn render_new(o: &NewOptions) -> Result<String> {
                 gpu_count: None,
                 image: None,
                 network: Some(network),
+                warm_start: None,
             }],
             image: Some(o.image.clone()),
             kernel_image: None,

@@ -111,6 +111,10 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
         }
     };
     manager.start_count_vms().await?;
+    // Templates of warm-starting groups, off the start path: the first create waits for its
+    // template if it is still being built.
+    let m = manager.clone();
+    tokio::spawn(async move { m.prepare_templates().await });
     Ok(Daemon {
         manager,
         listen,

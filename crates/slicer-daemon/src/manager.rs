@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use slicer_api::{CreateNodeRequest, CreateNodeResponse, DeleteResponse, Node, STATUS_RUNNING, STATUS_STOPPED};
-use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
+use slicer_api::{
+    CreateNodeRequest, CreateNodeResponse, DeleteResponse, Node, STATUS_RUNNING, STATUS_STOPPED, STATUS_SUSPENDED,
+};
+use slicer_vmm::{ExecRequest, Host, Shape, Vm, VmSpec};
 use tokio::sync::watch;
 
 use crate::config::{Group, Settings};
@@ -20,6 +22,8 @@ use crate::state::{Db, VmRecord};
 
 /// Longest a VM may take to answer its first health check.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Longest a VM restored from a template may take to answer before it is booted cold instead.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a guest gets to power off on `graceful_shutdown` or a shutdown request.
 pub const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -315,6 +319,9 @@ impl Manager {
                     }
                 }
             }
+            if rec.status == STATUS_SUSPENDED && self.vm_dir(&rec.hostname).join(slicer_vmm::SUSPEND_FILE).is_file() {
+                continue; // waits for POST /vm/{h}/restore
+            }
             if rec.persistent || rec.protected {
                 self.db.set_status(&rec.hostname, STATUS_STOPPED, None)?;
             } else {
@@ -493,7 +500,65 @@ impl Manager {
         spec
     }
 
-    /// Starts the VM of a record, and the tasks that follow its boot and its exit.
+    /// Whether new VMs of `group` start from a template.
+    fn warm(&self, group: &str) -> bool {
+        self.group(group).is_ok_and(|g| g.warm_start)
+    }
+
+    /// The template shapes of the host groups that start warm.
+    pub fn template_shapes(&self) -> Vec<Shape> {
+        let mut shapes: Vec<Shape> = Vec::new();
+        for g in self.settings.groups.iter().filter(|g| g.warm_start) {
+            let s = Shape {
+                image: g.image.clone(),
+                cpus: g.cpus,
+                memory_mib: (g.ram_bytes >> 20) as u32,
+                nic: self.nets.contains_key(&g.name),
+            };
+            if !shapes.contains(&s) {
+                shapes.push(s);
+            }
+        }
+        shapes
+    }
+
+    /// Builds (or loads) the templates of warm-starting groups, so the first creates find them.
+    pub async fn prepare_templates(&self) {
+        for shape in self.template_shapes() {
+            if let Err(e) = self.host.template(&shape).await {
+                tracing::warn!("no template for {shape:?}; VMs of that shape boot cold: {e:#}");
+            }
+        }
+    }
+
+    /// A new VM from its group's template, ready (agent answering, identity applied). `None`
+    /// (with the reason logged) when that is not possible: the caller boots it cold.
+    async fn start_warm(&self, spec: &VmSpec) -> Option<Vm> {
+        let shape = Shape::of(spec);
+        let template = match self.host.template(&shape).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("VM {}: booting cold, no template: {e:#}", spec.name);
+                return None;
+            }
+        };
+        let vm = match Vm::restore(&self.host, spec, &template).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                tracing::warn!("VM {}: booting cold, restore failed: {e:#}", spec.name);
+                return None;
+            }
+        };
+        if let Err(e) = vm.wait_ready(RESTORE_TIMEOUT).await {
+            tracing::warn!("VM {}: booting cold, restored guest failed: {e:#}", spec.name);
+            vm.discard();
+            return None;
+        }
+        Some(vm)
+    }
+
+    /// Starts the VM of a record, and the tasks that follow its boot and its exit. A new VM
+    /// of a warm-starting group is restored from its template; any other start boots its disk.
     async fn launch(self: &Arc<Self>, rec: &VmRecord) -> anyhow::Result<Arc<Running>> {
         let mut spec = self.spec(rec);
         let (net, vmnet) = match self.setup_net(rec).await? {
@@ -501,7 +566,16 @@ impl Manager {
             None => (None, None),
         };
         spec.net = vmnet;
-        let vm = match Vm::start(&self.host, &spec).await {
+        let fresh = !self.vm_dir(&rec.hostname).exists();
+        let warm = match fresh && self.warm(&rec.host_group) {
+            true => self.start_warm(&spec).await,
+            false => None,
+        };
+        let started = match warm {
+            Some(vm) => Ok(vm),
+            None => Vm::start(&self.host, &spec).await,
+        };
+        let vm = match started {
             Ok(vm) => vm,
             Err(e) => {
                 if let Some(n) = &net {
@@ -570,7 +644,7 @@ impl Manager {
         let (me, r, hostname) = (self.clone(), running.clone(), rec.hostname.clone());
         let userdata = if rec.userdata_ran { None } else { rec.userdata.clone() };
         tokio::spawn(async move {
-            let result = if r.paused.load(Ordering::SeqCst) {
+            let result = if r.paused.load(Ordering::SeqCst) || r.vm.is_ready() {
                 Ok(())
             } else {
                 r.vm.wait_ready(BOOT_TIMEOUT).await.map_err(|e| format!("{e:#}"))
@@ -631,6 +705,7 @@ impl Manager {
         let status = match self.vms().get(&rec.hostname) {
             Some(r) if r.vm.is_running() && r.paused.load(Ordering::SeqCst) => slicer_api::STATUS_PAUSED,
             Some(r) if r.vm.is_running() => STATUS_RUNNING,
+            _ if rec.status == STATUS_SUSPENDED => STATUS_SUSPENDED,
             _ => STATUS_STOPPED,
         };
         Node {
@@ -695,11 +770,93 @@ impl Manager {
         Ok(())
     }
 
+    /// `POST /vm/{h}/suspend`: saves the VM's memory and devices beside its disk and ends its
+    /// QEMU; the record stays (status Suspended) until it is restored or deleted.
+    pub async fn suspend(&self, hostname: &str) -> Result<(), ApiErr> {
+        let r = self.running(hostname)?;
+        r.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = r.vm.suspend().await {
+            r.stopping.store(false, Ordering::SeqCst);
+            return Err(ApiErr::internal(e));
+        }
+        {
+            let mut vms = self.vms();
+            if vms.get(hostname).is_some_and(|cur| Arc::ptr_eq(cur, &r)) {
+                vms.remove(hostname);
+            }
+        }
+        if let Some(n) = &r.net {
+            n.teardown().await;
+        }
+        self.db
+            .set_status(hostname, STATUS_SUSPENDED, None)
+            .map_err(ApiErr::internal)?;
+        Ok(())
+    }
+
+    /// `POST /vm/{h}/restore`: continues a suspended VM where it was, with its network set up
+    /// again; with `wait`, answers once its agent does (or after `timeout`).
+    pub async fn restore(self: &Arc<Self>, hostname: &str, wait: bool, timeout: Duration) -> Result<(), ApiErr> {
+        let rec = self.record(hostname)?;
+        if self.running(hostname).is_ok() {
+            return Err(ApiErr::conflict(format!("VM {hostname} is running")));
+        }
+        if rec.status != STATUS_SUSPENDED {
+            return Err(ApiErr::conflict(format!(
+                "VM {hostname} is not suspended (status {}); suspend it first",
+                rec.status
+            )));
+        }
+        let mut spec = self.spec(&rec);
+        let net = match self.setup_net(&rec).await.map_err(ApiErr::internal)? {
+            Some((h, n)) => {
+                spec.net = Some(n);
+                Some(h)
+            }
+            None => None,
+        };
+        let vm = match Vm::resume(&self.host, &spec).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                if let Some(n) = &net {
+                    n.teardown().await;
+                }
+                return Err(ApiErr::internal(e));
+            }
+        };
+        self.db
+            .set_status(hostname, STATUS_RUNNING, vm.start_time().map(|t| (vm.pid(), t)))
+            .map_err(ApiErr::internal)?;
+        let r = self.track(&rec, vm, net, false);
+        if wait {
+            match tokio::time::timeout(timeout, self.wait_for(&r, Wait::Agent)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(msg)) => return Err(ApiErr::internal(msg)),
+                Err(_) => {
+                    return Err(ApiErr::timeout(format!(
+                        "VM {hostname} did not answer within {timeout:?} of its restore"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How the running VM started (`cold`, `template`, `resume`, `adopted`).
+    pub fn start_mode(&self, hostname: &str) -> Option<&'static str> {
+        self.vms().get(hostname).map(|r| r.vm.start_mode.as_str())
+    }
+
     /// `POST /vm/{h}/relaunch`: boots a stopped persistent VM again from its disk.
     pub async fn relaunch(self: &Arc<Self>, hostname: &str) -> Result<CreateNodeResponse, ApiErr> {
         let rec = self.record(hostname)?;
         if self.running(hostname).is_ok() {
             return Err(ApiErr::conflict(format!("VM {hostname} is running")));
+        }
+        if rec.status == STATUS_SUSPENDED {
+            return Err(ApiErr::conflict(format!(
+                "VM {hostname} is suspended: restore it (POST /vm/{hostname}/restore) or delete it"
+            )));
         }
         if !rec.persistent && !rec.protected {
             return Err(ApiErr::bad_request(format!("VM {hostname} is not persistent")));

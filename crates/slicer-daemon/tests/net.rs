@@ -116,10 +116,15 @@ async fn pings(d: &TestDaemon, vm: &str, addr: &str) -> bool {
     sh(d, vm, &format!("ping -c1 -W2 {addr}")).await.0 == 0
 }
 
+/// Creates a VM; warm start is on by default, so every VM here is restored from its group's
+/// template snapshot: the network must work after a restore.
 async fn create(d: &TestDaemon, group: &str, body: Value) -> (String, String) {
     let v = d.create_vm(group, body).await;
     let ip = v["ip"].as_str().unwrap().split('/').next().unwrap().to_string();
-    (v["hostname"].as_str().unwrap().to_string(), ip)
+    let hostname = v["hostname"].as_str().unwrap().to_string();
+    let (_, desc) = d.get(&format!("/vm/{hostname}")).await;
+    assert_eq!(desc["start_mode"], "template", "{hostname} was not restored: {desc}");
+    (hostname, ip)
 }
 
 /// Namespaces, links and tables of `group` (and the VMs `hosts`) still present.

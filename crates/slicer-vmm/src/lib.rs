@@ -542,7 +542,7 @@ impl Vm {
     }
 
     /// Kills QEMU and removes every file of the VM, its disk too.
-    fn discard(&self) {
+    pub fn discard(&self) {
         self.mark_cleaned();
         self.qemu.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -588,6 +588,11 @@ impl Vm {
             std::sync::atomic::Ordering::Relaxed,
         );
         Ok(())
+    }
+
+    /// Whether [`Vm::wait_ready`] has succeeded.
+    pub fn is_ready(&self) -> bool {
+        self.boot_time_ns.load(std::sync::atomic::Ordering::Relaxed) != 0
     }
 
     /// From spawning QEMU to the agent's first health answer (zero until ready).

@@ -53,6 +53,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/vm/{hostname}/pause"),
     ("POST", "/vm/{hostname}/resume"),
     ("POST", "/vm/{hostname}/relaunch"),
+    ("POST", "/vm/{hostname}/suspend"),
+    ("POST", "/vm/{hostname}/restore"),
 ];
 
 /// Largest JSON request body; streamed bodies (exec stdin, cp) have no limit.
@@ -76,6 +78,8 @@ pub fn router(state: Shared) -> Router {
         .route("/vm/{hostname}/pause", post(pause))
         .route("/vm/{hostname}/resume", post(resume))
         .route("/vm/{hostname}/relaunch", post(relaunch))
+        .route("/vm/{hostname}/suspend", post(suspend))
+        .route("/vm/{hostname}/restore", post(restore))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(healthz).head(healthz))
@@ -256,11 +260,7 @@ async fn create(
             )))
         }
     };
-    let timeout = match query_one(&pairs, "timeout") {
-        None | Some("") => Duration::from_secs(300),
-        Some(t) => parse_go_duration(t)
-            .ok_or_else(|| ApiErr::bad_request(format!("query timeout: {t:?} is not a duration such as 30s or 5m")))?,
-    };
+    let timeout = query_timeout(&pairs)?;
     let resp = st.manager.create(&group, req, wait, timeout).await?;
     Ok((StatusCode::CREATED, Json(resp)))
 }
@@ -293,6 +293,7 @@ async fn describe(State(st): State<Shared>, Path(hostname): Path<String>) -> Res
         storage: "image".into(),
         storage_size: rec.storage_size.unwrap_or(0),
         image: rec.image.clone(),
+        start_mode: st.manager.start_mode(&hostname).map(str::to_string),
         network: NetworkInfo {
             mode: g.map(|g| g.network_mode.clone()).unwrap_or_default(),
             policy_source: if overridden { "override" } else { "host_group" }.into(),
@@ -446,11 +447,37 @@ async fn resume(State(st): State<Shared>, Path(hostname): Path<String>) -> Resul
     Ok(text("resumed\n"))
 }
 
+async fn suspend(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Response, ApiErr> {
+    st.manager.suspend(&hostname).await?;
+    Ok(text("suspended\n"))
+}
+
+async fn restore(State(st): State<Shared>, Path(hostname): Path<String>, q: RawQuery) -> Result<Response, ApiErr> {
+    let pairs = query_pairs(&q.0);
+    let wait = match query_one(&pairs, "wait") {
+        None | Some("") | Some("none") => false,
+        Some("agent") => true,
+        Some(o) => return Err(ApiErr::bad_request(format!("query wait: {o:?} is not agent"))),
+    };
+    let timeout = query_timeout(&pairs)?;
+    st.manager.restore(&hostname, wait, timeout).await?;
+    Ok(text("restored\n"))
+}
+
 async fn relaunch(
     State(st): State<Shared>,
     Path(hostname): Path<String>,
 ) -> Result<Json<slicer_api::CreateNodeResponse>, ApiErr> {
     Ok(Json(st.manager.relaunch(&hostname).await?))
+}
+
+/// The `timeout` query parameter (a Go duration; 5 minutes when absent).
+fn query_timeout(pairs: &[(String, String)]) -> Result<Duration, ApiErr> {
+    match query_one(pairs, "timeout") {
+        None | Some("") => Ok(Duration::from_secs(300)),
+        Some(t) => parse_go_duration(t)
+            .ok_or_else(|| ApiErr::bad_request(format!("query timeout: {t:?} is not a duration such as 30s or 5m"))),
+    }
 }
 
 /// Used by tests: every (method, path) in [`ROUTES`].

@@ -17,6 +17,7 @@ pub struct TestDaemon {
     pub url: String,
     pub token: String,
     pub config: PathBuf,
+    pub images: PathBuf,
 }
 
 pub fn images_dir() -> PathBuf {
@@ -42,6 +43,11 @@ pub fn config_yaml(group: &str, extra: &str, port: u16) -> String {
 
 impl TestDaemon {
     pub async fn start(yaml_for_port: impl Fn(u16) -> String) -> TestDaemon {
+        TestDaemon::start_with_images(yaml_for_port, &images_dir()).await
+    }
+
+    /// As [`TestDaemon::start`], with the image store at `images`.
+    pub async fn start_with_images(yaml_for_port: impl Fn(u16) -> String, images: &std::path::Path) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("slicer-daemon-test-")
             .tempdir()
@@ -55,6 +61,7 @@ impl TestDaemon {
             url: format!("http://127.0.0.1:{port}"),
             token: String::new(),
             config,
+            images: images.to_path_buf(),
         };
         t.restart().await;
         t
@@ -65,7 +72,7 @@ impl TestDaemon {
         let d = slicer_daemon::start(&UpOptions {
             config: self.config.clone(),
             data_dir: self.dir.path().join("data"),
-            images_dir: Some(images_dir()),
+            images_dir: Some(self.images.clone()),
             agent: None,
         })
         .await
