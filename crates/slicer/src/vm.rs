@@ -158,6 +158,42 @@ pub enum VmCmd {
     },
     /// Host groups.
     Group,
+    /// Power a VM off (ephemeral VMs are then removed), or reboot it with --reboot.
+    Shutdown {
+        name: String,
+        #[arg(long)]
+        reboot: bool,
+    },
+    /// Freeze a VM's vCPUs (memory kept).
+    Pause { name: String },
+    /// Unfreeze a paused VM.
+    Resume { name: String },
+    /// Save a VM's memory and devices to disk and stop it; `vm restore` continues it.
+    Suspend { name: String },
+    /// Continue a suspended VM where it stopped.
+    Restore {
+        name: String,
+        /// `agent`: return once the VM's agent answers.
+        #[arg(long)]
+        wait: Option<String>,
+        #[arg(long, default_value = "5m")]
+        timeout: String,
+    },
+    /// Boot a stopped persistent VM again from its disk.
+    Relaunch { name: String },
+}
+
+/// A power request (POST, no body); prints the daemon's text answer.
+async fn power(c: &slicer_api::ApiClient, path: &str) -> Result<()> {
+    let resp = c.call(Method::POST, path, None, empty()).await?;
+    let text = resp
+        .into_body()
+        .collect()
+        .await
+        .context("reading the answer")?
+        .to_bytes();
+    print!("{}", String::from_utf8_lossy(&text));
+    Ok(())
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -303,6 +339,29 @@ async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
                 println!("IP:         {}", if resp.ip.is_empty() { "-" } else { &resp.ip });
                 println!("Persistent: {}", resp.persistent);
                 println!("Created:    {}", resp.created_at);
+            }
+        }
+        VmCmd::Shutdown { name, reboot } => {
+            let action = if reboot { "reboot" } else { "shutdown" };
+            power(&c, &format!("/vm/{name}/shutdown?action={action}")).await?;
+        }
+        VmCmd::Pause { name } => power(&c, &format!("/vm/{name}/pause")).await?,
+        VmCmd::Resume { name } => power(&c, &format!("/vm/{name}/resume")).await?,
+        VmCmd::Suspend { name } => power(&c, &format!("/vm/{name}/suspend")).await?,
+        VmCmd::Restore { name, wait, timeout } => {
+            let q = query(&[("wait", wait.unwrap_or_default()), ("timeout", timeout)]);
+            power(&c, &format!("/vm/{name}/restore?{q}")).await?;
+        }
+        VmCmd::Relaunch { name } => {
+            let r: slicer_api::CreateNodeResponse = c.json(Method::POST, &format!("/vm/{name}/relaunch"), None).await?;
+            if conn.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "VM {} relaunched ({})",
+                    r.hostname,
+                    if r.ip.is_empty() { "-" } else { &r.ip }
+                );
             }
         }
         VmCmd::Delete { name, group } => {

@@ -175,6 +175,34 @@ async fn seed_workflow() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 
+    // Suspend and restore from the client keep /tmp; restoring a running VM is refused.
+    for args in [
+        &["vm", "suspend", "sandbox-1"][..],
+        &["vm", "restore", "sandbox-1", "--wait", "agent"][..],
+        &["vm", "pause", "sandbox-1"][..],
+        &["vm", "resume", "sandbox-1"][..],
+    ] {
+        let out = slicer(dir.path(), args, &url);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = slicer(
+        dir.path(),
+        &["vm", "exec", "sandbox-1", "--", "cat", "/tmp/in.txt"],
+        &url,
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "payload");
+    let out = slicer(dir.path(), &["vm", "restore", "sandbox-1"], &url);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // SIGTERM stops the daemon and its ephemeral VM.
     let mut daemon = daemon;
     // SAFETY: kill(2) on our own child.
