@@ -37,6 +37,11 @@ fn trim_front(buf: &mut Vec<u8>, keep: usize) {
     }
 }
 
+/// First re-send of an unanswered SYNC; the interval then doubles up to the caller's `resend`.
+/// A SYNC is often lost (an agent still in its previous session takes it for HTTP/2 bytes and
+/// ends that session), so the first re-send must come soon.
+const FIRST_RESEND: Duration = Duration::from_millis(5);
+
 /// Host side of the handshake. Returns the stream positioned right after the agent's ACK.
 pub async fn host_handshake<IO>(io: IO, nonce: Nonce, resend: Duration, timeout: Duration) -> io::Result<Rewind<IO>>
 where
@@ -50,7 +55,8 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     wr.write_all(&sync).await?;
     wr.flush().await?;
-    let mut next_resend = tokio::time::Instant::now() + resend;
+    let mut interval = FIRST_RESEND.min(resend);
+    let mut next_resend = tokio::time::Instant::now() + interval;
     let leftover = loop {
         tokio::select! {
             n = rd.read(&mut chunk) => {
@@ -67,7 +73,8 @@ where
             _ = tokio::time::sleep_until(next_resend) => {
                 wr.write_all(&sync).await?;
                 wr.flush().await?;
-                next_resend = tokio::time::Instant::now() + resend;
+                interval = (interval * 2).min(resend);
+                next_resend = tokio::time::Instant::now() + interval;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "agent did not answer the handshake"));

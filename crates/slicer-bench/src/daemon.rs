@@ -1,4 +1,5 @@
-//! `slicer-bench daemon`: the REST API's create latency against a raw boot, a burst of
+//! `slicer-bench daemon`: the REST API's create latency (cold boots: the group has
+//! `warm_start: false`; `warm` compares against restores) against a raw boot, a burst of
 //! concurrent creates, and `GET /nodes` with 100 records.
 
 use std::time::Instant;
@@ -25,7 +26,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "config:\n  host_groups:\n  - name: bench\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {}\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n",
+            "config:\n  host_groups:\n  - name: bench\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {}\n    warm_start: false\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n",
             a.image
         ),
     )?;

@@ -12,10 +12,12 @@ use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
 
 mod daemon;
 mod net;
+mod warm;
 
 #[derive(Parser)]
 pub struct Args {
-    /// `boot` (VM library: boot, exec, transfers) or `daemon` (REST API: creates, list).
+    /// `boot` (VM library: boot, exec, transfers), `daemon` (REST API: creates, list), `warm`
+    /// (cold boot against template restore) or `net` (isolated networking).
     #[arg(long, default_value = "boot")]
     suite: String,
     /// Concurrent creates in the daemon suite.
@@ -144,6 +146,17 @@ async fn main() -> Result<()> {
             data_dir.join("images"),
             (!args.no_record).then(|| args.record.clone()),
         )
+        .await;
+    }
+    if args.suite == "warm" {
+        return warm::run(warm::WarmArgs {
+            image: args.image.clone(),
+            creates: args.boots,
+            burst: args.burst,
+            memory_mib: args.memory,
+            images_dir: data_dir.join("images"),
+            record_to: (!args.no_record).then(|| args.record.clone()),
+        })
         .await;
     }
     if args.suite == "daemon" {

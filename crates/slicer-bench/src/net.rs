@@ -131,8 +131,8 @@ pub async fn run(
     let (p, i) = (median(plain), median(iso));
     let table = format!(
         "| measure ({image} image, tcg, 1 vCPU, 256 MiB) | value |\n|---|---|\n\
-         | create?wait=agent, no network, median of {n} | {p:.0} ms |\n\
-         | create?wait=agent, isolated network, median of {n} | {i:.0} ms |\n\
+         | create?wait=agent (template restore), no network, median of {n} | {p:.0} ms |\n\
+         | create?wait=agent (template restore), isolated network, median of {n} | {i:.0} ms |\n\
          | added by the isolated network (netns, veth, TAP, nftables table) | {:.0} ms ({:.2}×) |\n\
          | VM → test host round trip (ping, mean of 20, through TAP, bridge, veth, nftables, NAT) | {avg:.2} ms |\n",
         i - p,

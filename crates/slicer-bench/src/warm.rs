@@ -1,0 +1,173 @@
+//! `slicer-bench warm`: `create?wait=agent` of a cold boot against a restore from the group's
+//! template, interleaved in one daemon (two host groups of the same shape, one with
+//! `warm_start: false`), then bursts of concurrent creates of each kind, and the RSS of an idle
+//! guest of each kind.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use http::Method;
+use slicer_api::ApiClient;
+
+use crate::{median, record};
+
+pub struct WarmArgs {
+    pub image: String,
+    pub creates: usize,
+    pub burst: usize,
+    pub memory_mib: u32,
+    pub images_dir: std::path::PathBuf,
+    pub record_to: Option<std::path::PathBuf>,
+}
+
+async fn create(c: &ApiClient, group: &str) -> Result<(String, Duration)> {
+    let t = Instant::now();
+    let v: serde_json::Value = c
+        .json(
+            Method::POST,
+            &format!("/hostgroup/{group}/nodes?wait=agent&timeout=10m"),
+            Some(&serde_json::json!({})),
+        )
+        .await?;
+    let took = t.elapsed();
+    let h = v["hostname"].as_str().context("hostname")?.to_string();
+    let d: serde_json::Value = c.json(Method::GET, &format!("/vm/{h}"), None).await?;
+    let want = if group == "warm" { "template" } else { "cold" };
+    anyhow::ensure!(
+        d["start_mode"] == want,
+        "{h} started {} instead of {want}",
+        d["start_mode"]
+    );
+    Ok((h, took))
+}
+
+async fn delete(c: &ApiClient, group: &str, h: &str) -> Result<()> {
+    let _: serde_json::Value = c
+        .json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), None)
+        .await?;
+    Ok(())
+}
+
+/// Creates `n` VMs of `group` at once: the wall time until all answer.
+async fn burst(c: &ApiClient, group: &str, n: usize) -> Result<Duration> {
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (c, g) = (c.clone(), group.to_string());
+            tokio::spawn(async move { create(&c, &g).await })
+        })
+        .collect();
+    let mut names = Vec::new();
+    for task in tasks {
+        names.push(task.await??.0);
+    }
+    let took = t.elapsed();
+    for h in &names {
+        delete(c, group, h).await?;
+    }
+    Ok(took)
+}
+
+/// Resident memory of the VM's QEMU in MiB.
+fn rss_mib(hostname: &str) -> Option<f64> {
+    let needle = format!("slicer-{hostname}");
+    let pid = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let c = std::fs::read(e.path().join("cmdline")).ok()?;
+        c.split(|b| *b == 0).any(|a| a == needle.as_bytes()).then_some(pid)
+    })?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+pub async fn run(a: WarmArgs) -> Result<()> {
+    let tmp = tempfile::Builder::new().prefix("slicer-bench-warm-").tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let config = tmp.path().join("slicer.yaml");
+    let group = |name: &str, warm: bool| {
+        format!(
+            "  - name: {name}\n    count: 0\n    vcpu: 1\n    ram_mb: {}\n    image: {}\n    warm_start: {warm}\n    network: {{mode: none}}\n",
+            a.memory_mib, a.image
+        )
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "config:\n  host_groups:\n{}{}  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n",
+            group("cold", false),
+            group("warm", true)
+        ),
+    )?;
+    let d = slicer_daemon::start(&slicer_daemon::UpOptions {
+        config,
+        data_dir: tmp.path().join("data"),
+        images_dir: Some(a.images_dir.clone()),
+        agent: None,
+    })
+    .await?;
+    let c = ApiClient::new(&format!("http://127.0.0.1:{port}"), d.token.clone())?;
+
+    // The template (built now if the image store has none for this shape).
+    let shape = slicer_vmm::Shape {
+        image: a.image.clone(),
+        cpus: 1,
+        memory_mib: a.memory_mib,
+        nic: false,
+    };
+    let t = Instant::now();
+    let template = d.manager.host.template(&shape).await?;
+    let template_wait = t.elapsed();
+
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    let (mut cold_rss, mut warm_rss) = (Vec::new(), Vec::new());
+    for i in 0..a.creates {
+        let (hc, tc) = create(&c, "cold").await?;
+        let (hw, tw) = create(&c, "warm").await?;
+        cold.push(tc.as_secs_f64() * 1e3);
+        warm.push(tw.as_secs_f64() * 1e3);
+        cold_rss.extend(rss_mib(&hc));
+        warm_rss.extend(rss_mib(&hw));
+        delete(&c, "cold", &hc).await?;
+        delete(&c, "warm", &hw).await?;
+        eprintln!("create {i}: cold {:.0} ms, warm {:.0} ms", cold[i], warm[i]);
+    }
+    let burst_warm = burst(&c, "warm", a.burst).await?;
+    let burst_cold = burst(&c, "cold", a.burst).await?;
+    d.stop().await;
+
+    let (cold_m, warm_m) = (median(cold), median(warm));
+    let target = if a.image == "systemd" { 0.1 } else { 0.25 };
+    let met = if warm_m / cold_m <= target { "met" } else { "**not met**" };
+    let table = format!(
+        "| measure ({img} image, tcg, 1 vCPU, {mem} MiB) | cold boot | warm (template restore) | warm / cold |\n|---|---|---|---|\n\
+         | `create?wait=agent`, median of {n} (interleaved) | {cold_m:.0} ms | {warm_m:.0} ms | **{:.2}×** (target ≤ {target}×: {met}) |\n\
+         | {b} concurrent creates, wall time until all answer | {:.1} s | {:.1} s | {:.2}× |\n\
+         | QEMU RSS of an idle guest, median | {:.0} MiB | {:.0} MiB | {:.2}× |\n\
+         | template: saved state {} MiB; waiting for it at start took {} ms (0 when already built) | | | |\n",
+        warm_m / cold_m,
+        burst_cold.as_secs_f64(),
+        burst_warm.as_secs_f64(),
+        burst_warm.as_secs_f64() / burst_cold.as_secs_f64(),
+        median(cold_rss.clone()),
+        median(warm_rss.clone()),
+        median(warm_rss) / median(cold_rss),
+        template.state_bytes >> 20,
+        template_wait.as_millis(),
+        img = a.image,
+        mem = a.memory_mib,
+        n = a.creates,
+        b = a.burst,
+    );
+    println!("{table}");
+    if let Some(path) = a.record_to {
+        record(&path, &format!("warm-{}", a.image), &table)?;
+    }
+    Ok(())
+}
