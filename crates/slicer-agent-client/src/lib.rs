@@ -202,6 +202,17 @@ impl AgentClient {
 
     /// Waits until the agent answers health, polling the socket until `timeout`.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<Health> {
+        self.wait_then(timeout, || self.health()).await
+    }
+
+    /// Waits until a session with the agent is up (polling the socket until `timeout`), then
+    /// makes `first` its first request. An error answer of the agent ends the wait; transport
+    /// errors (the guest not there yet) are retried.
+    pub async fn wait_then<T, F, Fut>(&self, timeout: Duration, first: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -216,10 +227,11 @@ impl AgentClient {
                 let s = self.connect(left).await?;
                 *guard = Some(s);
                 drop(guard);
-                self.health().await
+                first().await
             };
             match tokio::time::timeout(left, attempt).await {
                 Ok(Ok(h)) => return Ok(h),
+                Ok(Err(e @ AgentError::Remote { .. })) => return Err(e),
                 Ok(Err(AgentError::Connect { .. })) => {
                     // QEMU has not created the socket yet.
                     tokio::time::sleep(Duration::from_millis(5)).await;

@@ -66,8 +66,13 @@ impl QemuConfig {
         c.join(" ")
     }
 
-    /// The argument vector (without the binary).
+    /// The argument vector (without the binary). A restoring QEMU reads its state from
+    /// descriptor 3 here; [`QemuProcess::spawn`] passes the descriptor it actually hands over.
     pub fn args(&self) -> Vec<String> {
+        self.args_with(3)
+    }
+
+    fn args_with(&self, incoming_fd: i32) -> Vec<String> {
         let p = |p: &Path| p.display().to_string();
         let mut a: Vec<String> = vec![
             "-name".into(),
@@ -125,16 +130,13 @@ impl QemuConfig {
                 format!("virtio-net-device,netdev=net0,mac={}", n.mac),
             ]);
         }
-        if let Some(state) = &self.incoming {
-            a.extend(["-incoming".into(), format!("exec:cat {}", shell_quote(&p(state)))]);
+        if self.incoming.is_some() {
+            // The state file is opened by `spawn` and inherited: QEMU reads the file directly
+            // (through a `cat` pipe, loads took longer and varied more).
+            a.extend(["-incoming".into(), format!("fd:{incoming_fd}")]);
         }
         a
     }
-}
-
-/// `s` as one word for `/bin/sh` (QEMU runs `exec:` URIs through it).
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// QEMU's version line (`QEMU emulator version 7.2.x ...`): saved states are only restored
@@ -205,8 +207,13 @@ impl QemuProcess {
     pub async fn spawn(cfg: &QemuConfig) -> Result<QemuProcess> {
         let log =
             std::fs::File::create(&cfg.qemu_log).with_context(|| format!("creating {}", cfg.qemu_log.display()))?;
+        let incoming = match &cfg.incoming {
+            Some(path) => Some(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?),
+            None => None,
+        };
+        let incoming_fd = incoming.as_ref().map_or(-1, std::os::fd::AsRawFd::as_raw_fd);
         let mut cmd = tokio::process::Command::new(&cfg.binary);
-        cmd.args(cfg.args())
+        cmd.args(cfg.args_with(incoming_fd))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -232,8 +239,22 @@ impl QemuProcess {
                 });
             }
         }
+        if incoming.is_some() {
+            // SAFETY: fcntl(2) is async-signal-safe; the file stays open in the parent until
+            // spawn returns. Only the child's copy loses close-on-exec, so QEMU inherits it and
+            // processes spawned meanwhile by other threads do not.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::fcntl(incoming_fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let spawned = cmd.spawn();
         drop(netns);
+        drop(incoming);
         let mut child = spawned.map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 anyhow::anyhow!("{} not found: apt-get install -y qemu-system-x86", cfg.binary.display())
@@ -321,11 +342,9 @@ mod tests {
             tap: None,
             mac: "02:00:00:00:00:01".into(),
         });
-        c.incoming = Some("/data/it's here/memory".into());
+        c.incoming = Some("/data/state".into());
         let a = c.args();
         assert!(a.windows(2).any(|w| w == ["-netdev", "hubport,id=net0,hubid=0"]));
-        assert!(a
-            .windows(2)
-            .any(|w| w == ["-incoming", r"exec:cat '/data/it'\''s here/memory'"]));
+        assert!(a.windows(2).any(|w| w == ["-incoming", "fd:3"]));
     }
 }

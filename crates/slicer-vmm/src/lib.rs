@@ -558,10 +558,22 @@ impl Vm {
         self.qemu.start_time()
     }
 
-    /// Waits for the agent's first health answer; fails early if QEMU exits.
+    /// Waits for the agent's first answer (for a restored VM: to its identity fix-ups, its
+    /// first request; else health); fails early if QEMU exits.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let first = async {
+            match &pending {
+                Some(id) => self
+                    .agent
+                    .wait_then(timeout, || self.agent.set_identity(id))
+                    .await
+                    .map(drop),
+                None => self.agent.wait_ready(timeout).await.map(drop),
+            }
+        };
         tokio::select! {
-            r = self.agent.wait_ready(timeout) => {
+            r = first => {
                 r.with_context(|| format!(
                     "VM {} did not become ready; console:\n{}", self.name, tail(&self.console_log, 30)
                 ))?;
@@ -575,13 +587,6 @@ impl Vm {
                     tail(&self.console_log, 30)
                 );
             }
-        }
-        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(id) = pending {
-            self.agent
-                .set_identity(&id)
-                .await
-                .with_context(|| format!("giving VM {} its identity", self.name))?;
         }
         self.boot_time_ns.store(
             self.started.elapsed().as_nanos() as u64,

@@ -5,7 +5,7 @@
 //! from then on; each restored VM gets a qcow2 overlay on it), `state` (QEMU's migration
 //! stream) and `meta.json`. The id hashes everything the saved state depends on (the image and
 //! kernel builds, the QEMU version, the accelerator, the kernel command line, vCPUs, RAM and
-//! whether there is a NIC), so a change to any of them makes a new template rather than
+//! whether there is a NIC) and the template format, so a change to any of them makes a new template rather than
 //! restoring a stale one. Builds go to a scratch directory renamed into place, so a crash or a
 //! second daemon building the same template never leaves a half-written one.
 
@@ -21,6 +21,8 @@ use slicer_image::Image;
 
 use crate::{tail, Host, VmSpec};
 
+/// Bumped when the way templates are made changes, so older ones are not used.
+const FORMAT: u32 = 2;
 /// The MAC of a template's NIC; each restored VM's agent sets the VM's own.
 const TEMPLATE_MAC: &str = "02:00:00:00:00:01";
 /// Longest a template build may take to boot its guest.
@@ -151,6 +153,7 @@ impl Host {
         let mut probe = self.qemu_config("template", Path::new("/"), accel, &image, shape.cpus, shape.memory_mib);
         probe.cmdline = cmdline.clone();
         let id = slicer_image::key_of(&[
+            &FORMAT.to_le_bytes(),
             image.key.as_bytes(),
             image.kernel.to_string_lossy().as_bytes(),
             image.rootfs.to_string_lossy().as_bytes(),
@@ -249,13 +252,22 @@ impl Host {
                 tail(&cfg.console_log, 30)
             ),
         }
+        // Under an init system the agent answers before the boot is over: let it finish, so
+        // restored guests start idle and fully booted. Then clean disk pages, and no host
+        // session inside the saved state: a restored guest's agent simply waits for its host.
+        let settle = if image.init().is_none() {
+            "systemctl is-system-running --wait >/dev/null 2>&1; sync"
+        } else {
+            "sync"
+        };
+        let synced = tokio::time::timeout(
+            BUILD_BOOT_TIMEOUT,
+            agent.exec_output(&slicer_agent_proto::ExecRequest::shell(settle), None),
+        )
+        .await
+        .context("the template guest did not settle")?
+        .context("syncing the template's disk")?;
         meta.boot_ms = started.elapsed().as_millis() as u64;
-        // Clean disk pages, and no host session inside the saved state: a restored guest's
-        // agent then simply waits for its new host.
-        let synced = agent
-            .exec_output(&slicer_agent_proto::ExecRequest::argv(["/bin/sync"]), None)
-            .await
-            .context("syncing the template's disk")?;
         ensure!(
             synced.status.success(),
             "sync in the template guest failed: {:?}",
