@@ -16,6 +16,9 @@ use slicer_agent_proto::{Identity, NetIdentity};
 
 use crate::server::{json, ApiError, Body, State};
 
+/// Present once an identity was applied since boot (/run is a tmpfs).
+pub const APPLIED: &str = "/run/slicer/identity-applied";
+
 pub async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, ApiError> {
     let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
         .collect()
@@ -45,6 +48,11 @@ pub async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Respons
     }
     if let Some(n) = &id.net {
         configure_eth0(n).map_err(|e| ApiError::io("configuring eth0", &e))?;
+    }
+    // An agent restarted later (under systemd) must not put the template's command-line
+    // identity back.
+    if let Err(e) = std::fs::create_dir_all("/run/slicer").and_then(|()| std::fs::write(APPLIED, b"")) {
+        return Err(ApiError::io(&format!("writing {APPLIED}"), &e));
     }
     if let Some(bytes) = id.disk_bytes {
         // The host resized the disk just before this call; the kernel learns of it from a

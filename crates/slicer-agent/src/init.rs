@@ -110,6 +110,9 @@ pub async fn grow_root(reaper: std::sync::Arc<crate::reaper::Reaper>) {
 
 /// Hostname, machine-id and DNS from the kernel command line (both modes).
 pub fn configure_identity() {
+    if std::path::Path::new(crate::identity::APPLIED).exists() {
+        return; // a restored VM: its identity came through the agent, not the command line
+    }
     let params = parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     if let Some(h) = &params.hostname {
         if let Err(e) = crate::identity::set_hostname(h) {
