@@ -16,8 +16,8 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use slicer_agent_proto::frame::{self, Decoder, Kind};
 use slicer_agent_proto::{
-    h2, sync, ErrorBody, ExecRequest, ExitStatus, Exited, FileWritten, Health, Identity, PathQuery, PowerAction,
-    PowerRequest, Started, HEADER_MODE,
+    h2, sync, ErrorBody, ExecRequest, ExitStatus, Exited, FileWritten, FsEntry, Health, Identity, MkdirRequest,
+    PathQuery, PowerAction, PowerRequest, RemoveQuery, Started, HEADER_MODE,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, Mutex};
@@ -26,6 +26,8 @@ pub type ReqBody = BoxBody<Bytes, io::Error>;
 
 /// Largest JSON answer (health, errors, results) accepted from a guest.
 const MAX_JSON: usize = 64 * 1024;
+/// Largest directory listing accepted (the agent lists at most 100,000 entries).
+const MAX_LISTING: usize = 32 << 20;
 const UPLOAD_CHUNK: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +108,11 @@ async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes> {
 }
 
 async fn parse_json<T: serde::de::DeserializeOwned>(body: Incoming) -> Result<T> {
-    let raw = read_limited(body, MAX_JSON).await?;
+    parse_json_up_to(body, MAX_JSON).await
+}
+
+async fn parse_json_up_to<T: serde::de::DeserializeOwned>(body: Incoming, limit: usize) -> Result<T> {
+    let raw = read_limited(body, limit).await?;
     serde_json::from_slice(&raw).map_err(|e| AgentError::Protocol(format!("invalid JSON from agent: {e}")))
 }
 
@@ -401,6 +407,58 @@ impl AgentClient {
         if resp.status() != StatusCode::ACCEPTED {
             check(resp).await?;
         }
+        Ok(())
+    }
+
+    /// Lists directory `path` (entries sorted by name; symlinks not followed).
+    pub async fn readdir(&self, path: &str) -> Result<Vec<FsEntry>> {
+        self.get_json("/v1/fs/readdir", path, MAX_LISTING).await
+    }
+
+    /// Describes `path` (a symlink itself, not its target).
+    pub async fn stat(&self, path: &str) -> Result<FsEntry> {
+        self.get_json("/v1/fs/stat", path, MAX_JSON).await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, route: &str, path: &str, limit: usize) -> Result<T> {
+        let q = PathQuery {
+            path: path.into(),
+            ..Default::default()
+        };
+        let req = Request::get(uri(route, Some(&q)))
+            .body(empty())
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        parse_json_up_to(resp.into_body(), limit).await
+    }
+
+    /// Makes a directory; answers its entry.
+    pub async fn mkdir(&self, r: &MkdirRequest) -> Result<FsEntry> {
+        let body = serde_json::to_vec(r).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(uri("/v1/fs/mkdir", None))
+            .body(full(body))
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        parse_json(resp.into_body()).await
+    }
+
+    /// Removes a file, a link or a directory (a non-empty one only with `recursive`).
+    pub async fn remove(&self, path: &str, recursive: bool) -> Result<()> {
+        let q = RemoveQuery {
+            path: path.into(),
+            recursive,
+        };
+        let req = Request::builder()
+            .method(Method::DELETE)
+            .uri(format!(
+                "http://agent/v1/fs/remove?{}",
+                serde_urlencoded::to_string(&q).unwrap_or_default()
+            ))
+            .body(empty())
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        check(self.send(req).await?).await?;
         Ok(())
     }
 

@@ -15,6 +15,8 @@
 //! - `PUT  /v1/tar?path&uid&gid` body = tar stream, unpacked into directory `path`
 //! - `GET  /v1/tar?path` → tar stream of directory `path`
 //! - `POST /v1/power` body = [`PowerRequest`]
+//! - `GET  /v1/fs/readdir?path` → `[FsEntry]`, `GET /v1/fs/stat?path` → [`FsEntry`],
+//!   `POST /v1/fs/mkdir` body = [`MkdirRequest`], `DELETE /v1/fs/remove?path&recursive`
 //! - `POST /v1/identity` body = [`Identity`]: hostname, machine-id, address, DNS, RNG seed and
 //!   clock of a VM restored from a snapshot → [`Identity`] as applied
 //!

@@ -186,6 +186,42 @@ pub fn valid_machine_id(id: &str) -> bool {
         && id.bytes().any(|b| b != b'0')
 }
 
+/// An entry of `GET /v1/fs/readdir` (and the answer of `GET /v1/fs/stat`). Symlinks are
+/// reported as such, not followed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FsEntry {
+    pub name: String,
+    /// `file`, `directory`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size: u64,
+    /// Modification time: seconds and nanoseconds since the Unix epoch.
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    /// Permission bits (e.g. 0o644).
+    pub mode: u32,
+}
+
+/// Query of `DELETE /v1/fs/remove`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RemoveQuery {
+    pub path: String,
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+/// Body of `POST /v1/fs/mkdir`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MkdirRequest {
+    pub path: String,
+    #[serde(default)]
+    pub recursive: bool,
+    /// Octal permission bits such as "0755" (default 0755).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PowerAction {

@@ -8,6 +8,7 @@
 
 mod exec;
 mod files;
+mod fs;
 mod identity;
 mod init;
 mod reaper;

@@ -51,6 +51,13 @@ impl ApiError {
             message: msg.into(),
         }
     }
+    pub fn conflict(msg: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::CONFLICT,
+            kind: "conflict",
+            message: msg.into(),
+        }
+    }
     pub fn internal(msg: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -141,6 +148,10 @@ async fn route(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         (Method::GET, "/v1/tar") => crate::files::get_tar(req).await,
         (Method::POST, "/v1/power") => power(req, state).await,
         (Method::POST, "/v1/identity") => crate::identity::handle(req, state).await,
+        (Method::GET, "/v1/fs/readdir") => crate::fs::readdir(req).await,
+        (Method::GET, "/v1/fs/stat") => crate::fs::stat(req).await,
+        (Method::POST, "/v1/fs/mkdir") => crate::fs::mkdir(req).await,
+        (Method::DELETE, "/v1/fs/remove") => crate::fs::remove(req).await,
         (_, path) => Err(ApiError::not_found(format!("no route {} {path}", req.method()))),
     }
 }

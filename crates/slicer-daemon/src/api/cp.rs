@@ -11,7 +11,7 @@ use futures_util::TryStreamExt;
 use super::{query_one, query_pairs, query_u32, Shared};
 use crate::error::ApiErr;
 
-fn guest_path(pairs: &[(String, String)]) -> Result<String, ApiErr> {
+pub(super) fn guest_path(pairs: &[(String, String)]) -> Result<String, ApiErr> {
     let p = query_one(pairs, "path")
         .filter(|p| !p.is_empty())
         .ok_or_else(|| ApiErr::bad_request("query path is required"))?;

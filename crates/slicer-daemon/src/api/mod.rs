@@ -2,6 +2,7 @@
 
 mod cp;
 mod exec;
+mod fs;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +54,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/vm/{hostname}/pause"),
     ("POST", "/vm/{hostname}/resume"),
     ("POST", "/vm/{hostname}/relaunch"),
+    ("GET", "/vm/{hostname}/fs/readdir"),
+    ("GET", "/vm/{hostname}/fs/stat"),
+    ("POST", "/vm/{hostname}/fs/mkdir"),
+    ("DELETE", "/vm/{hostname}/fs/remove"),
     ("POST", "/vm/{hostname}/suspend"),
     ("POST", "/vm/{hostname}/restore"),
 ];
@@ -78,6 +83,10 @@ pub fn router(state: Shared) -> Router {
         .route("/vm/{hostname}/pause", post(pause))
         .route("/vm/{hostname}/resume", post(resume))
         .route("/vm/{hostname}/relaunch", post(relaunch))
+        .route("/vm/{hostname}/fs/readdir", get(fs::readdir))
+        .route("/vm/{hostname}/fs/stat", get(fs::stat))
+        .route("/vm/{hostname}/fs/mkdir", post(fs::mkdir))
+        .route("/vm/{hostname}/fs/remove", axum::routing::delete(fs::remove))
         .route("/vm/{hostname}/suspend", post(suspend))
         .route("/vm/{hostname}/restore", post(restore))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));

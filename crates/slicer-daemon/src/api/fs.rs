@@ -1,0 +1,104 @@
+//! `/vm/{h}/fs/…`: readdir, stat, mkdir and remove in the guest, through the agent, in
+//! SlicerVM's shapes (`mtime` as RFC 3339, `mode` as an octal string).
+
+use axum::extract::{Path, RawQuery, State};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::cp::guest_path;
+use super::{query_one, query_pairs, JsonBody, Shared};
+use crate::error::ApiErr;
+
+/// An entry as the SDKs decode it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Entry {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size: u64,
+    pub mtime: String,
+    pub mode: String,
+}
+
+impl From<slicer_agent_proto::FsEntry> for Entry {
+    fn from(e: slicer_agent_proto::FsEntry) -> Entry {
+        let ns = i128::from(e.mtime_sec) * 1_000_000_000 + i128::from(e.mtime_nsec);
+        let mtime = time::OffsetDateTime::from_unix_timestamp_nanos(ns)
+            .ok()
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_default();
+        Entry {
+            name: e.name,
+            kind: e.kind,
+            size: e.size,
+            mtime,
+            mode: format!("{:04o}", e.mode),
+        }
+    }
+}
+
+pub async fn readdir(
+    State(st): State<Shared>,
+    Path(hostname): Path<String>,
+    q: RawQuery,
+) -> Result<Json<Vec<Entry>>, ApiErr> {
+    let path = guest_path(&query_pairs(&q.0))?;
+    let r = st.manager.active(&hostname)?;
+    let list = r.vm.agent().readdir(&path).await.map_err(ApiErr::agent)?;
+    Ok(Json(list.into_iter().map(Entry::from).collect()))
+}
+
+pub async fn stat(State(st): State<Shared>, Path(hostname): Path<String>, q: RawQuery) -> Result<Json<Entry>, ApiErr> {
+    let path = guest_path(&query_pairs(&q.0))?;
+    let r = st.manager.active(&hostname)?;
+    Ok(Json(r.vm.agent().stat(&path).await.map_err(ApiErr::agent)?.into()))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MkdirBody {
+    path: String,
+    #[serde(default)]
+    recursive: bool,
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+pub async fn mkdir(
+    State(st): State<Shared>,
+    Path(hostname): Path<String>,
+    JsonBody(b): JsonBody<MkdirBody>,
+) -> Result<Json<Entry>, ApiErr> {
+    if b.path.is_empty() {
+        return Err(ApiErr::bad_request("body: path is required"));
+    }
+    let path = guest_path(&[("path".to_string(), b.path)])?;
+    let r = st.manager.active(&hostname)?;
+    let req = slicer_agent_proto::MkdirRequest {
+        path,
+        recursive: b.recursive,
+        mode: b.mode,
+    };
+    Ok(Json(r.vm.agent().mkdir(&req).await.map_err(ApiErr::agent)?.into()))
+}
+
+pub async fn remove(
+    State(st): State<Shared>,
+    Path(hostname): Path<String>,
+    q: RawQuery,
+) -> Result<Json<serde_json::Value>, ApiErr> {
+    let pairs = query_pairs(&q.0);
+    let path = guest_path(&pairs)?;
+    let recursive = match query_one(&pairs, "recursive") {
+        None | Some("") | Some("false") => false,
+        Some("true") => true,
+        Some(o) => {
+            return Err(ApiErr::bad_request(format!(
+                "query recursive: {o:?} is not true or false"
+            )))
+        }
+    };
+    let r = st.manager.active(&hostname)?;
+    r.vm.agent().remove(&path, recursive).await.map_err(ApiErr::agent)?;
+    Ok(Json(serde_json::json!({ "path": path, "removed": true })))
+}

@@ -1,0 +1,130 @@
+//! The guest surface beyond exec and cp, through the API against a real daemon and guest:
+//! the filesystem routes.
+
+mod common;
+
+use common::{config_yaml, TestDaemon};
+use http::Method;
+use serde_json::json;
+use slicer_api::client::full;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_routes() {
+    let d = TestDaemon::start(|p| config_yaml("fsg", "", p)).await;
+    let h = d.create_vm("fsg", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (s, v) = d
+        .send_json(
+            Method::POST,
+            &format!("/vm/{h}/fs/mkdir"),
+            r#"{"path": "/srv/a/b", "recursive": true, "mode": "0750"}"#,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["name"].as_str(), v["type"].as_str(), v["mode"].as_str()),
+        (Some("b"), Some("directory"), Some("0750"))
+    );
+    let (s, v) = d
+        .send_json(Method::POST, &format!("/vm/{h}/fs/mkdir"), r#"{"path": "/srv/a/b"}"#)
+        .await;
+    assert_eq!(s, 409, "exists: {v}");
+    let (s, _) = d
+        .send_json(Method::POST, &format!("/vm/{h}/fs/mkdir"), r#"{"path": "/srv/x/y"}"#)
+        .await;
+    assert_eq!(s, 404, "missing parent without recursive");
+    let (s, v) = d
+        .send_json(
+            Method::POST,
+            &format!("/vm/{h}/fs/mkdir"),
+            r#"{"path": "/srv/z", "mode": "99"}"#,
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = d
+        .send_json(
+            Method::POST,
+            &format!("/vm/{h}/fs/mkdir"),
+            r#"{"path": "/srv/z", "bogus": 1}"#,
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+
+    let (s, _) = d
+        .raw(
+            &d.client(),
+            Method::POST,
+            &format!("/vm/{h}/cp?path=/srv/a/b/f.txt"),
+            Some("application/octet-stream"),
+            full("hello"),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = d.get(&format!("/vm/{h}/fs/readdir?path=/srv/a/b")).await;
+    assert_eq!(s, 200, "{v}");
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v}");
+    assert_eq!(list[0]["name"], "f.txt");
+    assert_eq!(list[0]["type"], "file");
+    assert_eq!(list[0]["size"], 5);
+    let mtime = list[0]["mtime"].as_str().unwrap();
+    let t = time::OffsetDateTime::parse(mtime, &time::format_description::well_known::Rfc3339).expect("RFC 3339 mtime");
+    assert!(
+        (time::OffsetDateTime::now_utc() - t).whole_seconds().abs() < 120,
+        "{mtime}"
+    );
+
+    let (s, v) = d.get(&format!("/vm/{h}/fs/stat?path=/srv/a")).await;
+    assert_eq!((s, v["type"].as_str()), (200, Some("directory")), "{v}");
+    assert_eq!(d.get(&format!("/vm/{h}/fs/stat?path=/srv/nope")).await.0, 404);
+    assert_eq!(d.get(&format!("/vm/{h}/fs/stat?path=relative")).await.0, 400);
+    assert_eq!(d.get(&format!("/vm/{h}/fs/readdir")).await.0, 400);
+    assert_eq!(d.get(&format!("/vm/{h}/fs/readdir?path=/srv/a/b/f.txt")).await.0, 400);
+    assert_eq!(d.get("/vm/nope-9/fs/readdir?path=/").await.0, 404);
+
+    let (s, v) = d
+        .send_json(Method::DELETE, &format!("/vm/{h}/fs/remove?path=/srv/a"), "")
+        .await;
+    assert_eq!(s, 409, "not empty: {v}");
+    assert!(v["error"].as_str().unwrap().contains("recursive"), "{v}");
+    assert_eq!(
+        d.send_json(
+            Method::DELETE,
+            &format!("/vm/{h}/fs/remove?path=/srv/a&recursive=yes"),
+            ""
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        d.send_json(Method::DELETE, &format!("/vm/{h}/fs/remove?path=/"), "")
+            .await
+            .0,
+        400
+    );
+    let (s, v) = d
+        .send_json(
+            Method::DELETE,
+            &format!("/vm/{h}/fs/remove?path=/srv/a&recursive=true"),
+            "",
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(d.get(&format!("/vm/{h}/fs/stat?path=/srv/a")).await.0, 404);
+    assert_eq!(
+        d.send_json(Method::DELETE, &format!("/vm/{h}/fs/remove?path=/srv/a"), "")
+            .await
+            .0,
+        404
+    );
+
+    // Paused: 409 until resumed.
+    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/pause"), "").await.0, 200);
+    assert_eq!(d.get(&format!("/vm/{h}/fs/readdir?path=/")).await.0, 409);
+    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/resume"), "").await.0, 200);
+    assert_eq!(d.get(&format!("/vm/{h}/fs/readdir?path=/")).await.0, 200);
+}
