@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod manager;
+pub mod metrics;
 pub mod state;
 
 use std::path::PathBuf;

@@ -55,6 +55,7 @@ pub enum GroupNet {
 
 pub struct Running {
     pub vm: Vm,
+    pub group: String,
     net: Option<NetHandle>,
     /// vCPUs stopped through QMP (`POST /vm/{h}/pause`).
     paused: AtomicBool,
@@ -69,6 +70,7 @@ pub struct Manager {
     pub settings: Settings,
     pub host: Host,
     pub db: Db,
+    pub metrics: crate::metrics::Metrics,
     vms: Mutex<HashMap<String, Arc<Running>>>,
     nets: HashMap<String, GroupNet>,
     /// Serializes address allocation with the record's creation.
@@ -135,6 +137,7 @@ impl Manager {
             settings,
             host,
             db,
+            metrics: crate::metrics::Metrics::new(),
             vms: Mutex::new(HashMap::new()),
             nets,
             alloc: tokio::sync::Mutex::new(()),
@@ -581,9 +584,11 @@ impl Manager {
                 if let Some(n) = &net {
                     n.teardown().await;
                 }
+                self.count_launch(&rec.host_group, None);
                 return Err(e);
             }
         };
+        self.count_launch(&rec.host_group, Some(vm.start_mode));
         self.db
             .set_status(&rec.hostname, STATUS_RUNNING, vm.start_time().map(|t| (vm.pid(), t)))?;
         Ok(self.track(rec, vm, net, false))
@@ -623,6 +628,46 @@ impl Manager {
         }
     }
 
+    /// Counts a VM start (`None`: it failed).
+    fn count_launch(&self, group: &str, mode: Option<slicer_vmm::StartMode>) {
+        match mode {
+            Some(m) => {
+                self.metrics
+                    .launches
+                    .get_or_create(&crate::metrics::LaunchLabels {
+                        group: group.to_string(),
+                        mode: m.as_str().to_string(),
+                    })
+                    .inc();
+            }
+            None => {
+                self.metrics
+                    .launch_failures
+                    .get_or_create(&crate::metrics::GroupLabels {
+                        group: group.to_string(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    /// The `/metrics` text, with the running VMs of each group counted now.
+    pub fn metrics_text(&self) -> String {
+        let running: Vec<(String, bool)> = self
+            .vms()
+            .values()
+            .map(|r| (r.group.clone(), r.vm.is_running()))
+            .collect();
+        for g in &self.settings.groups {
+            let n = running.iter().filter(|(group, up)| *up && group == &g.name).count();
+            self.metrics
+                .running
+                .get_or_create(&crate::metrics::GroupLabels { group: g.name.clone() })
+                .set(n as i64);
+        }
+        self.metrics.encode()
+    }
+
     /// Registers a started or adopted VM and the tasks that follow its boot and its exit.
     fn track(self: &Arc<Self>, rec: &VmRecord, vm: Vm, net: Option<NetHandle>, paused: bool) -> Arc<Running> {
         let (ready_tx, ready_rx) = watch::channel(None);
@@ -633,6 +678,7 @@ impl Manager {
         });
         let running = Arc::new(Running {
             vm,
+            group: rec.host_group.clone(),
             net,
             paused: AtomicBool::new(paused),
             stopping: AtomicBool::new(false),
@@ -650,6 +696,14 @@ impl Manager {
                 r.vm.wait_ready(BOOT_TIMEOUT).await.map_err(|e| format!("{e:#}"))
             };
             let ok = result.is_ok();
+            if ok && r.vm.is_ready() && r.vm.start_mode != slicer_vmm::StartMode::Adopted {
+                me.metrics
+                    .ready_seconds
+                    .get_or_create(&crate::metrics::ModeLabels {
+                        mode: r.vm.start_mode.as_str().to_string(),
+                    })
+                    .observe(r.vm.boot_time().as_secs_f64());
+            }
             let _ = ready_tx.send(Some(result));
             if let (true, Some(script)) = (ok, userdata) {
                 let code = run_userdata(&r.vm, &script).await;
@@ -827,6 +881,7 @@ impl Manager {
         self.db
             .set_status(hostname, STATUS_RUNNING, vm.start_time().map(|t| (vm.pid(), t)))
             .map_err(ApiErr::internal)?;
+        self.count_launch(&rec.host_group, Some(vm.start_mode));
         let r = self.track(&rec, vm, net, false);
         if wait {
             match tokio::time::timeout(timeout, self.wait_for(&r, Wait::Agent)).await {

@@ -1,5 +1,5 @@
 //! The guest surface beyond exec and cp, through the API against a real daemon and guest:
-//! the filesystem routes.
+//! the filesystem routes and the metrics.
 
 mod common;
 
@@ -127,4 +127,84 @@ async fn filesystem_routes() {
     assert_eq!(d.get(&format!("/vm/{h}/fs/readdir?path=/")).await.0, 409);
     assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/resume"), "").await.0, 200);
     assert_eq!(d.get(&format!("/vm/{h}/fs/readdir?path=/")).await.0, 200);
+}
+
+/// The value of the sample `name` (with its labels, as exposed) in a metrics text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_when_vms_are_created() {
+    let d = TestDaemon::start(|p| config_yaml("mtr", "", p)).await;
+    let text = async |d: &TestDaemon| {
+        let (s, b) = d
+            .raw(&d.client(), Method::GET, "/metrics", None, slicer_api::client::empty())
+            .await;
+        assert_eq!(s, 200);
+        String::from_utf8(b).unwrap()
+    };
+    let before = text(&d).await;
+    assert_eq!(
+        sample(&before, r#"slicer_vms_running{group="mtr"}"#),
+        Some(0.0),
+        "{before}"
+    );
+    assert_eq!(
+        sample(&before, r#"slicer_vm_launches_total{group="mtr",mode="template"}"#),
+        None
+    );
+    let h = d.create_vm("mtr", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let after = text(&d).await;
+    assert_eq!(
+        sample(&after, r#"slicer_vm_launches_total{group="mtr",mode="template"}"#),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, r#"slicer_vms_running{group="mtr"}"#),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            r#"slicer_http_requests_total{method="POST",route="/hostgroup/{group}/nodes",status="201"}"#
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    assert!(
+        after.contains(r#"slicer_vm_ready_duration_seconds_count{mode="template"} 1"#),
+        "{after}"
+    );
+    // The route template is the label, never the path.
+    assert!(!after.contains(&h), "{after}");
+    assert_eq!(
+        d.send_json(Method::DELETE, &format!("/hostgroup/mtr/nodes/{h}"), "")
+            .await
+            .0,
+        200
+    );
+    let gone = text(&d).await;
+    assert_eq!(sample(&gone, r#"slicer_vms_running{group="mtr"}"#), Some(0.0), "{gone}");
+    // Without the token: 401, counted too.
+    let (s, _) = d
+        .raw(&d.anon(), Method::GET, "/metrics", None, slicer_api::client::empty())
+        .await;
+    assert_eq!(s, 401);
+    let last = text(&d).await;
+    assert_eq!(
+        sample(
+            &last,
+            r#"slicer_http_requests_total{method="GET",route="/metrics",status="401"}"#
+        ),
+        Some(1.0),
+        "{last}"
+    );
 }

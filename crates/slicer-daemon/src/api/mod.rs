@@ -58,6 +58,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/vm/{hostname}/fs/stat"),
     ("POST", "/vm/{hostname}/fs/mkdir"),
     ("DELETE", "/vm/{hostname}/fs/remove"),
+    ("GET", "/metrics"),
     ("POST", "/vm/{hostname}/suspend"),
     ("POST", "/vm/{hostname}/restore"),
 ];
@@ -87,15 +88,55 @@ pub fn router(state: Shared) -> Router {
         .route("/vm/{hostname}/fs/stat", get(fs::stat))
         .route("/vm/{hostname}/fs/mkdir", post(fs::mkdir))
         .route("/vm/{hostname}/fs/remove", axum::routing::delete(fs::remove))
+        .route("/metrics", get(metrics))
         .route("/vm/{hostname}/suspend", post(suspend))
         .route("/vm/{hostname}/restore", post(restore))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(healthz).head(healthz))
         .merge(authed)
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), count_request))
         .fallback(|| async { ApiErr::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiErr::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") })
         .with_state(state)
+}
+
+/// Counts and times every request to a known route (by its template, not its path).
+async fn count_request(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let method = req.method().as_str().to_string();
+    let t0 = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let m = &st.manager.metrics;
+    m.request_seconds
+        .get_or_create(&crate::metrics::RouteLabels {
+            method: method.clone(),
+            route: route.clone(),
+        })
+        .observe(t0.elapsed().as_secs_f64());
+    m.requests
+        .get_or_create(&crate::metrics::RequestLabels {
+            method,
+            route,
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    resp
+}
+
+async fn metrics(State(st): State<Shared>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.manager.metrics_text(),
+    )
+        .into_response()
 }
 
 async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
