@@ -16,8 +16,8 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use slicer_agent_proto::frame::{self, Decoder, Kind};
 use slicer_agent_proto::{
-    h2, sync, ErrorBody, ExecRequest, ExitStatus, Exited, FileWritten, FsEntry, Health, Identity, MkdirRequest,
-    PathQuery, PowerAction, PowerRequest, RemoveQuery, Started, HEADER_MODE,
+    h2, sync, ErrorBody, ExecRequest, ExitStatus, Exited, FileWritten, FsEntry, GuestStats, Health, Identity,
+    MkdirRequest, PathQuery, PowerAction, PowerRequest, RemoveQuery, Started, HEADER_MODE,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, Mutex};
@@ -408,6 +408,15 @@ impl AgentClient {
             check(resp).await?;
         }
         Ok(())
+    }
+
+    /// A resource snapshot measured in the guest.
+    pub async fn stats(&self) -> Result<GuestStats> {
+        let req = Request::get(uri("/v1/stats", None))
+            .body(empty())
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        parse_json(resp.into_body()).await
     }
 
     /// Lists directory `path` (entries sorted by name; symlinks not followed).

@@ -17,6 +17,7 @@
 //! - `POST /v1/power` body = [`PowerRequest`]
 //! - `GET  /v1/fs/readdir?path` → `[FsEntry]`, `GET /v1/fs/stat?path` → [`FsEntry`],
 //!   `POST /v1/fs/mkdir` body = [`MkdirRequest`], `DELETE /v1/fs/remove?path&recursive`
+//! - `GET  /v1/stats` → [`GuestStats`]
 //! - `POST /v1/identity` body = [`Identity`]: hostname, machine-id, address, DNS, RNG seed and
 //!   clock of a VM restored from a snapshot → [`Identity`] as applied
 //!

@@ -202,6 +202,31 @@ pub struct FsEntry {
     pub mode: u32,
 }
 
+/// `GET /v1/stats`: a snapshot measured in the guest from /proc and statvfs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GuestStats {
+    pub hostname: String,
+    pub arch: String,
+    /// When measured: ms since the Unix epoch (guest clock).
+    pub timestamp_ms: u64,
+    pub uptime_sec: f64,
+    pub cpus: u32,
+    pub memory_total: u64,
+    pub memory_available: u64,
+    pub load_avg: [f64; 3],
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub disk_io_inflight: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    /// Established TCP connections (v4 and v6).
+    pub tcp_established: u64,
+    pub open_files: u64,
+    pub entropy: u64,
+    pub disk_total: u64,
+    pub disk_free: u64,
+}
+
 /// Query of `DELETE /v1/fs/remove`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RemoveQuery {

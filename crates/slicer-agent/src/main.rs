@@ -13,6 +13,7 @@ mod identity;
 mod init;
 mod reaper;
 mod server;
+mod stats;
 mod transport;
 
 use std::sync::Arc;

@@ -148,6 +148,7 @@ async fn route(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         (Method::GET, "/v1/tar") => crate::files::get_tar(req).await,
         (Method::POST, "/v1/power") => power(req, state).await,
         (Method::POST, "/v1/identity") => crate::identity::handle(req, state).await,
+        (Method::GET, "/v1/stats") => crate::stats::handle().await,
         (Method::GET, "/v1/fs/readdir") => crate::fs::readdir(req).await,
         (Method::GET, "/v1/fs/stat") => crate::fs::stat(req).await,
         (Method::POST, "/v1/fs/mkdir") => crate::fs::mkdir(req).await,

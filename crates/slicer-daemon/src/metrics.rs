@@ -128,6 +128,6 @@ mod tests {
             text.contains("slicer_vm_launches_total{group=\"g\",mode=\"template\"} 1"),
             "{text}"
         );
-        assert!(text.contains("# TYPE slicer_http_requests counter"), "{text}");
+        assert!(text.contains("# TYPE slicer_vm_launches counter"), "{text}");
     }
 }

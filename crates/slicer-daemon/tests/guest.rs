@@ -208,3 +208,55 @@ async fn metrics_move_when_vms_are_created() {
         "{last}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_are_measured_in_the_guest() {
+    let d = TestDaemon::start(|p| config_yaml("sts", "", p)).await;
+    let h = d.create_vm("sts", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, v) = d.get(&format!("/node/{h}/stats")).await;
+    assert_eq!(s, 200, "{v}");
+    let one = &v.as_array().expect("an array")[0];
+    assert_eq!(one["hostname"], h.as_str());
+    assert_eq!(one["error"], "", "{v}");
+    let snap = &one["snapshot"];
+    assert_eq!(snap["hostname"], h.as_str());
+    assert_eq!(snap["totalCpus"], 2, "{snap}");
+    let mem = snap["totalMemory"].as_u64().unwrap();
+    assert!(mem > 512 << 20 && mem <= 1 << 30, "{snap}");
+    assert!(snap["memoryUsed"].as_u64().unwrap() > 0, "{snap}");
+    assert!(snap["diskSpaceTotal"].as_u64().unwrap() > 500 << 20, "{snap}");
+    assert!(snap["uptime"].as_str().unwrap().ends_with('s'), "{snap}");
+    assert!(snap["timestamp"].as_str().unwrap().starts_with("20"), "{snap}");
+    for k in [
+        "loadAvg1",
+        "diskReadTotal",
+        "networkReadTotal",
+        "diskIOInflight",
+        "openFiles",
+        "entropy",
+    ] {
+        assert!(snap.get(k).is_some(), "{k} missing: {snap}");
+    }
+
+    let (s, v) = d.get("/nodes/stats").await;
+    assert_eq!(s, 200);
+    assert!(v
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["hostname"] == h.as_str() && n["snapshot"].is_object()));
+    assert_eq!(d.get("/node/Bad_Name/stats").await.0, 400);
+    assert_eq!(d.get("/node/nope-1/stats").await.0, 404);
+
+    // A paused VM reports why it has no snapshot.
+    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/pause"), "").await.0, 200);
+    let (_, v) = d.get(&format!("/node/{h}/stats")).await;
+    assert!(
+        v[0]["snapshot"].is_null() && v[0]["error"].as_str().unwrap().contains("paused"),
+        "{v}"
+    );
+    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/resume"), "").await.0, 200);
+}

@@ -3,6 +3,7 @@
 mod cp;
 mod exec;
 mod fs;
+mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +60,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/vm/{hostname}/fs/mkdir"),
     ("DELETE", "/vm/{hostname}/fs/remove"),
     ("GET", "/metrics"),
+    ("GET", "/nodes/stats"),
+    ("GET", "/node/{hostname}/stats"),
     ("POST", "/vm/{hostname}/suspend"),
     ("POST", "/vm/{hostname}/restore"),
 ];
@@ -89,6 +92,8 @@ pub fn router(state: Shared) -> Router {
         .route("/vm/{hostname}/fs/mkdir", post(fs::mkdir))
         .route("/vm/{hostname}/fs/remove", axum::routing::delete(fs::remove))
         .route("/metrics", get(metrics))
+        .route("/nodes/stats", get(stats::all))
+        .route("/node/{hostname}/stats", get(stats::one))
         .route("/vm/{hostname}/suspend", post(suspend))
         .route("/vm/{hostname}/restore", post(restore))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
