@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod manager;
 pub mod metrics;
+pub mod secrets;
 pub mod state;
 
 use std::path::PathBuf;

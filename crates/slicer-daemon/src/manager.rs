@@ -71,6 +71,9 @@ pub struct Manager {
     pub host: Host,
     pub db: Db,
     pub metrics: crate::metrics::Metrics,
+    pub secrets: crate::secrets::SecretStore,
+    /// Serializes changes to secrets.
+    pub secrets_lock: tokio::sync::Mutex<()>,
     vms: Mutex<HashMap<String, Arc<Running>>>,
     nets: HashMap<String, GroupNet>,
     /// Serializes address allocation with the record's creation.
@@ -138,6 +141,8 @@ impl Manager {
             host,
             db,
             metrics: crate::metrics::Metrics::new(),
+            secrets: crate::secrets::SecretStore::open(data_dir)?,
+            secrets_lock: tokio::sync::Mutex::new(()),
             vms: Mutex::new(HashMap::new()),
             nets,
             alloc: tokio::sync::Mutex::new(()),
@@ -444,9 +449,20 @@ impl Manager {
             rec.net_allow = n.allow.clone();
             rec.net_drop = n.drop.clone();
         }
+        if let Some(names) = &req.secrets {
+            if let Some(bad) = names.iter().find(|n| !crate::secrets::valid_name(n)) {
+                return Err(ApiErr::bad_request(format!("secrets: {bad:?} is not a secret name")));
+            }
+        }
         self.allocate_and_record(&mut rec, None)
             .await
             .map_err(ApiErr::internal)?;
+        if let Some(names) = &req.secrets {
+            if let Err(e) = self.db.set_secret_scope(&rec.hostname, names) {
+                let _ = self.db.delete(&rec.hostname);
+                return Err(ApiErr::internal(e));
+            }
+        }
         let running = match self.launch(&rec).await {
             Ok(r) => r,
             Err(e) => {
@@ -628,6 +644,91 @@ impl Manager {
         }
     }
 
+    /// Whether `hostname` may have secret `name`.
+    fn secret_allowed(&self, hostname: &str, name: &str) -> bool {
+        match self.db.secret_scope(hostname) {
+            Ok(Some(names)) => names.iter().any(|n| n == name),
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// Copies one secret into a guest (mode and owner as stored).
+    async fn push_secret(vm: &Vm, info: &crate::secrets::SecretInfo, value: Vec<u8>) -> anyhow::Result<()> {
+        let agent = vm.agent();
+        // A recursive mkdir of an existing directory succeeds.
+        agent
+            .mkdir(&slicer_agent_proto::MkdirRequest {
+                path: crate::secrets::GUEST_DIR.into(),
+                recursive: true,
+                mode: Some("0711".into()),
+            })
+            .await?;
+        agent
+            .upload_file(
+                &format!("{}/{}", crate::secrets::GUEST_DIR, info.name),
+                Some(info.mode()),
+                Some((info.uid, info.gid)),
+                std::io::Cursor::new(value),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Copies every secret the VM may have into it.
+    async fn sync_secrets(&self, hostname: &str, vm: &Vm) -> anyhow::Result<()> {
+        for info in self.secrets.list()? {
+            if self.secret_allowed(hostname, &info.name) {
+                let value = self.secrets.value(&info.name)?;
+                Self::push_secret(vm, &info, value).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a secret changed: every running VM that may have it gets the new value (or loses
+    /// it when `info` is `None`). Failures are logged; the next start syncs again.
+    pub async fn spread_secret(&self, name: &str, info: Option<&crate::secrets::SecretInfo>) {
+        let running: Vec<(String, Arc<Running>)> = self
+            .vms()
+            .iter()
+            .filter(|(_, r)| r.vm.is_running() && !r.paused.load(Ordering::SeqCst))
+            .map(|(h, r)| (h.clone(), r.clone()))
+            .collect();
+        let value = match info {
+            Some(_) => match self.secrets.value(name) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::warn!("secret {name}: {e:#}");
+                    return;
+                }
+            },
+            None => None,
+        };
+        let pushes = running
+            .iter()
+            .filter(|(h, _)| self.secret_allowed(h, name))
+            .map(|(h, r)| {
+                let value = value.clone();
+                async move {
+                    let result = match (info, value) {
+                        (Some(i), Some(v)) => Self::push_secret(&r.vm, i, v).await,
+                        _ => {
+                            r.vm.agent()
+                                .remove(&format!("{}/{name}", crate::secrets::GUEST_DIR), false)
+                                .await
+                                .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) })
+                                .map_err(anyhow::Error::from)
+                        }
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!("VM {h}: updating secret {name}: {e:#}");
+                    }
+                }
+            });
+        futures_util::future::join_all(pushes).await;
+    }
+
     /// Counts a VM start (`None`: it failed).
     fn count_launch(&self, group: &str, mode: Option<slicer_vmm::StartMode>) {
         match mode {
@@ -703,6 +804,12 @@ impl Manager {
                         mode: r.vm.start_mode.as_str().to_string(),
                     })
                     .observe(r.vm.boot_time().as_secs_f64());
+            }
+            if ok && r.vm.start_mode != slicer_vmm::StartMode::Adopted {
+                // Before userdata, so that it can use them.
+                if let Err(e) = me.sync_secrets(&hostname, &r.vm).await {
+                    tracing::warn!("VM {hostname}: syncing secrets: {e:#}");
+                }
             }
             let _ = ready_tx.send(Some(result));
             if let (true, Some(script)) = (ok, userdata) {

@@ -66,6 +66,10 @@ CREATE TABLE IF NOT EXISTS tags (
     tag TEXT NOT NULL,
     PRIMARY KEY (hostname, pos)
 );
+CREATE TABLE IF NOT EXISTS secret_scopes (
+    hostname TEXT PRIMARY KEY REFERENCES vms(hostname) ON DELETE CASCADE,
+    names TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS allocations (
     host_group TEXT PRIMARY KEY,
     next INTEGER NOT NULL
@@ -257,6 +261,28 @@ impl Db {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Limits the secrets synced into a VM to `names` (its create request's `secrets`).
+    pub fn set_secret_scope(&self, hostname: &str, names: &[String]) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO secret_scopes (hostname, names) VALUES (?1, ?2)",
+            params![hostname, serde_json::to_string(names)?],
+        )?;
+        Ok(())
+    }
+
+    /// The secrets a VM may have (`None`: all).
+    pub fn secret_scope(&self, hostname: &str) -> Result<Option<Vec<String>>> {
+        let raw: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT names FROM secret_scopes WHERE hostname = ?1",
+                params![hostname],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(raw.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
     pub fn delete(&self, hostname: &str) -> Result<bool> {

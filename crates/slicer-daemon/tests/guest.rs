@@ -260,3 +260,78 @@ async fn stats_are_measured_in_the_guest() {
     );
     assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/resume"), "").await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_reach_the_guests_allowed_to_have_them() {
+    use base64::Engine;
+    use std::os::unix::fs::PermissionsExt;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let d = TestDaemon::start(|p| config_yaml("sec", "", p)).await;
+    let body = json!({"name": "db-pass", "data": b64("s3cret"), "permissions": "0640", "uid": 1000, "gid": 1000});
+    let (s, v) = d.send_json(Method::POST, "/secrets", &body.to_string()).await;
+    assert_eq!(s, 201, "{v}");
+    assert!(v.get("data").is_none());
+    assert_eq!(d.send_json(Method::POST, "/secrets", &body.to_string()).await.0, 409);
+    let bad = [
+        json!({"name": "x", "data": "not base64!"}),
+        json!({"name": "../x", "data": b64("a")}),
+        json!({"name": "x", "data": b64("a"), "permissions": "9"}),
+        json!({"name": "x", "data": b64("a"), "bogus": 1}),
+    ];
+    for b in bad {
+        assert_eq!(
+            d.send_json(Method::POST, "/secrets", &b.to_string()).await.0,
+            400,
+            "{b}"
+        );
+    }
+    let (s, v) = d.get("/secrets").await;
+    assert_eq!(s, 200);
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(
+        (v[0]["name"].as_str(), v[0]["size"].as_u64()),
+        (Some("db-pass"), Some(6))
+    );
+    assert!(!v.to_string().contains("s3cret"));
+    let mode = |p: &str| std::fs::metadata(d.dir.path().join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("data/secrets"), 0o700);
+    assert_eq!(mode("data/secrets/values/db-pass"), 0o600);
+
+    let all = d.create_vm("sec", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let none = d.create_vm("sec", json!({"secrets": ["other"]})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let show = "stat -c '%a %u %g' /run/slicer/secrets/db-pass && cat /run/slicer/secrets/db-pass";
+    let out = |v: serde_json::Value| v["stdout"].as_str().unwrap_or_default().to_string();
+    assert_eq!(out(d.sh(&all, show).await.1), "640 1000 1000\ns3cret");
+    assert_ne!(
+        d.sh(&none, show).await.1["exit_code"],
+        0,
+        "restricted VM has no db-pass"
+    );
+
+    // An update reaches the running VM; the restricted one still has nothing.
+    let (s, v) = d
+        .send_json(
+            Method::PATCH,
+            "/secrets/db-pass",
+            &json!({"data": b64("n3w"), "permissions": "0600"}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(out(d.sh(&all, show).await.1), "600 1000 1000\nn3w");
+    assert_ne!(d.sh(&none, show).await.1["exit_code"], 0);
+    assert_eq!(
+        d.send_json(Method::PATCH, "/secrets/nope", r#"{"data": ""}"#).await.0,
+        404
+    );
+
+    assert_eq!(d.send_json(Method::DELETE, "/secrets/db-pass", "").await.0, 200);
+    assert_ne!(d.sh(&all, show).await.1["exit_code"], 0, "deleted from the guest");
+    assert_eq!(d.send_json(Method::DELETE, "/secrets/db-pass", "").await.0, 404);
+    assert_eq!(d.get("/secrets").await.1.as_array().unwrap().len(), 0);
+}

@@ -3,6 +3,7 @@
 mod cp;
 mod exec;
 mod fs;
+mod secrets;
 mod stats;
 
 use std::sync::Arc;
@@ -60,6 +61,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/vm/{hostname}/fs/mkdir"),
     ("DELETE", "/vm/{hostname}/fs/remove"),
     ("GET", "/metrics"),
+    ("GET", "/secrets"),
+    ("POST", "/secrets"),
+    ("PATCH", "/secrets/{name}"),
+    ("DELETE", "/secrets/{name}"),
     ("GET", "/nodes/stats"),
     ("GET", "/node/{hostname}/stats"),
     ("POST", "/vm/{hostname}/suspend"),
@@ -92,6 +97,11 @@ pub fn router(state: Shared) -> Router {
         .route("/vm/{hostname}/fs/mkdir", post(fs::mkdir))
         .route("/vm/{hostname}/fs/remove", axum::routing::delete(fs::remove))
         .route("/metrics", get(metrics))
+        .route("/secrets", get(secrets::list).post(secrets::create))
+        .route(
+            "/secrets/{name}",
+            axum::routing::patch(secrets::update).delete(secrets::delete),
+        )
         .route("/nodes/stats", get(stats::all))
         .route("/node/{hostname}/stats", get(stats::one))
         .route("/vm/{hostname}/suspend", post(suspend))

@@ -1,0 +1,164 @@
+//! Secrets kept on the host (`<data_dir>/secrets`, 0700; values and metadata 0600) and copied
+//! into guests as `/run/slicer/secrets/<name>` (a tmpfs) with their mode and owner. Values are
+//! never returned by the API.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiErr;
+
+/// Largest secret value.
+pub const MAX_SECRET: usize = 512 * 1024;
+/// Where secrets appear in a guest.
+pub const GUEST_DIR: &str = "/run/slicer/secrets";
+
+/// What `GET /secrets` shows of a secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SecretInfo {
+    pub name: String,
+    pub size: u64,
+    /// Octal, e.g. "0600".
+    pub permissions: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub modified_at: String,
+}
+
+impl SecretInfo {
+    pub fn mode(&self) -> u32 {
+        u32::from_str_radix(&self.permissions, 8).unwrap_or(0o600)
+    }
+}
+
+pub struct SecretStore {
+    dir: PathBuf,
+}
+
+/// Names become file names here and in guests: letters, digits, `.`, `_`, `-`; not starting
+/// with `.`; at most 128 bytes.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+pub fn parse_permissions(p: &str) -> Result<String, ApiErr> {
+    u32::from_str_radix(p.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .map(|m| format!("{m:04o}"))
+        .ok_or_else(|| ApiErr::bad_request(format!("permissions: {p:?} is not octal such as 0600")))
+}
+
+/// Writes `data` to `path` atomically with mode 0600.
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+impl SecretStore {
+    pub fn open(data_dir: &Path) -> Result<SecretStore> {
+        let dir = data_dir.join("secrets");
+        for d in [dir.clone(), dir.join("values"), dir.join("meta")] {
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(SecretStore { dir })
+    }
+
+    fn value_path(&self, name: &str) -> PathBuf {
+        self.dir.join("values").join(name)
+    }
+
+    fn meta_path(&self, name: &str) -> PathBuf {
+        self.dir.join("meta").join(format!("{name}.json"))
+    }
+
+    pub fn info(&self, name: &str) -> Result<Option<SecretInfo>> {
+        match std::fs::read(self.meta_path(name)) {
+            Ok(raw) => Ok(Some(serde_json::from_slice(&raw).context("parsing secret metadata")?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<SecretInfo>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.dir.join("meta"))? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_suffix(".json") {
+                if let Some(i) = self.info(n)? {
+                    out.push(i);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    pub fn value(&self, name: &str) -> Result<Vec<u8>> {
+        std::fs::read(self.value_path(name)).with_context(|| format!("reading secret {name}"))
+    }
+
+    /// Writes a secret's value and metadata (create or update).
+    pub fn put(&self, info: &SecretInfo, value: &[u8]) -> Result<()> {
+        write_private(&self.value_path(&info.name), value)?;
+        write_private(&self.meta_path(&info.name), &serde_json::to_vec(info)?)
+    }
+
+    pub fn remove(&self, name: &str) -> Result<()> {
+        std::fs::remove_file(self.meta_path(name))?;
+        std::fs::remove_file(self.value_path(name))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_keeps_values_private() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SecretStore::open(d.path()).unwrap();
+        let info = SecretInfo {
+            name: "api-key".into(),
+            size: 3,
+            permissions: "0640".into(),
+            uid: 1000,
+            gid: 1000,
+            modified_at: "2026-01-01T00:00:00Z".into(),
+        };
+        s.put(&info, b"abc").unwrap();
+        assert_eq!(s.list().unwrap(), vec![info.clone()]);
+        assert_eq!(s.value("api-key").unwrap(), b"abc");
+        let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(d.path().join("secrets")), 0o700);
+        assert_eq!(mode(d.path().join("secrets/values/api-key")), 0o600);
+        assert_eq!(mode(d.path().join("secrets/meta/api-key.json")), 0o600);
+        s.remove("api-key").unwrap();
+        assert!(s.list().unwrap().is_empty());
+        for bad in ["", ".hidden", "a/b", "..", "a b", &"x".repeat(129)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+        assert_eq!(parse_permissions("600").unwrap(), "0600");
+        assert!(parse_permissions("0999").is_err());
+    }
+}
