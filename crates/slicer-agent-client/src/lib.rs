@@ -16,8 +16,9 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use slicer_agent_proto::frame::{self, Decoder, Kind};
 use slicer_agent_proto::{
-    h2, sync, ErrorBody, ExecRequest, ExitStatus, Exited, FileWritten, FsEntry, GuestStats, Health, Identity,
-    MkdirRequest, PathQuery, PowerAction, PowerRequest, RemoveQuery, Started, HEADER_MODE,
+    h2, sync, BgInfo, BgKill, BgKilled, BgLogsQuery, BgStart, BgStarted, BgWait, ErrorBody, ExecRequest, ExitStatus,
+    Exited, FileWritten, FsEntry, GuestStats, Health, Identity, MkdirRequest, PathQuery, PowerAction, PowerRequest,
+    RemoveQuery, Started, HEADER_MODE,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, Mutex};
@@ -128,6 +129,19 @@ async fn check(resp: http::Response<Incoming>) -> Result<http::Response<Incoming
         Err(_) => ("unknown".into(), format!("agent answered {status}")),
     };
     Err(AgentError::Remote { status, kind, message })
+}
+
+/// An exec id as a path segment: `ex_` and hex digits only.
+fn bg_id(id: &str) -> Result<&str> {
+    if id.len() <= 64 && id.starts_with("ex_") && id[3..].bytes().all(|b| b.is_ascii_alphanumeric()) {
+        Ok(id)
+    } else {
+        Err(AgentError::Remote {
+            status: 404,
+            kind: "not_found".into(),
+            message: format!("no exec {id:?}"),
+        })
+    }
 }
 
 fn uri(path: &str, q: Option<&PathQuery>) -> String {
@@ -408,6 +422,71 @@ impl AgentClient {
             check(resp).await?;
         }
         Ok(())
+    }
+
+    async fn bg_call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T> {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://agent/v1/bg{path}"))
+            .body(body.map(full).unwrap_or_else(empty))
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        parse_json_up_to(resp.into_body(), MAX_LISTING).await
+    }
+
+    /// Starts a background exec.
+    pub async fn bg_start(&self, start: &BgStart) -> Result<BgStarted> {
+        let body = serde_json::to_vec(start).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        self.bg_call(Method::POST, "", Some(body)).await
+    }
+
+    pub async fn bg_list(&self) -> Result<Vec<BgInfo>> {
+        self.bg_call(Method::GET, "", None).await
+    }
+
+    pub async fn bg_info(&self, id: &str) -> Result<BgInfo> {
+        self.bg_call(Method::GET, &format!("/{}", bg_id(id)?), None).await
+    }
+
+    pub async fn bg_kill(&self, id: &str, k: &BgKill) -> Result<BgKilled> {
+        let body = serde_json::to_vec(k).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        self.bg_call(Method::POST, &format!("/{}/kill", bg_id(id)?), Some(body))
+            .await
+    }
+
+    pub async fn bg_wait(&self, id: &str, timeout_secs: u64) -> Result<BgWait> {
+        self.bg_call(
+            Method::GET,
+            &format!("/{}/wait-exit?timeout={timeout_secs}", bg_id(id)?),
+            None,
+        )
+        .await
+    }
+
+    /// Forgets a background exec (the process is not killed).
+    pub async fn bg_reap(&self, id: &str) -> Result<serde_json::Value> {
+        self.bg_call(Method::DELETE, &format!("/{}", bg_id(id)?), None).await
+    }
+
+    /// The exec's output frames as NDJSON ([`slicer_agent_proto::BgFrame`] lines).
+    pub async fn bg_logs(&self, id: &str, q: &BgLogsQuery) -> Result<Download> {
+        let req = Request::get(format!(
+            "http://agent/v1/bg/{}/logs?{}",
+            bg_id(id)?,
+            serde_urlencoded::to_string(q).unwrap_or_default()
+        ))
+        .body(empty())
+        .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        Ok(Download {
+            mode: None,
+            body: resp.into_body(),
+        })
     }
 
     /// A resource snapshot measured in the guest.

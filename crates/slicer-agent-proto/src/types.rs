@@ -202,6 +202,106 @@ pub struct FsEntry {
     pub mode: u32,
 }
 
+/// `POST /v1/bg`: start a process that outlives the request; its output goes to a ring.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BgStart {
+    pub spec: ExecRequest,
+    /// Ring size in bytes (default 1 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BgStarted {
+    pub exec_id: String,
+    pub pid: u32,
+    pub started_at_ms: u64,
+    pub ring_bytes: u64,
+}
+
+/// `GET /v1/bg` (a list of these) and `GET /v1/bg/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BgInfo {
+    pub exec_id: String,
+    pub pid: u32,
+    pub command: String,
+    pub args: Vec<String>,
+    pub cwd: Option<String>,
+    pub uid: Option<u32>,
+    pub started_at_ms: u64,
+    pub running: bool,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub ended_at_ms: Option<u64>,
+    pub bytes_written: u64,
+    pub bytes_dropped: u64,
+    pub next_id: u64,
+    pub ring_bytes: u64,
+}
+
+/// A line of `GET /v1/bg/{id}/logs` (NDJSON): `stdout`/`stderr` with base64 `data`, `gap`
+/// when the ring dropped frames the reader asked for, `exit` last.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BgFrame {
+    pub id: u64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    pub timestamp_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_frames: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Query of `GET /v1/bg/{id}/logs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BgLogsQuery {
+    #[serde(default)]
+    pub follow: bool,
+    #[serde(default)]
+    pub from_id: u64,
+}
+
+/// Body of `POST /v1/bg/{id}/kill`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BgKill {
+    /// TERM (default), KILL, INT, HUP, QUIT, USR1 or USR2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// With TERM: KILL follows after this long if the process still runs (default 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BgKilled {
+    pub exec_id: String,
+    pub pid: u32,
+    pub running: bool,
+    pub signal_sent: String,
+}
+
+/// Answer of `GET /v1/bg/{id}/wait-exit?timeout=<seconds>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BgWait {
+    pub exec_id: String,
+    pub running: bool,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub ended_at_ms: Option<u64>,
+    pub timed_out: bool,
+}
+
 /// `GET /v1/stats`: a snapshot measured in the guest from /proc and statvfs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GuestStats {

@@ -203,7 +203,7 @@ struct Plan {
     stdin: bool,
 }
 
-fn spawn(spec: &ExecRequest) -> Result<Spawned, ApiError> {
+pub fn spawn(spec: &ExecRequest) -> Result<Spawned, ApiError> {
     let program = match &spec.shell {
         Some(_) => spec.shell_path.clone().unwrap_or_else(|| "/bin/sh".to_string()),
         None => spec.argv[0].clone(),

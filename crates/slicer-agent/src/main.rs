@@ -6,6 +6,7 @@
 //! virtio-serial port named `slicer.agent`, or on a UNIX socket with `--listen-unix PATH`
 //! (used by tests on the host).
 
+mod bg;
 mod exec;
 mod files;
 mod fs;

@@ -20,11 +20,17 @@ pub struct State {
     pub started: Instant,
     pub pid1: bool,
     pub reaper: Arc<Reaper>,
+    pub bg: crate::bg::Registry,
 }
 
 impl State {
     pub fn new(started: Instant, pid1: bool, reaper: Arc<Reaper>) -> State {
-        State { started, pid1, reaper }
+        State {
+            started,
+            pid1,
+            reaper,
+            bg: Default::default(),
+        }
     }
 }
 
@@ -149,6 +155,7 @@ async fn route(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         (Method::POST, "/v1/power") => power(req, state).await,
         (Method::POST, "/v1/identity") => crate::identity::handle(req, state).await,
         (Method::GET, "/v1/stats") => crate::stats::handle().await,
+        (_, p) if p == "/v1/bg" || p.starts_with("/v1/bg/") => crate::bg::route(req, state).await,
         (Method::GET, "/v1/fs/readdir") => crate::fs::readdir(req).await,
         (Method::GET, "/v1/fs/stat") => crate::fs::stat(req).await,
         (Method::POST, "/v1/fs/mkdir") => crate::fs::mkdir(req).await,

@@ -335,3 +335,160 @@ async fn secrets_reach_the_guests_allowed_to_have_them() {
     assert_eq!(d.send_json(Method::DELETE, "/secrets/db-pass", "").await.0, 404);
     assert_eq!(d.get("/secrets").await.1.as_array().unwrap().len(), 0);
 }
+
+/// NDJSON lines of a finished logs answer.
+async fn ndjson(d: &TestDaemon, path: &str) -> (u16, Vec<serde_json::Value>) {
+    let (s, b) = d
+        .raw(&d.client(), Method::GET, path, None, slicer_api::client::empty())
+        .await;
+    let lines = String::from_utf8_lossy(&b)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (s, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_exec_outlives_its_clients() {
+    use http_body_util::BodyExt;
+    let d = TestDaemon::start(|p| config_yaml("bgx", "", p)).await;
+    let h = d.create_vm("bgx", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let q = slicer_api::client::query(&[
+        (
+            "cmd",
+            "for i in 1 2 3 4 5 6; do echo line$i; sleep 0.3; done; echo oops >&2; exit 3".to_string(),
+        ),
+        ("background", "true".into()),
+    ]);
+    let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["exec_id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("ex_") && v["pid"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["started_at"].as_str().unwrap().starts_with("20"));
+
+    // A follower that goes away after the first frame does not stop the process.
+    let resp = d
+        .client()
+        .send(
+            Method::GET,
+            &format!("/vm/{h}/exec/{id}/logs?follow=true"),
+            None,
+            slicer_api::client::empty(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("line1"), "{first:?}");
+    drop(body);
+    let (_, info) = d.get(&format!("/vm/{h}/exec/{id}")).await;
+    assert_eq!(info["running"], true, "{info}");
+
+    let (s, w) = d.get(&format!("/vm/{h}/exec/{id}/wait-exit?timeout=30")).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (
+            w["running"].as_bool(),
+            w["exit_code"].as_i64(),
+            w["timed_out"].as_bool()
+        ),
+        (Some(false), Some(3), Some(false)),
+        "{w}"
+    );
+
+    // Replay from an id: the rest of the output, then the exit.
+    let (s, frames) = ndjson(&d, &format!("/vm/{h}/exec/{id}/logs?from_id=2")).await;
+    assert_eq!(s, 200);
+    assert_eq!(frames.first().unwrap()["id"], 2);
+    let text: String = frames
+        .iter()
+        .filter(|f| f["type"] == "stdout")
+        .map(|f| f["data"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(text, "line3\nline4\nline5\nline6\n");
+    assert!(frames.iter().any(|f| f["type"] == "stderr" && f["data"] == "oops\n"));
+    let last = frames.last().unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["exit_code"].as_i64()),
+        (Some("exit"), Some(3)),
+        "{last}"
+    );
+    let (_, b64) = ndjson(&d, &format!("/vm/{h}/exec/{id}/logs?stdio=base64")).await;
+    assert_eq!(b64[0]["encoding"], "base64");
+    assert_eq!(b64[0]["data"], "bGluZTEK");
+
+    let (_, list) = d.get(&format!("/vm/{h}/exec")).await;
+    assert!(list.as_array().unwrap().iter().any(|e| e["exec_id"] == id.as_str()));
+
+    // Reaped: 410 from then on.
+    let (s, v) = d.send_json(Method::DELETE, &format!("/vm/{h}/exec/{id}"), "").await;
+    assert_eq!((s, v["reaped"].as_bool()), (200, Some(true)), "{v}");
+    assert_eq!(d.get(&format!("/vm/{h}/exec/{id}")).await.0, 410);
+    assert_eq!(d.get(&format!("/vm/{h}/exec/{id}/logs")).await.0, 410);
+    assert_eq!(d.get(&format!("/vm/{h}/exec/ex_0000/wait-exit")).await.0, 404);
+    assert_eq!(d.get(&format!("/vm/{h}/exec/..%2Fx")).await.0, 404);
+
+    // Kill: TERM reaches the process group.
+    let q = slicer_api::client::query(&[("cmd", "sleep 300".to_string()), ("background", "true".into())]);
+    let (_, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+    let id = v["exec_id"].as_str().unwrap().to_string();
+    let (s, _) = d
+        .send_json(
+            Method::POST,
+            &format!("/vm/{h}/exec/{id}/kill"),
+            r#"{"signal": "BOGUS"}"#,
+        )
+        .await;
+    assert_eq!(s, 400);
+    let (s, k) = d
+        .send_json(
+            Method::POST,
+            &format!("/vm/{h}/exec/{id}/kill"),
+            r#"{"signal": "TERM", "grace_ms": 2000}"#,
+        )
+        .await;
+    assert_eq!(
+        (s, k["signal_sent"].as_str(), k["running"].as_bool()),
+        (200, Some("TERM"), Some(true)),
+        "{k}"
+    );
+    let (_, w) = d.get(&format!("/vm/{h}/exec/{id}/wait-exit?timeout=10")).await;
+    assert_eq!(
+        (w["running"].as_bool(), w["signal"].as_str()),
+        (Some(false), Some("SIGTERM")),
+        "{w}"
+    );
+
+    // A small ring drops the oldest output and says so.
+    let q = slicer_api::client::query(&[
+        ("cmd", "head -c 40000 /dev/zero | tr '\\0' a".to_string()),
+        ("background", "true".into()),
+        ("ring_bytes", "4096".into()),
+    ]);
+    let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["exec_id"].as_str().unwrap().to_string();
+    d.get(&format!("/vm/{h}/exec/{id}/wait-exit?timeout=30")).await;
+    let (_, frames) = ndjson(&d, &format!("/vm/{h}/exec/{id}/logs")).await;
+    assert_eq!(frames[0]["type"], "gap", "{:?}", frames.first());
+    assert!(frames[0]["dropped_frames"].as_u64().unwrap() > 0);
+    assert_eq!(frames.last().unwrap()["type"], "exit");
+
+    // Bad combinations.
+    let q = slicer_api::client::query(&[
+        ("cmd", "true".to_string()),
+        ("background", "true".into()),
+        ("buffered", "true".into()),
+    ]);
+    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await.0, 400);
+    let q = slicer_api::client::query(&[
+        ("cmd", "true".to_string()),
+        ("background", "true".into()),
+        ("ring_bytes", "1".into()),
+    ]);
+    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await.0, 400);
+}

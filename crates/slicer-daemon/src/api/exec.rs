@@ -27,7 +27,7 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-fn signal_name(sig: i32) -> String {
+pub(super) fn signal_name(sig: i32) -> String {
     nix_signal_name(sig).unwrap_or_else(|| format!("SIG{sig}"))
 }
 
@@ -145,7 +145,7 @@ pub async fn exec(
         Some(o) => return Err(ApiErr::bad_request(format!("query stdio: {o:?} is not text or base64"))),
     };
     if query_bool(&pairs, "background")? {
-        return Err(ApiErr::bad_request("background exec is not supported yet"));
+        return super::bg::start(&st, &hostname, &pairs).await;
     }
     let running = st.manager.active(&hostname)?;
     let enc = if b64 { "base64".to_string() } else { String::new() };

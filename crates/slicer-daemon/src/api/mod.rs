@@ -1,5 +1,6 @@
 //! The REST API (routes, status codes and JSON shapes of SlicerVM's API).
 
+mod bg;
 mod cp;
 mod exec;
 mod fs;
@@ -60,6 +61,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/vm/{hostname}/fs/stat"),
     ("POST", "/vm/{hostname}/fs/mkdir"),
     ("DELETE", "/vm/{hostname}/fs/remove"),
+    ("GET", "/vm/{hostname}/exec"),
+    ("GET", "/vm/{hostname}/exec/{id}"),
+    ("DELETE", "/vm/{hostname}/exec/{id}"),
+    ("GET", "/vm/{hostname}/exec/{id}/logs"),
+    ("POST", "/vm/{hostname}/exec/{id}/kill"),
+    ("GET", "/vm/{hostname}/exec/{id}/wait-exit"),
     ("GET", "/metrics"),
     ("GET", "/secrets"),
     ("POST", "/secrets"),
@@ -84,7 +91,11 @@ pub fn router(state: Shared) -> Router {
         .route("/devices", get(nodes))
         .route("/vm/{hostname}", get(describe))
         .route("/vm/{hostname}/tags", get(tags).patch(patch_tags))
-        .route("/vm/{hostname}/exec", post(exec::exec))
+        .route("/vm/{hostname}/exec", post(exec::exec).get(bg::list))
+        .route("/vm/{hostname}/exec/{id}", get(bg::info).delete(bg::reap))
+        .route("/vm/{hostname}/exec/{id}/logs", get(bg::logs))
+        .route("/vm/{hostname}/exec/{id}/kill", post(bg::kill))
+        .route("/vm/{hostname}/exec/{id}/wait-exit", get(bg::wait_exit))
         .route("/vm/{hostname}/cp", post(cp::upload).get(cp::download))
         .route("/vm/{hostname}/logs", get(logs))
         .route("/vm/{hostname}/health", get(health).head(health_head))
