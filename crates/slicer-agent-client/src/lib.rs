@@ -489,6 +489,35 @@ impl AgentClient {
         })
     }
 
+    /// A full-duplex stream: what is written to the [`StdinWriter`] is the request body, the
+    /// [`Download`] is the response body. The first answer (or error) comes before it returns.
+    async fn duplex(&self, uri: String) -> Result<(StdinWriter, Download)> {
+        let (tx, body) = slicer_agent_proto::body::channel(8);
+        let req = Request::post(uri)
+            .body(body.boxed())
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        Ok((
+            StdinWriter { tx },
+            Download {
+                mode: None,
+                body: resp.into_body(),
+            },
+        ))
+    }
+
+    /// Connects to `target` inside the guest (`host:port` or `unix:/path`): bytes both ways.
+    pub async fn forward(&self, target: &str) -> Result<(StdinWriter, Download)> {
+        let q = serde_urlencoded::to_string([("target", target)]).unwrap_or_default();
+        self.duplex(format!("http://agent/v1/forward?{q}")).await
+    }
+
+    /// A login shell on a PTY; both directions carry [`slicer_agent_proto::shell`] frames.
+    pub async fn shell(&self, q: &slicer_agent_proto::shell::ShellQuery) -> Result<(StdinWriter, Download)> {
+        let q = serde_urlencoded::to_string(q).unwrap_or_default();
+        self.duplex(format!("http://agent/v1/shell?{q}")).await
+    }
+
     /// A resource snapshot measured in the guest.
     pub async fn stats(&self) -> Result<GuestStats> {
         let req = Request::get(uri("/v1/stats", None))

@@ -18,6 +18,9 @@
 //! - `GET  /v1/fs/readdir?path` → `[FsEntry]`, `GET /v1/fs/stat?path` → [`FsEntry`],
 //!   `POST /v1/fs/mkdir` body = [`MkdirRequest`], `DELETE /v1/fs/remove?path&recursive`
 //! - `GET  /v1/stats` → [`GuestStats`]
+//! - `POST /v1/forward?target=host:port|unix:/path`: request body in, response body out
+//! - `POST /v1/shell?uid&gid&shell&cwd&term&cols&rows`: a PTY session in [`shell`] frames
+//! - `/v1/bg…`: background execs ([`BgStart`], [`BgInfo`], [`BgFrame`], [`BgKill`], [`BgWait`])
 //! - `POST /v1/identity` body = [`Identity`]: hostname, machine-id, address, DNS, RNG seed and
 //!   clock of a VM restored from a snapshot → [`Identity`] as applied
 //!
@@ -25,6 +28,7 @@
 
 pub mod body;
 pub mod frame;
+pub mod shell;
 pub mod sync;
 pub mod types;
 

@@ -15,6 +15,7 @@ mod init;
 mod reaper;
 mod server;
 mod stats;
+mod stream;
 mod transport;
 
 use std::sync::Arc;

@@ -155,6 +155,8 @@ async fn route(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         (Method::POST, "/v1/power") => power(req, state).await,
         (Method::POST, "/v1/identity") => crate::identity::handle(req, state).await,
         (Method::GET, "/v1/stats") => crate::stats::handle().await,
+        (Method::POST, "/v1/forward") => crate::stream::forward(req).await,
+        (Method::POST, "/v1/shell") => crate::stream::shell(req, state).await,
         (_, p) if p == "/v1/bg" || p.starts_with("/v1/bg/") => crate::bg::route(req, state).await,
         (Method::GET, "/v1/fs/readdir") => crate::fs::readdir(req).await,
         (Method::GET, "/v1/fs/stat") => crate::fs::stat(req).await,

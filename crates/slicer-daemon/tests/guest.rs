@@ -492,3 +492,141 @@ async fn background_exec_outlives_its_clients() {
     ]);
     assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await.0, 400);
 }
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to the daemon: the socket, or the HTTP status it answered instead.
+async fn ws(d: &TestDaemon, path: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("{}{path}", d.url.replace("http://", "ws://"));
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {}", d.token).parse().unwrap());
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        req.headers_mut().insert(name, v.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((s, _)) => Ok(s),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("websocket {path}: {e}"),
+    }
+}
+
+fn shell_frame(kind: u8, payload: &[u8]) -> tokio_tungstenite::tungstenite::Message {
+    let mut v = vec![kind];
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(payload);
+    tokio_tungstenite::tungstenite::Message::Binary(v.into())
+}
+
+/// Reads shell output until `want` appears (or the deadline); the output so far.
+async fn shell_until(s: &mut Ws, want: &str) -> String {
+    use futures_util::StreamExt;
+    let mut out = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !out.contains(want) {
+        let msg = tokio::time::timeout_at(deadline, s.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {want:?} in {out:?}"))
+            .expect("session open")
+            .expect("message");
+        let b = msg.into_data();
+        if b.len() >= 5 && b[0] == 0x01 {
+            out.push_str(&String::from_utf8_lossy(&b[5..]));
+        } else if b.first() == Some(&0x05) {
+            out.push_str("<closed>");
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_is_a_real_pty_and_forward_reaches_guest_sockets() {
+    use futures_util::{SinkExt, StreamExt};
+    let d = TestDaemon::start(|p| config_yaml("wsk", "", p)).await;
+    let h = d.create_vm("wsk", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Shell: a PTY, resizable, ends with a close frame. (Markers are computed so that the
+    // terminal's echo of the typed line does not match them.)
+    let mut s = ws(&d, &format!("/vm/{h}/shell"), &[]).await.expect("shell upgrade");
+    let size = |c: u32, r: u32| {
+        let mut p = c.to_be_bytes().to_vec();
+        p.extend_from_slice(&r.to_be_bytes());
+        shell_frame(0x02, &p)
+    };
+    s.send(size(80, 24)).await.unwrap();
+    s.send(shell_frame(0x01, b"tty; stty size; echo READY$((0+1))\n"))
+        .await
+        .unwrap();
+    let out = shell_until(&mut s, "READY1\r\n").await;
+    assert!(out.contains("/dev/pts/"), "{out}");
+    assert!(out.contains("24 80"), "{out}");
+    s.send(size(132, 43)).await.unwrap();
+    s.send(shell_frame(0x01, b"stty size; echo READY$((1+1))\n"))
+        .await
+        .unwrap();
+    let out = shell_until(&mut s, "READY2\r\n").await;
+    assert!(out.contains("43 132"), "{out}");
+    s.send(shell_frame(0x01, b"exit 7\n")).await.unwrap();
+    shell_until(&mut s, "<closed>").await;
+    assert_eq!(ws(&d, "/vm/nope-1/shell", &[]).await.err(), Some(404));
+    assert_eq!(ws(&d, &format!("/vm/{h}/shell?shell=bash"), &[]).await.err(), Some(400));
+
+    // Forward: an echo server on TCP and one on a UNIX socket in the guest.
+    let server = |listen: &str| {
+        format!(
+            "perl -MIO::Socket::INET -MIO::Socket::UNIX -e '$s={listen} or die $!; while($c=$s->accept){{while(<$c>){{print $c \"echo:$_\"; $c->flush}} close $c}}'"
+        )
+    };
+    for (listen, target) in [
+        (
+            r#"IO::Socket::INET->new(LocalAddr=>"127.0.0.1:7000",Listen=>5,ReuseAddr=>1)"#,
+            "127.0.0.1:7000",
+        ),
+        (
+            r#"IO::Socket::UNIX->new(Local=>"/tmp/echo.sock",Listen=>5)"#,
+            "unix:/tmp/echo.sock",
+        ),
+    ] {
+        let q = slicer_api::client::query(&[("cmd", server(listen)), ("background", "true".into())]);
+        let (st, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+        assert_eq!(st, 201, "{v}");
+        // Until the server listens the agent answers 502.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut sock = loop {
+            match ws(&d, &format!("/vm/{h}/forward"), &[("x-inlets-upstream", target)]).await {
+                Ok(s) => break s,
+                Err(502) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("forward to {target}: {e}"),
+            }
+        };
+        sock.send(tokio_tungstenite::tungstenite::Message::Binary(
+            b"hello\n".to_vec().into(),
+        ))
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"\n") {
+            let m = tokio::time::timeout(std::time::Duration::from_secs(10), sock.next())
+                .await
+                .expect("an answer")
+                .unwrap()
+                .unwrap();
+            got.extend_from_slice(&m.into_data());
+        }
+        assert_eq!(got, b"echo:hello\n", "{target}");
+    }
+    assert_eq!(ws(&d, &format!("/vm/{h}/forward"), &[]).await.err(), Some(400));
+    assert_eq!(
+        ws(&d, &format!("/vm/{h}/forward"), &[("x-inlets-upstream", "127.0.0.1:1")])
+            .await
+            .err(),
+        Some(502)
+    );
+}

@@ -6,6 +6,7 @@ mod exec;
 mod fs;
 mod secrets;
 mod stats;
+mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +68,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/vm/{hostname}/exec/{id}/logs"),
     ("POST", "/vm/{hostname}/exec/{id}/kill"),
     ("GET", "/vm/{hostname}/exec/{id}/wait-exit"),
+    ("GET", "/vm/{hostname}/forward"),
+    ("GET", "/vm/{hostname}/shell"),
     ("GET", "/metrics"),
     ("GET", "/secrets"),
     ("POST", "/secrets"),
@@ -107,6 +110,8 @@ pub fn router(state: Shared) -> Router {
         .route("/vm/{hostname}/fs/stat", get(fs::stat))
         .route("/vm/{hostname}/fs/mkdir", post(fs::mkdir))
         .route("/vm/{hostname}/fs/remove", axum::routing::delete(fs::remove))
+        .route("/vm/{hostname}/forward", get(ws::forward))
+        .route("/vm/{hostname}/shell", get(ws::shell))
         .route("/metrics", get(metrics))
         .route("/secrets", get(secrets::list).post(secrets::create))
         .route(
