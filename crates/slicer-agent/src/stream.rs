@@ -209,19 +209,19 @@ pub async fn shell(req: Request<Incoming>, state: Arc<State>) -> Result<Response
             let Ok(data) = frame.into_data() else { continue };
             buf.extend_from_slice(&data);
             while let Some((kind, payload)) = sh::take_frame(&mut buf) {
-                match kind {
-                    sh::DATA => {
-                        if input.write_all(&payload).await.is_err() {
-                            break 'outer;
-                        }
-                    }
+                let go_on = match kind {
+                    sh::DATA => input.write_all(&payload).await.is_ok(),
                     sh::WINDOW_SIZE => {
                         if let Some((c, r)) = sh::parse_window_size(&payload) {
                             input.resize(c, r);
                         }
+                        true
                     }
-                    sh::SHUTDOWN => break 'outer,
-                    _ => {} // heartbeats
+                    sh::SHUTDOWN => false,
+                    _ => true, // heartbeats
+                };
+                if !go_on {
+                    break 'outer;
                 }
             }
             if buf.len() > sh::MAX_FRAME + 5 {
