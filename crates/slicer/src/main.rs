@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod guest;
 mod image;
 mod new;
 mod run;
@@ -41,6 +42,13 @@ enum Cmd {
         #[command(flatten)]
         conn: vm::Conn,
     },
+    /// Secrets the daemon copies into its VMs (/run/slicer/secrets/NAME).
+    Secret {
+        #[command(flatten)]
+        conn: vm::Conn,
+        #[command(subcommand)]
+        cmd: guest::SecretCmd,
+    },
     /// Boot a throwaway sandbox, run one command in it, print its output and delete it.
     Run(run::RunArgs),
     /// Build and list guest images.
@@ -62,6 +70,7 @@ fn main() {
         Cmd::New(args) => new::run(args),
         Cmd::Up(args) => up::run(args),
         Cmd::Vm { conn, cmd } => vm::run(cmd, conn),
+        Cmd::Secret { conn, cmd } => vm::run_secret(cmd, conn),
         Cmd::Ls { conn } => vm::run(
             vm::VmCmd::List {
                 tag: None,

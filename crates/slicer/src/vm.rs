@@ -181,6 +181,13 @@ pub enum VmCmd {
     },
     /// Boot a stopped persistent VM again from its disk.
     Relaunch { name: String },
+    /// Background execs: start, list, logs, kill, wait, rm.
+    Bg {
+        #[command(subcommand)]
+        cmd: crate::guest::BgCmd,
+    },
+    /// Load, memory and disk of every VM, measured in the guests.
+    Top,
 }
 
 /// A power request (POST, no body); prints the daemon's text answer.
@@ -227,6 +234,16 @@ pub fn print_nodes(nodes: &[Node]) {
             n.tags.join(",")
         );
     }
+}
+
+/// `slicer secret …`.
+pub fn run_secret(cmd: crate::guest::SecretCmd, conn: Conn) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let code = rt.block_on(async {
+        let c = conn.client()?;
+        crate::guest::secret(&c, cmd, conn.json).await
+    })?;
+    std::process::exit(code)
 }
 
 pub fn run(cmd: VmCmd, conn: Conn) -> Result<()> {
@@ -364,6 +381,8 @@ async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
                 );
             }
         }
+        VmCmd::Bg { cmd } => return crate::guest::bg(&c, cmd, conn.json).await,
+        VmCmd::Top => return crate::guest::top(&c, conn.json).await,
         VmCmd::Delete { name, group } => {
             let group = match group {
                 Some(g) => g,

@@ -203,6 +203,45 @@ async fn seed_workflow() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Background exec, top and secrets from the client.
+    let out = slicer(
+        dir.path(),
+        &["vm", "bg", "start", "sandbox-1", "--", "echo bg-out; exit 5"],
+        &url,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(id.starts_with("ex_"), "{id}");
+    let out = slicer(dir.path(), &["vm", "bg", "wait", "sandbox-1", &id], &url);
+    assert_eq!(out.status.code(), Some(5));
+    let out = slicer(dir.path(), &["vm", "bg", "logs", "sandbox-1", &id], &url);
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()),
+        (Some(5), "bg-out\n")
+    );
+    assert!(slicer(dir.path(), &["vm", "bg", "rm", "sandbox-1", &id], &url)
+        .status
+        .success());
+    let out = slicer(dir.path(), &["vm", "top"], &url);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("sandbox-1") && table.contains("MEM_USED"),
+        "{table}"
+    );
+    let out = slicer(dir.path(), &["secret", "create", "token", "--value", "abc"], &url);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = slicer(dir.path(), &["secret", "ls"], &url);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("token"));
+    let out = slicer(
+        dir.path(),
+        &["vm", "exec", "sandbox-1", "--", "cat", "/run/slicer/secrets/token"],
+        &url,
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "abc");
+    let out = slicer(dir.path(), &["secret", "create", "token", "--value", "x"], &url);
+    assert_eq!(out.status.code(), Some(1), "a duplicate is refused");
+    assert!(slicer(dir.path(), &["secret", "rm", "token"], &url).status.success());
+
     // SIGTERM stops the daemon and its ephemeral VM.
     let mut daemon = daemon;
     // SAFETY: kill(2) on our own child.

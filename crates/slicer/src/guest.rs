@@ -1,0 +1,364 @@
+//! Client commands for the rest of the guest surface: `vm bg …` (background execs), `vm top`
+//! (stats) and `secret …`.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use clap::Subcommand;
+use http::Method;
+use slicer_api::client::query;
+use slicer_api::ApiClient;
+
+#[derive(Subcommand)]
+pub enum BgCmd {
+    /// Start a command in the background: prints its exec id.
+    Start {
+        name: String,
+        /// Output kept in the guest, in bytes.
+        #[arg(long)]
+        ring_bytes: Option<u64>,
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// List a VM's background execs.
+    List { name: String },
+    /// Print an exec's output (replayed from the guest's ring).
+    Logs {
+        name: String,
+        id: String,
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long, default_value_t = 0)]
+        from_id: u64,
+    },
+    /// Signal an exec's process group (TERM escalates to KILL after the grace).
+    Kill {
+        name: String,
+        id: String,
+        #[arg(long, default_value = "TERM")]
+        signal: String,
+        #[arg(long, default_value_t = 5000)]
+        grace_ms: u64,
+    },
+    /// Wait for an exec to end; exits with its exit code.
+    Wait {
+        name: String,
+        id: String,
+        /// Seconds (at most 600).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Forget a finished exec.
+    Rm { name: String, id: String },
+}
+
+#[derive(Subcommand)]
+pub enum SecretCmd {
+    /// Store a secret (from a file, or from --value).
+    Create {
+        name: String,
+        #[arg(long, conflicts_with = "value")]
+        from_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        value: Option<String>,
+        #[arg(long, default_value = "0600")]
+        permissions: String,
+        #[arg(long, default_value_t = 0)]
+        uid: u32,
+        #[arg(long, default_value_t = 0)]
+        gid: u32,
+    },
+    /// List secrets (values are never shown).
+    #[command(alias = "ls")]
+    List,
+    /// Change a secret's value or ownership.
+    Update {
+        name: String,
+        #[arg(long, conflicts_with = "value")]
+        from_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        value: Option<String>,
+        #[arg(long)]
+        permissions: Option<String>,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
+    /// Delete a secret (from the guests too).
+    #[command(alias = "rm")]
+    Delete { name: String },
+}
+
+fn value_of(from_file: Option<std::path::PathBuf>, value: Option<String>) -> Result<Option<String>> {
+    let raw = match (from_file, value) {
+        (Some(f), _) => Some(std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?),
+        (None, Some(v)) => Some(v.into_bytes()),
+        (None, None) => None,
+    };
+    Ok(raw.map(|r| base64::engine::general_purpose::STANDARD.encode(r)))
+}
+
+pub async fn secret(c: &ApiClient, cmd: SecretCmd, json: bool) -> Result<i32> {
+    match cmd {
+        SecretCmd::Create {
+            name,
+            from_file,
+            value,
+            permissions,
+            uid,
+            gid,
+        } => {
+            let Some(data) = value_of(from_file, value)? else {
+                bail!("give the value with --from-file PATH or --value TEXT");
+            };
+            let body =
+                serde_json::json!({"name": name, "data": data, "permissions": permissions, "uid": uid, "gid": gid});
+            let v: serde_json::Value = c.json(Method::POST, "/secrets", Some(&body)).await?;
+            print_or(json, &v, &format!("secret {name} created"))?;
+        }
+        SecretCmd::Update {
+            name,
+            from_file,
+            value,
+            permissions,
+            uid,
+            gid,
+        } => {
+            let mut body = serde_json::json!({});
+            if let Some(d) = value_of(from_file, value)? {
+                body["data"] = d.into();
+            }
+            if let Some(p) = permissions {
+                body["permissions"] = p.into();
+            }
+            if let Some(u) = uid {
+                body["uid"] = u.into();
+            }
+            if let Some(g) = gid {
+                body["gid"] = g.into();
+            }
+            let v: serde_json::Value = c.json(Method::PATCH, &format!("/secrets/{name}"), Some(&body)).await?;
+            print_or(json, &v, &format!("secret {name} updated"))?;
+        }
+        SecretCmd::Delete { name } => {
+            let v: serde_json::Value = c.json(Method::DELETE, &format!("/secrets/{name}"), None).await?;
+            print_or(json, &v, &format!("secret {name} deleted"))?;
+        }
+        SecretCmd::List => {
+            let v: Vec<serde_json::Value> = c.json(Method::GET, "/secrets", None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<32} {:>8} {:<6} {:>6} {:>6} MODIFIED",
+                    "NAME", "SIZE", "MODE", "UID", "GID"
+                );
+                for s in v {
+                    println!(
+                        "{:<32} {:>8} {:<6} {:>6} {:>6} {}",
+                        s["name"].as_str().unwrap_or_default(),
+                        s["size"],
+                        s["permissions"].as_str().unwrap_or_default(),
+                        s["uid"],
+                        s["gid"],
+                        s["modified_at"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn print_or(json: bool, v: &serde_json::Value, text: &str) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
+    match cmd {
+        BgCmd::Start {
+            name,
+            ring_bytes,
+            command,
+        } => {
+            let mut q = vec![("cmd", command[0].clone()), ("background", "true".to_string())];
+            q.extend(command[1..].iter().map(|a| ("args", a.clone())));
+            if let Some(r) = ring_bytes {
+                q.push(("ring_bytes", r.to_string()));
+            }
+            let v: serde_json::Value = c
+                .json(Method::POST, &format!("/vm/{name}/exec?{}", query(&q)), None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", v["exec_id"].as_str().unwrap_or_default());
+            }
+        }
+        BgCmd::List { name } => {
+            let v: Vec<serde_json::Value> = c.json(Method::GET, &format!("/vm/{name}/exec"), None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<20} {:>7} {:<8} {:>5} {:<25} COMMAND",
+                    "EXEC", "PID", "RUNNING", "EXIT", "STARTED"
+                );
+                for e in v {
+                    let args: Vec<&str> = e["args"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                        .unwrap_or_default();
+                    println!(
+                        "{:<20} {:>7} {:<8} {:>5} {:<25} {} {}",
+                        e["exec_id"].as_str().unwrap_or_default(),
+                        e["pid"],
+                        e["running"],
+                        e["exit_code"]
+                            .as_i64()
+                            .map(|c| c.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        e["started_at"].as_str().unwrap_or_default(),
+                        e["command"].as_str().unwrap_or_default(),
+                        args.join(" ")
+                    );
+                }
+            }
+        }
+        BgCmd::Logs {
+            name,
+            id,
+            follow,
+            from_id,
+        } => {
+            let q = query(&[("follow", follow.to_string()), ("from_id", from_id.to_string())]);
+            let resp = c
+                .call(
+                    Method::GET,
+                    &format!("/vm/{name}/exec/{id}/logs?{q}"),
+                    None,
+                    slicer_api::client::empty(),
+                )
+                .await?;
+            let mut body = resp.into_body();
+            let mut buf: Vec<u8> = Vec::new();
+            let mut code = 0;
+            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                let Ok(data) = frame.context("reading logs")?.into_data() else {
+                    continue;
+                };
+                buf.extend_from_slice(&data);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    if json {
+                        std::io::stdout().write_all(&line)?;
+                        continue;
+                    }
+                    let Ok(f) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                        continue;
+                    };
+                    let data = f["data"].as_str().unwrap_or_default();
+                    match f["type"].as_str() {
+                        Some("stdout") => std::io::stdout().write_all(data.as_bytes())?,
+                        Some("stderr") => std::io::stderr().write_all(data.as_bytes())?,
+                        Some("gap") => eprintln!("[{}]", f["message"].as_str().unwrap_or("output dropped")),
+                        Some("exit") => code = f["exit_code"].as_i64().unwrap_or(1) as i32,
+                        _ => {}
+                    }
+                }
+            }
+            return Ok(code);
+        }
+        BgCmd::Kill {
+            name,
+            id,
+            signal,
+            grace_ms,
+        } => {
+            let body = serde_json::json!({"signal": signal, "grace_ms": grace_ms});
+            let v: serde_json::Value = c
+                .json(Method::POST, &format!("/vm/{name}/exec/{id}/kill"), Some(&body))
+                .await?;
+            print_or(
+                json,
+                &v,
+                &format!("sent {} to {id}", v["signal_sent"].as_str().unwrap_or("nothing")),
+            )?;
+        }
+        BgCmd::Wait { name, id, timeout } => {
+            let v: serde_json::Value = c
+                .json(
+                    Method::GET,
+                    &format!("/vm/{name}/exec/{id}/wait-exit?timeout={timeout}"),
+                    None,
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            if v["timed_out"] == true {
+                eprintln!("{id} still runs after {timeout}s");
+                return Ok(124);
+            }
+            return Ok(v["exit_code"].as_i64().unwrap_or(1) as i32);
+        }
+        BgCmd::Rm { name, id } => {
+            let v: serde_json::Value = c.json(Method::DELETE, &format!("/vm/{name}/exec/{id}"), None).await?;
+            print_or(json, &v, &format!("{id} reaped"))?;
+        }
+    }
+    Ok(0)
+}
+
+fn mib(v: &serde_json::Value) -> String {
+    v.as_u64()
+        .map(|b| format!("{}M", b >> 20))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// `vm top`: one line of guest-measured numbers per VM.
+pub async fn top(c: &ApiClient, json: bool) -> Result<i32> {
+    let v: Vec<serde_json::Value> = c.json(Method::GET, "/nodes/stats", None).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<16} {:>4} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>8} UP",
+        "HOST", "IP", "CPU", "L1", "L5", "L15", "MEM_USED", "MEM_FREE", "DISK%", "DISK_FREE"
+    );
+    for n in v {
+        let s = &n["snapshot"];
+        if s.is_null() {
+            println!(
+                "{:<20} {:<16} -    ({})",
+                n["hostname"].as_str().unwrap_or_default(),
+                n["ip"].as_str().unwrap_or("-"),
+                n["error"].as_str().unwrap_or_default()
+            );
+            continue;
+        }
+        println!(
+            "{:<20} {:<16} {:>4} {:>5.2} {:>5.2} {:>5.2} {:>8} {:>8} {:>5.1}% {:>8} {}",
+            n["hostname"].as_str().unwrap_or_default(),
+            n["ip"].as_str().filter(|i| !i.is_empty()).unwrap_or("-"),
+            s["totalCpus"],
+            s["loadAvg1"].as_f64().unwrap_or(0.0),
+            s["loadAvg5"].as_f64().unwrap_or(0.0),
+            s["loadAvg15"].as_f64().unwrap_or(0.0),
+            mib(&s["memoryUsed"]),
+            mib(&s["memoryAvailable"]),
+            s["diskSpaceUsedPercent"].as_f64().unwrap_or(0.0),
+            mib(&s["diskSpaceFree"]),
+            s["uptime"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(0)
+}
