@@ -518,6 +518,19 @@ impl AgentClient {
         self.duplex(format!("http://agent/v1/shell?{q}")).await
     }
 
+    /// Watches paths in the guest: NDJSON [`slicer_agent_proto::WatchEvent`] lines until dropped.
+    pub async fn watch(&self, w: &slicer_agent_proto::WatchRequest) -> Result<Download> {
+        let body = serde_json::to_vec(w).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let req = Request::post(uri("/v1/fs/watch", None))
+            .body(full(body))
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = check(self.send(req).await?).await?;
+        Ok(Download {
+            mode: None,
+            body: resp.into_body(),
+        })
+    }
+
     /// A resource snapshot measured in the guest.
     pub async fn stats(&self) -> Result<GuestStats> {
         let req = Request::get(uri("/v1/stats", None))

@@ -327,6 +327,28 @@ pub struct GuestStats {
     pub disk_free: u64,
 }
 
+/// Body of `POST /v1/fs/watch`: the response streams [`WatchEvent`] lines until the host
+/// goes away.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WatchRequest {
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+/// One filesystem change seen by inotify.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WatchEvent {
+    /// `create`, `write`, `remove`, `rename` or `chmod`; `overflow` when the kernel dropped events.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub path: String,
+    pub is_dir: bool,
+    pub size: u64,
+    pub timestamp_ms: u64,
+}
+
 /// Query of `DELETE /v1/fs/remove`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RemoveQuery {

@@ -17,6 +17,7 @@ mod server;
 mod stats;
 mod stream;
 mod transport;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Instant;

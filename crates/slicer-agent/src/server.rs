@@ -159,6 +159,7 @@ async fn route(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         (Method::POST, "/v1/shell") => crate::stream::shell(req, state).await,
         (_, p) if p == "/v1/bg" || p.starts_with("/v1/bg/") => crate::bg::route(req, state).await,
         (Method::GET, "/v1/fs/readdir") => crate::fs::readdir(req).await,
+        (Method::POST, "/v1/fs/watch") => crate::watch::handle(req).await,
         (Method::GET, "/v1/fs/stat") => crate::fs::stat(req).await,
         (Method::POST, "/v1/fs/mkdir") => crate::fs::mkdir(req).await,
         (Method::DELETE, "/v1/fs/remove") => crate::fs::remove(req).await,

@@ -630,3 +630,80 @@ async fn shell_is_a_real_pty_and_forward_reaches_guest_sockets() {
         Some(502)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reports_changes_as_server_sent_events() {
+    use http_body_util::BodyExt;
+    let d = TestDaemon::start(|p| config_yaml("wch", "", p)).await;
+    let h = d.create_vm("wch", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(d.sh(&h, "mkdir -p /tmp/w/sub").await.0, 200);
+    assert_eq!(d.get(&format!("/vm/{h}/fs/watch")).await.0, 400, "paths is required");
+    assert_eq!(
+        d.get(&format!("/vm/{h}/fs/watch?paths=/tmp/w&events=bogus")).await.0,
+        400
+    );
+    assert_eq!(d.get(&format!("/vm/{h}/fs/watch?paths=/tmp/nope")).await.0, 404);
+
+    let resp = d
+        .client()
+        .send(
+            Method::GET,
+            &format!("/vm/{h}/fs/watch?paths=/tmp/w&recursive=true&patterns=*.txt&max_events=3"),
+            None,
+            slicer_api::client::empty(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut pending = String::new();
+    let mut next_event = async || -> serde_json::Value {
+        loop {
+            if let Some(end) = pending.find("\n\n") {
+                let block: String = pending.drain(..end + 2).collect();
+                if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    assert!(block.contains("event: watch"), "{block}");
+                    return serde_json::from_str(data).unwrap();
+                }
+                continue; // a heartbeat
+            }
+            let f = tokio::time::timeout(std::time::Duration::from_secs(1), body.frame())
+                .await
+                .expect("an event within 1 s")
+                .expect("stream open")
+                .unwrap();
+            if let Ok(b) = f.into_data() {
+                pending.push_str(&String::from_utf8_lossy(&b));
+            }
+        }
+    };
+    // Not a .txt: filtered out. Then create, write and remove of a .txt in a subdirectory.
+    d.sh(&h, "touch /tmp/w/skip.log; : > /tmp/w/sub/a.txt").await;
+    let e = next_event().await;
+    assert_eq!(
+        (e["type"].as_str(), e["path"].as_str()),
+        (Some("create"), Some("/tmp/w/sub/a.txt")),
+        "{e}"
+    );
+    assert_eq!(e["isDir"], false);
+    assert!(e["timestamp"].as_str().unwrap().starts_with("20"));
+    d.sh(&h, "echo hello > /tmp/w/sub/a.txt").await;
+    let e = next_event().await;
+    assert_eq!(
+        (e["type"].as_str(), e["path"].as_str()),
+        (Some("write"), Some("/tmp/w/sub/a.txt")),
+        "{e}"
+    );
+    d.sh(&h, "rm /tmp/w/sub/a.txt").await;
+    let e = next_event().await;
+    assert_eq!((e["type"].as_str(), e["id"].as_u64()), (Some("remove"), Some(3)), "{e}");
+    // max_events=3: the stream ends.
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+        .await
+        .unwrap();
+    assert!(end.is_none(), "the stream ends after max_events");
+}

@@ -6,6 +6,7 @@ mod exec;
 mod fs;
 mod secrets;
 mod stats;
+mod watch;
 mod ws;
 
 use std::sync::Arc;
@@ -62,6 +63,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/vm/{hostname}/fs/stat"),
     ("POST", "/vm/{hostname}/fs/mkdir"),
     ("DELETE", "/vm/{hostname}/fs/remove"),
+    ("GET", "/vm/{hostname}/fs/watch"),
     ("GET", "/vm/{hostname}/exec"),
     ("GET", "/vm/{hostname}/exec/{id}"),
     ("DELETE", "/vm/{hostname}/exec/{id}"),
@@ -110,6 +112,7 @@ pub fn router(state: Shared) -> Router {
         .route("/vm/{hostname}/fs/stat", get(fs::stat))
         .route("/vm/{hostname}/fs/mkdir", post(fs::mkdir))
         .route("/vm/{hostname}/fs/remove", axum::routing::delete(fs::remove))
+        .route("/vm/{hostname}/fs/watch", get(watch::watch))
         .route("/vm/{hostname}/forward", get(ws::forward))
         .route("/vm/{hostname}/shell", get(ws::shell))
         .route("/metrics", get(metrics))
