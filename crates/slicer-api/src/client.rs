@@ -30,6 +30,10 @@ impl ApiError {
     }
 }
 
+/// A byte stream to the daemon.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 #[derive(Debug, Clone)]
 enum Endpoint {
     Tcp(String),
@@ -71,6 +75,31 @@ impl ApiClient {
             url: url.to_string(),
             token: token.filter(|t| !t.is_empty()),
         })
+    }
+
+    /// A fresh connection to the daemon (for protocols other than plain HTTP, e.g. WebSockets).
+    pub async fn connect(&self) -> Result<Box<dyn Io>, ApiError> {
+        let err = |e: std::io::Error| ApiError::Other(format!("cannot reach the daemon at {}: {e}", self.url));
+        Ok(match &self.endpoint {
+            Endpoint::Tcp(addr) => {
+                let s = tokio::net::TcpStream::connect(addr).await.map_err(err)?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+            Endpoint::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await.map_err(err)?),
+        })
+    }
+
+    /// `ws://host:port` (or `ws://localhost` over a UNIX socket) for WebSocket requests.
+    pub fn ws_base(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Tcp(addr) => format!("ws://{addr}"),
+            Endpoint::Unix(_) => "ws://localhost".into(),
+        }
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     /// Sends one request and returns the response, whatever its status.

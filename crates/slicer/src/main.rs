@@ -11,6 +11,7 @@ mod new;
 mod run;
 mod up;
 mod vm;
+mod ws;
 
 /// Default data directory: images, VM disks, state.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/slicer";

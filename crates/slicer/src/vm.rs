@@ -188,6 +188,26 @@ pub enum VmCmd {
     },
     /// Load, memory and disk of every VM, measured in the guests.
     Top,
+    /// An interactive shell on a PTY in the VM (exits with the shell's exit code).
+    Shell {
+        name: String,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+        /// Absolute path of the shell (default bash, else sh).
+        #[arg(long)]
+        shell: Option<String>,
+        #[arg(long)]
+        cwd: Option<String>,
+    },
+    /// Forward local ports or sockets to the VM: -L [ADDR:]PORT:HOST:PORT, -L PORT:/remote.sock,
+    /// -L /local.sock:/remote.sock, -L HOST:PORT (repeatable). Runs until interrupted.
+    Forward {
+        name: String,
+        #[arg(short = 'L', required = true)]
+        spec: Vec<String>,
+    },
 }
 
 /// A power request (POST, no body); prints the daemon's text answer.
@@ -383,6 +403,27 @@ async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
         }
         VmCmd::Bg { cmd } => return crate::guest::bg(&c, cmd, conn.json).await,
         VmCmd::Top => return crate::guest::top(&c, conn.json).await,
+        VmCmd::Shell {
+            name,
+            uid,
+            gid,
+            shell,
+            cwd,
+        } => {
+            let mut q: Vec<(&str, String)> = Vec::new();
+            q.extend(uid.map(|u| ("uid", u.to_string())));
+            q.extend(gid.map(|g| ("gid", g.to_string())));
+            q.extend(shell.map(|s| ("shell", s)));
+            q.extend(cwd.map(|d| ("cwd", d)));
+            return crate::ws::shell(&c, &name, &query(&q)).await;
+        }
+        VmCmd::Forward { name, spec } => {
+            let specs = spec
+                .iter()
+                .map(|s| crate::ws::parse_spec(s))
+                .collect::<Result<Vec<_>>>()?;
+            return crate::ws::forward(&c, &name, specs).await;
+        }
         VmCmd::Delete { name, group } => {
             let group = match group {
                 Some(g) => g,

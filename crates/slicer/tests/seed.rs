@@ -1,6 +1,7 @@
 //! The seed workflow, as a user runs it: `slicer new`, `slicer up`, then curl-style calls and
 //! the `slicer` client, against the real binary, real guests and a temporary data directory.
 
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,6 +14,16 @@ use slicer_api::ApiClient;
 const SLICER: &str = env!("CARGO_BIN_EXE_slicer");
 
 struct Daemon(Child);
+
+/// A client process killed when the test ends, however it ends.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -241,6 +252,55 @@ async fn seed_workflow() {
     let out = slicer(dir.path(), &["secret", "create", "token", "--value", "x"], &url);
     assert_eq!(out.status.code(), Some(1), "a duplicate is refused");
     assert!(slicer(dir.path(), &["secret", "rm", "token"], &url).status.success());
+
+    // vm shell with piped input runs it on a PTY and exits with the shell's code.
+    let mut sh = Command::new(SLICER)
+        .args(["vm", "--url", &url, "shell", "sandbox-1"])
+        .env("SLICER_TOKEN_FILE", dir.path().join("data/auth/token"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sh.stdin.take().unwrap().write_all(b"tty; exit 3\n").unwrap();
+    let out = sh.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/dev/pts/"));
+
+    // vm forward: a local port reaches an echo server inside the guest.
+    let echo = "perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalAddr=>\"127.0.0.1:7000\",Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){while(<$c>){print $c \"echo:$_\"; $c->flush}}'";
+    assert!(
+        slicer(dir.path(), &["vm", "bg", "start", "sandbox-1", "--", echo], &url)
+            .status
+            .success()
+    );
+    let port = free_port();
+    let spec = format!("127.0.0.1:{port}:127.0.0.1:7000");
+    let fwd = ChildGuard(
+        Command::new(SLICER)
+            .args(["vm", "--url", &url, "forward", "sandbox-1", "-L", &spec])
+            .env("SLICER_TOKEN_FILE", dir.path().join("data/auth/token"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"hi\n")?;
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })();
+        match attempt {
+            Ok(a) if a == "echo:hi\n" => break a,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("forward never answered: {other:?}"),
+        }
+    };
+    assert_eq!(answer, "echo:hi\n");
+    drop(fwd);
 
     // SIGTERM stops the daemon and its ephemeral VM.
     let mut daemon = daemon;
