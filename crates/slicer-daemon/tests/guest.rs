@@ -430,6 +430,11 @@ async fn background_exec_outlives_its_clients() {
     assert_eq!(d.get(&format!("/vm/{h}/exec/{id}")).await.0, 410);
     assert_eq!(d.get(&format!("/vm/{h}/exec/{id}/logs")).await.0, 410);
     assert_eq!(d.get(&format!("/vm/{h}/exec/ex_0000/wait-exit")).await.0, 404);
+    assert_eq!(
+        d.send_json(Method::DELETE, &format!("/vm/{h}/exec/{id}"), "").await.0,
+        410
+    );
+    assert_eq!(d.get("/vm/nope-1/exec").await.0, 404);
     assert_eq!(d.get(&format!("/vm/{h}/exec/..%2Fx")).await.0, 404);
 
     // Kill: TERM reaches the process group.
