@@ -562,16 +562,21 @@ impl AgentClient {
         parse_json_up_to(resp.into_body(), limit).await
     }
 
-    /// Makes a directory; answers its entry.
-    pub async fn mkdir(&self, r: &MkdirRequest) -> Result<FsEntry> {
-        let body = serde_json::to_vec(r).map_err(|e| AgentError::Protocol(e.to_string()))?;
+    /// POSTs `body` as JSON to `path` and parses the JSON answer.
+    async fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let body = serde_json::to_vec(body).map_err(|e| AgentError::Protocol(e.to_string()))?;
         let req = Request::builder()
             .method(Method::POST)
-            .uri(uri("/v1/fs/mkdir", None))
+            .uri(uri(path, None))
             .body(full(body))
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
         let resp = check(self.send(req).await?).await?;
         parse_json(resp.into_body()).await
+    }
+
+    /// Makes a directory; answers its entry.
+    pub async fn mkdir(&self, r: &MkdirRequest) -> Result<FsEntry> {
+        self.post_json("/v1/fs/mkdir", r).await
     }
 
     /// Removes a file, a link or a directory (a non-empty one only with `recursive`).
@@ -594,14 +599,7 @@ impl AgentClient {
 
     /// Gives a restored guest its own identity (see [`Identity`]); answers what was applied.
     pub async fn set_identity(&self, id: &Identity) -> Result<Identity> {
-        let body = serde_json::to_vec(id).map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(uri("/v1/identity", None))
-            .body(full(body))
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        parse_json(resp.into_body()).await
+        self.post_json("/v1/identity", id).await
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use slicer_hypervisor::{QemuConfig, QemuProcess};
+use slicer_hypervisor::QemuProcess;
 use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
 
 mod daemon;
@@ -85,27 +85,12 @@ fn spec(name: String, args: &Args) -> VmSpec {
 pub async fn raw_boot(host: &Host, image: &slicer_image::Image, dir: &Path, args: &Args) -> Result<Duration> {
     let accel = host.accel(&image.kernel).await?;
     std::fs::create_dir_all(dir)?;
-    let disk = dir.join("disk.qcow2");
-    slicer_storage::create_overlay(&image.rootfs, &disk, None).await?;
-    let cfg = QemuConfig {
-        binary: host.qemu.clone(),
-        name: "raw".into(),
-        accel,
-        cpus: args.cpus,
-        memory_mib: args.memory,
-        kernel: image.kernel.clone(),
-        // The kernel hands unknown `k=v` parameters to init as environment: the interactive
-        // shell on the console prints PS1 once it is up. (Arguments after `--` would swallow
-        // the virtio_mmio.device= parameters QEMU appends.)
-        cmdline: vec!["init=/bin/sh".into(), format!("PS1={MARKER}")],
-        disk,
-        agent_socket: dir.join("agent.sock"),
-        qmp_socket: dir.join("qmp.sock"),
-        console_log: dir.join("console.log"),
-        qemu_log: dir.join("qemu.log"),
-        net: None,
-        incoming: None,
-    };
+    let mut cfg = host.qemu_config("raw", dir, accel, image, args.cpus, args.memory);
+    slicer_storage::create_overlay(&image.rootfs, &cfg.disk, None).await?;
+    // The kernel hands unknown `k=v` parameters to init as environment: the interactive shell
+    // on the console prints PS1 once it is up. (Arguments after `--` would swallow the
+    // virtio_mmio.device= parameters QEMU appends.)
+    cfg.cmdline = vec!["init=/bin/sh".into(), format!("PS1={MARKER}")];
     let t0 = Instant::now();
     let q = QemuProcess::spawn(&cfg).await?;
     let deadline = t0 + Duration::from_secs(60);

@@ -63,7 +63,7 @@ impl Host {
 
     /// The QEMU configuration of a VM living in `dir`, before its kernel arguments, NIC and
     /// saved state are chosen.
-    fn qemu_config(
+    pub fn qemu_config(
         &self,
         name: &str,
         dir: &Path,

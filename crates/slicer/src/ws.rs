@@ -222,6 +222,39 @@ async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(mut local: S, mut ws: Ws) {
     let _ = ws.close(None).await;
 }
 
+/// A local listener of either kind.
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    async fn bind(spec: &Listen) -> Result<(Listener, String)> {
+        Ok(match spec {
+            Listen::Tcp(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening on {addr}"))?;
+                let shown = l.local_addr()?.to_string();
+                (Listener::Tcp(l), shown)
+            }
+            Listen::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                let l = tokio::net::UnixListener::bind(p).with_context(|| format!("listening on {}", p.display()))?;
+                std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+                (Listener::Unix(l), p.display().to_string())
+            }
+        })
+    }
+
+    async fn accept(&self) -> std::io::Result<Box<dyn slicer_api::client::Io>> {
+        Ok(match self {
+            Listener::Tcp(l) => Box::new(l.accept().await?.0),
+            Listener::Unix(l) => Box::new(l.accept().await?.0),
+        })
+    }
+}
+
 /// Listens on every spec and forwards each accepted connection, until interrupted.
 pub async fn forward(c: &ApiClient, name: &str, specs: Vec<Spec>) -> Result<i32> {
     let client_id = nix::unistd::gethostname()
@@ -237,42 +270,19 @@ pub async fn forward(c: &ApiClient, name: &str, specs: Vec<Spec>) -> Result<i32>
         ];
         let path = format!("/vm/{name}/forward");
         let c = c.clone();
-        match &spec.listen {
-            Listen::Tcp(addr) => {
-                let l = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("listening on {addr}"))?;
-                eprintln!("forwarding {} -> {name}:{}", l.local_addr()?, spec.target);
-                tasks.spawn(async move {
-                    while let Ok((s, _)) = l.accept().await {
-                        let (c, path, headers) = (c.clone(), path.clone(), headers.clone());
-                        tokio::spawn(async move {
-                            match open(&c, &path, &headers).await {
-                                Ok(ws) => bridge(s, ws).await,
-                                Err(e) => eprintln!("forward: {e:#}"),
-                            }
-                        });
+        let (listener, shown) = Listener::bind(&spec.listen).await?;
+        eprintln!("forwarding {shown} -> {name}:{}", spec.target);
+        tasks.spawn(async move {
+            while let Ok(s) = listener.accept().await {
+                let (c, path, headers) = (c.clone(), path.clone(), headers.clone());
+                tokio::spawn(async move {
+                    match open(&c, &path, &headers).await {
+                        Ok(ws) => bridge(s, ws).await,
+                        Err(e) => eprintln!("forward: {e:#}"),
                     }
                 });
             }
-            Listen::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                let l = tokio::net::UnixListener::bind(p).with_context(|| format!("listening on {}", p.display()))?;
-                std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
-                eprintln!("forwarding {} -> {name}:{}", p.display(), spec.target);
-                tasks.spawn(async move {
-                    while let Ok((s, _)) = l.accept().await {
-                        let (c, path, headers) = (c.clone(), path.clone(), headers.clone());
-                        tokio::spawn(async move {
-                            match open(&c, &path, &headers).await {
-                                Ok(ws) => bridge(s, ws).await,
-                                Err(e) => eprintln!("forward: {e:#}"),
-                            }
-                        });
-                    }
-                });
-            }
-        }
+        });
     }
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
