@@ -402,11 +402,7 @@ impl AgentClient {
         let req = Request::get(uri("/v1/tar", Some(&q)))
             .body(empty())
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        Ok(Download {
-            mode: None,
-            body: resp.into_body(),
-        })
+        self.stream(req).await
     }
 
     /// Asks the guest to power off or reboot. Both end the VM process (no ACPI: see the agent).
@@ -482,11 +478,7 @@ impl AgentClient {
         ))
         .body(empty())
         .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        Ok(Download {
-            mode: None,
-            body: resp.into_body(),
-        })
+        self.stream(req).await
     }
 
     /// A full-duplex stream: what is written to the [`StdinWriter`] is the request body, the
@@ -524,11 +516,7 @@ impl AgentClient {
         let req = Request::post(uri("/v1/fs/watch", None))
             .body(full(body))
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        Ok(Download {
-            mode: None,
-            body: resp.into_body(),
-        })
+        self.stream(req).await
     }
 
     /// A resource snapshot measured in the guest.
@@ -595,6 +583,15 @@ impl AgentClient {
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
         check(self.send(req).await?).await?;
         Ok(())
+    }
+
+    /// Sends `req` and hands back the answer's body as a stream.
+    async fn stream(&self, req: Request<ReqBody>) -> Result<Download> {
+        let resp = check(self.send(req).await?).await?;
+        Ok(Download {
+            mode: None,
+            body: resp.into_body(),
+        })
     }
 
     /// Gives a restored guest its own identity (see [`Identity`]); answers what was applied.
