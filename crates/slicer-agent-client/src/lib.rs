@@ -27,6 +27,8 @@ pub type ReqBody = BoxBody<Bytes, io::Error>;
 
 /// Largest JSON answer (health, errors, results) accepted from a guest.
 const MAX_JSON: usize = 64 * 1024;
+/// Longest one connection attempt of `wait_ready` waits for the agent's handshake.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest directory listing accepted (the agent lists at most 100,000 entries).
 const MAX_LISTING: usize = 32 << 20;
 const UPLOAD_CHUNK: usize = 256 * 1024;
@@ -244,7 +246,10 @@ impl AgentClient {
                 // QEMU serves one client at a time: an open connection would keep the new one
                 // waiting in the socket's backlog.
                 *guard = None;
-                let s = self.connect(left).await?;
+                // A handshake that gets no answer is retried on a new connection: each connect
+                // makes QEMU tell the guest a host arrived, which also recovers a guest that
+                // missed an earlier hang-up (seen once after a suspend/restore under load).
+                let s = self.connect(left.min(ATTEMPT_TIMEOUT)).await?;
                 *guard = Some(s);
                 drop(guard);
                 first().await
