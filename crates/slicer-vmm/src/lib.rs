@@ -574,9 +574,18 @@ impl Vm {
         };
         tokio::select! {
             r = first => {
-                r.with_context(|| format!(
-                    "VM {} did not become ready; console:\n{}", self.name, tail(&self.console_log, 30)
-                ))?;
+                if let Err(e) = r {
+                    // What QEMU says of the guest tells a stalled guest from a silent agent.
+                    let status = match tokio::time::timeout(Duration::from_secs(2), self.qmp()).await {
+                        Ok(Ok(q)) => q.status().await.unwrap_or_else(|e| format!("unknown ({e})")),
+                        _ => "unknown (QMP did not answer)".into(),
+                    };
+                    bail!(
+                        "VM {} did not become ready ({e}; QEMU reports the VM {status}); console:\n{}",
+                        self.name,
+                        tail(&self.console_log, 30)
+                    );
+                }
             }
             st = self.qemu.wait() => {
                 bail!(
