@@ -373,6 +373,7 @@ impl AgentClient {
         Ok(Download {
             mode,
             body: resp.into_body(),
+            pending: Vec::new(),
         })
     }
 
@@ -499,6 +500,7 @@ impl AgentClient {
             Download {
                 mode: None,
                 body: resp.into_body(),
+                pending: Vec::new(),
             },
         ))
     }
@@ -596,6 +598,7 @@ impl AgentClient {
         Ok(Download {
             mode: None,
             body: resp.into_body(),
+            pending: Vec::new(),
         })
     }
 
@@ -719,6 +722,8 @@ pub struct Download {
     /// Mode bits of a downloaded file.
     pub mode: Option<u32>,
     body: Incoming,
+    /// Bytes read past the last line handed out by [`Download::next_line`].
+    pending: Vec<u8>,
 }
 
 impl Download {
@@ -732,6 +737,26 @@ impl Download {
                     }
                 }
                 Some(Err(e)) => return Err(e.into()),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The next `\n`-terminated line of a line-oriented stream (NDJSON), `None` at its end. A
+    /// line longer than `max` (what a hostile guest could send) is an error. Cancelling the call
+    /// loses nothing: what was read stays for the next call.
+    pub async fn next_line(&mut self, max: usize) -> Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
+                return Ok(Some(self.pending.drain(..=pos).collect()));
+            }
+            if self.pending.len() > max {
+                return Err(AgentError::Protocol(format!(
+                    "a line from the agent is over {max} bytes"
+                )));
+            }
+            match self.chunk().await? {
+                Some(c) => self.pending.extend_from_slice(&c),
                 None => return Ok(None),
             }
         }

@@ -143,11 +143,7 @@ fn new_id() -> String {
 }
 
 async fn body_json<T: serde::de::DeserializeOwned + Default>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let raw = http_body_util::Limited::new(req.into_body(), 256 * 1024)
-        .collect()
-        .await
-        .map_err(|e| ApiError::bad_request(format!("reading body: {e}")))?
-        .to_bytes();
+    let raw = crate::server::body_bytes(req, 256 * 1024).await?;
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }

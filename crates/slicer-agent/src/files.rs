@@ -19,7 +19,7 @@ use crate::server::{json, query, ApiError, Body};
 
 const CHUNK: usize = 256 * 1024;
 
-fn target_path(raw: &str) -> Result<PathBuf, ApiError> {
+pub fn target_path(raw: &str) -> Result<PathBuf, ApiError> {
     if raw.is_empty() || raw.contains('\0') {
         return Err(ApiError::bad_request("path is empty or contains NUL"));
     }
@@ -30,7 +30,7 @@ fn target_path(raw: &str) -> Result<PathBuf, ApiError> {
     Ok(p.to_path_buf())
 }
 
-fn parse_mode(mode: &Option<String>, default: u32) -> Result<u32, ApiError> {
+pub fn parse_mode(mode: &Option<String>, default: u32) -> Result<u32, ApiError> {
     match mode {
         None => Ok(default),
         Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)

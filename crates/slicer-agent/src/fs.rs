@@ -5,25 +5,14 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use slicer_agent_proto::{FsEntry, MkdirRequest, PathQuery, RemoveQuery};
 
-use crate::server::{json, query, ApiError, Body};
+use crate::files::{parse_mode, target_path};
+use crate::server::{json, json_body, query, ApiError, Body};
 
 /// Longest directory listing answered (entries beyond it are an error, not a silent cut).
 const MAX_ENTRIES: usize = 100_000;
-
-fn absolute(raw: &str) -> Result<&Path, ApiError> {
-    if raw.is_empty() || raw.contains('\0') {
-        return Err(ApiError::bad_request("path is empty or contains NUL"));
-    }
-    let p = Path::new(raw);
-    if !p.is_absolute() {
-        return Err(ApiError::bad_request(format!("path {raw:?} is not absolute")));
-    }
-    Ok(p)
-}
 
 fn entry(name: String, md: &std::fs::Metadata) -> FsEntry {
     let ft = md.file_type();
@@ -55,7 +44,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + S
 pub async fn readdir(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let q: PathQuery = query(&req)?;
     let entries = blocking(move || {
-        let dir = absolute(&q.path)?;
+        let dir = target_path(&q.path)?;
         let mut out = Vec::new();
         for e in std::fs::read_dir(dir).map_err(|e| ApiError::io(&q.path, &e))? {
             let e = e.map_err(|e| ApiError::io(&q.path, &e))?;
@@ -79,7 +68,7 @@ pub async fn readdir(req: Request<Incoming>) -> Result<Response<Body>, ApiError>
 pub async fn stat(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let q: PathQuery = query(&req)?;
     let e = blocking(move || {
-        let p = absolute(&q.path)?;
+        let p = target_path(&q.path)?;
         let md = p.symlink_metadata().map_err(|e| ApiError::io(&q.path, &e))?;
         let name = p
             .file_name()
@@ -92,26 +81,14 @@ pub async fn stat(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
 }
 
 pub async fn mkdir(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map_err(|e| ApiError::bad_request(format!("reading body: {e}")))?
-        .to_bytes();
-    let r: MkdirRequest =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid mkdir request: {e}")))?;
-    let mode = match &r.mode {
-        None => 0o755,
-        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|v| *v <= 0o7777)
-            .ok_or_else(|| ApiError::bad_request(format!("invalid mode {m:?}: expected octal such as 0755")))?,
-    };
+    let r: MkdirRequest = json_body(req, 64 * 1024, "mkdir request").await?;
+    let mode = parse_mode(&r.mode, 0o755)?;
     let e = blocking(move || {
-        let p = absolute(&r.path)?;
+        let p = target_path(&r.path)?;
         std::fs::DirBuilder::new()
             .recursive(r.recursive)
             .mode(mode)
-            .create(p)
+            .create(&p)
             .map_err(|e| ApiError::io(&r.path, &e))?;
         let md = p.symlink_metadata().map_err(|e| ApiError::io(&r.path, &e))?;
         let name = p
@@ -127,7 +104,7 @@ pub async fn mkdir(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
 pub async fn remove(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let q: RemoveQuery = query(&req)?;
     blocking(move || {
-        let p = absolute(&q.path)?;
+        let p = target_path(&q.path)?;
         if p == Path::new("/") {
             return Err(ApiError::bad_request("refusing to remove /"));
         }

@@ -10,23 +10,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use slicer_agent_proto::{Identity, NetIdentity};
 
-use crate::server::{json, ApiError, Body, State};
+use crate::server::{json, json_body, ApiError, Body, State};
 
 /// Present once an identity was applied since boot (/run is a tmpfs).
 pub const APPLIED: &str = "/run/slicer/identity-applied";
 
 pub async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, ApiError> {
-    let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map_err(|e| ApiError::bad_request(format!("reading body: {e}")))?
-        .to_bytes();
-    let id: Identity =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid identity: {e}")))?;
+    let id: Identity = json_body(req, 64 * 1024, "identity").await?;
     validate(&id)?;
     if !id.rng_seed.is_empty() {
         reseed(&id.rng_seed).map_err(|e| ApiError::io("seeding the RNG", &e))?;

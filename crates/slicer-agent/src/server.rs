@@ -120,6 +120,25 @@ pub fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
     r
 }
 
+/// A request body of at most `limit` bytes.
+pub async fn body_bytes(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    Ok(http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("reading body: {e}")))?
+        .to_bytes())
+}
+
+/// A JSON request body of at most `limit` bytes; `what` names it in the error.
+pub async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    limit: usize,
+    what: &str,
+) -> Result<T, ApiError> {
+    let raw = body_bytes(req, limit).await?;
+    serde_json::from_slice(&raw).map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))
+}
+
 pub fn query<T: serde::de::DeserializeOwned>(req: &Request<Incoming>) -> Result<T, ApiError> {
     serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
         .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
@@ -183,13 +202,7 @@ fn health(state: &State) -> Health {
 }
 
 async fn power(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, ApiError> {
-    let body = http_body_util::Limited::new(req.into_body(), 4096)
-        .collect()
-        .await
-        .map_err(|e| ApiError::bad_request(format!("reading body: {e}")))?
-        .to_bytes();
-    let p: PowerRequest =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid power request: {e}")))?;
+    let p: PowerRequest = json_body(req, 4096, "power request").await?;
     // Answer first; the shutdown runs after the response is on its way.
     tokio::spawn(crate::init::power(p.action, state.pid1));
     Ok(json(StatusCode::ACCEPTED, &serde_json::json!({ "action": p.action })))

@@ -13,7 +13,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use slicer_agent_proto::{WatchEvent, WatchRequest};
 use tokio::io::unix::AsyncFd;
 
-use crate::server::{ApiError, Body};
+use crate::server::{json_body, ApiError, Body};
 
 /// Most directories watched by one request.
 const MAX_WATCHES: usize = 8192;
@@ -70,13 +70,7 @@ impl Watches {
 }
 
 pub async fn handle(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let raw = http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map_err(|e| ApiError::bad_request(format!("reading body: {e}")))?
-        .to_bytes();
-    let w: WatchRequest =
-        serde_json::from_slice(&raw).map_err(|e| ApiError::bad_request(format!("invalid watch request: {e}")))?;
+    let w: WatchRequest = json_body(req, 64 * 1024, "watch request").await?;
     if w.paths.is_empty() {
         return Err(ApiError::bad_request("no paths to watch"));
     }

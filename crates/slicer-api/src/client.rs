@@ -79,7 +79,10 @@ impl ApiClient {
 
     /// A fresh connection to the daemon (for protocols other than plain HTTP, e.g. WebSockets).
     pub async fn connect(&self) -> Result<Box<dyn Io>, ApiError> {
-        let err = |e: std::io::Error| ApiError::Other(format!("cannot reach the daemon at {}: {e}", self.url));
+        let err = |source| ApiError::Connect {
+            url: self.url.clone(),
+            source,
+        };
         Ok(match &self.endpoint {
             Endpoint::Tcp(addr) => {
                 let s = tokio::net::TcpStream::connect(addr).await.map_err(err)?;
@@ -129,28 +132,16 @@ impl ApiClient {
             req = req.header(http::header::CONTENT_TYPE, ct);
         }
         let req = req.body(body).map_err(|e| ApiError::Other(e.to_string()))?;
-        let connect_err = |source| ApiError::Connect {
-            url: self.url.clone(),
-            source,
-        };
-        macro_rules! go {
-            ($stream:expr) => {{
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new($stream))
-                    .await
-                    .map_err(|e| ApiError::Other(e.to_string()))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                sender
-                    .send_request(req)
-                    .await
-                    .map_err(|e| ApiError::Other(e.to_string()))
-            }};
-        }
-        match &self.endpoint {
-            Endpoint::Tcp(addr) => go!(tokio::net::TcpStream::connect(addr).await.map_err(connect_err)?),
-            Endpoint::Unix(p) => go!(tokio::net::UnixStream::connect(p).await.map_err(connect_err)?),
-        }
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(self.connect().await?))
+            .await
+            .map_err(|e| ApiError::Other(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| ApiError::Other(e.to_string()))
     }
 
     /// Sends a request and fails on a non-2xx status with the server's error message.

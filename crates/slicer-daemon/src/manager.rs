@@ -92,6 +92,20 @@ fn created(rec: &VmRecord) -> CreateNodeResponse {
     }
 }
 
+/// A time given in ns since the Unix epoch (as guests report it), in RFC 3339; empty when out
+/// of range.
+pub fn rfc3339_ns(ns: i128) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ns)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// [`rfc3339_ns`] of a time in ms.
+pub fn rfc3339_ms(ms: u64) -> String {
+    rfc3339_ns(i128::from(ms) * 1_000_000)
+}
+
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)

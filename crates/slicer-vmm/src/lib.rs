@@ -157,6 +157,15 @@ impl VmNet {
         format!("ip={}::{}:{mask}::eth0:off", self.address, self.gateway)
     }
 
+    /// QEMU's NIC on this VM's TAP.
+    fn qemu(&self) -> slicer_hypervisor::QemuNet {
+        slicer_hypervisor::QemuNet {
+            netns: self.netns.clone(),
+            tap: Some(self.tap.clone()),
+            mac: self.mac.clone(),
+        }
+    }
+
     fn identity(&self) -> NetIdentity {
         NetIdentity {
             mac: self.mac.clone(),
@@ -313,11 +322,7 @@ impl Vm {
         cmdline.extend(spec.cmdline.iter().cloned());
         let mut cfg = host.qemu_config(&spec.name, &dir, accel, &image, spec.cpus, spec.memory_mib);
         cfg.cmdline = cmdline;
-        cfg.net = spec.net.as_ref().map(|n| slicer_hypervisor::QemuNet {
-            netns: n.netns.clone(),
-            tap: Some(n.tap.clone()),
-            mac: n.mac.clone(),
-        });
+        cfg.net = spec.net.as_ref().map(VmNet::qemu);
         let started = Instant::now();
         let qemu = match Vm::spawn(&cfg).await {
             Ok(q) => q,
@@ -359,11 +364,7 @@ impl Vm {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut cfg = host.qemu_config(&spec.name, &dir, accel, &image, spec.cpus, spec.memory_mib);
         cfg.cmdline = template.cmdline.clone();
-        cfg.net = spec.net.as_ref().map(|n| slicer_hypervisor::QemuNet {
-            netns: n.netns.clone(),
-            tap: Some(n.tap.clone()),
-            mac: n.mac.clone(),
-        });
+        cfg.net = spec.net.as_ref().map(VmNet::qemu);
         cfg.incoming = Some(template.state());
         let started = Instant::now();
         let spawned = async {
@@ -409,11 +410,7 @@ impl Vm {
         let state = dir.join(SUSPEND_FILE);
         ensure!(state.is_file(), "VM {} has no saved state to restore", spec.name);
         let mut cfg = host.qemu_config(&spec.name, &dir, accel, &image, spec.cpus, spec.memory_mib);
-        cfg.net = spec.net.as_ref().map(|n| slicer_hypervisor::QemuNet {
-            netns: n.netns.clone(),
-            tap: Some(n.tap.clone()),
-            mac: n.mac.clone(),
-        });
+        cfg.net = spec.net.as_ref().map(VmNet::qemu);
         cfg.incoming = Some(state.clone());
         let started = Instant::now();
         let qemu = Vm::spawn(&cfg).await?;

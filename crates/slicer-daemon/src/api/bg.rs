@@ -15,13 +15,7 @@ use slicer_agent_proto::{BgFrame, BgInfo, BgKill, BgLogsQuery, BgStart};
 use super::exec::signal_name;
 use super::{query_bool, query_one, JsonBody, Shared};
 use crate::error::ApiErr;
-
-fn rfc3339_ms(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
-}
+use crate::manager::rfc3339_ms;
 
 #[derive(Debug, Serialize)]
 pub struct Info {
@@ -238,37 +232,19 @@ pub async fn logs(
             .map_err(agent_err)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
-        let mut buf: Vec<u8> = Vec::new();
-        loop {
-            let chunk = match dl.chunk().await {
-                Ok(Some(c)) => c,
-                _ => return,
+        while let Ok(Some(line)) = dl.next_line(MAX_LINE).await {
+            // A hostile guest gets its frames dropped, nothing more.
+            let Ok(f) = serde_json::from_slice::<BgFrame>(&line) else {
+                continue;
             };
-            buf.extend_from_slice(&chunk);
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                // A hostile guest gets its frames dropped, nothing more.
-                let Ok(f) = serde_json::from_slice::<BgFrame>(&line) else {
-                    continue;
-                };
-                if tx.send(Ok(frame_line(f, b64))).await.is_err() {
-                    return;
-                }
-            }
-            if buf.len() > MAX_LINE {
+            if tx.send(Ok(frame_line(f, b64))).await.is_err() {
                 return;
             }
         }
     });
-    let stream = tokio_stream_from(rx);
+    let stream = super::receiver_stream(rx);
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
-}
-
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
-) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

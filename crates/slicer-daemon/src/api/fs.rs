@@ -22,11 +22,7 @@ pub struct Entry {
 
 impl From<slicer_agent_proto::FsEntry> for Entry {
     fn from(e: slicer_agent_proto::FsEntry) -> Entry {
-        let ns = i128::from(e.mtime_sec) * 1_000_000_000 + i128::from(e.mtime_nsec);
-        let mtime = time::OffsetDateTime::from_unix_timestamp_nanos(ns)
-            .ok()
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-            .unwrap_or_default();
+        let mtime = crate::manager::rfc3339_ns(i128::from(e.mtime_sec) * 1_000_000_000 + i128::from(e.mtime_nsec));
         Entry {
             name: e.name,
             kind: e.kind,

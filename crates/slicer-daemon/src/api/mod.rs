@@ -555,6 +555,11 @@ async fn relaunch(
     Ok(Json(st.manager.relaunch(&hostname).await?))
 }
 
+/// The items of a channel as a stream (for streamed response bodies).
+pub fn receiver_stream<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
 /// The `timeout` query parameter (a Go duration; 5 minutes when absent).
 fn query_timeout(pairs: &[(String, String)]) -> Result<Duration, ApiErr> {
     match query_one(pairs, "timeout") {

@@ -76,10 +76,7 @@ fn percent(part: u64, whole: u64) -> f64 {
 fn snapshot(hostname: &str, g: GuestStats) -> Snapshot {
     let memory_used = g.memory_total.saturating_sub(g.memory_available);
     let disk_used = g.disk_total.saturating_sub(g.disk_free);
-    let timestamp = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(g.timestamp_ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default();
+    let timestamp = crate::manager::rfc3339_ms(g.timestamp_ms);
     Snapshot {
         hostname: hostname.to_string(),
         arch: g.arch.chars().take(32).collect(),

@@ -16,6 +16,9 @@ use tokio::time::Instant;
 use super::{parse_go_duration, query_bool, query_one, query_pairs, Shared};
 use crate::error::ApiErr;
 
+/// Longest event line accepted from the guest.
+const MAX_LINE: usize = 1 << 20;
+
 const KINDS: [&str; 5] = ["create", "write", "remove", "rename", "chmod"];
 
 /// Shell-style glob: `*` any run without `/`, `**` any run, `?` one character.
@@ -50,13 +53,6 @@ fn matches(patterns: &[String], path: &str) -> bool {
         || patterns
             .iter()
             .any(|p| glob(p.as_bytes(), path.as_bytes()) || glob(p.as_bytes(), base.as_bytes()))
-}
-
-fn rfc3339_nano(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
 }
 
 pub async fn watch(
@@ -128,15 +124,14 @@ pub async fn watch(
             .watch(&WatchRequest { paths, recursive })
             .await
             .map_err(ApiErr::agent)?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut last: HashMap<(String, String), Instant> = HashMap::new();
-        let mut buf: Vec<u8> = Vec::new();
         let mut sent = 0u64;
         loop {
-            let chunk = tokio::select! {
-                c = events.chunk() => c,
+            let line = tokio::select! {
+                l = events.next_line(MAX_LINE) => l,
                 _ = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
@@ -145,52 +140,45 @@ pub async fn watch(
                 } => return,
                 _ = tx.closed() => return,
             };
-            let Ok(Some(chunk)) = chunk else { return };
-            buf.extend_from_slice(&chunk);
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                let Ok(e) = serde_json::from_slice::<WatchEvent>(&line) else {
-                    continue;
-                };
-                if e.kind != "overflow" && (!kinds.contains(&e.kind) || !matches(&patterns, &e.path)) {
-                    continue;
-                }
-                let key = (e.kind.clone(), e.path.clone());
-                let now = Instant::now();
-                if last.get(&key).is_some_and(|t| now.duration_since(*t) < debounce) {
-                    continue;
-                }
-                last.insert(key, now);
-                last.retain(|_, t| now.duration_since(*t) < debounce.max(Duration::from_secs(1)));
-                sent += 1;
-                let mut data = serde_json::json!({
-                    "id": sent,
-                    "type": e.kind,
-                    "path": e.path,
-                    "timestamp": rfc3339_nano(e.timestamp_ms),
-                    "size": e.size,
-                    "isDir": e.is_dir,
-                });
-                if e.kind == "overflow" {
-                    data["message"] = "the guest kernel dropped events".into();
-                }
-                let ev = Event::default()
-                    .id(sent.to_string())
-                    .event("watch")
-                    .data(data.to_string());
-                if tx.send(Ok(ev)).await.is_err() {
-                    return;
-                }
-                if limit.is_some_and(|l| sent >= l) {
-                    return;
-                }
+            let Ok(Some(line)) = line else { return };
+            let Ok(e) = serde_json::from_slice::<WatchEvent>(&line) else {
+                continue;
+            };
+            if e.kind != "overflow" && (!kinds.contains(&e.kind) || !matches(&patterns, &e.path)) {
+                continue;
             }
-            if buf.len() > 1 << 20 {
+            let key = (e.kind.clone(), e.path.clone());
+            let now = Instant::now();
+            if last.get(&key).is_some_and(|t| now.duration_since(*t) < debounce) {
+                continue;
+            }
+            last.insert(key, now);
+            last.retain(|_, t| now.duration_since(*t) < debounce.max(Duration::from_secs(1)));
+            sent += 1;
+            let mut data = serde_json::json!({
+                "id": sent,
+                "type": e.kind,
+                "path": e.path,
+                "timestamp": crate::manager::rfc3339_ms(e.timestamp_ms),
+                "size": e.size,
+                "isDir": e.is_dir,
+            });
+            if e.kind == "overflow" {
+                data["message"] = "the guest kernel dropped events".into();
+            }
+            let ev = Event::default()
+                .id(sent.to_string())
+                .event("watch")
+                .data(data.to_string());
+            if tx.send(Ok(ev)).await.is_err() {
+                return;
+            }
+            if limit.is_some_and(|l| sent >= l) {
                 return;
             }
         }
     });
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let stream = super::receiver_stream(rx);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
