@@ -56,6 +56,12 @@ pub async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Respons
         }
         tokio::spawn(crate::init::grow_root(state.reaper.clone()));
     }
+    // The console (`vm logs`) shows that this VM was restored and who it became.
+    eprintln!(
+        "slicer-agent {}: identity applied ({})",
+        slicer_agent_proto::VERSION,
+        id.hostname.as_deref().unwrap_or("hostname unchanged")
+    );
     Ok(json(StatusCode::OK, &id))
 }
 
