@@ -101,6 +101,13 @@ impl Host {
     }
 }
 
+/// Host memory a running VM may use beyond its guest RAM (QEMU itself, its TCG translation
+/// buffer, device queues). Its cgroup's memory limit is `ram + vm_overhead_bytes(ram)`, and the
+/// daemon's capacity budget reserves the same amount per running VM.
+pub fn vm_overhead_bytes(_ram_bytes: u64) -> u64 {
+    256 << 20
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
