@@ -2,7 +2,10 @@
 //!
 //! One [`AgentClient`] per VM holds one HTTP/2 connection over the VM's agent socket and
 //! reconnects (with a fresh resync handshake) when it breaks. Everything the guest sends is
-//! untrusted: bodies are read with limits and frames are decoded with bounds.
+//! untrusted: bodies are read with limits and frames are decoded with bounds, buffered exec
+//! output stops at [`MAX_BUFFERED_OUTPUT`], and every request that is not a user's stream has a
+//! deadline (see [`HEALTH_DEADLINE`], [`CALL_DEADLINE`]), so a guest whose agent stops
+//! answering cannot hold a caller for ever.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -21,7 +24,7 @@ use slicer_agent_proto::{
     RemoveQuery, Started, HEADER_MODE,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 pub type ReqBody = BoxBody<Bytes, io::Error>;
 
@@ -33,12 +36,35 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_LISTING: usize = 32 << 20;
 const UPLOAD_CHUNK: usize = 256 * 1024;
 
+/// Most output (stdout and stderr together) [`ExecProcess::output`] collects. Past it the
+/// command is killed (its stream is dropped: the agent kills its process group) and the call
+/// fails with [`AgentError::OutputLimit`], which keeps what was read.
+pub const MAX_BUFFERED_OUTPUT: usize = 16 << 20;
+/// Deadline of a health check.
+pub const HEALTH_DEADLINE: Duration = Duration::from_secs(5);
+/// Deadline of every other request that is not a user's stream (filesystem calls, identity,
+/// background exec calls, stats, the answer to an upload once its body is sent), and of the
+/// start of a stream (until its first answer). Streams themselves are not cut.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
+/// Deadline of a power request (the agent answers before it acts).
+pub const POWER_DEADLINE: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("cannot reach the agent at {path}: {source}")]
     Connect { path: PathBuf, source: io::Error },
     #[error("agent did not become ready within {0:?}")]
     Timeout(Duration),
+    /// The agent took too long to answer a request that has a deadline.
+    #[error("the guest agent did not answer {what} within {after:?}")]
+    Deadline { what: &'static str, after: Duration },
+    /// A buffered exec produced more than its limit; `output` holds what was read (up to the
+    /// limit) and the kill as its status.
+    #[error(
+        "the command's output exceeded {} MiB (stdout and stderr together): it was killed and its output truncated",
+        limit >> 20
+    )]
+    OutputLimit { limit: usize, output: Box<Output> },
     #[error("agent protocol error: {0}")]
     Protocol(String),
     #[error("agent connection failed: {0}")]
@@ -59,6 +85,17 @@ impl AgentError {
 
 pub type Result<T> = std::result::Result<T, AgentError>;
 
+/// Runs `fut`, failing with [`AgentError::Deadline`] after `after`.
+async fn within<T>(
+    what: &'static str,
+    after: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(after, fut)
+        .await
+        .unwrap_or(Err(AgentError::Deadline { what, after }))
+}
+
 pub struct AgentClient {
     path: PathBuf,
     conn: Mutex<Option<SendRequest<ReqBody>>>,
@@ -73,15 +110,12 @@ fn full(b: impl Into<Bytes>) -> ReqBody {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-/// Streams an `AsyncRead` as a request body, 256 KiB at a time.
-fn reader_body<R: AsyncRead + Send + Unpin + 'static>(prefix: Option<Bytes>, mut rd: R) -> ReqBody {
+/// Streams an `AsyncRead` as a request body, 256 KiB at a time; `sent` is dropped once all of
+/// it is queued (or reading failed, or the request went away).
+fn reader_body<R: AsyncRead + Send + Unpin + 'static>(mut rd: R, sent: oneshot::Sender<()>) -> ReqBody {
     let (tx, body) = slicer_agent_proto::body::channel(4);
     tokio::spawn(async move {
-        if let Some(p) = prefix {
-            if tx.send(Ok(p)).await.is_err() {
-                return;
-            }
-        }
+        let _sent = sent;
         loop {
             let mut buf = vec![0u8; UPLOAD_CHUNK];
             match rd.read(&mut buf).await {
@@ -270,12 +304,16 @@ impl AgentClient {
         }
     }
 
+    /// The agent's health, within [`HEALTH_DEADLINE`].
     pub async fn health(&self) -> Result<Health> {
         let req = Request::get(uri("/v1/health", None))
             .body(empty())
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        parse_json(resp.into_body()).await
+        within("a health check", HEALTH_DEADLINE, async {
+            let resp = check(self.send(req).await?).await?;
+            parse_json(resp.into_body()).await
+        })
+        .await
     }
 
     /// Starts a process. With `spec.stdin`, write to [`ExecProcess::stdin`]; dropping it closes stdin.
@@ -295,31 +333,36 @@ impl AgentClient {
         let req = Request::post(uri("/v1/exec", None))
             .body(body)
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        let mut p = ExecProcess {
-            pid: 0,
-            started_at_ms: 0,
-            stdin,
-            body: resp.into_body(),
-            decoder: Decoder::default(),
-            done: false,
-        };
-        match p.next_frame().await? {
-            Some(f) if f.kind == Kind::Started => {
-                let s: Started = serde_json::from_slice(&f.payload)
-                    .map_err(|e| AgentError::Protocol(format!("invalid started frame: {e}")))?;
-                p.pid = s.pid;
-                p.started_at_ms = s.started_at_ms;
-                Ok(p)
+        // Only the start has a deadline: the process then runs as long as it likes.
+        within("an exec start", CALL_DEADLINE, async {
+            let resp = check(self.send(req).await?).await?;
+            let mut p = ExecProcess {
+                pid: 0,
+                started_at_ms: 0,
+                stdin,
+                body: resp.into_body(),
+                decoder: Decoder::default(),
+                done: false,
+            };
+            match p.next_frame().await? {
+                Some(f) if f.kind == Kind::Started => {
+                    let s: Started = serde_json::from_slice(&f.payload)
+                        .map_err(|e| AgentError::Protocol(format!("invalid started frame: {e}")))?;
+                    p.pid = s.pid;
+                    p.started_at_ms = s.started_at_ms;
+                    Ok(p)
+                }
+                other => Err(AgentError::Protocol(format!(
+                    "expected a started frame, got {:?}",
+                    other.map(|f| f.kind)
+                ))),
             }
-            other => Err(AgentError::Protocol(format!(
-                "expected a started frame, got {:?}",
-                other.map(|f| f.kind)
-            ))),
-        }
+        })
+        .await
     }
 
-    /// Runs a process to completion with the given stdin, collecting its output.
+    /// Runs a process to completion with the given stdin, collecting its output (at most
+    /// [`MAX_BUFFERED_OUTPUT`]: see [`ExecProcess::output`]).
     pub async fn exec_output(&self, spec: &ExecRequest, stdin: Option<Bytes>) -> Result<Output> {
         let mut spec = spec.clone();
         spec.stdin = stdin.is_some();
@@ -346,12 +389,26 @@ impl AgentClient {
             uid: owner.map(|o| o.0),
             gid: owner.map(|o| o.1),
         };
-        let req = Request::put(uri("/v1/file", Some(&q)))
-            .body(reader_body(None, data))
+        self.upload("/v1/file", &q, data).await
+    }
+
+    /// PUTs `data` to `route`. Sending the body takes as long as the source needs (cp streams
+    /// a user's upload); the answer after it has [`CALL_DEADLINE`].
+    async fn upload<R: AsyncRead + Send + Unpin + 'static>(&self, route: &str, q: &PathQuery, data: R) -> Result<u64> {
+        let (sent_tx, sent) = oneshot::channel();
+        let req = Request::put(uri(route, Some(q)))
+            .body(reader_body(data, sent_tx))
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        let w: FileWritten = parse_json(resp.into_body()).await?;
-        Ok(w.bytes)
+        let answer = async {
+            let resp = check(self.send(req).await?).await?;
+            let w: FileWritten = parse_json(resp.into_body()).await?;
+            Ok(w.bytes)
+        };
+        tokio::pin!(answer);
+        tokio::select! {
+            r = &mut answer => r,
+            _ = sent => within("an upload", CALL_DEADLINE, answer).await,
+        }
     }
 
     /// Reads the file `path` from the guest as a stream.
@@ -363,7 +420,10 @@ impl AgentClient {
         let req = Request::get(uri("/v1/file", Some(&q)))
             .body(empty())
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
+        let resp = within("a download's start", CALL_DEADLINE, async {
+            check(self.send(req).await?).await
+        })
+        .await?;
         let mode = resp
             .headers()
             .get(HEADER_MODE)
@@ -390,12 +450,7 @@ impl AgentClient {
             uid: owner.map(|o| o.0),
             gid: owner.map(|o| o.1),
         };
-        let req = Request::put(uri("/v1/tar", Some(&q)))
-            .body(reader_body(None, tar))
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        let w: FileWritten = parse_json(resp.into_body()).await?;
-        Ok(w.bytes)
+        self.upload("/v1/tar", &q, tar).await
     }
 
     /// Streams directory `dir` of the guest as a tar. The archive comes from the guest: never
@@ -419,11 +474,14 @@ impl AgentClient {
             .uri(uri("/v1/power", None))
             .body(full(body))
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = self.send(req).await?;
-        if resp.status() != StatusCode::ACCEPTED {
-            check(resp).await?;
-        }
-        Ok(())
+        within("a power request", POWER_DEADLINE, async {
+            let resp = self.send(req).await?;
+            if resp.status() != StatusCode::ACCEPTED {
+                check(resp).await?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn bg_call<T: serde::de::DeserializeOwned>(
@@ -431,48 +489,63 @@ impl AgentClient {
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
+        deadline: Duration,
     ) -> Result<T> {
         let req = Request::builder()
             .method(method)
             .uri(format!("http://agent/v1/bg{path}"))
             .body(body.map(full).unwrap_or_else(empty))
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        parse_json_up_to(resp.into_body(), MAX_LISTING).await
+        within("a background exec request", deadline, async {
+            let resp = check(self.send(req).await?).await?;
+            parse_json_up_to(resp.into_body(), MAX_LISTING).await
+        })
+        .await
     }
 
     /// Starts a background exec.
     pub async fn bg_start(&self, start: &BgStart) -> Result<BgStarted> {
         let body = serde_json::to_vec(start).map_err(|e| AgentError::Protocol(e.to_string()))?;
-        self.bg_call(Method::POST, "", Some(body)).await
+        self.bg_call(Method::POST, "", Some(body), CALL_DEADLINE).await
     }
 
     pub async fn bg_list(&self) -> Result<Vec<BgInfo>> {
-        self.bg_call(Method::GET, "", None).await
+        self.bg_call(Method::GET, "", None, CALL_DEADLINE).await
     }
 
     pub async fn bg_info(&self, id: &str) -> Result<BgInfo> {
-        self.bg_call(Method::GET, &format!("/{}", bg_id(id)?), None).await
+        self.bg_call(Method::GET, &format!("/{}", bg_id(id)?), None, CALL_DEADLINE)
+            .await
     }
 
     pub async fn bg_kill(&self, id: &str, k: &BgKill) -> Result<BgKilled> {
         let body = serde_json::to_vec(k).map_err(|e| AgentError::Protocol(e.to_string()))?;
-        self.bg_call(Method::POST, &format!("/{}/kill", bg_id(id)?), Some(body))
-            .await
+        self.bg_call(
+            Method::POST,
+            &format!("/{}/kill", bg_id(id)?),
+            Some(body),
+            CALL_DEADLINE,
+        )
+        .await
     }
 
+    /// Waits up to `timeout_secs` (the agent caps it at 600) for the exec to exit; the call's
+    /// deadline is that plus [`CALL_DEADLINE`].
     pub async fn bg_wait(&self, id: &str, timeout_secs: u64) -> Result<BgWait> {
+        let timeout_secs = timeout_secs.min(600);
         self.bg_call(
             Method::GET,
             &format!("/{}/wait-exit?timeout={timeout_secs}", bg_id(id)?),
             None,
+            Duration::from_secs(timeout_secs) + CALL_DEADLINE,
         )
         .await
     }
 
     /// Forgets a background exec (the process is not killed).
     pub async fn bg_reap(&self, id: &str) -> Result<serde_json::Value> {
-        self.bg_call(Method::DELETE, &format!("/{}", bg_id(id)?), None).await
+        self.bg_call(Method::DELETE, &format!("/{}", bg_id(id)?), None, CALL_DEADLINE)
+            .await
     }
 
     /// The exec's output frames as NDJSON ([`slicer_agent_proto::BgFrame`] lines).
@@ -494,7 +567,10 @@ impl AgentClient {
         let req = Request::post(uri)
             .body(body.boxed())
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
+        let resp = within("a stream's start", CALL_DEADLINE, async {
+            check(self.send(req).await?).await
+        })
+        .await?;
         Ok((
             StdinWriter { tx },
             Download {
@@ -531,8 +607,11 @@ impl AgentClient {
         let req = Request::get(uri("/v1/stats", None))
             .body(empty())
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        parse_json(resp.into_body()).await
+        within("a stats request", CALL_DEADLINE, async {
+            let resp = check(self.send(req).await?).await?;
+            parse_json(resp.into_body()).await
+        })
+        .await
     }
 
     /// Lists directory `path` (entries sorted by name; symlinks not followed).
@@ -553,25 +632,36 @@ impl AgentClient {
         let req = Request::get(uri(route, Some(&q)))
             .body(empty())
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        parse_json_up_to(resp.into_body(), limit).await
+        within("a filesystem request", CALL_DEADLINE, async {
+            let resp = check(self.send(req).await?).await?;
+            parse_json_up_to(resp.into_body(), limit).await
+        })
+        .await
     }
 
-    /// POSTs `body` as JSON to `path` and parses the JSON answer.
-    async fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+    /// POSTs `body` as JSON to `path` and parses the JSON answer, within [`CALL_DEADLINE`].
+    async fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
         let body = serde_json::to_vec(body).map_err(|e| AgentError::Protocol(e.to_string()))?;
         let req = Request::builder()
             .method(Method::POST)
             .uri(uri(path, None))
             .body(full(body))
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = check(self.send(req).await?).await?;
-        parse_json(resp.into_body()).await
+        within(what, CALL_DEADLINE, async {
+            let resp = check(self.send(req).await?).await?;
+            parse_json(resp.into_body()).await
+        })
+        .await
     }
 
     /// Makes a directory; answers its entry.
     pub async fn mkdir(&self, r: &MkdirRequest) -> Result<FsEntry> {
-        self.post_json("/v1/fs/mkdir", r).await
+        self.post_json("a filesystem request", "/v1/fs/mkdir", r).await
     }
 
     /// Removes a file, a link or a directory (a non-empty one only with `recursive`).
@@ -588,13 +678,20 @@ impl AgentClient {
             ))
             .body(empty())
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        check(self.send(req).await?).await?;
-        Ok(())
+        within("a filesystem request", CALL_DEADLINE, async {
+            check(self.send(req).await?).await?;
+            Ok(())
+        })
+        .await
     }
 
-    /// Sends `req` and hands back the answer's body as a stream.
+    /// Sends `req` and hands back the answer's body as a stream; the answer's head has
+    /// [`CALL_DEADLINE`], the stream none.
     async fn stream(&self, req: Request<ReqBody>) -> Result<Download> {
-        let resp = check(self.send(req).await?).await?;
+        let resp = within("a stream's start", CALL_DEADLINE, async {
+            check(self.send(req).await?).await
+        })
+        .await?;
         Ok(Download {
             mode: None,
             body: resp.into_body(),
@@ -604,7 +701,7 @@ impl AgentClient {
 
     /// Gives a restored guest its own identity (see [`Identity`]); answers what was applied.
     pub async fn set_identity(&self, id: &Identity) -> Result<Identity> {
-        self.post_json("/v1/identity", id).await
+        self.post_json("an identity request", "/v1/identity", id).await
     }
 }
 
@@ -702,20 +799,50 @@ impl ExecProcess {
         }))
     }
 
-    /// Collects all output until the process exits.
-    pub async fn output(mut self) -> Result<Output> {
+    /// Collects the output until the process exits, at most [`MAX_BUFFERED_OUTPUT`] bytes of
+    /// stdout and stderr together (see [`ExecProcess::output_up_to`]).
+    pub async fn output(self) -> Result<Output> {
+        self.output_up_to(MAX_BUFFERED_OUTPUT).await
+    }
+
+    /// Collects the output until the process exits. Past `limit` bytes (stdout and stderr
+    /// together) it stops reading and drops the stream, which makes the agent kill the
+    /// process group, and fails with [`AgentError::OutputLimit`] holding the first `limit`
+    /// bytes.
+    pub async fn output_up_to(mut self, limit: usize) -> Result<Output> {
         self.stdin = None;
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         loop {
-            match self.next_event().await? {
-                Some(ExecEvent::Stdout(b)) => stdout.extend_from_slice(&b),
-                Some(ExecEvent::Stderr(b)) => stderr.extend_from_slice(&b),
+            let (is_stdout, chunk) = match self.next_event().await? {
+                Some(ExecEvent::Stdout(b)) => (true, b),
+                Some(ExecEvent::Stderr(b)) => (false, b),
                 Some(ExecEvent::Exit(status)) => return Ok(Output { stdout, stderr, status }),
                 None => return Err(AgentError::Protocol("exec stream ended without an exit status".into())),
+            };
+            let room = limit.saturating_sub(stdout.len() + stderr.len());
+            let out = if is_stdout { &mut stdout } else { &mut stderr };
+            out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if chunk.len() > room {
+                // Dropping the response stream resets it: the agent kills the process group.
+                drop(self);
+                return Err(AgentError::OutputLimit {
+                    limit,
+                    output: Box::new(Output {
+                        stdout,
+                        stderr,
+                        status: ExitStatus {
+                            code: None,
+                            signal: Some(SIGKILL),
+                        },
+                    }),
+                });
             }
         }
     }
 }
+
+/// SIGKILL's number on Linux: the status of a command killed for its output.
+const SIGKILL: i32 = 9;
 
 /// A file or tar stream coming from the guest.
 pub struct Download {
@@ -784,5 +911,132 @@ impl Download {
             out.extend_from_slice(&c);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    type Handler =
+        Arc<dyn Fn(Request<Incoming>) -> http::Response<slicer_agent_proto::body::ChannelBody> + Send + Sync>;
+
+    /// A fake agent on a UNIX socket: the real handshake, then HTTP/2 answered by `handler`.
+    fn fake_agent(dir: &Path, handler: Handler) -> PathBuf {
+        let path = dir.join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let Ok((io, _)) = sync::agent_handshake(stream).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |req| {
+                        let resp = handler(req);
+                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(io), svc)
+                        .await;
+                });
+            }
+        });
+        path
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_fails_health_within_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        // Answers a head, then never finishes the body (its sender is kept alive).
+        let keep = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let k = keep.clone();
+        let path = fake_agent(
+            dir.path(),
+            Arc::new(move |_req| {
+                let (tx, body) = slicer_agent_proto::body::channel(1);
+                k.lock().unwrap().push(tx);
+                http::Response::new(body)
+            }),
+        );
+        let c = AgentClient::new(path);
+        let t0 = std::time::Instant::now();
+        let err = c.health().await.unwrap_err();
+        let took = t0.elapsed();
+        assert!(
+            matches!(err, AgentError::Deadline { after, .. } if after == HEALTH_DEADLINE),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("did not answer a health check within 5s"),
+            "{err}"
+        );
+        assert!(
+            took >= HEALTH_DEADLINE && took < HEALTH_DEADLINE + Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn buffered_output_stops_at_its_limit_and_resets_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let reset = Arc::new(AtomicBool::new(false));
+        let r = reset.clone();
+        let path = fake_agent(
+            dir.path(),
+            Arc::new(move |_req| {
+                let (tx, body) = slicer_agent_proto::body::channel(4);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let started = frame::encode_json(
+                        Kind::Started,
+                        &Started {
+                            pid: 7,
+                            started_at_ms: 1,
+                        },
+                    );
+                    if tx.send(Ok(started)).await.is_err() {
+                        return;
+                    }
+                    // A command that prints for ever, on both streams.
+                    let chunk = vec![b'y'; 64 * 1024];
+                    for i in 0u64.. {
+                        let kind = if i % 4 == 3 { Kind::Stderr } else { Kind::Stdout };
+                        if tx.send(Ok(frame::encode(kind, &chunk))).await.is_err() {
+                            break;
+                        }
+                    }
+                    // What the agent takes as "the host went away": it kills the process group.
+                    r.store(true, Ordering::SeqCst);
+                });
+                http::Response::new(body)
+            }),
+        );
+        let c = AgentClient::new(path);
+        let limit = 1 << 20;
+        let p = c.exec(&ExecRequest::argv(["yes"])).await.unwrap();
+        assert_eq!(p.pid, 7);
+        let err = p.output_up_to(limit).await.unwrap_err();
+        assert!(err.to_string().contains("output exceeded 1 MiB"), "{err}");
+        let AgentError::OutputLimit { output, .. } = err else {
+            panic!("not an output limit error")
+        };
+        assert_eq!(output.stdout.len() + output.stderr.len(), limit);
+        assert!(!output.stderr.is_empty());
+        assert_eq!(output.status.signal, Some(9));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !reset.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent never saw the stream end"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The connection still serves other requests.
+        let p = c.exec(&ExecRequest::argv(["yes"])).await.unwrap();
+        assert!(matches!(p.output_up_to(10).await, Err(AgentError::OutputLimit { .. })));
     }
 }
