@@ -127,6 +127,35 @@ fn encode(data: &[u8], base64: bool) -> String {
     }
 }
 
+/// As [`encode`], reusing `data`'s buffer for valid UTF-8 text (buffered output can be 16 MiB).
+fn encode_owned(data: Vec<u8>, base64: bool) -> String {
+    if base64 {
+        return encode(&data, true);
+    }
+    String::from_utf8(data).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// Length of `s` as a JSON string body (serde_json's escapes).
+fn json_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
+/// A buffered answer serialized into one buffer sized for it up front (a large output is not
+/// copied through doubling growth).
+fn buffered_json(answer: &BufferedExec) -> Response {
+    let mut body = Vec::with_capacity(json_len(&answer.stdout) + json_len(&answer.stderr) + 1024);
+    match serde_json::to_writer(&mut body, answer) {
+        Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => ApiErr::internal(e).into_response(),
+    }
+}
+
 pub async fn exec(
     State(st): State<Shared>,
     Path(hostname): Path<String>,
@@ -191,19 +220,32 @@ pub async fn exec(
 
     if buffered {
         let pid = proc.pid;
-        let out = proc.output().await.map_err(ApiErr::agent)?;
-        return Ok(Json(BufferedExec {
-            stdout: encode(&out.stdout, b64),
-            stderr: encode(&out.stderr, b64),
+        // At most MAX_BUFFERED_OUTPUT: past it the command is killed and the answer keeps what
+        // was read, with an error saying so.
+        let (out, error) = match proc.output().await {
+            Ok(out) => (out, String::new()),
+            Err(e @ slicer_agent_client::AgentError::OutputLimit { .. }) => {
+                let msg = e.to_string();
+                let slicer_agent_client::AgentError::OutputLimit { output, .. } = e else {
+                    unreachable!("matched above")
+                };
+                tracing::info!("VM {hostname}: buffered exec of pid {pid}: {msg}");
+                (*output, msg)
+            }
+            Err(e) => return Err(ApiErr::agent(e)),
+        };
+        let answer = BufferedExec {
+            signal: out.status.signal.map(signal_name).unwrap_or_default(),
+            exit_code: out.status.code.unwrap_or_else(|| 128 + out.status.signal.unwrap_or(0)),
+            stdout: encode_owned(out.stdout, b64),
+            stderr: encode_owned(out.stderr, b64),
             encoding: enc,
             pid: Some(pid),
             started_at,
             ended_at: now_rfc3339(),
-            signal: out.status.signal.map(signal_name).unwrap_or_default(),
-            exit_code: out.status.code.unwrap_or_else(|| 128 + out.status.signal.unwrap_or(0)),
-            error: String::new(),
-        })
-        .into_response());
+            error,
+        };
+        return Ok(buffered_json(&answer));
     }
 
     let (tx, rx) = slicer_agent_proto::body::channel(16);
@@ -294,6 +336,22 @@ mod tests {
 
     fn q(s: &str) -> Vec<(String, String)> {
         query_pairs(&Some(s.to_string()))
+    }
+
+    #[test]
+    fn buffered_answers_are_sized_exactly() {
+        let answer = BufferedExec {
+            stdout: "y\n\"\\\u{1}é".repeat(1000),
+            stderr: "\t\r\u{8}\u{c}\u{1f}".into(),
+            ..Default::default()
+        };
+        let expected = serde_json::to_vec(&answer).unwrap();
+        let string_bodies = json_len(&answer.stdout) + json_len(&answer.stderr);
+        let plain = serde_json::to_vec(&BufferedExec::default()).unwrap();
+        assert_eq!(expected.len(), plain.len() + string_bodies);
+        assert_eq!(encode_owned(b"ok".to_vec(), false), "ok");
+        assert_eq!(encode_owned(vec![0xff], false), "\u{fffd}");
+        assert_eq!(encode_owned(b"ok".to_vec(), true), "b2s=");
     }
 
     #[test]
