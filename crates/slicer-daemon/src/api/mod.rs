@@ -86,6 +86,25 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// Largest JSON request body; streamed bodies (exec stdin, cp) have no limit.
 pub const MAX_JSON_BODY: usize = 1 << 20;
 
+/// Longest a route may take to answer (its head: a streamed body is not cut) unless it is in
+/// [`UNTIMED`]; past it the answer is 503 `{"error": ...}`.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Routes that wait by design before they answer, each with its own bound: create
+/// (`wait`/`timeout`), restore (`wait`/`timeout`), exec (a buffered exec runs the command to
+/// its end; output is capped), cp (the transfer itself), wait-exit (`timeout`, at most 600 s).
+pub const UNTIMED: &[(&str, &str)] = &[
+    ("POST", "/hostgroup/{group}/nodes"),
+    ("POST", "/vm/{hostname}/restore"),
+    ("POST", "/vm/{hostname}/exec"),
+    ("POST", "/vm/{hostname}/cp"),
+    ("GET", "/vm/{hostname}/cp"),
+    ("GET", "/vm/{hostname}/exec/{id}/wait-exit"),
+];
+
+/// Most of the console log `GET /vm/{h}/logs` reads: its last 4 MiB.
+pub const MAX_CONSOLE_TAIL: u64 = 4 << 20;
+
 pub fn router(state: Shared) -> Router {
     let authed = Router::new()
         .route("/info", get(info))
@@ -129,10 +148,31 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/healthz", get(healthz).head(healthz))
         .merge(authed)
+        .route_layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, deadline))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), count_request))
         .fallback(|| async { ApiErr::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiErr::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") })
         .with_state(state)
+}
+
+/// Answers 503 when a route not in [`UNTIMED`] takes longer than `limit` to answer. The
+/// handler is dropped; the manager's lifecycle operations run detached and finish anyway.
+async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    let untimed = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .is_some_and(|p| UNTIMED.contains(&(req.method().as_str(), p.as_str())));
+    if untimed {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiErr::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the request did not finish within {limit:?}; try again later"),
+        )
+        .into_response(),
+    }
 }
 
 /// Counts and times every request to a known route (by its template, not its path).
@@ -465,7 +505,10 @@ async fn logs(
             as usize,
     };
     let path = st.manager.host.vm_root.join(&hostname).join("console.log");
-    let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
+    let tail = tokio::task::spawn_blocking(move || read_tail(&path, MAX_CONSOLE_TAIL))
+        .await
+        .map_err(ApiErr::internal)?;
+    let text = String::from_utf8_lossy(&tail);
     let all: Vec<&str> = text.lines().collect();
     let take = if lines == 0 { all.len() } else { lines.min(all.len()) };
     let content = all[all.len() - take..].join("\n");
@@ -474,6 +517,30 @@ async fn logs(
         lines: take,
         content,
     }))
+}
+
+/// The last `max` bytes of the file at `path` (empty when it cannot be read); when that is not
+/// the whole file, from the first line that starts inside them.
+fn read_tail(path: &std::path::Path, max: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max);
+    let mut out = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.take(max).read_to_end(&mut out).is_err() {
+        return Vec::new();
+    }
+    if start > 0 {
+        match out.iter().position(|b| *b == b'\n') {
+            Some(nl) => {
+                out.drain(..=nl);
+            }
+            None => out.clear(),
+        }
+    }
+    out
 }
 
 async fn health(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Json<HealthResponse>, ApiErr> {
@@ -580,6 +647,70 @@ pub fn methods() -> Vec<(Method, &'static str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_tail_starts_at_a_line() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        std::fs::write(&p, b"first line\nsecond\nthird\n").unwrap();
+        assert_eq!(read_tail(&p, 1 << 20), b"first line\nsecond\nthird\n");
+        assert_eq!(read_tail(&p, 12), b"third\n");
+        assert_eq!(read_tail(&p, 3), b"");
+        assert_eq!(read_tail(&d.path().join("none"), 10), b"");
+    }
+
+    /// Sends a GET and answers (status line, body).
+    async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        c.read_to_end(&mut raw).await.unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+    }
+
+    #[tokio::test]
+    async fn slow_routes_answer_503_unless_they_wait_by_design() {
+        let slow = || async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            "done"
+        };
+        let app = Router::new()
+            .route("/vm/{hostname}/fs/stat", get(slow))
+            .route("/vm/{hostname}/exec/{id}/wait-exit", get(slow))
+            .route("/quick", get(|| async { "quick" }))
+            .route_layer(axum::middleware::from_fn_with_state(
+                Duration::from_millis(100),
+                deadline,
+            ));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(l, app).await });
+
+        let t0 = std::time::Instant::now();
+        let (status, body) = http_get(addr, "/vm/a/fs/stat").await;
+        assert!(t0.elapsed() < Duration::from_millis(350), "{:?}", t0.elapsed());
+        assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            v["error"].as_str().unwrap().contains("did not finish within 100ms"),
+            "{v}"
+        );
+        assert_eq!(http_get(addr, "/vm/a/exec/ex_1/wait-exit").await.0, "HTTP/1.1 200 OK");
+        assert_eq!(http_get(addr, "/quick").await.0, "HTTP/1.1 200 OK");
+        server.abort();
+    }
+
+    #[test]
+    fn untimed_routes_are_routes() {
+        for r in UNTIMED {
+            assert!(ROUTES.contains(r), "{r:?}");
+        }
+    }
 
     #[test]
     fn go_durations() {
