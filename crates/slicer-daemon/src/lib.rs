@@ -9,12 +9,17 @@ pub mod metrics;
 pub mod secrets;
 pub mod state;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{Context, Result};
 use slicer_image::ImageStore;
 use slicer_vmm::Host;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Listen, Settings};
 use crate::manager::Manager;
@@ -37,8 +42,21 @@ pub struct Daemon {
     server: tokio::task::JoinHandle<()>,
 }
 
+/// Most connections one API listener serves at once; further ones wait in the kernel's
+/// backlog until one closes.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Mode of the UNIX API socket: its owner and group may connect.
+pub const SOCKET_MODE: u32 = 0o660;
+
 /// Loads and validates the config, prepares images, state and VMs, and starts serving.
+///
+/// Everything the daemon creates is private to its user: the process umask becomes 0077 (the
+/// data directory, `state.db`, VM directories, suspend state), the data directory is made
+/// 0700, and a UNIX API socket gets [`SOCKET_MODE`].
 pub async fn start(opts: &UpOptions) -> Result<Daemon> {
+    // SAFETY: umask only sets the process's file creation mask.
+    unsafe { libc::umask(0o077) };
     let file = config::File::load(&opts.config)?;
     let base = opts
         .config
@@ -55,6 +73,8 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
         .settings(&base)
         .with_context(|| format!("in {}", opts.config.display()))?;
     std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("creating {}", opts.data_dir.display()))?;
+    std::fs::set_permissions(&opts.data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (0700)", opts.data_dir.display()))?;
     let images = ImageStore::at(&opts.images_dir.clone().unwrap_or_else(|| opts.data_dir.join("images")));
     let mut wanted: Vec<&str> = settings.groups.iter().map(|g| g.image.as_str()).collect();
     wanted.dedup();
@@ -95,6 +115,7 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the API to {addr} (config.api.bind_address/port)"))?;
+            let l = Capped::new(l, MAX_CONNECTIONS);
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
                     tracing::error!("API server: {e}");
@@ -105,6 +126,9 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
             let _ = std::fs::remove_file(path);
             let l = tokio::net::UnixListener::bind(path)
                 .with_context(|| format!("binding the API to {} (config.api.bind_address)", path.display()))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+                .with_context(|| format!("setting the mode of {}", path.display()))?;
+            let l = Capped::new(l, MAX_CONNECTIONS);
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
                     tracing::error!("API server: {e}");
@@ -124,6 +148,81 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
         shutdown: tx,
         server,
     })
+}
+
+/// A listener that serves at most `max` connections at once: it accepts only while it holds a
+/// free permit, and each connection keeps its permit until it closes (an upgraded WebSocket
+/// too).
+pub struct Capped<L> {
+    inner: L,
+    permits: Arc<Semaphore>,
+}
+
+impl<L> Capped<L> {
+    pub fn new(inner: L, max: usize) -> Capped<L> {
+        Capped {
+            inner,
+            permits: Arc::new(Semaphore::new(max)),
+        }
+    }
+}
+
+impl<L: axum::serve::Listener> axum::serve::Listener for Capped<L> {
+    type Io = CappedIo<L::Io>;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (io, addr) = self.inner.accept().await;
+        (CappedIo { io, _permit: permit }, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection of a [`Capped`] listener: its permit goes back when it is dropped.
+pub struct CappedIo<I> {
+    io: I,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for CappedIo<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for CappedIo<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 impl Daemon {
@@ -160,4 +259,55 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     eprintln!("stopping: {} VMs", d.manager.list(None).map(|l| l.len()).unwrap_or(0));
     d.stop().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Sends a GET on `conn` and reads the status line (`None` if nothing comes within `wait`).
+    async fn status(conn: &mut tokio::net::TcpStream, path: &str, wait: Duration) -> Option<String> {
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(wait, conn.read(&mut buf)).await.ok()?.unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        text.lines().next().map(str::to_string)
+    }
+
+    #[tokio::test]
+    async fn a_capped_listener_serves_no_more_than_its_cap() {
+        const CAP: usize = 3;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let server = tokio::spawn(async move { axum::serve(Capped::new(l, CAP), app).await });
+
+        let mut open = Vec::new();
+        for _ in 0..CAP {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let line = status(&mut c, "/", Duration::from_secs(5)).await;
+            assert_eq!(line.as_deref(), Some("HTTP/1.1 200 OK"));
+            open.push(c);
+        }
+        // One more: the kernel completes the TCP handshake (backlog), but nobody serves it.
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert_eq!(status(&mut extra, "/", Duration::from_millis(300)).await, None);
+        // Closing one of the others lets it in.
+        let t0 = Instant::now();
+        drop(open.pop());
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("the waiting connection is served once another closes")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200 OK"));
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        server.abort();
+    }
 }
