@@ -39,6 +39,24 @@ pub struct Config {
     pub insecure_registry: Option<bool>,
     #[serde(default)]
     pub api: Api,
+    /// slicer extension: what the host lends to VMs at most (defaults from the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<CapacityConfig>,
+}
+
+/// `config.capacity`: the host's budget for running VMs. Every field is optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityConfig {
+    /// Host memory for VMs: each running VM takes its RAM plus its QEMU overhead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_bytes: Option<u64>,
+    /// VMs running (or starting) at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<u32>,
+    /// vCPUs of all running VMs together (an overcommit of the host's cores is fine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
 }
 
 fn yes() -> bool {
@@ -180,6 +198,127 @@ pub struct Settings {
     pub acceleration: slicer_hypervisor::AccelChoice,
     pub listen: Listen,
     pub auth: bool,
+    pub capacity: Capacity,
+}
+
+/// The host's budget for running VMs (validated, defaults applied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub ram_bytes: u64,
+    pub vms: u32,
+    pub vcpus: u32,
+}
+
+/// Default number of VMs that may run at once.
+pub const DEFAULT_CAPACITY_VMS: u32 = 256;
+/// Default vCPUs per host core (guests idle most of the time, so vCPUs are overcommitted).
+pub const DEFAULT_VCPUS_PER_CORE: u32 = 16;
+
+impl Capacity {
+    /// The budget from `config.capacity` and the host's memory and cores: RAM defaults to
+    /// MemTotal less a reserve for the host (the larger of 1 GiB and 10%), VMs to 256,
+    /// vCPUs to 16 per core.
+    pub fn resolve(c: Option<&CapacityConfig>, mem_total: u64, cores: u32) -> Result<Capacity> {
+        let c = c.cloned().unwrap_or_default();
+        let ram_bytes = match c.ram_bytes {
+            Some(r) if r < 128 << 20 => {
+                bail!("config.capacity.ram_bytes: at least 128 MiB (134217728) is needed, got {r}")
+            }
+            Some(r) => r,
+            None => {
+                let reserve = (mem_total / 10).max(1 << 30);
+                let ram = mem_total.saturating_sub(reserve);
+                if ram == 0 {
+                    bail!(
+                        "config.capacity.ram_bytes: the host has {} MiB of memory, too little to keep 1 GiB for itself; set the budget explicitly",
+                        mem_total >> 20
+                    );
+                }
+                ram
+            }
+        };
+        let vms = match c.vms {
+            Some(0) => bail!("config.capacity.vms: at least 1 is needed"),
+            Some(v) => v,
+            None => DEFAULT_CAPACITY_VMS,
+        };
+        let vcpus = match c.vcpus {
+            Some(0) => bail!("config.capacity.vcpus: at least 1 is needed"),
+            Some(v) => v,
+            None => DEFAULT_VCPUS_PER_CORE.saturating_mul(cores.max(1)),
+        };
+        Ok(Capacity { ram_bytes, vms, vcpus })
+    }
+
+    /// The `count` VMs of all host groups (started with the daemon) must fit the budget.
+    fn check_count_vms(&self, groups: &[Group], given: Option<&CapacityConfig>) -> Result<()> {
+        let hint = |field: &str, set: bool| {
+            if set {
+                String::new()
+            } else {
+                format!(" (the default; set config.capacity.{field} to change it)")
+            }
+        };
+        let given = given.cloned().unwrap_or_default();
+        let vms: u64 = groups.iter().map(|g| u64::from(g.count)).sum();
+        if vms > u64::from(self.vms) {
+            bail!(
+                "config.capacity.vms: the host groups' count VMs are {vms}, more than the budget of {}{}",
+                self.vms,
+                hint("vms", given.vms.is_some())
+            );
+        }
+        let ram: u64 = groups
+            .iter()
+            .map(|g| u64::from(g.count) * (g.ram_bytes + slicer_vmm::vm_overhead_bytes(g.ram_bytes)))
+            .sum();
+        if ram > self.ram_bytes {
+            bail!(
+                "config.capacity.ram_bytes: the host groups' count VMs need {} of host memory (their RAM plus QEMU's overhead), more than the budget of {}{}",
+                human_bytes(ram),
+                human_bytes(self.ram_bytes),
+                hint("ram_bytes", given.ram_bytes.is_some())
+            );
+        }
+        let vcpus: u64 = groups.iter().map(|g| u64::from(g.count) * u64::from(g.cpus)).sum();
+        if vcpus > u64::from(self.vcpus) {
+            bail!(
+                "config.capacity.vcpus: the host groups' count VMs have {vcpus} vCPUs, more than the budget of {}{}",
+                self.vcpus,
+                hint("vcpus", given.vcpus.is_some())
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A size for people: `512 MiB`, `20 GiB`, `21.3 GiB`.
+pub fn human_bytes(b: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    if b >= GIB && b.is_multiple_of(GIB) {
+        format!("{} GiB", b / GIB)
+    } else if b >= GIB {
+        format!("{:.1} GiB", b as f64 / GIB as f64)
+    } else {
+        format!("{} MiB", b >> 20)
+    }
+}
+
+/// The host's memory (MemTotal of /proc/meminfo) in bytes.
+pub fn host_memory_bytes() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    text.lines()
+        .find_map(|l| {
+            let kib = l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim();
+            kib.parse::<u64>().ok()
+        })
+        .map(|kib| kib << 10)
+        .context("no MemTotal in /proc/meminfo")
+}
+
+/// The host's cores available to the daemon (and so to its VMs).
+pub fn host_cores() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -455,12 +594,19 @@ impl File {
             (None, Listen::Tcp(_)) => true,
             (None, Listen::Unix(_)) => false,
         };
+        let mem_total = match c.capacity.as_ref().and_then(|c| c.ram_bytes) {
+            Some(_) => 0, // not needed
+            None => host_memory_bytes().context("config.capacity.ram_bytes: no default")?,
+        };
+        let capacity = Capacity::resolve(c.capacity.as_ref(), mem_total, host_cores())?;
+        capacity.check_count_vms(&groups, c.capacity.as_ref())?;
         Ok(Settings {
             groups,
             graceful_shutdown: c.graceful_shutdown,
             acceleration,
             listen,
             auth,
+            capacity,
         })
     }
 }
@@ -558,6 +704,7 @@ pub fn render_new(o: &NewOptions) -> Result<String> {
                         .unwrap_or(!(o.api_bind.starts_with('/') || o.api_bind.ends_with(".sock"))),
                 }),
             },
+            capacity: None,
         },
     };
     // What we print must load.
@@ -637,6 +784,61 @@ config:
         let e =
             err("config:\n  host_groups:\n  - name: a\n    network: {mode: bridge, tap_prefix: waytoolongprefix}\n");
         assert!(e.contains("network.tap_prefix"), "{e}");
+        let e = err("config:\n  capacity: {vms: 0}\n  host_groups:\n  - name: a\n");
+        assert!(e.contains("config.capacity.vms"), "{e}");
+        let e = err("config:\n  capacity: {vcpus: 0}\n  host_groups:\n  - name: a\n");
+        assert!(e.contains("config.capacity.vcpus"), "{e}");
+        let e = err("config:\n  capacity: {ram_bytes: 1000}\n  host_groups:\n  - name: a\n");
+        assert!(e.contains("config.capacity.ram_bytes"), "{e}");
+        let e = err("config:\n  capacity: {ram_bytes: lots}\n  host_groups:\n  - name: a\n");
+        assert!(e.contains("capacity.ram_bytes"), "{e}");
+        let e = err("config:\n  capacity: {memory: 1}\n  host_groups:\n  - name: a\n");
+        assert!(e.contains("capacity") && e.contains("unknown field `memory`"), "{e}");
+        let e = err("config:\n  capacity: {vms: 2}\n  host_groups:\n  - name: a\n    count: 3\n");
+        assert!(
+            e.contains("config.capacity.vms") && e.contains("count VMs are 3"),
+            "{e}"
+        );
+        let e = err(
+            "config:\n  capacity: {ram_bytes: 2147483648}\n  host_groups:\n  - name: a\n    count: 2\n    ram_gb: 1\n",
+        );
+        assert!(e.contains("config.capacity.ram_bytes") && e.contains("2.5 GiB"), "{e}");
+        let e = err("config:\n  capacity: {vcpus: 3}\n  host_groups:\n  - name: a\n    count: 2\n    vcpu: 2\n");
+        assert!(e.contains("config.capacity.vcpus"), "{e}");
+    }
+
+    #[test]
+    fn capacity_defaults_come_from_the_host() {
+        const GIB: u64 = 1 << 30;
+        // The reserve is 10% of the host's memory, at least 1 GiB.
+        let c = Capacity::resolve(None, 32 * GIB, 4).unwrap();
+        assert_eq!(c.ram_bytes, 32 * GIB - 32 * GIB / 10);
+        assert_eq!((c.vms, c.vcpus), (DEFAULT_CAPACITY_VMS, 64));
+        assert_eq!(Capacity::resolve(None, 4 * GIB, 1).unwrap().ram_bytes, 3 * GIB);
+        assert!(Capacity::resolve(None, GIB, 1).is_err());
+        let given = CapacityConfig {
+            ram_bytes: Some(2 * GIB),
+            vms: Some(2),
+            vcpus: Some(3),
+        };
+        assert_eq!(
+            Capacity::resolve(Some(&given), 0, 8).unwrap(),
+            Capacity {
+                ram_bytes: 2 * GIB,
+                vms: 2,
+                vcpus: 3
+            }
+        );
+        let s = File::parse("config:\n  capacity: {vms: 2}\n  host_groups:\n  - name: a\n    count: 0\n")
+            .unwrap()
+            .settings(Path::new("."))
+            .unwrap();
+        assert_eq!(s.capacity.vms, 2);
+        assert!(s.capacity.ram_bytes > 0 && s.capacity.vcpus >= DEFAULT_VCPUS_PER_CORE);
+        assert!(host_memory_bytes().unwrap() > s.capacity.ram_bytes);
+        assert_eq!(human_bytes(512 << 20), "512 MiB");
+        assert_eq!(human_bytes(20 * GIB), "20 GiB");
+        assert_eq!(human_bytes(GIB + GIB / 2), "1.5 GiB");
     }
 
     #[test]

@@ -31,6 +31,10 @@ impl ApiErr {
     pub fn timeout(m: impl Into<String>) -> ApiErr {
         ApiErr::new(StatusCode::REQUEST_TIMEOUT, m)
     }
+    /// 503: the host cannot take more right now (its capacity budget is used up).
+    pub fn unavailable(m: impl Into<String>) -> ApiErr {
+        ApiErr::new(StatusCode::SERVICE_UNAVAILABLE, m)
+    }
     pub fn internal(e: impl std::fmt::Display) -> ApiErr {
         ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
     }

@@ -39,6 +39,23 @@ pub struct ModeLabels {
     pub mode: String,
 }
 
+/// `reserved` (by running and starting VMs) or `budget` (`config.capacity`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+impl KindLabels {
+    pub fn reserved() -> KindLabels {
+        KindLabels {
+            kind: "reserved".into(),
+        }
+    }
+    pub fn budget() -> KindLabels {
+        KindLabels { kind: "budget".into() }
+    }
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn request_buckets() -> Histogram {
@@ -59,6 +76,9 @@ pub struct Metrics {
     pub launch_failures: Family<GroupLabels, Counter>,
     pub ready_seconds: Histograms<ModeLabels>,
     pub running: Family<GroupLabels, Gauge>,
+    pub capacity_ram: Family<KindLabels, Gauge>,
+    pub capacity_vcpus: Family<KindLabels, Gauge>,
+    pub capacity_vms: Family<KindLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -90,6 +110,24 @@ impl Metrics {
         );
         let running = Family::<GroupLabels, Gauge>::default();
         registry.register("vms_running", "VMs whose QEMU runs", running.clone());
+        let capacity_ram = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "capacity_ram_bytes",
+            "Host memory reserved by running and starting VMs (RAM plus QEMU overhead), and the budget",
+            capacity_ram.clone(),
+        );
+        let capacity_vcpus = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "capacity_vcpus",
+            "vCPUs reserved by running and starting VMs, and the budget",
+            capacity_vcpus.clone(),
+        );
+        let capacity_vms = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "capacity_vms",
+            "VMs running or starting, and the budget",
+            capacity_vms.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -98,6 +136,23 @@ impl Metrics {
             launch_failures,
             ready_seconds,
             running,
+            capacity_ram,
+            capacity_vcpus,
+            capacity_vms,
+        }
+    }
+
+    /// Sets the capacity gauges: what is reserved now and the budget.
+    pub fn set_capacity(&self, reserved: &crate::config::Capacity, budget: &crate::config::Capacity) {
+        let gauges = [
+            (&self.capacity_ram, reserved.ram_bytes, budget.ram_bytes),
+            (&self.capacity_vcpus, u64::from(reserved.vcpus), u64::from(budget.vcpus)),
+            (&self.capacity_vms, u64::from(reserved.vms), u64::from(budget.vms)),
+        ];
+        for (family, r, b) in gauges {
+            let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            family.get_or_create(&KindLabels::reserved()).set(clamp(r));
+            family.get_or_create(&KindLabels::budget()).set(clamp(b));
         }
     }
 
@@ -129,5 +184,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE slicer_vm_launches counter"), "{text}");
+        let cap = |ram_bytes, vms, vcpus| crate::config::Capacity { ram_bytes, vms, vcpus };
+        m.set_capacity(&cap(3 << 30, 2, 4), &cap(20 << 30, 256, 32));
+        let text = m.encode();
+        for line in [
+            "slicer_capacity_ram_bytes{kind=\"reserved\"} 3221225472",
+            "slicer_capacity_ram_bytes{kind=\"budget\"} 21474836480",
+            "slicer_capacity_vcpus{kind=\"reserved\"} 4",
+            "slicer_capacity_vms{kind=\"budget\"} 256",
+        ] {
+            assert!(text.contains(line), "{line} missing in {text}");
+        }
     }
 }
