@@ -3,9 +3,9 @@
 //! Every VM is started with a disk the VM library never removes (`persistent` at that
 //! level); the manager decides when a disk goes: on delete, or when an ephemeral VM stops.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use slicer_api::{
 use slicer_vmm::{ExecRequest, Host, Shape, Vm, VmSpec};
 use tokio::sync::watch;
 
-use crate::config::{Group, Settings};
+use crate::config::{human_bytes, Capacity, Group, Settings};
 use crate::error::ApiErr;
 use crate::state::{Db, VmRecord};
 
@@ -26,6 +26,8 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a guest gets to power off on `graceful_shutdown` or a shutdown request.
 pub const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest one secret change may take to reach one guest.
+pub const SECRET_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Boot progress of a VM: `None` while booting, then ready or the reason it failed.
 pub type Ready = Option<Result<(), String>>;
@@ -64,6 +66,16 @@ pub struct Running {
     pub ready: watch::Receiver<Ready>,
     /// Exit code of userdata once it ran (`None` while it has not).
     pub userdata: watch::Receiver<Option<i32>>,
+    /// The VM's secret queue: one push (or sync) at a time, in order.
+    secrets_turn: tokio::sync::Mutex<()>,
+    /// Secrets with a push waiting for its turn (it reads the store when its turn comes).
+    secrets_pending: Mutex<HashSet<String>>,
+}
+
+impl Running {
+    fn pending_secrets(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.secrets_pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 pub struct Manager {
@@ -78,6 +90,14 @@ pub struct Manager {
     nets: HashMap<String, GroupNet>,
     /// Serializes address allocation with the record's creation.
     alloc: tokio::sync::Mutex<()>,
+    /// Per-VM operation locks (see [`VmOp`]).
+    ops: OpMap,
+    /// The capacity budget and what VMs hold of it.
+    ledger: Mutex<Ledger>,
+    /// Claims of new VMs that have no hostname yet.
+    claims: AtomicU64,
+    /// Set by [`Manager::shutdown_all`]: no VM starts any more.
+    closing: AtomicBool,
 }
 
 /// The answer to a create (or relaunch) of `rec`.
@@ -122,6 +142,124 @@ fn pid_is_our_qemu(pid: u32, hostname: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Per-VM operation locks by hostname; an entry lives while someone holds or waits for it.
+type OpMap = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
+/// One VM's operation lock, held: create (up to its launch), delete, relaunch, suspend,
+/// restore, pause, resume, shutdown and the reaping of an exited VM run one at a time per VM.
+pub struct VmOp {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ops: OpMap,
+}
+
+impl Drop for VmOp {
+    fn drop(&mut self) {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        self.guard.take();
+        // Locks nobody holds or waits for go (also one left by a waiter that gave up).
+        ops.retain(|_, l| Arc::strong_count(l) > 1);
+    }
+}
+
+/// What a running (or starting) VM holds of the host's capacity budget.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    /// Guest RAM.
+    ram: u64,
+    /// Guest RAM plus QEMU's overhead: what the VM's cgroup allows it.
+    host_ram: u64,
+    vcpus: u32,
+}
+
+impl Hold {
+    fn of(rec: &VmRecord) -> Hold {
+        Hold {
+            ram: rec.ram_bytes,
+            host_ram: rec.ram_bytes + slicer_vmm::vm_overhead_bytes(rec.ram_bytes),
+            vcpus: rec.cpus,
+        }
+    }
+}
+
+/// The capacity budget and what running and starting VMs hold of it, by hostname (or by a
+/// claim while a new VM has no hostname yet).
+struct Ledger {
+    budget: Capacity,
+    holds: HashMap<String, Hold>,
+}
+
+impl Ledger {
+    fn new(budget: Capacity) -> Ledger {
+        Ledger {
+            budget,
+            holds: HashMap::new(),
+        }
+    }
+
+    /// What is held now, except by `but`.
+    fn held(&self, but: Option<&str>) -> Capacity {
+        let mut c = Capacity {
+            ram_bytes: 0,
+            vms: 0,
+            vcpus: 0,
+        };
+        for (_, h) in self.holds.iter().filter(|(k, _)| Some(k.as_str()) != but) {
+            c.ram_bytes += h.host_ram;
+            c.vms += 1;
+            c.vcpus += h.vcpus;
+        }
+        c
+    }
+
+    /// Takes `hold` for `key` when it fits every budget; else says what is short.
+    fn reserve(&mut self, key: &str, hold: Hold) -> Result<(), String> {
+        let used = self.held(Some(key));
+        let b = self.budget;
+        if used.vms >= b.vms {
+            return Err(format!(
+                "host capacity: no room for another VM: {} VMs are running or starting, the budget is {}",
+                used.vms, b.vms
+            ));
+        }
+        let free_ram = b.ram_bytes.saturating_sub(used.ram_bytes);
+        if hold.host_ram > free_ram {
+            return Err(format!(
+                "host capacity: {} of RAM requested ({} for the guest, {} for QEMU), {} free of a {} budget",
+                human_bytes(hold.host_ram),
+                human_bytes(hold.ram),
+                human_bytes(hold.host_ram - hold.ram),
+                human_bytes(free_ram),
+                human_bytes(b.ram_bytes)
+            ));
+        }
+        let free_vcpus = b.vcpus.saturating_sub(used.vcpus);
+        if hold.vcpus > free_vcpus {
+            return Err(format!(
+                "host capacity: {} vCPUs requested, {free_vcpus} free of a budget of {}",
+                hold.vcpus, b.vcpus
+            ));
+        }
+        self.holds.insert(key.to_string(), hold);
+        Ok(())
+    }
+}
+
+/// Runs a state change to its end even when the request that asked for it goes away (and its
+/// future is dropped): a half-made or half-removed VM would be left behind otherwise.
+async fn detached<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, ApiErr>> + Send + 'static,
+) -> Result<T, ApiErr> {
+    tokio::spawn(change)
+        .await
+        .unwrap_or_else(|e| Err(ApiErr::internal(format!("the VM operation failed: {e}"))))
+}
+
+/// Waits up to `max` for secret pushes started by [`Manager::spread_secret`]; they go on
+/// afterwards.
+pub async fn settle_pushes(pushes: Vec<tokio::task::JoinHandle<()>>, max: Duration) {
+    let _ = tokio::time::timeout(max, futures_util::future::join_all(pushes)).await;
+}
+
 pub enum Wait {
     Agent,
     Userdata,
@@ -151,6 +289,7 @@ impl Manager {
             nets.insert(g.name.clone(), n);
         }
         Ok(Arc::new(Manager {
+            ledger: Mutex::new(Ledger::new(settings.capacity)),
             settings,
             host,
             db,
@@ -160,6 +299,9 @@ impl Manager {
             vms: Mutex::new(HashMap::new()),
             nets,
             alloc: tokio::sync::Mutex::new(()),
+            ops: OpMap::default(),
+            claims: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
         }))
     }
 
@@ -305,6 +447,40 @@ impl Manager {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn op_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for and takes `hostname`'s operation lock (see [`VmOp`]).
+    pub async fn lock_vm(&self, hostname: &str) -> VmOp {
+        let lock = self.op_map().entry(hostname.to_string()).or_default().clone();
+        VmOp {
+            guard: Some(lock.lock_owned().await),
+            ops: self.ops.clone(),
+        }
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a VM's share of the capacity budget under `key`, or answers 503 saying what is
+    /// short.
+    fn reserve(&self, key: &str, rec: &VmRecord) -> Result<(), ApiErr> {
+        self.ledger().reserve(key, Hold::of(rec)).map_err(ApiErr::unavailable)
+    }
+
+    /// Gives a VM's share of the capacity budget back (nothing when it holds none).
+    fn release(&self, key: &str) {
+        self.ledger().holds.remove(key);
+    }
+
+    /// The capacity held by running and starting VMs, and the budget.
+    pub fn capacity(&self) -> (Capacity, Capacity) {
+        let l = self.ledger();
+        (l.held(None), l.budget)
+    }
+
     pub fn group(&self, name: &str) -> Result<&Group, ApiErr> {
         self.settings
             .groups
@@ -354,27 +530,49 @@ impl Manager {
         Ok(())
     }
 
-    /// Starts (or restarts, with their disks) the `count` VMs of each host group.
+    /// Starts (or restarts, with their disks) the `count` VMs of each host group. One that does
+    /// not fit the capacity budget (VMs adopted from an earlier run may hold it) is not
+    /// started, and the log says why.
     pub async fn start_count_vms(self: &Arc<Self>) -> anyhow::Result<()> {
         for g in self.settings.groups.clone() {
             for n in 1..=g.count {
                 let hostname = format!("{}-{n}", g.name);
+                let _op = self.lock_vm(&hostname).await;
                 if self.running(&hostname).is_ok() {
                     continue; // adopted
                 }
-                let rec = match self.db.get(&hostname)? {
-                    Some(r) => r,
+                let existing = self.db.get(&hostname)?;
+                let mut rec = match &existing {
+                    Some(r) => r.clone(),
                     None => {
                         let mut r = self
                             .new_record(&g, &CreateNodeRequest::default())
                             .map_err(|e| anyhow::anyhow!("host group {}: {}", g.name, e.message))?;
                         r.protected = true;
                         r.persistent = true;
-                        self.allocate_and_record(&mut r, Some(n)).await?;
                         r
                     }
                 };
-                self.launch(&rec).await?;
+                if let Err(e) = self.reserve(&hostname, &rec) {
+                    tracing::error!(
+                        "count VM {hostname} of host group {} not started: {}",
+                        g.name,
+                        e.message
+                    );
+                    continue;
+                }
+                let started = match existing {
+                    Some(_) => Ok(()),
+                    None => self.allocate_and_record(&mut rec, Some(n)).await,
+                };
+                let launched = match started {
+                    Ok(()) => self.launch(&rec).await.map(drop),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = launched {
+                    self.release(&hostname);
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -468,23 +666,8 @@ impl Manager {
                 return Err(ApiErr::bad_request(format!("secrets: {bad:?} is not a secret name")));
             }
         }
-        self.allocate_and_record(&mut rec, None)
-            .await
-            .map_err(ApiErr::internal)?;
-        if let Some(names) = &req.secrets {
-            if let Err(e) = self.db.set_secret_scope(&rec.hostname, names) {
-                let _ = self.db.delete(&rec.hostname);
-                return Err(ApiErr::internal(e));
-            }
-        }
-        let running = match self.launch(&rec).await {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = self.db.delete(&rec.hostname);
-                let _ = std::fs::remove_dir_all(self.vm_dir(&rec.hostname));
-                return Err(ApiErr::internal(e));
-            }
-        };
+        let me = self.clone();
+        let (rec, running) = detached(async move { me.record_and_launch(rec, req.secrets).await }).await?;
         if let Some(w) = wait {
             let waited = tokio::time::timeout(timeout, self.wait_for(&running, w)).await;
             let failure = match waited {
@@ -501,6 +684,65 @@ impl Manager {
             }
         }
         Ok(created(&rec))
+    }
+
+    /// The part of a create that runs to its end: takes the VM's share of the capacity budget
+    /// (before anything exists), records the VM and starts it under its operation lock.
+    async fn record_and_launch(
+        self: &Arc<Self>,
+        mut rec: VmRecord,
+        secrets: Option<Vec<String>>,
+    ) -> Result<(VmRecord, Arc<Running>), ApiErr> {
+        let claim = format!("#new-{}", self.claims.fetch_add(1, Ordering::Relaxed));
+        self.reserve(&claim, &rec)?;
+        if let Err(e) = self.allocate_and_record(&mut rec, None).await {
+            self.release(&claim);
+            return Err(ApiErr::internal(e));
+        }
+        let hostname = rec.hostname.clone();
+        {
+            let mut ledger = self.ledger();
+            if let Some(h) = ledger.holds.remove(&claim) {
+                ledger.holds.insert(hostname.clone(), h);
+            }
+        }
+        let _op = self.lock_vm(&hostname).await;
+        // A delete may have come first: it removed the record and released the share.
+        match self.db.get(&hostname) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                self.release(&hostname);
+                return Err(ApiErr::conflict(format!(
+                    "VM {hostname} was deleted while it was being created"
+                )));
+            }
+            Err(e) => {
+                self.abandon(&hostname);
+                return Err(ApiErr::internal(e));
+            }
+        }
+        let scoped = match &secrets {
+            Some(names) => self.db.set_secret_scope(&hostname, names).map_err(ApiErr::internal),
+            None => Ok(()),
+        };
+        let launched = match scoped {
+            Ok(()) => self.launch(&rec).await.map_err(ApiErr::internal),
+            Err(e) => Err(e),
+        };
+        match launched {
+            Ok(r) => Ok((rec, r)),
+            Err(e) => {
+                self.abandon(&hostname);
+                Err(e)
+            }
+        }
+    }
+
+    /// Undoes a create that did not start: the record, the directory and the share go.
+    fn abandon(&self, hostname: &str) {
+        let _ = self.db.delete(hostname);
+        let _ = std::fs::remove_dir_all(self.vm_dir(hostname));
+        self.release(hostname);
     }
 
     async fn wait_for(&self, r: &Running, w: Wait) -> Result<(), String> {
@@ -593,6 +835,7 @@ impl Manager {
     /// Starts the VM of a record, and the tasks that follow its boot and its exit. A new VM
     /// of a warm-starting group is restored from its template; any other start boots its disk.
     async fn launch(self: &Arc<Self>, rec: &VmRecord) -> anyhow::Result<Arc<Running>> {
+        anyhow::ensure!(!self.closing.load(Ordering::SeqCst), "the daemon is stopping");
         let mut spec = self.spec(rec);
         let (net, vmnet) = match self.setup_net(rec).await? {
             Some((h, n)) => (Some(h), Some(n)),
@@ -629,6 +872,9 @@ impl Manager {
         let vm = Vm::adopt(&self.host, &self.spec(rec), pid, start).await?;
         let net = self.net_handle(rec);
         let paused = rec.status == slicer_api::STATUS_PAUSED;
+        // Its share of the capacity budget, even if that is over budget now (before its exit
+        // watcher may give it back).
+        self.ledger().holds.insert(rec.hostname.clone(), Hold::of(rec));
         self.track(rec, vm, net, paused);
         Ok(())
     }
@@ -689,58 +935,112 @@ impl Manager {
         Ok(())
     }
 
-    /// Copies every secret the VM may have into it.
-    async fn sync_secrets(&self, hostname: &str, vm: &Vm) -> anyhow::Result<()> {
-        for info in self.secrets.list()? {
-            if self.secret_allowed(hostname, &info.name) {
-                let value = self.secrets.value(&info.name)?;
-                Self::push_secret(vm, &info, value).await?;
-            }
+    /// Makes the guest's copy of secret `name` what the store holds now: its value, or none
+    /// when the secret is gone or the VM may not have it.
+    async fn apply_secret(&self, hostname: &str, vm: &Vm, name: &str) -> anyhow::Result<()> {
+        let info = match self.secret_allowed(hostname, name) {
+            true => self.secrets.info(name)?,
+            false => None,
+        };
+        match info {
+            Some(info) => Self::push_secret(vm, &info, self.secrets.value(name)?).await,
+            None => vm
+                .agent()
+                .remove(&format!("{}/{name}", crate::secrets::GUEST_DIR), false)
+                .await
+                .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) })
+                .map_err(anyhow::Error::from),
+        }
+    }
+
+    /// Makes a guest's secrets match the store: every secret it may have, current; with
+    /// `prune`, also none it should no longer have (after a pause or a suspend). Runs in the
+    /// VM's secret queue, each step bounded by [`SECRET_PUSH_TIMEOUT`].
+    async fn sync_secrets(&self, hostname: &str, r: &Running, prune: bool) -> anyhow::Result<()> {
+        let _turn = r.secrets_turn.lock().await;
+        let mut names: Vec<String> = self
+            .secrets
+            .list()?
+            .into_iter()
+            .map(|i| i.name)
+            .filter(|n| self.secret_allowed(hostname, n))
+            .collect();
+        if prune {
+            let listed = tokio::time::timeout(SECRET_PUSH_TIMEOUT, r.vm.agent().readdir(crate::secrets::GUEST_DIR))
+                .await
+                .context("the guest did not list its secrets in time")?;
+            let extra: Vec<String> = match listed {
+                Ok(entries) => entries
+                    .into_iter()
+                    .map(|e| e.name)
+                    .filter(|n| crate::secrets::valid_name(n) && !names.contains(n))
+                    .collect(),
+                Err(e) if e.is_not_found() => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            names.extend(extra);
+        }
+        for name in names {
+            tokio::time::timeout(SECRET_PUSH_TIMEOUT, self.apply_secret(hostname, &r.vm, &name))
+                .await
+                .with_context(|| format!("secret {name}: the guest did not answer within {SECRET_PUSH_TIMEOUT:?}"))??;
         }
         Ok(())
     }
 
-    /// After a secret changed: every running VM that may have it gets the new value (or loses
-    /// it when `info` is `None`). Failures are logged; the next start syncs again.
-    pub async fn spread_secret(&self, name: &str, info: Option<&crate::secrets::SecretInfo>) {
+    /// A full secret sync of a VM, in the background.
+    fn resync_secrets(self: &Arc<Self>, hostname: &str, r: &Arc<Running>) {
+        let (me, h, r) = (self.clone(), hostname.to_string(), r.clone());
+        tokio::spawn(async move {
+            if let Err(e) = me.sync_secrets(&h, &r, true).await {
+                tracing::warn!("VM {h}: syncing secrets: {e:#}");
+            }
+        });
+    }
+
+    /// After secret `name` changed in the store: every running VM that may have it gets the
+    /// change in the background, one push at a time per VM, each reading the store when its
+    /// turn comes (so no order of pushes can leave an old value behind) and bounded by
+    /// [`SECRET_PUSH_TIMEOUT`]. Failures are logged; the next start syncs again. A guest that
+    /// does not answer delays no other. Returns the pushes to ready VMs whose queue was idle,
+    /// which a caller may wait for a little.
+    pub fn spread_secret(self: &Arc<Self>, name: &str) -> Vec<tokio::task::JoinHandle<()>> {
         let running: Vec<(String, Arc<Running>)> = self
             .vms()
             .iter()
             .filter(|(_, r)| r.vm.is_running() && !r.paused.load(Ordering::SeqCst))
             .map(|(h, r)| (h.clone(), r.clone()))
             .collect();
-        let value = match info {
-            Some(_) => match self.secrets.value(name) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    tracing::warn!("secret {name}: {e:#}");
+        let mut idle = Vec::new();
+        for (hostname, r) in running {
+            if !self.secret_allowed(&hostname, name) {
+                continue;
+            }
+            // A push still waiting for its turn reads the new value then.
+            if !r.pending_secrets().insert(name.to_string()) {
+                continue;
+            }
+            let was_idle = r.vm.is_ready() && r.secrets_turn.try_lock().is_ok();
+            let (me, name) = (self.clone(), name.to_string());
+            let push = tokio::spawn(async move {
+                let _turn = r.secrets_turn.lock().await;
+                r.pending_secrets().remove(&name);
+                if !r.vm.is_running() {
                     return;
                 }
-            },
-            None => None,
-        };
-        let pushes = running
-            .iter()
-            .filter(|(h, _)| self.secret_allowed(h, name))
-            .map(|(h, r)| {
-                let value = value.clone();
-                async move {
-                    let result = match (info, value) {
-                        (Some(i), Some(v)) => Self::push_secret(&r.vm, i, v).await,
-                        _ => {
-                            r.vm.agent()
-                                .remove(&format!("{}/{name}", crate::secrets::GUEST_DIR), false)
-                                .await
-                                .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) })
-                                .map_err(anyhow::Error::from)
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::warn!("VM {h}: updating secret {name}: {e:#}");
-                    }
+                match tokio::time::timeout(SECRET_PUSH_TIMEOUT, me.apply_secret(&hostname, &r.vm, &name)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!("VM {hostname}: updating secret {name}: {e:#}"),
+                    Err(_) => tracing::warn!(
+                        "VM {hostname}: updating secret {name}: the guest did not answer within {SECRET_PUSH_TIMEOUT:?}"
+                    ),
                 }
             });
-        futures_util::future::join_all(pushes).await;
+            if was_idle {
+                idle.push(push);
+            }
+        }
+        idle
     }
 
     /// Counts a VM start (`None`: it failed).
@@ -780,6 +1080,8 @@ impl Manager {
                 .get_or_create(&crate::metrics::GroupLabels { group: g.name.clone() })
                 .set(n as i64);
         }
+        let (held, budget) = self.capacity();
+        self.metrics.set_capacity(&held, &budget);
         self.metrics.encode()
     }
 
@@ -799,6 +1101,8 @@ impl Manager {
             stopping: AtomicBool::new(false),
             ready: ready_rx,
             userdata: ud_rx,
+            secrets_turn: tokio::sync::Mutex::new(()),
+            secrets_pending: Mutex::new(HashSet::new()),
         });
         self.vms().insert(rec.hostname.clone(), running.clone());
 
@@ -821,7 +1125,8 @@ impl Manager {
             }
             if ok && r.vm.start_mode != slicer_vmm::StartMode::Adopted {
                 // Before userdata, so that it can use them.
-                if let Err(e) = me.sync_secrets(&hostname, &r.vm).await {
+                let prune = r.vm.start_mode == slicer_vmm::StartMode::Resume;
+                if let Err(e) = me.sync_secrets(&hostname, &r, prune).await {
                     tracing::warn!("VM {hostname}: syncing secrets: {e:#}");
                 }
             }
@@ -839,24 +1144,51 @@ impl Manager {
             if r.stopping.load(Ordering::SeqCst) {
                 return;
             }
+            // An operation in progress (delete, relaunch, …) goes first; one that stopped or
+            // replaced this VM set `stopping` and cleaned up after it.
+            let _op = me.lock_vm(&hostname).await;
+            if r.stopping.load(Ordering::SeqCst) {
+                return;
+            }
             tracing::warn!("VM {hostname} exited unexpectedly");
             me.reap(&hostname, &r).await;
         });
         running
     }
 
-    /// After a VM stopped on its own: ephemeral VMs vanish, persistent ones become Stopped.
+    /// After a VM stopped: its files, network objects and share of the capacity budget go;
+    /// ephemeral VMs vanish, persistent ones become Stopped. Callers hold the VM's lock.
     async fn reap(&self, hostname: &str, r: &Arc<Running>) {
         r.vm.cleanup();
         if let Some(n) = &r.net {
             n.teardown().await;
         }
-        {
-            let mut vms = self.vms();
-            if vms.get(hostname).is_some_and(|cur| Arc::ptr_eq(cur, r)) {
-                vms.remove(hostname);
-            }
+        self.forget(hostname, r);
+        self.release(hostname);
+        self.settle_record(hostname);
+    }
+
+    /// Under the VM's lock: a VM whose QEMU exited but whose exit watcher has not reaped it
+    /// yet is reaped now, so that what starts next does not share (and then lose) its network
+    /// objects.
+    async fn reap_exited(&self, hostname: &str) {
+        let exited = self.vms().get(hostname).filter(|r| !r.vm.is_running()).cloned();
+        if let Some(r) = exited {
+            r.stopping.store(true, Ordering::SeqCst);
+            self.reap(hostname, &r).await;
         }
+    }
+
+    /// Removes `r` from the running VMs if it is still the one there.
+    fn forget(&self, hostname: &str, r: &Arc<Running>) {
+        let mut vms = self.vms();
+        if vms.get(hostname).is_some_and(|cur| Arc::ptr_eq(cur, r)) {
+            vms.remove(hostname);
+        }
+    }
+
+    /// The record of a VM that stopped: ephemeral VMs vanish, persistent ones become Stopped.
+    fn settle_record(&self, hostname: &str) {
         match self.db.get(hostname) {
             Ok(Some(rec)) if rec.persistent || rec.protected => {
                 let _ = self.db.set_status(hostname, STATUS_STOPPED, None);
@@ -926,84 +1258,68 @@ impl Manager {
         Ok(r)
     }
 
-    /// `POST /vm/{h}/pause` and `/resume`: QMP stop and cont.
-    pub async fn set_paused(&self, hostname: &str, pause: bool) -> Result<(), ApiErr> {
-        let r = self.running(hostname)?;
-        let qmp = r.vm.qmp().await.map_err(ApiErr::internal)?;
-        qmp.execute(if pause { "stop" } else { "cont" }, None)
-            .await
-            .map_err(ApiErr::internal)?;
-        r.paused.store(pause, Ordering::SeqCst);
-        let status = if pause {
-            slicer_api::STATUS_PAUSED
-        } else {
-            STATUS_RUNNING
-        };
-        self.db
-            .set_status(hostname, status, r.vm.start_time().map(|t| (r.vm.pid(), t)))
-            .map_err(ApiErr::internal)?;
-        Ok(())
+    /// `POST /vm/{h}/pause` and `/resume`: QMP stop and cont. A resumed VM gets its secrets
+    /// again: changes made while it was paused passed it by.
+    pub async fn set_paused(self: &Arc<Self>, hostname: &str, pause: bool) -> Result<(), ApiErr> {
+        let (me, h) = (self.clone(), hostname.to_string());
+        detached(async move {
+            let _op = me.lock_vm(&h).await;
+            let r = me.running(&h)?;
+            let qmp = r.vm.qmp().await.map_err(ApiErr::internal)?;
+            qmp.execute(if pause { "stop" } else { "cont" }, None)
+                .await
+                .map_err(ApiErr::internal)?;
+            let was_paused = r.paused.swap(pause, Ordering::SeqCst);
+            let status = if pause {
+                slicer_api::STATUS_PAUSED
+            } else {
+                STATUS_RUNNING
+            };
+            me.db
+                .set_status(&h, status, r.vm.start_time().map(|t| (r.vm.pid(), t)))
+                .map_err(ApiErr::internal)?;
+            if was_paused && !pause {
+                me.resync_secrets(&h, &r);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// `POST /vm/{h}/suspend`: saves the VM's memory and devices beside its disk and ends its
-    /// QEMU; the record stays (status Suspended) until it is restored or deleted.
-    pub async fn suspend(&self, hostname: &str) -> Result<(), ApiErr> {
-        let r = self.running(hostname)?;
-        r.stopping.store(true, Ordering::SeqCst);
-        if let Err(e) = r.vm.suspend().await {
-            r.stopping.store(false, Ordering::SeqCst);
-            return Err(ApiErr::internal(e));
-        }
-        {
-            let mut vms = self.vms();
-            if vms.get(hostname).is_some_and(|cur| Arc::ptr_eq(cur, &r)) {
-                vms.remove(hostname);
+    /// QEMU; the record stays (status Suspended) until it is restored or deleted. A suspended
+    /// VM holds no share of the capacity budget.
+    pub async fn suspend(self: &Arc<Self>, hostname: &str) -> Result<(), ApiErr> {
+        let (me, h) = (self.clone(), hostname.to_string());
+        detached(async move {
+            let _op = me.lock_vm(&h).await;
+            let r = me.running(&h)?;
+            r.stopping.store(true, Ordering::SeqCst);
+            if let Err(e) = r.vm.suspend().await {
+                if r.vm.is_running() {
+                    r.stopping.store(false, Ordering::SeqCst);
+                } else {
+                    // Its exit watcher saw `stopping` and left it to us.
+                    me.reap(&h, &r).await;
+                }
+                return Err(ApiErr::internal(e));
             }
-        }
-        if let Some(n) = &r.net {
-            n.teardown().await;
-        }
-        self.db
-            .set_status(hostname, STATUS_SUSPENDED, None)
-            .map_err(ApiErr::internal)?;
-        Ok(())
+            me.forget(&h, &r);
+            if let Some(n) = &r.net {
+                n.teardown().await;
+            }
+            me.release(&h);
+            me.db.set_status(&h, STATUS_SUSPENDED, None).map_err(ApiErr::internal)?;
+            Ok(())
+        })
+        .await
     }
 
     /// `POST /vm/{h}/restore`: continues a suspended VM where it was, with its network set up
     /// again; with `wait`, answers once its agent does (or after `timeout`).
     pub async fn restore(self: &Arc<Self>, hostname: &str, wait: bool, timeout: Duration) -> Result<(), ApiErr> {
-        let rec = self.record(hostname)?;
-        if self.running(hostname).is_ok() {
-            return Err(ApiErr::conflict(format!("VM {hostname} is running")));
-        }
-        if rec.status != STATUS_SUSPENDED {
-            return Err(ApiErr::conflict(format!(
-                "VM {hostname} is not suspended (status {}); suspend it first",
-                rec.status
-            )));
-        }
-        let mut spec = self.spec(&rec);
-        let net = match self.setup_net(&rec).await.map_err(ApiErr::internal)? {
-            Some((h, n)) => {
-                spec.net = Some(n);
-                Some(h)
-            }
-            None => None,
-        };
-        let vm = match Vm::resume(&self.host, &spec).await {
-            Ok(vm) => vm,
-            Err(e) => {
-                if let Some(n) = &net {
-                    n.teardown().await;
-                }
-                return Err(ApiErr::internal(e));
-            }
-        };
-        self.db
-            .set_status(hostname, STATUS_RUNNING, vm.start_time().map(|t| (vm.pid(), t)))
-            .map_err(ApiErr::internal)?;
-        self.count_launch(&rec.host_group, Some(vm.start_mode));
-        let r = self.track(&rec, vm, net, false);
+        let (me, h) = (self.clone(), hostname.to_string());
+        let r = detached(async move { me.restore_locked(&h).await }).await?;
         if wait {
             match tokio::time::timeout(timeout, self.wait_for(&r, Wait::Agent)).await {
                 Ok(Ok(())) => {}
@@ -1018,32 +1334,107 @@ impl Manager {
         Ok(())
     }
 
+    /// [`Manager::restore`] up to the start of QEMU, under the VM's operation lock.
+    async fn restore_locked(self: &Arc<Self>, hostname: &str) -> Result<Arc<Running>, ApiErr> {
+        let _op = self.lock_vm(hostname).await;
+        let rec = self.record(hostname)?;
+        if self.running(hostname).is_ok() {
+            return Err(ApiErr::conflict(format!("VM {hostname} is running")));
+        }
+        if rec.status != STATUS_SUSPENDED {
+            return Err(ApiErr::conflict(format!(
+                "VM {hostname} is not suspended (status {}); suspend it first",
+                rec.status
+            )));
+        }
+        self.reserve(hostname, &rec)?;
+        let resumed = self.resume_vm(&rec).await;
+        if resumed.is_err() {
+            self.release(hostname);
+        }
+        resumed
+    }
+
+    /// Starts a suspended VM from its saved state, with its network set up again.
+    async fn resume_vm(self: &Arc<Self>, rec: &VmRecord) -> Result<Arc<Running>, ApiErr> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(ApiErr::unavailable("the daemon is stopping"));
+        }
+        let mut spec = self.spec(rec);
+        let net = match self.setup_net(rec).await.map_err(ApiErr::internal)? {
+            Some((h, n)) => {
+                spec.net = Some(n);
+                Some(h)
+            }
+            None => None,
+        };
+        let recorded = match Vm::resume(&self.host, &spec).await {
+            Ok(vm) => self
+                .db
+                .set_status(&rec.hostname, STATUS_RUNNING, vm.start_time().map(|t| (vm.pid(), t)))
+                .map(|()| vm),
+            Err(e) => Err(e),
+        };
+        let vm = match recorded {
+            Ok(vm) => vm,
+            Err(e) => {
+                if let Some(n) = &net {
+                    n.teardown().await;
+                }
+                return Err(ApiErr::internal(e));
+            }
+        };
+        self.count_launch(&rec.host_group, Some(vm.start_mode));
+        Ok(self.track(rec, vm, net, false))
+    }
+
     /// How the running VM started (`cold`, `template`, `resume`, `adopted`).
     pub fn start_mode(&self, hostname: &str) -> Option<&'static str> {
         self.vms().get(hostname).map(|r| r.vm.start_mode.as_str())
     }
 
-    /// `POST /vm/{h}/relaunch`: boots a stopped persistent VM again from its disk.
+    /// `POST /vm/{h}/relaunch`: boots a stopped persistent VM again from its disk. Of two at
+    /// once, the second finds it running (409).
     pub async fn relaunch(self: &Arc<Self>, hostname: &str) -> Result<CreateNodeResponse, ApiErr> {
-        let rec = self.record(hostname)?;
-        if self.running(hostname).is_ok() {
-            return Err(ApiErr::conflict(format!("VM {hostname} is running")));
-        }
-        if rec.status == STATUS_SUSPENDED {
-            return Err(ApiErr::conflict(format!(
-                "VM {hostname} is suspended: restore it (POST /vm/{hostname}/restore) or delete it"
-            )));
-        }
-        if !rec.persistent && !rec.protected {
-            return Err(ApiErr::bad_request(format!("VM {hostname} is not persistent")));
-        }
-        let r = self.launch(&rec).await.map_err(ApiErr::internal)?;
+        let (me, h) = (self.clone(), hostname.to_string());
+        let (rec, r) = detached(async move {
+            let _op = me.lock_vm(&h).await;
+            let rec = me.record(&h)?;
+            if me.running(&h).is_ok() {
+                return Err(ApiErr::conflict(format!("VM {h} is running")));
+            }
+            if rec.status == STATUS_SUSPENDED {
+                return Err(ApiErr::conflict(format!(
+                    "VM {h} is suspended: restore it (POST /vm/{h}/restore) or delete it"
+                )));
+            }
+            if !rec.persistent && !rec.protected {
+                return Err(ApiErr::bad_request(format!("VM {h} is not persistent")));
+            }
+            me.reap_exited(&h).await;
+            me.reserve(&h, &rec)?;
+            match me.launch(&rec).await {
+                Ok(r) => Ok((rec, r)),
+                Err(e) => {
+                    me.release(&h);
+                    Err(ApiErr::internal(e))
+                }
+            }
+        })
+        .await?;
         self.wait_for(&r, Wait::Agent).await.map_err(ApiErr::internal)?;
         Ok(created(&rec))
     }
 
-    /// Stops and removes a VM with its disk. `force` skips the protection of count VMs.
-    pub async fn delete(&self, hostname: &str, force: bool) -> Result<DeleteResponse, ApiErr> {
+    /// Stops and removes a VM with its disk. `force` skips the protection of count VMs. Waits
+    /// for an operation in progress on the VM (a launch) and then removes what it made.
+    pub async fn delete(self: &Arc<Self>, hostname: &str, force: bool) -> Result<DeleteResponse, ApiErr> {
+        let (me, h) = (self.clone(), hostname.to_string());
+        detached(async move { me.delete_locked(&h, force).await }).await
+    }
+
+    async fn delete_locked(&self, hostname: &str, force: bool) -> Result<DeleteResponse, ApiErr> {
+        let _op = self.lock_vm(hostname).await;
         let rec = self.record(hostname)?;
         if rec.protected && !force {
             return Err(ApiErr::forbidden(format!(
@@ -1059,6 +1450,7 @@ impl Manager {
                 n.teardown().await;
             }
         }
+        self.release(hostname);
         let dir = self.vm_dir(hostname);
         let disk_removed = match std::fs::remove_dir_all(&dir) {
             Ok(()) => true,
@@ -1076,38 +1468,57 @@ impl Manager {
         })
     }
 
-    /// `POST /vm/{h}/shutdown`: power off (ephemeral VMs are then removed) or reboot.
+    /// `POST /vm/{h}/shutdown`: power off (ephemeral VMs are then removed) or reboot. A reboot
+    /// keeps the VM's share of the capacity budget.
     pub async fn shutdown(self: &Arc<Self>, hostname: &str, reboot: bool) -> Result<(), ApiErr> {
-        let r = self.running(hostname)?;
-        r.stopping.store(true, Ordering::SeqCst);
-        r.vm.stop_process(GRACEFUL_TIMEOUT).await;
-        if reboot {
-            self.vms().remove(hostname);
+        let (me, h) = (self.clone(), hostname.to_string());
+        detached(async move {
+            let _op = me.lock_vm(&h).await;
+            let r = me.running(&h)?;
+            r.stopping.store(true, Ordering::SeqCst);
+            r.vm.stop_process(GRACEFUL_TIMEOUT).await;
+            if !reboot {
+                me.reap(&h, &r).await;
+                return Ok(());
+            }
+            me.forget(&h, &r);
             r.vm.cleanup();
             if let Some(n) = &r.net {
                 n.teardown().await;
             }
-            let rec = self.record(hostname)?;
-            self.launch(&rec).await.map_err(ApiErr::internal)?;
-        } else {
-            self.reap(hostname, &r).await;
-        }
-        Ok(())
+            let relaunched = match me.record(&h) {
+                Ok(rec) => me.launch(&rec).await.map(drop).map_err(ApiErr::internal),
+                Err(e) => Err(e),
+            };
+            if relaunched.is_err() {
+                me.release(&h);
+                me.settle_record(&h);
+            }
+            relaunched
+        })
+        .await
     }
 
     /// Daemon stop: guests power off (bounded) or stop at once, per `graceful_shutdown`.
-    /// Ephemeral VMs are removed; persistent ones are kept as Stopped.
+    /// Ephemeral VMs are removed; persistent ones are kept as Stopped. Operations in progress
+    /// finish first; no VM starts afterwards.
     pub async fn shutdown_all(&self) {
-        let all: Vec<(String, Arc<Running>)> = self.vms().drain().collect();
+        self.closing.store(true, Ordering::SeqCst);
+        let mut names: HashSet<String> = self.vms().keys().cloned().collect();
+        names.extend(self.op_map().keys().cloned());
         let graceful = if self.settings.graceful_shutdown {
             GRACEFUL_TIMEOUT
         } else {
             Duration::ZERO
         };
-        let stops = all.iter().map(|(h, r)| async move {
-            r.stopping.store(true, Ordering::SeqCst);
-            let _ = r.vm.stop(graceful).await;
-            self.reap(h, r).await;
+        let stops = names.iter().map(|h| async move {
+            let _op = self.lock_vm(h).await;
+            let running = self.vms().remove(h);
+            if let Some(r) = running {
+                r.stopping.store(true, Ordering::SeqCst);
+                let _ = r.vm.stop(graceful).await;
+                self.reap(h, &r).await;
+            }
         });
         futures_util::future::join_all(stops).await;
         self.teardown_networks().await;
@@ -1141,5 +1552,101 @@ async fn run_userdata(vm: &Vm, script: &str) -> i32 {
             tracing::warn!("running userdata in {}: {e}", vm.name);
             -1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ram_mib: u64, cpus: u32) -> VmRecord {
+        VmRecord {
+            hostname: String::new(),
+            host_group: "g".into(),
+            cpus,
+            ram_bytes: ram_mib << 20,
+            persistent: false,
+            protected: false,
+            status: STATUS_RUNNING.into(),
+            created_at: String::new(),
+            ip: String::new(),
+            pid: None,
+            image: "min".into(),
+            storage_size: None,
+            userdata: None,
+            userdata_ran: false,
+            userdata_exit_code: None,
+            tags: Vec::new(),
+            net_allow: None,
+            net_drop: None,
+            pid_start: None,
+        }
+    }
+
+    #[test]
+    fn the_ledger_refuses_what_does_not_fit_and_says_what_is_short() {
+        let overhead = slicer_vmm::vm_overhead_bytes(256 << 20);
+        let mut l = Ledger::new(Capacity {
+            ram_bytes: 2 * ((256 << 20) + overhead),
+            vms: 3,
+            vcpus: 4,
+        });
+        l.reserve("a", Hold::of(&rec(256, 1))).unwrap();
+        l.reserve("b", Hold::of(&rec(256, 1))).unwrap();
+        let e = l.reserve("c", Hold::of(&rec(256, 1))).unwrap_err();
+        assert!(
+            e.starts_with("host capacity: ") && e.contains("of RAM requested") && e.contains("0 MiB free"),
+            "{e}"
+        );
+        // Taking again what one holds is no second share.
+        l.reserve("a", Hold::of(&rec(256, 1))).unwrap();
+        assert_eq!(l.held(None).vms, 2);
+        l.holds.remove("b");
+        let e = l.reserve("c", Hold::of(&rec(128, 4))).unwrap_err();
+        assert!(e.contains("4 vCPUs requested, 3 free of a budget of 4"), "{e}");
+        l.reserve("c", Hold::of(&rec(128, 3))).unwrap();
+        l.budget.vms = 2;
+        let e = l.reserve("d", Hold::of(&rec(128, 0))).unwrap_err();
+        assert!(e.contains("2 VMs are running or starting, the budget is 2"), "{e}");
+        assert_eq!(
+            l.held(None),
+            Capacity {
+                ram_bytes: (384 << 20) + 2 * overhead,
+                vms: 2,
+                vcpus: 4
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn operation_locks_serialise_and_go_when_unused() {
+        let ops = OpMap::default();
+        let lock = |h: &str| {
+            let l = ops.lock().unwrap().entry(h.to_string()).or_default().clone();
+            let ops = ops.clone();
+            async move {
+                VmOp {
+                    guard: Some(l.lock_owned().await),
+                    ops,
+                }
+            }
+        };
+        let first = lock("vm-1").await;
+        let waiting = tokio::spawn(lock("vm-1"));
+        let other = lock("vm-2").await;
+        // The waiter runs (on this single-threaded runtime) whenever the test yields.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "a second operation on vm-1 waits");
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ops.lock().unwrap().len(), 2);
+        drop(second);
+        drop(other);
+        assert!(ops.lock().unwrap().is_empty(), "unused locks are removed");
     }
 }

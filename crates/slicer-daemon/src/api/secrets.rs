@@ -1,5 +1,7 @@
 //! `/secrets`: create, list, update and delete secrets. Values go in (base64) and never come
-//! out; every change reaches the running VMs allowed to have the secret.
+//! out; every change reaches the running VMs allowed to have the secret, in the background
+//! (see [`crate::manager::Manager::spread_secret`]): a handler waits at most [`SETTLE`] for
+//! the guests that answer promptly, so a stuck guest never holds up the API.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -9,7 +11,7 @@ use serde::Deserialize;
 
 use super::{JsonBody, Shared};
 use crate::error::ApiErr;
-use crate::manager::now_rfc3339;
+use crate::manager::{now_rfc3339, settle_pushes};
 use crate::secrets::{parse_permissions, valid_name, SecretInfo, MAX_SECRET};
 
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +39,9 @@ pub struct UpdateSecret {
     #[serde(default)]
     gid: Option<u32>,
 }
+
+/// Longest a secret change waits for the guests it reaches before answering.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn decode(data: &str) -> Result<Vec<u8>, ApiErr> {
     let v = base64::engine::general_purpose::STANDARD
@@ -89,7 +94,9 @@ pub async fn create(
         modified_at: now_rfc3339(),
     };
     m.secrets.put(&info, &value).map_err(ApiErr::internal)?;
-    m.spread_secret(&info.name, Some(&info)).await;
+    let pushes = m.spread_secret(&info.name);
+    drop(_guard);
+    settle_pushes(pushes, SETTLE).await;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -120,7 +127,9 @@ pub async fn update(
     info.gid = b.gid.unwrap_or(info.gid);
     info.modified_at = now_rfc3339();
     m.secrets.put(&info, &value).map_err(ApiErr::internal)?;
-    m.spread_secret(&name, Some(&info)).await;
+    let pushes = m.spread_secret(&name);
+    drop(_guard);
+    settle_pushes(pushes, SETTLE).await;
     Ok(Json(info))
 }
 
@@ -132,6 +141,8 @@ pub async fn delete(State(st): State<Shared>, Path(name): Path<String>) -> Resul
         return Err(ApiErr::not_found(format!("secret {name:?} not found")));
     }
     m.secrets.remove(&name).map_err(ApiErr::internal)?;
-    m.spread_secret(&name, None).await;
+    let pushes = m.spread_secret(&name);
+    drop(_guard);
+    settle_pushes(pushes, SETTLE).await;
     Ok(Json(serde_json::json!({ "name": name, "deleted": true })))
 }
