@@ -226,8 +226,8 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
                             .map(|c| c.to_string())
                             .unwrap_or_else(|| "-".into()),
                         e["started_at"].as_str().unwrap_or_default(),
-                        e["command"].as_str().unwrap_or_default(),
-                        args.join(" ")
+                        crate::term::stdout_text(e["command"].as_str().unwrap_or_default()),
+                        crate::term::stdout_text(&args.join(" "))
                     );
                 }
             }
@@ -268,7 +268,10 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
                     match f["type"].as_str() {
                         Some("stdout") => std::io::stdout().write_all(data.as_bytes())?,
                         Some("stderr") => std::io::stderr().write_all(data.as_bytes())?,
-                        Some("gap") => eprintln!("[{}]", f["message"].as_str().unwrap_or("output dropped")),
+                        Some("gap") => eprintln!(
+                            "[{}]",
+                            crate::term::stderr_text(f["message"].as_str().unwrap_or("output dropped"))
+                        ),
                         Some("exit") => code = f["exit_code"].as_i64().unwrap_or(1) as i32,
                         _ => {}
                     }
@@ -341,7 +344,7 @@ pub async fn top(c: &ApiClient, json: bool) -> Result<i32> {
                 "{:<20} {:<16} -    ({})",
                 n["hostname"].as_str().unwrap_or_default(),
                 n["ip"].as_str().unwrap_or("-"),
-                n["error"].as_str().unwrap_or_default()
+                crate::term::stdout_text(n["error"].as_str().unwrap_or_default())
             );
             continue;
         }

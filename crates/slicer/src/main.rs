@@ -9,6 +9,7 @@ mod guest;
 mod image;
 mod new;
 mod run;
+mod term;
 mod up;
 mod vm;
 mod ws;
@@ -81,7 +82,8 @@ fn main() {
         ),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        // Errors may quote the guest (agent messages, exec errors).
+        eprintln!("error: {}", term::stderr_text(&format!("{e:#}")));
         std::process::exit(1);
     }
 }

@@ -469,7 +469,8 @@ async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
             if conn.json {
                 print_json(&l)?;
             } else {
-                println!("{}", l.content);
+                // Console text comes from the guest: escaped on a terminal, raw into a pipe.
+                println!("{}", crate::term::stdout_text(&l.content));
             }
         }
         VmCmd::Health { name } => {
@@ -486,7 +487,7 @@ async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
                     h.hostname,
                     format!("{:.1}s", h.agent_uptime as f64 / 1e9),
                     format!("{:.1}s", h.system_uptime as f64 / 1e9),
-                    h.agent_version,
+                    crate::term::stdout_text(&h.agent_version),
                     h.userdata_ran
                 );
             }
@@ -599,7 +600,7 @@ async fn exec(
             let line: Vec<u8> = buf.drain(..=pos).collect();
             let f: ExecFrame = serde_json::from_slice(&line).context("invalid exec frame")?;
             if !f.error.is_empty() {
-                eprintln!("error: {}", f.error);
+                eprintln!("error: {}", crate::term::stderr_text(&f.error));
                 return Ok(f.exit_code.unwrap_or(1).max(1));
             }
             let payload = if !f.data.is_empty() {

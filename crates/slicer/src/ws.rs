@@ -278,7 +278,7 @@ pub async fn forward(c: &ApiClient, name: &str, specs: Vec<Spec>) -> Result<i32>
                 tokio::spawn(async move {
                     match open(&c, &path, &headers).await {
                         Ok(ws) => bridge(s, ws).await,
-                        Err(e) => eprintln!("forward: {e:#}"),
+                        Err(e) => eprintln!("forward: {}", crate::term::stderr_text(&format!("{e:#}"))),
                     }
                 });
             }
