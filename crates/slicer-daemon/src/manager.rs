@@ -269,24 +269,42 @@ impl Manager {
     pub async fn new(settings: Settings, host: Host, data_dir: &std::path::Path) -> anyhow::Result<Arc<Manager>> {
         std::fs::create_dir_all(&host.vm_root)?;
         let db = Db::open(&data_dir.join("state.db"))?;
-        // Address plan: explicit ranges, then ranges derived from group names that avoid the
-        // host's addresses and each other.
-        let mut used = slicer_net::host_addresses().await;
+        // Address plan: explicit ranges and bridge subnets, then ranges derived from group
+        // names that avoid the host's addresses, those and each other (and never hold the
+        // metadata address's block).
+        let mut used: Vec<slicer_net::Net> = slicer_net::host_addresses()
+            .await
+            .into_iter()
+            .map(|addr| slicer_net::Net { addr, prefix: 32 })
+            .collect();
         let mut nets = HashMap::new();
         for g in &settings.groups {
             let n = match g.network_mode.as_str() {
-                "isolated" => {
-                    let range = match &g.range {
-                        Some(r) => slicer_net::Net::parse(r).context("range")?,
-                        None => slicer_net::derived_range(&g.name, &used),
-                    };
-                    used.push(range.addr);
-                    GroupNet::Isolated(range)
-                }
-                "bridge" => GroupNet::Bridge(slicer_net::Bridge::new(&g.name, &g.bridge, &g.gateway)?),
+                "isolated" => match &g.range {
+                    Some(r) => GroupNet::Isolated(slicer_net::Net::parse(r).context("range")?),
+                    None => continue,
+                },
+                "bridge" => GroupNet::Bridge(slicer_net::Bridge::new(
+                    &g.name,
+                    &g.bridge,
+                    &g.gateway,
+                    g.allow.clone(),
+                    g.drop.clone(),
+                )?),
                 _ => continue,
             };
+            used.push(match &n {
+                GroupNet::Isolated(range) => *range,
+                GroupNet::Bridge(b) => b.subnet,
+            });
             nets.insert(g.name.clone(), n);
+        }
+        for g in &settings.groups {
+            if g.network_mode == "isolated" && g.range.is_none() {
+                let range = slicer_net::derived_range(&g.name, &used);
+                used.push(range);
+                nets.insert(g.name.clone(), GroupNet::Isolated(range));
+            }
         }
         Ok(Arc::new(Manager {
             ledger: Mutex::new(Ledger::new(settings.capacity)),
@@ -322,16 +340,16 @@ impl Manager {
             .collect();
         rec.ip = match self.nets.get(&rec.host_group) {
             Some(GroupNet::Isolated(range)) => {
-                let slots = (range.size() / 4) as u32;
-                let slot = (0..slots)
-                    .find(|s| !taken.contains(&range.nth(4 * s + 2)))
+                // The /30s in order, none inside 169.254.169.0/24 (the metadata address's).
+                let subnet = slicer_net::vm_subnets(*range)
+                    .find(|n| !taken.contains(&n.nth(2)))
                     .with_context(|| format!("no free /30 left in {range} for host group {}", rec.host_group))?;
-                format!("{}/30", range.nth(4 * slot + 2))
+                format!("{}/30", subnet.nth(2))
             }
             Some(GroupNet::Bridge(b)) => {
                 let n = (1..(b.subnet.size() as u32 - 1))
                     .map(|i| b.subnet.nth(i))
-                    .find(|a| *a != b.gateway && !taken.contains(a))
+                    .find(|a| *a != b.gateway && *a != slicer_net::METADATA_V4 && !taken.contains(a))
                     .with_context(|| {
                         format!("no free address left in {} for host group {}", b.subnet, rec.host_group)
                     })?;

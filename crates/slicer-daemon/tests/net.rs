@@ -1,5 +1,6 @@
 //! Networking against real guests. Test hosts live in network namespaces this test creates
-//! (198.18.0.0/15, the benchmarking range); no traffic goes anywhere else.
+//! (198.18.0.0/15, the benchmarking range; a stand-in for the cloud metadata service at
+//! 169.254.169.254; IPv6 hosts in fdec:18::/48); no traffic goes anywhere else.
 
 mod common;
 
@@ -23,6 +24,40 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// A thread answering "hello" to every TCP connection on `port` (0: any free port) of all
+/// addresses, in network namespace `ns` (`None`: the host's); returns the port.
+fn serve_hello(
+    ns: Option<String>,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    threads: &mut Vec<std::thread::JoinHandle<()>>,
+) -> u16 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    threads.push(std::thread::spawn(move || {
+        if let Some(ns) = ns {
+            let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            // SAFETY: setns on this thread only; the file is open.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0);
+        }
+        // [::] takes IPv4 too (v4-mapped); a namespace without IPv6 has 0.0.0.0 only.
+        let l = std::net::TcpListener::bind(("::", port))
+            .or_else(|_| std::net::TcpListener::bind(("0.0.0.0", port)))
+            .unwrap();
+        l.set_nonblocking(true).unwrap();
+        tx.send(l.local_addr().unwrap().port()).unwrap();
+        while !stop.load(Ordering::SeqCst) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.write_all(b"hello\n");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }));
+    rx.recv_timeout(Duration::from_secs(5)).expect("listener up")
+}
+
 /// A host in its own namespace at `<prefix>.2/24`, reached from the host through `<prefix>.1`,
 /// answering "hello" on each TCP port given.
 struct TestHost {
@@ -34,49 +69,50 @@ struct TestHost {
 
 impl TestHost {
     fn new(name: &str, prefix: &str, ports: &[u16]) -> TestHost {
+        TestHost::with_addrs(
+            name,
+            (&format!("{prefix}.1/24"), &format!("{prefix}.2/24")),
+            None,
+            ports,
+        )
+    }
+
+    /// A test host with the given (host side, namespace side) IPv4 addresses and, optionally,
+    /// IPv6 ones (the namespace routes IPv6 back through the host side).
+    fn with_addrs(name: &str, v4: (&str, &str), v6: Option<(&str, &str)>, ports: &[u16]) -> TestHost {
         let ns = format!("sltest-{name}");
         let veth = format!("slt-{name}");
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         let _ = Command::new("ip").args(["link", "del", &veth]).output();
+        let stop = Arc::new(AtomicBool::new(false));
+        // From here on, Drop removes what exists.
+        let mut host = TestHost {
+            ns: ns.clone(),
+            veth: veth.clone(),
+            stop: stop.clone(),
+            threads: Vec::new(),
+        };
         ip(&["netns", "add", &ns]);
         ip(&[
             "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ]);
-        ip(&["addr", "add", &format!("{prefix}.1/24"), "dev", &veth]);
+        ip(&["addr", "add", v4.0, "dev", &veth]);
+        ip(&["-n", &ns, "addr", "add", v4.1, "dev", "eth0"]);
+        if let Some((h, n)) = v6 {
+            ip(&["-6", "addr", "add", h, "dev", &veth, "nodad"]);
+            ip(&["-n", &ns, "-6", "addr", "add", n, "dev", "eth0", "nodad"]);
+        }
         ip(&["link", "set", &veth, "up"]);
-        ip(&["-n", &ns, "addr", "add", &format!("{prefix}.2/24"), "dev", "eth0"]);
         ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
+        if let Some((h, _)) = v6 {
+            let via = h.split('/').next().unwrap();
+            ip(&["-n", &ns, "-6", "route", "add", "default", "via", via, "dev", "eth0"]);
+        }
         for &port in ports {
-            let (ns, stop) = (ns.clone(), stop.clone());
-            let (tx, rx) = std::sync::mpsc::channel();
-            threads.push(std::thread::spawn(move || {
-                let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-                // SAFETY: setns on this thread only; the file is open.
-                let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0);
-                let l = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
-                l.set_nonblocking(true).unwrap();
-                tx.send(()).unwrap();
-                while !stop.load(Ordering::SeqCst) {
-                    match l.accept() {
-                        Ok((mut s, _)) => {
-                            let _ = s.write_all(b"hello\n");
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                    }
-                }
-            }));
-            rx.recv_timeout(Duration::from_secs(5)).expect("listener up");
+            serve_hello(Some(ns.clone()), port, stop.clone(), &mut host.threads);
         }
-        TestHost {
-            ns,
-            veth,
-            stop,
-            threads,
-        }
+        host
     }
 }
 
@@ -88,6 +124,53 @@ impl Drop for TestHost {
         }
         let _ = Command::new("ip").args(["link", "del", &self.veth]).output();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+/// A "hello" listener on every address of the host itself (its own namespace).
+struct HostListener {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl HostListener {
+    fn new() -> HostListener {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let port = serve_hello(None, 0, stop.clone(), &mut threads);
+        HostListener { port, stop, threads }
+    }
+}
+
+impl Drop for HostListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Whether the host (not a VM) gets "hello" from `addr` ("ip:port", "[ip6]:port") within 3 s.
+fn host_gets_hello(addr: &str) -> bool {
+    use std::io::Read;
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).is_ok() && &buf == b"hello\n"
+}
+
+/// Whether the host reaches a guest at `ip`: a TCP connection to a closed port is refused by the
+/// guest's kernel (the host has no `ping`; nothing in our rules rejects, they drop).
+fn host_reaches(ip: &str) -> bool {
+    let addr = std::net::SocketAddr::new(ip.parse().unwrap(), 9);
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
     }
 }
 
@@ -256,7 +339,7 @@ async fn isolated_mode_enforces_drop_and_allow_outside_the_guest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bridge_mode_vms_reach_each_other_and_the_host() {
+async fn bridge_mode_vms_reach_each_other_but_not_the_host() {
     let mut d = TestDaemon::start(|port| {
         format!(
             "config:\n  host_groups:\n  - name: nett\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: bridge\n      bridge: brnett0\n      tap_prefix: netttap\n      gateway: 198.19.77.1/24\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
@@ -267,16 +350,20 @@ async fn bridge_mode_vms_reach_each_other_and_the_host() {
     let (b, b_ip) = create(&d, "nett", json!({})).await;
     assert_eq!((a_ip.as_str(), b_ip.as_str()), ("198.19.77.2", "198.19.77.3"));
     assert!(pings(&d, &a, &b_ip).await, "bridge VMs should reach each other");
-    assert!(pings(&d, &b, "198.19.77.1").await, "bridge VMs should reach the host");
+    assert!(pings(&d, &b, &a_ip).await, "bridge VMs should reach each other");
+    assert!(
+        !pings(&d, &b, "198.19.77.1").await,
+        "a bridge VM reached its gateway on the host"
+    );
+    let host = HostListener::new();
+    assert!(
+        !reaches(&d, &a, "198.19.77.1", host.port).await,
+        "a bridge VM opened a TCP connection to the host"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut ok = false;
     while !ok && Instant::now() < deadline {
-        ok = Command::new("ping")
-            .args(["-c1", "-W1", &a_ip])
-            .output()
-            .unwrap()
-            .status
-            .success();
+        ok = host_reaches(&a_ip);
     }
     assert!(ok, "the host should reach a bridge VM");
     d.stop().await;
@@ -308,4 +395,344 @@ async fn bad_network_config_fails_at_start() {
         assert!(format!("{err:#}").contains(want), "{err:#}");
         assert!(!dir.path().join("data").exists(), "nothing is created for a bad config");
     }
+}
+
+/// The host side of an isolated VM's /30: the address before the guest's.
+fn gateway_of(guest_ip: &str) -> String {
+    let ip: std::net::Ipv4Addr = guest_ip.parse().unwrap();
+    std::net::Ipv4Addr::from(u32::from(ip) - 1).to_string()
+}
+
+/// Deletes the VMs (each answer 200).
+async fn delete_all(d: &TestDaemon, vms: &[(&str, &str)]) {
+    for (group, h) in vms {
+        let (s, v) = d
+            .send_json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), "")
+            .await;
+        assert_eq!(s, 200, "deleting {h}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_address_is_unreachable_unless_an_allow_entry_names_it() {
+    // A stand-in for the cloud metadata service, routed from the host like any test host.
+    let md = TestHost::with_addrs("md", ("169.254.169.253/30", "169.254.169.254/30"), None, &[80]);
+    let web = TestHost::new("mdweb", "198.18.3", &[8080]);
+    let mut d = TestDaemon::start(|port| {
+        format!(
+            "config:\n  host_groups:\n  - name: mdiso\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: isolated\n      range: 169.254.208.0/22\n      allow: [\"0.0.0.0/0\"]\n  - name: mdbr\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: bridge\n      bridge: brmd0\n      tap_prefix: mdtap\n      gateway: 198.19.80.1/24\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+        )
+    })
+    .await;
+    // The host itself reaches the stand-in: the routes are right.
+    assert!(host_gets_hello("169.254.169.254:80"));
+
+    // allow: 0.0.0.0/0 (the isolated group's) does not open it, no list (the bridge group)
+    // does not either.
+    let (a, _) = create(&d, "mdiso", json!({})).await;
+    let (b, _) = create(&d, "mdbr", json!({})).await;
+    for vm in [&a, &b] {
+        assert!(
+            reaches(&d, vm, "198.18.3.2", 8080).await,
+            "{vm}: the test host is unreachable"
+        );
+        assert!(
+            !reaches(&d, vm, "169.254.169.254", 80).await,
+            "{vm} reached the metadata address"
+        );
+        assert!(
+            !pings(&d, vm, "169.254.169.254").await,
+            "{vm} pinged the metadata address"
+        );
+    }
+    // An allow entry naming it opens it (isolated mode's per-VM override).
+    let (c, _) = create(
+        &d,
+        "mdiso",
+        json!({"network": {"allow": ["0.0.0.0/0", "169.254.169.254/32"]}}),
+    )
+    .await;
+    assert!(
+        reaches(&d, &c, "169.254.169.254", 80).await,
+        "an explicit allow entry did not open the metadata address"
+    );
+    assert!(reaches(&d, &c, "198.18.3.2", 8080).await);
+
+    delete_all(&d, &[("mdiso", &a), ("mdbr", &b), ("mdiso", &c)]).await;
+    d.stop().await;
+    assert_eq!(ours_left("mdiso", &[&a, &c], &[]), Vec::<String>::new());
+    assert_eq!(ours_left("mdbr", &[], &["brmd0", "mdtap2"]), Vec::<String>::new());
+    drop((md, web));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_host_address_answers_a_vm_unless_named() {
+    let host = HostListener::new();
+    // The host gets 198.18.4.1 on this test host's link: "a host address on another interface".
+    let other = TestHost::new("hostad", "198.18.4", &[8080]);
+    // Broad allow entries that contain host addresses must not open the host (isolated mode;
+    // the config takes no lists for bridge groups, whose VMs must not reach the host either).
+    let mut d = TestDaemon::start(|port| {
+        format!(
+            "config:\n  host_groups:\n  - name: hiso\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: isolated\n      range: 169.254.212.0/22\n      allow: [\"0.0.0.0/0\", \"198.18.0.0/15\", \"169.254.0.0/16\"]\n  - name: hbr\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: bridge\n      bridge: brhb0\n      tap_prefix: hbtap\n      gateway: 198.19.81.1/24\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+        )
+    })
+    .await;
+    let p = host.port;
+    let (a, a_ip) = create(&d, "hiso", json!({})).await;
+    let (b, b_ip) = create(&d, "hbr", json!({})).await;
+    let a_gw = gateway_of(&a_ip);
+    assert_eq!(a_gw, "169.254.212.1");
+    for (vm, gw) in [(&a, a_gw.as_str()), (&b, "198.19.81.1")] {
+        assert!(
+            reaches(&d, vm, "198.18.4.2", 8080).await,
+            "{vm}: the test host is unreachable"
+        );
+        for addr in [gw, "198.18.4.1"] {
+            assert!(
+                !reaches(&d, vm, addr, p).await,
+                "{vm} opened a TCP connection to {addr}"
+            );
+            assert!(!pings(&d, vm, addr).await, "{vm} pinged the host at {addr}");
+        }
+    }
+    // The host still reaches a bridge VM (its own connections; the replies pass).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ok = false;
+    while !ok && Instant::now() < deadline {
+        ok = host_reaches(&b_ip);
+    }
+    assert!(ok, "the host should reach a bridge VM");
+
+    // An entry naming one host address opens that address, and only it.
+    let (c, c_ip) = create(&d, "hiso", json!({"network": {"allow": ["198.18.4.1/32"]}})).await;
+    assert!(
+        reaches(&d, &c, "198.18.4.1", p).await,
+        "an allow entry for 198.18.4.1 did not open it"
+    );
+    let c_gw = gateway_of(&c_ip);
+    assert!(!reaches(&d, &c, &c_gw, p).await, "{c} reached its gateway {c_gw}");
+    assert!(
+        !reaches(&d, &c, "198.18.4.2", 8080).await,
+        "only-allow lists drop the rest"
+    );
+
+    delete_all(&d, &[("hiso", &a), ("hbr", &b), ("hiso", &c)]).await;
+    d.stop().await;
+    assert_eq!(ours_left("hiso", &[&a, &c], &[]), Vec::<String>::new());
+    assert_eq!(ours_left("hbr", &[], &["brhb0", "hbtap2"]), Vec::<String>::new());
+    drop(other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_vms_cannot_reach_other_groups_vms() {
+    let lan = TestHost::new("brlan", "198.18.5", &[8080]);
+    let mut d = TestDaemon::start(|port| {
+        format!(
+            "config:\n  host_groups:\n  - name: bra\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: bridge\n      bridge: brbra0\n      tap_prefix: bratap\n      gateway: 198.19.82.1/24\n  - name: brb\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: bridge\n      bridge: brbrb0\n      tap_prefix: brbtap\n      gateway: 198.19.83.1/24\n  - name: bri\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: isolated\n      range: 169.254.216.0/22\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+        )
+    })
+    .await;
+    let (a1, a1_ip) = create(&d, "bra", json!({})).await;
+    let (a2, a2_ip) = create(&d, "bra", json!({})).await;
+    let (b1, b1_ip) = create(&d, "brb", json!({})).await;
+    let (i1, i1_ip) = create(&d, "bri", json!({})).await;
+    assert_eq!((a1_ip.as_str(), b1_ip.as_str()), ("198.19.82.2", "198.19.83.2"));
+
+    // The same group: reachable.
+    assert!(
+        pings(&d, &a1, &a2_ip).await,
+        "VMs of one bridge group should reach each other"
+    );
+    // Other groups, bridge or isolated, in both directions: not.
+    for (from, to) in [
+        (&a1, &b1_ip),
+        (&b1, &a1_ip),
+        (&a1, &i1_ip),
+        (&i1, &a1_ip),
+        (&b1, &i1_ip),
+        (&i1, &b1_ip),
+    ] {
+        assert!(!pings(&d, from, to).await, "{from} reached {to} of another group");
+    }
+    // Shut in, not cut off: all of them still reach a test host through NAT.
+    for vm in [&a1, &b1, &i1] {
+        assert!(
+            reaches(&d, vm, "198.18.5.2", 8080).await,
+            "{vm} cannot reach the test host"
+        );
+    }
+
+    delete_all(&d, &[("bra", &a1), ("bra", &a2), ("brb", &b1), ("bri", &i1)]).await;
+    d.stop().await;
+    assert_eq!(
+        ours_left("bra", &[], &["brbra0", "bratap2", "bratap3"]),
+        Vec::<String>::new()
+    );
+    assert_eq!(ours_left("brb", &[], &["brbrb0", "brbtap2"]), Vec::<String>::new());
+    assert_eq!(ours_left("bri", &[&i1], &[]), Vec::<String>::new());
+    drop(lan);
+}
+
+/// Turns the host's IPv6 forwarding on while it lives (so a guest's IPv6 would be forwarded
+/// if nftables let it), restoring the previous value after.
+struct Ipv6Forwarding(String);
+
+const V6_FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+impl Ipv6Forwarding {
+    fn on() -> Ipv6Forwarding {
+        let prev = std::fs::read_to_string(V6_FORWARDING).unwrap();
+        std::fs::write(V6_FORWARDING, "1").unwrap();
+        Ipv6Forwarding(prev.trim().to_string())
+    }
+}
+
+impl Drop for Ipv6Forwarding {
+    fn drop(&mut self) {
+        let _ = std::fs::write(V6_FORWARDING, &self.0);
+    }
+}
+
+fn sysctl_v6(ifname: &str, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{ifname}/{key}"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The packet count of the first rule of `chain` in `table` containing `needle`.
+fn nft_counter(table: &str, chain: &str, needle: &str) -> u64 {
+    let out = Command::new("nft")
+        .args(["list", "chain", "inet", table, chain])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(needle) && l.contains("counter packets"))
+        .unwrap_or_else(|| panic!("no rule with {needle:?} in {table} {chain}:\n{text}"));
+    line.split("counter packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+/// Gives a host-side interface IPv6 again (the daemon turned it off) with `addr`, and the
+/// guest `vm` an address in the same /64 with static neighbours for the interface's addresses,
+/// so that the guest really sends IPv6 to the host: then only nftables stands in the way.
+/// Returns the interface's link-local address.
+async fn open_ipv6_path(d: &TestDaemon, vm: &str, ifname: &str, host_addr: &str, guest_addr: &str) -> String {
+    std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad"), "0").unwrap();
+    std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"), "0").unwrap();
+    ip(&["-6", "addr", "add", &format!("{host_addr}/64"), "dev", ifname, "nodad"]);
+    let mac = std::fs::read_to_string(format!("/sys/class/net/{ifname}/address"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = Command::new("ip")
+        .args(["-6", "-o", "addr", "show", "dev", ifname, "scope", "link"])
+        .output()
+        .unwrap();
+    let ll = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("{ifname} has no link-local address"));
+    let (code, out) = sh(
+        d,
+        vm,
+        &format!(
+            "ip -6 addr add {guest_addr}/64 dev eth0 nodad && \
+             ip -6 neigh replace {host_addr} lladdr {mac} dev eth0 nud permanent && \
+             ip -6 neigh replace {ll} lladdr {mac} dev eth0 nud permanent && \
+             ip -6 route replace default via {host_addr} dev eth0 && ip -6 addr show dev eth0"
+        ),
+    )
+    .await;
+    assert_eq!(code, 0, "configuring IPv6 in {vm}: {out}");
+    ll
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_ipv6_is_dropped() {
+    let v6host = TestHost::with_addrs(
+        "v6",
+        ("198.18.6.1/24", "198.18.6.2/24"),
+        Some(("fdec:18:6::1/64", "fdec:18:6::2/64")),
+        &[8080],
+    );
+    let _fwd = Ipv6Forwarding::on();
+    let mut d = TestDaemon::start(|port| {
+        format!(
+            "config:\n  host_groups:\n  - name: v6iso\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: isolated\n      range: 169.254.220.0/22\n      allow: [\"0.0.0.0/0\"]\n  - name: v6br\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: bridge\n      bridge: brv6b0\n      tap_prefix: v6btap\n      gateway: 198.19.84.1/24\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+        )
+    })
+    .await;
+    // The IPv6 test host answers the host itself.
+    assert!(host_gets_hello("[fdec:18:6::2]:8080"));
+
+    let (a, _) = create(&d, "v6iso", json!({})).await;
+    let (b, _) = create(&d, "v6br", json!({})).await;
+    let veth = format!("slh{}", slicer_net::short_id(&a));
+    // IPv6 is off on the host side of both VMs' links: no address there at all.
+    for ifname in [veth.as_str(), "brv6b0", "v6btap2"] {
+        assert_eq!(sysctl_v6(ifname, "disable_ipv6"), "1", "IPv6 is on on {ifname}");
+    }
+    let out = Command::new("ip")
+        .args(["-6", "addr", "show", "dev", &veth])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "{veth} has IPv6 addresses"
+    );
+    // IPv4 still works.
+    assert!(pings(&d, &a, "198.18.6.2").await);
+    assert!(pings(&d, &b, "198.18.6.2").await);
+
+    // Even with IPv6 turned back on at the host side and the guests sending IPv6 straight to
+    // it, nftables drops it: to the test host (forward), to the host's address and to the
+    // host side's link-local one (input).
+    let cases = [
+        (&a, veth.clone(), format!("slicer-{a}"), "fdec:18:7::1", "fdec:18:7::2"),
+        (
+            &b,
+            "brv6b0".to_string(),
+            "slicer-br-v6br".to_string(),
+            "fdec:18:8::1",
+            "fdec:18:8::2",
+        ),
+    ];
+    for (vm, ifname, table, host_addr, guest_addr) in cases {
+        let ll = open_ipv6_path(&d, vm, &ifname, host_addr, guest_addr).await;
+        let fwd_before = nft_counter(&table, "forward", "meta nfproto ipv6");
+        let in_before = nft_counter(&table, "input", "meta nfproto ipv6");
+        assert!(!pings(&d, vm, "-6 fdec:18:6::2").await, "{vm} sent IPv6 out");
+        assert!(
+            !pings(&d, vm, &format!("-6 {host_addr}")).await,
+            "{vm} reached the host over IPv6"
+        );
+        assert!(
+            !pings(&d, vm, &format!("-6 {ll}%eth0")).await,
+            "{vm} reached {ifname}'s link-local"
+        );
+        let fwd_after = nft_counter(&table, "forward", "meta nfproto ipv6");
+        let in_after = nft_counter(&table, "input", "meta nfproto ipv6");
+        assert!(fwd_after > fwd_before, "{vm}: the forward IPv6 drop saw nothing");
+        assert!(
+            in_after >= in_before + 2,
+            "{vm}: the input IPv6 drop saw {}",
+            in_after - in_before
+        );
+    }
+
+    delete_all(&d, &[("v6iso", &a), ("v6br", &b)]).await;
+    d.stop().await;
+    assert_eq!(ours_left("v6iso", &[&a], &[]), Vec::<String>::new());
+    assert_eq!(ours_left("v6br", &[], &["brv6b0", "v6btap2"]), Vec::<String>::new());
+    drop(v6host);
 }

@@ -10,6 +10,14 @@
 //!
 //! Bridge mode: one Linux bridge per host group with the gateway address, a TAP per VM in the
 //! host's namespace, forwarding and masquerade for the subnet (table `inet slicer-br-<group>`).
+//! The group's VMs reach each other on the bridge; nothing else may open a connection to them,
+//! and their traffic to the host and beyond is filtered as in isolated mode.
+//!
+//! Containment in both modes: the cloud metadata address (169.254.169.254, fd00:ec2::254) is
+//! dropped unless an allow entry names it ([`policy::guard_metadata`]); the host's addresses
+//! answer a VM only where an entry names the one address ([`policy::host_input`]); a VM's IPv6
+//! is dropped (there is no IPv6 configuration) and the host-side interfaces have IPv6 off; VM
+//! address ranges never include 169.254.169.0/24.
 //!
 //! The `ip` and `nft` programs do the work: they are the reference tools for both, `nft -f`
 //! replaces a whole table atomically, and no maintained Rust crate speaks nftables' netlink
@@ -30,6 +38,16 @@ pub const IFNAMSIZ_MAX: usize = 15;
 const NETNS_PREFIX: &str = "slicer-";
 const VETH_PREFIX: &str = "slh";
 const TABLE_PREFIX: &str = "slicer-";
+
+/// The cloud metadata service's IPv4 address (AWS, GCP, Azure, OpenStack, …).
+pub const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The metadata service's IPv6 address (AWS).
+pub const METADATA_V6: &str = "fd00:ec2::254";
+/// The /24 around [`METADATA_V4`]: no VM is ever given an address in it.
+pub const METADATA_BLOCK: Net = Net {
+    addr: Ipv4Addr::new(169, 254, 169, 0),
+    prefix: 24,
+};
 
 /// A short stable id for a name: 8 hex digits.
 pub fn short_id(name: &str) -> String {
@@ -77,6 +95,18 @@ async fn ip(args: &[&str]) -> Result<String> {
 
 async fn nft_script(script: &str) -> Result<()> {
     run("nft", &["-f", "-"], Some(script)).await.map(|_| ())
+}
+
+/// Turns IPv6 off on a host-side interface (before it is up, so it never gets a link-local
+/// address). A host without IPv6 has nothing to turn off.
+async fn disable_ipv6(ifname: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    if !std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        return Ok(());
+    }
+    tokio::fs::write(&path, "1")
+        .await
+        .with_context(|| format!("turning IPv6 off on {ifname}"))
 }
 
 async fn enable_forwarding() -> Result<()> {
@@ -134,25 +164,37 @@ impl std::fmt::Display for Net {
 }
 
 /// The /22 an isolated host group carves its /30s from when the config gives no `range`:
-/// derived from the group's name inside 169.254.0.0/16 (skipping 169.254.0.0/22 and
-/// 169.254.252.0/22, and blocks already used by the host's interfaces).
-pub fn derived_range(group: &str, host_addrs: &[Ipv4Addr]) -> Net {
+/// derived from the group's name inside 169.254.0.0/16, skipping 169.254.0.0/22,
+/// 169.254.252.0/22, the block holding the metadata address (169.254.168.0/22) and blocks that
+/// overlap `used` (the host's addresses as /32s, other groups' ranges).
+pub fn derived_range(group: &str, used: &[Net]) -> Net {
+    let block_net = |block: u32| Net {
+        addr: Ipv4Addr::new(169, 254, (block * 4) as u8, 0),
+        prefix: 22,
+    };
     let h = Sha256::digest(group.as_bytes());
     let start = u16::from_be_bytes([h[0], h[1]]) as u32 % 62 + 1; // blocks 1..=62
-    for i in 0..62 {
-        let block = (start - 1 + i) % 62 + 1;
-        let net = Net {
-            addr: Ipv4Addr::new(169, 254, (block * 4) as u8, 0),
-            prefix: 22,
-        };
-        if !host_addrs.iter().any(|a| net.contains(*a)) {
+    let candidates = (0..62)
+        .map(|i| block_net((start - 1 + i) % 62 + 1))
+        .filter(|net| !net.overlaps(&METADATA_BLOCK));
+    let mut first = None;
+    for net in candidates {
+        if !used.iter().any(|u| net.overlaps(u)) {
             return net;
         }
+        first.get_or_insert(net);
     }
-    Net {
-        addr: Ipv4Addr::new(169, 254, (start * 4) as u8, 0),
-        prefix: 22,
-    }
+    first.expect("61 candidate blocks")
+}
+
+/// The /30s of an isolated range in order, without those inside [`METADATA_BLOCK`].
+pub fn vm_subnets(range: Net) -> impl Iterator<Item = Net> {
+    (0..(range.size() / 4) as u32)
+        .map(move |s| Net {
+            addr: range.nth(4 * s),
+            prefix: 30,
+        })
+        .filter(|n| !n.overlaps(&METADATA_BLOCK))
 }
 
 /// IPv4 addresses on the host's interfaces.
@@ -206,39 +248,30 @@ impl Isolated {
     pub fn ruleset(&self) -> String {
         let v = &self.host_veth;
         let ip = self.guest_ip();
-        let mut fwd = String::new();
-        for r in compile(&self.allow, &self.drop) {
-            fwd.push_str(&format!("        iifname \"{v}\" {}\n", r.nft()));
-        }
-        let mut input_allow = String::new();
-        for r in compile(&self.allow, &[])
-            .into_iter()
-            .filter(|r| r.verdict == Verdict::Accept && r.net.prefix > 0)
-        {
-            input_allow.push_str(&format!("        iifname \"{v}\" {}\n", r.nft()));
-        }
+        let iif = format!("iifname \"{v}\"");
         format!(
             "table inet {t} {{
     chain forward {{
         type filter hook forward priority filter; policy accept;
-        oifname \"{v}\" ct state established,related accept
+{v6}        oifname \"{v}\" ct state established,related accept
         oifname \"{v}\" drop
-        iifname \"{v}\" ip saddr != {ip} drop
-        iifname \"{v}\" ct state established,related accept
-        iifname \"{v}\" oifname \"{VETH_PREFIX}*\" drop
+        {iif} ip saddr != {ip} drop
+        {iif} ct state established,related accept
+        {iif} oifname \"{VETH_PREFIX}*\" drop
 {fwd}    }}
     chain input {{
         type filter hook input priority filter; policy accept;
-        iifname \"{v}\" ct state established,related accept
-{input_allow}        iifname \"{v}\" drop
-    }}
+{input}    }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         ip saddr {ip} oifname != \"{v}\" masquerade
     }}
 }}
 ",
-            t = self.table
+            t = self.table,
+            v6 = ipv6_drop(&iif),
+            fwd = forward_rules(&iif, &self.allow, &self.drop),
+            input = input_rules(&iif, &self.allow, &self.drop),
         )
     }
 
@@ -258,6 +291,7 @@ impl Isolated {
         enable_forwarding().await?;
         ip(&["netns", "add", ns]).await?;
         ip(&["link", "add", v, "type", "veth", "peer", "name", "veth0", "netns", ns]).await?;
+        disable_ipv6(v).await?;
         ip(&["addr", "add", &format!("{}/30", self.gateway()), "dev", v]).await?;
         ip(&["link", "set", v, "up"]).await?;
         for args in [
@@ -286,6 +320,32 @@ impl Isolated {
     }
 }
 
+/// Forward rules dropping a VM's IPv6 (`iif` matches the VM side): the metadata address is
+/// named for when IPv6 becomes configurable; today every IPv6 packet is dropped.
+fn ipv6_drop(iif: &str) -> String {
+    format!("        {iif} ip6 daddr {METADATA_V6} counter drop\n        {iif} meta nfproto ipv6 counter drop\n")
+}
+
+/// The compiled allow/drop lists for forwarded traffic from `iif`, with the metadata guard.
+fn forward_rules(iif: &str, allow: &[String], drop: &[String]) -> String {
+    policy::guard_metadata(compile(allow, drop))
+        .iter()
+        .map(|r| format!("        {iif} {}\n", r.nft()))
+        .collect()
+}
+
+/// The input chain's rules for traffic from `iif` to the host: no IPv6, replies pass, then
+/// entries naming one host address, then drop.
+fn input_rules(iif: &str, allow: &[String], drop: &[String]) -> String {
+    let mut s =
+        format!("        {iif} meta nfproto ipv6 counter drop\n        {iif} ct state established,related accept\n");
+    for r in policy::host_input(allow, drop) {
+        s.push_str(&format!("        {iif} {}\n", r.nft()));
+    }
+    s.push_str(&format!("        {iif} drop\n"));
+    s
+}
+
 /// Bridge mode of one host group.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bridge {
@@ -295,10 +355,13 @@ pub struct Bridge {
     pub gateway: Ipv4Addr,
     pub subnet: Net,
     pub table: String,
+    /// The group's allow and drop lists, enforced on traffic from the bridge.
+    pub allow: Vec<String>,
+    pub drop: Vec<String>,
 }
 
 impl Bridge {
-    pub fn new(group: &str, bridge: &str, gateway_cidr: &str) -> Result<Bridge> {
+    pub fn new(group: &str, bridge: &str, gateway_cidr: &str, allow: Vec<String>, drop: Vec<String>) -> Result<Bridge> {
         let (gw, _) = gateway_cidr.split_once('/').unwrap_or((gateway_cidr, "24"));
         let gateway: Ipv4Addr = gw
             .parse()
@@ -310,17 +373,33 @@ impl Bridge {
             gateway,
             subnet,
             table: format!("{TABLE_PREFIX}br-{group}"),
+            allow,
+            drop,
         })
     }
 
+    /// The group's table. Forward: VMs of this bridge reach each other (frames between them
+    /// pass here only when br_netfilter hands bridged traffic to nftables); nothing else opens
+    /// a connection to them (other groups' VMs, bridge or isolated, included); their traffic
+    /// out is filtered like an isolated VM's, then accepted. Input: the host answers only
+    /// replies and entries naming one of its addresses.
     pub fn ruleset(&self) -> String {
+        let b = &self.bridge;
+        let iif = format!("iifname \"{b}\"");
         format!(
             "table inet {t} {{
     chain forward {{
         type filter hook forward priority filter; policy accept;
-        iifname \"{b}\" accept
-        oifname \"{b}\" accept
+{v6}        {iif} oifname \"{b}\" accept
+        oifname \"{b}\" ct state established,related accept
+        oifname \"{b}\" drop
+        {iif} ip saddr != {s} drop
+        {iif} ct state established,related accept
+{fwd}        {iif} accept
     }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+{input}    }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         ip saddr {s} ip daddr != {s} masquerade
@@ -328,8 +407,10 @@ impl Bridge {
 }}
 ",
             t = self.table,
-            b = self.bridge,
-            s = self.subnet
+            s = self.subnet,
+            v6 = ipv6_drop(&iif),
+            fwd = forward_rules(&iif, &self.allow, &self.drop),
+            input = input_rules(&iif, &self.allow, &self.drop),
         )
     }
 
@@ -339,6 +420,7 @@ impl Bridge {
         if ip(&["link", "show", b]).await.is_err() {
             ip(&["link", "add", b, "type", "bridge"]).await?;
         }
+        disable_ipv6(b).await?;
         let _ = ip(&[
             "addr",
             "replace",
@@ -355,6 +437,7 @@ impl Bridge {
     pub async fn add_tap(&self, tap: &str) -> Result<()> {
         let _ = ip(&["link", "del", tap]).await;
         ip(&["tuntap", "add", "dev", tap, "mode", "tap"]).await?;
+        disable_ipv6(tap).await?;
         ip(&["link", "set", tap, "master", &self.bridge]).await?;
         ip(&["link", "set", tap, "up"]).await?;
         Ok(())
@@ -447,8 +530,59 @@ mod tests {
         assert_eq!(a, derived_range("sandbox", &[]));
         assert_eq!(a.prefix, 22);
         assert!(Net::parse("169.254.0.0/16").unwrap().contains(a.addr));
-        let b = derived_range("sandbox", &[a.nth(7)]);
+        let host = Net {
+            addr: a.nth(7),
+            prefix: 32,
+        };
+        let b = derived_range("sandbox", &[host]);
         assert_ne!(a, b);
+        // Another group's range counts as used too.
+        let c = derived_range("sandbox", &[Net::parse("169.254.0.0/17").unwrap()]);
+        assert!(c.addr.octets()[2] >= 128, "{c}");
+    }
+
+    #[test]
+    fn derived_ranges_never_hold_the_metadata_block() {
+        let md = Net::parse("169.254.168.0/22").unwrap();
+        // Every group name maps somewhere; none of them to the metadata block, even when all
+        // other blocks are taken.
+        for i in 0..2000 {
+            let r = derived_range(&format!("g{i}"), &[]);
+            assert!(!r.overlaps(&md), "g{i} got {r}");
+            assert!(!r.contains(METADATA_V4));
+        }
+        let all_but_md: Vec<Net> = (1..=62u32)
+            .filter(|b| *b != 42)
+            .map(|b| Net {
+                addr: Ipv4Addr::new(169, 254, (b * 4) as u8, 0),
+                prefix: 22,
+            })
+            .collect();
+        assert!(!derived_range("sandbox", &all_but_md).overlaps(&md));
+    }
+
+    #[test]
+    fn vm_subnets_skip_the_metadata_block() {
+        let r = Net::parse("169.254.168.0/22").unwrap();
+        let subnets: Vec<Net> = vm_subnets(r).collect();
+        assert_eq!(subnets.len(), 256 - 64);
+        assert!(subnets.iter().all(|n| !n.overlaps(&METADATA_BLOCK) && n.prefix == 30));
+        assert_eq!(subnets[63].to_string(), "169.254.168.252/30");
+        assert_eq!(subnets[64].to_string(), "169.254.170.0/30");
+        assert_eq!(vm_subnets(Net::parse("169.254.169.0/24").unwrap()).count(), 0);
+        assert_eq!(vm_subnets(Net::parse("169.254.169.128/28").unwrap()).count(), 0);
+        let plain: Vec<String> = vm_subnets(Net::parse("169.254.200.0/28").unwrap())
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            plain,
+            [
+                "169.254.200.0/30",
+                "169.254.200.4/30",
+                "169.254.200.8/30",
+                "169.254.200.12/30"
+            ]
+        );
     }
 
     #[test]
@@ -485,5 +619,138 @@ mod tests {
         let drop_at = r.find("ip daddr 192.168.1.0/24 drop").unwrap();
         let allow_at = r.find("ip daddr 0.0.0.0/0 accept").unwrap();
         assert!(drop_at < allow_at, "the more specific drop comes first:\n{r}");
+    }
+
+    /// The lines of one chain of a ruleset.
+    fn chain<'a>(r: &'a str, name: &str) -> Vec<&'a str> {
+        let start = r.find(&format!("chain {name} {{")).unwrap();
+        r[start..]
+            .lines()
+            .skip(2)
+            .take_while(|l| l.trim() != "}")
+            .map(str::trim)
+            .collect()
+    }
+
+    #[test]
+    fn isolated_ruleset_contains_metadata_host_and_ipv6() {
+        let mk = |allow: &[&str]| {
+            Isolated::new(
+                "sb-1",
+                Net::parse("169.254.8.0/30").unwrap(),
+                allow.iter().map(|s| s.to_string()).collect(),
+                vec![],
+            )
+        };
+        let i = mk(&["0.0.0.0/0", "10.0.0.0/8", "10.1.2.3/32", "10.1.2.4:443"]);
+        let v = format!("iifname \"{}\"", i.host_veth);
+        let r = i.ruleset();
+        let fwd = chain(&r, "forward");
+        // IPv6 from the VM goes first; the metadata drop precedes every allow.
+        assert_eq!(fwd[0], format!("{v} ip6 daddr fd00:ec2::254 counter drop"));
+        assert_eq!(fwd[1], format!("{v} meta nfproto ipv6 counter drop"));
+        let md = fwd
+            .iter()
+            .position(|l| *l == format!("{v} ip daddr 169.254.169.254/32 drop"))
+            .expect("metadata drop");
+        let first_allow = fwd
+            .iter()
+            .position(|l| l.ends_with("accept") && l.contains("ip daddr"))
+            .unwrap();
+        assert!(md < first_allow, "{r}");
+        // Input: only the single addresses open the host.
+        let input = chain(&r, "input");
+        assert_eq!(
+            input,
+            [
+                format!("{v} meta nfproto ipv6 counter drop"),
+                format!("{v} ct state established,related accept"),
+                format!("{v} ip daddr 10.1.2.4/32 meta l4proto {{ tcp, udp }} th dport 443 accept"),
+                format!("{v} ip daddr 10.1.2.3/32 accept"),
+                format!("{v} drop"),
+            ]
+        );
+        // Naming the metadata address opens it: the drop sits after that entry.
+        let r = mk(&["169.254.169.254/32"]).ruleset();
+        let fwd = chain(&r, "forward");
+        let allow = fwd
+            .iter()
+            .position(|l| l.ends_with("ip daddr 169.254.169.254/32 accept"))
+            .unwrap();
+        let md = fwd
+            .iter()
+            .position(|l| l.ends_with("ip daddr 169.254.169.254/32 drop"))
+            .unwrap();
+        assert!(allow < md, "{r}");
+    }
+
+    /// `nft -c` (check only, nothing is changed) accepts both rulesets, when nft is there.
+    #[tokio::test]
+    async fn rulesets_pass_nft_check() {
+        if run("nft", &["--version"], None).await.is_err() || not_root() {
+            eprintln!("skipped: needs nft and root");
+            return;
+        }
+        let i = Isolated::new(
+            "sb-1",
+            Net::parse("169.254.8.0/30").unwrap(),
+            vec!["0.0.0.0/0".into(), "10.0.0.1:80".into(), "169.254.169.254/32".into()],
+            vec!["192.168.1.0/24".into()],
+        );
+        let b = Bridge::new("g", "brg0", "198.19.77.1/24", vec!["10.0.0.1/32".into()], vec![]).unwrap();
+        for r in [i.ruleset(), b.ruleset()] {
+            run("nft", &["-c", "-f", "-"], Some(&r))
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}\n{r}"));
+        }
+    }
+
+    fn not_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                !s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+            })
+            .unwrap_or(true)
+    }
+
+    #[test]
+    fn bridge_ruleset_shuts_the_group_in() {
+        let b = Bridge::new(
+            "g",
+            "brg0",
+            "198.19.77.1/24",
+            vec!["0.0.0.0/0".into()],
+            vec!["192.168.1.0/24".into()],
+        )
+        .unwrap();
+        assert_eq!(b.gateway, Ipv4Addr::new(198, 19, 77, 1));
+        let r = b.ruleset();
+        let i = "iifname \"brg0\"";
+        assert_eq!(
+            chain(&r, "forward"),
+            [
+                format!("{i} ip6 daddr fd00:ec2::254 counter drop"),
+                format!("{i} meta nfproto ipv6 counter drop"),
+                format!("{i} oifname \"brg0\" accept"),
+                "oifname \"brg0\" ct state established,related accept".to_string(),
+                "oifname \"brg0\" drop".to_string(),
+                format!("{i} ip saddr != 198.19.77.0/24 drop"),
+                format!("{i} ct state established,related accept"),
+                format!("{i} ip daddr 169.254.169.254/32 drop"),
+                format!("{i} ip daddr 192.168.1.0/24 drop"),
+                format!("{i} ip daddr 0.0.0.0/0 accept"),
+                format!("{i} accept"),
+            ]
+        );
+        assert_eq!(
+            chain(&r, "input"),
+            [
+                format!("{i} meta nfproto ipv6 counter drop"),
+                format!("{i} ct state established,related accept"),
+                format!("{i} drop"),
+            ]
+        );
+        assert!(r.contains("ip saddr 198.19.77.0/24 ip daddr != 198.19.77.0/24 masquerade"));
     }
 }

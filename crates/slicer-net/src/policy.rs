@@ -4,8 +4,12 @@
 //! prefixes first, an entry with a port before one without, and allow before drop on a tie.
 //! Traffic that matches nothing is allowed, except when only an allow list is given (then
 //! everything else is dropped), as SlicerVM documents.
+//!
+//! Two containment rules sit on top of the lists: the cloud metadata address is dropped unless
+//! an entry of /16 or longer names it ([`guard_metadata`]), and a host address is reachable only
+//! through an entry naming that one address ([`host_input`]).
 
-use crate::Net;
+use crate::{Net, METADATA_V4};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -72,6 +76,41 @@ pub fn compile(allow: &[String], drop: &[String]) -> Vec<Rule> {
     rules
 }
 
+/// Whether an entry names the metadata address: a prefix of /16 or longer that contains it
+/// (`0.0.0.0/0` or `128.0.0.0/1` do not).
+fn names_metadata(net: &Net) -> bool {
+    net.prefix >= 16 && net.contains(METADATA_V4)
+}
+
+/// `rules` with a drop of the metadata address inserted right after the last rule that names it
+/// (see [`names_metadata`]): only such entries decide its fate, broad ones never open it. With no
+/// such entry, the drop comes first.
+pub fn guard_metadata(mut rules: Vec<Rule>) -> Vec<Rule> {
+    let at = rules.iter().rposition(|r| names_metadata(&r.net)).map_or(0, |i| i + 1);
+    rules.insert(
+        at,
+        Rule {
+            net: Net {
+                addr: METADATA_V4,
+                prefix: 32,
+            },
+            port: None,
+            verdict: Verdict::Drop,
+        },
+    );
+    rules
+}
+
+/// The rules for traffic from a VM to the host's own addresses, before a final drop: only
+/// entries naming one address (a /32 or `address:port`) count, so `10.0.0.0/8` in an allow
+/// list does not open the host's 10.x addresses.
+pub fn host_input(allow: &[String], drop: &[String]) -> Vec<Rule> {
+    compile(allow, drop)
+        .into_iter()
+        .filter(|r| r.net.prefix == 32)
+        .collect()
+}
+
 /// The verdict the rules give `dst:port` (the same first-match the kernel applies).
 pub fn decide(rules: &[Rule], dst: std::net::Ipv4Addr, port: u16) -> Verdict {
     rules
@@ -107,6 +146,55 @@ mod tests {
         let r = compile(&v(&["10.2.0.0/16"]), &[]);
         assert_eq!(decide(&r, "10.3.0.1".parse().unwrap(), 1), Verdict::Drop);
         assert!(compile(&[], &[]).is_empty());
+    }
+
+    #[test]
+    fn metadata_is_opened_only_by_entries_naming_it() {
+        let md = METADATA_V4;
+        // Broad allows do not open it; other destinations keep their verdicts.
+        for allow in [&["0.0.0.0/0"][..], &["128.0.0.0/1"], &["169.0.0.0/8"]] {
+            let r = guard_metadata(compile(&v(allow), &[]));
+            assert_eq!(decide(&r, md, 80), Verdict::Drop, "{allow:?}");
+        }
+        let r = guard_metadata(compile(&v(&["0.0.0.0/0"]), &v(&["192.168.1.0/24"])));
+        assert_eq!(r[0].net.to_string(), "169.254.169.254/32");
+        assert_eq!(decide(&r, "8.8.8.8".parse().unwrap(), 53), Verdict::Accept);
+        assert_eq!(decide(&r, "192.168.1.1".parse().unwrap(), 53), Verdict::Drop);
+        assert_eq!(decide(&r, "169.254.169.253".parse().unwrap(), 80), Verdict::Accept);
+        // No lists at all: still dropped.
+        assert_eq!(decide(&guard_metadata(compile(&[], &[])), md, 80), Verdict::Drop);
+        // Entries of /16 or longer that contain it open it.
+        for allow in ["169.254.169.254/32", "169.254.169.254", "169.254.0.0/16"] {
+            let r = guard_metadata(compile(&v(&["0.0.0.0/0", allow]), &[]));
+            assert_eq!(decide(&r, md, 80), Verdict::Accept, "{allow}");
+        }
+        // A port entry opens that port only, even beside 0.0.0.0/0.
+        let r = guard_metadata(compile(&v(&["0.0.0.0/0", "169.254.169.254:80"]), &[]));
+        assert_eq!(decide(&r, md, 80), Verdict::Accept);
+        assert_eq!(decide(&r, md, 22), Verdict::Drop);
+        assert_eq!(decide(&r, "8.8.8.8".parse().unwrap(), 22), Verdict::Accept);
+        // A more specific drop still wins over the allow that names it.
+        let r = guard_metadata(compile(&v(&["169.254.0.0/16"]), &v(&["169.254.169.0/24"])));
+        assert_eq!(decide(&r, md, 80), Verdict::Drop);
+    }
+
+    #[test]
+    fn only_single_address_entries_open_the_host() {
+        let r = host_input(&v(&["10.0.0.0/8", "0.0.0.0/0", "192.168.1.0/24"]), &[]);
+        assert!(r.is_empty(), "{r:?}");
+        let r = host_input(
+            &v(&["10.0.0.1/32", "10.0.0.2:8080", "10.0.0.0/8"]),
+            &v(&["10.0.0.1:22"]),
+        );
+        let nets: Vec<String> = r.iter().map(|r| r.nft()).collect();
+        assert_eq!(
+            nets,
+            [
+                "ip daddr 10.0.0.2/32 meta l4proto { tcp, udp } th dport 8080 accept",
+                "ip daddr 10.0.0.1/32 meta l4proto { tcp, udp } th dport 22 drop",
+                "ip daddr 10.0.0.1/32 accept",
+            ]
+        );
     }
 
     #[test]
