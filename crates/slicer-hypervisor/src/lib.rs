@@ -2,9 +2,10 @@
 //! our guest and TCG elsewhere.
 
 pub mod accel;
+pub mod console;
 pub mod qemu;
 pub mod qmp;
 
 pub use accel::{Accel, AccelChoice};
-pub use qemu::{QemuConfig, QemuNet, QemuProcess};
+pub use qemu::{Jail, QemuConfig, QemuNet, QemuProcess};
 pub use qmp::Qmp;

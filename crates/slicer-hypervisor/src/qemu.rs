@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
 
 use crate::accel::{host_tsc_khz, Accel};
@@ -24,6 +24,10 @@ pub struct QemuConfig {
     pub agent_socket: PathBuf,
     pub qmp_socket: PathBuf,
     pub console_log: PathBuf,
+    /// Where the serial console goes: `None` appends it to `console_log` (QEMU writes the file,
+    /// unbounded: for throwaway VMs), `Some(socket)` serves it on a UNIX socket that the VM
+    /// library reads into a bounded log (see `slicer_vmm::console`).
+    pub console_socket: Option<PathBuf>,
     /// QEMU's own stderr.
     pub qemu_log: PathBuf,
     /// A NIC on a TAP device, if the VM has a network.
@@ -31,7 +35,24 @@ pub struct QemuConfig {
     /// Start from a saved state (`-incoming`) instead of booting: QEMU loads the file and
     /// stays paused until QMP `cont`.
     pub incoming: Option<PathBuf>,
+    /// Run QEMU jailed: unprivileged, in its own mount namespace and cgroup, with QEMU's
+    /// seccomp sandbox (see the `slicer-jail` crate). `None` runs it as the caller.
+    pub jail: Option<Jail>,
 }
+
+/// The jail of one QEMU: what it may see and be, and the cgroup it runs in.
+#[derive(Debug, Clone)]
+pub struct Jail {
+    pub spec: slicer_jail::JailSpec,
+    pub cgroup: Option<slicer_jail::Cgroup>,
+}
+
+/// QEMU's seccomp filter for jailed VMs: no obsolete syscalls, no privilege changes, no new
+/// processes, no scheduler or resource changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// TCG's translation buffer in MiB: QEMU's default reserves 1 GiB that a busy guest can fill;
+/// this bounds QEMU's memory beside guest RAM (see `slicer_vmm::vm_overhead_bytes`).
+pub const TCG_TB_MIB: u32 = 128;
 
 /// A virtio-net NIC backed by a TAP device, optionally inside a network namespace (QEMU then
 /// runs in that namespace; its UNIX sockets still work, they live in the filesystem).
@@ -69,10 +90,11 @@ impl QemuConfig {
     /// The argument vector (without the binary). A restoring QEMU reads its state from
     /// descriptor 3 here; [`QemuProcess::spawn`] passes the descriptor it actually hands over.
     pub fn args(&self) -> Vec<String> {
-        self.args_with(3)
+        self.args_with(3, Some(4))
     }
 
-    fn args_with(&self, incoming_fd: i32) -> Vec<String> {
+    /// `tap_fd`: the descriptor of an opened TAP (jailed QEMUs cannot open one themselves).
+    fn args_with(&self, incoming_fd: i32, tap_fd: Option<i32>) -> Vec<String> {
         let p = |p: &Path| p.display().to_string();
         let mut a: Vec<String> = vec![
             "-name".into(),
@@ -80,7 +102,10 @@ impl QemuConfig {
             "-M".into(),
             "microvm,x-option-roms=off,acpi=off".into(),
             "-accel".into(),
-            self.accel.as_str().into(),
+            match self.accel {
+                Accel::Tcg => format!("tcg,tb-size={TCG_TB_MIB}"),
+                Accel::Kvm => "kvm".into(),
+            },
         ];
         if self.accel == Accel::Kvm {
             a.extend(["-cpu".into(), "host".into()]);
@@ -100,7 +125,10 @@ impl QemuConfig {
             "-append".into(),
             self.kernel_cmdline(),
             "-chardev".into(),
-            format!("file,id=console,path={},append=on", p(&self.console_log)),
+            match &self.console_socket {
+                Some(sock) => format!("socket,id=console,path={},server=on,wait=off", p(sock)),
+                None => format!("file,id=console,path={},append=on", p(&self.console_log)),
+            },
             "-serial".into(),
             "chardev:console".into(),
             "-drive".into(),
@@ -119,9 +147,10 @@ impl QemuConfig {
             format!("unix:{},server=on,wait=off", p(&self.qmp_socket)),
         ]);
         if let Some(n) = &self.net {
-            let backend = match &n.tap {
-                Some(tap) => format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
-                None => "hubport,id=net0,hubid=0".to_string(),
+            let backend = match (&n.tap, self.jail.is_some()) {
+                (Some(_), true) => format!("tap,id=net0,fd={}", tap_fd.unwrap_or(-1)),
+                (Some(tap), false) => format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+                (None, _) => "hubport,id=net0,hubid=0".to_string(),
             };
             a.extend([
                 "-netdev".into(),
@@ -134,6 +163,9 @@ impl QemuConfig {
             // The state file is opened by `spawn` and inherited: QEMU reads the file directly
             // (through a `cat` pipe, loads took longer and varied more).
             a.extend(["-incoming".into(), format!("fd:{incoming_fd}")]);
+        }
+        if self.jail.is_some() {
+            a.extend(["-sandbox".into(), SANDBOX.into()]);
         }
         a
     }
@@ -153,6 +185,62 @@ pub async fn version(binary: &Path) -> Result<String> {
         .next()
         .unwrap_or_default()
         .to_string())
+}
+
+/// A pipe, both ends close-on-exec (the child's copies become its stdout and stderr).
+fn pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors on success; each is then owned exactly once.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error()).context("creating a pipe for QEMU's output");
+        }
+        Ok((
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        ))
+    }
+}
+
+/// Removes a VM's cgroup after its QEMU exited (a moment later, the kernel may still be
+/// tearing the process down).
+async fn remove_cgroup(cgroup: Option<slicer_jail::Cgroup>) {
+    if let Some(cg) = cgroup {
+        match tokio::task::spawn_blocking(move || cg.remove()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e}"),
+            Err(e) => tracing::warn!("removing a cgroup: {e}"),
+        }
+    }
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// A `struct ifreq` for TUNSETIFF: the TAP's name and the flags QEMU itself would use.
+fn tun_request(name: &str) -> Result<[u8; 40]> {
+    anyhow::ensure!(
+        !name.is_empty() && name.len() < 16 && !name.contains('\0'),
+        "invalid TAP name {name:?}"
+    );
+    let mut req = [0u8; 40];
+    req[..name.len()].copy_from_slice(name.as_bytes());
+    req[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
+    Ok(req)
+}
+
+/// The absolute path of `program` on PATH (or the standard directories).
+pub fn which(program: &Path) -> Option<PathBuf> {
+    if program.is_absolute() {
+        return Some(program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 /// Must match `slicer_agent_proto::AGENT_PORT_NAME` (kept here to avoid the dependency).
@@ -176,7 +264,7 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
 impl QemuProcess {
     /// Takes over a QEMU that an earlier daemon started (not our child): its exit is watched
     /// through a pidfd. `start_time` must match, so a reused pid is never adopted.
-    pub fn adopt(pid: u32, start_time: u64) -> Result<QemuProcess> {
+    pub fn adopt(pid: u32, start_time: u64, cgroup: Option<slicer_jail::Cgroup>) -> Result<QemuProcess> {
         anyhow::ensure!(
             process_start_time(pid) == Some(start_time),
             "process {pid} is not the VM process that was recorded"
@@ -192,10 +280,19 @@ impl QemuProcess {
         tokio::spawn(async move {
             // A pidfd becomes readable when the process exits.
             let _ = afd.readable().await;
+            remove_cgroup(cgroup).await;
             use std::os::unix::process::ExitStatusExt;
             let _ = tx.send(Some(std::process::ExitStatus::from_raw(0)));
         });
         Ok(QemuProcess { pid, exited: rx })
+    }
+
+    /// Reads the console socket into the bounded console log until QEMU exits.
+    pub fn follow_console(&self, socket: PathBuf, log: PathBuf) {
+        let mut exited = self.exited.clone();
+        crate::console::follow_console(socket, log, async move {
+            let _ = exited.wait_for(|s| s.is_some()).await;
+        });
     }
 
     /// This process's start time (see [`process_start_time`]).
@@ -203,21 +300,46 @@ impl QemuProcess {
         process_start_time(self.pid)
     }
 
-    /// Starts QEMU in its own process group, so signals for the caller's terminal do not reach it.
+    /// Starts QEMU in its own process group, so signals for the caller's terminal do not reach
+    /// it; with `cfg.jail`, jailed (see [`Jail`]): the TAP is opened here, in the VM's network
+    /// namespace, and handed over as a descriptor. The cgroup is removed once QEMU has exited.
     pub async fn spawn(cfg: &QemuConfig) -> Result<QemuProcess> {
+        use std::os::fd::AsRawFd;
         let log =
             std::fs::File::create(&cfg.qemu_log).with_context(|| format!("creating {}", cfg.qemu_log.display()))?;
         let incoming = match &cfg.incoming {
             Some(path) => Some(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?),
             None => None,
         };
-        let incoming_fd = incoming.as_ref().map_or(-1, std::os::fd::AsRawFd::as_raw_fd);
-        let mut cmd = tokio::process::Command::new(&cfg.binary);
-        cmd.args(cfg.args_with(incoming_fd))
+        let incoming_fd = incoming.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        // A descriptor number the child can put the TAP at: held open here (close-on-exec)
+        // until the child has exec'd, so nothing else of the child's sits there.
+        let tap_name = cfg.net.as_ref().and_then(|n| n.tap.clone());
+        let tap_slot = match (&cfg.jail, &tap_name) {
+            (Some(_), Some(_)) => Some(std::fs::File::open("/dev/null").context("opening /dev/null")?),
+            _ => None,
+        };
+        let tap_fd = tap_slot.as_ref().map(AsRawFd::as_raw_fd);
+        let binary = match &cfg.jail {
+            // Inside the jail only /usr exists; resolve the program here.
+            Some(_) => which(&cfg.binary).unwrap_or_else(|| cfg.binary.clone()),
+            None => cfg.binary.clone(),
+        };
+        let mut cmd = tokio::process::Command::new(&binary);
+        cmd.args(cfg.args_with(incoming_fd, tap_fd))
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
             .process_group(0);
+        // A bounded VM's QEMU output goes through a pipe into a bounded log (a guest can make
+        // QEMU print warnings); a throwaway VM's straight into the file.
+        let output = if cfg.console_socket.is_some() {
+            drop(log);
+            let (rd, wr) = pipe()?;
+            cmd.stdout(Stdio::from(wr.try_clone()?)).stderr(Stdio::from(wr));
+            Some(rd)
+        } else {
+            cmd.stdout(log.try_clone()?).stderr(log);
+            None
+        };
         let netns = match cfg.net.as_ref().and_then(|n| n.netns.as_ref()) {
             Some(ns) => {
                 let path = format!("/run/netns/{ns}");
@@ -226,7 +348,6 @@ impl QemuProcess {
             None => None,
         };
         if let Some(f) = &netns {
-            use std::os::fd::AsRawFd;
             let fd = f.as_raw_fd();
             // SAFETY: setns(2) is async-signal-safe; the file stays open in the parent until
             // spawn returns, so the child's copy of the descriptor is valid.
@@ -252,23 +373,73 @@ impl QemuProcess {
                 });
             }
         }
+        if let (Some(slot), Some(name)) = (tap_fd, &tap_name) {
+            let req = tun_request(name)?;
+            // SAFETY: open/ioctl/dup2/close are async-signal-safe and `req` was built before
+            // the fork. This runs after setns, so the TAP is looked up in the VM's namespace.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if libc::ioctl(fd, TUNSETIFF, req.as_ptr()) < 0 || libc::dup2(fd, slot) < 0 {
+                        let e = std::io::Error::last_os_error();
+                        libc::close(fd);
+                        return Err(e);
+                    }
+                    libc::close(fd);
+                    Ok(())
+                });
+            }
+        }
+        let prepared = match &cfg.jail {
+            Some(j) => Some(j.spec.prepare().context("preparing the VM's jail")?),
+            None => None,
+        };
+        if let Some(p) = prepared {
+            // SAFETY: `Prepared::enter` only makes syscalls on data prepared before the fork.
+            unsafe {
+                cmd.pre_exec(move || p.enter());
+            }
+        }
         let spawned = cmd.spawn();
         drop(netns);
         drop(incoming);
-        let mut child = spawned.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                anyhow::anyhow!("{} not found: apt-get install -y qemu-system-x86", cfg.binary.display())
-            } else {
-                anyhow::anyhow!("starting {}: {e}", cfg.binary.display())
+        drop(tap_slot);
+        let cgroup = cfg.jail.as_ref().and_then(|j| j.cgroup.clone());
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    let _ = cg.remove();
+                }
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    bail!("{} not found: apt-get install -y qemu-system-x86", cfg.binary.display());
+                }
+                bail!("starting {}: {e}", cfg.binary.display());
             }
-        })?;
+        };
         let pid = child.id().context("QEMU exited before it got a pid")?;
+        if let Some(rd) = output {
+            let rd = tokio::net::unix::pipe::Receiver::from_owned_fd(rd).context("reading QEMU's output")?;
+            tokio::spawn(crate::console::copy_bounded(
+                rd,
+                cfg.qemu_log.clone(),
+                crate::console::CONSOLE_RATE,
+            ));
+        }
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
             let st = child.wait().await.ok();
+            remove_cgroup(cgroup).await;
             let _ = tx.send(st);
         });
-        Ok(QemuProcess { pid, exited: rx })
+        let process = QemuProcess { pid, exited: rx };
+        if let Some(sock) = &cfg.console_socket {
+            process.follow_console(sock.clone(), cfg.console_log.clone());
+        }
+        Ok(process)
     }
 
     /// The exit status once QEMU has exited.
@@ -316,9 +487,11 @@ mod tests {
             agent_socket: "/a.sock".into(),
             qmp_socket: "/q.sock".into(),
             console_log: "/c.log".into(),
+            console_socket: None,
             qemu_log: "/q.log".into(),
             net: None,
             incoming: None,
+            jail: None,
         }
     }
 

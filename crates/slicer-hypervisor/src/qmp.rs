@@ -11,6 +11,41 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
+/// One `sendmsg` of `data` with `fd` attached (SCM_RIGHTS). Hand-written: tokio has no
+/// descriptor passing, and this is the only place that needs it.
+fn send_with_fd(sock: std::os::fd::RawFd, data: &[u8], fd: std::os::fd::RawFd) -> std::io::Result<usize> {
+    // SAFETY: the iovec and control buffer live on this stack frame for the call; CMSG_* are
+    // used as documented in cmsg(3) on a buffer of CMSG_SPACE(sizeof(int)) bytes.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let space = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        let mut cbuf = vec![0u8; space];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        std::ptr::copy_nonoverlapping(
+            &fd as *const libc::c_int as *const u8,
+            libc::CMSG_DATA(c),
+            std::mem::size_of::<libc::c_int>(),
+        );
+        let n = libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
 /// Largest QMP line accepted (QEMU's own answers are small).
 const MAX_LINE: usize = 1 << 20;
 
@@ -21,7 +56,11 @@ pub struct Qmp {
 
 async fn read_json(rd: &mut BufReader<OwnedReadHalf>) -> Result<Value> {
     let mut line = String::new();
-    let n = rd.read_line(&mut line).await.context("reading QMP")?;
+    // A jailed QEMU is not trusted either: never read more than MAX_LINE for one line.
+    let n = tokio::io::AsyncReadExt::take(&mut *rd, MAX_LINE as u64 + 1)
+        .read_line(&mut line)
+        .await
+        .context("reading QMP")?;
     if n == 0 {
         bail!("QMP connection closed");
     }
@@ -85,12 +124,15 @@ impl Qmp {
         }
     }
 
-    /// Saves the paused VM's state (RAM and devices) to `path`: `stop`, then `migrate` into a
-    /// file, polled until done. The VM stays paused; its disks are flushed and left to the caller.
-    pub async fn save_state(&self, path: &Path, timeout: Duration) -> Result<()> {
+    /// Saves the paused VM's state (RAM and devices) to `file`: `stop`, then `migrate` into
+    /// the file, handed to QEMU as a descriptor (a jailed QEMU can neither open host paths
+    /// nor spawn a helper), polled until done. The VM stays paused; its disks are flushed and
+    /// left to the caller.
+    pub async fn save_state(&self, file: &std::fs::File, timeout: Duration) -> Result<()> {
         self.execute("stop", None).await?;
-        let uri = format!("exec:cat > '{}'", path.display().to_string().replace('\'', r"'\''"));
-        self.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        self.send_fd("slicer-state", file).await?;
+        self.execute("migrate", Some(json!({ "uri": "fd:slicer-state" })))
+            .await?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let v = self.execute("query-migrate", None).await?;
@@ -106,6 +148,41 @@ impl Qmp {
                 }
                 _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }
+        }
+    }
+
+    /// Hands `file` to QEMU under `name` (QMP `getfd`, the descriptor attached with SCM_RIGHTS).
+    pub async fn send_fd(&self, name: &str, file: &std::fs::File) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut line = serde_json::to_vec(&json!({ "execute": "getfd", "arguments": { "fdname": name }, "id": id }))?;
+        line.push(b'\n');
+        let mut io = self.io.lock().await;
+        let fd = file.as_raw_fd();
+        let sock: &UnixStream = io.1.as_ref();
+        loop {
+            sock.writable().await.context("writing QMP")?;
+            match sock.try_io(tokio::io::Interest::WRITABLE, || {
+                send_with_fd(sock.as_raw_fd(), &line, fd)
+            }) {
+                Ok(n) if n == line.len() => break,
+                Ok(_) => bail!("QMP getfd: short write"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e).context("passing a descriptor to QEMU"),
+            }
+        }
+        loop {
+            let v = read_json(&mut io.0).await?;
+            if v.get("id").and_then(Value::as_u64) != Some(id) {
+                continue;
+            }
+            if let Some(err) = v.get("error") {
+                bail!(
+                    "QMP getfd failed: {}",
+                    err.get("desc").and_then(Value::as_str).unwrap_or("unknown error")
+                );
+            }
+            return Ok(());
         }
     }
 

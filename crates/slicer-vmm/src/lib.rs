@@ -4,6 +4,7 @@
 //! from a [`Template`] instead; the [`Vm`] handle runs commands and moves files through the
 //! agent, suspends the VM to a file, and stops it in escalating steps.
 
+pub mod jail;
 pub mod template;
 
 use std::collections::HashMap;
@@ -38,6 +39,8 @@ pub struct Host {
     cache_dir: PathBuf,
     accel: OnceCell<Accel>,
     qemu_version: OnceCell<String>,
+    /// How QEMUs are jailed; `None` runs them as the caller (see [`jail`]).
+    pub jail: Option<jail::JailConfig>,
     templates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<template::Slot>>>>,
 }
 
@@ -58,6 +61,7 @@ impl Host {
             accel: OnceCell::new(),
             qemu_version: OnceCell::new(),
             templates: Default::default(),
+            jail: jail::JailConfig::for_host(),
         }
     }
 
@@ -84,10 +88,32 @@ impl Host {
             agent_socket: dir.join("agent.sock"),
             qmp_socket: dir.join("qmp.sock"),
             console_log: dir.join("console.log"),
+            console_socket: Some(dir.join("console.sock")),
             qemu_log: dir.join("qemu.log"),
             net: None,
             incoming: None,
+            jail: None,
         }
+    }
+
+    /// Starts QEMU for `cfg`, jailed when this host jails VMs (see [`jail`]); `cgroup_name`
+    /// names its cgroup (unique among running VMs: the VM's or build directory's name).
+    pub async fn spawn_qemu(&self, cfg: &QemuConfig, cgroup_name: &str, memory_bytes: u64) -> Result<QemuProcess> {
+        for stale in [&cfg.agent_socket, &cfg.qmp_socket] {
+            let _ = std::fs::remove_file(stale);
+        }
+        if let Some(sock) = &cfg.console_socket {
+            let _ = std::fs::remove_file(sock);
+        }
+        let Some(jc) = &self.jail else {
+            return QemuProcess::spawn(cfg).await;
+        };
+        let lease = jc.pool.lease(cgroup_name)?;
+        let mut cfg = cfg.clone();
+        cfg.jail = Some(jc.jail_for(&cfg, cgroup_name, lease.uid, memory_bytes)?);
+        let spawned = QemuProcess::spawn(&cfg).await;
+        drop(lease);
+        spawned
     }
 
     /// KVM or TCG, resolved once (see `slicer_hypervisor::accel`).
@@ -265,9 +291,7 @@ pub struct Vm {
 }
 
 pub(crate) fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let v: Vec<&str> = text.lines().collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
+    slicer_hypervisor::console::tail(path, lines)
 }
 
 impl Vm {
@@ -331,7 +355,7 @@ impl Vm {
         cfg.cmdline = cmdline;
         cfg.net = spec.net.as_ref().map(VmNet::qemu);
         let started = Instant::now();
-        let qemu = match Vm::spawn(&cfg).await {
+        let qemu = match Vm::spawn(host, &cfg).await {
             Ok(q) => q,
             Err(e) => {
                 if !reuse {
@@ -343,11 +367,8 @@ impl Vm {
         Ok(Vm::handle(spec, image, accel, dir, qemu, started, StartMode::Cold))
     }
 
-    async fn spawn(cfg: &QemuConfig) -> Result<QemuProcess> {
-        for stale in [&cfg.agent_socket, &cfg.qmp_socket] {
-            let _ = std::fs::remove_file(stale);
-        }
-        QemuProcess::spawn(cfg).await
+    async fn spawn(host: &Host, cfg: &QemuConfig) -> Result<QemuProcess> {
+        host.spawn_qemu(cfg, &cfg.name, u64::from(cfg.memory_mib) << 20).await
     }
 
     /// Starts the VM from `template`: a new overlay on the template's disk, QEMU loading the
@@ -376,7 +397,7 @@ impl Vm {
         let started = Instant::now();
         let spawned = async {
             slicer_storage::create_overlay(&template.disk(), &cfg.disk, None).await?;
-            Vm::spawn(&cfg).await
+            Vm::spawn(host, &cfg).await
         };
         let qemu = match spawned.await {
             Ok(q) => q,
@@ -420,7 +441,7 @@ impl Vm {
         cfg.net = spec.net.as_ref().map(VmNet::qemu);
         cfg.incoming = Some(state.clone());
         let started = Instant::now();
-        let qemu = Vm::spawn(&cfg).await?;
+        let qemu = Vm::spawn(host, &cfg).await?;
         let vm = Vm::handle(spec, image, accel, dir, qemu, started, StartMode::Resume);
         if let Err(e) = vm.resume_incoming(None).await {
             vm.stop_inner(Duration::ZERO).await;
@@ -476,7 +497,11 @@ impl Vm {
         self.agent.reset().await;
         let qmp = self.qmp().await?;
         let tmp = self.dir.join(format!("{SUSPEND_FILE}.tmp"));
-        if let Err(e) = qmp.save_state(&tmp, Duration::from_secs(300)).await {
+        let saved = async {
+            let file = jail::private_file(&tmp)?;
+            qmp.save_state(&file, Duration::from_secs(300)).await
+        };
+        if let Err(e) = saved.await {
             let _ = std::fs::remove_file(&tmp);
             let _ = qmp.execute("cont", None).await;
             return Err(e.context(format!("suspending VM {}", self.name)));
@@ -504,7 +529,9 @@ impl Vm {
         let image = host.images.get(&spec.image)?;
         let accel = host.accel(&image.kernel).await?;
         let dir = host.vm_root.join(&spec.name);
-        let qemu = QemuProcess::adopt(pid, start_time)?;
+        let cgroup = host.jail.as_ref().and_then(|j| j.cgroup_of(&spec.name));
+        let qemu = QemuProcess::adopt(pid, start_time, cgroup)?;
+        qemu.follow_console(dir.join("console.sock"), dir.join("console.log"));
         Ok(Vm::handle(
             spec,
             image,
@@ -699,7 +726,7 @@ impl Vm {
         }
         self.qemu.kill();
         let result = if self.persistent {
-            ["agent.sock", "qmp.sock", "qemu.log"]
+            ["agent.sock", "qmp.sock", "console.sock", "qemu.log", "qemu.log.1"]
                 .iter()
                 .map(|f| std::fs::remove_file(self.dir.join(f)))
                 .find(|r| r.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::NotFound))

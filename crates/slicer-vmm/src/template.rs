@@ -239,7 +239,13 @@ impl Host {
             mac: TEMPLATE_MAC.into(),
         });
         let started = Instant::now();
-        let qemu = QemuProcess::spawn(&cfg).await?;
+        let cgroup_name = s
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_start_matches('.').to_string())
+            .unwrap_or_default();
+        let qemu = self
+            .spawn_qemu(&cfg, &cgroup_name, u64::from(meta.shape.memory_mib) << 20)
+            .await?;
         let killer = KillOnDrop(&qemu);
         let agent = AgentClient::new(&cfg.agent_socket);
         tokio::select! {
@@ -278,9 +284,11 @@ impl Host {
         let saved = Instant::now();
         let qmp = Qmp::connect(&cfg.qmp_socket, Duration::from_secs(5)).await?;
         let state_tmp = s.join("state.tmp");
-        qmp.save_state(&state_tmp, SAVE_TIMEOUT)
+        let state_file = crate::jail::private_file(&state_tmp)?;
+        qmp.save_state(&state_file, SAVE_TIMEOUT)
             .await
             .context("saving the template")?;
+        drop(state_file);
         meta.save_ms = saved.elapsed().as_millis() as u64;
         let _ = tokio::time::timeout(Duration::from_secs(2), qmp.execute("quit", None)).await;
         if tokio::time::timeout(Duration::from_secs(5), qemu.wait()).await.is_err() {
@@ -291,7 +299,7 @@ impl Host {
         std::fs::rename(&state_tmp, s.join("state"))?;
         meta.state_bytes = std::fs::metadata(s.join("state"))?.len();
         meta.disk_bytes = std::fs::metadata(&image.rootfs)?.len();
-        for f in ["agent.sock", "qmp.sock"] {
+        for f in ["agent.sock", "qmp.sock", "console.sock"] {
             let _ = std::fs::remove_file(s.join(f));
         }
         // Restored VMs' overlays read this disk: nothing may write it again.

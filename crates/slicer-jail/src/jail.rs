@@ -1,0 +1,345 @@
+//! The child side of a jailed spawn: everything between `fork` and `exec`.
+//!
+//! [`JailSpec::prepare`] does all the allocation and path work in the parent; the returned
+//! [`Prepared::enter`] runs in the forked child and only makes syscalls on prepared C strings
+//! and descriptors (async-signal-safe). In order:
+//!
+//! 1. join the VM's cgroup (`0` into each `cgroup.procs`, opened by the parent);
+//! 2. new mount, IPC and UTS namespaces (and an empty network namespace when the VM has none
+//!    of its own: its NIC, if any, is an already opened TAP descriptor);
+//! 3. make every mount private, mount a small tmpfs as the new root, create the paths and bind
+//!    the VM's directory (read-write), its kernel and disk images, `/usr` and `/etc/ld.so.cache`
+//!    (read-only, nosuid, nodev) and a few device nodes at the same paths as on the host, so
+//!    QEMU's arguments and qcow2 backing paths need no translation;
+//! 4. `pivot_root` into it, detach the old root, remount the new root read-only;
+//! 5. drop the capability bounding set, set groups, gid and uid (all capabilities go with
+//!    root), `no_new_privs`, rlimits.
+//!
+//! The seccomp filter is QEMU's own (`-sandbox on,...`), installed by QEMU once it has set up.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::{io_err, Error, Result};
+
+/// What one VM's QEMU may see and be.
+#[derive(Debug, Clone, Default)]
+pub struct JailSpec {
+    /// An empty directory on the host where the jail's root tmpfs is mounted (inside the
+    /// child's own mount namespace only; the host never sees the mount).
+    pub root: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (e.g. the owner group of /dev/kvm).
+    pub groups: Vec<u32>,
+    /// Directories bound read-write at the same path.
+    pub rw_dirs: Vec<PathBuf>,
+    /// Files bound read-only at the same path.
+    pub ro_files: Vec<PathBuf>,
+    /// Device nodes bound at the same path.
+    pub devices: Vec<PathBuf>,
+    /// Give the process an empty network namespace of its own.
+    pub new_netns: bool,
+    /// `cgroup.procs` files to join.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// (resource, soft = hard limit)
+    pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+}
+
+/// Host directories every jail gets read-only: QEMU, its libraries and firmware live in /usr.
+const SYSTEM_DIRS: &[&str] = &["/usr"];
+/// Top-level names that are symlinks into /usr on merged-/usr systems, directories elsewhere.
+const USR_LINKS: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+const SYSTEM_FILES: &[&str] = &["/etc/ld.so.cache"];
+/// Device nodes QEMU may open.
+pub const BASE_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"];
+
+#[derive(Debug)]
+enum Op {
+    Mkdir(CString),
+    Touch(CString),
+    Symlink(CString, CString),
+    /// source, target, remount flags
+    Bind(CString, CString, libc::c_ulong),
+}
+
+/// A jail ready to enter in a forked child.
+#[derive(Debug)]
+pub struct Prepared {
+    root: CString,
+    ops: Vec<Op>,
+    cgroup_fds: Vec<OwnedFd>,
+    unshare_flags: libc::c_int,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+}
+
+fn cstr(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Invalid(format!("path {} has a NUL byte", p.display())))
+}
+
+impl JailSpec {
+    /// Checks the spec, opens the cgroup files and lays out every path (in the parent).
+    pub fn prepare(&self) -> Result<Prepared> {
+        if self.uid == 0 || self.gid == 0 {
+            return Err(Error::Invalid("a jail never runs as uid or gid 0".into()));
+        }
+        if !self.root.is_absolute() || self.root == Path::new("/") {
+            return Err(Error::Invalid(format!(
+                "jail root {} must be an absolute directory other than /",
+                self.root.display()
+            )));
+        }
+        std::fs::create_dir_all(&self.root).map_err(io_err(format!("creating {}", self.root.display())))?;
+        let inside = |p: &Path| -> Result<PathBuf> {
+            if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return Err(Error::Invalid(format!(
+                    "jail path {} must be absolute without '..'",
+                    p.display()
+                )));
+            }
+            Ok(self.root.join(p.strip_prefix("/").unwrap_or(p)))
+        };
+        let mut ops = Vec::new();
+        let mut made: Vec<PathBuf> = Vec::new();
+        let mkdirs = |target: &Path, ops: &mut Vec<Op>, made: &mut Vec<PathBuf>| -> Result<()> {
+            let mut chain: Vec<&Path> = target.ancestors().take_while(|a| *a != self.root.as_path()).collect();
+            chain.reverse();
+            for d in chain {
+                if !made.iter().any(|m| m == d) {
+                    ops.push(Op::Mkdir(cstr(d)?));
+                    made.push(d.to_path_buf());
+                }
+            }
+            Ok(())
+        };
+        const RO: libc::c_ulong = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+        for d in SYSTEM_DIRS {
+            let t = inside(Path::new(d))?;
+            mkdirs(&t, &mut ops, &mut made)?;
+            ops.push(Op::Bind(cstr(Path::new(d))?, cstr(&t)?, RO));
+        }
+        for l in USR_LINKS {
+            let host = Path::new(l);
+            match std::fs::symlink_metadata(host) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    let to = std::fs::read_link(host).map_err(io_err(format!("reading link {l}")))?;
+                    ops.push(Op::Symlink(cstr(&to)?, cstr(&inside(host)?)?));
+                }
+                Ok(m) if m.is_dir() => {
+                    let t = inside(host)?;
+                    mkdirs(&t, &mut ops, &mut made)?;
+                    ops.push(Op::Bind(cstr(host)?, cstr(&t)?, RO));
+                }
+                _ => {}
+            }
+        }
+        let files = SYSTEM_FILES
+            .iter()
+            .map(PathBuf::from)
+            .filter(|f| f.is_file())
+            .chain(self.ro_files.iter().cloned());
+        for f in files {
+            let t = inside(&f)?;
+            if let Some(parent) = t.parent() {
+                mkdirs(parent, &mut ops, &mut made)?;
+            }
+            ops.push(Op::Touch(cstr(&t)?));
+            ops.push(Op::Bind(cstr(&f)?, cstr(&t)?, RO | libc::MS_NOEXEC));
+        }
+        for d in &self.rw_dirs {
+            let t = inside(d)?;
+            mkdirs(&t, &mut ops, &mut made)?;
+            ops.push(Op::Bind(
+                cstr(d)?,
+                cstr(&t)?,
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            ));
+        }
+        for dev in &self.devices {
+            let t = inside(dev)?;
+            if let Some(parent) = t.parent() {
+                mkdirs(parent, &mut ops, &mut made)?;
+            }
+            ops.push(Op::Touch(cstr(&t)?));
+            ops.push(Op::Bind(cstr(dev)?, cstr(&t)?, libc::MS_NOSUID | libc::MS_NOEXEC));
+        }
+        let mut cgroup_fds = Vec::new();
+        for f in &self.cgroup_procs {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(f)
+                .map_err(io_err(format!("opening {}", f.display())))?;
+            cgroup_fds.push(OwnedFd::from(file));
+        }
+        let mut unshare_flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+        if self.new_netns {
+            unshare_flags |= libc::CLONE_NEWNET;
+        }
+        Ok(Prepared {
+            root: cstr(&self.root)?,
+            ops,
+            cgroup_fds,
+            unshare_flags,
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+            rlimits: self
+                .rlimits
+                .iter()
+                .map(|(r, v)| {
+                    (
+                        *r,
+                        libc::rlimit {
+                            rlim_cur: *v,
+                            rlim_max: *v,
+                        },
+                    )
+                })
+                .collect(),
+        })
+    }
+}
+
+fn check(r: libc::c_int) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Prepared {
+    /// Enters the jail. Call only in a forked child before `exec` (e.g. from
+    /// `Command::pre_exec`): it changes the calling process for good.
+    ///
+    /// # Safety
+    /// Async-signal-safe: only syscalls on data prepared before the fork.
+    pub unsafe fn enter(&self) -> std::io::Result<()> {
+        let null = std::ptr::null::<libc::c_char>();
+        for fd in &self.cgroup_fds {
+            if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        check(libc::unshare(self.unshare_flags))?;
+        check(libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            c"tmpfs".as_ptr(),
+            self.root.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            c"mode=0755,size=256k,nr_inodes=512".as_ptr().cast(),
+        ))?;
+        for op in &self.ops {
+            match op {
+                Op::Mkdir(p) => {
+                    if libc::mkdir(p.as_ptr(), 0o755) < 0 && *libc::__errno_location() != libc::EEXIST {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Op::Touch(p) => {
+                    let fd = libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC, 0o600);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
+                Op::Symlink(to, at) => check(libc::symlink(to.as_ptr(), at.as_ptr()))?,
+                Op::Bind(src, dst, flags) => {
+                    check(libc::mount(
+                        src.as_ptr(),
+                        dst.as_ptr(),
+                        null,
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ))?;
+                    check(libc::mount(
+                        null,
+                        dst.as_ptr(),
+                        null,
+                        libc::MS_BIND | libc::MS_REMOUNT | flags,
+                        std::ptr::null(),
+                    ))?;
+                }
+            }
+        }
+        check(libc::chdir(self.root.as_ptr()))?;
+        check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+        check(libc::chdir(c"/".as_ptr()))?;
+        check(libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+            std::ptr::null(),
+        ))?;
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && *libc::__errno_location() != libc::EINVAL {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        check(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
+        check(libc::setresgid(self.gid, self.gid, self.gid))?;
+        check(libc::setresuid(self.uid, self.uid, self.uid))?;
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        for (res, lim) in &self.rlimits {
+            check(libc::setrlimit(*res, lim))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_laid_out_once_and_root_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = JailSpec {
+            root: dir.path().join("jail"),
+            uid: 4242,
+            gid: 4242,
+            rw_dirs: vec!["/var/lib/x/vms/a".into()],
+            ro_files: vec!["/var/lib/x/images/k".into()],
+            ..Default::default()
+        };
+        let p = spec.prepare().unwrap();
+        let mkdirs: Vec<String> = p
+            .ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Mkdir(c) => Some(c.to_string_lossy().into_owned()),
+                _ => None,
+            })
+            .collect();
+        let var = format!("{}/var", spec.root.display());
+        assert_eq!(mkdirs.iter().filter(|m| **m == var).count(), 1, "{mkdirs:?}");
+        assert!(mkdirs.contains(&format!("{}/var/lib/x/vms/a", spec.root.display())));
+        assert!(JailSpec { uid: 0, ..spec.clone() }.prepare().is_err());
+        assert!(JailSpec {
+            rw_dirs: vec!["/a/../etc".into()],
+            ..spec.clone()
+        }
+        .prepare()
+        .is_err());
+        assert!(JailSpec {
+            root: "/".into(),
+            ..spec
+        }
+        .prepare()
+        .is_err());
+    }
+}

@@ -1,0 +1,236 @@
+//! How this host jails its QEMUs (see the `slicer-jail` crate for the mechanics).
+//!
+//! Every QEMU runs under a uid of its own from [`slicer_jail::UidPool`], in a mount namespace
+//! that holds its VM directory (read-write), its kernel and the read-only files behind its disk
+//! (the qcow2 backing chain), `/usr` and a few device nodes, with no capabilities,
+//! `no_new_privs`, rlimits and QEMU's seccomp sandbox; in a cgroup `slicer/<vm>` limited to the
+//! VM's RAM plus [`crate::vm_overhead_bytes`] (no swap), its vCPUs plus half a core, 512 tasks
+//! and an IO weight of 100. Everything that needs privilege (network namespace, TAP, the saved
+//! state files) the daemon opens and hands over as descriptors.
+
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use slicer_hypervisor::{Accel, Jail, QemuConfig};
+use slicer_jail::{Cgroup, Hierarchy, JailSpec, Limits, UidPool};
+
+/// The cgroup every VM's cgroup lives in.
+pub const CGROUP_PARENT: &str = "slicer";
+/// Where each jail's root is mounted (in the jailed process's own mount namespace only).
+pub const JAIL_ROOT: &str = "/run/slicer/jail";
+/// Tasks (QEMU threads) per VM.
+pub const PIDS_MAX: u64 = 512;
+/// CPU beyond the vCPUs, for QEMU's device and I/O threads, in CFS microseconds per period.
+pub const CPU_EXTRA_US: u64 = 50_000;
+/// Descriptors a QEMU may hold.
+pub const NOFILE: u64 = 4096;
+
+pub struct JailConfig {
+    pub pool: UidPool,
+    /// `None` where no cgroup hierarchy with memory, cpu and pids is mounted (logged once).
+    pub cgroups: Option<Hierarchy>,
+    pub root: PathBuf,
+}
+
+impl JailConfig {
+    /// The jail this host can give: all of it when running as root (cgroups where mounted),
+    /// nothing otherwise (an unprivileged caller cannot change uid or mount).
+    pub fn for_host() -> Option<JailConfig> {
+        // SAFETY: geteuid(2) cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let cgroups = match Hierarchy::detect() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!("VMs run without cgroup limits: {e}");
+                None
+            }
+        };
+        Some(JailConfig {
+            pool: UidPool::new(
+                slicer_jail::uid::DEFAULT_START,
+                slicer_jail::uid::DEFAULT_COUNT,
+                PathBuf::from("/run/slicer/uids"),
+            ),
+            cgroups,
+            root: PathBuf::from(JAIL_ROOT),
+        })
+    }
+
+    /// The cgroup limits of a VM with `memory_bytes` of RAM and `cpus` vCPUs.
+    pub fn limits(memory_bytes: u64, cpus: u32) -> Limits {
+        Limits {
+            memory_bytes: memory_bytes + crate::vm_overhead_bytes(memory_bytes),
+            cpu_quota_us: u64::from(cpus) * slicer_jail::cgroup::CPU_PERIOD_US + CPU_EXTRA_US,
+            pids: PIDS_MAX,
+            io_weight: 100,
+        }
+    }
+
+    /// The cgroup of VM `name` if it exists (for an adopted VM).
+    pub fn cgroup_of(&self, name: &str) -> Option<Cgroup> {
+        let h = self.cgroups.as_ref()?;
+        let cg = Cgroup::at(h, CGROUP_PARENT, name);
+        cg.exists().then_some(cg)
+    }
+
+    /// Removes the cgroups of VMs that no longer run, for the names `ours` accepts (a daemon
+    /// only touches its own host groups' VMs).
+    pub fn remove_leftover_cgroups(&self, ours: impl Fn(&str) -> bool) {
+        let Some(h) = &self.cgroups else { return };
+        for name in h.children(CGROUP_PARENT).into_iter().filter(|n| ours(n)) {
+            let cg = Cgroup::at(h, CGROUP_PARENT, &name);
+            if cg.pids().is_empty() {
+                if let Err(e) = cg.remove() {
+                    tracing::warn!("removing a leftover cgroup: {e}");
+                }
+            }
+        }
+    }
+
+    /// The jail for QEMU `cfg` under `uid`: prepares its directory (owned by the uid, 0700),
+    /// its cgroup, and what it may see.
+    pub fn jail_for(&self, cfg: &QemuConfig, name: &str, uid: u32, memory_bytes: u64) -> Result<Jail> {
+        let dir = cfg
+            .disk
+            .parent()
+            .context("the VM's disk has no directory")?
+            .to_path_buf();
+        chown(&dir, uid, 0o700)?;
+        if cfg.disk.exists() {
+            chown(&cfg.disk, uid, 0o600)?;
+        }
+        let mut ro_files = vec![cfg.kernel.clone()];
+        ro_files.extend(backing_chain(&cfg.disk)?);
+        for f in &ro_files {
+            world_readable(f)?;
+        }
+        let mut devices: Vec<PathBuf> = slicer_jail::jail::BASE_DEVICES.iter().map(PathBuf::from).collect();
+        let mut groups = Vec::new();
+        if cfg.accel == Accel::Kvm {
+            devices.push("/dev/kvm".into());
+            if let Ok(m) = std::fs::metadata("/dev/kvm") {
+                groups.push(m.gid());
+            }
+        }
+        let cgroup = match &self.cgroups {
+            Some(h) => Some(Cgroup::create(
+                h,
+                CGROUP_PARENT,
+                name,
+                &Self::limits(memory_bytes, cfg.cpus),
+            )?),
+            None => None,
+        };
+        let spec = JailSpec {
+            root: self.root.clone(),
+            uid,
+            gid: uid,
+            groups,
+            rw_dirs: vec![dir],
+            ro_files,
+            devices,
+            new_netns: cfg.net.as_ref().and_then(|n| n.netns.as_ref()).is_none(),
+            cgroup_procs: cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default(),
+            rlimits: vec![
+                (libc::RLIMIT_NOFILE, NOFILE),
+                (libc::RLIMIT_CORE, 0),
+                (libc::RLIMIT_NPROC, PIDS_MAX),
+            ],
+        };
+        Ok(Jail { spec, cgroup })
+    }
+}
+
+fn chown(path: &Path, uid: u32, mode: u32) -> Result<()> {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).with_context(|| format!("chown {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+/// The read-only images (kernel, base disks) are the same for every tenant and hold nothing
+/// of theirs: every VM's uid may read them.
+fn world_readable(path: &Path) -> Result<()> {
+    let m = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if m.mode() & 0o004 == 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode((m.mode() & 0o7777) | 0o444))
+            .with_context(|| format!("chmod {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A new file only the daemon can read (0600), e.g. for a saved state.
+pub fn private_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))
+}
+
+/// The files behind a qcow2 disk, nearest first: read from the qcow2 headers (magic
+/// `QFI\xfb`, backing file offset at byte 8, its length at byte 16). A raw file ends the chain.
+pub fn backing_chain(disk: &Path) -> Result<Vec<PathBuf>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut chain = Vec::new();
+    let mut cur = disk.to_path_buf();
+    for _ in 0..16 {
+        let Ok(mut f) = std::fs::File::open(&cur) else { break };
+        let mut hdr = [0u8; 20];
+        if f.read_exact(&mut hdr).is_err() || hdr[..4] != *b"QFI\xfb" {
+            break;
+        }
+        let off = u64::from_be_bytes(hdr[8..16].try_into().unwrap_or_default());
+        let len = u32::from_be_bytes(hdr[16..20].try_into().unwrap_or_default()) as usize;
+        if off == 0 || len == 0 {
+            break;
+        }
+        anyhow::ensure!(len <= 1023, "{}: backing file name too long", cur.display());
+        let mut name = vec![0u8; len];
+        f.seek(SeekFrom::Start(off))?;
+        f.read_exact(&mut name)
+            .with_context(|| format!("reading the backing file of {}", cur.display()))?;
+        let name = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(name));
+        let next = if name.is_absolute() {
+            name
+        } else {
+            cur.parent().unwrap_or(Path::new("/")).join(name)
+        };
+        chain.push(next.clone());
+        cur = next;
+    }
+    Ok(chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_follow_the_vm() {
+        let l = JailConfig::limits(256 << 20, 2);
+        assert_eq!(l.memory_bytes, (256 << 20) + crate::vm_overhead_bytes(256 << 20));
+        assert_eq!(l.cpu_quota_us, 250_000);
+    }
+
+    #[test]
+    fn a_raw_file_has_no_backing_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        std::fs::write(&raw, b"not qcow2").unwrap();
+        assert!(backing_chain(&raw).unwrap().is_empty());
+        // A qcow2 header naming a relative backing file.
+        let mut q = vec![0u8; 128];
+        q[..4].copy_from_slice(b"QFI\xfb");
+        q[8..16].copy_from_slice(&100u64.to_be_bytes());
+        q[16..20].copy_from_slice(&3u32.to_be_bytes());
+        q[100..103].copy_from_slice(b"raw");
+        let top = dir.path().join("top.qcow2");
+        std::fs::write(&top, &q).unwrap();
+        assert_eq!(backing_chain(&top).unwrap(), vec![raw]);
+    }
+}
