@@ -56,7 +56,7 @@ pub enum AgentError {
     #[error("agent did not become ready within {0:?}")]
     Timeout(Duration),
     /// The agent took too long to answer a request that has a deadline.
-    #[error("the guest agent did not answer {what} within {after:?}")]
+    #[error("the agent did not answer {what} within {after:?}")]
     Deadline { what: &'static str, after: Duration },
     /// A buffered exec produced more than its limit; `output` holds what was read (up to the
     /// limit) and the kill as its status.

@@ -1,0 +1,218 @@
+//! What the daemon holds for a tenant is bounded: a buffered exec that prints for ever is cut at
+//! 16 MiB (the command killed, the daemon's memory barely moving), and a guest whose agent stops
+//! answering makes health and filesystem calls fail within their deadlines. The connection cap
+//! and the request timeout have unit tests in the crate (lib.rs, api/mod.rs).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{no_qemu_for, TestDaemon};
+use http::Method;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use slicer_api::client::{empty, query};
+
+/// The tests here measure the process's memory and time calls: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn cfg(group: &str, image: &str, port: u16) -> String {
+    common::config_yaml(group, &format!("    image: {image}\n    warm_start: false\n"), port)
+}
+
+/// Resident memory of this process (the daemon runs in it, see common::TestDaemon), in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kb * 1024
+}
+
+/// The `-accel` argument of the QEMU running `hostname` (for the numbers printed).
+fn accel_of(hostname: &str) -> String {
+    let needle = format!("slicer-{hostname}");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| {
+            c.split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+        })
+        .find(|args| args.contains(&needle))
+        .and_then(|args| args.iter().skip_while(|a| *a != "-accel").nth(1).cloned())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Deletes the VM, asserting its QEMU is gone.
+async fn delete(d: &TestDaemon, group: &str, h: &str) {
+    let (s, v) = d
+        .send_json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), "")
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(no_qemu_for(h), "QEMU of {h} still runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_exec_of_endless_output_is_cut_and_killed() {
+    let _serial = SERIAL.lock().await;
+    let d = TestDaemon::start(|p| cfg("yes", "min", p)).await;
+    let h = d.create_vm("yes", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Sample the process's memory while the request runs.
+    let before = rss();
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let sampler = tokio::spawn(async move {
+        let mut peak = rss();
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => return peak,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => peak = peak.max(rss()),
+            }
+        }
+    });
+
+    let t0 = Instant::now();
+    let q = query(&[("cmd", "yes".into()), ("buffered", "true".into())]);
+    let resp = d
+        .client()
+        .send(Method::POST, &format!("/vm/{h}/exec?{q}"), None, empty())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Read the answer without keeping it (the client shares this process's memory): its
+    // length, its start and its last 64 KiB.
+    let (mut len, mut head, mut tail) = (0usize, Vec::new(), Vec::new());
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.unwrap().into_data() else { continue };
+        len += data.len();
+        if head.len() < 64 {
+            head.extend_from_slice(&data[..data.len().min(64 - head.len())]);
+        }
+        tail.extend_from_slice(&data);
+        if tail.len() > 128 << 10 {
+            tail.drain(..tail.len() - (64 << 10));
+        }
+    }
+    let took = t0.elapsed();
+    let _ = stop_tx.send(());
+    let peak = sampler.await.unwrap();
+    let growth = peak.saturating_sub(before);
+    eprintln!(
+        "buffered `yes` ({}): answered in {took:?}, {len} bytes; RSS {} MiB before, peak {} MiB (+{} MiB)",
+        accel_of(&h),
+        before >> 20,
+        peak >> 20,
+        growth >> 20
+    );
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    assert!(growth < 64 << 20, "RSS grew by {} MiB", growth >> 20);
+
+    // SlicerVM's buffered shape with the first 16 MiB of output ("y\n" is 3 bytes in JSON).
+    assert!(
+        head.starts_with(br#"{"stdout":"y\ny\ny\n"#),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let limit = slicer_agent_client::MAX_BUFFERED_OUTPUT;
+    assert!(len > limit / 2 * 3 && len < limit / 2 * 3 + 4096, "{len}");
+    let text = String::from_utf8_lossy(&tail);
+    let rest = &text[text.rfind(r#","stderr":"#).expect("a stderr field")..];
+    let v: Value = serde_json::from_str(&format!("{{{}", &rest[1..])).unwrap();
+    assert_eq!(v["exit_code"], 137, "{v}");
+    assert_eq!(v["signal"], "SIGKILL", "{v}");
+    let err = v["error"].as_str().unwrap_or_default();
+    assert!(err.contains("output exceeded 16 MiB") && err.contains("killed"), "{v}");
+
+    // The command is gone from the guest.
+    let answered = Instant::now();
+    let deadline = answered + Duration::from_secs(20);
+    loop {
+        let (s, v) = d.sh(&h, "pgrep -x yes; echo rc=$?").await;
+        assert_eq!(s, 200, "{v}");
+        if v["stdout"] == "rc=1\n" {
+            eprintln!("no `yes` in the guest {:?} after the answer", answered.elapsed());
+            break;
+        }
+        assert!(Instant::now() < deadline, "yes still runs in the guest: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the daemon still serves the VM.
+    let (s, v) = d.sh(&h, "echo ok").await;
+    assert_eq!((s, v["stdout"].as_str()), (200, Some("ok\n")), "{v}");
+    delete(&d, "yes", &h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_fails_health_and_fs_calls_within_their_deadlines() {
+    let _serial = SERIAL.lock().await;
+    let d = TestDaemon::start(|p| cfg("stk", "systemd", p)).await;
+    let h = d.create_vm("stk", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, v) = d.get(&format!("/vm/{h}/health")).await;
+    assert_eq!(s, 200, "{v}");
+
+    // The agent is a systemd unit here: stop it from a process of its own that outlives the
+    // exec (PID 1 of the min image could not be stopped from inside).
+    let (s, v) = d
+        .sh(
+            &h,
+            "setsid sh -c 'sleep 0.5; kill -STOP $(pidof slicer-agent || pgrep -x slicer-agent)' </dev/null >/dev/null 2>&1 &",
+        )
+        .await;
+    assert_eq!((s, &v["exit_code"]), (200, &json!(0)), "{v}");
+
+    // Health answers until the stop lands, then fails within its 5 s deadline.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (status, err, took) = loop {
+        let t0 = Instant::now();
+        let (s, v) = d.get(&format!("/vm/{h}/health")).await;
+        if s != 200 {
+            break (s, v, t0.elapsed());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health still answers after the agent was stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "health of a stopped agent ({}): {status} after {took:?}: {err}",
+        accel_of(&h)
+    );
+    assert!(status >= 500, "{status} {err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not answer a health check within 5s"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(7), "{took:?}");
+
+    // A filesystem call fails within its 30 s deadline.
+    let t0 = Instant::now();
+    let (s, v) = d.get(&format!("/vm/{h}/fs/readdir?path=/")).await;
+    let took = t0.elapsed();
+    eprintln!("readdir of a stopped agent: {s} after {took:?}: {v}");
+    assert!(s >= 500, "{s} {v}");
+    assert!(v["error"].as_str().unwrap_or_default().contains("within 30s"), "{v}");
+    assert!(
+        took >= Duration::from_secs(29) && took < Duration::from_secs(35),
+        "{took:?}"
+    );
+
+    // Deleting does not need the agent (no graceful shutdown in this config).
+    delete(&d, "stk", &h).await;
+}
