@@ -11,6 +11,7 @@
 //!    the VM's directory (read-write), its kernel and disk images, `/usr` and `/etc/ld.so.cache`
 //!    (read-only, nosuid, nodev) and a few device nodes at the same paths as on the host, so
 //!    QEMU's arguments and qcow2 backing paths need no translation;
+//!    (with umask 0 for the layout, 077 afterwards);
 //! 4. `pivot_root` into it, detach the old root, remount the new root read-only;
 //! 5. drop the capability bounding set, set groups, gid and uid (all capabilities go with
 //!    root), `no_new_privs`, rlimits.
@@ -227,6 +228,9 @@ impl Prepared {
             }
         }
         check(libc::unshare(self.unshare_flags))?;
+        // The jail's directories must be traversable by the VM's uid whatever the caller's
+        // umask; QEMU itself then creates its sockets and files private (0700/0600).
+        libc::umask(0);
         check(libc::mount(
             null,
             c"/".as_ptr(),
@@ -274,6 +278,7 @@ impl Prepared {
                 }
             }
         }
+        libc::umask(0o077);
         check(libc::chdir(self.root.as_ptr()))?;
         check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
         check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
