@@ -216,3 +216,18 @@ async fn a_stopped_agent_fails_health_and_fs_calls_within_their_deadlines() {
     // Deleting does not need the agent (no graceful shutdown in this config).
     delete(&d, "stk", &h).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_and_the_api_socket_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = TestDaemon::start(|_| {
+        "config:\n  host_groups:\n  - name: prv\n    count: 0\n    vcpu: 1\n    ram_gb: 1\n    network: {mode: none}\n  graceful_shutdown: false\n  api:\n    bind_address: ./api.sock\n".to_string()
+    })
+    .await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&d.dir.path().join("data")), 0o700);
+    let sock = d.dir.path().join("api.sock");
+    assert_eq!(mode(&sock), slicer_daemon::SOCKET_MODE);
+    d.stop().await;
+    assert!(!sock.exists());
+}
