@@ -51,12 +51,13 @@ pub const SOCKET_MODE: u32 = 0o660;
 
 /// Loads and validates the config, prepares images, state and VMs, and starts serving.
 ///
-/// What the daemon keeps is private to its user: the data directory (`state.db`, VM
-/// directories, suspend state, secrets, the token) is made 0700, and a UNIX API socket gets
-/// [`SOCKET_MODE`]. The process umask is left as inherited: the QEMU jail (slicer-jail) builds
-/// its mount tree with `mkdir(0755)` in the forked child, and under umask 0077 those
-/// directories would be 0700 root and the VM's uid could not reach its own files.
+/// Everything the daemon creates is private to its user: the process umask becomes 0077 (the
+/// data directory, `state.db`, VM directories, suspend state, templates), the data directory
+/// is made 0700, and a UNIX API socket gets [`SOCKET_MODE`]. (The QEMU jail lays out its
+/// mount tree with its own umask.)
 pub async fn start(opts: &UpOptions) -> Result<Daemon> {
+    // SAFETY: umask only sets the process's file creation mask.
+    unsafe { libc::umask(0o077) };
     let file = config::File::load(&opts.config)?;
     let base = opts
         .config

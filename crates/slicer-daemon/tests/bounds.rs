@@ -226,6 +226,8 @@ async fn the_data_directory_and_the_api_socket_are_private() {
     .await;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&d.dir.path().join("data")), 0o700);
+    // Created under umask 0077.
+    assert_eq!(mode(&d.dir.path().join("data/state.db")), 0o600);
     let sock = d.dir.path().join("api.sock");
     assert_eq!(mode(&sock), slicer_daemon::SOCKET_MODE);
     d.stop().await;
