@@ -1,0 +1,191 @@
+//! A hostile tenant against a real daemon, real QEMU guests and the real agent: every QEMU
+//! is jailed and limited by its cgroup, and one guest that fork-bombs, spins every vCPU,
+//! floods its console and fills its disk does not hurt the host or the other tenants.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestDaemon;
+use serde_json::json;
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+fn free_bytes(path: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs fills the struct it is given.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail * st.f_frsize
+}
+
+fn qemu_pid(hostname: &str) -> u32 {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    c.split(|b| *b == 0)
+                        .any(|a| a == format!("slicer-{hostname}").as_bytes())
+                })
+                .unwrap_or(false)
+        })
+        .unwrap_or_else(|| panic!("no QEMU for {hostname}"))
+}
+
+/// Asserts the jail of a running VM's QEMU: not root, no capabilities, seccomp filter,
+/// no_new_privs, its own mount namespace whose root holds none of the host's files, its own
+/// cgroup with the VM's memory limit.
+fn assert_jailed(hostname: &str, ram_bytes: u64) {
+    let pid = qemu_pid(hostname);
+    let c = slicer_jail::inspect(pid).unwrap();
+    assert_ne!(c.uid, 0, "{hostname}: QEMU runs as root");
+    assert_eq!((c.cap_eff, c.cap_prm, c.cap_bnd), (0, 0, 0), "{hostname}: {c:?}");
+    assert_eq!(c.seccomp, 2, "{hostname}: no seccomp filter");
+    assert!(c.no_new_privs, "{hostname}");
+    assert!(c.own_mount_ns, "{hostname}: shares the host's mounts");
+    for host_only in ["root", "home", "boot", "proc", "sys", "run"] {
+        assert!(
+            !c.root_entries.iter().any(|e| e == host_only),
+            "{hostname}: jail root has {host_only}: {:?}",
+            c.root_entries
+        );
+    }
+    let cg = c
+        .cgroups
+        .iter()
+        .find(|p| p.ends_with(&format!("/slicer/{hostname}")))
+        .unwrap_or_else(|| panic!("{hostname}: not in its own cgroup: {:?}", c.cgroups));
+    let h = slicer_jail::Hierarchy::detect().unwrap();
+    let limit_file = match &h {
+        slicer_jail::Hierarchy::V2 { root } => root.join(cg.trim_start_matches('/')).join("memory.max"),
+        slicer_jail::Hierarchy::V1 { memory, .. } => {
+            memory.join(cg.trim_start_matches('/')).join("memory.limit_in_bytes")
+        }
+    };
+    let limit: u64 = std::fs::read_to_string(&limit_file).unwrap().trim().parse().unwrap();
+    assert_eq!(
+        limit,
+        ram_bytes + slicer_vmm::vm_overhead_bytes(ram_bytes),
+        "{}",
+        limit_file.display()
+    );
+}
+
+async fn delete(d: &TestDaemon, group: &str, h: &str) {
+    let (s, v) = d
+        .send_json(http::Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), "")
+        .await;
+    assert_eq!(s, 200, "deleting {h}: {v}");
+}
+
+/// Create (wait=agent) + one exec on a fresh VM, and its time.
+async fn create_and_exec(d: &TestDaemon, group: &str) -> (String, Duration) {
+    let t = Instant::now();
+    let v = d.create_vm(group, json!({})).await;
+    let h = v["hostname"].as_str().unwrap().to_string();
+    let (s, out) = d.sh(&h, "echo ok").await;
+    assert_eq!((s, out["stdout"].as_str()), (200, Some("ok\n")), "{out}");
+    (h, t.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_guest_does_not_hurt_the_host_or_other_tenants() {
+    let d = TestDaemon::start(|p| {
+        format!(
+            "config:\n  host_groups:\n  - name: evil\n    count: 0\n    vcpu: 2\n    ram_gb: 1\n    network: {{mode: isolated}}\n  - name: calm\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network: {{mode: isolated}}\n  graceful_shutdown: false\n  api:\n    port: {p}\n    bind_address: 127.0.0.1\n"
+        )
+    })
+    .await;
+    let data = d.dir.path().join("data");
+
+    // Quiet: how long a create + exec takes with nothing else going on (the first one also
+    // builds the template).
+    let (first, _) = create_and_exec(&d, "calm").await;
+    let (second, quiet) = create_and_exec(&d, "calm").await;
+    for h in [&first, &second] {
+        delete(&d, "calm", h).await;
+    }
+
+    let evil = d.create_vm("evil", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_jailed(&evil, 1 << 30);
+    let rss_before = rss_bytes();
+    let free_before = free_bytes(&data);
+
+    // Every vCPU busy, the console flooded, the disk filled, then a fork bomb; all detached
+    // so the exec returns.
+    let attack = "for i in $(seq $(nproc)); do setsid sh -c 'while :; do :; done' >/dev/null 2>&1 & done; \
+        setsid sh -c 'while :; do cat /proc/cpuinfo; done > /dev/ttyS0' >/dev/null 2>&1 & \
+        setsid sh -c 'dd if=/dev/zero of=/fill bs=1M' >/dev/null 2>&1 & \
+        setsid sh -c 'sleep 1; f() { f | f & }; f' >/dev/null 2>&1 & echo started";
+    let (s, out) = d.sh(&evil, attack).await;
+    assert_eq!((s, out["stdout"].as_str()), (200, Some("started\n")), "{out}");
+
+    let attack_ends = Instant::now() + Duration::from_secs(30);
+    let console = data.join("vms").join(&evil).join("console.log");
+    let mut worst_health = Duration::ZERO;
+    let mut under_attack = Vec::new();
+    while Instant::now() < attack_ends {
+        let t = Instant::now();
+        let (s, _) = d.get("/healthz").await;
+        assert_eq!(s, 200);
+        worst_health = worst_health.max(t.elapsed());
+        if under_attack.len() < 2 {
+            let (h, took) = create_and_exec(&d, "calm").await;
+            under_attack.push(took);
+            assert_jailed(&h, 256 << 20);
+            delete(&d, "calm", &h).await;
+        }
+        let log = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0)
+            + std::fs::metadata(console.with_extension("log.1"))
+                .map(|m| m.len())
+                .unwrap_or(0);
+        assert!(
+            log <= 2 * slicer_hypervisor::console::LOG_MAX,
+            "console log {log} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let rss_growth = rss_bytes().saturating_sub(rss_before);
+    let disk_used = free_before.saturating_sub(free_bytes(&data));
+    eprintln!(
+        "quiet create+exec {quiet:?}; under attack {under_attack:?}; worst /healthz {worst_health:?}; \
+         daemon RSS +{} KiB; host disk used by the filler {} MiB",
+        rss_growth >> 10,
+        disk_used >> 20
+    );
+    for took in &under_attack {
+        assert!(
+            *took <= 2 * quiet,
+            "create + exec took {took:?} under attack, {quiet:?} quiet"
+        );
+    }
+    assert!(worst_health < Duration::from_secs(1), "/healthz took {worst_health:?}");
+    assert!(rss_growth < 64 << 20, "daemon RSS grew by {rss_growth} bytes");
+    // The filler can use at most its disk's virtual size (the image's 1 GiB here) plus qcow2 metadata.
+    assert!(
+        disk_used < (1 << 30) + (64 << 20),
+        "host disk use grew by {disk_used} bytes"
+    );
+    assert_jailed(&evil, 1 << 30);
+
+    // The tenant's VM still goes away cleanly.
+    let t = Instant::now();
+    delete(&d, "evil", &evil).await;
+    assert!(t.elapsed() < Duration::from_secs(15));
+    assert!(common::no_qemu_for(&evil));
+    assert!(!data.join("vms").join(&evil).exists());
+}
