@@ -487,8 +487,8 @@ impl File {
                 bail!("{at}.network.mode: {mode:?} is not supported; use bridge, isolated or none");
             }
             for (field, list) in [("drop", &net.drop), ("allow", &net.allow)] {
-                if !list.is_empty() && mode != "isolated" {
-                    bail!("{at}.network.{field}: only applies to isolated mode");
+                if !list.is_empty() && mode == "none" {
+                    bail!("{at}.network.{field}: only applies to isolated and bridge mode");
                 }
                 for r in list {
                     if !valid_rule(r) {

@@ -424,7 +424,8 @@ impl Manager {
         (allow, drop)
     }
 
-    /// Network objects for the daemon as a whole: leftovers of earlier runs go, group bridges come.
+    /// Network objects and cgroups for the daemon as a whole: leftovers of earlier runs go
+    /// (only those named after this daemon's groups' VMs), group bridges come.
     pub async fn setup_networks(&self) -> anyhow::Result<()> {
         let taps: Vec<String> = self
             .settings
@@ -445,6 +446,17 @@ impl Manager {
             })
             .collect();
         slicer_net::remove_leftovers(&groups, &taps, &keep).await;
+        if let Some(j) = &self.host.jail {
+            let running: Vec<String> = self.vms().keys().cloned().collect();
+            j.remove_leftover_cgroups(|name| {
+                !running.iter().any(|r| r == name)
+                    && groups.iter().any(|g| {
+                        name.strip_prefix(g.as_str())
+                            .and_then(|n| n.strip_prefix('-'))
+                            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                    })
+            });
+        }
         for n in self.nets.values() {
             if let GroupNet::Bridge(b) = n {
                 b.setup().await?;

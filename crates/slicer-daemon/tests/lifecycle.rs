@@ -141,6 +141,14 @@ async fn pause_blocks_guest_operations_until_resume() {
     d.stop().await;
 }
 
+/// cgroups of `cyc` VMs (in any hierarchy).
+fn cgroups_of_cyc() -> usize {
+    let Ok(h) = slicer_jail::Hierarchy::detect() else {
+        return 0;
+    };
+    h.children("slicer").iter().filter(|n| n.starts_with("cyc-")).count()
+}
+
 fn count_ours() -> (usize, usize, usize, usize) {
     let out = |args: &[&str]| {
         String::from_utf8_lossy(&Command::new(args[0]).args(&args[1..]).output().unwrap().stdout).into_owned()
@@ -188,6 +196,12 @@ async fn fifty_create_delete_cycles_leak_nothing() {
     assert_eq!(after.0, before.0, "QEMU processes");
     assert_eq!(after.1, before.1, "namespaces");
     assert_eq!(after.3, before.3, "nftables rules");
+    // A cgroup goes a moment after its QEMU has been reaped.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while cgroups_of_cyc() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(cgroups_of_cyc(), 0, "cgroups");
     assert_eq!(
         std::fs::read_dir(d.dir.path().join("data/vms")).unwrap().count(),
         0,
