@@ -10,13 +10,15 @@ RUN=1
 [ "${1:-}" = "--no-run" ] && RUN=0
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "setup needs root (apt-get, debootstrap, VM networking): run it with sudo" >&2
+  echo "setup needs root (apt-get, debootstrap, VM networking): run it as root, e.g. sudo $0" >&2
   exit 1
 fi
 
 # --- host packages ------------------------------------------------------------------------
-PKGS=(qemu-system-x86 qemu-utils debootstrap linux-source-6.1 build-essential bc flex bison
-      libelf-dev libssl-dev e2fsprogs cpio xz-utils iproute2 nftables socat ca-certificates)
+# Every host program slicer, its tests and benchmarks run comes from one of these (the audited
+# list with the program of each is crates/slicer-image/src/tools.rs; its test checks this line).
+PKGS=(qemu-system-x86 qemu-utils debootstrap linux-source-6.1 build-essential make bc flex bison
+      libelf-dev libssl-dev e2fsprogs cpio xz-utils iproute2 nftables ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,6 +3,12 @@
 #   sudo ./scripts/test.sh [cargo test args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+  echo "the tests need root (VMs, network namespaces, cgroups): run them as root, e.g. sudo $0" >&2
+  exit 1
+fi
 ./scripts/setup.sh --no-run
+echo "==> host programs (fails early, naming the package, if one is missing)"
+cargo test -q -p slicer-image --test host_tools
 echo "==> cargo test"
 cargo test --workspace "$@"

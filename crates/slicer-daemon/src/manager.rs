@@ -267,6 +267,12 @@ pub enum Wait {
 
 impl Manager {
     pub async fn new(settings: Settings, host: Host, data_dir: &std::path::Path) -> anyhow::Result<Arc<Manager>> {
+        // Every host program the daemon runs, named with its package before anything starts.
+        let mut tools = slicer_image::tools::RUNTIME_TOOLS.to_vec();
+        if settings.groups.iter().any(|g| g.network_mode != "none") {
+            tools.extend_from_slice(slicer_image::tools::NETWORK_TOOLS);
+        }
+        slicer_image::tools::require(&tools)?;
         std::fs::create_dir_all(&host.vm_root)?;
         let db = Db::open(&data_dir.join("state.db"))?;
         // Address plan: explicit ranges and bridge subnets, then ranges derived from group

@@ -11,7 +11,7 @@
 mod build;
 mod progress;
 mod store;
-mod tools;
+pub mod tools;
 
 pub use build::{build_image, BuildOptions};
 pub use store::{key_of, Image, ImageStore};

@@ -1,4 +1,7 @@
-//! Host tools the build needs, each with the Debian package that provides it.
+//! Host programs slicer runs, each with the Debian package that provides it. These lists are
+//! the audit of every program the daemon, the image build, the tests and the benchmarks run on
+//! the host; `scripts/setup.sh` installs their packages and `tests/host_tools.rs` checks both
+//! (so a fresh machine that lacks one fails early, naming the package).
 
 use std::path::Path;
 
@@ -20,6 +23,25 @@ pub const ROOTFS_TOOLS: &[(&str, &str)] = &[
     ("mkfs.ext4", "e2fsprogs"),
     ("chroot", "coreutils"),
 ];
+
+/// What running VMs needs (`slicer up`, `slicer run`, the VM library).
+pub const RUNTIME_TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-img", "qemu-utils"),
+];
+/// What VM networking needs (isolated and bridge host groups).
+pub const NETWORK_TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("nft", "nftables")];
+/// What the tests and benchmarks run on the host beyond the above.
+pub const TEST_TOOLS: &[(&str, &str)] = &[("date", "coreutils")];
+
+/// Every list above.
+pub fn all() -> Vec<(&'static str, &'static str)> {
+    [KERNEL_TOOLS, ROOTFS_TOOLS, RUNTIME_TOOLS, NETWORK_TOOLS, TEST_TOOLS]
+        .concat()
+        .into_iter()
+        .chain([("tar", "tar"), ("mount", "mount"), ("cp", "coreutils")])
+        .collect()
+}
 
 pub fn which(program: &str) -> Option<std::path::PathBuf> {
     if program.contains('/') {
@@ -47,4 +69,18 @@ pub fn require(tools: &[(&str, &str)]) -> Result<()> {
         names.join(", "),
         pkgs.join(" ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_program_is_named_with_its_package() {
+        let e = require(&[("sh", "dash"), ("slicer-no-such-program", "some-package")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("slicer-no-such-program") && e.contains("apt-get install -y some-package"), "{e}");
+        assert!(!e.contains("dash"), "{e}");
+    }
 }
