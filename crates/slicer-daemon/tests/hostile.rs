@@ -189,3 +189,77 @@ async fn a_hostile_guest_does_not_hurt_the_host_or_other_tenants() {
     assert!(common::no_qemu_for(&evil));
     assert!(!data.join("vms").join(&evil).exists());
 }
+
+/// Every file and directory below `dir`, with its mode.
+fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u32)>) {
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        out.push((e.path(), m.permissions().mode()));
+        if m.is_dir() {
+            walk(&e.path(), out);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_file_the_daemon_writes_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = TestDaemon::start(|p| common::config_yaml("modes", "", p)).await;
+    let data = d.dir.path().join("data");
+    let body = json!({"name": "k", "data": "c2VjcmV0", "permissions": "0600"});
+    assert_eq!(
+        d.send_json(http::Method::POST, "/secrets", &body.to_string()).await.0,
+        201
+    );
+    let h = d
+        .create_vm("modes", json!({"persistent": true, "userdata": "echo hi"}))
+        .await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, _) = d.sh(&h, "echo hello > /dev/ttyS0").await;
+    assert_eq!(s, 200);
+    let (s, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/suspend"), "").await;
+    assert_eq!(s, 200, "{v}");
+    let vm_dir = data.join("vms").join(&h);
+    assert!(vm_dir.join("suspend.state").is_file());
+
+    assert_eq!(std::fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
+    let mut all = Vec::new();
+    walk(&data, &mut all);
+    for name in [
+        "state.db",
+        "auth/token",
+        "secrets",
+        "vms",
+        &format!("vms/{h}/suspend.state"),
+        &format!("vms/{h}/console.log"),
+    ] {
+        assert!(
+            all.iter().any(|(p, _)| p == &data.join(name)),
+            "{name} was not written: {all:?}"
+        );
+    }
+    for (path, mode) in &all {
+        assert_eq!(mode & 0o077, 0, "{} is mode {:o}", path.display(), mode & 0o7777);
+    }
+    // A VM directory belongs to the VM's uid, not to root: only the daemon and that QEMU use it.
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&vm_dir).unwrap());
+    assert!(
+        owner >= slicer_jail::uid::DEFAULT_START,
+        "VM directory owned by {owner}"
+    );
+    // The template's saved state (guest RAM) is the daemon's alone too.
+    let mut templates = Vec::new();
+    walk(&d.images.join("templates"), &mut templates);
+    for (path, mode) in templates
+        .iter()
+        .filter(|(p, _)| p.file_name().is_some_and(|n| n == "state"))
+    {
+        assert_eq!(mode & 0o077, 0, "{} is mode {:o}", path.display(), mode & 0o7777);
+    }
+    delete(&d, "modes", &h).await;
+}

@@ -102,9 +102,6 @@ pub const UNTIMED: &[(&str, &str)] = &[
     ("GET", "/vm/{hostname}/exec/{id}/wait-exit"),
 ];
 
-/// Most of the console log `GET /vm/{h}/logs` reads: its last 4 MiB.
-pub const MAX_CONSOLE_TAIL: u64 = 4 << 20;
-
 pub fn router(state: Shared) -> Router {
     let authed = Router::new()
         .route("/info", get(info))
@@ -504,43 +501,19 @@ async fn logs(
             .ok_or_else(|| ApiErr::bad_request(format!("query lines: {v:?} is not a number >= 0")))?
             as usize,
     };
+    // The console log is bounded and rotates (console.log.1 holds the older part): the tail
+    // reads from the end of both, at most 2 MiB.
     let path = st.manager.host.vm_root.join(&hostname).join("console.log");
-    let tail = tokio::task::spawn_blocking(move || read_tail(&path, MAX_CONSOLE_TAIL))
+    let want = if lines == 0 { usize::MAX } else { lines };
+    let content = tokio::task::spawn_blocking(move || slicer_hypervisor::console::tail(&path, want))
         .await
         .map_err(ApiErr::internal)?;
-    let text = String::from_utf8_lossy(&tail);
-    let all: Vec<&str> = text.lines().collect();
-    let take = if lines == 0 { all.len() } else { lines.min(all.len()) };
-    let content = all[all.len() - take..].join("\n");
+    let take = content.lines().count();
     Ok(Json(LogsResponse {
         hostname,
         lines: take,
         content,
     }))
-}
-
-/// The last `max` bytes of the file at `path` (empty when it cannot be read); when that is not
-/// the whole file, from the first line that starts inside them.
-fn read_tail(path: &std::path::Path, max: u64) -> Vec<u8> {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(max);
-    let mut out = Vec::new();
-    if f.seek(SeekFrom::Start(start)).is_err() || f.take(max).read_to_end(&mut out).is_err() {
-        return Vec::new();
-    }
-    if start > 0 {
-        match out.iter().position(|b| *b == b'\n') {
-            Some(nl) => {
-                out.drain(..=nl);
-            }
-            None => out.clear(),
-        }
-    }
-    out
 }
 
 async fn health(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Json<HealthResponse>, ApiErr> {
@@ -647,17 +620,6 @@ pub fn methods() -> Vec<(Method, &'static str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn console_tail_starts_at_a_line() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("console.log");
-        std::fs::write(&p, b"first line\nsecond\nthird\n").unwrap();
-        assert_eq!(read_tail(&p, 1 << 20), b"first line\nsecond\nthird\n");
-        assert_eq!(read_tail(&p, 12), b"third\n");
-        assert_eq!(read_tail(&p, 3), b"");
-        assert_eq!(read_tail(&d.path().join("none"), 10), b"");
-    }
 
     /// Sends a GET and answers (status line, body).
     async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
