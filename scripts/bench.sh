@@ -10,5 +10,6 @@ for cpus in 1 2; do
 done
 target/release/slicer-bench --suite daemon --image min "$@"
 target/release/slicer-bench --suite net --image min "$@"
+target/release/slicer-bench --suite jail --image min "$@"
 target/release/slicer-bench --suite warm --image min "$@"
 target/release/slicer-bench --suite warm --image systemd --memory 512 "$@"

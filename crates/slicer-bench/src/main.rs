@@ -11,13 +11,15 @@ use slicer_hypervisor::QemuProcess;
 use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
 
 mod daemon;
+mod jail;
 mod net;
 mod warm;
 
 #[derive(Parser)]
 pub struct Args {
     /// `boot` (VM library: boot, exec, transfers), `daemon` (REST API: creates, list), `warm`
-    /// (cold boot against template restore) or `net` (isolated networking).
+    /// (cold boot against template restore), `net` (isolated networking) or `jail` (jailed
+    /// and cgroup-limited QEMUs against plain ones).
     #[arg(long, default_value = "boot")]
     suite: String,
     /// Concurrent creates in the daemon suite.
@@ -86,6 +88,8 @@ pub async fn raw_boot(host: &Host, image: &slicer_image::Image, dir: &Path, args
     let accel = host.accel(&image.kernel).await?;
     std::fs::create_dir_all(dir)?;
     let mut cfg = host.qemu_config("raw", dir, accel, image, args.cpus, args.memory);
+    // Raw: the console straight into a file, not jailed.
+    cfg.console_socket = None;
     slicer_storage::create_overlay(&image.rootfs, &cfg.disk, None).await?;
     // The kernel hands unknown `k=v` parameters to init as environment: the interactive shell
     // on the console prints PS1 once it is up. (Arguments after `--` would swallow the
@@ -131,6 +135,16 @@ async fn main() -> Result<()> {
             data_dir.join("images"),
             (!args.no_record).then(|| args.record.clone()),
         )
+        .await;
+    }
+    if args.suite == "jail" {
+        return jail::run(jail::JailArgs {
+            image: args.image.clone(),
+            boots: args.boots,
+            execs: args.execs,
+            data_dir: data_dir.clone(),
+            record_to: (!args.no_record).then(|| args.record.clone()),
+        })
         .await;
     }
     if args.suite == "warm" {

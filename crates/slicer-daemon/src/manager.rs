@@ -862,7 +862,7 @@ impl Manager {
         };
         if let Err(e) = vm.wait_ready(RESTORE_TIMEOUT).await {
             tracing::warn!("VM {}: booting cold, restored guest failed: {e:#}", spec.name);
-            vm.discard();
+            vm.discard().await;
             return None;
         }
         Some(vm)

@@ -93,6 +93,14 @@ impl QemuConfig {
         self.args_with(3, Some(4))
     }
 
+    /// Whether QEMU joins its cgroup after `exec` rather than before: for a restore, whose
+    /// guest cannot run before QMP starts the load (`-incoming defer`). Moving a process into
+    /// a cgroup costs an RCU grace period (10-15 ms measured on cgroup v1), which then overlaps
+    /// QEMU's own start instead of delaying it.
+    fn joins_cgroup_later(&self) -> bool {
+        self.incoming.is_some() && self.jail.as_ref().is_some_and(|j| j.cgroup.is_some())
+    }
+
     /// `tap_fd`: the descriptor of an opened TAP (jailed QEMUs cannot open one themselves).
     fn args_with(&self, incoming_fd: i32, tap_fd: Option<i32>) -> Vec<String> {
         let p = |p: &Path| p.display().to_string();
@@ -159,7 +167,10 @@ impl QemuConfig {
                 format!("virtio-net-device,netdev=net0,mac={}", n.mac),
             ]);
         }
-        if self.incoming.is_some() {
+        if self.joins_cgroup_later() {
+            // Started by `QemuProcess::start_incoming` once QEMU is in its cgroup.
+            a.extend(["-incoming".into(), "defer".into()]);
+        } else if self.incoming.is_some() {
             // The state file is opened by `spawn` and inherited: QEMU reads the file directly
             // (through a `cat` pipe, loads took longer and varied more).
             a.extend(["-incoming".into(), format!("fd:{incoming_fd}")]);
@@ -250,6 +261,14 @@ const AGENT_PORT_NAME: &str = "slicer.agent";
 pub struct QemuProcess {
     pub pid: u32,
     exited: watch::Receiver<Option<std::process::ExitStatus>>,
+    /// A restore's move into its cgroup and its deferred incoming URI (see
+    /// [`QemuProcess::start_incoming`]).
+    deferred: std::sync::Mutex<Option<Deferred>>,
+}
+
+struct Deferred {
+    join: tokio::task::JoinHandle<std::io::Result<()>>,
+    uri: String,
 }
 
 /// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat): with the
@@ -284,7 +303,11 @@ impl QemuProcess {
             use std::os::unix::process::ExitStatusExt;
             let _ = tx.send(Some(std::process::ExitStatus::from_raw(0)));
         });
-        Ok(QemuProcess { pid, exited: rx })
+        Ok(QemuProcess {
+            pid,
+            exited: rx,
+            deferred: std::sync::Mutex::new(None),
+        })
     }
 
     /// Reads the console socket into the bounded console log until QEMU exits.
@@ -293,6 +316,26 @@ impl QemuProcess {
         crate::console::follow_console(socket, log, async move {
             let _ = exited.wait_for(|s| s.is_some()).await;
         });
+    }
+
+    /// For a restore started with `-incoming defer`: waits until QEMU is in its cgroup, then
+    /// starts loading the saved state (QMP `migrate-incoming`). A no-op otherwise.
+    pub async fn start_incoming(&self, qmp: &crate::Qmp) -> Result<()> {
+        let deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(d) = deferred else { return Ok(()) };
+        let joined = d
+            .join
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|r| r.map_err(anyhow::Error::from));
+        if let Err(e) = joined {
+            self.kill();
+            return Err(e.context("moving QEMU into its cgroup"));
+        }
+        qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": d.uri })))
+            .await
+            .context("starting to load the saved state")?;
+        Ok(())
     }
 
     /// This process's start time (see [`process_start_time`]).
@@ -393,7 +436,15 @@ impl QemuProcess {
                 });
             }
         }
+        let join_later = cfg.joins_cgroup_later();
         let prepared = match &cfg.jail {
+            Some(j) if join_later => {
+                let spec = slicer_jail::JailSpec {
+                    cgroup_procs: Vec::new(),
+                    ..j.spec.clone()
+                };
+                Some(spec.prepare().context("preparing the VM's jail")?)
+            }
             Some(j) => Some(j.spec.prepare().context("preparing the VM's jail")?),
             None => None,
         };
@@ -435,7 +486,20 @@ impl QemuProcess {
             remove_cgroup(cgroup).await;
             let _ = tx.send(st);
         });
-        let process = QemuProcess { pid, exited: rx };
+        let process = QemuProcess {
+            pid,
+            exited: rx,
+            deferred: std::sync::Mutex::new(None),
+        };
+        if let (true, Some(j)) = (join_later, &cfg.jail) {
+            let procs = j.spec.cgroup_procs.clone();
+            let join =
+                tokio::task::spawn_blocking(move || procs.iter().try_for_each(|f| std::fs::write(f, pid.to_string())));
+            *process.deferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(Deferred {
+                join,
+                uri: format!("fd:{incoming_fd}"),
+            });
+        }
         if let Some(sock) = &cfg.console_socket {
             process.follow_console(sock.clone(), cfg.console_log.clone());
         }

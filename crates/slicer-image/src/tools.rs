@@ -25,10 +25,7 @@ pub const ROOTFS_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// What running VMs needs (`slicer up`, `slicer run`, the VM library).
-pub const RUNTIME_TOOLS: &[(&str, &str)] = &[
-    ("qemu-system-x86_64", "qemu-system-x86"),
-    ("qemu-img", "qemu-utils"),
-];
+pub const RUNTIME_TOOLS: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")];
 /// What VM networking needs (isolated and bridge host groups).
 pub const NETWORK_TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("nft", "nftables")];
 /// What the tests and benchmarks run on the host beyond the above.
@@ -80,7 +77,10 @@ mod tests {
         let e = require(&[("sh", "dash"), ("slicer-no-such-program", "some-package")])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("slicer-no-such-program") && e.contains("apt-get install -y some-package"), "{e}");
+        assert!(
+            e.contains("slicer-no-such-program") && e.contains("apt-get install -y some-package"),
+            "{e}"
+        );
         assert!(!e.contains("dash"), "{e}");
     }
 }

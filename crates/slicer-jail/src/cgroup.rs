@@ -144,6 +144,26 @@ impl Hierarchy {
     }
 }
 
+/// Removes the cgroups below `parent` that have no tasks and were made more than `min_age`
+/// ago: what a VM process that was never waited for left behind (its owner crashed or shut
+/// down without reaping it). A cgroup in use always has its QEMU inside, and one being set up
+/// is younger than any sensible `min_age`, so this is safe while other daemons run.
+pub fn remove_stale(h: &Hierarchy, parent: &str, min_age: Duration) -> usize {
+    let mut removed = 0;
+    for name in h.children(parent) {
+        let cg = Cgroup::at(h, parent, &name);
+        let old = cg
+            .dirs
+            .iter()
+            .filter_map(|d| std::fs::metadata(d).ok()?.modified().ok())
+            .all(|t| t.elapsed().is_ok_and(|e| e >= min_age));
+        if old && cg.pids().is_empty() && cg.remove().is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Enables memory, cpu, pids and io for the children of `dir` (v2); each on its own, so a
 /// controller the kernel lacks does not stop the others.
 fn enable_controllers(dir: &Path) {

@@ -23,6 +23,8 @@ pub const JAIL_ROOT: &str = "/run/slicer/jail";
 pub const PIDS_MAX: u64 = 512;
 /// CPU beyond the vCPUs, for QEMU's device and I/O threads, in CFS microseconds per period.
 pub const CPU_EXTRA_US: u64 = 50_000;
+/// An empty VM cgroup older than this is a leftover (see `slicer_jail::cgroup::remove_stale`).
+pub const STALE_CGROUP_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Descriptors a QEMU may hold.
 pub const NOFILE: u64 = 4096;
 
@@ -42,7 +44,13 @@ impl JailConfig {
             return None;
         }
         let cgroups = match Hierarchy::detect() {
-            Ok(h) => Some(h),
+            Ok(h) => {
+                let n = slicer_jail::cgroup::remove_stale(&h, CGROUP_PARENT, STALE_CGROUP_AGE);
+                if n > 0 {
+                    tracing::info!("removed {n} stale VM cgroups");
+                }
+                Some(h)
+            }
             Err(e) => {
                 tracing::warn!("VMs run without cgroup limits: {e}");
                 None

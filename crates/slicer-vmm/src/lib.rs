@@ -409,7 +409,7 @@ impl Vm {
         let vm = Vm::handle(spec, image, accel, dir, qemu, started, StartMode::Template);
         let grow = spec.disk_size.filter(|&s| s > template.disk_bytes);
         if let Err(e) = vm.resume_incoming(grow).await {
-            vm.discard();
+            vm.discard().await;
             return Err(e.context(format!("restoring VM {} from template {}", spec.name, template.id)));
         }
         *vm.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(Identity {
@@ -464,6 +464,7 @@ impl Vm {
     async fn resume_incoming(&self, grow_to: Option<u64>) -> Result<()> {
         let steps = async {
             let qmp = Qmp::connect(&self.qmp_socket, Duration::from_secs(10)).await?;
+            self.qemu.start_incoming(&qmp).await?;
             qmp.resume_incoming(LOAD_TIMEOUT).await?;
             if let Some(size) = grow_to {
                 // The guest learns of the new size from a config interrupt; its agent grows
@@ -573,9 +574,12 @@ impl Vm {
     }
 
     /// Kills QEMU and removes every file of the VM, its disk too.
-    pub fn discard(&self) {
+    /// Kills QEMU and removes every file of the VM, its disk too; returns once QEMU is gone
+    /// (and with it its cgroup).
+    pub async fn discard(&self) {
         self.mark_cleaned();
         self.qemu.kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.qemu.wait()).await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 

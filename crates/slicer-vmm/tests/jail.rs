@@ -88,6 +88,8 @@ async fn qemu_runs_jailed_with_its_own_uid_root_and_cgroup() {
     }
     assert!(!pid_alive(pid));
     assert!(!cg.is_some_and(|c| c.exists()), "the cgroup goes with the VM");
+    b.stop(Duration::ZERO).await.unwrap();
+    assert!(jc.cgroup_of("jail-b").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,6 +110,7 @@ async fn a_restored_vm_grows_its_disk() {
         assert!(Instant::now() < deadline, "root is still {kb} KiB");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    vm.stop(Duration::ZERO).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +142,7 @@ async fn suspend_and_resume_keep_processes_and_files() {
     assert_eq!(sh(&vm, "cat /tmp/marker").await.trim(), "kept");
     assert_eq!(sh(&vm, &format!("cat /proc/{pid}/comm")).await.trim(), "sleep");
     // A second resume has nothing to start from.
-    drop(vm);
+    vm.stop(Duration::ZERO).await.unwrap();
     assert!(!dir.exists());
 }
 
