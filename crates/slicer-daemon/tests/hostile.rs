@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use common::TestDaemon;
 use serde_json::json;
 
+/// The tests here measure the host: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn rss_bytes() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     let kb: u64 = s
@@ -101,6 +104,7 @@ async fn create_and_exec(d: &TestDaemon, group: &str) -> (String, Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_guest_does_not_hurt_the_host_or_other_tenants() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let d = TestDaemon::start(|p| {
         format!(
             "config:\n  host_groups:\n  - name: evil\n    count: 0\n    vcpu: 2\n    ram_gb: 1\n    network: {{mode: isolated}}\n  - name: calm\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network: {{mode: isolated}}\n  graceful_shutdown: false\n  api:\n    port: {p}\n    bind_address: 127.0.0.1\n"
@@ -206,6 +210,7 @@ fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u32)>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_file_the_daemon_writes_is_private() {
+    let _one = ONE_AT_A_TIME.lock().await;
     use std::os::unix::fs::PermissionsExt;
     let d = TestDaemon::start(|p| common::config_yaml("modes", "", p)).await;
     let data = d.dir.path().join("data");
