@@ -94,9 +94,11 @@ impl QemuConfig {
     }
 
     /// Whether QEMU joins its cgroup after `exec` rather than before: for a restore, whose
-    /// guest cannot run before QMP starts the load (`-incoming defer`). Moving a process into
-    /// a cgroup costs an RCU grace period (10-15 ms measured on cgroup v1), which then overlaps
-    /// QEMU's own start instead of delaying it.
+    /// guest cannot run before QMP `cont`. Moving a process into a cgroup costs an RCU grace
+    /// period (6-15 ms measured on cgroup v1, whichever hierarchy comes first), which then
+    /// overlaps QEMU's start and state load instead of delaying them; `cont` waits for the move
+    /// ([`QemuProcess::joined`]). Pages loaded before the move (at most the saved state, which
+    /// no guest code has run on yet) stay charged to the daemon's cgroup.
     fn joins_cgroup_later(&self) -> bool {
         self.incoming.is_some() && self.jail.as_ref().is_some_and(|j| j.cgroup.is_some())
     }
@@ -167,10 +169,7 @@ impl QemuConfig {
                 format!("virtio-net-device,netdev=net0,mac={}", n.mac),
             ]);
         }
-        if self.joins_cgroup_later() {
-            // Started by `QemuProcess::start_incoming` once QEMU is in its cgroup.
-            a.extend(["-incoming".into(), "defer".into()]);
-        } else if self.incoming.is_some() {
+        if self.incoming.is_some() {
             // The state file is opened by `spawn` and inherited: QEMU reads the file directly
             // (through a `cat` pipe, loads took longer and varied more).
             a.extend(["-incoming".into(), format!("fd:{incoming_fd}")]);
@@ -261,14 +260,8 @@ const AGENT_PORT_NAME: &str = "slicer.agent";
 pub struct QemuProcess {
     pub pid: u32,
     exited: watch::Receiver<Option<std::process::ExitStatus>>,
-    /// A restore's move into its cgroup and its deferred incoming URI (see
-    /// [`QemuProcess::start_incoming`]).
-    deferred: std::sync::Mutex<Option<Deferred>>,
-}
-
-struct Deferred {
-    join: tokio::task::JoinHandle<std::io::Result<()>>,
-    uri: String,
+    /// A restore's move into its cgroup (see [`QemuProcess::joined`]).
+    deferred: std::sync::Mutex<Option<tokio::task::JoinHandle<std::io::Result<()>>>>,
 }
 
 /// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat): with the
@@ -318,13 +311,12 @@ impl QemuProcess {
         });
     }
 
-    /// For a restore started with `-incoming defer`: waits until QEMU is in its cgroup, then
-    /// starts loading the saved state (QMP `migrate-incoming`). A no-op otherwise.
-    pub async fn start_incoming(&self, qmp: &crate::Qmp) -> Result<()> {
+    /// For a restore: waits until QEMU is in its cgroup (call before the guest may run, i.e.
+    /// before QMP `cont`); on failure QEMU is killed. A no-op otherwise.
+    pub async fn joined(&self) -> Result<()> {
         let deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(d) = deferred else { return Ok(()) };
-        let joined = d
-            .join
+        let Some(join) = deferred else { return Ok(()) };
+        let joined = join
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))
             .and_then(|r| r.map_err(anyhow::Error::from));
@@ -332,9 +324,6 @@ impl QemuProcess {
             self.kill();
             return Err(e.context("moving QEMU into its cgroup"));
         }
-        qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": d.uri })))
-            .await
-            .context("starting to load the saved state")?;
         Ok(())
     }
 
@@ -495,10 +484,7 @@ impl QemuProcess {
             let procs = j.spec.cgroup_procs.clone();
             let join =
                 tokio::task::spawn_blocking(move || procs.iter().try_for_each(|f| std::fs::write(f, pid.to_string())));
-            *process.deferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(Deferred {
-                join,
-                uri: format!("fd:{incoming_fd}"),
-            });
+            *process.deferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(join);
         }
         if let Some(sock) = &cfg.console_socket {
             process.follow_console(sock.clone(), cfg.console_log.clone());

@@ -464,8 +464,10 @@ impl Vm {
     async fn resume_incoming(&self, grow_to: Option<u64>) -> Result<()> {
         let steps = async {
             let qmp = Qmp::connect(&self.qmp_socket, Duration::from_secs(10)).await?;
-            self.qemu.start_incoming(&qmp).await?;
-            qmp.resume_incoming(LOAD_TIMEOUT).await?;
+            qmp.wait_incoming(LOAD_TIMEOUT).await?;
+            // The guest runs only once QEMU is inside its cgroup.
+            self.qemu.joined().await?;
+            qmp.execute("cont", None).await?;
             if let Some(size) = grow_to {
                 // The guest learns of the new size from a config interrupt; its agent grows
                 // the filesystem when told the size (see `Identity::disk_bytes`).
