@@ -198,7 +198,6 @@ impl Cgroup {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err(Error::Invalid(format!("invalid cgroup name {name:?}")));
         }
-        h.ensure_parent(parent)?;
         let cg = Cgroup::at(h, parent, name);
         if cg.exists() {
             if !cg.pids().is_empty() {
@@ -208,8 +207,20 @@ impl Cgroup {
             }
             cg.remove()?;
         }
-        for d in &cg.dirs {
-            std::fs::create_dir(d).map_err(io_err(format!("creating cgroup {}", d.display())))?;
+        // The parent goes when its last VM goes (see `remove`): another daemon may remove it
+        // between our `ensure_parent` and `create_dir`, so that pair is retried.
+        for attempt in 0..3 {
+            h.ensure_parent(parent)?;
+            match cg.dirs.iter().try_for_each(std::fs::create_dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 2 => {
+                    let _ = cg.remove_dirs();
+                }
+                Err(e) => {
+                    let _ = cg.remove_dirs();
+                    return Err(io_err(format!("creating cgroup {parent}/{name}"))(e));
+                }
+            }
         }
         if let Err(e) = cg.apply(h, limits) {
             let _ = cg.remove();
@@ -289,8 +300,18 @@ impl Cgroup {
     }
 
     /// Removes the cgroup; its tasks must have exited (a just-reaped process may linger for a
-    /// moment, so `EBUSY` is retried for up to a second). Missing directories are fine.
+    /// moment, so `EBUSY` is retried for up to a second). Missing directories are fine. The
+    /// parent (`slicer`) goes too once it has no other VM, so nothing is left on the host.
     pub fn remove(&self) -> Result<()> {
+        self.remove_dirs()?;
+        for p in self.dirs.iter().filter_map(|d| d.parent()) {
+            // Fails (EBUSY) while other VMs' cgroups are in it: then it stays.
+            let _ = std::fs::remove_dir(p);
+        }
+        Ok(())
+    }
+
+    fn remove_dirs(&self) -> Result<()> {
         for d in &self.dirs {
             let deadline = Instant::now() + Duration::from_secs(1);
             loop {

@@ -119,4 +119,11 @@ async fn console_log_is_bounded_and_rotates() {
         a <= slicer_hypervisor::console::LOG_MAX && b <= slicer_hypervisor::console::LOG_MAX,
         "{a} {b}"
     );
+    let cg = f.host.jail.as_ref().and_then(|j| j.cgroup_of("jail-console"));
+    vm.stop(Duration::ZERO).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cg.as_ref().is_some_and(|c| c.exists()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!cg.is_some_and(|c| c.exists()), "the cgroup goes with the VM");
 }
