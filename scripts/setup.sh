@@ -18,7 +18,7 @@ fi
 # Every host program slicer, its tests and benchmarks run comes from one of these (the audited
 # list with the program of each is crates/slicer-image/src/tools.rs; its test checks this line).
 PKGS=(qemu-system-x86 qemu-utils debootstrap linux-source-6.1 build-essential make bc flex bison
-      libelf-dev libssl-dev e2fsprogs cpio xz-utils iproute2 nftables ca-certificates)
+      libelf-dev libssl-dev e2fsprogs cpio xz-utils iproute2 nftables ca-certificates openssh-client)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -11,13 +11,62 @@ use crate::store::{file_sha256, key_of, Image, ImageStore};
 use crate::{tools, Variant, AGENT_GUEST_PATH, KERNEL_FRAGMENT};
 
 /// Bump when the build steps change in a way the inputs do not show.
-const BUILDER_VERSION: &str = "1";
-/// Packages added to debootstrap's minbase in every variant.
-const BASE_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "procps", "ca-certificates", "e2fsprogs"];
-/// Packages added for the systemd variant.
-const SYSTEMD_PACKAGES: &[&str] = &["systemd-sysv", "dbus"];
+const BUILDER_VERSION: &str = "2";
+/// Packages added to debootstrap's minbase in every variant (`min` stays this lean).
+const BASE_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "procps",
+    "ca-certificates",
+    "e2fsprogs",
+    "sudo",
+];
+/// Packages added for the systemd variant, the everyday image: what people expect to find in a
+/// Linux sandbox (fetching, version control, Python, SSH, debugging, archives, and the
+/// nftables/iptables-nft tools that container runtimes call).
+const SYSTEMD_PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "dbus",
+    "curl",
+    "wget",
+    "git",
+    "openssh-client",
+    "openssh-server",
+    "python3",
+    "python3-pip",
+    "python3-venv",
+    "dnsutils",
+    "netcat-openbsd",
+    "less",
+    "jq",
+    "tmux",
+    "nano",
+    "vim-tiny",
+    "htop",
+    "lsof",
+    "strace",
+    "psmisc",
+    "file",
+    "rsync",
+    "make",
+    "gnupg",
+    "xz-utils",
+    "zstd",
+    "bzip2",
+    "unzip",
+    "zip",
+    "nftables",
+    "iptables",
+    "uidmap",
+    "bash-completion",
+];
 /// Size of the ext4 base image (sparse; VMs get their own size through their overlay).
-const ROOTFS_SIZE: &str = "1G";
+const ROOTFS_SIZE: &str = "2G";
+/// The default non-root user of every image. The images are Debian; the name is Slicer's, so
+/// scripts written for Slicer's images (`--uid 1000`, `/home/ubuntu/...`, `sudo ...`) run
+/// unchanged.
+pub const DEFAULT_USER: &str = "ubuntu";
+const DEFAULT_UID: u32 = 1000;
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -372,6 +421,155 @@ RestartSec=100ms
 WantedBy=sysinit.target
 ";
 
+/// sshd is socket-activated, one `sshd -i` per connection: no daemon in an idle sandbox, and
+/// host keys are read per connection, so a clone whose keys were removed gets new ones. Only
+/// an ed25519 host key: made on the first connection in milliseconds (RSA takes seconds under
+/// TCG), under a lock so that two first connections do not race. (Debian's own ssh.socket
+/// triggers the long-running ssh.service, which is masked.)
+const SSH_SOCKET: &str = "[Unit]
+Description=OpenSSH server socket, one sshd per connection (slicer)
+Before=sockets.target
+
+[Socket]
+ListenStream=22
+Accept=yes
+
+[Install]
+WantedBy=sockets.target
+";
+const SSH_SERVICE: &str = "[Unit]
+Description=OpenSSH per-connection server (slicer)
+
+[Service]
+ExecStartPre=/usr/bin/flock /etc/ssh/.host-keygen.lock /bin/sh -c 'test -s /etc/ssh/ssh_host_ed25519_key || /usr/bin/ssh-keygen -q -t ed25519 -N \"\" -f /etc/ssh/ssh_host_ed25519_key'
+ExecStart=-/usr/sbin/sshd -i
+StandardInput=socket
+RuntimeDirectory=sshd
+RuntimeDirectoryPreserve=yes
+";
+const SSHD_CONFIG: &str = "# slicer: one ed25519 host key (made per VM); keys only, no passwords.
+HostKey /etc/ssh/ssh_host_ed25519_key
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+";
+
+fn setup_sshd(stage: &Path) -> Result<()> {
+    // Every VM made from the image would share the keys the package generated.
+    for e in std::fs::read_dir(stage.join("etc/ssh"))?.flatten() {
+        if e.file_name().to_string_lossy().starts_with("ssh_host_") {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    install_file(
+        &stage.join("etc/ssh/sshd_config.d/slicer.conf"),
+        SSHD_CONFIG.as_bytes(),
+        0o644,
+    )?;
+    let units = stage.join("etc/systemd/system");
+    install_file(&units.join("slicer-ssh.socket"), SSH_SOCKET.as_bytes(), 0o644)?;
+    install_file(&units.join("slicer-ssh@.service"), SSH_SERVICE.as_bytes(), 0o644)?;
+    for link in [
+        "multi-user.target.wants/ssh.service",
+        "sshd.service",
+        "sockets.target.wants/ssh.socket",
+    ] {
+        let _ = std::fs::remove_file(units.join(link));
+    }
+    for unit in ["ssh.service", "ssh.socket"] {
+        symlink_force("/dev/null", &units.join(unit))?;
+    }
+    symlink_force(
+        "/etc/systemd/system/slicer-ssh.socket",
+        &units.join("sockets.target.wants/slicer-ssh.socket"),
+    )
+}
+
+/// Adds the default user (uid/gid 1000, bash, passwordless sudo). Its password is `*`: no
+/// password login, but not "locked", which sshd would refuse for key logins too.
+fn add_default_user(stage: &Path, log: &Path) -> Result<()> {
+    run(
+        Command::new("chroot").arg(stage).args([
+            "useradd",
+            "--create-home",
+            "--uid",
+            &DEFAULT_UID.to_string(),
+            "--user-group",
+            "--groups",
+            "sudo",
+            "--shell",
+            "/bin/bash",
+            "--password",
+            "*",
+            DEFAULT_USER,
+        ]),
+        log,
+    )?;
+    install_file(
+        &stage.join("etc/sudoers.d/90-slicer-default-user"),
+        format!("{DEFAULT_USER} ALL=(ALL) NOPASSWD:ALL\n").as_bytes(),
+        0o440,
+    )
+}
+
+/// The variant's package tree (debootstrap base, the variant's packages and units, the default
+/// user), cached apart from the agent so that a new agent costs a copy, not an apt run.
+fn variant_tree(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
+    let key = key_of(&[
+        BUILDER_VERSION.as_bytes(),
+        opts.variant.as_str().as_bytes(),
+        opts.suite.as_bytes(),
+        opts.mirror.as_bytes(),
+        BASE_PACKAGES.join(",").as_bytes(),
+        SYSTEMD_PACKAGES.join(",").as_bytes(),
+        AGENT_UNIT.as_bytes(),
+        SSH_SOCKET.as_bytes(),
+        SSH_SERVICE.as_bytes(),
+        SSHD_CONFIG.as_bytes(),
+    ]);
+    let dir = store.debootstrap_dir(&format!("{}-{key}", opts.variant));
+    let tree = dir.join("rootfs");
+    if dir.join("complete").exists() {
+        return Ok(tree);
+    }
+    let base = debootstrap_base(store, opts)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let log = dir.join("build.log");
+    let step = Step::start(&format!("installing the {} packages", opts.variant));
+    run(Command::new("cp").arg("-a").arg(&base).arg(&tree), &log)?;
+    if opts.variant == Variant::Systemd {
+        chroot_install(&tree, SYSTEMD_PACKAGES, &log)?;
+        install_file(
+            &tree.join("etc/systemd/system/slicer-agent.service"),
+            AGENT_UNIT.as_bytes(),
+            0o644,
+        )?;
+        symlink_force(
+            "/etc/systemd/system/slicer-agent.service",
+            &tree.join("etc/systemd/system/sysinit.target.wants/slicer-agent.service"),
+        )?;
+        // Without udev the serial gettys wait 90 s for their device: mask them.
+        for unit in ["serial-getty@ttyS0.service", "getty@tty1.service", "getty.target"] {
+            symlink_force("/dev/null", &tree.join("etc/systemd/system").join(unit))?;
+        }
+        setup_sshd(&tree)?;
+    }
+    add_default_user(&tree, &log)?;
+    for d in ["var/lib/apt/lists", "var/cache/apt/archives"] {
+        if let Ok(entries) = std::fs::read_dir(tree.join(d)) {
+            for e in entries.flatten() {
+                if e.path().is_file() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    std::fs::write(dir.join("complete"), b"")?;
+    step.done();
+    Ok(tree)
+}
+
 fn build_rootfs(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
     let agent_hash = file_sha256(&opts.agent)?;
     let key = key_of(&[
@@ -383,6 +581,9 @@ fn build_rootfs(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
         SYSTEMD_PACKAGES.join(",").as_bytes(),
         agent_hash.as_bytes(),
         AGENT_UNIT.as_bytes(),
+        SSH_SOCKET.as_bytes(),
+        SSH_SERVICE.as_bytes(),
+        SSHD_CONFIG.as_bytes(),
         ROOTFS_SIZE.as_bytes(),
     ]);
     let dir = store.rootfs_dir(opts.variant, &key);
@@ -392,30 +593,14 @@ fn build_rootfs(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
         return Ok(image);
     }
     tools::require(tools::ROOTFS_TOOLS)?;
-    let base = debootstrap_base(store, opts)?;
+    let tree = variant_tree(store, opts)?;
     let stage = store.build_dir().join(format!("rootfs-{}-{key}", opts.variant));
     let _ = std::fs::remove_dir_all(&stage);
     let log = stage.with_extension("log");
     let _ = std::fs::remove_file(&log);
 
     let step = Step::start(&format!("assembling the {} root filesystem", opts.variant));
-    run(Command::new("cp").arg("-a").arg(&base).arg(&stage), &log)?;
-    if opts.variant == Variant::Systemd {
-        chroot_install(&stage, SYSTEMD_PACKAGES, &log)?;
-        install_file(
-            &stage.join("etc/systemd/system/slicer-agent.service"),
-            AGENT_UNIT.as_bytes(),
-            0o644,
-        )?;
-        symlink_force(
-            "/etc/systemd/system/slicer-agent.service",
-            &stage.join("etc/systemd/system/sysinit.target.wants/slicer-agent.service"),
-        )?;
-        // Without udev the serial gettys wait 90 s for their device: mask them.
-        for unit in ["serial-getty@ttyS0.service", "getty@tty1.service", "getty.target"] {
-            symlink_force("/dev/null", &stage.join("etc/systemd/system").join(unit))?;
-        }
-    }
+    run(Command::new("cp").arg("-a").arg(&tree).arg(&stage), &log)?;
     let agent = std::fs::read(&opts.agent)?;
     install_file(&stage.join(AGENT_GUEST_PATH.trim_start_matches('/')), &agent, 0o755)?;
     install_file(&stage.join("etc/hostname"), b"slicer\n", 0o644)?;
@@ -429,15 +614,6 @@ fn build_rootfs(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
         serde_json::to_string(&serde_json::json!({"variant": opts.variant, "key": key}))?.as_bytes(),
         0o644,
     )?;
-    for d in ["var/lib/apt/lists", "var/cache/apt/archives"] {
-        if let Ok(entries) = std::fs::read_dir(stage.join(d)) {
-            for e in entries.flatten() {
-                if e.path().is_file() {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-    }
     step.done();
 
     let step = Step::start("writing ext4 image (mkfs.ext4 -d)");

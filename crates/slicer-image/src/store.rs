@@ -3,6 +3,7 @@
 //! ```text
 //! images/kernels/<key>/{bzImage,vmlinux,config,release}
 //! images/debootstrap/<key>/rootfs/...      cached debootstrap tree
+//! images/debootstrap/<variant>-<key>/rootfs/...  cached package tree of a variant (no agent)
 //! images/rootfs/<variant>-<key>/rootfs.ext4
 //! images/<variant>.json                    manifest of the current image of that name
 //! ```

@@ -29,7 +29,11 @@ pub const RUNTIME_TOOLS: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system
 /// What VM networking needs (isolated and bridge host groups).
 pub const NETWORK_TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("nft", "nftables")];
 /// What the tests and benchmarks run on the host beyond the above.
-pub const TEST_TOOLS: &[(&str, &str)] = &[("date", "coreutils")];
+pub const TEST_TOOLS: &[(&str, &str)] = &[
+    ("date", "coreutils"),
+    ("ssh", "openssh-client"),
+    ("ssh-keygen", "openssh-client"),
+];
 
 /// Every list above.
 pub fn all() -> Vec<(&'static str, &'static str)> {
