@@ -380,14 +380,14 @@ impl AgentClient {
         &self,
         path: &str,
         mode: Option<u32>,
-        owner: Option<(u32, u32)>,
+        owner: Option<(u32, Option<u32>)>,
         data: R,
     ) -> Result<u64> {
         let q = PathQuery {
             path: path.into(),
             mode: mode.map(|m| format!("{m:o}")),
             uid: owner.map(|o| o.0),
-            gid: owner.map(|o| o.1),
+            gid: owner.and_then(|o| o.1),
         };
         self.upload("/v1/file", &q, data).await
     }
@@ -441,14 +441,14 @@ impl AgentClient {
     pub async fn upload_tar<R: AsyncRead + Send + Unpin + 'static>(
         &self,
         dir: &str,
-        owner: Option<(u32, u32)>,
+        owner: Option<(u32, Option<u32>)>,
         tar: R,
     ) -> Result<u64> {
         let q = PathQuery {
             path: dir.into(),
             mode: None,
             uid: owner.map(|o| o.0),
-            gid: owner.map(|o| o.1),
+            gid: owner.and_then(|o| o.1),
         };
         self.upload("/v1/tar", &q, tar).await
     }

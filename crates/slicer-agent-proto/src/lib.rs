@@ -53,3 +53,8 @@ pub const HEADER_SIZE: &str = "x-slicer-size";
 
 /// The agent's version, reported by health.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A `uid` that means "the image's default non-root user" (`ubuntu`, else `slicer`, else
+/// root), which the agent resolves; the same sentinel as SlicerVM's SDKs (`NonRootUser`).
+/// An absent `uid` means root: that is what the host's own calls (userdata, secrets) use.
+pub const DEFAULT_USER: u32 = u32::MAX;

@@ -143,29 +143,6 @@ fn pipe_task(fd: Option<OwnedFd>, kind: Kind, tx: mpsc::Sender<io::Result<Bytes>
     })
 }
 
-/// A user from /etc/passwd (read directly: the agent is static and avoids NSS).
-pub struct User {
-    pub name: String,
-    pub gid: u32,
-    pub home: String,
-}
-
-pub fn lookup_user(uid: u32) -> Option<User> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() >= 7 && f[2].parse::<u32>().ok()? == uid {
-            Some(User {
-                name: f[0].to_string(),
-                gid: f[3].parse().ok()?,
-                home: f[5].to_string(),
-            })
-        } else {
-            None
-        }
-    })
-}
-
 /// Finds `program` on `path` the way execvp would, so the child can be started with
 /// posix_spawn (std only uses it for an absolute program when PATH is set for the child).
 fn resolve_program(program: &str, path: &str) -> Option<String> {
@@ -182,8 +159,6 @@ fn resolve_program(program: &str, path: &str) -> Option<String> {
     })
 }
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// A started child: its pid and our ends of its pipes.
 pub struct Spawned {
     pub pid: u32,
@@ -199,60 +174,48 @@ struct Plan {
     args: Vec<String>,
     env: Vec<(String, String)>,
     cwd: String,
-    identity: Option<(u32, u32)>,
+    identity: Option<crate::user::Account>,
     stdin: bool,
 }
 
 pub fn spawn(spec: &ExecRequest) -> Result<Spawned, ApiError> {
+    let account = crate::user::resolve(spec.uid, spec.gid);
+    let mut env = account.login_env();
+    for (k, v) in &spec.env {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
     let program = match &spec.shell {
         Some(_) => spec.shell_path.clone().unwrap_or_else(|| "/bin/sh".to_string()),
         None => spec.argv[0].clone(),
     };
-    let path_var = spec
-        .env
+    let path_var = env
         .iter()
-        .rev()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str())
-        .unwrap_or(DEFAULT_PATH);
+        .unwrap_or_default();
     let resolved = resolve_program(&program, path_var)
         .ok_or_else(|| ApiError::not_found(format!("executable not found: {program}")))?;
     let args = match &spec.shell {
         Some(line) => vec!["-c".to_string(), line.clone()],
         None => spec.argv[1..].to_vec(),
     };
-    let uid = spec.uid.unwrap_or(0);
-    let user = lookup_user(uid);
-    let home = user.as_ref().map(|u| u.home.clone()).unwrap_or_else(|| "/".to_string());
-    let gid = spec.gid.or(user.as_ref().map(|u| u.gid)).unwrap_or(uid);
-    let mut env = vec![
-        ("PATH".to_string(), DEFAULT_PATH.to_string()),
-        ("HOME".to_string(), home.clone()),
-        ("LANG".to_string(), "C.UTF-8".to_string()),
-    ];
-    if let Some(u) = &user {
-        env.push(("USER".into(), u.name.clone()));
-        env.push(("LOGNAME".into(), u.name.clone()));
-    }
-    for (k, v) in &spec.env {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.clone(), v.clone()));
-    }
-    let cwd = spec.cwd.clone().unwrap_or(home);
+    let cwd = match &spec.cwd {
+        Some(c) => account.expand(c)?,
+        None => account.home.clone(),
+    };
     match std::fs::metadata(&cwd) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(ApiError::bad_request(format!("cwd {cwd} is not a directory"))),
         Err(e) => return Err(ApiError::io(&format!("cwd {cwd}"), &e)),
     }
-    // SAFETY: geteuid/getegid have no preconditions.
-    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let plan = Plan {
         program,
         resolved,
         args,
         env,
         cwd,
-        identity: (uid != euid || gid != egid).then_some((uid, gid)),
+        identity: account.differs_from_self().then_some(account),
         stdin: spec.stdin,
     };
     let result = match plan.identity {
@@ -279,8 +242,12 @@ fn fork_spawn(plan: &Plan) -> io::Result<Spawned> {
         .stderr(Stdio::piped())
         // Own process group, so the whole tree can be signalled.
         .process_group(0);
-    if let Some((uid, gid)) = plan.identity {
-        cmd.uid(uid).gid(gid);
+    if let Some(account) = plan.identity.clone() {
+        // SAFETY: become_in_child makes only syscalls (setgroups/setgid/setuid); std's own
+        // uid()/gid() would drop the supplementary groups (sudo, docker, ...).
+        unsafe {
+            cmd.pre_exec(move || account.become_in_child());
+        }
     }
     let mut child = cmd.spawn()?;
     let missing = || io::Error::other("child pipe missing");

@@ -19,15 +19,39 @@ use crate::server::{json, query, ApiError, Body};
 
 const CHUNK: usize = 256 * 1024;
 
+/// A request's path: absolute, or `~`/`~/x` in the home of `uid` (absent: the default user);
+/// `..` is refused.
+pub fn target_path_for(raw: &str, uid: Option<u32>) -> Result<PathBuf, ApiError> {
+    let account = crate::user::resolve(Some(uid.unwrap_or(slicer_agent_proto::DEFAULT_USER)), None);
+    account.expand(raw).map(PathBuf::from)
+}
+
 pub fn target_path(raw: &str) -> Result<PathBuf, ApiError> {
-    if raw.is_empty() || raw.contains('\0') {
-        return Err(ApiError::bad_request("path is empty or contains NUL"));
+    target_path_for(raw, None)
+}
+
+/// The owner a write gives its files: the query's (the default user for the sentinel), or
+/// none (they stay the agent's, root's).
+fn owner(q: &PathQuery) -> Option<(u32, u32)> {
+    if q.uid.is_none() && q.gid.is_none() {
+        return None;
     }
-    let p = Path::new(raw);
-    if !p.is_absolute() {
-        return Err(ApiError::bad_request(format!("path {raw:?} is not absolute")));
+    let a = crate::user::resolve(Some(q.uid.unwrap_or(0)), q.gid);
+    Some((a.uid, a.gid))
+}
+
+/// `create_dir_all` that gives each directory it creates to `owner`, so that a user can write
+/// where a copy made directories for them.
+fn create_dirs(dir: &Path, owner: Option<(u32, u32)>) -> Result<(), ApiError> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|a| !a.exists()).collect();
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => chown(d, owner).map_err(|e| ApiError::io("setting owner", &e))?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(ApiError::io(&format!("creating {}", d.display()), &e)),
+        }
     }
-    Ok(p.to_path_buf())
+    Ok(())
 }
 
 pub fn parse_mode(mode: &Option<String>, default: u32) -> Result<u32, ApiError> {
@@ -102,23 +126,24 @@ impl Write for ChannelWriter {
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
-fn chown(path: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
-    if uid.is_none() && gid.is_none() {
-        return Ok(());
+fn chown(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    match owner {
+        Some((u, g)) => std::os::unix::fs::lchown(path, Some(u), Some(g)),
+        None => Ok(()),
     }
-    std::os::unix::fs::lchown(path, uid, gid)
 }
 
 /// `PUT /v1/file`: writes the body to `path` atomically (temporary file + rename).
 pub async fn put_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let q: PathQuery = query(&req)?;
-    let path = target_path(&q.path)?;
+    let path = target_path_for(&q.path, q.uid)?;
     let mode = parse_mode(&q.mode, 0o644)?;
+    let owner = owner(&q);
     let (rx, pump) = pump_body(req.into_body());
     let p = path.clone();
     let written = tokio::task::spawn_blocking(move || -> Result<u64, ApiError> {
         let parent = p.parent().unwrap_or(Path::new("/"));
-        fs::create_dir_all(parent).map_err(|e| ApiError::io(&format!("creating {}", parent.display()), &e))?;
+        create_dirs(parent, owner)?;
         if p.is_dir() {
             return Err(ApiError::bad_request(format!("{} is a directory", p.display())));
         }
@@ -143,7 +168,7 @@ pub async fn put_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError
             }
             f.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(|e| ApiError::io("setting mode", &e))?;
-            chown(&tmp, q.uid, q.gid).map_err(|e| ApiError::io("setting owner", &e))?;
+            chown(&tmp, owner).map_err(|e| ApiError::io("setting owner", &e))?;
             Ok(n)
         })();
         match result {
@@ -215,11 +240,12 @@ pub async fn get_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError
 /// `PUT /v1/tar`: unpacks a tar stream into directory `path` (created if missing).
 pub async fn put_tar(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let q: PathQuery = query(&req)?;
-    let dest = target_path(&q.path)?;
+    let dest = target_path_for(&q.path, q.uid)?;
+    let owner = owner(&q);
     let (rx, pump) = pump_body(req.into_body());
     let d = dest.clone();
     let unpacked = tokio::task::spawn_blocking(move || -> Result<u64, ApiError> {
-        fs::create_dir_all(&d).map_err(|e| ApiError::io(&format!("creating {}", d.display()), &e))?;
+        create_dirs(&d, owner)?;
         let mut ar = tar::Archive::new(ChannelReader { rx, cur: Bytes::new() });
         ar.set_preserve_permissions(true);
         ar.set_preserve_mtime(true);
@@ -234,13 +260,15 @@ pub async fn put_tar(req: Request<Incoming>) -> Result<Response<Body>, ApiError>
             let rel = entry.path().map(|p| p.into_owned()).unwrap_or_default();
             // Owner: the query's, else the archive's when it has one (many writers leave the
             // numeric fields empty; then the files stay root's).
-            let uid = q.uid.or_else(|| entry.header().uid().ok().map(|v| v as u32));
-            let gid = q.gid.or_else(|| entry.header().gid().ok().map(|v| v as u32));
+            let entry_owner = owner.or_else(|| {
+                let h = entry.header();
+                Some((h.uid().ok()? as u32, h.gid().ok()? as u32))
+            });
             let ok = entry
                 .unpack_in(&d)
                 .map_err(|e| ApiError::io(&format!("unpacking {}", rel.display()), &e))?;
             if ok {
-                chown(&d.join(&rel), uid, gid).map_err(|e| ApiError::io("setting owner", &e))?;
+                chown(&d.join(&rel), entry_owner).map_err(|e| ApiError::io("setting owner", &e))?;
             }
         }
         Ok(total)

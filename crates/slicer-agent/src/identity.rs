@@ -96,7 +96,24 @@ fn validate(id: &Identity) -> Result<(), ApiError> {
 
 pub fn set_hostname(h: &str) -> std::io::Result<()> {
     nix::unistd::sethostname(h)?;
-    write_in_place("/etc/hostname", format!("{h}\n").as_bytes())
+    write_in_place("/etc/hostname", format!("{h}\n").as_bytes())?;
+    // The name resolves locally (sudo and many tools look it up), as Debian's installer sets it.
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    std::fs::write("/etc/hosts", hosts_with(&hosts, h))
+}
+
+/// `hosts` with its `127.0.1.1` line naming `h` (lines for other addresses kept).
+fn hosts_with(hosts: &str, h: &str) -> String {
+    let mut out: String = hosts
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("127.0.1.1"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if !hosts.lines().any(|l| l.trim_start().starts_with("127.0.0.1")) {
+        out.insert_str(0, "127.0.0.1\tlocalhost\n");
+    }
+    out.push_str(&format!("127.0.1.1\t{h}\n"));
+    out
 }
 
 pub fn set_dns(servers: &[String]) -> std::io::Result<()> {
@@ -273,6 +290,18 @@ fn configure_eth0(n: &NetIdentity) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_names_the_vm_once() {
+        let base = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\tslicer\n";
+        let once = hosts_with(base, "vm-1");
+        assert_eq!(
+            once,
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\tvm-1\n"
+        );
+        assert_eq!(hosts_with(&once, "vm-2").matches("127.0.1.1").count(), 1);
+        assert!(hosts_with("", "vm-3").starts_with("127.0.0.1\tlocalhost\n"));
+    }
 
     #[test]
     fn macs() {

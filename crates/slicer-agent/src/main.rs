@@ -17,6 +17,7 @@ mod server;
 mod stats;
 mod stream;
 mod transport;
+mod user;
 mod watch;
 
 use std::sync::Arc;

@@ -135,32 +135,28 @@ impl Master {
 pub async fn shell(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, ApiError> {
     let q: ShellQuery = query(&req)?;
     let pty = nix::pty::openpty(None, None).map_err(|e| ApiError::io("opening a PTY", &e.into()))?;
-    let uid = q.uid.unwrap_or(0);
-    let user = crate::exec::lookup_user(uid);
-    let gid = q.gid.or(user.as_ref().map(|u| u.gid)).unwrap_or(uid);
-    let home = user.as_ref().map(|u| u.home.clone()).unwrap_or_else(|| "/".into());
+    let account = crate::user::resolve(q.uid, q.gid);
     let program = q.shell.clone().unwrap_or_else(|| {
-        if std::path::Path::new("/bin/bash").exists() {
-            "/bin/bash".into()
+        if std::path::Path::new(&account.shell).exists() {
+            account.shell.clone()
         } else {
             "/bin/sh".into()
         }
     });
-    let cwd = q.cwd.clone().unwrap_or(home.clone());
+    let cwd = match &q.cwd {
+        Some(c) => account.expand(c)?,
+        None => account.home.clone(),
+    };
     let mut cmd = std::process::Command::new(&program);
     cmd.arg("-l")
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", &home)
+        .envs(account.login_env())
         .env("TERM", q.term.as_deref().unwrap_or("xterm-256color"))
-        .env("LANG", "C.UTF-8")
         .current_dir(&cwd);
-    if let Some(u) = &user {
-        cmd.env("USER", &u.name).env("LOGNAME", &u.name);
-    }
     let slave = pty.slave;
     let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| ApiError::io("PTY", &e));
     cmd.stdin(dup(&slave)?).stdout(dup(&slave)?).stderr(dup(&slave)?);
+    let change = account.differs_from_self();
     // SAFETY: only async-signal-safe calls (setsid, ioctl, setgroups/setgid/setuid) between
     // fork and exec.
     unsafe {
@@ -169,9 +165,8 @@ pub async fn shell(req: Request<Incoming>, state: Arc<State>) -> Result<Response
             if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let change = libc::geteuid() != uid || libc::getegid() != gid;
-            if change && (libc::setgroups(0, std::ptr::null()) < 0 || libc::setgid(gid) < 0 || libc::setuid(uid) < 0) {
-                return Err(std::io::Error::last_os_error());
+            if change {
+                account.become_in_child()?;
             }
             Ok(())
         });

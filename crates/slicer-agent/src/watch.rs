@@ -82,10 +82,7 @@ pub async fn handle(req: Request<Incoming>) -> Result<Response<Body>, ApiError> 
         recursive: w.recursive,
     };
     for p in &w.paths {
-        if !p.starts_with('/') {
-            return Err(ApiError::bad_request(format!("path {p:?} is not absolute")));
-        }
-        watches.add(Path::new(p))?;
+        watches.add(&crate::files::target_path(p)?)?;
     }
     let Watches {
         ino,
