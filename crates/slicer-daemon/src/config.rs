@@ -199,6 +199,8 @@ pub struct Settings {
     pub listen: Listen,
     pub auth: bool,
     pub capacity: Capacity,
+    /// `config.ssh_keys`: authorized in every VM.
+    pub ssh_keys: Vec<String>,
 }
 
 /// The host's budget for running VMs (validated, defaults applied).
@@ -411,6 +413,12 @@ impl File {
             Some(i) => resolve_image(i)
                 .ok_or_else(|| anyhow::anyhow!("config.image: unknown image {i:?}; use min or systemd"))?,
         };
+        if c.github_user.is_some() {
+            bail!(
+                "config.github_user: importing keys from GitHub is not supported (the daemon does not fetch keys from the internet); list the public keys in config.ssh_keys instead"
+            );
+        }
+        check_ssh_keys("config.ssh_keys", &c.ssh_keys).map_err(anyhow::Error::msg)?;
         if c.host_groups.is_empty() {
             bail!("config.host_groups: at least one host group is needed");
         }
@@ -607,8 +615,45 @@ impl File {
             listen,
             auth,
             capacity,
+            ssh_keys: c.ssh_keys.clone(),
         })
     }
+}
+
+/// At most this many SSH keys in a config or a create request, each at most 16 KiB.
+pub const MAX_SSH_KEYS: usize = 64;
+const SSH_KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+/// Checks public keys for authorized_keys: one line each, `<type> <base64> [comment]`. A key
+/// with options (`command=...`) or a newline could give more than the key it claims.
+pub fn check_ssh_keys(field: &str, keys: &[String]) -> Result<(), String> {
+    if keys.len() > MAX_SSH_KEYS {
+        return Err(format!("{field}: at most {MAX_SSH_KEYS} keys, got {}", keys.len()));
+    }
+    for (i, k) in keys.iter().enumerate() {
+        let mut parts = k.split(' ');
+        let ty = parts.next().unwrap_or_default();
+        let body = parts.next().unwrap_or_default();
+        let ok = k.len() <= 16 * 1024
+            && !k.chars().any(char::is_control)
+            && SSH_KEY_TYPES.contains(&ty)
+            && body.len() >= 16
+            && body.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+        if !ok {
+            return Err(format!(
+                "{field}[{i}]: not an SSH public key (expected one line such as \"ssh-ed25519 AAAA... you@host\")"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Options of `slicer new`.

@@ -96,6 +96,8 @@ pub struct Manager {
     ledger: Mutex<Ledger>,
     /// Claims of new VMs that have no hostname yet.
     claims: AtomicU64,
+    /// SSH keys of a create request, until the VM's first boot has installed them.
+    pending_ssh_keys: Mutex<HashMap<String, Vec<String>>>,
     /// Set by [`Manager::shutdown_all`]: no VM starts any more.
     closing: AtomicBool,
 }
@@ -260,6 +262,7 @@ pub async fn settle_pushes(pushes: Vec<tokio::task::JoinHandle<()>>, max: Durati
     let _ = tokio::time::timeout(max, futures_util::future::join_all(pushes)).await;
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Wait {
     Agent,
     Userdata,
@@ -325,6 +328,7 @@ impl Manager {
             alloc: tokio::sync::Mutex::new(()),
             ops: OpMap::default(),
             claims: AtomicU64::new(0),
+            pending_ssh_keys: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
         }))
     }
@@ -481,6 +485,10 @@ impl Manager {
 
     fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Running>>> {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pending_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
+        self.pending_ssh_keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn op_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
@@ -702,8 +710,15 @@ impl Manager {
                 return Err(ApiErr::bad_request(format!("secrets: {bad:?} is not a secret name")));
             }
         }
+        if req.import_user.as_deref().is_some_and(|u| !u.is_empty()) {
+            return Err(ApiErr::bad_request(
+                "import_user: importing keys from GitHub is not supported (the daemon does not fetch keys from the internet); pass the public keys in ssh_keys",
+            ));
+        }
+        crate::config::check_ssh_keys("ssh_keys", &req.ssh_keys).map_err(ApiErr::bad_request)?;
         let me = self.clone();
-        let (rec, running) = detached(async move { me.record_and_launch(rec, req.secrets).await }).await?;
+        let (rec, running) =
+            detached(async move { me.record_and_launch(rec, req.secrets, req.ssh_keys).await }).await?;
         if let Some(w) = wait {
             let waited = tokio::time::timeout(timeout, self.wait_for(&running, w)).await;
             let failure = match waited {
@@ -718,6 +733,22 @@ impl Manager {
                 let _ = self.delete(&rec.hostname, true).await;
                 return Err(err);
             }
+            if let Wait::Userdata = w {
+                let code = (*running.userdata.borrow()).unwrap_or(0);
+                if code != 0 {
+                    // The VM stays, for its owner to look into (or delete): it booted, and
+                    // what failed is the tenant's own script.
+                    let tail = userdata_log_tail(&running.vm).await;
+                    return Err(ApiErr::new(
+                        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                        format!(
+                            "VM {} was created, but its userdata exited with code {code}; the VM is kept \
+                             (delete it with DELETE /hostgroup/{}/nodes/{}). Last lines of {USERDATA_LOG}:\n{tail}",
+                            rec.hostname, rec.host_group, rec.hostname
+                        ),
+                    ));
+                }
+            }
         }
         Ok(created(&rec))
     }
@@ -728,6 +759,7 @@ impl Manager {
         self: &Arc<Self>,
         mut rec: VmRecord,
         secrets: Option<Vec<String>>,
+        ssh_keys: Vec<String>,
     ) -> Result<(VmRecord, Arc<Running>), ApiErr> {
         let claim = format!("#new-{}", self.claims.fetch_add(1, Ordering::Relaxed));
         self.reserve(&claim, &rec)?;
@@ -761,6 +793,9 @@ impl Manager {
             Some(names) => self.db.set_secret_scope(&hostname, names).map_err(ApiErr::internal),
             None => Ok(()),
         };
+        if !ssh_keys.is_empty() {
+            self.pending_keys().insert(hostname.clone(), ssh_keys);
+        }
         let launched = match scoped {
             Ok(()) => self.launch(&rec).await.map_err(ApiErr::internal),
             Err(e) => Err(e),
@@ -768,6 +803,7 @@ impl Manager {
         match launched {
             Ok(r) => Ok((rec, r)),
             Err(e) => {
+                self.pending_keys().remove(&hostname);
                 self.abandon(&hostname);
                 Err(e)
             }
@@ -964,7 +1000,7 @@ impl Manager {
             .upload_file(
                 &format!("{}/{}", crate::secrets::GUEST_DIR, info.name),
                 Some(info.mode()),
-                Some((info.uid, info.gid)),
+                Some((info.uid, Some(info.gid))),
                 std::io::Cursor::new(value),
             )
             .await?;
@@ -1164,6 +1200,13 @@ impl Manager {
                 let prune = r.vm.start_mode == slicer_vmm::StartMode::Resume;
                 if let Err(e) = me.sync_secrets(&hostname, &r, prune).await {
                     tracing::warn!("VM {hostname}: syncing secrets: {e:#}");
+                }
+                let mut keys = me.settings.ssh_keys.clone();
+                keys.extend(me.pending_keys().remove(&hostname).unwrap_or_default());
+                if !keys.is_empty() {
+                    if let Err(e) = authorize_ssh_keys(&r.vm, &keys).await {
+                        tracing::warn!("VM {hostname}: installing SSH keys: {e:#}");
+                    }
                 }
             }
             let _ = ready_tx.send(Some(result));
@@ -1561,10 +1604,46 @@ impl Manager {
     }
 }
 
-/// Runs userdata once as root, logging to /var/log/slicer-userdata.log in the guest.
+/// Adds `keys` (checked by `config::check_ssh_keys`) to the default user's
+/// ~/.ssh/authorized_keys, keeping the lines already there: a restart re-adds the config's
+/// keys without duplicating them, and keys the user added stay.
+async fn authorize_ssh_keys(vm: &Vm, keys: &[String]) -> anyhow::Result<()> {
+    let script = r#"set -e
+u=root; for c in ubuntu slicer; do if id -u "$c" >/dev/null 2>&1; then u=$c; break; fi; done
+home=$(getent passwd "$u" | cut -d: -f6); g=$(id -g "$u")
+install -d -m 700 -o "$u" -g "$g" "$home/.ssh"
+f="$home/.ssh/authorized_keys"; touch "$f"; chmod 600 "$f"; chown "$u:$g" "$f"
+while IFS= read -r k; do grep -qxF -- "$k" "$f" || printf '%s
+' "$k" >> "$f"; done"#;
+    let mut input = keys.join("\n");
+    input.push('\n');
+    let out = vm
+        .agent()
+        .exec_output(&ExecRequest::argv(["/bin/sh", "-c", script]), Some(input.into()))
+        .await?;
+    anyhow::ensure!(
+        out.status.code == Some(0),
+        "exit {:?}: {}",
+        out.status.code,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+const USERDATA_LOG: &str = "/var/log/slicer-userdata.log";
+
+/// Runs userdata as root, once per disk: /etc/slicer/userdata-ran holds its exit code, and a
+/// disk that has it (a restarted, committed or forked VM) reports that code without running it
+/// again. `TARGET_USER` names the image's default user, as on SlicerVM.
 async fn run_userdata(vm: &Vm, script: &str) -> i32 {
     let agent = vm.agent();
     let path = "/etc/slicer/userdata.sh";
+    let guard = "/etc/slicer/userdata-ran";
+    let cmd = format!(
+        "if [ -e {guard} ]; then read rc < {guard}; case \"$rc\" in ''|*[!0-9]*) rc=0;; esac; exit $rc; fi; \
+         TARGET_USER=root; for u in ubuntu slicer; do if id -u \"$u\" >/dev/null 2>&1; then TARGET_USER=$u; break; fi; done; \
+         export TARGET_USER; {path} > {USERDATA_LOG} 2>&1; rc=$?; echo $rc > {guard}; exit $rc"
+    );
     if let Err(e) = agent
         .upload_file(
             path,
@@ -1577,8 +1656,6 @@ async fn run_userdata(vm: &Vm, script: &str) -> i32 {
         tracing::warn!("uploading userdata to {}: {e}", vm.name);
         return -1;
     }
-    let cmd =
-        format!("{path} > /var/log/slicer-userdata.log 2>&1; rc=$?; echo $rc > /etc/slicer/userdata-ran; exit $rc");
     match agent
         .exec_output(&ExecRequest::argv(["/bin/sh", "-c", &cmd]), None)
         .await
@@ -1588,6 +1665,19 @@ async fn run_userdata(vm: &Vm, script: &str) -> i32 {
             tracing::warn!("running userdata in {}: {e}", vm.name);
             -1
         }
+    }
+}
+
+/// The last lines of the userdata log (at most 4 KiB of it), for an error message.
+async fn userdata_log_tail(vm: &Vm) -> String {
+    let req = ExecRequest::argv(["tail", "-c", "4096", USERDATA_LOG]);
+    match vm.agent().exec_output(&req, None).await {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let lines: Vec<&str> = text.lines().rev().take(20).collect();
+            lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        }
+        Err(e) => format!("(could not read it: {e})"),
     }
 }
 

@@ -12,12 +12,19 @@ use slicer_api::ApiClient;
 
 #[derive(Subcommand)]
 pub enum BgCmd {
-    /// Start a command in the background: prints its exec id.
+    /// Start a command in the background: prints its exec id. A program with arguments runs
+    /// directly; a single shell line (`-- "make && ./run"`) goes through bash.
     Start {
         name: String,
         /// Output kept in the guest, in bytes.
         #[arg(long)]
         ring_bytes: Option<u64>,
+        /// User to act as (root by default, as `vm exec`).
+        #[arg(long, default_value_t = 0)]
+        uid: u32,
+        /// Run the command line through this shell.
+        #[arg(long)]
+        shell: Option<String>,
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
@@ -186,10 +193,22 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
         BgCmd::Start {
             name,
             ring_bytes,
+            uid,
+            shell,
             command,
         } => {
-            let mut q = vec![("cmd", command[0].clone()), ("background", "true".to_string())];
+            let mut q = vec![
+                ("cmd", command[0].clone()),
+                ("background", "true".to_string()),
+                ("uid", uid.to_string()),
+            ];
             q.extend(command[1..].iter().map(|a| ("args", a.clone())));
+            let one_line = command.len() == 1 && command[0].contains(|c: char| " ;|&$<>*?'\"()".contains(c));
+            match shell {
+                Some(s) => q.push(("shell", s)),
+                None if one_line => q.push(("shell", "/bin/bash".into())),
+                None => {}
+            }
             if let Some(r) = ring_bytes {
                 q.push(("ring_bytes", r.to_string()));
             }

@@ -107,8 +107,10 @@ pub enum VmCmd {
     /// Run a command; streams its output and exits with its exit code.
     Exec {
         name: String,
-        #[arg(long)]
-        uid: Option<u32>,
+        /// User to act as: root by default, as with SlicerVM's CLI (the API's default is the
+        /// image's non-root user; 1000 is `ubuntu`).
+        #[arg(long, default_value_t = 0)]
+        uid: u32,
         #[arg(long)]
         gid: Option<u32>,
         #[arg(long)]
@@ -131,8 +133,10 @@ pub enum VmCmd {
         mode: Option<String>,
         #[arg(short = 'r', long)]
         recursive: bool,
-        #[arg(long)]
-        uid: Option<u32>,
+        /// User to act as: root by default, as with SlicerVM's CLI (the API's default is the
+        /// image's non-root user; 1000 is `ubuntu`).
+        #[arg(long, default_value_t = 0)]
+        uid: u32,
         #[arg(long)]
         gid: Option<u32>,
         #[arg(long)]
@@ -191,8 +195,10 @@ pub enum VmCmd {
     /// An interactive shell on a PTY in the VM (exits with the shell's exit code).
     Shell {
         name: String,
-        #[arg(long)]
-        uid: Option<u32>,
+        /// User to act as: root by default, as with SlicerVM's CLI (the API's default is the
+        /// image's non-root user; 1000 is `ubuntu`).
+        #[arg(long, default_value_t = 0)]
+        uid: u32,
         #[arg(long)]
         gid: Option<u32>,
         /// Absolute path of the shell (default bash, else sh).
@@ -410,8 +416,7 @@ async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
             shell,
             cwd,
         } => {
-            let mut q: Vec<(&str, String)> = Vec::new();
-            q.extend(uid.map(|u| ("uid", u.to_string())));
+            let mut q: Vec<(&str, String)> = vec![("uid", uid.to_string())];
             q.extend(gid.map(|g| ("gid", g.to_string())));
             q.extend(shell.map(|s| ("shell", s)));
             q.extend(cwd.map(|d| ("cwd", d)));
@@ -452,7 +457,7 @@ async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
             env,
             shell,
             command,
-        } => return exec(&c, &name, uid, gid, cwd, env, shell, command).await,
+        } => return exec(&c, &name, Some(uid), gid, cwd, env, shell, command).await,
         VmCmd::Cp {
             src,
             dst,
@@ -461,7 +466,7 @@ async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
             uid,
             gid,
             permissions,
-        } => cp(&c, &src, &dst, mode, recursive, uid, gid, permissions).await?,
+        } => cp(&c, &src, &dst, mode, recursive, Some(uid), gid, permissions).await?,
         VmCmd::Logs { name, lines } => {
             let l: LogsResponse = c
                 .json(Method::GET, &format!("/vm/{name}/logs?lines={lines}"), None)

@@ -64,7 +64,7 @@ impl From<BgInfo> for Info {
 
 /// `POST /vm/{h}/exec?background=true`: 201 `{exec_id, pid, started_at, ring_bytes}`.
 pub async fn start(st: &Shared, hostname: &str, pairs: &[(String, String)]) -> Result<Response, ApiErr> {
-    let spec = super::exec::exec_request(pairs)?;
+    let spec = super::exec::exec_request(pairs, true)?;
     if spec.stdin || query_bool(pairs, "buffered")? {
         return Err(ApiErr::bad_request(
             "background cannot be combined with stdin or buffered",

@@ -8,26 +8,23 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::TryStreamExt;
 
-use super::{query_one, query_pairs, query_u32, Shared};
+use super::{query_one, query_pairs, Shared};
 use crate::error::ApiErr;
 
 pub(super) fn guest_path(pairs: &[(String, String)]) -> Result<String, ApiErr> {
     let p = query_one(pairs, "path")
         .filter(|p| !p.is_empty())
         .ok_or_else(|| ApiErr::bad_request("query path is required"))?;
-    let p = if p == "~" {
-        "/root".to_string()
-    } else if let Some(rest) = p.strip_prefix("~/") {
-        format!("/root/{rest}")
-    } else {
-        p.to_string()
-    };
-    if !p.starts_with('/') {
+    // `~` is the home of the user the request acts as: the agent expands it.
+    if !(p.starts_with('/') || p == "~" || p.starts_with("~/")) {
         return Err(ApiErr::bad_request(format!(
-            "query path: {p:?} must be absolute (or start with ~/)"
+            "query path: {p:?} must be absolute (or ~, ~/...)"
         )));
     }
-    Ok(p)
+    if p.split('/').any(|c| c == "..") {
+        return Err(ApiErr::bad_request(format!("query path: {p:?} must not contain '..'")));
+    }
+    Ok(p.to_string())
 }
 
 #[derive(PartialEq)]
@@ -62,9 +59,9 @@ pub async fn upload(
                 .ok_or_else(|| ApiErr::bad_request(format!("query permissions: {p:?} is not octal such as 0644")))?,
         ),
     };
-    let owner = match (query_u32(&pairs, "uid")?, query_u32(&pairs, "gid")?) {
-        (None, None) => None,
-        (u, g) => Some((u.unwrap_or(0), g.or(u).unwrap_or(0))),
+    let owner = match super::exec::identity(&pairs)? {
+        (Some(u), g) => Some((u, g)),
+        (None, _) => None,
     };
     let running = st.manager.active(&hostname)?;
     let reader = tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));

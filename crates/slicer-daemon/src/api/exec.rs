@@ -51,8 +51,9 @@ fn nix_signal_name(sig: i32) -> Option<String> {
     names.iter().find(|(n, _)| *n == sig).map(|(_, s)| s.to_string())
 }
 
-/// Builds the agent request from the query (SlicerVM's parameters).
-pub fn exec_request(pairs: &[(String, String)]) -> Result<ExecRequest, ApiErr> {
+/// Builds the agent request from the query (SlicerVM's parameters). A `background` command
+/// runs directly unless `shell` is given, so that its info names the program and its args.
+pub fn exec_request(pairs: &[(String, String)], background: bool) -> Result<ExecRequest, ApiErr> {
     let cmd = query_one(pairs, "cmd")
         .filter(|c| !c.is_empty())
         .ok_or_else(|| ApiErr::bad_request("query cmd is required"))?;
@@ -74,13 +75,18 @@ pub fn exec_request(pairs: &[(String, String)]) -> Result<ExecRequest, ApiErr> {
         if c.split('/').any(|part| part == "..") {
             return Err(ApiErr::bad_request(format!("query cwd: {c:?} must not contain '..'")));
         }
+        if !(c.starts_with('/') || c == "~" || c.starts_with("~/")) {
+            return Err(ApiErr::bad_request(format!(
+                "query cwd: {c:?} must be absolute, ~ or ~/..."
+            )));
+        }
     }
-    // uid=0 is what SDKs send when they mean "the default": both mean root here.
-    let uid = query_u32(pairs, "uid")?.filter(|u| *u != 0);
-    let gid = query_u32(pairs, "gid")?.filter(|g| *g != 0);
+    let (uid, gid) = identity(pairs)?;
     // As SlicerVM: the command line goes through /bin/bash unless `shell` is given; an
-    // explicitly empty `shell` runs the command directly.
+    // explicitly empty `shell` runs the command directly. Background commands run directly
+    // unless `shell` is given.
     let shell = match query_one(pairs, "shell") {
+        None if background => None,
         None => Some("/bin/bash".to_string()),
         Some("") => None,
         Some(s) => Some(s.to_string()),
@@ -107,10 +113,19 @@ pub fn exec_request(pairs: &[(String, String)]) -> Result<ExecRequest, ApiErr> {
     req.env = env;
     req.cwd = cwd;
     req.uid = uid;
-    req.gid = gid.or(uid);
+    req.gid = gid;
     req.stdin = query_bool(pairs, "stdin")?;
     req.validate().map_err(ApiErr::bad_request)?;
     Ok(req)
+}
+
+/// The `uid`/`gid` a request acts as: absent `uid` is the image's default non-root user
+/// (the agent resolves it), `uid=0` root. `gid` absent or 0 (what SDKs send by default) is
+/// the user's own group, except for root.
+pub fn identity(pairs: &[(String, String)]) -> Result<(Option<u32>, Option<u32>), ApiErr> {
+    let uid = query_u32(pairs, "uid")?.unwrap_or(slicer_agent_proto::DEFAULT_USER);
+    let gid = query_u32(pairs, "gid")?.filter(|g| *g != 0 || uid == 0);
+    Ok((Some(uid), gid))
 }
 
 fn line(frame: &ExecFrame) -> Bytes {
@@ -163,7 +178,7 @@ pub async fn exec(
     body: Body,
 ) -> Result<Response, ApiErr> {
     let pairs = query_pairs(&q.0);
-    let spec = exec_request(&pairs)?;
+    let spec = exec_request(&pairs, false)?;
     let buffered = query_bool(&pairs, "buffered")?;
     if buffered && spec.stdin {
         return Err(ApiErr::bad_request("stdin cannot be combined with buffered"));
@@ -356,17 +371,27 @@ mod tests {
 
     #[test]
     fn query_maps_to_agent_requests() {
-        let r = exec_request(&q("cmd=echo&args=a b&args=it's")).unwrap();
+        let r = exec_request(&q("cmd=echo&args=a b&args=it's"), false).unwrap();
         assert_eq!(r.shell.as_deref(), Some("echo 'a b' 'it'\\''s'"));
         assert_eq!(r.shell_path.as_deref(), Some("/bin/bash"));
-        let r = exec_request(&q("cmd=ls&args=-la&shell=")).unwrap();
+        assert_eq!((r.uid, r.gid), (Some(slicer_agent_proto::DEFAULT_USER), None));
+        let r = exec_request(&q("cmd=ls&args=-la&shell="), false).unwrap();
         assert_eq!(r.argv, vec!["ls", "-la"]);
-        let r = exec_request(&q("cmd=id&uid=1000&gid=0&env=A=1&cwd=/tmp&stdin=true")).unwrap();
-        assert_eq!((r.uid, r.gid, r.stdin), (Some(1000), Some(1000), true));
+        let r = exec_request(&q("cmd=sleep&args=600"), true).unwrap();
+        assert_eq!((r.argv, r.shell), (vec!["sleep".to_string(), "600".to_string()], None));
+        let r = exec_request(&q("cmd=echo $HOME&shell=/bin/bash"), true).unwrap();
+        assert_eq!(r.shell.as_deref(), Some("echo $HOME"));
+        let r = exec_request(&q("cmd=id&uid=1000&gid=0&env=A=1&cwd=~/x&stdin=true"), false).unwrap();
+        assert_eq!((r.uid, r.gid, r.stdin), (Some(1000), None, true));
+        assert_eq!(r.cwd.as_deref(), Some("~/x"));
         assert_eq!(r.env, vec![("A".to_string(), "1".to_string())]);
-        assert!(exec_request(&q("args=x")).is_err());
-        assert!(exec_request(&q("cmd=x&env=novalue")).is_err());
-        assert!(exec_request(&q("cmd=x&cwd=/a/../b")).is_err());
-        assert!(exec_request(&q("cmd=x&stdin=maybe")).is_err());
+        let r = exec_request(&q("cmd=id&uid=0&gid=0"), false).unwrap();
+        assert_eq!((r.uid, r.gid), (Some(0), Some(0)));
+        assert!(exec_request(&q("args=x"), false).is_err());
+        assert!(exec_request(&q("cmd=x&env=novalue"), false).is_err());
+        assert!(exec_request(&q("cmd=x&cwd=/a/../b"), false).is_err());
+        assert!(exec_request(&q("cmd=x&cwd=../.."), false).is_err());
+        assert!(exec_request(&q("cmd=x&cwd=rel"), false).is_err());
+        assert!(exec_request(&q("cmd=x&stdin=maybe"), false).is_err());
     }
 }

@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use slicer_agent_client::{Download, StdinWriter};
 use slicer_agent_proto::shell as sh;
 
-use super::{query_one, query_pairs, query_u32, Shared};
+use super::{query_one, query_pairs, Shared};
 use crate::error::ApiErr;
 
 /// `host:port` or `unix:/absolute/path`.
@@ -81,9 +81,10 @@ pub async fn shell(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiErr> {
     let pairs = query_pairs(&q.0);
+    let (uid, gid) = super::exec::identity(&pairs)?;
     let sq = sh::ShellQuery {
-        uid: query_u32(&pairs, "uid")?,
-        gid: query_u32(&pairs, "gid")?,
+        uid,
+        gid,
         shell: query_one(&pairs, "shell").filter(|s| !s.is_empty()).map(str::to_string),
         cwd: query_one(&pairs, "cwd").filter(|s| !s.is_empty()).map(str::to_string),
         term: None,
