@@ -196,7 +196,7 @@ async fn every_route_succeeds_and_fails_as_documented() {
         .await;
     assert_eq!(
         (s, v["stdout"].as_str(), v["exit_code"].as_i64()),
-        (200, Some("hi /root\n"), Some(0))
+        (200, Some("hi /home/ubuntu\n"), Some(0))
     );
     let (s, b) = d
         .raw(

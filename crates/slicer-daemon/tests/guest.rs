@@ -362,6 +362,7 @@ async fn background_exec_outlives_its_clients() {
             "for i in 1 2 3 4 5 6; do echo line$i; sleep 0.3; done; echo oops >&2; exit 3".to_string(),
         ),
         ("background", "true".into()),
+        ("shell", "/bin/bash".into()),
     ]);
     let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
     assert_eq!(s, 201, "{v}");
@@ -438,7 +439,11 @@ async fn background_exec_outlives_its_clients() {
     assert_eq!(d.get(&format!("/vm/{h}/exec/..%2Fx")).await.0, 404);
 
     // Kill: TERM reaches the process group.
-    let q = slicer_api::client::query(&[("cmd", "sleep 300".to_string()), ("background", "true".into())]);
+    let q = slicer_api::client::query(&[
+        ("cmd", "sleep".to_string()),
+        ("args", "300".into()),
+        ("background", "true".into()),
+    ]);
     let (_, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
     let id = v["exec_id"].as_str().unwrap().to_string();
     let (s, _) = d
@@ -472,6 +477,7 @@ async fn background_exec_outlives_its_clients() {
     let q = slicer_api::client::query(&[
         ("cmd", "head -c 40000 /dev/zero | tr '\\0' a".to_string()),
         ("background", "true".into()),
+        ("shell", "/bin/sh".into()),
         ("ring_bytes", "4096".into()),
     ]);
     let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
@@ -597,7 +603,11 @@ async fn shell_is_a_real_pty_and_forward_reaches_guest_sockets() {
             "unix:/tmp/echo.sock",
         ),
     ] {
-        let q = slicer_api::client::query(&[("cmd", server(listen)), ("background", "true".into())]);
+        let q = slicer_api::client::query(&[
+            ("cmd", server(listen)),
+            ("background", "true".into()),
+            ("shell", "/bin/sh".into()),
+        ]);
         let (st, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
         assert_eq!(st, 201, "{v}");
         // Until the server listens the agent answers 502.

@@ -2,72 +2,17 @@
 //! the `slicer` client, against the real binary, real guests and a temporary data directory.
 
 use std::io::{Read, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http::Method;
 use http_body_util::BodyExt;
-use slicer_api::client::{empty, full};
+use slicer_api::client::full;
 use slicer_api::ApiClient;
 
-const SLICER: &str = env!("CARGO_BIN_EXE_slicer");
+mod common;
 
-struct Daemon(Child);
-
-/// A client process killed when the test ends, however it ends.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SIGTERM: the daemon stops its VMs; then make sure it is gone.
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn images_dir() -> String {
-    std::env::var("SLICER_IMAGES_DIR")
-        .or_else(|_| std::env::var("SLICER_DATA_DIR").map(|d| format!("{d}/images")))
-        .unwrap_or_else(|_| "/var/lib/slicer/images".into())
-}
-
-fn slicer(dir: &Path, args: &[&str], url: &str) -> std::process::Output {
-    Command::new(SLICER)
-        .args(args)
-        .current_dir(dir)
-        .env("SLICER_URL", url)
-        .env("SLICER_TOKEN_FILE", dir.join("data/auth/token"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
+use common::{free_port, slicer, ChildGuard, SLICER};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_workflow() {
@@ -98,27 +43,7 @@ async fn seed_workflow() {
     )
     .unwrap();
 
-    let child = Command::new(SLICER)
-        .args(["up", "./sandbox.yaml", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .current_dir(dir.path())
-        .env("SLICER_IMAGES_DIR", images_dir())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon(child);
-    let url = format!("http://127.0.0.1:{port}");
-    let anon = ApiClient::new(&url, None).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = anon.send(Method::GET, "/healthz", None, empty()).await {
-            if r.status() == 200 {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "daemon did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (daemon, url) = common::up(dir.path(), "./sandbox.yaml", port).await;
     let token_path = dir.path().join("data/auth/token");
     let token = std::fs::read_to_string(&token_path).unwrap();
     use std::os::unix::fs::PermissionsExt;

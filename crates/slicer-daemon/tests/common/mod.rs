@@ -131,9 +131,16 @@ impl TestDaemon {
         v
     }
 
-    /// Runs a shell line in a VM with `buffered=true`: (status, answer).
+    /// Runs a shell line in a VM as root with `buffered=true`: (status, answer).
     pub async fn sh(&self, vm: &str, line: &str) -> (u16, serde_json::Value) {
-        let q = slicer_api::client::query(&[("cmd", line.to_string()), ("buffered", "true".into())]);
+        self.sh_as(vm, line, Some(0)).await
+    }
+
+    /// As [`TestDaemon::sh`], as `uid` (none: the image's default user).
+    pub async fn sh_as(&self, vm: &str, line: &str, uid: Option<u32>) -> (u16, serde_json::Value) {
+        let mut q = vec![("cmd", line.to_string()), ("buffered", "true".into())];
+        q.extend(uid.map(|u| ("uid", u.to_string())));
+        let q = slicer_api::client::query(&q);
         self.send_json(Method::POST, &format!("/vm/{vm}/exec?{q}"), "").await
     }
 }

@@ -1,0 +1,103 @@
+//! The real `slicer` binary as a user runs it: a daemon (`slicer up`) in a temporary
+//! directory, killed however a test ends, and the client against it.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use slicer_api::client::empty;
+use slicer_api::ApiClient;
+
+pub const SLICER: &str = env!("CARGO_BIN_EXE_slicer");
+
+/// A `slicer up` process: SIGTERM (the daemon stops its VMs), then SIGKILL after 30 s.
+pub struct Daemon(pub Child);
+
+/// A client process killed when the test ends, however it ends.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn images_dir() -> String {
+    std::env::var("SLICER_IMAGES_DIR")
+        .or_else(|_| std::env::var("SLICER_DATA_DIR").map(|d| format!("{d}/images")))
+        .unwrap_or_else(|_| "/var/lib/slicer/images".into())
+}
+
+/// Runs the client in `dir` against `url` with the daemon's token.
+pub fn slicer(dir: &Path, args: &[&str], url: &str) -> std::process::Output {
+    Command::new(SLICER)
+        .args(args)
+        .current_dir(dir)
+        .env("SLICER_URL", url)
+        .env("SLICER_TOKEN_FILE", dir.join("data/auth/token"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Starts `slicer up ./<config>` in `dir` (data in `dir/data`) and waits for /healthz.
+pub async fn up(dir: &Path, config: &str, port: u16) -> (Daemon, String) {
+    let child = Command::new(SLICER)
+        .args(["up", config, "--data-dir"])
+        .arg(dir.join("data"))
+        .current_dir(dir)
+        .env("SLICER_IMAGES_DIR", images_dir())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon(child);
+    let url = format!("http://127.0.0.1:{port}");
+    let anon = ApiClient::new(&url, None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = anon.send(Method::GET, "/healthz", None, empty()).await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "daemon did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (daemon, url)
+}
+
+/// The API client with the token `slicer up` wrote.
+pub fn client(dir: &Path, url: &str) -> ApiClient {
+    let token = std::fs::read_to_string(dir.join("data/auth/token")).unwrap();
+    ApiClient::new(url, Some(token.trim().to_string())).unwrap()
+}
