@@ -52,6 +52,10 @@ pub struct Args {
     /// Guest file the transfers write and read.
     #[arg(long, default_value = "/root/bench.bin")]
     transfer_path: String,
+    /// Boot suite: also boot raw QEMU with this kernel (e.g. a build of an older config),
+    /// interleaved, to compare kernels side by side.
+    #[arg(long)]
+    compare_kernel: Option<PathBuf>,
 }
 
 impl Args {
@@ -174,7 +178,7 @@ async fn main() -> Result<()> {
     let accel = host.accel(&image.kernel).await?;
 
     // Boots, interleaved so that noise hits both kinds alike.
-    let (mut raw, mut ours) = (Vec::new(), Vec::new());
+    let (mut raw, mut ours, mut other) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..args.boots {
         raw.push(
             raw_boot(&host, &image, &tmp.path().join(format!("raw-{i}")), &args)
@@ -182,6 +186,12 @@ async fn main() -> Result<()> {
                 .as_secs_f64()
                 * 1000.0,
         );
+        if let Some(k) = &args.compare_kernel {
+            let mut img = image.clone();
+            img.kernel = k.clone();
+            let t = raw_boot(&host, &img, &tmp.path().join(format!("other-{i}")), &args).await?;
+            other.push(t.as_secs_f64() * 1000.0);
+        }
         let vm = Vm::boot(&host, &spec(format!("bench-{i}"), &args)).await?;
         ours.push(vm.boot_time().as_secs_f64() * 1000.0);
         vm.stop(Duration::ZERO).await?;
@@ -263,6 +273,17 @@ async fn main() -> Result<()> {
         args.transfer_mib,
         down
     );
+    let mut table = table;
+    if let Some(k) = &args.compare_kernel {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() >> 10).unwrap_or(0);
+        table.push_str(&format!(
+            "| raw QEMU boot with the compared kernel ({} KiB; this image's: {} KiB), median | {:.0} ms | this kernel / compared: {:.2}× |\n",
+            size(k),
+            size(&image.kernel),
+            median(other.clone()),
+            raw_m / median(other)
+        ));
+    }
     println!("{table}");
     if !args.no_record {
         record(&args.record, &format!("boot-{}-{}cpu", args.image, args.cpus), &table)?;

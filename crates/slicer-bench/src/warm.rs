@@ -41,6 +41,14 @@ async fn create(c: &ApiClient, group: &str) -> Result<(String, Duration)> {
     Ok((h, took))
 }
 
+/// Bytes the image's root filesystem occupies on disk (it is sparse) and its kernel's size.
+fn image_sizes(images_dir: &std::path::Path, image: &str) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let img = slicer_image::ImageStore::at(images_dir).get(image)?;
+    let rootfs = std::fs::metadata(&img.rootfs)?.blocks() * 512;
+    Ok((rootfs, std::fs::metadata(&img.kernel)?.len()))
+}
+
 async fn delete(c: &ApiClient, group: &str, h: &str) -> Result<()> {
     let _: serde_json::Value = c
         .json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), None)
@@ -145,6 +153,7 @@ pub async fn run(a: WarmArgs) -> Result<()> {
     d.stop().await;
 
     let (cold_m, warm_m) = (median(cold), median(warm));
+    let image_sizes = image_sizes(&a.images_dir, &a.image)?;
     let target = if a.image == "systemd" { 0.1 } else { 0.25 };
     let met = if warm_m / cold_m <= target {
         "met"
@@ -156,7 +165,8 @@ pub async fn run(a: WarmArgs) -> Result<()> {
          | `create?wait=agent`, median of {n} (interleaved) | {cold_m:.0} ms | {warm_m:.0} ms | **{:.2}×** (target ≤ {target}×: {met}) |\n\
          | {b} concurrent creates, wall time until all answer | {:.1} s | {:.1} s | {:.2}× |\n\
          | QEMU RSS of an idle guest, median | {:.0} MiB | {:.0} MiB | {:.2}× |\n\
-         | template: saved state {} MiB; waiting for it at start took {} ms (0 when already built) | | | |\n",
+         | template: saved state {} MiB; waiting for it at start took {} ms (0 when already built) | | | |\n\
+         | image: root filesystem {} MiB used (ext4, sparse), kernel {:.1} MiB (bzImage) | | | |\n",
         warm_m / cold_m,
         burst_cold.as_secs_f64(),
         burst_warm.as_secs_f64(),
@@ -166,6 +176,8 @@ pub async fn run(a: WarmArgs) -> Result<()> {
         median(warm_rss) / median(cold_rss),
         template.state_bytes >> 20,
         template_wait.as_millis(),
+        image_sizes.0 >> 20,
+        image_sizes.1 as f64 / (1u64 << 20) as f64,
         img = a.image,
         mem = a.memory_mib,
         n = a.creates,

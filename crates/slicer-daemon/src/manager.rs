@@ -1181,6 +1181,8 @@ impl Manager {
         let (me, r, hostname) = (self.clone(), running.clone(), rec.hostname.clone());
         let userdata = if rec.userdata_ran { None } else { rec.userdata.clone() };
         tokio::spawn(async move {
+            // Taken whatever happens, so that a VM that never boots leaves nothing behind.
+            let request_keys = me.pending_keys().remove(&hostname).unwrap_or_default();
             let result = if r.paused.load(Ordering::SeqCst) || r.vm.is_ready() {
                 Ok(())
             } else {
@@ -1202,7 +1204,7 @@ impl Manager {
                     tracing::warn!("VM {hostname}: syncing secrets: {e:#}");
                 }
                 let mut keys = me.settings.ssh_keys.clone();
-                keys.extend(me.pending_keys().remove(&hostname).unwrap_or_default());
+                keys.extend(request_keys);
                 if !keys.is_empty() {
                     if let Err(e) = authorize_ssh_keys(&r.vm, &keys).await {
                         tracing::warn!("VM {hostname}: installing SSH keys: {e:#}");
