@@ -31,19 +31,7 @@ fn free_bytes(path: &std::path::Path) -> u64 {
 }
 
 fn qemu_pid(hostname: &str) -> u32 {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    c.split(|b| *b == 0)
-                        .any(|a| a == format!("slicer-{hostname}").as_bytes())
-                })
-                .unwrap_or(false)
-        })
-        .unwrap_or_else(|| panic!("no QEMU for {hostname}"))
+    common::qemu_pid_of(hostname).unwrap_or_else(|| panic!("no QEMU for {hostname}"))
 }
 
 /// Asserts the jail of a running VM's QEMU: not root, no capabilities, seccomp filter,

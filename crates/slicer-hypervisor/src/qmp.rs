@@ -186,13 +186,6 @@ impl Qmp {
         }
     }
 
-    /// Waits until an `-incoming` QEMU has loaded its state, then resumes the vCPUs.
-    pub async fn resume_incoming(&self, timeout: Duration) -> Result<()> {
-        self.wait_incoming(timeout).await?;
-        self.execute("cont", None).await?;
-        Ok(())
-    }
-
     /// Waits until an `-incoming` QEMU has loaded its state (it stays paused).
     pub async fn wait_incoming(&self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;

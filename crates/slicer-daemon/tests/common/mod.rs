@@ -160,16 +160,21 @@ impl Drop for TestDaemon {
     }
 }
 
-/// No QEMU of ours runs for `hostname`.
-pub fn no_qemu_for(hostname: &str) -> bool {
+/// The pid of our QEMU for `hostname` (its command line names `slicer-<hostname>`).
+pub fn qemu_pid_of(hostname: &str) -> Option<u32> {
     let needle = format!("slicer-{hostname}");
     std::fs::read_dir("/proc")
-        .map(|d| {
-            !d.flatten().any(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .map(|c| c.split(|b| *b == 0).any(|a| a == needle.as_bytes()))
-                    .unwrap_or(false)
-            })
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|b| *b == 0).any(|a| a == needle.as_bytes()))
+                .unwrap_or(false)
         })
-        .unwrap_or(true)
+}
+
+/// No QEMU of ours runs for `hostname`.
+pub fn no_qemu_for(hostname: &str) -> bool {
+    qemu_pid_of(hostname).is_none()
 }
