@@ -76,6 +76,7 @@ pub async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Respons
     }
     let out = pipe_task(Some(child.stdout), Kind::Stdout, tx.clone());
     let err = pipe_task(Some(child.stderr), Kind::Stderr, tx.clone());
+    let readers = [out.abort_handle(), err.abort_handle()];
 
     tokio::spawn(async move {
         let mut exit_rx = exit_rx;
@@ -93,8 +94,10 @@ pub async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Respons
         })
         .await;
         if drained.is_err() {
-            // Descendants still hold the pipes open: stop waiting for them.
-            kill_group(pid);
+            // Descendants still hold the pipes (`server &`): they keep running, as after a
+            // terminal's shell returns; the exec ends with its own process and our read ends
+            // close (so the stream ends).
+            readers.iter().for_each(|r| r.abort());
         }
         let status = status.unwrap_or(ExitStatus {
             code: None,

@@ -30,6 +30,9 @@ impl ApiError {
     }
 }
 
+/// How long a TCP connect to the daemon may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A byte stream to the daemon.
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
@@ -85,7 +88,11 @@ impl ApiClient {
         };
         Ok(match &self.endpoint {
             Endpoint::Tcp(addr) => {
-                let s = tokio::net::TcpStream::connect(addr).await.map_err(err)?;
+                // An address that drops packets would otherwise hang for minutes.
+                let s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s")))?
+                    .map_err(err)?;
                 let _ = s.set_nodelay(true);
                 Box::new(s)
             }

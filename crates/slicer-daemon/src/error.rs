@@ -50,6 +50,14 @@ impl ApiErr {
     }
 }
 
+impl std::fmt::Display for ApiErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for ApiErr {}
+
 impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {
         (

@@ -341,6 +341,10 @@ impl Manager {
     /// Picks the VM's address (the lowest free one of its group) and records the VM.
     async fn allocate_and_record(&self, rec: &mut VmRecord, fixed: Option<u32>) -> anyhow::Result<()> {
         let _guard = self.alloc.lock().await;
+        // Again under the lock: two creates may have asked for the same name at once.
+        if let Some(name) = vm_name(&rec.tags) {
+            self.check_name(name, None)?;
+        }
         let taken: Vec<std::net::Ipv4Addr> = self
             .db
             .list()?
@@ -485,6 +489,43 @@ impl Manager {
 
     fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Running>>> {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks a VM name (its `name=` tag): a lowercase DNS label that is no VM's hostname,
+    /// not in a host group's `<group>-<n>` namespace and no other VM's name. `own` is the VM
+    /// the name is for, when it exists.
+    pub fn check_name(&self, name: &str, own: Option<&str>) -> Result<(), ApiErr> {
+        let label = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !label {
+            return Err(ApiErr::bad_request(format!(
+                "name {name:?}: use a lowercase DNS label (a-z, 0-9 and '-', at most 63, not starting or ending with '-')"
+            )));
+        }
+        for g in &self.settings.groups {
+            let n = name.strip_prefix(&g.name).and_then(|r| r.strip_prefix('-'));
+            if n.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+                return Err(ApiErr::bad_request(format!(
+                    "name {name:?} looks like a hostname of host group {} ({}-<n>): choose another",
+                    g.name, g.name
+                )));
+            }
+        }
+        let tag = format!("name={name}");
+        for r in self.db.list().map_err(ApiErr::internal)? {
+            if r.hostname == name {
+                return Err(ApiErr::conflict(format!("name {name:?} is the hostname of a VM")));
+            }
+            if Some(r.hostname.as_str()) != own && r.tags.contains(&tag) {
+                return Err(ApiErr::conflict(format!("name {name:?} is taken by VM {}", r.hostname)));
+            }
+        }
+        Ok(())
     }
 
     fn pending_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
@@ -716,6 +757,12 @@ impl Manager {
             ));
         }
         crate::config::check_ssh_keys("ssh_keys", &req.ssh_keys).map_err(ApiErr::bad_request)?;
+        if req.tags.iter().filter(|t| t.starts_with("name=")).count() > 1 {
+            return Err(ApiErr::bad_request("tags: at most one name= tag"));
+        }
+        if let Some(name) = vm_name(&req.tags) {
+            self.check_name(name, None)?;
+        }
         let me = self.clone();
         let (rec, running) =
             detached(async move { me.record_and_launch(rec, req.secrets, req.ssh_keys).await }).await?;
@@ -765,7 +812,10 @@ impl Manager {
         self.reserve(&claim, &rec)?;
         if let Err(e) = self.allocate_and_record(&mut rec, None).await {
             self.release(&claim);
-            return Err(ApiErr::internal(e));
+            return Err(match e.downcast::<ApiErr>() {
+                Ok(api) => api,
+                Err(e) => ApiErr::internal(e),
+            });
         }
         let hostname = rec.hostname.clone();
         {
@@ -1630,6 +1680,11 @@ while IFS= read -r k; do grep -qxF -- "$k" "$f" || printf '%s
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// The VM's name: the value of its `name=` tag.
+pub fn vm_name(tags: &[String]) -> Option<&str> {
+    tags.iter().find_map(|t| t.strip_prefix("name="))
 }
 
 const USERDATA_LOG: &str = "/var/log/slicer-userdata.log";

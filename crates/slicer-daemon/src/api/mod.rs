@@ -272,36 +272,7 @@ pub fn query_u32(pairs: &[(String, String)], key: &str) -> Result<Option<u32>, A
         .transpose()
 }
 
-/// Parses a Go duration such as `5m`, `1m30s`, `250ms`.
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
-    let mut total = 0f64;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let n: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let secs = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total += n * secs;
-    }
-    Some(Duration::from_secs_f64(total))
-}
+pub use slicer_api::parse_go_duration;
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
@@ -474,6 +445,11 @@ async fn patch_tags(
             t
         }
     };
+    if let Some(name) = crate::manager::vm_name(&tags) {
+        if crate::manager::vm_name(&rec.tags) != Some(name) {
+            st.manager.check_name(name, Some(&hostname))?;
+        }
+    }
     for t in &tags {
         if t.is_empty() || t.len() > 256 || t.chars().any(char::is_control) {
             return Err(ApiErr::bad_request(format!(
@@ -672,14 +648,5 @@ mod tests {
         for r in UNTIMED {
             assert!(ROUTES.contains(r), "{r:?}");
         }
-    }
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_go_duration("5"), None);
-        assert_eq!(parse_go_duration("abc"), None);
     }
 }
