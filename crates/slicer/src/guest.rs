@@ -12,24 +12,41 @@ use slicer_api::ApiClient;
 
 #[derive(Subcommand)]
 pub enum BgCmd {
-    /// Start a command in the background: prints its exec id. A program with arguments runs
-    /// directly; a single shell line (`-- "make && ./run"`) goes through bash.
-    Start {
+    /// Start a command in the background; prints `exec_id=<id>` (with --json the answer).
+    /// Forms: `-- prog args...` runs prog directly; `-c prog -a arg -a arg` the same;
+    /// `-s /bin/bash -- "line"` runs the line through that shell.
+    #[command(alias = "start")]
+    Exec {
         name: String,
-        /// Output kept in the guest, in bytes.
+        /// The program (instead of after `--`).
+        #[arg(short = 'c', long = "cmd")]
+        cmd: Option<String>,
+        /// An argument of the program (repeatable).
+        #[arg(short = 'a', long = "arg", allow_hyphen_values = true)]
+        arg: Vec<String>,
+        /// Run the command line through this shell.
+        #[arg(short = 's', long)]
+        shell: Option<String>,
+        /// Output kept in the guest: bytes, or with K/M/G (binary units), e.g. 4M.
         #[arg(long)]
-        ring_bytes: Option<u64>,
+        ring_bytes: Option<String>,
         /// User to act as (root by default, as `vm exec`).
         #[arg(long, default_value_t = 0)]
         uid: u32,
-        /// Run the command line through this shell.
         #[arg(long)]
-        shell: Option<String>,
-        #[arg(required = true, last = true)]
+        gid: Option<u32>,
+        #[arg(long)]
+        cwd: Option<String>,
+        /// KEY=VALUE (repeatable).
+        #[arg(long)]
+        env: Vec<String>,
+        #[arg(last = true)]
         command: Vec<String>,
     },
     /// List a VM's background execs.
     List { name: String },
+    /// An exec's state: command, pid, running, exit code, bytes written and dropped.
+    Info { name: String, id: String },
     /// Print an exec's output (replayed from the guest's ring).
     Logs {
         name: String,
@@ -45,26 +62,32 @@ pub enum BgCmd {
         id: String,
         #[arg(long, default_value = "TERM")]
         signal: String,
-        #[arg(long, default_value_t = 5000)]
-        grace_ms: u64,
+        /// Time before TERM becomes KILL (Go duration, e.g. 5s).
+        #[arg(long, default_value = "5s")]
+        grace: String,
     },
-    /// Wait for an exec to end; exits with its exit code.
+    /// Wait for an exec to end; exits with its exit code (124 when it still runs).
     Wait {
         name: String,
         id: String,
-        /// Seconds (at most 600).
-        #[arg(long, default_value_t = 60)]
-        timeout: u64,
+        /// Go duration (e.g. 10m) or seconds; at most 10m.
+        #[arg(long, default_value = "60s")]
+        timeout: String,
     },
     /// Forget a finished exec.
-    Rm { name: String, id: String },
+    #[command(alias = "rm")]
+    Remove { name: String, id: String },
 }
 
 #[derive(Subcommand)]
 pub enum SecretCmd {
-    /// Store a secret (from a file, or from --value).
+    /// Store a secret (from a file, or from --value): `secret create NAME --value V` or
+    /// `secret create --name NAME --value V`.
     Create {
-        name: String,
+        #[arg(required_unless_present = "name_flag")]
+        name: Option<String>,
+        #[arg(long = "name", conflicts_with = "name")]
+        name_flag: Option<String>,
         #[arg(long, conflicts_with = "value")]
         from_file: Option<std::path::PathBuf>,
         #[arg(long)]
@@ -81,7 +104,10 @@ pub enum SecretCmd {
     List,
     /// Change a secret's value or ownership.
     Update {
-        name: String,
+        #[arg(required_unless_present = "name_flag")]
+        name: Option<String>,
+        #[arg(long = "name", conflicts_with = "name")]
+        name_flag: Option<String>,
         #[arg(long, conflicts_with = "value")]
         from_file: Option<std::path::PathBuf>,
         #[arg(long)]
@@ -94,7 +120,7 @@ pub enum SecretCmd {
         gid: Option<u32>,
     },
     /// Delete a secret (from the guests too).
-    #[command(alias = "rm")]
+    #[command(alias = "rm", alias = "remove")]
     Delete { name: String },
 }
 
@@ -111,12 +137,14 @@ pub async fn secret(c: &ApiClient, cmd: SecretCmd, json: bool) -> Result<i32> {
     match cmd {
         SecretCmd::Create {
             name,
+            name_flag,
             from_file,
             value,
             permissions,
             uid,
             gid,
         } => {
+            let name = name.or(name_flag).unwrap_or_default();
             let Some(data) = value_of(from_file, value)? else {
                 bail!("give the value with --from-file PATH or --value TEXT");
             };
@@ -127,12 +155,14 @@ pub async fn secret(c: &ApiClient, cmd: SecretCmd, json: bool) -> Result<i32> {
         }
         SecretCmd::Update {
             name,
+            name_flag,
             from_file,
             value,
             permissions,
             uid,
             gid,
         } => {
+            let name = name.or(name_flag).unwrap_or_default();
             let mut body = serde_json::json!({});
             if let Some(d) = value_of(from_file, value)? {
                 body["data"] = d.into();
@@ -188,29 +218,54 @@ fn print_or(json: bool, v: &serde_json::Value, text: &str) -> Result<()> {
     Ok(())
 }
 
+impl BgCmd {
+    /// The VM the command acts on.
+    pub fn vm_arg(&mut self) -> &mut String {
+        match self {
+            BgCmd::Exec { name, .. }
+            | BgCmd::List { name }
+            | BgCmd::Info { name, .. }
+            | BgCmd::Logs { name, .. }
+            | BgCmd::Kill { name, .. }
+            | BgCmd::Wait { name, .. }
+            | BgCmd::Remove { name, .. } => name,
+        }
+    }
+}
+
 pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
     match cmd {
-        BgCmd::Start {
+        BgCmd::Exec {
             name,
+            cmd,
+            arg,
+            shell,
             ring_bytes,
             uid,
-            shell,
+            gid,
+            cwd,
+            env,
             command,
         } => {
+            let (program, args) = match (cmd, command.split_first()) {
+                (Some(p), None) => (p, arg),
+                (None, Some((p, rest))) if arg.is_empty() => (p.clone(), rest.to_vec()),
+                (Some(_), Some(_)) => bail!("give the program with -c or after --, not both"),
+                (None, Some(_)) => bail!("-a goes with -c: `-c prog -a arg`, or put the arguments after --"),
+                (None, None) => bail!("no command: `vm bg exec NAME -- prog args` (or -c prog -a arg)"),
+            };
             let mut q = vec![
-                ("cmd", command[0].clone()),
+                ("cmd", program),
                 ("background", "true".to_string()),
                 ("uid", uid.to_string()),
             ];
-            q.extend(command[1..].iter().map(|a| ("args", a.clone())));
-            let one_line = command.len() == 1 && command[0].contains(|c: char| " ;|&$<>*?'\"()".contains(c));
-            match shell {
-                Some(s) => q.push(("shell", s)),
-                None if one_line => q.push(("shell", "/bin/bash".into())),
-                None => {}
-            }
+            q.extend(args.into_iter().map(|a| ("args", a)));
+            q.extend(shell.map(|s| ("shell", s)));
+            q.extend(gid.map(|g| ("gid", g.to_string())));
+            q.extend(cwd.map(|d| ("cwd", d)));
+            q.extend(env.into_iter().map(|e| ("env", e)));
             if let Some(r) = ring_bytes {
-                q.push(("ring_bytes", r.to_string()));
+                q.push(("ring_bytes", parse_size(&r)?.to_string()));
             }
             let v: serde_json::Value = c
                 .json(Method::POST, &format!("/vm/{name}/exec?{}", query(&q)), None)
@@ -218,8 +273,12 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{}", v["exec_id"].as_str().unwrap_or_default());
+                println!("exec_id={}", v["exec_id"].as_str().unwrap_or_default());
             }
+        }
+        BgCmd::Info { name, id } => {
+            let v: serde_json::Value = c.json(Method::GET, &format!("/vm/{name}/exec/{id}"), None).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
         }
         BgCmd::List { name } => {
             let v: Vec<serde_json::Value> = c.json(Method::GET, &format!("/vm/{name}/exec"), None).await?;
@@ -302,8 +361,9 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
             name,
             id,
             signal,
-            grace_ms,
+            grace,
         } => {
+            let grace_ms = duration(&grace, "--grace")?.as_millis() as u64;
             let body = serde_json::json!({"signal": signal, "grace_ms": grace_ms});
             let v: serde_json::Value = c
                 .json(Method::POST, &format!("/vm/{name}/exec/{id}/kill"), Some(&body))
@@ -315,6 +375,7 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
             )?;
         }
         BgCmd::Wait { name, id, timeout } => {
+            let timeout = duration(&timeout, "--timeout")?.as_secs().clamp(1, 600);
             let v: serde_json::Value = c
                 .json(
                     Method::GET,
@@ -331,12 +392,36 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
             }
             return Ok(v["exit_code"].as_i64().unwrap_or(1) as i32);
         }
-        BgCmd::Rm { name, id } => {
+        BgCmd::Remove { name, id } => {
             let v: serde_json::Value = c.json(Method::DELETE, &format!("/vm/{name}/exec/{id}"), None).await?;
             print_or(json, &v, &format!("{id} reaped"))?;
         }
     }
     Ok(0)
+}
+
+/// A Go duration (`5s`, `10m`) or a number of seconds.
+pub fn duration(s: &str, flag: &str) -> Result<std::time::Duration> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(n));
+    }
+    slicer_api::parse_go_duration(s)
+        .ok_or_else(|| anyhow::anyhow!("{flag}: {s:?} is not a duration such as 30s, 5m or 100ms"))
+}
+
+/// A size in bytes, or with a K/M/G suffix (binary units).
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| anyhow::anyhow!("--ring-bytes: {s:?} is not a size such as 1048576 or 4M"))
 }
 
 fn mib(v: &serde_json::Value) -> String {
@@ -383,4 +468,21 @@ pub async fn top(c: &ApiClient, json: bool) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("4M").unwrap(), 4 << 20);
+        assert_eq!(parse_size("65536").unwrap(), 65536);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+        assert_eq!(duration("10m", "--t").unwrap(), std::time::Duration::from_secs(600));
+        assert_eq!(duration("30", "--t").unwrap(), std::time::Duration::from_secs(30));
+        assert!(duration("soon", "--t").unwrap_err().to_string().contains("--t"));
+    }
 }

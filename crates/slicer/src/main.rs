@@ -17,8 +17,16 @@ mod ws;
 /// Default data directory: images, VM disks, state.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/slicer";
 
+/// Slicer's shortcuts: `slicer cp|shell|bg|logs|relaunch ...` is `slicer vm ...`.
+const SHORTCUTS: &[&str] = &["cp", "shell", "bg", "logs", "relaunch"];
+
 #[derive(Parser)]
-#[command(name = "slicer", version, about = "microVM sandboxes on a Linux host")]
+#[command(
+    name = "slicer",
+    version,
+    about = "microVM sandboxes on a Linux host",
+    after_help = "Shortcuts: `slicer ls` = `slicer vm list`; `slicer cp|shell|bg|logs|relaunch ...` = `slicer vm ...`; `slicer v` = `slicer vm`."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -58,6 +66,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: image::ImageCmd,
     },
+    /// Print the client's version.
+    Version,
+    /// The client's and the daemon's versions (`GET /info`).
+    Info {
+        #[command(flatten)]
+        conn: vm::Conn,
+    },
 }
 
 fn main() {
@@ -65,7 +80,15 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLICER_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .get(1)
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| SHORTCUTS.contains(&a))
+    {
+        args.insert(1, "vm".into());
+    }
+    let cli = Cli::parse_from(args);
     let result = match cli.cmd {
         Cmd::Image { cmd } => image::run(cmd),
         Cmd::Run(args) => run::run(args),
@@ -73,6 +96,11 @@ fn main() {
         Cmd::Up(args) => up::run(args),
         Cmd::Vm { conn, cmd } => vm::run(cmd, conn),
         Cmd::Secret { conn, cmd } => vm::run_secret(cmd, conn),
+        Cmd::Version => {
+            println!("slicer {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Cmd::Info { conn } => vm::run_info(conn),
         Cmd::Ls { conn } => vm::run(
             vm::VmCmd::List {
                 tag: None,

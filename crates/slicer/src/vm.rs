@@ -78,12 +78,18 @@ pub enum VmCmd {
     #[command(alias = "launch")]
     Add {
         group: Option<String>,
+        /// The VM's name: sugar for the immutable tag name=NAME (a lowercase DNS label, unique);
+        /// every command that takes a VM accepts it.
+        #[arg(short = 'n', long)]
+        name: Option<String>,
         #[arg(long)]
         cpus: Option<u32>,
         #[arg(long)]
         ram_gb: Option<u64>,
         #[arg(long)]
         ram_mb: Option<u64>,
+        #[arg(long)]
+        ram_bytes: Option<u64>,
         /// key=value (repeatable).
         #[arg(long)]
         tag: Vec<String>,
@@ -91,8 +97,18 @@ pub enum VmCmd {
         userdata: Option<String>,
         #[arg(long)]
         userdata_file: Option<PathBuf>,
-        #[arg(long)]
+        /// Secrets the VM gets (comma-separated; default all).
+        #[arg(long, alias = "secret", value_delimiter = ',')]
+        secrets: Option<Vec<String>>,
+        /// A public key, or a file holding one (repeatable).
+        #[arg(long = "ssh-key")]
+        ssh_keys: Vec<String>,
+        /// Keep the VM and its disk when it stops (the CLI's default; the API's is false).
+        #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
         persistent: bool,
+        /// Open a shell in the VM once it is ready.
+        #[arg(long)]
+        shell: bool,
         /// Wait for the agent (or with --wait-userdata, for userdata) before returning.
         #[arg(long)]
         wait: bool,
@@ -100,6 +116,18 @@ pub enum VmCmd {
         wait_userdata: bool,
         #[arg(long, default_value = "5m")]
         timeout: String,
+    },
+    /// Wait until a VM's agent answers (or, with --userdata, its userdata ran).
+    Ready {
+        name: String,
+        #[arg(long)]
+        agent: bool,
+        #[arg(long)]
+        userdata: bool,
+        #[arg(long, default_value = "5m")]
+        timeout: String,
+        #[arg(long, default_value = "100ms")]
+        interval: String,
     },
     /// Delete a VM and its disk.
     #[command(alias = "rm")]
@@ -150,7 +178,8 @@ pub enum VmCmd {
     },
     /// Agent health of a VM.
     Health { name: String },
-    /// Show or change tags.
+    /// Show or change tags (name= stays).
+    #[command(alias = "tag")]
     Tags {
         name: String,
         #[arg(long)]
@@ -262,6 +291,31 @@ pub fn print_nodes(nodes: &[Node]) {
     }
 }
 
+/// `slicer info`: the client's version and the daemon's (`GET /info`).
+pub fn run_info(conn: Conn) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async {
+        let c = conn.client()?;
+        let server: serde_json::Value = c
+            .json(Method::GET, "/info", None)
+            .await
+            .with_context(|| format!("asking the daemon at {} (is `slicer up` running?)", conn.url))?;
+        if conn.json {
+            print_json(&serde_json::json!({"client": {"version": env!("CARGO_PKG_VERSION")}, "server": server}))
+        } else {
+            println!("Client: slicer {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "Server: slicer {} ({}, {}/{})",
+                server["version"].as_str().unwrap_or("?"),
+                server["git_commit"].as_str().unwrap_or("?"),
+                server["platform"].as_str().unwrap_or("?"),
+                server["arch"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+    })
+}
+
 /// `slicer secret …`.
 pub fn run_secret(cmd: crate::guest::SecretCmd, conn: Conn) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -278,8 +332,53 @@ pub fn run(cmd: VmCmd, conn: Conn) -> Result<()> {
     std::process::exit(code)
 }
 
-async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
+/// A VM argument: a hostname, else the VM whose `name=` tag it is (as Slicer's CLI).
+pub async fn resolve(c: &ApiClient, arg: &str) -> Result<String> {
+    if arg.is_empty() || arg.contains(['/', '?', '#', '%']) || arg == "." || arg == ".." {
+        bail!("{arg:?} is not a VM hostname or name");
+    }
+    let resp = c.send(Method::GET, &format!("/vm/{arg}"), None, empty()).await?;
+    if resp.status() != http::StatusCode::NOT_FOUND {
+        return Ok(arg.to_string());
+    }
+    let q = query(&[("tag", format!("name={arg}"))]);
+    let nodes: Vec<Node> = c.json(Method::GET, &format!("/nodes?{q}"), None).await?;
+    match nodes.as_slice() {
+        [n] => Ok(n.hostname.clone()),
+        [] => bail!("VM {arg:?} not found: no VM has that hostname or name (see `slicer vm list`)"),
+        _ => bail!("several VMs are named {arg:?}"),
+    }
+}
+
+impl VmCmd {
+    /// The VM the command acts on, to resolve from a name.
+    fn vm_arg(&mut self) -> Option<&mut String> {
+        match self {
+            VmCmd::Delete { name, .. }
+            | VmCmd::Exec { name, .. }
+            | VmCmd::Logs { name, .. }
+            | VmCmd::Health { name }
+            | VmCmd::Tags { name, .. }
+            | VmCmd::Ready { name, .. }
+            | VmCmd::Shutdown { name, .. }
+            | VmCmd::Pause { name }
+            | VmCmd::Resume { name }
+            | VmCmd::Suspend { name }
+            | VmCmd::Restore { name, .. }
+            | VmCmd::Relaunch { name }
+            | VmCmd::Shell { name, .. }
+            | VmCmd::Forward { name, .. } => Some(name),
+            VmCmd::Bg { cmd } => Some(cmd.vm_arg()),
+            _ => None,
+        }
+    }
+}
+
+async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
     let c = conn.client()?;
+    if let Some(name) = cmd.vm_arg() {
+        *name = resolve(&c, name).await?;
+    }
     match cmd {
         VmCmd::List { tag, tag_prefix } => {
             let mut q = Vec::new();
@@ -315,17 +414,38 @@ async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
         }
         VmCmd::Add {
             group,
+            name,
             cpus,
             ram_gb,
             ram_mb,
-            tag,
+            ram_bytes,
+            mut tag,
             userdata,
             userdata_file,
+            secrets,
+            ssh_keys,
             persistent,
+            shell,
             wait,
             wait_userdata,
             timeout,
         } => {
+            if let Some(n) = name {
+                if tag.iter().any(|t| t.starts_with("name=")) {
+                    bail!("give the name with --name or with --tag name=..., not both");
+                }
+                tag.push(format!("name={n}"));
+            }
+            let ssh_keys = ssh_keys
+                .into_iter()
+                .map(|k| match std::fs::read_to_string(expand_home(Path::new(&k))) {
+                    Ok(text) => Ok(text.trim().to_string()),
+                    Err(_) if k.contains(' ') => Ok(k),
+                    Err(e) => Err(anyhow::anyhow!(
+                        "--ssh-key {k}: not a key, and reading it as a file: {e}"
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?;
             let group = match group {
                 Some(g) => g,
                 None => {
@@ -349,14 +469,23 @@ async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
                 (None, None) => None,
                 (Some(_), Some(_)) => bail!("give --userdata or --userdata-file, not both"),
             };
+            let ram_bytes = match (ram_gb, ram_mb, ram_bytes) {
+                (Some(g), None, None) => Some(g << 30),
+                (None, Some(m), None) => Some(m << 20),
+                (None, None, b) => b,
+                _ => bail!("give one of --ram-gb, --ram-mb and --ram-bytes"),
+            };
             let req = CreateNodeRequest {
                 cpus,
-                ram_bytes: ram_gb.map(|g| g << 30).or(ram_mb.map(|m| m << 20)),
+                ram_bytes,
                 tags: tag,
                 userdata,
-                persistent: persistent.then_some(true),
+                secrets,
+                ssh_keys,
+                persistent: Some(persistent),
                 ..Default::default()
             };
+            let wait = wait || shell;
             let mut q = vec![];
             if wait_userdata {
                 q.push(("wait", "userdata".to_string()));
@@ -382,6 +511,47 @@ async fn run_async(cmd: VmCmd, conn: Conn) -> Result<i32> {
                 println!("IP:         {}", if resp.ip.is_empty() { "-" } else { &resp.ip });
                 println!("Persistent: {}", resp.persistent);
                 println!("Created:    {}", resp.created_at);
+            }
+            if shell {
+                return crate::ws::shell(&c, &resp.hostname, &query(&[("uid", "0".to_string())])).await;
+            }
+        }
+        VmCmd::Ready {
+            name,
+            agent: _,
+            userdata,
+            timeout,
+            interval,
+        } => {
+            let timeout = crate::guest::duration(&timeout, "--timeout")?;
+            let interval = crate::guest::duration(&interval, "--interval")?.max(std::time::Duration::from_millis(10));
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                if let Ok(h) = c
+                    .json::<HealthResponse>(Method::GET, &format!("/vm/{name}/health"), None)
+                    .await
+                {
+                    if h.agent_uptime > 0 && !userdata {
+                        break;
+                    }
+                    if userdata && h.userdata_ran {
+                        match h.userdata_exit_code {
+                            Some(0) | None => break,
+                            Some(code) => bail!(
+                                "{name}: userdata exited with code {code} (see /var/log/slicer-userdata.log in the VM)"
+                            ),
+                        }
+                    }
+                }
+                if std::time::Instant::now() >= deadline {
+                    bail!("{name} was not ready within {timeout:?}");
+                }
+                tokio::time::sleep(interval).await;
+            }
+            if conn.json {
+                print_json(&serde_json::json!({"hostname": name, "ready": true}))?;
+            } else {
+                println!("{name} is ready");
             }
         }
         VmCmd::Shutdown { name, reboot } => {
@@ -659,6 +829,18 @@ async fn cp(
     gid: Option<u32>,
     permissions: Option<String>,
 ) -> Result<()> {
+    let resolved = |spec: &str| {
+        let c = c.clone();
+        let spec = spec.to_string();
+        async move {
+            match remote(&spec) {
+                Some((name, path)) => Ok::<_, anyhow::Error>(format!("{}:{path}", resolve(&c, name).await?)),
+                None => Ok(spec),
+            }
+        }
+    };
+    let (src, dst) = (resolved(src).await?, resolved(dst).await?);
+    let (src, dst) = (src.as_str(), dst.as_str());
     match (remote(src), remote(dst)) {
         (None, Some((name, path))) => {
             let local = PathBuf::from(src);

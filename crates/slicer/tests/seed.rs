@@ -142,11 +142,21 @@ async fn seed_workflow() {
     // Background exec, top and secrets from the client.
     let out = slicer(
         dir.path(),
-        &["vm", "bg", "start", "sandbox-1", "--", "echo bg-out; exit 5"],
+        &[
+            "vm",
+            "bg",
+            "exec",
+            "sandbox-1",
+            "-s",
+            "/bin/sh",
+            "--",
+            "echo bg-out; exit 5",
+        ],
         &url,
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let id = text.trim().strip_prefix("exec_id=").unwrap_or_default().to_string();
     assert!(id.starts_with("ex_"), "{id}");
     let out = slicer(dir.path(), &["vm", "bg", "wait", "sandbox-1", &id], &url);
     assert_eq!(out.status.code(), Some(5));
@@ -193,11 +203,13 @@ async fn seed_workflow() {
 
     // vm forward: a local port reaches an echo server inside the guest.
     let echo = "perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalAddr=>\"127.0.0.1:7000\",Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){while(<$c>){print $c \"echo:$_\"; $c->flush}}'";
-    assert!(
-        slicer(dir.path(), &["vm", "bg", "start", "sandbox-1", "--", echo], &url)
-            .status
-            .success()
-    );
+    assert!(slicer(
+        dir.path(),
+        &["vm", "bg", "exec", "sandbox-1", "--shell", "/bin/sh", "--", echo],
+        &url
+    )
+    .status
+    .success());
     let port = free_port();
     let spec = format!("127.0.0.1:{port}:127.0.0.1:7000");
     let fwd = ChildGuard(

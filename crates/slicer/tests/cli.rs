@@ -1,0 +1,222 @@
+//! A user's session with the forms Slicer's docs and agent skills teach, typed into the real
+//! `slicer` binary against a real daemon and guest: names, ready, exec by name, background
+//! execs in their three forms, tags, secrets, shortcuts, version/info, and the failure forms.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, up, SLICER};
+
+fn run(dir: &Path, url: &str, args: &[&str]) -> Output {
+    Command::new(SLICER)
+        .args(args)
+        .current_dir(dir)
+        .env("SLICER_URL", url)
+        .env("SLICER_TOKEN_FILE", dir.join("data/auth/token"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Runs and asserts success; returns stdout.
+fn ok(dir: &Path, url: &str, args: &[&str]) -> String {
+    let out = run(dir, url, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs and asserts failure with one readable line on stderr that contains `want`.
+fn fails(dir: &Path, url: &str, args: &[&str], want: &str) {
+    let out = run(dir, url, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains(want), "{args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_with_slicers_forms() {
+    let dir = tempfile::Builder::new().prefix("slicer-cli-").tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let yaml = format!(
+        "config:\n  host_groups:\n  - name: box\n    count: 0\n    vcpu: 1\n    ram_gb: 1\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+    );
+    std::fs::write(d.join("box.yaml"), yaml).unwrap();
+    let (_daemon, url) = up(d, "./box.yaml", port).await;
+    let url = url.as_str();
+
+    // version and info
+    assert!(ok(d, url, &["version"]).starts_with("slicer "));
+    let info = ok(d, url, &["info"]);
+    assert!(
+        info.contains("Client: slicer") && info.contains("Server: slicer"),
+        "{info}"
+    );
+
+    // add with --name, --wait, --json; the CLI's default is persistent
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(d, url, &["vm", "add", "box", "--name", "web", "--wait", "--json"])).unwrap();
+    let host = v["hostname"].as_str().unwrap().to_string();
+    assert_eq!(
+        (host.as_str(), &v["persistent"]),
+        ("box-1", &serde_json::json!(true)),
+        "{v}"
+    );
+    let text = ok(d, url, &["vm", "launch", "-n", "api", "--persistent=false"]);
+    assert!(
+        text.contains("Hostname:") && text.contains("Persistent: false"),
+        "{text}"
+    );
+    ok(
+        d,
+        url,
+        &["vm", "ready", "web", "--agent", "--timeout", "2m", "--interval", "50ms"],
+    );
+    let list = ok(d, url, &["vm", "ls"]);
+    assert!(list.contains("box-1") && list.contains("name=web"), "{list}");
+    assert!(ok(d, url, &["ls"]).contains("box-2"));
+
+    // exec by name: a shell by default, --shell "" runs directly, --cwd and --env
+    assert_eq!(ok(d, url, &["vm", "exec", "web", "--", "echo $((6*7))"]), "42\n");
+    assert_eq!(
+        ok(d, url, &["vm", "exec", "web", "--shell", "", "--", "echo", "$HOME"]),
+        "$HOME\n"
+    );
+    assert_eq!(
+        ok(
+            d,
+            url,
+            &[
+                "vm",
+                "exec",
+                "web",
+                "--cwd",
+                "/tmp",
+                "--env",
+                "A=b",
+                "--",
+                "pwd; echo $A"
+            ]
+        ),
+        "/tmp\nb\n"
+    );
+    assert_eq!(
+        ok(d, url, &["vm", "exec", "web", "--uid", "1000", "--", "id -un"]),
+        "ubuntu\n"
+    );
+    // A child the command leaves in the background keeps running after the exec returns.
+    let t = Instant::now();
+    ok(d, url, &["vm", "exec", "web", "--", "sleep 300 & echo started"]);
+    assert!(t.elapsed() < Duration::from_secs(20));
+    ok(d, url, &["vm", "exec", "web", "--", "pgrep -x sleep"]);
+
+    // background execs: the three forms, list, info, logs --follow, wait, kill, remove
+    let id_of = |out: String| out.trim().strip_prefix("exec_id=").unwrap().to_string();
+    let direct = id_of(ok(d, url, &["vm", "bg", "exec", "web", "--", "sleep", "600"]));
+    let explicit = id_of(ok(
+        d,
+        url,
+        &["vm", "bg", "exec", "web", "-c", "echo", "-a", "one", "-a", "-two"],
+    ));
+    let shell = id_of(ok(
+        d,
+        url,
+        &["bg", "exec", "web", "-s", "/bin/bash", "--", "echo $((1+1)); exit 4"],
+    ));
+    let info: serde_json::Value = serde_json::from_str(&ok(d, url, &["vm", "bg", "info", "web", &direct])).unwrap();
+    assert_eq!(
+        (info["command"].as_str(), &info["args"]),
+        (Some("sleep"), &serde_json::json!(["600"])),
+        "{info}"
+    );
+    assert_eq!(
+        ok(d, url, &["vm", "bg", "logs", "web", &explicit, "--follow"]),
+        "one -two\n"
+    );
+    let out = run(d, url, &["vm", "bg", "wait", "web", &shell, "--timeout", "1m"]);
+    assert_eq!(out.status.code(), Some(4));
+    // logs exit with the exec's exit code
+    let out = run(d, url, &["bg", "logs", "web", &shell]);
+    assert_eq!((out.status.code(), String::from_utf8_lossy(&out.stdout).trim()), (Some(4), "2"));
+    let list = ok(d, url, &["vm", "bg", "list", "web"]);
+    assert!(list.contains(&direct) && list.contains(&explicit), "{list}");
+    ok(
+        d,
+        url,
+        &["vm", "bg", "kill", "web", &direct, "--signal", "TERM", "--grace", "2s"],
+    );
+    let out = run(d, url, &["vm", "bg", "wait", "web", &direct, "--timeout", "30s"]);
+    assert_ne!(out.status.code(), Some(124), "killed: it ends");
+    ok(d, url, &["vm", "bg", "remove", "web", &direct]);
+
+    // tags: list, add, remove, replace; name= stays
+    ok(d, url, &["vm", "tag", "web", "--add", "team=a", "--add", "job=1"]);
+    ok(d, url, &["vm", "tag", "web", "--remove", "job=1"]);
+    let tags = ok(d, url, &["vm", "tag", "web"]);
+    assert!(
+        tags.contains("team=a") && !tags.contains("job=1") && tags.contains("name=web"),
+        "{tags}"
+    );
+    ok(d, url, &["vm", "tag", "web", "--replace", "team=b"]);
+    let tags = ok(d, url, &["vm", "tag", "web"]);
+    assert!(
+        tags.contains("team=b") && tags.contains("name=web") && !tags.contains("team=a"),
+        "{tags}"
+    );
+
+    // secrets with --name/--value; shortcuts
+    ok(d, url, &["secret", "create", "--name", "tok", "--value", "s3cret"]);
+    ok(d, url, &["secret", "update", "--name", "tok", "--value", "s3cret2"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = run(d, url, &["vm", "exec", "web", "--", "cat /run/slicer/secrets/tok"]);
+        if String::from_utf8_lossy(&out.stdout) == "s3cret2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "secret not updated in the guest");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ok(d, url, &["secret", "remove", "tok"]);
+    assert!(ok(d, url, &["logs", "web", "--lines", "5"]).lines().count() <= 6);
+    assert!(ok(d, url, &["v", "health", "web"]).contains("box-1"));
+
+    // failure forms: one line on stderr, non-zero exit
+    fails(d, url, &["vm", "add", "--name", "web"], "taken by VM box-1");
+    fails(d, url, &["vm", "add", "--name", "box-7"], "looks like a hostname");
+    fails(d, url, &["vm", "add", "--name", "Bad_Name"], "lowercase DNS label");
+    fails(d, url, &["vm", "add", "--name", "x", "--tag", "name=y"], "not both");
+    fails(d, url, &["vm", "exec", "web", "--cwd", "../..", "--", "pwd"], "..");
+    fails(
+        d,
+        url,
+        &["vm", "exec", "nope", "--", "true"],
+        "VM \"nope\" not found",
+    );
+    let t = Instant::now();
+    let out = Command::new(SLICER)
+        .args(["vm", "list", "--url", "http://127.0.0.1:1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && t.elapsed() < Duration::from_secs(10));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("127.0.0.1:1") && err.trim().lines().count() == 1, "{err}");
+
+    // delete by name
+    ok(d, url, &["vm", "delete", "web"]);
+    ok(d, url, &["vm", "rm", "api"]);
+    assert!(!ok(d, url, &["vm", "ls"]).contains("box-"));
+}
