@@ -91,7 +91,12 @@ impl ApiClient {
                 // An address that drops packets would otherwise hang for minutes.
                 let s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
                     .await
-                    .map_err(|_| err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s")))?
+                    .map_err(|_| {
+                        err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no answer within 10 s",
+                        ))
+                    })?
                     .map_err(err)?;
                 let _ = s.set_nodelay(true);
                 Box::new(s)

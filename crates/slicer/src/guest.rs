@@ -431,8 +431,11 @@ fn mib(v: &serde_json::Value) -> String {
 }
 
 /// `vm top`: one line of guest-measured numbers per VM.
-pub async fn top(c: &ApiClient, json: bool) -> Result<i32> {
-    let v: Vec<serde_json::Value> = c.json(Method::GET, "/nodes/stats", None).await?;
+pub async fn top(c: &ApiClient, only: Option<&str>, json: bool) -> Result<i32> {
+    let mut v: Vec<serde_json::Value> = c.json(Method::GET, "/nodes/stats", None).await?;
+    if let Some(h) = only {
+        v.retain(|n| n["hostname"].as_str() == Some(h));
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);

@@ -169,6 +169,10 @@ pub enum VmCmd {
         gid: Option<u32>,
         #[arg(long)]
         permissions: Option<String>,
+        /// Leave out paths matching this gitignore-style pattern (repeatable); an upload of a
+        /// directory also honours its .slicerignore.
+        #[arg(long)]
+        exclude: Vec<String>,
     },
     /// Serial console of a VM.
     Logs {
@@ -219,9 +223,10 @@ pub enum VmCmd {
         #[command(subcommand)]
         cmd: crate::guest::BgCmd,
     },
-    /// Load, memory and disk of every VM, measured in the guests.
-    Top,
-    /// An interactive shell on a PTY in the VM (exits with the shell's exit code).
+    /// Load, memory and disk of every VM (or of one), measured in the guests.
+    Top { name: Option<String> },
+    /// An interactive shell on a PTY in the VM (exits with the shell's exit code; Ctrl-]
+    /// detaches).
     Shell {
         name: String,
         /// User to act as: root by default, as with SlicerVM's CLI (the API's default is the
@@ -235,6 +240,9 @@ pub enum VmCmd {
         shell: Option<String>,
         #[arg(long)]
         cwd: Option<String>,
+        /// A command line typed into the shell first.
+        #[arg(long)]
+        bootstrap: Option<String>,
     },
     /// Forward local ports or sockets to the VM: -L [ADDR:]PORT:HOST:PORT, -L PORT:/remote.sock,
     /// -L /local.sock:/remote.sock, -L HOST:PORT (repeatable). Runs until interrupted.
@@ -369,6 +377,7 @@ impl VmCmd {
             | VmCmd::Shell { name, .. }
             | VmCmd::Forward { name, .. } => Some(name),
             VmCmd::Bg { cmd } => Some(cmd.vm_arg()),
+            VmCmd::Top { name: Some(name) } => Some(name),
             _ => None,
         }
     }
@@ -513,7 +522,7 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
                 println!("Created:    {}", resp.created_at);
             }
             if shell {
-                return crate::ws::shell(&c, &resp.hostname, &query(&[("uid", "0".to_string())])).await;
+                return crate::ws::shell(&c, &resp.hostname, &query(&[("uid", "0".to_string())]), None).await;
             }
         }
         VmCmd::Ready {
@@ -578,19 +587,20 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
             }
         }
         VmCmd::Bg { cmd } => return crate::guest::bg(&c, cmd, conn.json).await,
-        VmCmd::Top => return crate::guest::top(&c, conn.json).await,
+        VmCmd::Top { name } => return crate::guest::top(&c, name.as_deref(), conn.json).await,
         VmCmd::Shell {
             name,
             uid,
             gid,
             shell,
             cwd,
+            bootstrap,
         } => {
             let mut q: Vec<(&str, String)> = vec![("uid", uid.to_string())];
             q.extend(gid.map(|g| ("gid", g.to_string())));
             q.extend(shell.map(|s| ("shell", s)));
             q.extend(cwd.map(|d| ("cwd", d)));
-            return crate::ws::shell(&c, &name, &query(&q)).await;
+            return crate::ws::shell(&c, &name, &query(&q), bootstrap.as_deref()).await;
         }
         VmCmd::Forward { name, spec } => {
             let specs = spec
@@ -636,7 +646,8 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
             uid,
             gid,
             permissions,
-        } => cp(&c, &src, &dst, mode, recursive, Some(uid), gid, permissions).await?,
+            exclude,
+        } => cp(&c, &src, &dst, mode, recursive, Some(uid), gid, permissions, exclude).await?,
         VmCmd::Logs { name, lines } => {
             let l: LogsResponse = c
                 .json(Method::GET, &format!("/vm/{name}/logs?lines={lines}"), None)
@@ -828,6 +839,7 @@ async fn cp(
     uid: Option<u32>,
     gid: Option<u32>,
     permissions: Option<String>,
+    exclude: Vec<String>,
 ) -> Result<()> {
     let resolved = |spec: &str| {
         let c = c.clone();
@@ -863,7 +875,10 @@ async fn cp(
                 let res = if tar {
                     let mut b = tar::Builder::new(&mut w);
                     b.follow_symlinks(false);
-                    b.append_dir_all(".", &local).and_then(|_| b.finish())
+                    let ignored = ignore_rules(&local, &exclude, true);
+                    ignored
+                        .and_then(|gi| append_tree(&mut b, &local, &gi))
+                        .and_then(|_| b.finish())
                 } else {
                     std::fs::File::open(&local).and_then(|mut f| std::io::copy(&mut f, &mut w).map(|_| ()))
                 };
@@ -894,6 +909,7 @@ async fn cp(
                 // that leave the destination.
                 let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
                 let dest = PathBuf::from(dst);
+                let gi = ignore_rules(&dest, &exclude, false)?;
                 let unpack = std::thread::spawn(move || -> Result<()> {
                     std::fs::create_dir_all(&dest)?;
                     let mut ar = tar::Archive::new(ChannelReader {
@@ -902,6 +918,11 @@ async fn cp(
                     });
                     for e in ar.entries()? {
                         let mut e = e?;
+                        let rel = e.path()?.into_owned();
+                        let is_dir = e.header().entry_type().is_dir();
+                        if gi.matched_path_or_any_parents(&rel, is_dir).is_ignore() {
+                            continue;
+                        }
                         e.unpack_in(&dest)?;
                     }
                     Ok(())
@@ -921,6 +942,50 @@ async fn cp(
             }
         }
         _ => bail!("give exactly one side as NAME:/path, e.g. `slicer vm cp ./f sandbox-1:/tmp/f`"),
+    }
+    Ok(())
+}
+
+/// The exclude rules of a copy: `--exclude` patterns, plus `root`'s .slicerignore when asked,
+/// both with gitignore's syntax (`**`, a trailing `/` for directories, `!` to re-include).
+/// Written by the `ignore` crate (ripgrep's), which implements exactly that syntax.
+fn ignore_rules(root: &Path, exclude: &[String], slicerignore: bool) -> std::io::Result<ignore::gitignore::Gitignore> {
+    let mut b = ignore::gitignore::GitignoreBuilder::new(root);
+    if slicerignore && root.join(".slicerignore").is_file() {
+        if let Some(e) = b.add(root.join(".slicerignore")) {
+            return Err(std::io::Error::other(format!(".slicerignore: {e}")));
+        }
+    }
+    for p in exclude {
+        b.add_line(None, p)
+            .map_err(|e| std::io::Error::other(format!("--exclude {p:?}: {e}")))?;
+    }
+    b.build().map_err(std::io::Error::other)
+}
+
+/// Appends the tree under `root` (entries relative to it) minus what `gi` ignores.
+fn append_tree<W: Write>(
+    b: &mut tar::Builder<W>,
+    root: &Path,
+    gi: &ignore::gitignore::Gitignore,
+) -> std::io::Result<()> {
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(root.join(&rel))?.collect::<std::io::Result<_>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let r = rel.join(e.file_name());
+            let ft = e.file_type()?;
+            if gi.matched(&r, ft.is_dir()).is_ignore() {
+                continue;
+            }
+            if ft.is_dir() {
+                b.append_dir(&r, e.path())?;
+                stack.push(r);
+            } else {
+                b.append_path_with_name(e.path(), &r)?;
+            }
+        }
     }
     Ok(())
 }

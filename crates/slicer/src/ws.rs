@@ -80,14 +80,22 @@ impl Drop for RawMode {
 }
 
 /// An interactive shell; returns the shell's exit code.
-pub async fn shell(c: &ApiClient, name: &str, query: &str) -> Result<i32> {
+/// Ctrl-] on a terminal: leave the shell (it ends in the guest), as with telnet.
+const DETACH: u8 = 0x1d;
+
+/// An interactive shell; `bootstrap` is typed into it first (a line, e.g. `cd /app && ls`).
+pub async fn shell(c: &ApiClient, name: &str, query: &str, bootstrap: Option<&str>) -> Result<i32> {
     let mut ws = open(c, &format!("/vm/{name}/shell?{query}"), &[]).await?;
-    let _raw = RawMode::enable();
+    let raw = RawMode::enable();
     if let Some((cols, rows)) = window_size() {
         let mut p = cols.to_be_bytes().to_vec();
         p.extend_from_slice(&rows.to_be_bytes());
         ws.send(frame(0x02, &p)).await?;
     }
+    if let Some(line) = bootstrap {
+        ws.send(frame(0x01, format!("{line}\n").as_bytes())).await?;
+    }
+    let detachable = raw.0.is_some();
     let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
     let mut heartbeat = tokio::time::interval(std::time::Duration::from_secs(30));
     let mut stdin = tokio::io::stdin();
@@ -102,6 +110,16 @@ pub async fn shell(c: &ApiClient, name: &str, query: &str) -> Result<i32> {
                     // running what it was given.
                     stdin_open = false;
                     ws.send(frame(0x01, &[0x04])).await?;
+                }
+                Ok(n) if detachable && buf[..n].contains(&DETACH) => {
+                    let before = buf[..n].split(|b| *b == DETACH).next().unwrap_or_default();
+                    if !before.is_empty() {
+                        ws.send(frame(0x01, before)).await?;
+                    }
+                    ws.send(frame(0x03, &[])).await?;
+                    drop(raw);
+                    eprintln!("\r\n[detached]");
+                    return Ok(0);
                 }
                 Ok(n) => ws.send(frame(0x01, &buf[..n])).await?,
             },

@@ -150,7 +150,10 @@ async fn a_session_with_slicers_forms() {
     assert_eq!(out.status.code(), Some(4));
     // logs exit with the exec's exit code
     let out = run(d, url, &["bg", "logs", "web", &shell]);
-    assert_eq!((out.status.code(), String::from_utf8_lossy(&out.stdout).trim()), (Some(4), "2"));
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).trim()),
+        (Some(4), "2")
+    );
     let list = ok(d, url, &["vm", "bg", "list", "web"]);
     assert!(list.contains(&direct) && list.contains(&explicit), "{list}");
     ok(
@@ -193,18 +196,57 @@ async fn a_session_with_slicers_forms() {
     assert!(ok(d, url, &["logs", "web", "--lines", "5"]).lines().count() <= 6);
     assert!(ok(d, url, &["v", "health", "web"]).contains("box-1"));
 
+    // cp -r both ways, with --exclude and the source's .slicerignore
+    let src = d.join("proj");
+    std::fs::create_dir_all(src.join("src/deep")).unwrap();
+    std::fs::create_dir_all(src.join("target/debug")).unwrap();
+    for (f, text) in [
+        ("src/main.rs", "fn main() {}\n"),
+        ("src/deep/a.txt", "a\n"),
+        ("target/debug/big", "x\n"),
+        ("notes.log", "l\n"),
+        (".slicerignore", "target/\n"),
+    ] {
+        std::fs::write(src.join(f), text).unwrap();
+    }
+    ok(d, url, &["cp", "-r", "--exclude", "*.log", "./proj", "web:/tmp/proj"]);
+    assert_eq!(
+        ok(
+            d,
+            url,
+            &["vm", "exec", "web", "--", "cd /tmp/proj && find . -type f | sort"]
+        ),
+        "./.slicerignore\n./src/deep/a.txt\n./src/main.rs\n"
+    );
+    ok(
+        d,
+        url,
+        &["vm", "cp", "-r", "--exclude", "deep/", "web:/tmp/proj", "./back"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("back/src/main.rs")).unwrap(),
+        "fn main() {}\n"
+    );
+    assert!(!d.join("back/src/deep").exists());
+
+    // shell with a bootstrap line (stdin is not a terminal here); top of one VM
+    let out = run(
+        d,
+        url,
+        &["vm", "shell", "web", "--bootstrap", "echo boot-$((2+3)); exit 3"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("boot-5"));
+    let top = ok(d, url, &["vm", "top", "web"]);
+    assert!(top.contains("box-1") && !top.contains("box-2"), "{top}");
+
     // failure forms: one line on stderr, non-zero exit
     fails(d, url, &["vm", "add", "--name", "web"], "taken by VM box-1");
     fails(d, url, &["vm", "add", "--name", "box-7"], "looks like a hostname");
     fails(d, url, &["vm", "add", "--name", "Bad_Name"], "lowercase DNS label");
     fails(d, url, &["vm", "add", "--name", "x", "--tag", "name=y"], "not both");
     fails(d, url, &["vm", "exec", "web", "--cwd", "../..", "--", "pwd"], "..");
-    fails(
-        d,
-        url,
-        &["vm", "exec", "nope", "--", "true"],
-        "VM \"nope\" not found",
-    );
+    fails(d, url, &["vm", "exec", "nope", "--", "true"], "VM \"nope\" not found");
     let t = Instant::now();
     let out = Command::new(SLICER)
         .args(["vm", "list", "--url", "http://127.0.0.1:1"])
