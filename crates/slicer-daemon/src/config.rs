@@ -358,6 +358,15 @@ pub fn resolve_image(s: &str) -> Option<&'static str> {
     }
 }
 
+/// Why an image setting is refused.
+fn unknown_image(i: &str) -> String {
+    if i.contains('/') || i.contains(':') {
+        format!("{i:?} is an OCI image reference, and pulling images from a registry is not supported yet; use min or systemd")
+    } else {
+        format!("unknown image {i:?}; use min or systemd")
+    }
+}
+
 fn valid_cidr(s: &str) -> bool {
     let (addr, prefix) = match s.split_once('/') {
         Some((a, p)) => (a, p.parse::<u8>().ok().filter(|p| *p <= 32)),
@@ -410,8 +419,7 @@ impl File {
         };
         let default_image = match &c.image {
             None => "min",
-            Some(i) => resolve_image(i)
-                .ok_or_else(|| anyhow::anyhow!("config.image: unknown image {i:?}; use min or systemd"))?,
+            Some(i) => resolve_image(i).ok_or_else(|| anyhow::anyhow!("config.image: {}", unknown_image(i)))?,
         };
         if c.github_user.is_some() {
             bail!(
@@ -485,8 +493,7 @@ impl File {
             }
             let image = match &g.image {
                 None => default_image,
-                Some(i) => resolve_image(i)
-                    .ok_or_else(|| anyhow::anyhow!("{at}.image: unknown image {i:?}; use min or systemd"))?,
+                Some(i) => resolve_image(i).ok_or_else(|| anyhow::anyhow!("{at}.image: {}", unknown_image(i)))?,
             };
             let net = g.network.clone().unwrap_or_default();
             let mode = net.mode.clone().unwrap_or_else(|| "bridge".into());
@@ -676,6 +683,8 @@ pub struct NewOptions {
     pub userdata: Option<String>,
     pub userdata_file: Option<String>,
     pub ssh_keys: Vec<String>,
+    /// No `dns_servers`: guests keep the image's resolver settings.
+    pub no_dns: bool,
     pub api_bind: String,
     pub api_port: u16,
     pub api_auth: Option<bool>,
@@ -725,7 +734,7 @@ pub fn render_new(o: &NewOptions) -> Result<String> {
                 persistent: o.persistent,
                 userdata: o.userdata.clone(),
                 userdata_file: o.userdata_file.clone(),
-                dns_servers: None,
+                dns_servers: o.no_dns.then(Vec::new),
                 gpu_count: None,
                 image: None,
                 network: Some(network),

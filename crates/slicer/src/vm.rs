@@ -244,6 +244,14 @@ pub enum VmCmd {
         #[arg(long)]
         bootstrap: Option<String>,
     },
+    /// Print the commands another machine runs to reach this host's bridge-mode VMs.
+    Route {
+        /// The daemon's config (slicer.yaml).
+        config: PathBuf,
+        /// linux or darwin.
+        #[arg(long, default_value = "linux")]
+        os: String,
+    },
     /// Forward local ports or sockets to the VM: -L [ADDR:]PORT:HOST:PORT, -L PORT:/remote.sock,
     /// -L /local.sock:/remote.sock, -L HOST:PORT (repeatable). Runs until interrupted.
     Forward {
@@ -383,7 +391,39 @@ impl VmCmd {
     }
 }
 
+/// `vm route`: one route per bridge group, via this host's address on its default route.
+fn route(config: &Path, os: &str) -> Result<i32> {
+    let settings = slicer_daemon::config::File::load(config)?.settings(config.parent().unwrap_or(Path::new(".")))?;
+    // connect() on a UDP socket picks the source address of the default route and sends nothing.
+    let host = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("198.51.100.1:9").and_then(|()| s.local_addr()))
+        .map(|a| a.ip().to_string())
+        .context("finding this host's address (no default route?)")?;
+    for g in &settings.groups {
+        if g.network_mode != "bridge" {
+            println!(
+                "# {}: {} network, not reachable from other machines",
+                g.name, g.network_mode
+            );
+            continue;
+        }
+        let (addr, prefix) = g.gateway.split_once('/').unwrap_or((&g.gateway, "24"));
+        let (addr, prefix): (std::net::Ipv4Addr, u32) = (addr.parse()?, prefix.parse()?);
+        let mask = u32::MAX.checked_shl(32 - prefix.min(32)).unwrap_or(0);
+        let net = std::net::Ipv4Addr::from(u32::from(addr) & mask);
+        match os {
+            "linux" => println!("sudo ip route add {net}/{prefix} via {host}"),
+            "darwin" => println!("sudo route -n add -net {net}/{prefix} {host}"),
+            other => bail!("--os {other:?}: use linux or darwin"),
+        }
+    }
+    Ok(0)
+}
+
 async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
+    if let VmCmd::Route { config, os } = &cmd {
+        return route(config, os);
+    }
     let c = conn.client()?;
     if let Some(name) = cmd.vm_arg() {
         *name = resolve(&c, name).await?;
@@ -588,6 +628,7 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
         }
         VmCmd::Bg { cmd } => return crate::guest::bg(&c, cmd, conn.json).await,
         VmCmd::Top { name } => return crate::guest::top(&c, name.as_deref(), conn.json).await,
+        VmCmd::Route { config, os } => return route(&config, &os),
         VmCmd::Shell {
             name,
             uid,

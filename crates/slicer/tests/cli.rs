@@ -58,6 +58,44 @@ async fn a_session_with_slicers_forms() {
     let (_daemon, url) = up(d, "./box.yaml", port).await;
     let url = url.as_str();
 
+    // slicer new: Slicer's flags; what cannot work here says so
+    let y = ok(
+        d,
+        url,
+        &[
+            "new",
+            "web",
+            "--socket",
+            "/run/slicer-test.sock",
+            "--no-dns",
+            "--min",
+            "--ssh-key",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE1wKl4Rk5vPxfsJbXgDu2o3JxLM1pG1ZJc2GvQ8V5bB t@h",
+        ],
+    );
+    assert!(
+        y.contains("bind_address: /run/slicer-test.sock")
+            && y.contains("dns_servers: []")
+            && y.contains("image: min")
+            && y.contains("ssh-ed25519"),
+        "{y}"
+    );
+    fails(
+        d,
+        url,
+        &["new", "web", "--image", "docker.io/library/ubuntu:24.04"],
+        "OCI image reference",
+    );
+    fails(d, url, &["new", "web", "--net", "macvtap"], "not available here");
+    fails(d, url, &["new", "web", "--github", "alice"], "GitHub");
+    std::fs::write(
+        d.join("route.yaml"),
+        ok(d, url, &["new", "r", "--cidr", "10.77.0.1/24"]),
+    )
+    .unwrap();
+    let r = ok(d, url, &["vm", "route", "./route.yaml"]);
+    assert!(r.starts_with("sudo ip route add 10.77.0.0/24 via "), "{r}");
+
     // version and info
     assert!(ok(d, url, &["version"]).starts_with("slicer "));
     let info = ok(d, url, &["info"]);
