@@ -205,6 +205,16 @@ pub struct ExecFrame {
     pub signal: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// Background exec logs: the frame's id (monotonic; `from_id` resumes from one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// Background exec logs, `gap` frames: what the ring dropped before this point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_frames: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// `POST /vm/{h}/exec?buffered=true`.
@@ -225,6 +235,181 @@ pub struct BufferedExec {
     pub exit_code: i32,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+}
+
+/// `POST /vm/{h}/exec?background=true` → 201.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExecStarted {
+    pub exec_id: String,
+    pub pid: u32,
+    pub started_at: String,
+    pub ring_bytes: u64,
+}
+
+/// `GET /vm/{h}/exec/{id}` (and each entry of `GET /vm/{h}/exec`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExecInfo {
+    pub exec_id: String,
+    pub pid: u32,
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    pub started_at: String,
+    pub running: bool,
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    pub ended_at: Option<String>,
+    pub bytes_written: u64,
+    pub bytes_dropped: u64,
+    pub next_id: u64,
+    pub ring_bytes: u64,
+}
+
+/// `POST /vm/{h}/exec/{id}/kill` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecKillRequest {
+    /// TERM (default), KILL, INT, HUP, QUIT, USR1 or USR2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// With TERM: KILL follows after this long if the process still runs (default 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
+}
+
+/// `POST /vm/{h}/exec/{id}/kill` → 200.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExecKilled {
+    pub exec_id: String,
+    pub pid: u32,
+    pub running: bool,
+    pub signal_sent: String,
+}
+
+/// `GET /vm/{h}/exec/{id}/wait-exit` → 200.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExecWaitExit {
+    pub exec_id: String,
+    pub running: bool,
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub ended_at: Option<String>,
+    pub timed_out: bool,
+}
+
+/// `DELETE /vm/{h}/exec/{id}` → 200.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExecReaped {
+    pub exec_id: String,
+    pub reaped: bool,
+}
+
+/// A secret as `GET /secrets` lists it (never its value).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SecretInfo {
+    pub name: String,
+    pub size: u64,
+    /// Octal, e.g. "0600".
+    pub permissions: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub modified_at: String,
+}
+
+impl SecretInfo {
+    pub fn mode(&self) -> u32 {
+        u32::from_str_radix(&self.permissions, 8).unwrap_or(0o600)
+    }
+}
+
+/// `POST /secrets` body; `data` is base64.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSecretRequest {
+    pub name: String,
+    pub data: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+}
+
+/// `PATCH /secrets/{name}` body; `data` is base64.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSecretRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+}
+
+/// What a guest measured of itself (`slicer-vmmeter`'s shape: camelCase).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsSnapshot {
+    pub hostname: String,
+    pub arch: String,
+    pub timestamp: String,
+    /// A Go duration, e.g. `6m53s`.
+    pub uptime: String,
+    pub total_cpus: u32,
+    pub total_memory: u64,
+    pub memory_used: u64,
+    pub memory_available: u64,
+    pub memory_used_percent: f64,
+    pub load_avg1: f64,
+    pub load_avg5: f64,
+    pub load_avg15: f64,
+    pub disk_read_total: u64,
+    pub disk_write_total: u64,
+    pub network_read_total: u64,
+    pub network_write_total: u64,
+    #[serde(rename = "diskIOInflight")]
+    pub disk_io_inflight: u64,
+    pub open_connections: u64,
+    pub open_files: u64,
+    pub entropy: u64,
+    pub disk_space_total: u64,
+    pub disk_space_used: u64,
+    pub disk_space_free: u64,
+    pub disk_space_used_percent: f64,
+}
+
+/// One entry of `GET /nodes/stats` (and of `GET /node/{h}/stats`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeStats {
+    pub hostname: String,
+    pub ip: String,
+    pub created_at: String,
+    pub snapshot: Option<StatsSnapshot>,
+    pub error: String,
+}
+
+/// `DELETE /secrets/{name}` → 200.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SecretDeleted {
+    pub name: String,
+    pub deleted: bool,
+}
+
+/// `POST /vm/{h}/cp` → 200.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CopyResponse {
+    pub hostname: String,
+    pub path: String,
+    pub bytes: u64,
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 
 use crate::error::ApiErr;
 
@@ -17,22 +16,7 @@ pub const MAX_SECRET: usize = 512 * 1024;
 pub const GUEST_DIR: &str = "/run/slicer/secrets";
 
 /// What `GET /secrets` shows of a secret.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SecretInfo {
-    pub name: String,
-    pub size: u64,
-    /// Octal, e.g. "0600".
-    pub permissions: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub modified_at: String,
-}
-
-impl SecretInfo {
-    pub fn mode(&self) -> u32 {
-        u32::from_str_radix(&self.permissions, 8).unwrap_or(0o600)
-    }
-}
+pub use slicer_api::SecretInfo;
 
 pub struct SecretStore {
     dir: PathBuf,

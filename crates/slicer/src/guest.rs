@@ -8,7 +8,10 @@ use base64::Engine;
 use clap::Subcommand;
 use http::Method;
 use slicer_api::client::query;
-use slicer_api::ApiClient;
+use slicer_api::{
+    ApiClient, CreateSecretRequest, ExecFrame, ExecInfo, ExecKillRequest, ExecKilled, ExecReaped, ExecStarted,
+    ExecWaitExit, NodeStats, SecretDeleted, SecretInfo, UpdateSecretRequest,
+};
 
 #[derive(Subcommand)]
 pub enum BgCmd {
@@ -148,9 +151,16 @@ pub async fn secret(c: &ApiClient, cmd: SecretCmd, json: bool) -> Result<i32> {
             let Some(data) = value_of(from_file, value)? else {
                 bail!("give the value with --from-file PATH or --value TEXT");
             };
-            let body =
-                serde_json::json!({"name": name, "data": data, "permissions": permissions, "uid": uid, "gid": gid});
-            let v: serde_json::Value = c.json(Method::POST, "/secrets", Some(&body)).await?;
+            let body = CreateSecretRequest {
+                name: name.clone(),
+                data,
+                permissions: Some(permissions),
+                uid: Some(uid),
+                gid: Some(gid),
+            };
+            let v: SecretInfo = c
+                .json(Method::POST, "/secrets", Some(&serde_json::to_value(&body)?))
+                .await?;
             print_or(json, &v, &format!("secret {name} created"))?;
         }
         SecretCmd::Update {
@@ -163,28 +173,27 @@ pub async fn secret(c: &ApiClient, cmd: SecretCmd, json: bool) -> Result<i32> {
             gid,
         } => {
             let name = name.or(name_flag).unwrap_or_default();
-            let mut body = serde_json::json!({});
-            if let Some(d) = value_of(from_file, value)? {
-                body["data"] = d.into();
-            }
-            if let Some(p) = permissions {
-                body["permissions"] = p.into();
-            }
-            if let Some(u) = uid {
-                body["uid"] = u.into();
-            }
-            if let Some(g) = gid {
-                body["gid"] = g.into();
-            }
-            let v: serde_json::Value = c.json(Method::PATCH, &format!("/secrets/{name}"), Some(&body)).await?;
+            let body = UpdateSecretRequest {
+                data: value_of(from_file, value)?,
+                permissions,
+                uid,
+                gid,
+            };
+            let v: SecretInfo = c
+                .json(
+                    Method::PATCH,
+                    &format!("/secrets/{name}"),
+                    Some(&serde_json::to_value(&body)?),
+                )
+                .await?;
             print_or(json, &v, &format!("secret {name} updated"))?;
         }
         SecretCmd::Delete { name } => {
-            let v: serde_json::Value = c.json(Method::DELETE, &format!("/secrets/{name}"), None).await?;
+            let v: SecretDeleted = c.json(Method::DELETE, &format!("/secrets/{name}"), None).await?;
             print_or(json, &v, &format!("secret {name} deleted"))?;
         }
         SecretCmd::List => {
-            let v: Vec<serde_json::Value> = c.json(Method::GET, "/secrets", None).await?;
+            let v: Vec<SecretInfo> = c.json(Method::GET, "/secrets", None).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -195,12 +204,12 @@ pub async fn secret(c: &ApiClient, cmd: SecretCmd, json: bool) -> Result<i32> {
                 for s in v {
                     println!(
                         "{:<32} {:>8} {:<6} {:>6} {:>6} {}",
-                        s["name"].as_str().unwrap_or_default(),
-                        s["size"],
-                        s["permissions"].as_str().unwrap_or_default(),
-                        s["uid"],
-                        s["gid"],
-                        s["modified_at"].as_str().unwrap_or_default()
+                        crate::term::stdout_text(&s.name),
+                        s.size,
+                        s.permissions,
+                        s.uid,
+                        s.gid,
+                        s.modified_at
                     );
                 }
             }
@@ -209,7 +218,7 @@ pub async fn secret(c: &ApiClient, cmd: SecretCmd, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-fn print_or(json: bool, v: &serde_json::Value, text: &str) -> Result<()> {
+fn print_or<T: serde::Serialize>(json: bool, v: &T, text: &str) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(v)?);
     } else {
@@ -267,21 +276,21 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
             if let Some(r) = ring_bytes {
                 q.push(("ring_bytes", parse_size(&r)?.to_string()));
             }
-            let v: serde_json::Value = c
+            let v: ExecStarted = c
                 .json(Method::POST, &format!("/vm/{name}/exec?{}", query(&q)), None)
                 .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("exec_id={}", v["exec_id"].as_str().unwrap_or_default());
+                println!("exec_id={}", v.exec_id);
             }
         }
         BgCmd::Info { name, id } => {
-            let v: serde_json::Value = c.json(Method::GET, &format!("/vm/{name}/exec/{id}"), None).await?;
+            let v: ExecInfo = c.json(Method::GET, &format!("/vm/{name}/exec/{id}"), None).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         BgCmd::List { name } => {
-            let v: Vec<serde_json::Value> = c.json(Method::GET, &format!("/vm/{name}/exec"), None).await?;
+            let v: Vec<ExecInfo> = c.json(Method::GET, &format!("/vm/{name}/exec"), None).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -290,22 +299,15 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
                     "EXEC", "PID", "RUNNING", "EXIT", "STARTED"
                 );
                 for e in v {
-                    let args: Vec<&str> = e["args"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-                        .unwrap_or_default();
                     println!(
                         "{:<20} {:>7} {:<8} {:>5} {:<25} {} {}",
-                        e["exec_id"].as_str().unwrap_or_default(),
-                        e["pid"],
-                        e["running"],
-                        e["exit_code"]
-                            .as_i64()
-                            .map(|c| c.to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        e["started_at"].as_str().unwrap_or_default(),
-                        crate::term::stdout_text(e["command"].as_str().unwrap_or_default()),
-                        crate::term::stdout_text(&args.join(" "))
+                        e.exec_id,
+                        e.pid,
+                        e.running,
+                        e.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                        e.started_at,
+                        crate::term::stdout_text(&e.command),
+                        crate::term::stdout_text(&e.args.join(" "))
                     );
                 }
             }
@@ -339,18 +341,22 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
                         std::io::stdout().write_all(&line)?;
                         continue;
                     }
-                    let Ok(f) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                    let Ok(f) = serde_json::from_slice::<ExecFrame>(&line) else {
                         continue;
                     };
-                    let data = f["data"].as_str().unwrap_or_default();
-                    match f["type"].as_str() {
-                        Some("stdout") => std::io::stdout().write_all(data.as_bytes())?,
-                        Some("stderr") => std::io::stderr().write_all(data.as_bytes())?,
-                        Some("gap") => eprintln!(
+                    let data = f.data.as_str();
+                    match f.r#type.as_str() {
+                        "stdout" => std::io::stdout().write_all(data.as_bytes())?,
+                        "stderr" => std::io::stderr().write_all(data.as_bytes())?,
+                        "gap" => eprintln!(
                             "[{}]",
-                            crate::term::stderr_text(f["message"].as_str().unwrap_or("output dropped"))
+                            crate::term::stderr_text(if f.message.is_empty() {
+                                "output dropped"
+                            } else {
+                                &f.message
+                            })
                         ),
-                        Some("exit") => code = f["exit_code"].as_i64().unwrap_or(1) as i32,
+                        "exit" => code = f.exit_code.unwrap_or(1),
                         _ => {}
                     }
                 }
@@ -364,19 +370,33 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
             grace,
         } => {
             let grace_ms = duration(&grace, "--grace")?.as_millis() as u64;
-            let body = serde_json::json!({"signal": signal, "grace_ms": grace_ms});
-            let v: serde_json::Value = c
-                .json(Method::POST, &format!("/vm/{name}/exec/{id}/kill"), Some(&body))
+            let body = ExecKillRequest {
+                signal: Some(signal),
+                grace_ms: Some(grace_ms),
+            };
+            let v: ExecKilled = c
+                .json(
+                    Method::POST,
+                    &format!("/vm/{name}/exec/{id}/kill"),
+                    Some(&serde_json::to_value(&body)?),
+                )
                 .await?;
             print_or(
                 json,
                 &v,
-                &format!("sent {} to {id}", v["signal_sent"].as_str().unwrap_or("nothing")),
+                &format!(
+                    "sent {} to {id}",
+                    if v.signal_sent.is_empty() {
+                        "nothing"
+                    } else {
+                        &v.signal_sent
+                    }
+                ),
             )?;
         }
         BgCmd::Wait { name, id, timeout } => {
             let timeout = duration(&timeout, "--timeout")?.as_secs().clamp(1, 600);
-            let v: serde_json::Value = c
+            let v: ExecWaitExit = c
                 .json(
                     Method::GET,
                     &format!("/vm/{name}/exec/{id}/wait-exit?timeout={timeout}"),
@@ -386,14 +406,14 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
-            if v["timed_out"] == true {
+            if v.timed_out {
                 eprintln!("{id} still runs after {timeout}s");
                 return Ok(124);
             }
-            return Ok(v["exit_code"].as_i64().unwrap_or(1) as i32);
+            return Ok(v.exit_code.unwrap_or(1));
         }
         BgCmd::Remove { name, id } => {
-            let v: serde_json::Value = c.json(Method::DELETE, &format!("/vm/{name}/exec/{id}"), None).await?;
+            let v: ExecReaped = c.json(Method::DELETE, &format!("/vm/{name}/exec/{id}"), None).await?;
             print_or(json, &v, &format!("{id} reaped"))?;
         }
     }
@@ -424,17 +444,15 @@ fn parse_size(s: &str) -> Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("--ring-bytes: {s:?} is not a size such as 1048576 or 4M"))
 }
 
-fn mib(v: &serde_json::Value) -> String {
-    v.as_u64()
-        .map(|b| format!("{}M", b >> 20))
-        .unwrap_or_else(|| "-".into())
+fn mib(b: u64) -> String {
+    format!("{}M", b >> 20)
 }
 
 /// `vm top`: one line of guest-measured numbers per VM.
 pub async fn top(c: &ApiClient, only: Option<&str>, json: bool) -> Result<i32> {
-    let mut v: Vec<serde_json::Value> = c.json(Method::GET, "/nodes/stats", None).await?;
+    let mut v: Vec<NodeStats> = c.json(Method::GET, "/nodes/stats", None).await?;
     if let Some(h) = only {
-        v.retain(|n| n["hostname"].as_str() == Some(h));
+        v.retain(|n| n.hostname == h);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -445,29 +463,29 @@ pub async fn top(c: &ApiClient, only: Option<&str>, json: bool) -> Result<i32> {
         "HOST", "IP", "CPU", "L1", "L5", "L15", "MEM_USED", "MEM_FREE", "DISK%", "DISK_FREE"
     );
     for n in v {
-        let s = &n["snapshot"];
-        if s.is_null() {
+        let ip = if n.ip.is_empty() { "-" } else { n.ip.as_str() };
+        let Some(s) = &n.snapshot else {
             println!(
                 "{:<20} {:<16} -    ({})",
-                n["hostname"].as_str().unwrap_or_default(),
-                n["ip"].as_str().unwrap_or("-"),
-                crate::term::stdout_text(n["error"].as_str().unwrap_or_default())
+                n.hostname,
+                ip,
+                crate::term::stdout_text(&n.error)
             );
             continue;
-        }
+        };
         println!(
             "{:<20} {:<16} {:>4} {:>5.2} {:>5.2} {:>5.2} {:>8} {:>8} {:>5.1}% {:>8} {}",
-            n["hostname"].as_str().unwrap_or_default(),
-            n["ip"].as_str().filter(|i| !i.is_empty()).unwrap_or("-"),
-            s["totalCpus"],
-            s["loadAvg1"].as_f64().unwrap_or(0.0),
-            s["loadAvg5"].as_f64().unwrap_or(0.0),
-            s["loadAvg15"].as_f64().unwrap_or(0.0),
-            mib(&s["memoryUsed"]),
-            mib(&s["memoryAvailable"]),
-            s["diskSpaceUsedPercent"].as_f64().unwrap_or(0.0),
-            mib(&s["diskSpaceFree"]),
-            s["uptime"].as_str().unwrap_or_default()
+            n.hostname,
+            ip,
+            s.total_cpus,
+            s.load_avg1,
+            s.load_avg5,
+            s.load_avg15,
+            mib(s.memory_used),
+            mib(s.memory_available),
+            s.disk_space_used_percent,
+            mib(s.disk_space_free),
+            crate::term::stdout_text(&s.uptime)
         );
     }
     Ok(0)

@@ -312,20 +312,35 @@ pub fn run_info(conn: Conn) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async {
         let c = conn.client()?;
-        let server: serde_json::Value = c
+        let server: slicer_api::Info = c
             .json(Method::GET, "/info", None)
             .await
             .with_context(|| format!("asking the daemon at {} (is `slicer up` running?)", conn.url))?;
         if conn.json {
-            print_json(&serde_json::json!({"client": {"version": env!("CARGO_PKG_VERSION")}, "server": server}))
+            #[derive(serde::Serialize)]
+            struct Versions<'a> {
+                client: slicer_api::Info,
+                server: &'a slicer_api::Info,
+            }
+            let client = slicer_api::Info {
+                version: env!("CARGO_PKG_VERSION").into(),
+                git_commit: option_env!("SLICER_GIT_COMMIT").unwrap_or("unknown").into(),
+                platform: std::env::consts::OS.into(),
+                arch: match std::env::consts::ARCH {
+                    "x86_64" => "amd64".into(),
+                    "aarch64" => "arm64".into(),
+                    other => other.into(),
+                },
+            };
+            print_json(&Versions {
+                client,
+                server: &server,
+            })
         } else {
             println!("Client: slicer {}", env!("CARGO_PKG_VERSION"));
             println!(
                 "Server: slicer {} ({}, {}/{})",
-                server["version"].as_str().unwrap_or("?"),
-                server["git_commit"].as_str().unwrap_or("?"),
-                server["platform"].as_str().unwrap_or("?"),
-                server["arch"].as_str().unwrap_or("?")
+                server.version, server.git_commit, server.platform, server.arch
             );
             Ok(())
         }
@@ -598,7 +613,15 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
                 tokio::time::sleep(interval).await;
             }
             if conn.json {
-                print_json(&serde_json::json!({"hostname": name, "ready": true}))?;
+                #[derive(serde::Serialize)]
+                struct Ready<'a> {
+                    hostname: &'a str,
+                    ready: bool,
+                }
+                print_json(&Ready {
+                    hostname: &name,
+                    ready: true,
+                })?;
             } else {
                 println!("{name} is ready");
             }
@@ -728,20 +751,16 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
             let t: TagsResponse = if add.is_empty() && remove.is_empty() && replace.is_empty() {
                 c.json(Method::GET, &format!("/vm/{name}/tags"), None).await?
             } else {
-                let mut body = serde_json::Map::new();
-                if !replace.is_empty() {
-                    body.insert("replace".into(), serde_json::json!(replace));
-                }
-                if !add.is_empty() {
-                    body.insert("add".into(), serde_json::json!(add));
-                }
-                if !remove.is_empty() {
-                    body.insert("remove".into(), serde_json::json!(remove));
-                }
+                let some = |v: Vec<String>| (!v.is_empty()).then_some(v);
+                let body = slicer_api::TagsPatch {
+                    add: some(add),
+                    remove: some(remove),
+                    replace: some(replace),
+                };
                 c.json(
                     Method::PATCH,
                     &format!("/vm/{name}/tags"),
-                    Some(&serde_json::Value::Object(body)),
+                    Some(&serde_json::to_value(&body)?),
                 )
                 .await?
             };

@@ -30,10 +30,9 @@ async fn open(c: &ApiClient, path: &str, headers: &[(&str, String)]) -> Result<W
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
             let body = r.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-            let msg = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| body.to_string());
+            let msg = serde_json::from_str::<slicer_api::ErrorResponse>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| body.to_string());
             bail!("{} ({})", msg.trim(), r.status())
         }
         Err(e) => Err(e).context("opening the WebSocket"),

@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use bytes::Bytes;
-use serde::Serialize;
 use slicer_agent_proto::{BgFrame, BgInfo, BgKill, BgLogsQuery, BgStart};
 
 use super::exec::signal_name;
@@ -17,48 +16,25 @@ use super::{query_bool, query_one, JsonBody, Shared};
 use crate::error::ApiErr;
 use crate::manager::rfc3339_ms;
 
-#[derive(Debug, Serialize)]
-pub struct Info {
-    exec_id: String,
-    pid: u32,
-    command: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    args: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cwd: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    uid: Option<u32>,
-    started_at: String,
-    running: bool,
-    exit_code: Option<i32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    signal: Option<String>,
-    ended_at: Option<String>,
-    bytes_written: u64,
-    bytes_dropped: u64,
-    next_id: u64,
-    ring_bytes: u64,
-}
+use slicer_api::{ExecInfo as Info, ExecKillRequest, ExecKilled, ExecReaped, ExecStarted, ExecWaitExit};
 
-impl From<BgInfo> for Info {
-    fn from(i: BgInfo) -> Info {
-        Info {
-            exec_id: i.exec_id,
-            pid: i.pid,
-            command: i.command,
-            args: i.args,
-            cwd: i.cwd,
-            uid: i.uid,
-            started_at: rfc3339_ms(i.started_at_ms),
-            running: i.running,
-            exit_code: i.exit_code,
-            signal: i.signal.map(signal_name),
-            ended_at: i.ended_at_ms.map(rfc3339_ms),
-            bytes_written: i.bytes_written,
-            bytes_dropped: i.bytes_dropped,
-            next_id: i.next_id,
-            ring_bytes: i.ring_bytes,
-        }
+fn info_of(i: BgInfo) -> Info {
+    Info {
+        exec_id: i.exec_id,
+        pid: i.pid,
+        command: i.command,
+        args: i.args,
+        cwd: i.cwd,
+        uid: i.uid,
+        started_at: rfc3339_ms(i.started_at_ms),
+        running: i.running,
+        exit_code: i.exit_code,
+        signal: i.signal.map(signal_name),
+        ended_at: i.ended_at_ms.map(rfc3339_ms),
+        bytes_written: i.bytes_written,
+        bytes_dropped: i.bytes_dropped,
+        next_id: i.next_id,
+        ring_bytes: i.ring_bytes,
     }
 }
 
@@ -85,12 +61,12 @@ pub async fn start(st: &Shared, hostname: &str, pairs: &[(String, String)]) -> R
             .map_err(agent_err)?;
     Ok((
         StatusCode::CREATED,
-        Json(serde_json::json!({
-            "exec_id": started.exec_id,
-            "pid": started.pid,
-            "started_at": rfc3339_ms(started.started_at_ms),
-            "ring_bytes": started.ring_bytes,
-        })),
+        Json(ExecStarted {
+            exec_id: started.exec_id,
+            pid: started.pid,
+            started_at: rfc3339_ms(started.started_at_ms),
+            ring_bytes: started.ring_bytes,
+        }),
     )
         .into_response())
 }
@@ -108,7 +84,7 @@ fn agent_err(e: slicer_agent_client::AgentError) -> ApiErr {
 pub async fn list(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Json<Vec<Info>>, ApiErr> {
     let r = st.manager.active(&hostname)?;
     let list = r.vm.agent().bg_list().await.map_err(agent_err)?;
-    Ok(Json(list.into_iter().map(Info::from).collect()))
+    Ok(Json(list.into_iter().map(info_of).collect()))
 }
 
 pub async fn info(
@@ -116,31 +92,46 @@ pub async fn info(
     Path((hostname, id)): Path<(String, String)>,
 ) -> Result<Json<Info>, ApiErr> {
     let r = st.manager.active(&hostname)?;
-    Ok(Json(r.vm.agent().bg_info(&id).await.map_err(agent_err)?.into()))
+    Ok(Json(info_of(r.vm.agent().bg_info(&id).await.map_err(agent_err)?)))
 }
 
 pub async fn reap(
     State(st): State<Shared>,
     Path((hostname, id)): Path<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiErr> {
+) -> Result<Json<ExecReaped>, ApiErr> {
     let r = st.manager.active(&hostname)?;
-    Ok(Json(r.vm.agent().bg_reap(&id).await.map_err(agent_err)?))
+    r.vm.agent().bg_reap(&id).await.map_err(agent_err)?;
+    // The answer is ours, not the guest's.
+    Ok(Json(ExecReaped {
+        exec_id: id,
+        reaped: true,
+    }))
 }
 
 pub async fn kill(
     State(st): State<Shared>,
     Path((hostname, id)): Path<(String, String)>,
-    JsonBody(k): JsonBody<BgKill>,
-) -> Result<Json<slicer_agent_proto::BgKilled>, ApiErr> {
+    JsonBody(k): JsonBody<ExecKillRequest>,
+) -> Result<Json<ExecKilled>, ApiErr> {
     let r = st.manager.active(&hostname)?;
-    Ok(Json(r.vm.agent().bg_kill(&id, &k).await.map_err(agent_err)?))
+    let k = BgKill {
+        signal: k.signal,
+        grace_ms: k.grace_ms,
+    };
+    let done = r.vm.agent().bg_kill(&id, &k).await.map_err(agent_err)?;
+    Ok(Json(ExecKilled {
+        exec_id: done.exec_id,
+        pid: done.pid,
+        running: done.running,
+        signal_sent: done.signal_sent,
+    }))
 }
 
 pub async fn wait_exit(
     State(st): State<Shared>,
     Path((hostname, id)): Path<(String, String)>,
     q: RawQuery,
-) -> Result<Json<serde_json::Value>, ApiErr> {
+) -> Result<Json<ExecWaitExit>, ApiErr> {
     let pairs = super::query_pairs(&q.0);
     let timeout = match query_one(&pairs, "timeout") {
         None | Some("") => 30,
@@ -153,14 +144,14 @@ pub async fn wait_exit(
     };
     let r = st.manager.active(&hostname)?;
     let w = r.vm.agent().bg_wait(&id, timeout).await.map_err(agent_err)?;
-    Ok(Json(serde_json::json!({
-        "exec_id": w.exec_id,
-        "running": w.running,
-        "exit_code": w.exit_code,
-        "signal": w.signal.map(signal_name),
-        "ended_at": w.ended_at_ms.map(rfc3339_ms),
-        "timed_out": w.timed_out,
-    })))
+    Ok(Json(ExecWaitExit {
+        exec_id: w.exec_id,
+        running: w.running,
+        exit_code: w.exit_code,
+        signal: w.signal.map(signal_name),
+        ended_at: w.ended_at_ms.map(rfc3339_ms),
+        timed_out: w.timed_out,
+    }))
 }
 
 /// A log frame as the SDKs read it.
@@ -173,31 +164,28 @@ fn frame_line(f: BgFrame, b64: bool) -> Bytes {
             String::from_utf8_lossy(&raw).into_owned()
         }
     });
-    let mut v = serde_json::json!({
-        "id": f.id,
-        "type": f.kind,
-        "timestamp": rfc3339_ms(f.timestamp_ms),
-    });
-    if let Some(d) = data {
-        v["data"] = d.into();
-        if b64 {
-            v["encoding"] = "base64".into();
-        }
-    }
-    if f.kind == "exit" {
-        v["exit_code"] = f.exit_code.unwrap_or(-1).into();
-        if let Some(s) = f.signal {
-            v["signal"] = signal_name(s).into();
-        }
-    }
-    for (k, val) in [("dropped_frames", f.dropped_frames), ("dropped_bytes", f.dropped_bytes)] {
-        if let Some(n) = val {
-            v[k] = n.into();
-        }
-    }
-    if let Some(m) = f.message {
-        v["message"] = m.into();
-    }
+    let exit = f.kind == "exit";
+    let v = slicer_api::ExecFrame {
+        id: Some(f.id),
+        timestamp: rfc3339_ms(f.timestamp_ms),
+        encoding: if b64 && data.is_some() {
+            "base64".into()
+        } else {
+            String::new()
+        },
+        data: data.unwrap_or_default(),
+        exit_code: exit.then(|| f.exit_code.unwrap_or(-1)),
+        signal: if exit {
+            f.signal.map(signal_name).unwrap_or_default()
+        } else {
+            String::new()
+        },
+        dropped_frames: f.dropped_frames,
+        dropped_bytes: f.dropped_bytes,
+        message: f.message.unwrap_or_default(),
+        r#type: f.kind,
+        ..Default::default()
+    };
     let mut out = serde_json::to_vec(&v).unwrap_or_default();
     out.push(b'\n');
     Bytes::from(out)

@@ -71,7 +71,7 @@ pub async fn upload(
         Mode::Tar => agent.upload_tar(&path, owner, reader).await,
     }
     .map_err(ApiErr::agent)?;
-    Ok(Json(serde_json::json!({ "hostname": hostname, "path": path, "bytes": bytes })).into_response())
+    Ok(Json(slicer_api::CopyResponse { hostname, path, bytes }).into_response())
 }
 
 pub async fn download(State(st): State<Shared>, Path(hostname): Path<String>, q: RawQuery) -> Result<Response, ApiErr> {

@@ -7,38 +7,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use base64::Engine;
-use serde::Deserialize;
 
 use super::{JsonBody, Shared};
 use crate::error::ApiErr;
 use crate::manager::{now_rfc3339, settle_pushes};
 use crate::secrets::{parse_permissions, valid_name, SecretInfo, MAX_SECRET};
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateSecret {
-    name: String,
-    data: String,
-    #[serde(default)]
-    permissions: Option<String>,
-    #[serde(default)]
-    uid: Option<u32>,
-    #[serde(default)]
-    gid: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateSecret {
-    #[serde(default)]
-    data: Option<String>,
-    #[serde(default)]
-    permissions: Option<String>,
-    #[serde(default)]
-    uid: Option<u32>,
-    #[serde(default)]
-    gid: Option<u32>,
-}
+use slicer_api::{CreateSecretRequest as CreateSecret, UpdateSecretRequest as UpdateSecret};
 
 /// Longest a secret change waits for the guests it reaches before answering.
 pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -133,7 +108,10 @@ pub async fn update(
     Ok(Json(info))
 }
 
-pub async fn delete(State(st): State<Shared>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiErr> {
+pub async fn delete(
+    State(st): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<slicer_api::SecretDeleted>, ApiErr> {
     checked_name(&name)?;
     let m = &st.manager;
     let _guard = m.secrets_lock.lock().await;
@@ -144,5 +122,5 @@ pub async fn delete(State(st): State<Shared>, Path(name): Path<String>) -> Resul
     let pushes = m.spread_secret(&name);
     drop(_guard);
     settle_pushes(pushes, SETTLE).await;
-    Ok(Json(serde_json::json!({ "name": name, "deleted": true })))
+    Ok(Json(slicer_api::SecretDeleted { name, deleted: true }))
 }

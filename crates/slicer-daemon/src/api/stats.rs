@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::Json;
-use serde::Serialize;
 use slicer_agent_proto::GuestStats;
 
 use super::Shared;
@@ -15,44 +14,7 @@ use crate::state::VmRecord;
 /// Longest one guest gets to answer.
 const STATS_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Snapshot {
-    hostname: String,
-    arch: String,
-    timestamp: String,
-    uptime: String,
-    total_cpus: u32,
-    total_memory: u64,
-    memory_used: u64,
-    memory_available: u64,
-    memory_used_percent: f64,
-    load_avg1: f64,
-    load_avg5: f64,
-    load_avg15: f64,
-    disk_read_total: u64,
-    disk_write_total: u64,
-    network_read_total: u64,
-    network_write_total: u64,
-    #[serde(rename = "diskIOInflight")]
-    disk_io_inflight: u64,
-    open_connections: u64,
-    open_files: u64,
-    entropy: u64,
-    disk_space_total: u64,
-    disk_space_used: u64,
-    disk_space_free: u64,
-    disk_space_used_percent: f64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct NodeStats {
-    hostname: String,
-    ip: String,
-    created_at: String,
-    snapshot: Option<Snapshot>,
-    error: String,
-}
+use slicer_api::{NodeStats, StatsSnapshot as Snapshot};
 
 /// A duration as Go prints it, to the second: `6m53s`, `1h2m3s`, `45s`.
 fn go_duration(secs: u64) -> String {
