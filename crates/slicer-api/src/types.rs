@@ -404,6 +404,31 @@ pub struct SecretDeleted {
     pub deleted: bool,
 }
 
+/// A file as `GET /vm/{h}/fs/readdir|stat` and `POST /vm/{h}/fs/mkdir` answer it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FsEntry {
+    pub name: String,
+    /// `file`, `directory` or `symlink`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size: u64,
+    /// RFC 3339.
+    pub mtime: String,
+    /// Octal, e.g. "0644".
+    pub mode: String,
+}
+
+/// `POST /vm/{h}/fs/mkdir` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MkdirRequest {
+    pub path: String,
+    #[serde(default)]
+    pub recursive: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
 /// `POST /vm/{h}/cp` → 200.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CopyResponse {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use slicer_agent_proto::shell;
 use slicer_api::ApiClient;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -39,12 +40,9 @@ async fn open(c: &ApiClient, path: &str, headers: &[(&str, String)]) -> Result<W
     }
 }
 
+/// One shell message (the codec is the protocol crate's: the daemon passes frames through).
 fn frame(kind: u8, payload: &[u8]) -> Message {
-    let mut v = Vec::with_capacity(5 + payload.len());
-    v.push(kind);
-    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    v.extend_from_slice(payload);
-    Message::Binary(v.into())
+    Message::Binary(shell::frame(kind, payload))
 }
 
 fn window_size() -> Option<(u32, u32)> {
@@ -87,12 +85,10 @@ pub async fn shell(c: &ApiClient, name: &str, query: &str, bootstrap: Option<&st
     let mut ws = open(c, &format!("/vm/{name}/shell?{query}"), &[]).await?;
     let raw = RawMode::enable();
     if let Some((cols, rows)) = window_size() {
-        let mut p = cols.to_be_bytes().to_vec();
-        p.extend_from_slice(&rows.to_be_bytes());
-        ws.send(frame(0x02, &p)).await?;
+        ws.send(Message::Binary(shell::window_size(cols, rows))).await?;
     }
     if let Some(line) = bootstrap {
-        ws.send(frame(0x01, format!("{line}\n").as_bytes())).await?;
+        ws.send(frame(shell::DATA, format!("{line}\n").as_bytes())).await?;
     }
     let detachable = raw.0.is_some();
     let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
@@ -108,28 +104,26 @@ pub async fn shell(c: &ApiClient, name: &str, query: &str, bootstrap: Option<&st
                     // End of input (piped stdin): an EOF character, so the shell ends after
                     // running what it was given.
                     stdin_open = false;
-                    ws.send(frame(0x01, &[0x04])).await?;
+                    ws.send(frame(shell::DATA, &[0x04])).await?;
                 }
                 Ok(n) if detachable && buf[..n].contains(&DETACH) => {
                     let before = buf[..n].split(|b| *b == DETACH).next().unwrap_or_default();
                     if !before.is_empty() {
-                        ws.send(frame(0x01, before)).await?;
+                        ws.send(frame(shell::DATA, before)).await?;
                     }
-                    ws.send(frame(0x03, &[])).await?;
+                    ws.send(frame(shell::SHUTDOWN, &[])).await?;
                     drop(raw);
                     eprintln!("\r\n[detached]");
                     return Ok(0);
                 }
-                Ok(n) => ws.send(frame(0x01, &buf[..n])).await?,
+                Ok(n) => ws.send(frame(shell::DATA, &buf[..n])).await?,
             },
             _ = winch.recv() => {
                 if let Some((cols, rows)) = window_size() {
-                    let mut p = cols.to_be_bytes().to_vec();
-                    p.extend_from_slice(&rows.to_be_bytes());
-                    ws.send(frame(0x02, &p)).await?;
+                    ws.send(Message::Binary(shell::window_size(cols, rows))).await?;
                 }
             }
-            _ = heartbeat.tick() => ws.send(frame(0x04, &[])).await?,
+            _ = heartbeat.tick() => ws.send(frame(shell::HEARTBEAT, &[])).await?,
             msg = ws.next() => {
                 let Some(msg) = msg else { return Ok(0) };
                 let b = match msg? {
@@ -141,15 +135,15 @@ pub async fn shell(c: &ApiClient, name: &str, query: &str, bootstrap: Option<&st
                     continue;
                 }
                 match b[0] {
-                    0x01 => {
+                    shell::DATA => {
                         stdout.write_all(&b[5..]).await?;
                         stdout.flush().await?;
                     }
-                    0x05 => {
+                    shell::SESSION_CLOSE => {
                         let code = b.get(5..9).and_then(|c| <[u8; 4]>::try_from(c).ok()).map(i32::from_be_bytes);
                         return Ok(code.unwrap_or(0));
                     }
-                    0x03 => return Ok(0),
+                    shell::SHUTDOWN => return Ok(0),
                     _ => {}
                 }
             }

@@ -3,33 +3,21 @@
 
 use axum::extract::{Path, RawQuery, State};
 use axum::Json;
-use serde::{Deserialize, Serialize};
 
 use super::cp::guest_path;
 use super::{query_one, query_pairs, JsonBody, Shared};
 use crate::error::ApiErr;
 
-/// An entry as the SDKs decode it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Entry {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub size: u64,
-    pub mtime: String,
-    pub mode: String,
-}
+use slicer_api::{FsEntry as Entry, MkdirRequest as MkdirBody};
 
-impl From<slicer_agent_proto::FsEntry> for Entry {
-    fn from(e: slicer_agent_proto::FsEntry) -> Entry {
-        let mtime = crate::manager::rfc3339_ns(i128::from(e.mtime_sec) * 1_000_000_000 + i128::from(e.mtime_nsec));
-        Entry {
-            name: e.name,
-            kind: e.kind,
-            size: e.size,
-            mtime,
-            mode: format!("{:04o}", e.mode),
-        }
+fn entry(e: slicer_agent_proto::FsEntry) -> Entry {
+    let mtime = crate::manager::rfc3339_ns(i128::from(e.mtime_sec) * 1_000_000_000 + i128::from(e.mtime_nsec));
+    Entry {
+        name: e.name,
+        kind: e.kind,
+        size: e.size,
+        mtime,
+        mode: format!("{:04o}", e.mode),
     }
 }
 
@@ -41,23 +29,13 @@ pub async fn readdir(
     let path = guest_path(&query_pairs(&q.0))?;
     let r = st.manager.active(&hostname)?;
     let list = r.vm.agent().readdir(&path).await.map_err(ApiErr::agent)?;
-    Ok(Json(list.into_iter().map(Entry::from).collect()))
+    Ok(Json(list.into_iter().map(entry).collect()))
 }
 
 pub async fn stat(State(st): State<Shared>, Path(hostname): Path<String>, q: RawQuery) -> Result<Json<Entry>, ApiErr> {
     let path = guest_path(&query_pairs(&q.0))?;
     let r = st.manager.active(&hostname)?;
-    Ok(Json(r.vm.agent().stat(&path).await.map_err(ApiErr::agent)?.into()))
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MkdirBody {
-    path: String,
-    #[serde(default)]
-    recursive: bool,
-    #[serde(default)]
-    mode: Option<String>,
+    Ok(Json(entry(r.vm.agent().stat(&path).await.map_err(ApiErr::agent)?)))
 }
 
 pub async fn mkdir(
@@ -75,7 +53,7 @@ pub async fn mkdir(
         recursive: b.recursive,
         mode: b.mode,
     };
-    Ok(Json(r.vm.agent().mkdir(&req).await.map_err(ApiErr::agent)?.into()))
+    Ok(Json(entry(r.vm.agent().mkdir(&req).await.map_err(ApiErr::agent)?)))
 }
 
 pub async fn remove(
