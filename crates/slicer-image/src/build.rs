@@ -512,10 +512,9 @@ fn add_default_user(stage: &Path, log: &Path) -> Result<()> {
     )
 }
 
-/// The variant's package tree (debootstrap base, the variant's packages and units, the default
-/// user), cached apart from the agent so that a new agent costs a copy, not an apt run.
-fn variant_tree(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
-    let key = key_of(&[
+/// Everything a variant's package tree is made from.
+fn variant_key(opts: &BuildOptions) -> String {
+    key_of(&[
         BUILDER_VERSION.as_bytes(),
         opts.variant.as_str().as_bytes(),
         opts.suite.as_bytes(),
@@ -526,7 +525,13 @@ fn variant_tree(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
         SSH_SOCKET.as_bytes(),
         SSH_SERVICE.as_bytes(),
         SSHD_CONFIG.as_bytes(),
-    ]);
+    ])
+}
+
+/// The variant's package tree (debootstrap base, the variant's packages and units, the default
+/// user), cached apart from the agent so that a new agent costs a copy, not an apt run.
+fn variant_tree(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
+    let key = variant_key(opts);
     let dir = store.debootstrap_dir(&format!("{}-{key}", opts.variant));
     let tree = dir.join("rootfs");
     if dir.join("complete").exists() {
@@ -573,17 +578,8 @@ fn variant_tree(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
 fn build_rootfs(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
     let agent_hash = file_sha256(&opts.agent)?;
     let key = key_of(&[
-        BUILDER_VERSION.as_bytes(),
-        opts.variant.as_str().as_bytes(),
-        opts.suite.as_bytes(),
-        opts.mirror.as_bytes(),
-        BASE_PACKAGES.join(",").as_bytes(),
-        SYSTEMD_PACKAGES.join(",").as_bytes(),
+        variant_key(opts).as_bytes(),
         agent_hash.as_bytes(),
-        AGENT_UNIT.as_bytes(),
-        SSH_SOCKET.as_bytes(),
-        SSH_SERVICE.as_bytes(),
-        SSHD_CONFIG.as_bytes(),
         ROOTFS_SIZE.as_bytes(),
     ]);
     let dir = store.rootfs_dir(opts.variant, &key);

@@ -33,16 +33,8 @@ pub enum BgCmd {
         /// Output kept in the guest: bytes, or with K/M/G (binary units), e.g. 4M.
         #[arg(long)]
         ring_bytes: Option<String>,
-        /// User to act as (root by default, as `vm exec`).
-        #[arg(long, default_value_t = 0)]
-        uid: u32,
-        #[arg(long)]
-        gid: Option<u32>,
-        #[arg(long)]
-        cwd: Option<String>,
-        /// KEY=VALUE (repeatable).
-        #[arg(long)]
-        env: Vec<String>,
+        #[command(flatten)]
+        run_as: crate::vm::RunAs,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -250,10 +242,7 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
             arg,
             shell,
             ring_bytes,
-            uid,
-            gid,
-            cwd,
-            env,
+            run_as,
             command,
         } => {
             let (program, args) = match (cmd, command.split_first()) {
@@ -263,16 +252,10 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
                 (None, Some(_)) => bail!("-a goes with -c: `-c prog -a arg`, or put the arguments after --"),
                 (None, None) => bail!("no command: `vm bg exec NAME -- prog args` (or -c prog -a arg)"),
             };
-            let mut q = vec![
-                ("cmd", program),
-                ("background", "true".to_string()),
-                ("uid", uid.to_string()),
-            ];
+            let mut q = vec![("cmd", program), ("background", "true".to_string())];
             q.extend(args.into_iter().map(|a| ("args", a)));
             q.extend(shell.map(|s| ("shell", s)));
-            q.extend(gid.map(|g| ("gid", g.to_string())));
-            q.extend(cwd.map(|d| ("cwd", d)));
-            q.extend(env.into_iter().map(|e| ("env", e)));
+            q.extend(run_as.query());
             if let Some(r) = ring_bytes {
                 q.push(("ring_bytes", parse_size(&r)?.to_string()));
             }

@@ -64,6 +64,34 @@ fn expand_home(p: &Path) -> PathBuf {
     }
 }
 
+/// Who a command runs as in the guest, and where (`vm exec`, `vm bg exec`).
+#[derive(Args, Clone, Debug)]
+pub struct RunAs {
+    /// User to act as: root by default, as with SlicerVM's CLI (the API's default is the
+    /// image's non-root user; 1000 is `ubuntu`).
+    #[arg(long, default_value_t = 0)]
+    pub uid: u32,
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Working directory in the guest: absolute, ~ or ~/x.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// KEY=VALUE (repeatable).
+    #[arg(long)]
+    pub env: Vec<String>,
+}
+
+impl RunAs {
+    /// The exec query parameters.
+    pub fn query(self) -> Vec<(&'static str, String)> {
+        let mut q = vec![("uid", self.uid.to_string())];
+        q.extend(self.gid.map(|g| ("gid", g.to_string())));
+        q.extend(self.cwd.map(|d| ("cwd", d)));
+        q.extend(self.env.into_iter().map(|e| ("env", e)));
+        q
+    }
+}
+
 #[derive(Subcommand)]
 pub enum VmCmd {
     /// List VMs.
@@ -135,17 +163,8 @@ pub enum VmCmd {
     /// Run a command; streams its output and exits with its exit code.
     Exec {
         name: String,
-        /// User to act as: root by default, as with SlicerVM's CLI (the API's default is the
-        /// image's non-root user; 1000 is `ubuntu`).
-        #[arg(long, default_value_t = 0)]
-        uid: u32,
-        #[arg(long)]
-        gid: Option<u32>,
-        #[arg(long)]
-        cwd: Option<String>,
-        /// KEY=VALUE (repeatable).
-        #[arg(long)]
-        env: Vec<String>,
+        #[command(flatten)]
+        run_as: RunAs,
         /// Shell for the command line; "" runs the command directly.
         #[arg(long)]
         shell: Option<String>,
@@ -695,13 +714,10 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
         }
         VmCmd::Exec {
             name,
-            uid,
-            gid,
-            cwd,
-            env,
+            run_as,
             shell,
             command,
-        } => return exec(&c, &name, Some(uid), gid, cwd, env, shell, command).await,
+        } => return exec(&c, &name, run_as, shell, command).await,
         VmCmd::Cp {
             src,
             dst,
@@ -776,33 +792,12 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
     Ok(0)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn exec(
-    c: &ApiClient,
-    name: &str,
-    uid: Option<u32>,
-    gid: Option<u32>,
-    cwd: Option<String>,
-    env: Vec<String>,
-    shell: Option<String>,
-    command: Vec<String>,
-) -> Result<i32> {
+async fn exec(c: &ApiClient, name: &str, run_as: RunAs, shell: Option<String>, command: Vec<String>) -> Result<i32> {
     let mut q: Vec<(&str, String)> = vec![("cmd", command[0].clone()), ("stdio", "base64".into())];
     for a in &command[1..] {
         q.push(("args", a.clone()));
     }
-    for e in env {
-        q.push(("env", e));
-    }
-    if let Some(u) = uid {
-        q.push(("uid", u.to_string()));
-    }
-    if let Some(g) = gid {
-        q.push(("gid", g.to_string()));
-    }
-    if let Some(d) = cwd {
-        q.push(("cwd", d));
-    }
+    q.extend(run_as.query());
     if let Some(s) = shell {
         q.push(("shell", s));
     }

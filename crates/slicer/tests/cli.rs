@@ -11,14 +11,7 @@ use std::time::{Duration, Instant};
 use common::{free_port, up, SLICER};
 
 fn run(dir: &Path, url: &str, args: &[&str]) -> Output {
-    Command::new(SLICER)
-        .args(args)
-        .current_dir(dir)
-        .env("SLICER_URL", url)
-        .env("SLICER_TOKEN_FILE", dir.join("data/auth/token"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    common::slicer(dir, args, url)
 }
 
 /// Runs and asserts success; returns stdout.

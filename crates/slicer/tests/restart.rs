@@ -9,6 +9,8 @@ use http_body_util::BodyExt;
 use slicer_api::client::empty;
 use slicer_api::ApiClient;
 
+mod common;
+
 const SLICER: &str = env!("CARGO_BIN_EXE_slicer");
 const GROUP: &str = "adopt";
 
@@ -81,17 +83,7 @@ fn start(dir: &Path) -> Child {
 }
 
 async fn wait_up(url: &str) {
-    let anon = ApiClient::new(url, None).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = anon.send(Method::GET, "/healthz", None, empty()).await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "daemon did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_healthy(url).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -82,18 +82,23 @@ pub async fn up(dir: &Path, config: &str, port: u16) -> (Daemon, String) {
         .unwrap();
     let daemon = Daemon(child);
     let url = format!("http://127.0.0.1:{port}");
-    let anon = ApiClient::new(&url, None).unwrap();
+    wait_healthy(&url).await;
+    (daemon, url)
+}
+
+/// Waits (60 s at most) until the daemon at `url` answers /healthz.
+pub async fn wait_healthy(url: &str) {
+    let anon = ApiClient::new(url, None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(r) = anon.send(Method::GET, "/healthz", None, empty()).await {
             if r.status() == 200 {
-                break;
+                return;
             }
         }
         assert!(Instant::now() < deadline, "daemon did not come up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    (daemon, url)
 }
 
 /// The API client with the token `slicer up` wrote.
