@@ -388,13 +388,44 @@ impl AgentClient {
             mode: mode.map(|m| format!("{m:o}")),
             uid: owner.map(|o| o.0),
             gid: owner.and_then(|o| o.1),
+            ..Default::default()
         };
-        self.upload("/v1/file", &q, data).await
+        Ok(self.upload("/v1/file", &q, data).await?.bytes)
+    }
+
+    /// SlicerVM's cp-v1 upload: a file (`tar` false) or a directory's tar to `path`, placed
+    /// inside `path` as `source_name` when it is a directory (its contents merged into it with
+    /// `copy_contents`); a directory replaces its target whole. Answers where it went.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn upload_placed<R: AsyncRead + Send + Unpin + 'static>(
+        &self,
+        tar: bool,
+        path: &str,
+        source_name: &str,
+        copy_contents: bool,
+        mode: Option<u32>,
+        owner: Option<(u32, Option<u32>)>,
+        data: R,
+    ) -> Result<FileWritten> {
+        let q = PathQuery {
+            path: path.into(),
+            mode: mode.map(|m| format!("{m:o}")),
+            uid: owner.map(|o| o.0),
+            gid: owner.and_then(|o| o.1),
+            source_name: Some(source_name.into()),
+            copy_contents,
+        };
+        self.upload(if tar { "/v1/tar" } else { "/v1/file" }, &q, data).await
     }
 
     /// PUTs `data` to `route`. Sending the body takes as long as the source needs (cp streams
     /// a user's upload); the answer after it has [`CALL_DEADLINE`].
-    async fn upload<R: AsyncRead + Send + Unpin + 'static>(&self, route: &str, q: &PathQuery, data: R) -> Result<u64> {
+    async fn upload<R: AsyncRead + Send + Unpin + 'static>(
+        &self,
+        route: &str,
+        q: &PathQuery,
+        data: R,
+    ) -> Result<FileWritten> {
         let (sent_tx, sent) = oneshot::channel();
         let req = Request::put(uri(route, Some(q)))
             .body(reader_body(data, sent_tx))
@@ -402,7 +433,7 @@ impl AgentClient {
         let answer = async {
             let resp = check(self.send(req).await?).await?;
             let w: FileWritten = parse_json(resp.into_body()).await?;
-            Ok(w.bytes)
+            Ok(w)
         };
         tokio::pin!(answer);
         tokio::select! {
@@ -449,8 +480,9 @@ impl AgentClient {
             mode: None,
             uid: owner.map(|o| o.0),
             gid: owner.and_then(|o| o.1),
+            ..Default::default()
         };
-        self.upload("/v1/tar", &q, tar).await
+        Ok(self.upload("/v1/tar", &q, tar).await?.bytes)
     }
 
     /// Streams directory `dir` of the guest as a tar. The archive comes from the guest: never

@@ -140,6 +140,13 @@ pub struct PathQuery {
     pub uid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gid: Option<u32>,
+    /// Writes, SlicerVM's cp-v1 placement: when `path` is an existing directory the copy goes
+    /// inside it under this name (a directory's contents merge into `path` instead with
+    /// `copy_contents`), and a directory copy replaces its target whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_name: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copy_contents: bool,
 }
 
 /// `POST /v1/identity`: what makes a VM restored from a template (or a suspended state) its

@@ -30,6 +30,27 @@ pub fn target_path(raw: &str) -> Result<PathBuf, ApiError> {
     target_path_for(raw, None)
 }
 
+/// cp-v1 placement of a write to `dest`: an existing directory receives the copy under
+/// `source_name` (unless a directory's contents merge into it). Returns the target and whether
+/// the copy merges into an existing directory.
+fn place(dest: PathBuf, q: &PathQuery, dir_copy: bool) -> Result<(PathBuf, bool), ApiError> {
+    let Some(name) = &q.source_name else {
+        return Ok((dest, dir_copy));
+    };
+    if name.is_empty() || name.contains('/') || name.contains('\0') || name == "." || name == ".." {
+        return Err(ApiError::bad_request(format!("invalid source_name {name:?}")));
+    }
+    match fs::metadata(&dest) {
+        Ok(m) if m.is_dir() && dir_copy && q.copy_contents => Ok((dest, true)),
+        Ok(m) if m.is_dir() => Ok((dest.join(name), false)),
+        Ok(_) if dir_copy => Err(ApiError::bad_request(format!(
+            "{} exists and is not a directory",
+            dest.display()
+        ))),
+        _ => Ok((dest, false)),
+    }
+}
+
 /// The owner a write gives its files: the query's (the default user for the sentinel), or
 /// none (they stay the agent's, root's).
 fn owner(q: &PathQuery) -> Option<(u32, u32)> {
@@ -136,7 +157,7 @@ fn chown(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
 /// `PUT /v1/file`: writes the body to `path` atomically (temporary file + rename).
 pub async fn put_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let q: PathQuery = query(&req)?;
-    let path = target_path_for(&q.path, q.uid)?;
+    let (path, _) = place(target_path_for(&q.path, q.uid)?, &q, false)?;
     let mode = parse_mode(&q.mode, 0o644)?;
     let owner = owner(&q);
     let (rx, pump) = pump_body(req.into_body());
@@ -240,11 +261,26 @@ pub async fn get_file(req: Request<Incoming>) -> Result<Response<Body>, ApiError
 /// `PUT /v1/tar`: unpacks a tar stream into directory `path` (created if missing).
 pub async fn put_tar(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let q: PathQuery = query(&req)?;
-    let dest = target_path_for(&q.path, q.uid)?;
+    let (dest, merge) = place(target_path_for(&q.path, q.uid)?, &q, true)?;
     let owner = owner(&q);
+    // cp-v1 replaces a directory whole: unpack beside it, then swap.
+    let swap = q.source_name.is_some() && !merge;
+    let d = if swap {
+        let parent = dest.parent().unwrap_or(Path::new("/"));
+        parent.join(format!(
+            ".slicer-tmp-{}-{}",
+            std::process::id(),
+            TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+        ))
+    } else {
+        dest.clone()
+    };
     let (rx, pump) = pump_body(req.into_body());
-    let d = dest.clone();
+    let (staged, target) = (d.clone(), dest.clone());
     let unpacked = tokio::task::spawn_blocking(move || -> Result<u64, ApiError> {
+        if let Some(parent) = d.parent() {
+            create_dirs(parent, owner)?;
+        }
         create_dirs(&d, owner)?;
         let mut ar = tar::Archive::new(ChannelReader { rx, cur: Bytes::new() });
         ar.set_preserve_permissions(true);
@@ -275,9 +311,22 @@ pub async fn put_tar(req: Request<Incoming>) -> Result<Response<Body>, ApiError>
     })
     .await
     .map_err(|e| ApiError::internal(format!("unpack task: {e}")))?;
-    pump.await
-        .map_err(|e| ApiError::internal(format!("body task: {e}")))??;
-    let bytes = unpacked?;
+    let pumped = pump
+        .await
+        .map_err(|e| ApiError::internal(format!("body task: {e}")))
+        .and_then(|r| r);
+    let bytes = match (unpacked, pumped) {
+        (Ok(n), Ok(())) => n,
+        (Err(e), _) | (_, Err(e)) => {
+            if swap {
+                let _ = fs::remove_dir_all(&staged);
+            }
+            return Err(e);
+        }
+    };
+    if swap {
+        replace_dir(&staged, &target).map_err(|e| ApiError::io(&format!("replacing {}", target.display()), &e))?;
+    }
     Ok(json(
         StatusCode::OK,
         &FileWritten {
@@ -285,6 +334,31 @@ pub async fn put_tar(req: Request<Incoming>) -> Result<Response<Body>, ApiError>
             bytes,
         },
     ))
+}
+
+/// Puts the directory `staged` in the place of `target` (which may not exist): the old one
+/// is moved aside, the new one renamed in, then the old one removed.
+fn replace_dir(staged: &Path, target: &Path) -> io::Result<()> {
+    let old = staged.with_extension("old");
+    let had = match fs::rename(target, &old) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => {
+            let _ = fs::remove_dir_all(staged);
+            return Err(e);
+        }
+    };
+    if let Err(e) = fs::rename(staged, target) {
+        if had {
+            let _ = fs::rename(&old, target);
+        }
+        let _ = fs::remove_dir_all(staged);
+        return Err(e);
+    }
+    if had {
+        let _ = fs::remove_dir_all(&old).or_else(|_| fs::remove_file(&old));
+    }
+    Ok(())
 }
 
 fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {

@@ -913,44 +913,66 @@ async fn cp(
             let local = PathBuf::from(src);
             let meta = std::fs::metadata(&local).with_context(|| format!("{}", local.display()))?;
             let tar = mode.as_deref() == Some("tar") || recursive || meta.is_dir();
-            let mut q: Vec<(&str, String)> = vec![("path", path.to_string())];
-            q.push(("mode", if tar { "tar" } else { "binary" }.into()));
-            if let Some(u) = uid {
-                q.push(("uid", u.to_string()));
-            }
-            if let Some(g) = gid {
-                q.push(("gid", g.to_string()));
-            }
-            if let Some(p) = permissions {
-                q.push(("permissions", p));
-            }
-            let (tx, body) = channel_body();
-            std::thread::spawn(move || {
-                let mut w = ChannelWriter { tx: tx.clone() };
-                let res = if tar {
-                    let mut b = tar::Builder::new(&mut w);
-                    b.follow_symlinks(false);
-                    let ignored = ignore_rules(&local, &exclude, true);
-                    ignored
-                        .and_then(|gi| append_tree(&mut b, &local, &gi))
-                        .and_then(|_| b.finish())
-                } else {
-                    std::fs::File::open(&local).and_then(|mut f| std::io::copy(&mut f, &mut w).map(|_| ()))
-                };
-                if let Err(e) = res {
-                    let _ = tx.blocking_send(Err(e));
-                }
-            });
+            // `dir/.` copies the directory's contents into the destination (as `cp -r dir/.`).
+            let contents = tar && (src.ends_with("/.") || src.ends_with('/'));
+            let source_name = std::fs::canonicalize(&local)
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_default();
+            let mut base: Vec<(&str, String)> = vec![("path", path.to_string())];
+            base.extend(uid.map(|u| ("uid", u.to_string())));
+            base.extend(gid.map(|g| ("gid", g.to_string())));
+            base.extend(permissions.map(|p| ("permissions", p)));
             let ct = if tar {
                 "application/x-tar"
             } else {
                 "application/octet-stream"
             };
-            c.call(Method::POST, &format!("/vm/{name}/cp?{}", query(&q)), Some(ct), body)
-                .await?;
+            // SlicerVM's cp-v1 first (the guest places the copy as `cp` would), then the
+            // legacy modes for a daemon that answers "invalid mode".
+            let mut v1 = base.clone();
+            v1.push(("mode", if tar { "cp-v1-tar" } else { "cp-v1-binary" }.into()));
+            v1.push(("copy_semantics", "cp-v1".into()));
+            v1.push(("source_type", if tar { "directory" } else { "file" }.into()));
+            if !source_name.is_empty() {
+                v1.push(("source_name", source_name));
+            }
+            if contents {
+                v1.push(("copy_contents", "true".into()));
+            }
+            let body = upload_body(local.clone(), tar, exclude.clone());
+            match c
+                .call(Method::POST, &format!("/vm/{name}/cp?{}", query(&v1)), Some(ct), body)
+                .await
+            {
+                Err(e) if e.to_string().contains("invalid mode: cp-v1") => {
+                    let mut legacy = base;
+                    legacy.push(("mode", if tar { "tar" } else { "binary" }.into()));
+                    let body = upload_body(local, tar, exclude);
+                    c.call(
+                        Method::POST,
+                        &format!("/vm/{name}/cp?{}", query(&legacy)),
+                        Some(ct),
+                        body,
+                    )
+                    .await?;
+                }
+                r => {
+                    r?;
+                }
+            }
         }
         (Some((name, path)), None) => {
             let tar = mode.as_deref() == Some("tar") || recursive;
+            // As `cp`: into an existing local directory, under the source's name.
+            let base = path.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+            let placed;
+            let dst = if Path::new(dst).is_dir() && !base.is_empty() && base != "~" && base != "." {
+                placed = Path::new(dst).join(base).to_string_lossy().into_owned();
+                placed.as_str()
+            } else {
+                dst
+            };
             let q: Vec<(&str, String)> = vec![
                 ("path", path.to_string()),
                 ("mode", if tar { "tar" } else { "binary" }.into()),
@@ -999,6 +1021,29 @@ async fn cp(
         _ => bail!("give exactly one side as NAME:/path, e.g. `slicer vm cp ./f sandbox-1:/tmp/f`"),
     }
     Ok(())
+}
+
+/// The body of an upload: the file, or the directory as a tar without what `exclude` and its
+/// .slicerignore leave out, streamed from a thread.
+fn upload_body(local: PathBuf, tar: bool, exclude: Vec<String>) -> Body {
+    let (tx, body) = channel_body();
+    std::thread::spawn(move || {
+        let mut w = ChannelWriter { tx: tx.clone() };
+        let res = if tar {
+            let mut b = tar::Builder::new(&mut w);
+            b.follow_symlinks(false);
+            let ignored = ignore_rules(&local, &exclude, true);
+            ignored
+                .and_then(|gi| append_tree(&mut b, &local, &gi))
+                .and_then(|_| b.finish())
+        } else {
+            std::fs::File::open(&local).and_then(|mut f| std::io::copy(&mut f, &mut w).map(|_| ()))
+        };
+        if let Err(e) = res {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    body
 }
 
 /// The exclude rules of a copy: `--exclude` patterns, plus `root`'s .slicerignore when asked,

@@ -260,6 +260,31 @@ async fn a_session_with_slicers_forms() {
     );
     assert!(!d.join("back/src/deep").exists());
 
+    // cp places as `cp` does (SlicerVM's cp-v1): into an existing directory under the source's
+    // name, `dir/.` merges the contents, a directory copy replaces its target whole
+    ok(
+        d,
+        url,
+        &[
+            "vm",
+            "exec",
+            "web",
+            "--",
+            "mkdir -p /tmp/into/proj && touch /tmp/into/proj/stale",
+        ],
+    );
+    ok(d, url, &["cp", "./proj/notes.log", "web:/tmp/into"]);
+    ok(d, url, &["cp", "-r", "./proj", "web:/tmp/into"]);
+    ok(d, url, &["cp", "-r", "./proj/.", "web:/tmp/merged"]);
+    assert_eq!(
+        ok(d, url, &["vm", "exec", "web", "--", "cd /tmp && find into merged -type f | sort"]),
+        "into/notes.log\ninto/proj/.slicerignore\ninto/proj/notes.log\ninto/proj/src/deep/a.txt\ninto/proj/src/main.rs\n\
+         merged/.slicerignore\nmerged/notes.log\nmerged/src/deep/a.txt\nmerged/src/main.rs\n"
+    );
+    std::fs::create_dir_all(d.join("local")).unwrap();
+    ok(d, url, &["cp", "web:/tmp/into/notes.log", "./local"]);
+    assert_eq!(std::fs::read_to_string(d.join("local/notes.log")).unwrap(), "l\n");
+
     // shell with a bootstrap line (stdin is not a terminal here); top of one VM
     let out = run(
         d,

@@ -27,18 +27,46 @@ pub(super) fn guest_path(pairs: &[(String, String)]) -> Result<String, ApiErr> {
     Ok(p.to_string())
 }
 
-#[derive(PartialEq)]
+#[derive(PartialEq, Clone, Copy)]
 enum Mode {
     Binary,
     Tar,
+    /// Download only: a file as binary, a directory as tar (the answer's headers say which).
+    Recursive,
 }
 
-fn mode(pairs: &[(String, String)]) -> Result<Mode, ApiErr> {
+/// The mode, and whether it is one of SlicerVM's versioned `cp-v1-*` modes.
+fn mode(pairs: &[(String, String)], upload: bool) -> Result<(Mode, bool), ApiErr> {
     match query_one(pairs, "mode") {
-        None | Some("") | Some("binary") => Ok(Mode::Binary),
-        Some("tar") => Ok(Mode::Tar),
+        None | Some("") | Some("binary") => Ok((Mode::Binary, false)),
+        Some("tar") => Ok((Mode::Tar, false)),
+        Some("cp-v1-binary") => Ok((Mode::Binary, true)),
+        Some("cp-v1-tar") => Ok((Mode::Tar, true)),
+        Some("cp-v1-recursive") if !upload => Ok((Mode::Recursive, true)),
+        // The message old agents give: SDKs fall back to the legacy modes on it.
         Some(o) => Err(ApiErr::bad_request(format!("invalid mode: {o}"))),
     }
+}
+
+/// cp-v1 placement of an upload: `source_name` (one path component) and `copy_contents`.
+fn placement(pairs: &[(String, String)], mode: Mode) -> Result<Option<(String, bool)>, ApiErr> {
+    let want = if mode == Mode::Tar { "directory" } else { "file" };
+    if let Some(t) = query_one(pairs, "source_type").filter(|t| !t.is_empty()) {
+        if t != want {
+            return Err(ApiErr::bad_request(format!(
+                "query source_type: {t:?} does not match the mode (a {want})"
+            )));
+        }
+    }
+    let Some(name) = query_one(pairs, "source_name").filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
+    if name.contains('/') || name == "." || name == ".." || name.contains('\0') {
+        return Err(ApiErr::bad_request(format!(
+            "query source_name: {name:?} must be one path component"
+        )));
+    }
+    Ok(Some((name.to_string(), super::query_bool(pairs, "copy_contents")?)))
 }
 
 pub async fn upload(
@@ -49,7 +77,8 @@ pub async fn upload(
 ) -> Result<Response, ApiErr> {
     let pairs = query_pairs(&q.0);
     let path = guest_path(&pairs)?;
-    let mode = mode(&pairs)?;
+    let (mode, v1) = mode(&pairs, true)?;
+    let placed = if v1 { placement(&pairs, mode)? } else { None };
     let perms = match query_one(&pairs, "permissions") {
         None | Some("") => None,
         Some(p) => Some(
@@ -66,23 +95,43 @@ pub async fn upload(
     let running = st.manager.active(&hostname)?;
     let reader = tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
     let agent = running.vm.agent();
-    let bytes = match mode {
-        Mode::Binary => agent.upload_file(&path, perms, owner, reader).await,
-        Mode::Tar => agent.upload_tar(&path, owner, reader).await,
-    }
-    .map_err(ApiErr::agent)?;
+    let tar = mode == Mode::Tar;
+    let (bytes, path) = match placed {
+        Some((name, contents)) => {
+            let w = agent
+                .upload_placed(tar, &path, &name, contents, perms, owner, reader)
+                .await
+                .map_err(ApiErr::agent)?;
+            (w.bytes, w.path)
+        }
+        None if tar => (
+            agent.upload_tar(&path, owner, reader).await.map_err(ApiErr::agent)?,
+            path,
+        ),
+        None => (
+            agent
+                .upload_file(&path, perms, owner, reader)
+                .await
+                .map_err(ApiErr::agent)?,
+            path,
+        ),
+    };
     Ok(Json(slicer_api::CopyResponse { hostname, path, bytes }).into_response())
 }
 
 pub async fn download(State(st): State<Shared>, Path(hostname): Path<String>, q: RawQuery) -> Result<Response, ApiErr> {
     let pairs = query_pairs(&q.0);
     let path = guest_path(&pairs)?;
-    let mode = mode(&pairs)?;
+    let (mut mode, _) = mode(&pairs, false)?;
     let running = st.manager.active(&hostname)?;
     let agent = running.vm.agent();
+    if mode == Mode::Recursive {
+        let e = agent.stat(&path).await.map_err(ApiErr::agent)?;
+        mode = if e.kind == "directory" { Mode::Tar } else { Mode::Binary };
+    }
     let dl = match mode {
-        Mode::Binary => agent.download_file(&path).await,
         Mode::Tar => agent.download_tar(&path).await,
+        _ => agent.download_file(&path).await,
     }
     .map_err(ApiErr::agent)?;
     let file_mode = dl.mode;
