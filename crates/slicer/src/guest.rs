@@ -252,13 +252,16 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
                 (None, Some(_)) => bail!("-a goes with -c: `-c prog -a arg`, or put the arguments after --"),
                 (None, None) => bail!("no command: `vm bg exec NAME -- prog args` (or -c prog -a arg)"),
             };
-            let mut q = vec![("cmd", program), ("background", "true".to_string())];
-            q.extend(args.into_iter().map(|a| ("args", a)));
-            q.extend(shell.map(|s| ("shell", s)));
-            q.extend(run_as.query());
-            if let Some(r) = ring_bytes {
-                q.push(("ring_bytes", parse_size(&r)?.to_string()));
-            }
+            let q = run_as
+                .apply(slicer_api::query::ExecQuery {
+                    cmd: program,
+                    args,
+                    shell,
+                    background: true,
+                    ring_bytes: ring_bytes.as_deref().map(parse_size).transpose()?,
+                    ..Default::default()
+                })
+                .to_pairs();
             let v: ExecStarted = c
                 .json(Method::POST, &format!("/vm/{name}/exec?{}", query(&q)), None)
                 .await?;

@@ -17,6 +17,36 @@ mod ws;
 /// Default data directory: images, VM disks, state.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/slicer";
 
+/// Slicer commands this implementation does not serve, with what to do instead.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("activate", "there is no license to activate: slicer runs without one"),
+    (
+        "update",
+        "update slicer by pulling its repository and running ./scripts/setup.sh",
+    ),
+    (
+        "install",
+        "tools are installed by ./scripts/setup.sh (host) or by userdata and apt-get (guests)",
+    ),
+    (
+        "service",
+        "run `slicer up ./slicer.yaml` under your own systemd unit; `service generate` is not available",
+    ),
+    (
+        "disk",
+        "disk export/archive/transfer are not available; copy files with `slicer vm cp`",
+    ),
+    ("pci", "PCI passthrough is not available on this host"),
+    ("ca", "CA issuance is not available; install certificates with userdata"),
+    ("proxy", "slicer-proxy is not available"),
+    (
+        "workspace",
+        "the agent workspace wrappers are not available; use `slicer vm add` and `slicer vm shell`",
+    ),
+    ("worktree", "worktree sync is not available; use `slicer vm cp -r`"),
+    ("wt", "worktree sync is not available; use `slicer vm cp -r`"),
+];
+
 /// Slicer's shortcuts: `slicer cp|shell|bg|logs|relaunch ...` is `slicer vm ...`.
 const SHORTCUTS: &[&str] = &["cp", "shell", "bg", "logs", "relaunch"];
 
@@ -81,6 +111,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some((cmd, why)) = args
+        .get(1)
+        .and_then(|a| a.to_str())
+        .and_then(|a| UNSUPPORTED.iter().find(|(c, _)| *c == a))
+    {
+        eprintln!("error: `slicer {cmd}` is not available here: {why}");
+        std::process::exit(2);
+    }
     if args
         .get(1)
         .and_then(|a| a.to_str())

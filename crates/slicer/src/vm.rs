@@ -10,6 +10,7 @@ use futures_util::TryStreamExt;
 use http::Method;
 use http_body_util::BodyExt;
 use slicer_api::client::{empty, query, Body};
+use slicer_api::query::{CopyQuery, ExecQuery};
 use slicer_api::{
     ApiClient, CreateNodeRequest, CreateNodeResponse, DeleteResponse, ExecFrame, HealthResponse, HostGroupInfo,
     LogsResponse, Node, TagsResponse, VmDescription,
@@ -82,13 +83,15 @@ pub struct RunAs {
 }
 
 impl RunAs {
-    /// The exec query parameters.
-    pub fn query(self) -> Vec<(&'static str, String)> {
-        let mut q = vec![("uid", self.uid.to_string())];
-        q.extend(self.gid.map(|g| ("gid", g.to_string())));
-        q.extend(self.cwd.map(|d| ("cwd", d)));
-        q.extend(self.env.into_iter().map(|e| ("env", e)));
-        q
+    /// `q` acting as this user, there, with this environment.
+    pub fn apply(self, q: ExecQuery) -> ExecQuery {
+        ExecQuery {
+            uid: Some(self.uid),
+            gid: self.gid,
+            cwd: self.cwd,
+            env: self.env,
+            ..q
+        }
     }
 }
 
@@ -793,17 +796,18 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
 }
 
 async fn exec(c: &ApiClient, name: &str, run_as: RunAs, shell: Option<String>, command: Vec<String>) -> Result<i32> {
-    let mut q: Vec<(&str, String)> = vec![("cmd", command[0].clone()), ("stdio", "base64".into())];
-    for a in &command[1..] {
-        q.push(("args", a.clone()));
-    }
-    q.extend(run_as.query());
-    if let Some(s) = shell {
-        q.push(("shell", s));
-    }
     let stdin = !std::io::stdin().is_terminal();
+    let q = run_as
+        .apply(ExecQuery {
+            cmd: command[0].clone(),
+            args: command[1..].to_vec(),
+            shell,
+            stdin,
+            stdio: Some("base64".into()),
+            ..Default::default()
+        })
+        .to_pairs();
     let body: Body = if stdin {
-        q.push(("stdin", "true".into()));
         let (tx, body) = channel_body();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
@@ -919,10 +923,13 @@ async fn cp(
                 .ok()
                 .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_default();
-            let mut base: Vec<(&str, String)> = vec![("path", path.to_string())];
-            base.extend(uid.map(|u| ("uid", u.to_string())));
-            base.extend(gid.map(|g| ("gid", g.to_string())));
-            base.extend(permissions.map(|p| ("permissions", p)));
+            let base = CopyQuery {
+                path: path.to_string(),
+                uid,
+                gid,
+                permissions,
+                ..Default::default()
+            };
             let ct = if tar {
                 "application/x-tar"
             } else {
@@ -930,24 +937,25 @@ async fn cp(
             };
             // SlicerVM's cp-v1 first (the guest places the copy as `cp` would), then the
             // legacy modes for a daemon that answers "invalid mode".
-            let mut v1 = base.clone();
-            v1.push(("mode", if tar { "cp-v1-tar" } else { "cp-v1-binary" }.into()));
-            v1.push(("copy_semantics", "cp-v1".into()));
-            v1.push(("source_type", if tar { "directory" } else { "file" }.into()));
-            if !source_name.is_empty() {
-                v1.push(("source_name", source_name));
+            let v1 = CopyQuery {
+                mode: Some(if tar { "cp-v1-tar" } else { "cp-v1-binary" }.into()),
+                source_type: Some(if tar { "directory" } else { "file" }.into()),
+                source_name: (!source_name.is_empty()).then_some(source_name),
+                copy_contents: contents,
+                ..base.clone()
             }
-            if contents {
-                v1.push(("copy_contents", "true".into()));
-            }
+            .to_pairs();
             let body = upload_body(local.clone(), tar, exclude.clone());
             match c
                 .call(Method::POST, &format!("/vm/{name}/cp?{}", query(&v1)), Some(ct), body)
                 .await
             {
                 Err(e) if e.to_string().contains("invalid mode: cp-v1") => {
-                    let mut legacy = base;
-                    legacy.push(("mode", if tar { "tar" } else { "binary" }.into()));
+                    let legacy = CopyQuery {
+                        mode: Some(if tar { "tar" } else { "binary" }.into()),
+                        ..base
+                    }
+                    .to_pairs();
                     let body = upload_body(local, tar, exclude);
                     c.call(
                         Method::POST,
@@ -973,10 +981,12 @@ async fn cp(
             } else {
                 dst
             };
-            let q: Vec<(&str, String)> = vec![
-                ("path", path.to_string()),
-                ("mode", if tar { "tar" } else { "binary" }.into()),
-            ];
+            let q = CopyQuery {
+                path: path.to_string(),
+                mode: Some(if tar { "tar" } else { "binary" }.into()),
+                ..Default::default()
+            }
+            .to_pairs();
             let resp = c
                 .call(Method::GET, &format!("/vm/{name}/cp?{}", query(&q)), None, empty())
                 .await?;

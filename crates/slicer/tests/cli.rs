@@ -303,6 +303,8 @@ async fn a_session_with_slicers_forms() {
     fails(d, url, &["vm", "add", "--name", "x", "--tag", "name=y"], "not both");
     fails(d, url, &["vm", "exec", "web", "--cwd", "../..", "--", "pwd"], "..");
     fails(d, url, &["vm", "exec", "nope", "--", "true"], "VM \"nope\" not found");
+    fails(d, url, &["activate", "KEY"], "not available here");
+    fails(d, url, &["relaunch", "api"], "");
     let t = Instant::now();
     let out = Command::new(SLICER)
         .args(["vm", "list", "--url", "http://127.0.0.1:1"])

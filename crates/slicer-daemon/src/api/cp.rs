@@ -8,6 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::TryStreamExt;
 
+use slicer_api::query::CopyQuery;
+
 use super::{query_one, query_pairs, Shared};
 use crate::error::ApiErr;
 
@@ -36,9 +38,9 @@ enum Mode {
 }
 
 /// The mode, and whether it is one of SlicerVM's versioned `cp-v1-*` modes.
-fn mode(pairs: &[(String, String)], upload: bool) -> Result<(Mode, bool), ApiErr> {
-    match query_one(pairs, "mode") {
-        None | Some("") | Some("binary") => Ok((Mode::Binary, false)),
+fn mode(q: &CopyQuery, upload: bool) -> Result<(Mode, bool), ApiErr> {
+    match q.mode.as_deref() {
+        None | Some("binary") => Ok((Mode::Binary, false)),
         Some("tar") => Ok((Mode::Tar, false)),
         Some("cp-v1-binary") => Ok((Mode::Binary, true)),
         Some("cp-v1-tar") => Ok((Mode::Tar, true)),
@@ -49,16 +51,16 @@ fn mode(pairs: &[(String, String)], upload: bool) -> Result<(Mode, bool), ApiErr
 }
 
 /// cp-v1 placement of an upload: `source_name` (one path component) and `copy_contents`.
-fn placement(pairs: &[(String, String)], mode: Mode) -> Result<Option<(String, bool)>, ApiErr> {
+fn placement(q: &CopyQuery, mode: Mode) -> Result<Option<(String, bool)>, ApiErr> {
     let want = if mode == Mode::Tar { "directory" } else { "file" };
-    if let Some(t) = query_one(pairs, "source_type").filter(|t| !t.is_empty()) {
+    if let Some(t) = &q.source_type {
         if t != want {
             return Err(ApiErr::bad_request(format!(
                 "query source_type: {t:?} does not match the mode (a {want})"
             )));
         }
     }
-    let Some(name) = query_one(pairs, "source_name").filter(|n| !n.is_empty()) else {
+    let Some(name) = &q.source_name else {
         return Ok(None);
     };
     if name.contains('/') || name == "." || name == ".." || name.contains('\0') {
@@ -66,7 +68,7 @@ fn placement(pairs: &[(String, String)], mode: Mode) -> Result<Option<(String, b
             "query source_name: {name:?} must be one path component"
         )));
     }
-    Ok(Some((name.to_string(), super::query_bool(pairs, "copy_contents")?)))
+    Ok(Some((name.clone(), q.copy_contents)))
 }
 
 pub async fn upload(
@@ -77,10 +79,11 @@ pub async fn upload(
 ) -> Result<Response, ApiErr> {
     let pairs = query_pairs(&q.0);
     let path = guest_path(&pairs)?;
-    let (mode, v1) = mode(&pairs, true)?;
-    let placed = if v1 { placement(&pairs, mode)? } else { None };
-    let perms = match query_one(&pairs, "permissions") {
-        None | Some("") => None,
+    let q = CopyQuery::from_pairs(&pairs).map_err(ApiErr::bad_request)?;
+    let (mode, v1) = mode(&q, true)?;
+    let placed = if v1 { placement(&q, mode)? } else { None };
+    let perms = match q.permissions.as_deref() {
+        None => None,
         Some(p) => Some(
             u32::from_str_radix(p.trim_start_matches("0o"), 8)
                 .ok()
@@ -122,7 +125,8 @@ pub async fn upload(
 pub async fn download(State(st): State<Shared>, Path(hostname): Path<String>, q: RawQuery) -> Result<Response, ApiErr> {
     let pairs = query_pairs(&q.0);
     let path = guest_path(&pairs)?;
-    let (mut mode, _) = mode(&pairs, false)?;
+    let q = CopyQuery::from_pairs(&pairs).map_err(ApiErr::bad_request)?;
+    let (mut mode, _) = mode(&q, false)?;
     let running = st.manager.active(&hostname)?;
     let agent = running.vm.agent();
     if mode == Mode::Recursive {

@@ -12,7 +12,7 @@ use slicer_agent_client::ExecEvent;
 use slicer_agent_proto::ExecRequest;
 use slicer_api::{BufferedExec, ExecFrame};
 
-use super::{query_bool, query_one, query_pairs, query_u32, Shared};
+use super::{query_bool, query_one, query_pairs, Shared};
 use crate::error::ApiErr;
 use crate::manager::now_rfc3339;
 
@@ -54,24 +54,19 @@ fn nix_signal_name(sig: i32) -> Option<String> {
 /// Builds the agent request from the query (SlicerVM's parameters). A `background` command
 /// runs directly unless `shell` is given, so that its info names the program and its args.
 pub fn exec_request(pairs: &[(String, String)], background: bool) -> Result<ExecRequest, ApiErr> {
-    let cmd = query_one(pairs, "cmd")
-        .filter(|c| !c.is_empty())
-        .ok_or_else(|| ApiErr::bad_request("query cmd is required"))?;
-    let args: Vec<String> = pairs
-        .iter()
-        .filter(|(k, _)| k == "args")
-        .map(|(_, v)| v.clone())
-        .collect();
+    let q = slicer_api::query::ExecQuery::from_pairs(pairs).map_err(ApiErr::bad_request)?;
+    if q.cmd.is_empty() {
+        return Err(ApiErr::bad_request("query cmd is required"));
+    }
     let mut env = Vec::new();
-    for (_, kv) in pairs.iter().filter(|(k, _)| k == "env") {
+    for kv in &q.env {
         let (k, v) = kv
             .split_once('=')
             .filter(|(k, _)| !k.is_empty())
             .ok_or_else(|| ApiErr::bad_request(format!("query env: {kv:?} is not KEY=VALUE")))?;
         env.push((k.to_string(), v.to_string()));
     }
-    let cwd = query_one(pairs, "cwd").filter(|c| !c.is_empty()).map(str::to_string);
-    if let Some(c) = &cwd {
+    if let Some(c) = &q.cwd {
         if c.split('/').any(|part| part == "..") {
             return Err(ApiErr::bad_request(format!("query cwd: {c:?} must not contain '..'")));
         }
@@ -81,11 +76,11 @@ pub fn exec_request(pairs: &[(String, String)], background: bool) -> Result<Exec
             )));
         }
     }
-    let (uid, gid) = identity(pairs)?;
+    let (uid, gid) = identity_of(q.uid, q.gid);
     // As SlicerVM: the command line goes through /bin/bash unless `shell` is given; an
     // explicitly empty `shell` runs the command directly. Background commands run directly
     // unless `shell` is given.
-    let shell = match query_one(pairs, "shell") {
+    let shell = match q.shell.as_deref() {
         None if background => None,
         None => Some("/bin/bash".to_string()),
         Some("") => None,
@@ -93,8 +88,8 @@ pub fn exec_request(pairs: &[(String, String)], background: bool) -> Result<Exec
     };
     let mut req = match shell {
         Some(sh) => {
-            let mut line = cmd.to_string();
-            for a in &args {
+            let mut line = q.cmd.clone();
+            for a in &q.args {
                 line.push(' ');
                 line.push_str(&shell_quote(a));
             }
@@ -105,16 +100,16 @@ pub fn exec_request(pairs: &[(String, String)], background: bool) -> Result<Exec
             }
         }
         None => {
-            let mut argv = vec![cmd.to_string()];
-            argv.extend(args);
+            let mut argv = vec![q.cmd.clone()];
+            argv.extend(q.args.iter().cloned());
             ExecRequest::argv(argv)
         }
     };
     req.env = env;
-    req.cwd = cwd;
+    req.cwd = q.cwd;
     req.uid = uid;
     req.gid = gid;
-    req.stdin = query_bool(pairs, "stdin")?;
+    req.stdin = q.stdin;
     req.validate().map_err(ApiErr::bad_request)?;
     Ok(req)
 }
@@ -123,9 +118,13 @@ pub fn exec_request(pairs: &[(String, String)], background: bool) -> Result<Exec
 /// (the agent resolves it), `uid=0` root. `gid` absent or 0 (what SDKs send by default) is
 /// the user's own group, except for root.
 pub fn identity(pairs: &[(String, String)]) -> Result<(Option<u32>, Option<u32>), ApiErr> {
-    let uid = query_u32(pairs, "uid")?.unwrap_or(slicer_agent_proto::DEFAULT_USER);
-    let gid = query_u32(pairs, "gid")?.filter(|g| *g != 0 || uid == 0);
-    Ok((Some(uid), gid))
+    let number = |k| slicer_api::query::number::<u32>(pairs, k).map_err(ApiErr::bad_request);
+    Ok(identity_of(number("uid")?, number("gid")?))
+}
+
+fn identity_of(uid: Option<u32>, gid: Option<u32>) -> (Option<u32>, Option<u32>) {
+    let uid = uid.unwrap_or(slicer_agent_proto::DEFAULT_USER);
+    (Some(uid), gid.filter(|g| *g != 0 || uid == 0))
 }
 
 fn line(frame: &ExecFrame) -> Bytes {

@@ -250,26 +250,10 @@ pub fn query_pairs(raw: &Option<String>) -> Vec<(String, String)> {
         .collect()
 }
 
-pub fn query_one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-}
+pub use slicer_api::query::one as query_one;
 
 pub fn query_bool(pairs: &[(String, String)], key: &str) -> Result<bool, ApiErr> {
-    match query_one(pairs, key) {
-        None => Ok(false),
-        Some("" | "true" | "1") => Ok(true),
-        Some("false" | "0") => Ok(false),
-        Some(v) => Err(ApiErr::bad_request(format!("query {key}: {v:?} is not true or false"))),
-    }
-}
-
-pub fn query_u32(pairs: &[(String, String)], key: &str) -> Result<Option<u32>, ApiErr> {
-    query_one(pairs, key)
-        .map(|v| {
-            v.parse()
-                .map_err(|_| ApiErr::bad_request(format!("query {key}: {v:?} is not a number")))
-        })
-        .transpose()
+    slicer_api::query::flag(pairs, key).map_err(ApiErr::bad_request)
 }
 
 pub use slicer_api::parse_go_duration;
