@@ -98,7 +98,7 @@ impl RunAs {
 #[derive(Subcommand)]
 pub enum VmCmd {
     /// List VMs.
-    #[command(alias = "ls")]
+    #[command(alias = "ls", alias = "l")]
     List {
         #[arg(long)]
         tag: Option<String>,

@@ -119,6 +119,7 @@ async fn a_session_with_slicers_forms() {
     let list = ok(d, url, &["vm", "ls"]);
     assert!(list.contains("box-1") && list.contains("name=web"), "{list}");
     assert!(ok(d, url, &["ls"]).contains("box-2"));
+    assert!(ok(d, url, &["vm", "l"]).contains("box-2"));
 
     // exec by name: a shell by default, --shell "" runs directly, --cwd and --env
     assert_eq!(ok(d, url, &["vm", "exec", "web", "--", "echo $((6*7))"]), "42\n");
