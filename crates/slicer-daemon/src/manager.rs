@@ -1658,21 +1658,18 @@ impl Manager {
 
 /// Adds `keys` (checked by `config::check_ssh_keys`) to the default user's
 /// ~/.ssh/authorized_keys, keeping the lines already there: a restart re-adds the config's
-/// keys without duplicating them, and keys the user added stay.
+/// keys without duplicating them, and keys the user added stay. It runs as that user (the
+/// agent resolves who that is), so what it makes is theirs.
 async fn authorize_ssh_keys(vm: &Vm, keys: &[String]) -> anyhow::Result<()> {
-    let script = r#"set -e
-u=root; for c in ubuntu slicer; do if id -u "$c" >/dev/null 2>&1; then u=$c; break; fi; done
-home=$(getent passwd "$u" | cut -d: -f6); g=$(id -g "$u")
-install -d -m 700 -o "$u" -g "$g" "$home/.ssh"
-f="$home/.ssh/authorized_keys"; touch "$f"; chmod 600 "$f"; chown "$u:$g" "$f"
-while IFS= read -r k; do grep -qxF -- "$k" "$f" || printf '%s
-' "$k" >> "$f"; done"#;
+    let script = r#"set -e; umask 077; mkdir -p "$HOME/.ssh"; f="$HOME/.ssh/authorized_keys"; touch "$f"
+while IFS= read -r k; do grep -qxF -- "$k" "$f" || printf '%s\n' "$k" >> "$f"; done"#;
     let mut input = keys.join("\n");
     input.push('\n');
-    let out = vm
-        .agent()
-        .exec_output(&ExecRequest::argv(["/bin/sh", "-c", script]), Some(input.into()))
-        .await?;
+    let req = ExecRequest {
+        uid: Some(slicer_agent_proto::DEFAULT_USER),
+        ..ExecRequest::argv(["/bin/sh", "-c", script])
+    };
+    let out = vm.agent().exec_output(&req, Some(input.into())).await?;
     anyhow::ensure!(
         out.status.code == Some(0),
         "exit {:?}: {}",
@@ -1698,9 +1695,17 @@ async fn run_userdata(vm: &Vm, script: &str) -> i32 {
     let guard = "/etc/slicer/userdata-ran";
     let cmd = format!(
         "if [ -e {guard} ]; then read rc < {guard}; case \"$rc\" in ''|*[!0-9]*) rc=0;; esac; exit $rc; fi; \
-         TARGET_USER=root; for u in ubuntu slicer; do if id -u \"$u\" >/dev/null 2>&1; then TARGET_USER=$u; break; fi; done; \
-         export TARGET_USER; {path} > {USERDATA_LOG} 2>&1; rc=$?; echo $rc > {guard}; exit $rc"
+         {path} > {USERDATA_LOG} 2>&1; rc=$?; echo $rc > {guard}; exit $rc"
     );
+    // The default user's name, as the agent resolves it for requests without a uid.
+    let whoami = ExecRequest {
+        uid: Some(slicer_agent_proto::DEFAULT_USER),
+        ..ExecRequest::argv(["id", "-un"])
+    };
+    let target_user = match agent.exec_output(&whoami, None).await {
+        Ok(out) if out.status.code == Some(0) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        _ => "root".to_string(),
+    };
     if let Err(e) = agent
         .upload_file(
             path,
@@ -1713,10 +1718,11 @@ async fn run_userdata(vm: &Vm, script: &str) -> i32 {
         tracing::warn!("uploading userdata to {}: {e}", vm.name);
         return -1;
     }
-    match agent
-        .exec_output(&ExecRequest::argv(["/bin/sh", "-c", &cmd]), None)
-        .await
-    {
+    let run = ExecRequest {
+        env: vec![("TARGET_USER".into(), target_user)],
+        ..ExecRequest::argv(["/bin/sh", "-c", &cmd])
+    };
+    match agent.exec_output(&run, None).await {
         Ok(out) => out.status.code.unwrap_or(128 + out.status.signal.unwrap_or(0)),
         Err(e) => {
             tracing::warn!("running userdata in {}: {e}", vm.name);

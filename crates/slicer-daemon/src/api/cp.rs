@@ -50,7 +50,7 @@ fn mode(q: &CopyQuery, upload: bool) -> Result<(Mode, bool), ApiErr> {
     }
 }
 
-/// cp-v1 placement of an upload: `source_name` (one path component) and `copy_contents`.
+/// cp-v1 placement of an upload: `source_name` and `copy_contents`.
 fn placement(q: &CopyQuery, mode: Mode) -> Result<Option<(String, bool)>, ApiErr> {
     let want = if mode == Mode::Tar { "directory" } else { "file" };
     if let Some(t) = &q.source_type {
@@ -60,15 +60,8 @@ fn placement(q: &CopyQuery, mode: Mode) -> Result<Option<(String, bool)>, ApiErr
             )));
         }
     }
-    let Some(name) = &q.source_name else {
-        return Ok(None);
-    };
-    if name.contains('/') || name == "." || name == ".." || name.contains('\0') {
-        return Err(ApiErr::bad_request(format!(
-            "query source_name: {name:?} must be one path component"
-        )));
-    }
-    Ok(Some((name.clone(), q.copy_contents)))
+    // The guest's agent checks that the name is one path component (400 otherwise).
+    Ok(q.source_name.clone().map(|name| (name, q.copy_contents)))
 }
 
 pub async fn upload(
