@@ -269,7 +269,7 @@ async fn start(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         command,
         args,
         cwd: s.spec.cwd.clone(),
-        uid: Some(crate::user::resolve(s.spec.uid, s.spec.gid).uid),
+        uid: Some(child.uid),
         started_at_ms: now_ms(),
         ring_bytes,
         ring: Mutex::new(Ring::default()),

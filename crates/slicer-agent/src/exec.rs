@@ -165,6 +165,8 @@ fn resolve_program(program: &str, path: &str) -> Option<String> {
 /// A started child: its pid and our ends of its pipes.
 pub struct Spawned {
     pub pid: u32,
+    /// The uid it runs as (a request's `DEFAULT_USER` resolved).
+    pub uid: u32,
     pub stdin: Option<OwnedFd>,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
@@ -177,6 +179,7 @@ struct Plan {
     args: Vec<String>,
     env: Vec<(String, String)>,
     cwd: String,
+    uid: u32,
     identity: Option<crate::user::Account>,
     stdin: bool,
 }
@@ -218,6 +221,7 @@ pub fn spawn(spec: &ExecRequest) -> Result<Spawned, ApiError> {
         args,
         env,
         cwd,
+        uid: account.uid,
         identity: account.differs_from_self().then_some(account),
         stdin: spec.stdin,
     };
@@ -256,6 +260,7 @@ fn fork_spawn(plan: &Plan) -> io::Result<Spawned> {
     let missing = || io::Error::other("child pipe missing");
     Ok(Spawned {
         pid: child.id(),
+        uid: plan.uid,
         stdin: child.stdin.take().map(OwnedFd::from),
         stdout: OwnedFd::from(child.stdout.take().ok_or_else(missing)?),
         stderr: OwnedFd::from(child.stderr.take().ok_or_else(missing)?),
@@ -354,6 +359,7 @@ fn posix_spawn(plan: &Plan) -> io::Result<Spawned> {
         let pid = result?;
         Ok(Spawned {
             pid: pid as u32,
+            uid: plan.uid,
             stdin: in_w,
             stdout: out_r,
             stderr: err_r,

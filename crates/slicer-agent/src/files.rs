@@ -278,9 +278,6 @@ pub async fn put_tar(req: Request<Incoming>) -> Result<Response<Body>, ApiError>
     let (rx, pump) = pump_body(req.into_body());
     let (staged, target) = (d.clone(), dest.clone());
     let unpacked = tokio::task::spawn_blocking(move || -> Result<u64, ApiError> {
-        if let Some(parent) = d.parent() {
-            create_dirs(parent, owner)?;
-        }
         create_dirs(&d, owner)?;
         let mut ar = tar::Archive::new(ChannelReader { rx, cur: Bytes::new() });
         ar.set_preserve_permissions(true);
