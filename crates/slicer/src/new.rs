@@ -98,11 +98,7 @@ pub struct NewArgs {
 fn ssh_keys(given: &[String], find: bool) -> Result<Vec<String>> {
     let mut keys = Vec::new();
     for k in given {
-        match std::fs::read_to_string(k) {
-            Ok(text) => keys.push(text.trim().to_string()),
-            Err(_) if k.contains(' ') => keys.push(k.clone()),
-            Err(e) => bail!("--ssh-key {k}: not a key, and reading it as a file: {e}"),
-        }
+        keys.push(crate::vm::ssh_key_arg(k)?);
     }
     if let (true, Some(home)) = (find, std::env::var_os("HOME")) {
         let dir = std::path::Path::new(&home).join(".ssh");

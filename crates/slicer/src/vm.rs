@@ -95,6 +95,15 @@ impl RunAs {
     }
 }
 
+/// An `--ssh-key` value: a public key as given, or the key in the file it names.
+pub fn ssh_key_arg(k: &str) -> Result<String> {
+    match std::fs::read_to_string(expand_home(Path::new(k))) {
+        Ok(text) => Ok(text.trim().to_string()),
+        Err(_) if k.contains(' ') => Ok(k.to_string()),
+        Err(e) => bail!("--ssh-key {k}: not a key, and reading it as a file: {e}"),
+    }
+}
+
 #[derive(Subcommand)]
 pub enum VmCmd {
     /// List VMs.
@@ -151,6 +160,7 @@ pub enum VmCmd {
     /// Wait until a VM's agent answers (or, with --userdata, its userdata ran).
     Ready {
         name: String,
+        /// Wait for the agent (the default; accepted for Slicer's form).
         #[arg(long)]
         agent: bool,
         #[arg(long)]
@@ -458,9 +468,6 @@ fn route(config: &Path, os: &str) -> Result<i32> {
 }
 
 async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
-    if let VmCmd::Route { config, os } = &cmd {
-        return route(config, os);
-    }
     let c = conn.client()?;
     if let Some(name) = cmd.vm_arg() {
         *name = resolve(&c, name).await?;
@@ -522,16 +529,7 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
                 }
                 tag.push(format!("name={n}"));
             }
-            let ssh_keys = ssh_keys
-                .into_iter()
-                .map(|k| match std::fs::read_to_string(expand_home(Path::new(&k))) {
-                    Ok(text) => Ok(text.trim().to_string()),
-                    Err(_) if k.contains(' ') => Ok(k),
-                    Err(e) => Err(anyhow::anyhow!(
-                        "--ssh-key {k}: not a key, and reading it as a file: {e}"
-                    )),
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let ssh_keys = ssh_keys.iter().map(|k| ssh_key_arg(k)).collect::<Result<Vec<_>>>()?;
             let group = match group {
                 Some(g) => g,
                 None => {
@@ -730,7 +728,7 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
             gid,
             permissions,
             exclude,
-        } => cp(&c, &src, &dst, mode, recursive, Some(uid), gid, permissions, exclude).await?,
+        } => cp(&c, &src, &dst, mode, recursive, uid, gid, permissions, exclude).await?,
         VmCmd::Logs { name, lines } => {
             let l: LogsResponse = c
                 .json(Method::GET, &format!("/vm/{name}/logs?lines={lines}"), None)
@@ -895,7 +893,7 @@ async fn cp(
     dst: &str,
     mode: Option<String>,
     recursive: bool,
-    uid: Option<u32>,
+    uid: u32,
     gid: Option<u32>,
     permissions: Option<String>,
     exclude: Vec<String>,
@@ -925,7 +923,7 @@ async fn cp(
                 .unwrap_or_default();
             let base = CopyQuery {
                 path: path.to_string(),
-                uid,
+                uid: Some(uid),
                 gid,
                 permissions,
                 ..Default::default()
