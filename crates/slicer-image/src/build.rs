@@ -200,6 +200,8 @@ pub fn build_image(store: &ImageStore, opts: &BuildOptions) -> Result<Image> {
         rootfs,
         kernel_release: release,
         key: key_of(&[kernel_dir.to_string_lossy().as_bytes(), agent_hash.as_bytes()]),
+        reference: None,
+        digest: None,
     };
     store.publish(&img)?;
     Ok(img)

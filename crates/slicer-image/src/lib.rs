@@ -9,12 +9,13 @@
 //! unchanged inputs only checks hashes.
 
 mod build;
+pub mod oci;
 mod progress;
 mod store;
 pub mod tools;
 
 pub use build::{build_image, BuildOptions};
-pub use store::{key_of, Image, ImageStore};
+pub use store::{is_builtin, key_of, Image, ImageStore};
 
 use std::fmt;
 use std::str::FromStr;

@@ -6,6 +6,9 @@
 //! images/debootstrap/<variant>-<key>/rootfs/...  cached package tree of a variant (no agent)
 //! images/rootfs/<variant>-<key>/rootfs.ext4
 //! images/<variant>.json                    manifest of the current image of that name
+//! images/oci/<digest>-<agent>/{rootfs.ext4,image.json}   a pulled image (see `oci`)
+//! images/refs/<key>.json                   a reference (`registry/repo:tag`) → the above
+//! images/tmp/pull-<pid>-<random>/          scratch space of a pull in progress
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -30,6 +33,24 @@ pub struct Image {
     pub kernel_release: String,
     /// Hash of everything the image was built from.
     pub key: String,
+    /// The OCI reference it was pulled as (`None` for our own images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The manifest digest it was pulled at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// A reference's entry in `images/refs/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RefEntry {
+    reference: String,
+    id: String,
+}
+
+/// Our own image names (everything else is an OCI reference).
+pub fn is_builtin(name: &str) -> bool {
+    matches!(name, "min" | "systemd")
 }
 
 impl Image {
@@ -81,8 +102,129 @@ impl ImageStore {
         self.root.join(format!("{name}.json"))
     }
 
-    /// Looks up an image by name (`min`, `systemd`).
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Where a pulled image lives.
+    pub fn oci_dir(&self, id: &str) -> PathBuf {
+        self.root.join("oci").join(id)
+    }
+
+    fn ref_path(&self, reference: &str) -> PathBuf {
+        self.root.join("refs").join(format!("{}.json", key_of(&[reference.as_bytes()])))
+    }
+
+    /// The image our kernel comes from (pulled images boot it too).
+    pub fn kernel_image(&self) -> Result<Image> {
+        self.builtin("min").or_else(|_| self.builtin("systemd")).map_err(|_| {
+            anyhow::anyhow!("no kernel built yet: run `slicer image build --variant min` (scripts/setup.sh does)")
+        })
+    }
+
+    /// A stored pulled image by id.
+    pub(crate) fn get_stored(&self, id: &str) -> Result<Image> {
+        let path = self.oci_dir(id).join("image.json");
+        let raw = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let img: Image = serde_json::from_slice(&raw).with_context(|| format!("parsing {}", path.display()))?;
+        anyhow::ensure!(img.rootfs.is_file(), "{} is missing", img.rootfs.display());
+        Ok(img)
+    }
+
+    /// Moves a finished pull's output into place as `id` (another pull that got there first wins).
+    pub(crate) fn publish_stored(&self, id: &str, out: &Path) -> Result<()> {
+        let dst = self.oci_dir(id);
+        std::fs::create_dir_all(self.root.join("oci"))?;
+        match std::fs::rename(out, &dst) {
+            Ok(()) => Ok(()),
+            Err(_) if self.get_stored(id).is_ok() => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("moving the image into {}", dst.display())),
+        }
+    }
+
+    /// Points `reference` at the stored image `id` (atomically).
+    pub(crate) fn set_ref(&self, reference: &str, id: &str) -> Result<()> {
+        let path = self.ref_path(reference);
+        std::fs::create_dir_all(self.root.join("refs"))?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let entry = RefEntry {
+            reference: reference.to_string(),
+            id: id.to_string(),
+        };
+        std::fs::write(&tmp, serde_json::to_vec(&entry)?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// A pulled image with today's kernel and the name it was asked for.
+    pub(crate) fn complete(&self, mut img: Image, name: &str, kernel: &Image) -> Image {
+        img.name = name.to_string();
+        img.kernel = kernel.kernel.clone();
+        img.vmlinux = kernel.vmlinux.clone();
+        img.kernel_release = kernel.kernel_release.clone();
+        img
+    }
+
+    fn refs(&self) -> Vec<RefEntry> {
+        let mut out = Vec::new();
+        if let Ok(dir) = std::fs::read_dir(self.root.join("refs")) {
+            for e in dir.flatten() {
+                if e.path().extension().is_some_and(|x| x == "json") {
+                    if let Ok(r) = std::fs::read(e.path()).map_err(anyhow::Error::from).and_then(|b| {
+                        serde_json::from_slice::<RefEntry>(&b).map_err(anyhow::Error::from)
+                    }) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// A pulled image by reference, as stored (no registry is asked).
+    fn pulled(&self, reference: &str) -> Result<Image> {
+        let canonical = crate::oci::normalize(reference).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let path = self.ref_path(&canonical);
+        let raw = std::fs::read(&path).map_err(|_| {
+            anyhow::anyhow!("image {canonical:?} is not in the store: run `slicer image pull {reference}`")
+        })?;
+        let entry: RefEntry = serde_json::from_slice(&raw).with_context(|| format!("parsing {}", path.display()))?;
+        let img = self.get_stored(&entry.id)?;
+        Ok(self.complete(img, &canonical, &self.kernel_image()?))
+    }
+
+    /// Removes a pulled image's reference, and its files when no other reference names them.
+    /// Whether a VM still uses it is the caller's to check first (see [`Image::rootfs`]).
+    pub fn remove(&self, reference: &str) -> Result<Image> {
+        let img = self.pulled(reference)?;
+        let canonical = img.name.clone();
+        let id = self
+            .refs()
+            .into_iter()
+            .find(|r| r.reference == canonical)
+            .map(|r| r.id)
+            .ok_or_else(|| anyhow::anyhow!("image {canonical:?} is not in the store"))?;
+        std::fs::remove_file(self.ref_path(&canonical))?;
+        if !self.refs().iter().any(|r| r.id == id) {
+            let dir = self.oci_dir(&id);
+            // Rename first: a half-removed directory is never taken for an image.
+            let doomed = self.tmp_dir().join(format!("remove-{id}-{}", std::process::id()));
+            std::fs::create_dir_all(self.tmp_dir())?;
+            std::fs::rename(&dir, &doomed).with_context(|| format!("removing {}", dir.display()))?;
+            std::fs::remove_dir_all(&doomed)?;
+        }
+        Ok(img)
+    }
+
+    /// Looks up an image by name: ours (`min`, `systemd`) or a pulled OCI reference.
     pub fn get(&self, name: &str) -> Result<Image> {
+        if !is_builtin(name) {
+            return self.pulled(name);
+        }
+        self.builtin(name)
+    }
+
+    fn builtin(&self, name: &str) -> Result<Image> {
         let path = self.manifest(name);
         let raw = std::fs::read(&path).with_context(|| {
             format!(
@@ -101,21 +243,17 @@ impl ImageStore {
         Ok(img)
     }
 
-    /// All images with a manifest.
+    /// All images: ours, then pulled ones by reference.
     pub fn list(&self) -> Result<Vec<Image>> {
         let mut out = Vec::new();
-        let Ok(dir) = std::fs::read_dir(&self.root) else {
-            return Ok(out);
-        };
-        for e in dir.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(stem) = name.strip_suffix(".json") {
-                if let Ok(img) = self.get(stem) {
-                    out.push(img);
-                }
+        for name in ["min", "systemd"] {
+            if let Ok(img) = self.builtin(name) {
+                out.push(img);
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut pulled: Vec<Image> = self.refs().iter().filter_map(|r| self.pulled(&r.reference).ok()).collect();
+        pulled.sort_by(|a, b| a.name.cmp(&b.name));
+        out.extend(pulled);
         Ok(out)
     }
 
