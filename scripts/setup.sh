@@ -18,7 +18,8 @@ fi
 # Every host program slicer, its tests and benchmarks run comes from one of these (the audited
 # list with the program of each is crates/slicer-image/src/tools.rs; its test checks this line).
 PKGS=(qemu-system-x86 qemu-utils debootstrap linux-source-6.1 build-essential make bc flex bison
-      libelf-dev libssl-dev e2fsprogs cpio xz-utils iproute2 nftables ca-certificates openssh-client)
+      libelf-dev libssl-dev libssl3 pkgconf e2fsprogs cpio xz-utils iproute2 nftables ca-certificates
+      openssh-client docker-registry)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,6 +41,12 @@ if [ ${#missing[@]} -gt 0 ] || [ $qemu_mismatch -eq 1 ]; then
     case "$p" in qemu-system-x86|qemu-utils) install+=("$p=$qv") ;; *) install+=("$p") ;; esac
   done
   apt-get install -y -q --no-install-recommends --allow-downgrades "${install[@]}" qemu-block-extra- >/dev/null
+fi
+
+# docker-registry is only for the tests, which start their own on 127.0.0.1: never a service
+# listening on the host's addresses.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi
 
 # --- build --------------------------------------------------------------------------------

@@ -35,8 +35,10 @@ pub struct Config {
     pub ssh_keys: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub github_user: Option<String>,
+    /// `true`: the registries of this file's images may be reached over plain HTTP; or a list
+    /// of such registries (`host[:port]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub insecure_registry: Option<bool>,
+    pub insecure_registry: Option<Insecure>,
     #[serde(default)]
     pub api: Api,
     /// slicer extension: what the host lends to VMs at most (defaults from the host).
@@ -191,9 +193,19 @@ pub struct Group {
 }
 
 /// The whole validated configuration.
+/// `insecure_registry`: SlicerVM's boolean, or a list of registries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Insecure {
+    All(bool),
+    Hosts(Vec<String>),
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub groups: Vec<Group>,
+    /// Registries pulls may reach over plain HTTP.
+    pub insecure_registries: Vec<String>,
     pub graceful_shutdown: bool,
     pub acceleration: slicer_hypervisor::AccelChoice,
     pub listen: Listen,
@@ -346,25 +358,34 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-/// Maps an image setting to one of ours. SlicerVM OCI references are accepted by name:
-/// `...slicer-systemd-min...` → `min`, `...slicer-systemd...` → `systemd`.
-pub fn resolve_image(s: &str) -> Option<&'static str> {
-    match s {
-        "min" => Some("min"),
-        "systemd" => Some("systemd"),
-        _ if s.contains("systemd-min") || s.ends_with("-min") => Some("min"),
-        _ if s.contains("systemd") => Some("systemd"),
-        _ => None,
+/// Our image that stands in for one of SlicerVM's own (`ghcr.io/openfaasltd/slicer-systemd…`)
+/// when its registry cannot be reached: `…slicer-systemd-min…` → `min`, `…slicer-systemd…` →
+/// `systemd`.
+pub fn slicer_fallback(s: &str) -> Option<&'static str> {
+    if !s.contains("openfaasltd/slicer") {
+        return None;
+    }
+    if s.contains("systemd-min") || s.contains("-min:") || s.ends_with("-min") {
+        Some("min")
+    } else if s.contains("systemd") {
+        Some("systemd")
+    } else {
+        None
     }
 }
 
-/// Why an image setting is refused.
-fn unknown_image(i: &str) -> String {
-    if i.contains('/') || i.contains(':') {
-        format!("{i:?} is an OCI image reference, and pulling images from a registry is not supported yet; use min or systemd")
-    } else {
-        format!("unknown image {i:?}; use min or systemd")
+/// An image setting: ours (`min`, `systemd`), a disk image file (absolute path), or an OCI
+/// reference (pulled when the daemon starts, unless already in the store).
+fn check_image(i: &str) -> Result<String, String> {
+    if slicer_image::is_builtin(i) {
+        return Ok(i.to_string());
     }
+    if i.starts_with('/') {
+        return Ok(i.to_string());
+    }
+    slicer_image::oci::normalize(i)
+        .map_err(|e| format!("{e}; use min, systemd, an OCI reference or an absolute path to a disk image"))?;
+    Ok(i.to_string())
 }
 
 fn valid_cidr(s: &str) -> bool {
@@ -418,8 +439,8 @@ impl File {
             Some(a) => a.parse().map_err(|e| anyhow::anyhow!("config.acceleration: {e}"))?,
         };
         let default_image = match &c.image {
-            None => "min",
-            Some(i) => resolve_image(i).ok_or_else(|| anyhow::anyhow!("config.image: {}", unknown_image(i)))?,
+            None => "min".to_string(),
+            Some(i) => check_image(i).map_err(|e| anyhow::anyhow!("config.image: {e}"))?,
         };
         if c.github_user.is_some() {
             bail!(
@@ -492,8 +513,8 @@ impl File {
                 }
             }
             let image = match &g.image {
-                None => default_image,
-                Some(i) => resolve_image(i).ok_or_else(|| anyhow::anyhow!("{at}.image: {}", unknown_image(i)))?,
+                None => default_image.clone(),
+                Some(i) => check_image(i).map_err(|e| anyhow::anyhow!("{at}.image: {e}"))?,
             };
             let net = g.network.clone().unwrap_or_default();
             let mode = net.mode.clone().unwrap_or_else(|| "bridge".into());
@@ -550,7 +571,7 @@ impl File {
                 persistent: g.persistent,
                 userdata,
                 dns,
-                image: image.to_string(),
+                image,
                 range: if mode == "isolated" { net.range.clone() } else { None },
                 warm_start: g.warm_start.unwrap_or(true),
                 network_mode: mode,
@@ -615,8 +636,30 @@ impl File {
         };
         let capacity = Capacity::resolve(c.capacity.as_ref(), mem_total, host_cores())?;
         capacity.check_count_vms(&groups, c.capacity.as_ref())?;
+        let insecure_registries = match &c.insecure_registry {
+            None | Some(Insecure::All(false)) => Vec::new(),
+            Some(Insecure::All(true)) => {
+                let mut r: Vec<String> = groups
+                    .iter()
+                    .filter(|g| !slicer_image::is_builtin(&g.image))
+                    .filter_map(|g| slicer_image::oci::registry_of(&g.image))
+                    .collect();
+                r.sort();
+                r.dedup();
+                r
+            }
+            Some(Insecure::Hosts(h)) => {
+                for r in h {
+                    if r.is_empty() || r.contains('/') || r.chars().any(char::is_whitespace) {
+                        bail!("config.insecure_registry: {r:?} is not a registry host[:port]");
+                    }
+                }
+                h.clone()
+            }
+        };
         Ok(Settings {
             groups,
+            insecure_registries,
             graceful_shutdown: c.graceful_shutdown,
             acceleration,
             listen,
@@ -803,7 +846,8 @@ config:
             ("sandbox", 0, 2, 4 << 30)
         );
         assert_eq!(g.drop, vec!["192.168.1.0/24"]);
-        assert_eq!(g.image, "systemd");
+        assert_eq!(g.image, "ghcr.io/openfaasltd/slicer-systemd:6.1.90-x86_64-latest");
+        assert_eq!(slicer_fallback(&g.image), Some("systemd"));
         assert_eq!(s.listen, Listen::Tcp("127.0.0.1:8080".into()));
         assert!(s.auth && !s.graceful_shutdown);
     }

@@ -10,7 +10,7 @@ pub mod secrets;
 pub mod state;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -77,21 +77,8 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
     std::fs::set_permissions(&opts.data_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making {} private (0700)", opts.data_dir.display()))?;
     let images = ImageStore::at(&opts.images_dir.clone().unwrap_or_else(|| opts.data_dir.join("images")));
-    let mut wanted: Vec<&str> = settings.groups.iter().map(|g| g.image.as_str()).collect();
-    wanted.dedup();
-    for name in wanted {
-        if images.get(name).is_err() {
-            let agent = opts.agent.clone().with_context(|| {
-                format!("image {name:?} is not built and no agent binary is at hand: run `slicer image build --variant {name}`")
-            })?;
-            let variant = name.parse().map_err(anyhow::Error::msg)?;
-            let store = images.clone();
-            tokio::task::spawn_blocking(move || {
-                slicer_image::build_image(&store, &slicer_image::BuildOptions::new(variant, agent))
-            })
-            .await??;
-        }
-    }
+    let mut settings = settings;
+    prepare_images(&images, &mut settings, opts.agent.as_deref()).await?;
     let mut host = Host::with_images(images, &opts.data_dir, &opts.data_dir.join("vms"));
     host.accel_choice = settings.acceleration;
     let token = if settings.auth {
@@ -259,6 +246,76 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     }
     eprintln!("stopping: {} VMs", d.manager.list(None).map(|l| l.len()).unwrap_or(0));
     d.stop().await;
+    Ok(())
+}
+
+/// Makes every group's image ready before any VM starts: ours are built if missing, OCI
+/// references pulled if not in the store yet (a stored one is used as it is, so a restart needs
+/// no registry), disk files imported. SlicerVM's own images stand in as ours when their
+/// registry cannot be reached, and the log says so.
+async fn prepare_images(images: &ImageStore, settings: &mut Settings, agent: Option<&Path>) -> Result<()> {
+    let mut done: std::collections::HashMap<String, String> = Default::default();
+    let insecure = settings.insecure_registries.clone();
+    for g in settings.groups.iter_mut() {
+        if let Some(r) = done.get(&g.image) {
+            g.image = r.clone();
+            continue;
+        }
+        let wanted = g.image.clone();
+        let resolved = if slicer_image::is_builtin(&wanted) {
+            build_builtin(images, &wanted, agent).await?;
+            wanted.clone()
+        } else if wanted.starts_with('/') {
+            let store = images.clone();
+            let path = PathBuf::from(&wanted);
+            tokio::task::spawn_blocking(move || store.import_file(&path))
+                .await?
+                .with_context(|| format!("host group {}: image {wanted}", g.name))?
+                .name
+        } else if let Ok(img) = images.get(&wanted) {
+            img.name
+        } else {
+            let agent = agent.with_context(|| {
+                format!("image {wanted:?} is not in the store and no agent binary is at hand: run `slicer image pull {wanted}`")
+            })?;
+            let mut o = slicer_image::oci::PullOptions::new(agent.to_path_buf());
+            o.insecure = insecure.clone();
+            match slicer_image::oci::pull(images, &wanted, &o).await {
+                Ok(img) => img.name,
+                Err(e) => match config::slicer_fallback(&wanted) {
+                    Some(ours) => {
+                        tracing::warn!(
+                            image = %wanted,
+                            instead = ours,
+                            "SlicerVM's image could not be pulled ({e}); host group {} runs our {ours} image instead",
+                            g.name
+                        );
+                        build_builtin(images, ours, Some(agent)).await?;
+                        ours.to_string()
+                    }
+                    None => return Err(anyhow::Error::new(e).context(format!("host group {}", g.name))),
+                },
+            }
+        };
+        done.insert(wanted, resolved.clone());
+        g.image = resolved;
+    }
+    Ok(())
+}
+
+async fn build_builtin(images: &ImageStore, name: &str, agent: Option<&Path>) -> Result<()> {
+    if images.get(name).is_ok() {
+        return Ok(());
+    }
+    let agent = agent.map(Path::to_path_buf).with_context(|| {
+        format!("image {name:?} is not built and no agent binary is at hand: run `slicer image build --variant {name}`")
+    })?;
+    let variant = name.parse().map_err(anyhow::Error::msg)?;
+    let store = images.clone();
+    tokio::task::spawn_blocking(move || {
+        slicer_image::build_image(&store, &slicer_image::BuildOptions::new(variant, agent))
+    })
+    .await??;
     Ok(())
 }
 

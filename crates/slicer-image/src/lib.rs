@@ -9,6 +9,7 @@
 //! unchanged inputs only checks hashes.
 
 mod build;
+pub mod disk;
 pub mod oci;
 mod progress;
 mod store;

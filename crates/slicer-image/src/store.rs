@@ -112,7 +112,9 @@ impl ImageStore {
     }
 
     fn ref_path(&self, reference: &str) -> PathBuf {
-        self.root.join("refs").join(format!("{}.json", key_of(&[reference.as_bytes()])))
+        self.root
+            .join("refs")
+            .join(format!("{}.json", key_of(&[reference.as_bytes()])))
     }
 
     /// The image our kernel comes from (pulled images boot it too).
@@ -170,9 +172,10 @@ impl ImageStore {
         if let Ok(dir) = std::fs::read_dir(self.root.join("refs")) {
             for e in dir.flatten() {
                 if e.path().extension().is_some_and(|x| x == "json") {
-                    if let Ok(r) = std::fs::read(e.path()).map_err(anyhow::Error::from).and_then(|b| {
-                        serde_json::from_slice::<RefEntry>(&b).map_err(anyhow::Error::from)
-                    }) {
+                    if let Ok(r) = std::fs::read(e.path())
+                        .map_err(anyhow::Error::from)
+                        .and_then(|b| serde_json::from_slice::<RefEntry>(&b).map_err(anyhow::Error::from))
+                    {
                         out.push(r);
                     }
                 }
@@ -183,7 +186,11 @@ impl ImageStore {
 
     /// A pulled image by reference, as stored (no registry is asked).
     fn pulled(&self, reference: &str) -> Result<Image> {
-        let canonical = crate::oci::normalize(reference).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let canonical = if reference.starts_with('/') {
+            reference.to_string()
+        } else {
+            crate::oci::normalize(reference).map_err(|e| anyhow::anyhow!("{e}"))?
+        };
         let path = self.ref_path(&canonical);
         let raw = std::fs::read(&path).map_err(|_| {
             anyhow::anyhow!("image {canonical:?} is not in the store: run `slicer image pull {reference}`")
@@ -191,6 +198,60 @@ impl ImageStore {
         let entry: RefEntry = serde_json::from_slice(&raw).with_context(|| format!("parsing {}", path.display()))?;
         let img = self.get_stored(&entry.id)?;
         Ok(self.complete(img, &canonical, &self.kernel_image()?))
+    }
+
+    /// A disk image file (raw ext4 or qcow2 without a backing file, e.g. from `slicer disk
+    /// export`) as an image: converted into a raw base in the store, keyed by the file's
+    /// identity (path, inode, size, mtime). It must be one of ours: how it boots is read from
+    /// its `/etc/slicer/image.json` with `debugfs` (no mount).
+    pub fn import_file(&self, path: &Path) -> Result<Image> {
+        use std::os::unix::fs::MetadataExt;
+        anyhow::ensure!(
+            path.is_absolute(),
+            "{}: a disk image is named by an absolute path",
+            path.display()
+        );
+        let name = path.to_string_lossy().into_owned();
+        let meta = std::fs::metadata(path).with_context(|| format!("reading {name}"))?;
+        anyhow::ensure!(meta.is_file(), "{name} is not a file");
+        let id = format!(
+            "file-{}",
+            key_of(&[
+                name.as_bytes(),
+                &meta.ino().to_le_bytes(),
+                &meta.len().to_le_bytes(),
+                &meta.mtime().to_le_bytes(),
+                &meta.mtime_nsec().to_le_bytes(),
+            ])
+        );
+        let kernel = self.kernel_image()?;
+        if let Ok(img) = self.get_stored(&id) {
+            self.set_ref(&name, &id)?;
+            return Ok(self.complete(img, &name, &kernel));
+        }
+        let format = crate::disk::probe(path)?;
+        std::fs::create_dir_all(self.tmp_dir())?;
+        let scratch = tempfile_in(&self.tmp_dir(), "import")?;
+        let out = scratch.path().join("out");
+        std::fs::create_dir(&out)?;
+        let rootfs = out.join("rootfs.ext4");
+        crate::disk::to_raw(path, format, &rootfs)?;
+        let variant = crate::disk::variant_of(&rootfs).with_context(|| format!("{name} is not a slicer disk"))?;
+        let img = Image {
+            name: name.clone(),
+            variant,
+            kernel: kernel.kernel.clone(),
+            vmlinux: kernel.vmlinux.clone(),
+            rootfs: self.oci_dir(&id).join("rootfs.ext4"),
+            kernel_release: kernel.kernel_release.clone(),
+            key: id.clone(),
+            reference: Some(name.clone()),
+            digest: None,
+        };
+        std::fs::write(out.join("image.json"), serde_json::to_vec_pretty(&img)?)?;
+        self.publish_stored(&id, &out)?;
+        self.set_ref(&name, &id)?;
+        Ok(self.complete(img, &name, &kernel))
     }
 
     /// Removes a pulled image's reference, and its files when no other reference names them.
@@ -212,6 +273,7 @@ impl ImageStore {
             std::fs::create_dir_all(self.tmp_dir())?;
             std::fs::rename(&dir, &doomed).with_context(|| format!("removing {}", dir.display()))?;
             std::fs::remove_dir_all(&doomed)?;
+            let _ = std::fs::remove_dir(self.tmp_dir());
         }
         Ok(img)
     }
@@ -251,7 +313,11 @@ impl ImageStore {
                 out.push(img);
             }
         }
-        let mut pulled: Vec<Image> = self.refs().iter().filter_map(|r| self.pulled(&r.reference).ok()).collect();
+        let mut pulled: Vec<Image> = self
+            .refs()
+            .iter()
+            .filter_map(|r| self.pulled(&r.reference).ok())
+            .collect();
         pulled.sort_by(|a, b| a.name.cmp(&b.name));
         out.extend(pulled);
         Ok(out)
@@ -264,6 +330,38 @@ impl ImageStore {
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
+}
+
+/// A private scratch directory, removed when dropped.
+pub(crate) struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent); // only when empty
+        }
+    }
+}
+
+pub(crate) fn tempfile_in(dir: &Path, what: &str) -> Result<Scratch> {
+    use std::os::unix::fs::DirBuilderExt;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let p = dir.join(format!("{what}-{}-{nanos}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&p)
+        .with_context(|| format!("creating {}", p.display()))?;
+    Ok(Scratch(p))
 }
 
 /// Hex sha256 of a list of input parts; 16 hex digits are plenty for a cache key.

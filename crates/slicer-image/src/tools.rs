@@ -12,6 +12,8 @@ pub const KERNEL_TOOLS: &[(&str, &str)] = &[
     ("make", "make"),
     ("gcc", "build-essential"),
     ("flex", "flex"),
+    // also how openssl-sys finds libssl-dev when slicer itself is built
+    ("pkg-config", "pkgconf"),
     ("bison", "bison"),
     ("bc", "bc"),
     ("xz", "xz-utils"),
@@ -25,7 +27,15 @@ pub const ROOTFS_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// What running VMs needs (`slicer up`, `slicer run`, the VM library).
-pub const RUNTIME_TOOLS: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")];
+pub const RUNTIME_TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-img", "qemu-utils"),
+    // pulled images are written with mkfs.ext4 -d; disk files are read with debugfs
+    ("mkfs.ext4", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
+    // the agent is linked against nothing, but the registry client's TLS is the host's OpenSSL
+    ("/usr/lib/x86_64-linux-gnu/libssl.so.3", "libssl3"),
+];
 /// What VM networking needs (isolated and bridge host groups).
 pub const NETWORK_TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("nft", "nftables")];
 /// What the tests and benchmarks run on the host beyond the above.
@@ -33,6 +43,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("date", "coreutils"),
     ("ssh", "openssh-client"),
     ("ssh-keygen", "openssh-client"),
+    // the registry images are pushed to and pulled from in tests/images.rs
+    ("docker-registry", "docker-registry"),
 ];
 
 /// Every list above.

@@ -760,6 +760,33 @@ fn now_unix_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// Who uses the base file `file`: every `disk.qcow2` one level below each of `dirs` (VM
+/// directories, templates, commits) whose backing chain reaches it, named `<dir name>/<entry>`.
+pub fn disk_users(file: &Path, dirs: &[PathBuf]) -> Vec<String> {
+    let Ok(target) = file.canonicalize() else {
+        return Vec::new();
+    };
+    let mut users = Vec::new();
+    for d in dirs {
+        let Ok(entries) = std::fs::read_dir(d) else { continue };
+        for e in entries.flatten() {
+            let disk = e.path().join("disk.qcow2");
+            let Ok(chain) = jail::backing_chain(&disk) else {
+                continue;
+            };
+            if chain.iter().any(|p| p.canonicalize().is_ok_and(|p| p == target)) {
+                let kind = d
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                users.push(format!("{kind}/{}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    users.sort();
+    users
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,9 @@
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
+use slicer_image::oci::{pull, PullOptions};
 use slicer_image::{build_image, BuildOptions, ImageStore, Variant};
 
 #[derive(Subcommand)]
@@ -20,11 +22,41 @@ pub enum ImageCmd {
         #[arg(long)]
         mirror: Option<String>,
     },
-    /// List built images.
-    List {
+    /// Pull an OCI or Docker image (REF: name[:tag] or name@sha256:…; short names are Docker
+    /// Hub's) and turn it into a bootable disk; a digest already in the store is not fetched.
+    Pull {
+        reference: String,
+        /// The registry may be reached over plain HTTP (like `insecure_registry`).
+        #[arg(long)]
+        insecure: bool,
+        /// Docker config.json with credentials (default: $DOCKER_CONFIG or ~/.docker).
+        #[arg(long)]
+        docker_config: Option<PathBuf>,
+        #[arg(long)]
+        agent: Option<PathBuf>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// List images: ours and pulled ones, with how they boot, digests and sizes.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Remove a pulled image (refused while a VM, template or commit uses it).
+    #[command(alias = "rm")]
+    Remove {
+        reference: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
 pub fn run(cmd: ImageCmd) -> Result<()> {
@@ -50,18 +82,98 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             );
             Ok(())
         }
-        ImageCmd::List { data_dir } => {
+        ImageCmd::Pull {
+            reference,
+            insecure,
+            docker_config,
+            agent,
+            data_dir,
+        } => {
             let store = ImageStore::new(&crate::data_dir(data_dir));
-            println!("{:<10} {:<18} {:<18} ROOTFS", "NAME", "KERNEL", "KEY");
-            for img in store.list()? {
+            let mut opts = PullOptions::new(crate::agent_path(agent)?);
+            if insecure {
+                opts.insecure = slicer_image::oci::registry_of(&reference).into_iter().collect();
+            }
+            if docker_config.is_some() {
+                opts.docker_config = docker_config;
+            }
+            opts.progress = true;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let img = rt.block_on(pull(&store, &reference, &opts))?;
+            println!("{} {} {}", img.name, img.digest.as_deref().unwrap_or(""), img.variant);
+            Ok(())
+        }
+        ImageCmd::List { json, data_dir } => {
+            let store = ImageStore::new(&crate::data_dir(data_dir));
+            let images = store.list()?;
+            if json {
+                let v: Vec<_> = images
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "name": i.name,
+                            "init": if i.init().is_some() { "agent" } else { "systemd" },
+                            "variant": i.variant,
+                            "digest": i.digest,
+                            "size_bytes": allocated(&i.rootfs),
+                            "rootfs": i.rootfs,
+                            "kernel_release": i.kernel_release,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let tty = std::io::stdout().is_terminal();
+            println!("{:<48} {:<8} {:<19} {:>9}", "NAME", "INIT", "DIGEST", "SIZE");
+            for i in images {
+                let digest = i
+                    .digest
+                    .as_deref()
+                    .map(|d| d.strip_prefix("sha256:").unwrap_or(d)[..12].to_string())
+                    .unwrap_or_else(|| "-".into());
+                let name = if tty && i.name.len() > 48 {
+                    format!("{}…", &i.name[..47])
+                } else {
+                    i.name.clone()
+                };
                 println!(
-                    "{:<10} {:<18} {:<18} {}",
-                    img.name,
-                    img.kernel_release,
-                    img.key,
-                    img.rootfs.display()
+                    "{:<48} {:<8} {:<19} {:>6} MiB",
+                    name,
+                    if i.init().is_some() { "agent" } else { "systemd" },
+                    digest,
+                    allocated(&i.rootfs) >> 20
                 );
             }
+            Ok(())
+        }
+        ImageCmd::Remove { reference, data_dir } => {
+            let data_dir = crate::data_dir(data_dir);
+            let store = ImageStore::new(&data_dir);
+            anyhow::ensure!(
+                !slicer_image::is_builtin(&reference),
+                "{reference} is one of slicer's own images; they are rebuilt by `slicer image build`, not removed"
+            );
+            let img = store.get(&reference)?;
+            let users = slicer_vmm::disk_users(
+                &img.rootfs,
+                &[
+                    data_dir.join("vms"),
+                    store.root().join("templates"),
+                    data_dir.join("commits"),
+                ],
+            );
+            anyhow::ensure!(
+                users.is_empty(),
+                "{} is in use by {}; delete those VMs (and commits) first — templates go with `slicer image remove` once no VM uses them",
+                img.name,
+                users.join(", ")
+            );
+            let removed = store.remove(&reference)?;
+            println!("removed {}", removed.name);
             Ok(())
         }
     }

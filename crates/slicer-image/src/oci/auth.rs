@@ -45,7 +45,11 @@ fn keys(registry: &str) -> Vec<String> {
         format!("https://{registry}/v2/"),
     ];
     if matches!(registry, "docker.io" | "index.docker.io" | "registry-1.docker.io") {
-        k.extend(["https://index.docker.io/v1/".into(), "docker.io".into(), "index.docker.io".into()]);
+        k.extend([
+            "https://index.docker.io/v1/".into(),
+            "docker.io".into(),
+            "index.docker.io".into(),
+        ]);
     }
     k
 }
@@ -67,7 +71,11 @@ pub fn lookup(path: Option<&Path>, registry: &str) -> Result<RegistryAuth, Strin
         serde_json::from_slice(&raw).map_err(|e| format!("{} is not a docker config file: {e}", path.display()))?;
     let Some(entry) = keys(registry).iter().find_map(|k| cfg.auths.get(k)) else {
         if let Some(store) = &cfg.creds_store {
-            tracing::warn!(registry, store, "credential helpers are not supported; pulling anonymously");
+            tracing::warn!(
+                registry,
+                store,
+                "credential helpers are not supported; pulling anonymously"
+            );
         }
         return Ok(RegistryAuth::Anonymous);
     };
@@ -81,7 +89,8 @@ pub fn lookup(path: Option<&Path>, registry: &str) -> Result<RegistryAuth, Strin
         let dec = base64::engine::general_purpose::STANDARD
             .decode(a.trim())
             .map_err(|_| format!("{}: auths.{registry}.auth is not base64", path.display()))?;
-        let s = String::from_utf8(dec).map_err(|_| format!("{}: auths.{registry}.auth is not UTF-8", path.display()))?;
+        let s =
+            String::from_utf8(dec).map_err(|_| format!("{}: auths.{registry}.auth is not UTF-8", path.display()))?;
         let (u, p) = s
             .split_once(':')
             .ok_or_else(|| format!("{}: auths.{registry}.auth is not user:password", path.display()))?;
@@ -104,10 +113,15 @@ mod tests {
                 "https://index.docker.io/v1/":{"username":"u","password":"p"}}}"#,
         )
         .unwrap();
-        assert!(matches!(lookup(Some(&p), "127.0.0.1:5000").unwrap(), RegistryAuth::Basic(u, pw) if u == "user" && pw == "pass"));
+        assert!(
+            matches!(lookup(Some(&p), "127.0.0.1:5000").unwrap(), RegistryAuth::Basic(u, pw) if u == "user" && pw == "pass")
+        );
         assert!(matches!(lookup(Some(&p), "docker.io").unwrap(), RegistryAuth::Basic(u, _) if u == "u"));
         assert!(matches!(lookup(Some(&p), "other:1").unwrap(), RegistryAuth::Anonymous));
-        assert!(matches!(lookup(Some(&d.path().join("none")), "x").unwrap(), RegistryAuth::Anonymous));
+        assert!(matches!(
+            lookup(Some(&d.path().join("none")), "x").unwrap(),
+            RegistryAuth::Anonymous
+        ));
         std::fs::write(&p, "not json").unwrap();
         assert!(lookup(Some(&p), "x").unwrap_err().contains("not a docker config"));
     }

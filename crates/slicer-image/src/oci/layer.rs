@@ -98,10 +98,7 @@ pub struct Applier {
 impl Applier {
     pub fn new(root: &Path, budget: Budget) -> io::Result<Applier> {
         let f = File::open(root)?;
-        Ok(Applier {
-            root: f.into(),
-            budget,
-        })
+        Ok(Applier { root: f.into(), budget })
     }
 
     /// `openat2(root, path, O_PATH|O_DIRECTORY, RESOLVE_IN_ROOT)`: `path` as seen from inside.
@@ -247,9 +244,12 @@ impl Applier {
                     let Some((tname, tparent)) = tcomps.split_last() else {
                         return Err(err(&raw, "hardlink to the root"));
                     };
-                    let tfd = self
-                        .open_in_root(&join(tparent))
-                        .map_err(|e| err(&raw, format!("hardlink target {}: {e}", String::from_utf8_lossy(&target))))?;
+                    let tfd = self.open_in_root(&join(tparent)).map_err(|e| {
+                        err(
+                            &raw,
+                            format!("hardlink target {}: {e}", String::from_utf8_lossy(&target)),
+                        )
+                    })?;
                     if tparent == parent && tname == name {
                         continue;
                     }
@@ -489,21 +489,25 @@ mod tests {
     fn whiteouts_opaque_links_and_modes() {
         let root = tempfile::tempdir().unwrap();
         let mut a = Applier::new(root.path(), Budget::default()).unwrap();
-        a.apply(&layer(|b| {
-            special(b, "etc/", EntryType::Directory, "");
-            file(b, "etc/gone", b"x", 0o644);
-            special(b, "opt/", EntryType::Directory, "");
-            file(b, "opt/old", b"old", 0o644);
-            file(b, "bin/tool", b"tool", 0o4755);
-        })[..])
+        a.apply(
+            &layer(|b| {
+                special(b, "etc/", EntryType::Directory, "");
+                file(b, "etc/gone", b"x", 0o644);
+                special(b, "opt/", EntryType::Directory, "");
+                file(b, "opt/old", b"old", 0o644);
+                file(b, "bin/tool", b"tool", 0o4755);
+            })[..],
+        )
         .unwrap();
-        a.apply(&layer(|b| {
-            file(b, "etc/.wh.gone", b"", 0o644);
-            file(b, "opt/new", b"new", 0o644);
-            file(b, "opt/.wh..wh..opq", b"", 0o644);
-            special(b, "bin/hard", EntryType::Link, "bin/tool");
-            special(b, "bin/soft", EntryType::Symlink, "tool");
-        })[..])
+        a.apply(
+            &layer(|b| {
+                file(b, "etc/.wh.gone", b"", 0o644);
+                file(b, "opt/new", b"new", 0o644);
+                file(b, "opt/.wh..wh..opq", b"", 0o644);
+                special(b, "bin/hard", EntryType::Link, "bin/tool");
+                special(b, "bin/soft", EntryType::Symlink, "tool");
+            })[..],
+        )
         .unwrap();
         let p = root.path();
         assert!(!p.join("etc/gone").exists());
@@ -523,23 +527,27 @@ mod tests {
         let mut a = Applier::new(root.path(), Budget::default()).unwrap();
         // Symlinks to the outside, then files written through them: they land inside.
         let target = outside.path().to_str().unwrap().to_string();
-        a.apply(&layer(|b| {
-            special(b, "etc/", EntryType::Directory, "");
-            special(b, "escape", EntryType::Symlink, "/etc");
-            file(b, "escape/pwned", b"x", 0o644);
-            special(b, "up", EntryType::Symlink, "../../../../..");
-            file(b, "up/pwned2", b"x", 0o644);
-        })[..])
+        a.apply(
+            &layer(|b| {
+                special(b, "etc/", EntryType::Directory, "");
+                special(b, "escape", EntryType::Symlink, "/etc");
+                file(b, "escape/pwned", b"x", 0o644);
+                special(b, "up", EntryType::Symlink, "../../../../..");
+                file(b, "up/pwned2", b"x", 0o644);
+            })[..],
+        )
         .unwrap();
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
         assert!(root.path().join("etc/pwned").exists());
         assert!(root.path().join("pwned2").exists());
         // Through a symlink whose target is missing inside: refused, nothing written outside.
         let e = a
-            .apply(&layer(|b| {
-                special(b, "dangling", EntryType::Symlink, &target);
-                file(b, "dangling/pwned", b"x", 0o644);
-            })[..])
+            .apply(
+                &layer(|b| {
+                    special(b, "dangling", EntryType::Symlink, &target);
+                    file(b, "dangling/pwned", b"x", 0o644);
+                })[..],
+            )
             .unwrap_err();
         assert!(e.to_string().contains("dangling"), "{e}");
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
@@ -547,7 +555,7 @@ mod tests {
         let e = a.apply(&layer(|b| file_raw(b, "../x"))[..]).unwrap_err();
         assert!(e.to_string().contains(".."), "{e}");
         std::fs::write(outside.path().join("secret"), b"s").unwrap();
-        a.apply(&layer(|b| special(b, "steal", EntryType::Link, &format!("escape/secret")))[..])
+        a.apply(&layer(|b| special(b, "steal", EntryType::Link, "escape/secret"))[..])
             .unwrap_err();
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
     }
@@ -564,16 +572,32 @@ mod tests {
     #[test]
     fn budget_bounds_sizes_and_counts() {
         let root = tempfile::tempdir().unwrap();
-        let mut a = Applier::new(root.path(), Budget { bytes: 10, entries: 100 }).unwrap();
+        let mut a = Applier::new(
+            root.path(),
+            Budget {
+                bytes: 10,
+                entries: 100,
+            },
+        )
+        .unwrap();
         let e = a.apply(&layer(|b| file(b, "big", &[0u8; 64], 0o644))[..]).unwrap_err();
         assert!(e.to_string().contains("size limit"), "{e}");
-        let mut a = Applier::new(root.path(), Budget { bytes: 1 << 20, entries: 2 }).unwrap();
+        let mut a = Applier::new(
+            root.path(),
+            Budget {
+                bytes: 1 << 20,
+                entries: 2,
+            },
+        )
+        .unwrap();
         let e = a
-            .apply(&layer(|b| {
-                for i in 0..3 {
-                    file(b, &format!("f{i}"), b"", 0o644);
-                }
-            })[..])
+            .apply(
+                &layer(|b| {
+                    for i in 0..3 {
+                        file(b, &format!("f{i}"), b"", 0o644);
+                    }
+                })[..],
+            )
             .unwrap_err();
         assert!(e.to_string().contains("too many"), "{e}");
     }

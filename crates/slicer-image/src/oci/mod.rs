@@ -176,15 +176,13 @@ fn classify(reference: &Reference, opts: &PullOptions, e: OciDistributionError) 
                 }
             }
         }
-        OciDistributionError::ServerError { code, .. } if code == 404 => PullError::NotFound {
+        OciDistributionError::ServerError { code: 404, .. } => PullError::NotFound {
             reference: r,
             message: msg,
         },
-        OciDistributionError::ServerError { code, .. } if code == 401 || code == 403 => classify(
-            reference,
-            opts,
-            OciDistributionError::AuthenticationFailure(msg),
-        ),
+        OciDistributionError::ServerError { code, .. } if code == 401 || code == 403 => {
+            classify(reference, opts, OciDistributionError::AuthenticationFailure(msg))
+        }
         _ => PullError::Registry {
             reference: r,
             message: msg,
@@ -237,11 +235,7 @@ impl Scratch {
         let tmp = store.tmp_dir();
         std::fs::create_dir_all(&tmp)?;
         sweep(&tmp);
-        let dir = tmp.join(format!(
-            "pull-{}-{}",
-            std::process::id(),
-            hex::encode(rand_bytes())
-        ));
+        let dir = tmp.join(format!("pull-{}-{}", std::process::id(), hex::encode(rand_bytes())));
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         Ok(Scratch { dir })
     }
@@ -250,6 +244,9 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent); // only when empty
+        }
     }
 }
 
@@ -286,7 +283,9 @@ struct Bounded<W> {
 impl<W: AsyncWrite + Unpin> AsyncWrite for Bounded<W> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         if buf.len() as u64 > self.left {
-            return Poll::Ready(Err(std::io::Error::other("the blob is larger than its descriptor says")));
+            return Poll::Ready(Err(std::io::Error::other(
+                "the blob is larger than its descriptor says",
+            )));
         }
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
@@ -310,16 +309,13 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Bounded<W> {
 pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Result<Image, PullError> {
     let r = parse(reference)?;
     let name = r.whole();
-    let base = store
-        .kernel_image()
-        .map_err(|e| PullError::Store(format!("{e:#}")))?;
+    let base = store.kernel_image().map_err(|e| PullError::Store(format!("{e:#}")))?;
     let agent_hash = file_sha256(&opts.agent).map_err(|e| PullError::Store(format!("the agent: {e:#}")))?;
-    let creds = auth::lookup(opts.docker_config.as_deref(), r.resolve_registry()).map_err(|message| {
-        PullError::Registry {
+    let creds =
+        auth::lookup(opts.docker_config.as_deref(), r.resolve_registry()).map_err(|message| PullError::Registry {
             reference: name.clone(),
             message,
-        }
-    })?;
+        })?;
     let client = client(opts);
     let (manifest, digest) = client
         .pull_image_manifest(&r, &creds)
@@ -364,7 +360,11 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
     let multi = (opts.progress && std::io::stderr().is_terminal()).then(indicatif::MultiProgress::new);
     let total: i64 = manifest.layers.iter().map(|l| l.size).sum();
     if opts.progress && multi.is_none() {
-        eprintln!("==> pulling {name} ({} layers, {} MiB)", manifest.layers.len(), total >> 20);
+        eprintln!(
+            "==> pulling {name} ({} layers, {} MiB)",
+            manifest.layers.len(),
+            total >> 20
+        );
     }
     tracing::info!(reference = %name, %digest, layers = manifest.layers.len(), bytes = total, "pulling image");
     let started = std::time::Instant::now();
@@ -385,7 +385,12 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                     .progress_chars("=> "),
             );
-            b.set_prefix(format!("layer {}/{} {}", i + 1, manifest.layers.len(), short(&l.digest)));
+            b.set_prefix(format!(
+                "layer {}/{} {}",
+                i + 1,
+                manifest.layers.len(),
+                short(&l.digest)
+            ));
             b
         });
         let mut out = Bounded {
@@ -405,7 +410,13 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
         if let Some(b) = &bar {
             b.finish();
         } else if opts.progress {
-            eprintln!("    layer {}/{} {} ({} KiB)", i + 1, manifest.layers.len(), short(&l.digest), l.size >> 10);
+            eprintln!(
+                "    layer {}/{} {} ({} KiB)",
+                i + 1,
+                manifest.layers.len(),
+                short(&l.digest),
+                l.size >> 10
+            );
         }
         let path = blob.clone();
         let (a, res) = tokio::task::spawn_blocking(move || {

@@ -72,14 +72,21 @@ pub fn slicer(dir: &Path, args: &[&str], url: &str) -> std::process::Output {
 
 /// Starts `slicer up ./<config>` in `dir` (data in `dir/data`) and waits for /healthz.
 pub async fn up(dir: &Path, config: &str, port: u16) -> (Daemon, String) {
-    let child = Command::new(SLICER)
-        .args(["up", config, "--data-dir"])
+    up_with(dir, config, port, &[]).await
+}
+
+/// As [`up`], with extra environment (e.g. another `SLICER_IMAGES_DIR`).
+pub async fn up_with(dir: &Path, config: &str, port: u16, env: &[(&str, &str)]) -> (Daemon, String) {
+    let mut cmd = Command::new(SLICER);
+    cmd.args(["up", config, "--data-dir"])
         .arg(dir.join("data"))
         .current_dir(dir)
         .env("SLICER_IMAGES_DIR", images_dir())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
     let daemon = Daemon(child);
     let url = format!("http://127.0.0.1:{port}");
     wait_healthy(&url).await;
