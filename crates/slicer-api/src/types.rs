@@ -136,6 +136,12 @@ pub struct VmDescription {
     /// template snapshot), `resume` (from its suspended state) or `adopted` (slicer extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_mode: Option<String>,
+    /// The last commit made of this VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_id: Option<String>,
+    /// The commit this VM was forked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_commit_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -461,4 +467,102 @@ mod tests {
         .unwrap();
         assert_eq!(v["disk_removed"], "true");
     }
+}
+
+/// `POST /vm/{h}/commit` (all optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CommitRequest {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_key: Option<String>,
+}
+
+/// The answer to a commit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommitResponse {
+    pub hostname: String,
+    pub commit_id: String,
+    /// `committed`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_status: Option<String>,
+    /// `disk`.
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_key: Option<String>,
+}
+
+/// One commit in `GET /vm/commits`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommitInfo {
+    pub commit_id: String,
+    pub source_hostname: String,
+    pub source_host_group: String,
+    pub created_at: String,
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_key: Option<String>,
+}
+
+/// `DELETE /vm/commits/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommitDeleted {
+    pub commit_id: String,
+    /// `deleted`.
+    pub status: String,
+}
+
+/// `POST /vm/commits/{id}/fork` (all optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ForkRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkOverride>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// `append` (default: the commit's tags, then these) or `replace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<bool>,
+    /// `hostname`, `machine-id`, `ssh-host-keys`; absent: all of them; `[]`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixups: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_bytes: Option<u64>,
+}
+
+/// The answer to a fork.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ForkResponse {
+    pub hostname: String,
+    pub source_hostname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_id: Option<String>,
+    /// `forked`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_status: Option<String>,
+    /// `running` (the agent answers) or `starting` (`wait=none`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_status: Option<String>,
+    pub mode: String,
+    pub persistent: bool,
+    /// Address with prefix; empty without a network.
+    #[serde(default)]
+    pub ip: String,
 }

@@ -20,6 +20,9 @@ use crate::config::{human_bytes, Capacity, Group, Settings};
 use crate::error::ApiErr;
 use crate::state::{Db, VmRecord};
 
+mod commits;
+pub use commits::{valid_commit_id, CommitFilter};
+
 /// Longest a VM may take to answer its first health check.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// Longest a VM restored from a template may take to answer before it is booted cold instead.
@@ -100,6 +103,12 @@ pub struct Manager {
     pending_ssh_keys: Mutex<HashMap<String, Vec<String>>>,
     /// Set by [`Manager::shutdown_all`]: no VM starts any more.
     closing: AtomicBool,
+    /// Where commits keep their disks: `<data_dir>/commits/<id>/disk.qcow2`.
+    commits_dir: PathBuf,
+    /// Forks whose first boot gives them a new machine id.
+    fresh_ids: Mutex<HashSet<String>>,
+    /// One commit change at a time (see `commits`).
+    commit_lock: tokio::sync::Mutex<()>,
 }
 
 /// The answer to a create (or relaunch) of `rec`.
@@ -330,6 +339,9 @@ impl Manager {
             claims: AtomicU64::new(0),
             pending_ssh_keys: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
+            commits_dir: data_dir.join("commits"),
+            fresh_ids: Mutex::new(HashSet::new()),
+            commit_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -717,6 +729,29 @@ impl Manager {
         })
     }
 
+    /// A per-VM network override: only in isolated groups, every entry parsed.
+    fn check_override(&self, g: &Group, n: &slicer_api::NetworkOverride) -> Result<(), ApiErr> {
+        if g.network_mode != "isolated" {
+            return Err(ApiErr::bad_request(format!(
+                "network: per-VM allow/drop lists need an isolated host group; {} is in {} mode",
+                g.name, g.network_mode
+            )));
+        }
+        for (field, list) in [("allow", &n.allow), ("drop", &n.drop)] {
+            if list.as_ref().is_some_and(|l| l.len() > 256) {
+                return Err(ApiErr::bad_request(format!("network.{field}: at most 256 entries")));
+            }
+            for e in list.iter().flatten() {
+                if slicer_net::policy::parse_entry(e).is_none() {
+                    return Err(ApiErr::bad_request(format!(
+                        "network.{field}: {e:?} is not a CIDR, an address or address:port"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `POST /hostgroup/{g}/nodes`.
     pub async fn create(
         self: &Arc<Self>,
@@ -728,21 +763,7 @@ impl Manager {
         let g = self.group(group)?.clone();
         let mut rec = self.new_record(&g, &req)?;
         if let Some(n) = &req.network {
-            if g.network_mode != "isolated" {
-                return Err(ApiErr::bad_request(format!(
-                    "network: per-VM allow/drop lists need an isolated host group; {} is in {} mode",
-                    g.name, g.network_mode
-                )));
-            }
-            for (field, list) in [("allow", &n.allow), ("drop", &n.drop)] {
-                for e in list.iter().flatten() {
-                    if slicer_net::policy::parse_entry(e).is_none() {
-                        return Err(ApiErr::bad_request(format!(
-                            "network.{field}: {e:?} is not a CIDR, an address or address:port"
-                        )));
-                    }
-                }
-            }
+            self.check_override(&g, n)?;
             rec.net_allow = n.allow.clone();
             rec.net_drop = n.drop.clone();
         }
@@ -765,7 +786,7 @@ impl Manager {
         }
         let me = self.clone();
         let (rec, running) =
-            detached(async move { me.record_and_launch(rec, req.secrets, req.ssh_keys).await }).await?;
+            detached(async move { me.record_and_launch(rec, req.secrets, req.ssh_keys, None).await }).await?;
         if let Some(w) = wait {
             let waited = tokio::time::timeout(timeout, self.wait_for(&running, w)).await;
             let failure = match waited {
@@ -807,6 +828,7 @@ impl Manager {
         mut rec: VmRecord,
         secrets: Option<Vec<String>>,
         ssh_keys: Vec<String>,
+        fork: Option<commits::ForkFrom>,
     ) -> Result<(VmRecord, Arc<Running>), ApiErr> {
         let claim = format!("#new-{}", self.claims.fetch_add(1, Ordering::Relaxed));
         self.reserve(&claim, &rec)?;
@@ -846,7 +868,11 @@ impl Manager {
         if !ssh_keys.is_empty() {
             self.pending_keys().insert(hostname.clone(), ssh_keys);
         }
-        let launched = match scoped {
+        let prepared = match (scoped, &fork) {
+            (Ok(()), Some(f)) => self.prepare_fork(&rec, f).await,
+            (r, _) => r,
+        };
+        let launched = match prepared {
             Ok(()) => self.launch(&rec).await.map_err(ApiErr::internal),
             Err(e) => Err(e),
         };
@@ -959,6 +985,11 @@ impl Manager {
     async fn launch(self: &Arc<Self>, rec: &VmRecord) -> anyhow::Result<Arc<Running>> {
         anyhow::ensure!(!self.closing.load(Ordering::SeqCst), "the daemon is stopping");
         let mut spec = self.spec(rec);
+        spec.new_identity = self
+            .fresh_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rec.hostname);
         let (net, vmnet) = match self.setup_net(rec).await? {
             Some((h, n)) => (Some(h), Some(n)),
             None => (None, None),

@@ -70,6 +70,24 @@ CREATE TABLE IF NOT EXISTS secret_scopes (
     hostname TEXT PRIMARY KEY REFERENCES vms(hostname) ON DELETE CASCADE,
     names TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS commits (
+    commit_id TEXT PRIMARY KEY,
+    source_hostname TEXT NOT NULL,
+    source_host_group TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    cache_key TEXT,
+    tags TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    image TEXT NOT NULL,
+    storage_size INTEGER,
+    base_commit TEXT
+);
+CREATE INDEX IF NOT EXISTS commits_by_key ON commits(cache_key);
+CREATE TABLE IF NOT EXISTS lineage (
+    hostname TEXT PRIMARY KEY REFERENCES vms(hostname) ON DELETE CASCADE,
+    commit_id TEXT,
+    parent_commit_id TEXT
+);
 CREATE TABLE IF NOT EXISTS allocations (
     host_group TEXT PRIMARY KEY,
     next INTEGER NOT NULL
@@ -107,7 +125,123 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
 const COLUMNS: &str = "hostname, host_group, cpus, ram_bytes, persistent, protected, status, created_at, ip, pid, \
                        image, storage_size, userdata, userdata_ran, userdata_exit_code, net_allow, net_drop, pid_start";
 
+/// A commit: a stopped VM's disk, frozen, for forks to start from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommitRecord {
+    pub commit_id: String,
+    pub source_hostname: String,
+    pub source_host_group: String,
+    pub created_at: String,
+    pub cache_key: Option<String>,
+    pub tags: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub image: String,
+    pub storage_size: Option<u64>,
+    /// The commit whose disk this one's sits on (a commit of a fork, or a second commit).
+    pub base_commit: Option<String>,
+}
+
+const COMMIT_COLUMNS: &str =
+    "commit_id, source_hostname, source_host_group, created_at, cache_key, tags, labels, image, storage_size, base_commit";
+
+fn row_to_commit(r: &rusqlite::Row<'_>) -> rusqlite::Result<CommitRecord> {
+    Ok(CommitRecord {
+        commit_id: r.get(0)?,
+        source_hostname: r.get(1)?,
+        source_host_group: r.get(2)?,
+        created_at: r.get(3)?,
+        cache_key: r.get(4)?,
+        tags: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default(),
+        labels: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
+        image: r.get(7)?,
+        storage_size: r.get::<_, Option<i64>>(8)?.map(|v| v as u64),
+        base_commit: r.get(9)?,
+    })
+}
+
 impl Db {
+    pub fn add_commit(&self, c: &CommitRecord) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            &format!("INSERT INTO commits ({COMMIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+            params![
+                c.commit_id,
+                c.source_hostname,
+                c.source_host_group,
+                c.created_at,
+                c.cache_key,
+                serde_json::to_string(&c.tags)?,
+                serde_json::to_string(&c.labels)?,
+                c.image,
+                c.storage_size.map(|v| v as i64),
+                c.base_commit
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn commit(&self, id: &str) -> Result<Option<CommitRecord>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                &format!("SELECT {COMMIT_COLUMNS} FROM commits WHERE commit_id = ?1"),
+                params![id],
+                row_to_commit,
+            )
+            .optional()?)
+    }
+
+    pub fn commits(&self) -> Result<Vec<CommitRecord>> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {COMMIT_COLUMNS} FROM commits ORDER BY created_at, commit_id"
+        ))?;
+        let rows = st.query_map([], row_to_commit)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn delete_commit(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM commits WHERE commit_id = ?1", params![id])?
+            > 0)
+    }
+
+    /// (last commit made of the VM, commit it was forked from).
+    pub fn lineage(&self, hostname: &str) -> Result<(Option<String>, Option<String>)> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT commit_id, parent_commit_id FROM lineage WHERE hostname = ?1",
+                params![hostname],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .unwrap_or((None, None)))
+    }
+
+    pub fn set_lineage(&self, hostname: &str, commit: Option<&str>, parent: Option<&str>) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO lineage (hostname, commit_id, parent_commit_id) VALUES (?1, ?2, ?3)
+             ON CONFLICT(hostname) DO UPDATE SET commit_id = excluded.commit_id, parent_commit_id = excluded.parent_commit_id",
+            params![hostname, commit, parent],
+        )?;
+        Ok(())
+    }
+
+    /// VMs whose disk sits on commit `id` (its source after the commit, and its forks).
+    pub fn commit_dependents(&self, id: &str) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(
+            "SELECT hostname FROM lineage WHERE commit_id = ?1 OR parent_commit_id = ?1
+             UNION SELECT 'commit ' || commit_id FROM commits WHERE base_commit = ?1 ORDER BY 1",
+        )?;
+        let rows = st
+            .query_map(params![id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
     pub fn open(path: &Path) -> Result<Db> {
         let conn = Connection::open(path).with_context(|| format!("opening state database {}", path.display()))?;
         conn.execute_batch(SCHEMA).context("creating the state schema")?;

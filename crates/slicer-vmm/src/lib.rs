@@ -148,6 +148,8 @@ pub struct VmSpec {
     pub dns: Vec<String>,
     /// Keep the disk when the VM stops, and boot from an existing disk if there is one.
     pub persistent: bool,
+    /// Give an existing disk a new machine id on this boot (a fork's first boot).
+    pub new_identity: bool,
     /// Extra kernel arguments.
     pub cmdline: Vec<String>,
     /// A NIC: the TAP (set up by the caller) and the guest's `ip=` kernel argument.
@@ -165,6 +167,7 @@ impl VmSpec {
             disk_size: None,
             dns: Vec::new(),
             persistent: false,
+            new_identity: false,
             cmdline: Vec::new(),
             net: None,
             boot_timeout: Duration::from_secs(60),
@@ -340,7 +343,7 @@ impl Vm {
             cmdline.push(format!("init={init}"));
         }
         cmdline.push(format!("slicer.hostname={}", spec.name));
-        if !reuse {
+        if !reuse || spec.new_identity {
             // A first boot gets a machine id of its own; later boots keep the one on disk.
             cmdline.push(format!("systemd.machine_id={}", new_machine_id()));
         }

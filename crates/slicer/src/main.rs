@@ -32,10 +32,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "service",
         "run `slicer up ./slicer.yaml` under your own systemd unit; `service generate` is not available",
     ),
-    (
-        "disk",
-        "disk export/archive/transfer are not available; copy files with `slicer vm cp`",
-    ),
     ("pci", "PCI passthrough is not available on this host"),
     ("ca", "CA issuance is not available; install certificates with userdata"),
     ("proxy", "slicer-proxy is not available"),
@@ -60,6 +56,16 @@ const SHORTCUTS: &[&str] = &["cp", "shell", "bg", "logs", "relaunch"];
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum DiskCmd {
+    /// Write a stopped VM's disk as a standalone qcow2 file, usable as a host group's `image:`.
+    Export {
+        name: String,
+        #[arg(long, short)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -88,6 +94,13 @@ enum Cmd {
         conn: vm::Conn,
         #[command(subcommand)]
         cmd: guest::SecretCmd,
+    },
+    /// VM disks: `slicer disk export NAME --output FILE`.
+    Disk {
+        #[command(flatten)]
+        conn: vm::Conn,
+        #[command(subcommand)]
+        cmd: DiskCmd,
     },
     /// Boot a throwaway sandbox, run one command in it, print its output and delete it.
     Run(run::RunArgs),
@@ -119,6 +132,18 @@ fn main() {
         eprintln!("error: `slicer {cmd}` is not available here: {why}");
         std::process::exit(2);
     }
+    if args.get(1).and_then(|a| a.to_str()) == Some("disk")
+        && args
+            .get(2)
+            .and_then(|a| a.to_str())
+            .is_some_and(|a| matches!(a, "list" | "archive" | "sparsify" | "transfer"))
+    {
+        eprintln!(
+            "error: `slicer disk {}` is not available here: only `slicer disk export NAME --output FILE` is",
+            args[2].to_string_lossy()
+        );
+        std::process::exit(2);
+    }
     if args
         .get(1)
         .and_then(|a| a.to_str())
@@ -134,6 +159,10 @@ fn main() {
         Cmd::Up(args) => up::run(args),
         Cmd::Vm { conn, cmd } => vm::run(cmd, conn),
         Cmd::Secret { conn, cmd } => vm::run_secret(cmd, conn),
+        Cmd::Disk {
+            conn,
+            cmd: DiskCmd::Export { name, output },
+        } => vm::run(vm::VmCmd::ExportDisk { name, output }, conn),
         Cmd::Version => {
             println!("slicer {}", env!("CARGO_PKG_VERSION"));
             Ok(())

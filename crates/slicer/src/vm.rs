@@ -105,6 +105,21 @@ pub fn ssh_key_arg(k: &str) -> Result<String> {
 }
 
 #[derive(Subcommand)]
+pub enum CommitCmd {
+    /// Commits, newest last.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        cache_key: Option<String>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Delete a commit (refused while VMs or commits sit on it).
+    #[command(alias = "rm")]
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
 pub enum VmCmd {
     /// List VMs.
     #[command(alias = "ls", alias = "l")]
@@ -250,6 +265,46 @@ pub enum VmCmd {
     },
     /// Boot a stopped persistent VM again from its disk.
     Relaunch { name: String },
+    /// Commit a stopped persistent VM's disk under a new id (`commit list`, `commit delete ID`).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Commit {
+        #[command(subcommand)]
+        sub: Option<CommitCmd>,
+        /// The VM to commit.
+        #[arg(required = true)]
+        name: Option<String>,
+        /// Cache key: one source VM's commits; find them with `commit list --cache-key`.
+        #[arg(long)]
+        cache_key: Option<String>,
+        /// Tag of the commit (repeat).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Fork a commit into a new persistent VM of its host group (named by the allocator).
+    Fork {
+        commit: String,
+        /// Tag of the new VM, after the commit's (repeat).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// The new VM's name (a name= tag).
+        #[arg(long)]
+        name: Option<String>,
+        /// Return once the agent answers (default); --wait=false returns at once.
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+        wait: bool,
+        /// Allow egress to this CIDR or address[:port] (isolated groups; repeat).
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Clear the allow list the fork would inherit.
+        #[arg(long)]
+        no_allow: bool,
+        /// Drop egress to this CIDR (isolated groups; repeat).
+        #[arg(long)]
+        drop: Vec<String>,
+    },
+    /// Write a stopped VM's disk as a standalone qcow2 image (`slicer disk export`).
+    #[command(hide = true)]
+    ExportDisk { name: String, output: PathBuf },
     /// Background execs: start, list, logs, kill, wait, rm.
     Bg {
         #[command(subcommand)]
@@ -432,6 +487,12 @@ impl VmCmd {
             | VmCmd::Shell { name, .. }
             | VmCmd::Forward { name, .. } => Some(name),
             VmCmd::Bg { cmd } => Some(cmd.vm_arg()),
+            VmCmd::Commit {
+                sub: None,
+                name: Some(name),
+                ..
+            } => Some(name),
+            VmCmd::ExportDisk { name, .. } => Some(name),
             VmCmd::Top { name: Some(name) } => Some(name),
             _ => None,
         }
@@ -656,6 +717,139 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
         VmCmd::Restore { name, wait, timeout } => {
             let q = query(&[("wait", wait.unwrap_or_default()), ("timeout", timeout)]);
             power(&c, &format!("/vm/{name}/restore?{q}")).await?;
+        }
+        VmCmd::Commit {
+            sub: Some(CommitCmd::List { cache_key, tags }),
+            ..
+        } => {
+            let mut q: Vec<(&str, String)> = tags.into_iter().map(|t| ("tag", t)).collect();
+            if let Some(k) = cache_key {
+                q.push(("cache_key", k));
+            }
+            let list: Vec<slicer_api::CommitInfo> =
+                c.json(Method::GET, &format!("/vm/commits?{}", query(&q)), None).await?;
+            if conn.json {
+                print_json(&list)?;
+            } else {
+                println!(
+                    "{:<22} {:<20} {:<24} {:<16} TAGS",
+                    "COMMIT", "SOURCE", "CREATED", "CACHE KEY"
+                );
+                for i in list {
+                    println!(
+                        "{:<22} {:<20} {:<24} {:<16} {}",
+                        i.commit_id,
+                        i.source_hostname,
+                        i.created_at,
+                        i.cache_key.as_deref().unwrap_or("-"),
+                        i.tags.join(",")
+                    );
+                }
+            }
+        }
+        VmCmd::Commit {
+            sub: Some(CommitCmd::Delete { id }),
+            ..
+        } => {
+            if id.is_empty() || id.contains(['/', '\\', '?', '#', '%', '\0']) || id.contains("..") {
+                bail!("{id:?} is not a commit id (see `slicer vm commit list`)");
+            }
+            let r: slicer_api::CommitDeleted = c.json(Method::DELETE, &format!("/vm/commits/{id}"), None).await?;
+            if conn.json {
+                print_json(&r)?;
+            } else {
+                println!("commit {} deleted", r.commit_id);
+            }
+        }
+        VmCmd::Commit {
+            name, cache_key, tags, ..
+        } => {
+            let name = name.context("which VM? slicer vm commit NAME")?;
+            let body = serde_json::to_value(slicer_api::CommitRequest {
+                tags,
+                labels: Default::default(),
+                cache_key,
+            })?;
+            let r: slicer_api::CommitResponse =
+                c.json(Method::POST, &format!("/vm/{name}/commit"), Some(&body)).await?;
+            if conn.json {
+                print_json(&r)?;
+            } else {
+                println!("commit_id={}", r.commit_id);
+            }
+        }
+        VmCmd::Fork {
+            commit,
+            mut tags,
+            name,
+            wait,
+            allow,
+            no_allow,
+            drop,
+        } => {
+            if commit.is_empty() || commit.contains(['/', '\\', '?', '#', '%', '\0']) || commit.contains("..") {
+                bail!("{commit:?} is not a commit id (see `slicer vm commit list`)");
+            }
+            if let Some(n) = name {
+                tags.push(format!("name={n}"));
+            }
+            let network = (!allow.is_empty() || no_allow || !drop.is_empty()).then(|| slicer_api::NetworkOverride {
+                allow: (!allow.is_empty() || no_allow).then_some(allow),
+                drop: (!drop.is_empty()).then_some(drop),
+            });
+            let body = serde_json::to_value(slicer_api::ForkRequest {
+                tags,
+                network,
+                ..Default::default()
+            })?;
+            let wait = if wait { "agent" } else { "none" };
+            let r: slicer_api::ForkResponse = c
+                .json(
+                    Method::POST,
+                    &format!("/vm/commits/{commit}/fork?wait={wait}"),
+                    Some(&body),
+                )
+                .await?;
+            if conn.json {
+                print_json(&r)?;
+            } else {
+                println!("{}", r.hostname);
+            }
+        }
+        VmCmd::ExportDisk { name, output } => {
+            use http_body_util::BodyExt;
+            use tokio::io::AsyncWriteExt;
+            let resp = c.call(Method::GET, &format!("/vm/{name}/disk"), None, empty()).await?;
+            let tmp = output.with_extension(format!("part{}", std::process::id()));
+            let mut f = tokio::fs::File::create(&tmp)
+                .await
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            let mut body = resp.into_body();
+            let mut n = 0u64;
+            let written: Result<()> = async {
+                while let Some(frame) = body.frame().await {
+                    if let Ok(data) = frame?.into_data() {
+                        n += data.len() as u64;
+                        f.write_all(&data).await?;
+                    }
+                }
+                f.flush().await?;
+                f.sync_all().await?;
+                Ok(())
+            }
+            .await;
+            if let Err(e) = written {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e.context(format!("exporting the disk of {name}")));
+            }
+            tokio::fs::rename(&tmp, &output)
+                .await
+                .with_context(|| format!("writing {}", output.display()))?;
+            if !conn.json {
+                println!("{} ({} MiB, qcow2)", output.display(), n >> 20);
+            } else {
+                print_json(&serde_json::json!({"hostname": name, "output": output, "bytes": n, "format": "qcow2"}))?;
+            }
         }
         VmCmd::Relaunch { name } => {
             let r: slicer_api::CreateNodeResponse = c.json(Method::POST, &format!("/vm/{name}/relaunch"), None).await?;

@@ -1,6 +1,7 @@
 //! The REST API (routes, status codes and JSON shapes of SlicerVM's API).
 
 mod bg;
+mod commits;
 mod cp;
 mod exec;
 mod fs;
@@ -37,6 +38,11 @@ pub type Shared = Arc<AppState>;
 
 /// Every route: (method, path). docs/openapi.yaml is checked against this list by a test.
 pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/vm/{hostname}/commit"),
+    ("GET", "/vm/commits"),
+    ("DELETE", "/vm/commits/{id}"),
+    ("POST", "/vm/commits/{id}/fork"),
+    ("GET", "/vm/{hostname}/disk"),
     ("GET", "/healthz"),
     ("HEAD", "/healthz"),
     ("GET", "/info"),
@@ -96,6 +102,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const UNTIMED: &[(&str, &str)] = &[
     ("POST", "/hostgroup/{group}/nodes"),
     ("POST", "/vm/{hostname}/restore"),
+    ("POST", "/vm/commits/{id}/fork"),
+    ("GET", "/vm/{hostname}/disk"),
     ("POST", "/vm/{hostname}/exec"),
     ("POST", "/vm/{hostname}/cp"),
     ("GET", "/vm/{hostname}/cp"),
@@ -139,6 +147,11 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/nodes/stats", get(stats::all))
         .route("/node/{hostname}/stats", get(stats::one))
+        .route("/vm/{hostname}/commit", post(commits::commit))
+        .route("/vm/{hostname}/disk", get(commits::export_disk))
+        .route("/vm/commits", get(commits::list))
+        .route("/vm/commits/{id}", axum::routing::delete(commits::delete))
+        .route("/vm/commits/{id}/fork", post(commits::fork))
         .route("/vm/{hostname}/suspend", post(suspend))
         .route("/vm/{hostname}/restore", post(restore))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
@@ -364,12 +377,15 @@ async fn describe(State(st): State<Shared>, Path(hostname): Path<String>) -> Res
     };
     let (allow, drop) = st.manager.effective_policy(&rec);
     let overridden = rec.net_allow.is_some() || rec.net_drop.is_some();
+    let lineage = st.manager.db.lineage(&rec.hostname).map_err(ApiErr::internal)?;
     Ok(Json(VmDescription {
         node: st.manager.node(&rec),
         storage: "image".into(),
         storage_size: rec.storage_size.unwrap_or(0),
         image: rec.image.clone(),
         start_mode: st.manager.start_mode(&hostname).map(str::to_string),
+        commit_id: lineage.0,
+        parent_commit_id: lineage.1,
         network: NetworkInfo {
             mode: g.map(|g| g.network_mode.clone()).unwrap_or_default(),
             policy_source: if overridden { "override" } else { "host_group" }.into(),
@@ -561,7 +577,7 @@ pub fn receiver_stream<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl future
 }
 
 /// The `timeout` query parameter (a Go duration; 5 minutes when absent).
-fn query_timeout(pairs: &[(String, String)]) -> Result<Duration, ApiErr> {
+pub(crate) fn query_timeout(pairs: &[(String, String)]) -> Result<Duration, ApiErr> {
     match query_one(pairs, "timeout") {
         None | Some("") => Ok(Duration::from_secs(300)),
         Some(t) => parse_go_duration(t)
