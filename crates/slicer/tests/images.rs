@@ -317,6 +317,10 @@ async fn pulled_images_boot_with_their_layers_and_systemd() {
             .await
             .unwrap();
         let vm = v["hostname"].as_str().unwrap().to_string();
+        let desc: serde_json::Value = api.json(Method::GET, &format!("/vm/{vm}"), None).await.unwrap();
+        if group == "plain" {
+            assert_eq!(desc["start_mode"], "template", "pulled images start warm too: {desc}");
+        }
         let out = exec(
             dir,
             &url,
@@ -469,4 +473,35 @@ async fn bad_pulls_fail_clearly_and_change_nothing() {
 fn base64_encode(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// SlicerVM's own image names map to ours when their registry cannot be reached (here: a
+/// loopback port nobody listens on), so their configs run unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slicer_image_names_fall_back_to_ours() {
+    let tmp = tempfile::Builder::new().prefix("slicer-images-fb-").tempdir().unwrap();
+    let dir = tmp.path();
+    let port = free_port();
+    let image = format!(
+        "127.0.0.1:{}/openfaasltd/slicer-systemd-min:6.1.90-x86_64-latest",
+        free_port()
+    );
+    let config = format!(
+        "config:\n  image: {image}\n  insecure_registry: true\n  host_groups:\n  - name: fb\n    count: 0\n    vcpu: 1\n    ram_gb: 1\n    warm_start: false\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+    );
+    std::fs::write(dir.join("c.yaml"), config).unwrap();
+    let (_daemon, url) = up(dir, "c.yaml", port).await;
+    let api = client(dir, &url);
+    let v: serde_json::Value = api
+        .json(
+            Method::POST,
+            "/hostgroup/fb/nodes?wait=agent",
+            Some(&serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    let vm = v["hostname"].as_str().unwrap();
+    let desc: serde_json::Value = api.json(Method::GET, &format!("/vm/{vm}"), None).await.unwrap();
+    assert_eq!(desc["image"], "min", "{desc}");
+    assert_eq!(exec(dir, &url, vm, "cat /proc/1/comm"), "slicer-agent\n");
 }

@@ -37,6 +37,12 @@ pub struct CommitFilter {
 
 const FIXUPS: &[&str] = &["hostname", "machine-id", "ssh-host-keys"];
 
+/// Most disks a VM's backing chain may hold below its overlay (each commit adds one; the jail
+/// reads at most 16 and QEMU slows down with every level).
+pub const MAX_CHAIN: usize = 10;
+/// Most commits a daemon keeps (each holds a disk).
+pub const MAX_COMMITS: usize = 1024;
+
 /// Commit ids are ours (hex), but a path segment from a client is checked before any use.
 pub fn valid_commit_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -110,6 +116,11 @@ impl Manager {
                 )));
             }
             let commits = me.db.commits().map_err(ApiErr::internal)?;
+            if commits.len() >= MAX_COMMITS {
+                return Err(ApiErr::conflict(format!(
+                    "this daemon keeps at most {MAX_COMMITS} commits; delete some first (slicer vm commit delete ID)"
+                )));
+            }
             if let Some(k) = &req.cache_key {
                 if let Some(other) = commits.iter().find(|c| c.cache_key.as_deref() == Some(k) && c.source_hostname != h) {
                     return Err(ApiErr::conflict(format!(
@@ -121,6 +132,12 @@ impl Manager {
             let disk = me.vm_dir(&h).join("disk.qcow2");
             if !disk.is_file() {
                 return Err(ApiErr::conflict(format!("VM {h} has no disk to commit")));
+            }
+            let depth = slicer_vmm::jail::backing_chain(&disk).map(|c| c.len()).unwrap_or(0);
+            if depth >= MAX_CHAIN {
+                return Err(ApiErr::conflict(format!(
+                    "VM {h}'s disk already sits on {depth} layers (commits of commits); fork a fresh VM from its latest commit instead"
+                )));
             }
             let id = hex::encode(rand::random::<[u8; 10]>());
             let dir = me.commits_dir.join(&id);

@@ -31,6 +31,9 @@ pub use layer::Budget;
 use crate::store::{file_sha256, key_of, Image, ImageStore};
 use crate::{Variant, AGENT_GUEST_PATH};
 
+/// Most layers an image may have (Docker's own limit is 127).
+pub const MAX_LAYERS: usize = 128;
+
 /// How to pull.
 #[derive(Debug, Clone)]
 pub struct PullOptions {
@@ -336,6 +339,12 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
             .map_err(|e| PullError::Store(format!("{e:#}")))?;
         tracing::info!(reference = %name, %digest, "image already in the store");
         return Ok(store.complete(img, &name, &base));
+    }
+    if manifest.layers.len() > MAX_LAYERS {
+        return Err(PullError::Registry {
+            reference: name.clone(),
+            message: format!("{} layers; at most {MAX_LAYERS} are accepted", manifest.layers.len()),
+        });
     }
     for l in &manifest.layers {
         if !layer_type_ok(&l.media_type) {
