@@ -11,6 +11,7 @@ use slicer_hypervisor::QemuProcess;
 use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
 
 mod daemon;
+mod images;
 mod jail;
 mod net;
 mod warm;
@@ -18,8 +19,9 @@ mod warm;
 #[derive(Parser)]
 pub struct Args {
     /// `boot` (VM library: boot, exec, transfers), `daemon` (REST API: creates, list), `warm`
-    /// (cold boot against template restore), `net` (isolated networking) or `jail` (jailed
-    /// and cgroup-limited QEMUs against plain ones).
+    /// (cold boot against template restore), `net` (isolated networking), `jail` (jailed
+    /// and cgroup-limited QEMUs against plain ones) or `images` (OCI pull and convert; fork
+    /// against template create).
     #[arg(long, default_value = "boot")]
     suite: String,
     /// Concurrent creates in the daemon suite.
@@ -56,6 +58,9 @@ pub struct Args {
     /// interleaved, to compare kernels side by side.
     #[arg(long)]
     compare_kernel: Option<PathBuf>,
+    /// Images suite: the static agent pulled images get (default: setup's install).
+    #[arg(long)]
+    agent: Option<PathBuf>,
 }
 
 impl Args {
@@ -158,6 +163,20 @@ async fn main() -> Result<()> {
             burst: args.burst,
             memory_mib: args.memory,
             images_dir: data_dir.join("images"),
+            record_to: (!args.no_record).then(|| args.record.clone()),
+        })
+        .await;
+    }
+    if args.suite == "images" {
+        let agent = args
+            .agent
+            .clone()
+            .or_else(|| std::env::var_os("SLICER_AGENT").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/usr/local/lib/slicer/slicer-agent"));
+        return images::run(images::ImagesArgs {
+            runs: args.boots.min(5),
+            images_dir: data_dir.join("images"),
+            agent,
             record_to: (!args.no_record).then(|| args.record.clone()),
         })
         .await;

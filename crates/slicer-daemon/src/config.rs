@@ -971,4 +971,35 @@ config:
         assert!(valid_rule("192.168.1.0/24") && valid_rule("10.0.0.1:3128") && valid_rule("0.0.0.0/0"));
         assert!(!valid_rule("10.0.0.1:0") && !valid_rule("10.0.0.0/33") && !valid_rule("nope"));
     }
+
+    #[test]
+    fn images_are_ours_references_or_disk_files_and_insecure_registries_are_named() {
+        let y = |image: &str, insecure: &str| {
+            format!("config:\n  image: {image}\n{insecure}  host_groups:\n  - name: a\n    count: 0\n")
+        };
+        let settings = |t: String| File::parse(&t).and_then(|f| f.settings(Path::new(".")));
+        let s = settings(y("127.0.0.1:5000/team/ci:v1", "  insecure_registry: true\n")).unwrap();
+        assert_eq!(s.groups[0].image, "127.0.0.1:5000/team/ci:v1");
+        assert_eq!(s.insecure_registries, vec!["127.0.0.1:5000".to_string()]);
+        let s = settings(y("alpine", "  insecure_registry: [\"10.0.0.5:5000\"]\n")).unwrap();
+        assert_eq!(s.insecure_registries, vec!["10.0.0.5:5000".to_string()]);
+        let s = settings(y("/srv/disks/builder.qcow2", "")).unwrap();
+        assert_eq!(s.groups[0].image, "/srv/disks/builder.qcow2");
+        assert!(s.insecure_registries.is_empty());
+        let e = format!("{:#}", settings(y("\"Not A Ref\"", "")).unwrap_err());
+        assert!(
+            e.contains("config.image") && e.contains("not an image reference"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            settings(y("min", "  insecure_registry: [\"a/b\"]\n")).unwrap_err()
+        );
+        assert!(e.contains("config.insecure_registry"), "{e}");
+        assert_eq!(
+            slicer_fallback("ghcr.io/openfaasltd/slicer-systemd-min:6.1"),
+            Some("min")
+        );
+        assert_eq!(slicer_fallback("docker.io/library/debian:12"), None);
+    }
 }

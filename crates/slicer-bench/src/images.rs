@@ -1,0 +1,249 @@
+//! `slicer-bench images`: pulling and converting an OCI image of about 100 MB from a local
+//! `docker-registry` (first pull into an empty store, then the same digest again), and a
+//! fork of a commit against a create from a template, side by side through the REST API.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use http::Method;
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::secrets::RegistryAuth;
+use slicer_api::ApiClient;
+
+use crate::{median, record};
+
+pub struct ImagesArgs {
+    pub runs: usize,
+    pub images_dir: PathBuf,
+    pub agent: PathBuf,
+    pub record_to: Option<PathBuf>,
+}
+
+struct Kill(std::process::Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn registry(dir: &Path) -> Result<(Kill, String)> {
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let cfg = dir.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.join("registry").display()
+        ),
+    )?;
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("docker-registry (apt-get install docker-registry; scripts/setup.sh does)")?;
+    let k = Kill(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("docker-registry did not listen on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((k, addr))
+}
+
+/// Our `min` package tree (gzip) plus 32 MiB that does not compress: about 100 MB to pull.
+fn layers(images: &Path) -> Result<Vec<ImageLayer>> {
+    let dir = images.join("debootstrap");
+    let tree = std::fs::read_dir(&dir)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("min-") && e.path().join("complete").exists())
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .context("no min package tree (scripts/setup.sh builds it)")?
+        .path()
+        .join("rootfs");
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.mode(tar::HeaderMode::Complete);
+    b.append_dir_all(".", &tree)?;
+    let base = b.into_inner()?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &base)?;
+    let base = gz.finish()?;
+    let noise: Vec<u8> = (0..32u32 << 20).map(|_| rand::random::<u8>()).collect();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(noise.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_data(&mut h, "opt/noise.bin", &noise[..])?;
+    Ok(vec![
+        ImageLayer::oci_v1_gzip(base, None),
+        ImageLayer::oci_v1(b.into_inner()?, None),
+    ])
+}
+
+/// A store that knows our kernel and images but holds no pulled image.
+fn empty_store(images: &Path, at: &Path) -> Result<slicer_image::ImageStore> {
+    std::fs::create_dir_all(at)?;
+    for m in ["min.json", "systemd.json"] {
+        std::fs::copy(images.join(m), at.join(m)).with_context(|| format!("{m} (scripts/setup.sh)"))?;
+    }
+    Ok(slicer_image::ImageStore::at(at))
+}
+
+pub async fn run(a: ImagesArgs) -> Result<()> {
+    let tmp = tempfile::Builder::new().prefix("slicer-bench-images-").tempdir()?;
+    let (_reg, addr) = registry(tmp.path())?;
+    let reference = format!("{addr}/bench/min:v1");
+    let layers = layers(&a.images_dir)?;
+    let bytes: usize = layers.iter().map(|l| l.data.len()).sum();
+    let client = oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let config = Config::oci_v1(
+        br#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec(),
+        None,
+    );
+    client
+        .push(&reference.parse()?, &layers, config, &RegistryAuth::Anonymous, None)
+        .await
+        .context("pushing the image")?;
+
+    let mut opts = slicer_image::oci::PullOptions::new(a.agent.clone());
+    opts.insecure = vec![addr.clone()];
+    let (mut first, mut again) = (Vec::new(), Vec::new());
+    for i in 0..a.runs {
+        let store = empty_store(&a.images_dir, &tmp.path().join(format!("store-{i}")))?;
+        let t = Instant::now();
+        slicer_image::oci::pull(&store, &reference, &opts).await?;
+        first.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        slicer_image::oci::pull(&store, &reference, &opts).await?;
+        again.push(t.elapsed().as_secs_f64() * 1e3);
+        eprintln!("pull {i}: first {:.1} s, again {:.0} ms", first[i], again[i]);
+    }
+
+    // Fork against template create, interleaved, through one daemon.
+    let port = free_port()?;
+    let cfg = tmp.path().join("slicer.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "config:\n  host_groups:\n  - name: bench\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: min\n    persistent: true\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+        ),
+    )?;
+    let d = slicer_daemon::start(&slicer_daemon::UpOptions {
+        config: cfg,
+        data_dir: tmp.path().join("data"),
+        images_dir: Some(a.images_dir.clone()),
+        agent: None,
+    })
+    .await?;
+    let c = ApiClient::new(&format!("http://127.0.0.1:{port}"), d.token.clone())?;
+    let create = |c: &ApiClient| {
+        let c = c.clone();
+        async move {
+            let v: serde_json::Value = c
+                .json(
+                    Method::POST,
+                    "/hostgroup/bench/nodes?wait=agent",
+                    Some(&serde_json::json!({})),
+                )
+                .await?;
+            anyhow::Ok(v["hostname"].as_str().context("hostname")?.to_string())
+        }
+    };
+    let builder = create(&c).await?;
+    let _: serde_json::Value = c
+        .json(Method::POST, &format!("/vm/{builder}/exec?cmd=sync"), None)
+        .await
+        .unwrap_or_default();
+    c.call(
+        Method::POST,
+        &format!("/vm/{builder}/shutdown?action=shutdown"),
+        None,
+        slicer_api::client::empty(),
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: serde_json::Value = c.json(Method::GET, &format!("/vm/{builder}"), None).await?;
+        if v["status"] == "Stopped" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the builder did not stop");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let commit: serde_json::Value = c
+        .json(
+            Method::POST,
+            &format!("/vm/{builder}/commit"),
+            Some(&serde_json::json!({})),
+        )
+        .await?;
+    let commit = commit["commit_id"].as_str().context("commit_id")?.to_string();
+    let (mut warm, mut fork) = (Vec::new(), Vec::new());
+    let delete = |c: &ApiClient, h: String| {
+        let c = c.clone();
+        async move {
+            let _: serde_json::Value = c
+                .json(Method::DELETE, &format!("/hostgroup/bench/nodes/{h}"), None)
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    for i in 0..a.runs.max(5) {
+        let t = Instant::now();
+        let h = create(&c).await?;
+        warm.push(t.elapsed().as_secs_f64() * 1e3);
+        delete(&c, h).await?;
+        let t = Instant::now();
+        let v: serde_json::Value = c
+            .json(
+                Method::POST,
+                &format!("/vm/commits/{commit}/fork"),
+                Some(&serde_json::json!({})),
+            )
+            .await?;
+        fork.push(t.elapsed().as_secs_f64() * 1e3);
+        delete(&c, v["hostname"].as_str().context("hostname")?.to_string()).await?;
+        eprintln!("create {i}: template {:.0} ms, fork {:.0} ms", warm[i], fork[i]);
+    }
+    d.stop().await;
+
+    let (f, g) = (median(first), median(again));
+    let (w, k) = (median(warm.clone()), median(fork.clone()));
+    let table = format!(
+        "| images (min tree + 32 MiB, {:.0} MB compressed, from docker-registry on loopback; medians) | value |\n|---|---|\n\
+         | first pull: download, apply layers, inject the agent, mkfs.ext4 ({} runs) | {f:.1} s |\n\
+         | second pull of the same digest (manifest only) | {g:.0} ms |\n\
+         | create from a template (`warm_start`), {} runs | {w:.0} ms |\n\
+         | fork of a commit (cold boot of the commit's disk) | {k:.0} ms |\n\
+         | fork / template create | {:.2}× |\n",
+        bytes as f64 / 1e6,
+        a.runs,
+        warm.len(),
+        k / w
+    );
+    println!("{table}");
+    if let Some(p) = &a.record_to {
+        record(p, "images-min", &table)?;
+    }
+    Ok(())
+}
