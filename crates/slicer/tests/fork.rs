@@ -184,6 +184,39 @@ async fn commit_fork_and_export_like_slicer() {
     fails(d, &url, &["vm", "commit", "delete", &commit], "in use by");
     fails(d, &url, &["vm", "commit", "delete", "../x"], "not a commit id");
 
+    // A commit with no VM on it goes: the other VM's commit, once that VM is deleted.
+    let c2 = c2["commit_id"].as_str().unwrap().to_string();
+    fails(d, &url, &["vm", "commit", "delete", &c2], "in use by");
+    ok(d, &url, &["vm", "delete", &other]);
+    ok(d, &url, &["vm", "commit", "delete", &c2]);
+    assert!(!d.join("data/commits").join(&c2).exists());
+
+    // The builder runs on over its commit: its files are there, its writes are its own.
+    ok(d, &url, &["vm", "relaunch", &builder]);
+    ok(
+        d,
+        &url,
+        &[
+            "vm",
+            "exec",
+            &builder,
+            "--",
+            "test -s /root/built.txt && echo v2 > /root/built.txt && sync",
+        ],
+    );
+    assert_eq!(
+        ok(d, &url, &["vm", "exec", &forks[1], "--", "cat /root/built.txt"]),
+        "toolchain\n"
+    );
+    fails(
+        d,
+        &url,
+        &["disk", "export", &builder, "--output", "x.qcow2"],
+        "shut it down first",
+    );
+    ok(d, &url, &["vm", "shutdown", &builder]);
+    wait_stopped(&api, &builder).await;
+
     // Export the builder's disk; a host group of another daemon boots the file.
     let export = d.join("builder.qcow2");
     ok(
@@ -221,6 +254,7 @@ async fn commit_fork_and_export_like_slicer() {
     let vm = v["hostname"].as_str().unwrap();
     assert_eq!(
         ok(&d2, &url2, &["vm", "exec", vm, "--", "cat /root/built.txt"]),
-        "toolchain\n"
+        "v2\n",
+        "the export holds the builder's disk as it was last"
     );
 }
