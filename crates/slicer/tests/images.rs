@@ -153,6 +153,11 @@ fn sha(data: &[u8]) -> String {
 
 /// Pushes layers (uncompressed tars; all but the first gzipped) as `reference`.
 async fn push(reference: &str, tars: &[Vec<u8>], auth: &RegistryAuth) -> String {
+    push_for(reference, tars, auth, "amd64").await
+}
+
+/// As [`push`], for the architecture `arch`.
+async fn push_for(reference: &str, tars: &[Vec<u8>], auth: &RegistryAuth, arch: &str) -> String {
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::Http,
         ..Default::default()
@@ -169,7 +174,7 @@ async fn push(reference: &str, tars: &[Vec<u8>], auth: &RegistryAuth) -> String 
         });
     }
     let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux", "config": {},
+        "architecture": arch, "os": "linux", "config": {},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
     let config = Config::oci_v1(serde_json::to_vec(&config).unwrap(), None);
@@ -414,6 +419,12 @@ async fn bad_pulls_fail_clearly_and_change_nothing() {
     std::fs::remove_dir_all(blob(&sha(&gone)).parent().unwrap()).unwrap();
     let err = failed(&image_cmd(dir, &data, &["pull", "--insecure", &missing]));
     assert!(err.contains("not found") || err.contains("layer"), "{err}");
+
+    // An image for another architecture.
+    let arm = format!("{}/other/arm:v1", reg.addr);
+    push_for(&arm, &[small("arm")], &RegistryAuth::Anonymous, "arm64").await;
+    let err = failed(&image_cmd(dir, &data, &["pull", "--insecure", &arm]));
+    assert!(err.contains("linux/arm64") && err.contains("linux/amd64"), "{err}");
 
     // A registry nobody listens on.
     let closed = format!("127.0.0.1:{}/x/y:v1", free_port());

@@ -362,6 +362,7 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
             });
         }
     }
+    check_platform(&client, &r, &manifest.config, opts).await?;
     let scratch = Scratch::new(store).map_err(|e| PullError::Store(format!("scratch directory: {e}")))?;
     let rootfs = scratch.dir.join("rootfs");
     std::fs::create_dir(&rootfs).map_err(|e| PullError::Store(e.to_string()))?;
@@ -489,6 +490,52 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
     Ok(store.complete(img, &name, &base))
 }
 
+/// Reads the image's config (at most 1 MiB, digest checked): it must be a linux/amd64 image,
+/// which is what our kernel runs.
+async fn check_platform(
+    client: &Client,
+    r: &Reference,
+    config: &OciDescriptor,
+    opts: &PullOptions,
+) -> Result<(), PullError> {
+    let name = r.whole();
+    if config.size < 0 || config.size > 1 << 20 {
+        return Err(PullError::Registry {
+            reference: name,
+            message: format!("image config of {} bytes; at most 1 MiB is accepted", config.size),
+        });
+    }
+    let mut out = Bounded {
+        inner: std::io::Cursor::new(Vec::new()),
+        left: config.size as u64,
+        bar: None,
+    };
+    client
+        .pull_blob(r, config, &mut out)
+        .await
+        .map_err(|e| classify(r, opts, e))?;
+    #[derive(serde::Deserialize)]
+    struct Platform {
+        architecture: Option<String>,
+        os: Option<String>,
+    }
+    let p: Platform = serde_json::from_slice(out.inner.get_ref()).map_err(|e| PullError::Registry {
+        reference: name.clone(),
+        message: format!("the image config is not JSON: {e}"),
+    })?;
+    match (p.os.as_deref(), p.architecture.as_deref()) {
+        (Some("linux") | None, Some("amd64") | None) => Ok(()),
+        (os, arch) => Err(PullError::Registry {
+            reference: name,
+            message: format!(
+                "the image is for {}/{}; slicer's guests are linux/amd64",
+                os.unwrap_or("?"),
+                arch.unwrap_or("?")
+            ),
+        }),
+    }
+}
+
 fn short(digest: &str) -> &str {
     let d = digest.strip_prefix("sha256:").unwrap_or(digest);
     &d[..d.len().min(12)]
@@ -573,10 +620,10 @@ fn inject(a: &layer::Applier, agent: &Path, digest: &str) -> std::io::Result<Var
     Ok(variant)
 }
 
-/// `mkfs.ext4 -d`: sized to the content plus headroom (at least 1 GiB; a VM's disk can be
+/// `mkfs.ext4 -d`: sized to the content plus headroom (at least 2 GiB, as ours; a VM's disk can be
 /// larger, and images with resize2fs grow into it), with inodes for every file.
 fn write_ext4(tree: &Path, out: &Path, bytes: u64, entries: u64) -> std::io::Result<()> {
-    let size = (bytes + bytes / 2 + entries * 4096 + (256 << 20)).max(1 << 30);
+    let size = (bytes + bytes / 2 + entries * 4096 + (256 << 20)).max(2 << 30);
     let size_mib = size.div_ceil(1 << 20);
     let inodes = (entries * 2).max(65536);
     if let Some(p) = out.parent() {
