@@ -166,12 +166,24 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
                     data_dir.join("commits"),
                 ],
             );
-            anyhow::ensure!(
-                users.is_empty(),
-                "{} is in use by {}; delete those VMs (and commits) first — templates go with `slicer image remove` once no VM uses them",
-                img.name,
-                users.join(", ")
-            );
+            if !users.is_empty() {
+                let templates: Vec<_> = users.iter().filter(|u| u.starts_with("templates/")).collect();
+                let mut msg = format!("{} is in use by {}", img.name, users.join(", "));
+                if templates.len() < users.len() {
+                    msg.push_str("; delete those VMs (slicer vm delete) and commits (slicer vm commit delete) first");
+                }
+                if !templates.is_empty() {
+                    msg.push_str(&format!(
+                        "; a template is the daemon's warm-start snapshot of this image: with the daemon stopped, remove {}",
+                        templates
+                            .iter()
+                            .map(|t| store.root().join(t).display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ));
+                }
+                anyhow::bail!(msg);
+            }
             let removed = store.remove(&reference)?;
             println!("removed {}", removed.name);
             Ok(())

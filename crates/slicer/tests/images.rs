@@ -364,7 +364,14 @@ async fn pulled_images_boot_with_their_layers_and_systemd() {
     // No VM left: the systemd image goes (no template was made of it); the other has a template.
     ok(&image_cmd(dir, &data, &["remove", &sd_ref]));
     let err = failed(&image_cmd(dir, &data, &["remove", &min_ref]));
-    assert!(err.contains("templates/"), "{err}");
+    assert!(
+        err.contains("templates/") && err.contains("with the daemon stopped"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(data.join("images/templates")).unwrap();
+    ok(&image_cmd(dir, &data, &["remove", &min_ref]));
+    assert_eq!(std::fs::read_dir(data.join("images/oci")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(data.join("images/refs")).unwrap().count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
