@@ -76,7 +76,12 @@ async fn a_session_with_slicers_forms() {
     // Any OCI reference is an image now (pulled by `slicer up`); a malformed one is refused.
     let cfg = ok(d, url, &["new", "web", "--image", "docker.io/library/ubuntu:24.04"]);
     assert!(cfg.contains("image: docker.io/library/ubuntu:24.04"), "{cfg}");
-    fails(d, url, &["new", "web", "--image", "Not/An Image"], "not an image reference");
+    fails(
+        d,
+        url,
+        &["new", "web", "--image", "Not/An Image"],
+        "not an image reference",
+    );
     fails(d, url, &["new", "web", "--net", "macvtap"], "not available here");
     fails(d, url, &["new", "web", "--github", "alice"], "GitHub");
     std::fs::write(
