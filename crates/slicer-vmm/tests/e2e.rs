@@ -232,7 +232,7 @@ async fn bad_specs_fail_before_anything_starts() {
         .await
         .err()
         .unwrap();
-    assert!(err.to_string().contains("slicer image build"), "{err}");
+    assert!(err.to_string().contains("slicer image pull"), "{err}");
     assert_eq!(std::fs::read_dir(f.tmp.path()).unwrap().count(), 0);
 }
 
