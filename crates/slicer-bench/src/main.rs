@@ -11,6 +11,7 @@ use slicer_hypervisor::QemuProcess;
 use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
 
 mod daemon;
+mod density;
 mod images;
 mod jail;
 mod net;
@@ -20,8 +21,9 @@ mod warm;
 pub struct Args {
     /// `boot` (VM library: boot, exec, transfers), `daemon` (REST API: creates, list), `warm`
     /// (cold boot against template restore), `net` (isolated networking), `jail` (jailed
-    /// and cgroup-limited QEMUs against plain ones) or `images` (OCI pull and convert; fork
-    /// against template create).
+    /// and cgroup-limited QEMUs against plain ones), `images` (OCI pull and convert; fork
+    /// against template create) or `density` (idle restored VMs: PSS, CPU, restore time, with
+    /// the template's RAM shared and not).
     #[arg(long, default_value = "boot")]
     suite: String,
     /// Concurrent creates in the daemon suite.
@@ -58,6 +60,9 @@ pub struct Args {
     /// interleaved, to compare kernels side by side.
     #[arg(long)]
     compare_kernel: Option<PathBuf>,
+    /// Density suite: idle VMs of each kind.
+    #[arg(long, default_value_t = 20)]
+    vms: usize,
     /// Images suite: the static agent pulled images get (default: setup's install).
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -163,6 +168,16 @@ async fn main() -> Result<()> {
             burst: args.burst,
             memory_mib: args.memory,
             images_dir: data_dir.join("images"),
+            record_to: (!args.no_record).then(|| args.record.clone()),
+        })
+        .await;
+    }
+    if args.suite == "density" {
+        return density::run(density::DensityArgs {
+            image: args.image.clone(),
+            vms: args.vms,
+            memory_mib: args.memory,
+            data_dir: data_dir.clone(),
             record_to: (!args.no_record).then(|| args.record.clone()),
         })
         .await;

@@ -38,6 +38,24 @@ pub struct QemuConfig {
     /// Run QEMU jailed: unprivileged, in its own mount namespace and cgroup, with QEMU's
     /// seccomp sandbox (see the `slicer-jail` crate). `None` runs it as the caller.
     pub jail: Option<Jail>,
+    /// Where guest RAM lives; `None`: anonymous memory of QEMU's own.
+    pub ram: Option<RamBacking>,
+}
+
+/// Guest RAM in a file (`memory-backend-file`), for templates whose clones share it. Both
+/// sides migrate with `x-ignore-shared` (set through QMP): a saved state then holds devices,
+/// not RAM, and a restore starts with `-incoming defer`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RamBacking {
+    /// RAM is this file, mapped shared: what the guest writes lands in it (a template build;
+    /// the file is the template's memory once it is saved).
+    SharedFile(PathBuf),
+    /// RAM is mapped privately (copy-on-write) from this inherited descriptor, opened through
+    /// `/proc/self/fd/N`: a template's sealed memory, shared by every clone until written.
+    PrivateFd(i32),
+    /// Anonymous RAM under the same name (`slicer.ram`), so that a suspended clone's state,
+    /// whose RAM block carries that name, loads into it.
+    Anonymous,
 }
 
 /// The jail of one QEMU: what it may see and be, and the cgroup it runs in.
@@ -110,11 +128,15 @@ impl QemuConfig {
     /// `tap_fd`: the descriptor of an opened TAP (jailed QEMUs cannot open one themselves).
     fn args_with(&self, incoming_fd: i32, tap_fd: Option<i32>) -> Vec<String> {
         let p = |p: &Path| p.display().to_string();
+        let machine = match &self.ram {
+            Some(_) => "microvm,x-option-roms=off,acpi=off,memory-backend=slicer.ram",
+            None => "microvm,x-option-roms=off,acpi=off",
+        };
         let mut a: Vec<String> = vec![
             "-name".into(),
             format!("slicer-{}", self.name),
             "-M".into(),
-            "microvm,x-option-roms=off,acpi=off".into(),
+            machine.into(),
             "-accel".into(),
             match self.accel {
                 Accel::Tcg => format!("tcg,tb-size={TCG_TB_MIB}"),
@@ -173,7 +195,27 @@ impl QemuConfig {
                 format!("virtio-net-device,netdev=net0,mac={}", n.mac),
             ]);
         }
-        if self.incoming.is_some() {
+        if let Some(ram) = &self.ram {
+            let (path, share) = match ram {
+                RamBacking::SharedFile(f) => (p(f), "on"),
+                RamBacking::PrivateFd(fd) => (format!("/proc/self/fd/{fd}"), "off"),
+                RamBacking::Anonymous => (String::new(), ""),
+            };
+            a.push("-object".into());
+            a.push(if path.is_empty() {
+                format!("memory-backend-ram,id=slicer.ram,size={}M", self.memory_mib)
+            } else {
+                format!(
+                    "memory-backend-file,id=slicer.ram,size={}M,mem-path={path},share={share}",
+                    self.memory_mib
+                )
+            });
+        }
+        if self.incoming.is_some() && matches!(self.ram, Some(RamBacking::PrivateFd(_))) {
+            // The caller sets `x-ignore-shared` and hands the state over through QMP
+            // (`Qmp::incoming_ignoring_shared`): the capability must be set before loading.
+            a.extend(["-incoming".into(), "defer".into()]);
+        } else if self.incoming.is_some() {
             // The state file is opened by `spawn` and inherited: QEMU reads the file directly
             // (through a `cat` pipe, loads took longer and varied more).
             a.extend(["-incoming".into(), format!("fd:{incoming_fd}")]);
@@ -343,9 +385,9 @@ impl QemuProcess {
         use std::os::fd::AsRawFd;
         let log =
             std::fs::File::create(&cfg.qemu_log).with_context(|| format!("creating {}", cfg.qemu_log.display()))?;
-        let incoming = match &cfg.incoming {
-            Some(path) => Some(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?),
-            None => None,
+        let incoming = match (&cfg.incoming, &cfg.ram) {
+            (Some(_), Some(RamBacking::PrivateFd(_))) | (None, _) => None,
+            (Some(path), _) => Some(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?),
         };
         let incoming_fd = incoming.as_ref().map_or(-1, AsRawFd::as_raw_fd);
         // A descriptor number the child can put the TAP at: held open here (close-on-exec)
@@ -403,6 +445,17 @@ impl QemuProcess {
             unsafe {
                 cmd.pre_exec(move || {
                     if libc::fcntl(incoming_fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(RamBacking::PrivateFd(ram_fd)) = cfg.ram {
+            // SAFETY: as for the state file above; the caller keeps the descriptor open.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::fcntl(ram_fd, libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -545,6 +598,7 @@ mod tests {
             qemu_log: "/q.log".into(),
             net: None,
             incoming: None,
+            ram: None,
             jail: None,
         }
     }

@@ -151,6 +151,35 @@ impl Qmp {
         }
     }
 
+    /// Migrations leave RAM that lives in a shared file out of the stream (`x-ignore-shared`):
+    /// set on both sides of a template's save and restore.
+    pub async fn ignore_shared_ram(&self) -> Result<()> {
+        self.set_ignore_shared(true).await
+    }
+
+    /// Sets `x-ignore-shared`. A clone turns it off once loaded: a later save of it (suspend)
+    /// must carry its RAM, and a stream records the capability its loader must match.
+    pub async fn set_ignore_shared(&self, on: bool) -> Result<()> {
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })),
+        )
+        .await
+        .context("setting x-ignore-shared")?;
+        Ok(())
+    }
+
+    /// Starts loading a saved state into a QEMU started with `-incoming defer`, from `file`
+    /// (handed over with `getfd`), RAM that lives in a file left as it is mapped.
+    pub async fn incoming_ignoring_shared(&self, file: &std::fs::File) -> Result<()> {
+        self.send_fd("slicer-incoming", file).await?;
+        self.ignore_shared_ram().await?;
+        self.execute("migrate-incoming", Some(json!({ "uri": "fd:slicer-incoming" })))
+            .await
+            .context("starting to load the saved state")?;
+        Ok(())
+    }
+
     /// Hands `file` to QEMU under `name` (QMP `getfd`, the descriptor attached with SCM_RIGHTS).
     pub async fn send_fd(&self, name: &str, file: &std::fs::File) -> Result<()> {
         use std::os::fd::AsRawFd;

@@ -47,6 +47,10 @@ pub struct JailSpec {
     pub cgroup_procs: Vec<PathBuf>,
     /// (resource, soft = hard limit)
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    /// Mount a procfs at /proc that shows the process only itself (`hidepid=invisible`, its
+    /// uid being its own; `subset=pid`): for QEMUs that open an inherited descriptor by its
+    /// `/proc/self/fd/N` path (a template's sealed memory).
+    pub proc: bool,
 }
 
 /// Host directories every jail gets read-only: QEMU, its libraries and firmware live in /usr.
@@ -64,6 +68,8 @@ enum Op {
     Symlink(CString, CString),
     /// source, target, remount flags
     Bind(CString, CString, libc::c_ulong),
+    /// A procfs at the target (see [`JailSpec::proc`]).
+    Proc(CString),
 }
 
 /// A jail ready to enter in a forked child.
@@ -169,6 +175,11 @@ impl JailSpec {
             ops.push(Op::Touch(cstr(&t)?));
             ops.push(Op::Bind(cstr(dev)?, cstr(&t)?, libc::MS_NOSUID | libc::MS_NOEXEC));
         }
+        if self.proc {
+            let t = inside(Path::new("/proc"))?;
+            mkdirs(&t, &mut ops, &mut made)?;
+            ops.push(Op::Proc(cstr(&t)?));
+        }
         let mut cgroup_fds = Vec::new();
         for f in &self.cgroup_procs {
             let file = std::fs::OpenOptions::new()
@@ -260,6 +271,26 @@ impl Prepared {
                     libc::close(fd);
                 }
                 Op::Symlink(to, at) => check(libc::symlink(to.as_ptr(), at.as_ptr()))?,
+                Op::Proc(at) => {
+                    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                    let r = libc::mount(
+                        c"proc".as_ptr(),
+                        at.as_ptr(),
+                        c"proc".as_ptr(),
+                        flags,
+                        c"hidepid=invisible,subset=pid".as_ptr().cast(),
+                    );
+                    if r < 0 {
+                        // Kernels before 5.8 know neither the word nor subset=.
+                        check(libc::mount(
+                            c"proc".as_ptr(),
+                            at.as_ptr(),
+                            c"proc".as_ptr(),
+                            flags,
+                            c"hidepid=2".as_ptr().cast(),
+                        ))?;
+                    }
+                }
                 Op::Bind(src, dst, flags) => {
                     check(libc::mount(
                         src.as_ptr(),

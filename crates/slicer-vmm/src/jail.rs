@@ -147,6 +147,7 @@ impl JailConfig {
                 (libc::RLIMIT_CORE, 0),
                 (libc::RLIMIT_NPROC, PIDS_MAX),
             ],
+            proc: matches!(cfg.ram, Some(slicer_hypervisor::qemu::RamBacking::PrivateFd(_))),
         };
         Ok(Jail { spec, cgroup })
     }

@@ -28,6 +28,9 @@ pub use template::{Shape, Template};
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// The saved state of a suspended VM, in its directory.
 pub const SUSPEND_FILE: &str = "suspend.state";
+/// Present in a VM's directory while its QEMU's RAM block is named `slicer.ram` (a clone of a
+/// template with shared RAM, and its resumes): a saved state of it loads only into that name.
+const RAM_NAMED: &str = "ram-named";
 
 /// Where things live on this host and how VMs are accelerated.
 pub struct Host {
@@ -42,6 +45,9 @@ pub struct Host {
     /// How QEMUs are jailed; `None` runs them as the caller (see [`jail`]).
     pub jail: Option<jail::JailConfig>,
     templates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<template::Slot>>>>,
+    /// New templates keep guest RAM in a file that restored VMs map copy-on-write (default);
+    /// `false` keeps RAM in the saved state and every restore loads its own copy.
+    pub shared_template_ram: bool,
 }
 
 impl Host {
@@ -62,6 +68,7 @@ impl Host {
             qemu_version: OnceCell::new(),
             templates: Default::default(),
             jail: jail::JailConfig::for_host(),
+            shared_template_ram: true,
         }
     }
 
@@ -92,6 +99,7 @@ impl Host {
             qemu_log: dir.join("qemu.log"),
             net: None,
             incoming: None,
+            ram: None,
             jail: None,
         }
     }
@@ -332,6 +340,8 @@ impl Vm {
             ensure!(!dir.exists(), "VM directory {} already exists", dir.display());
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // A cold boot's RAM block has QEMU's default name.
+        let _ = std::fs::remove_file(dir.join(RAM_NAMED));
         if !reuse {
             if let Err(e) = slicer_storage::create_overlay(&image.rootfs, &disk, spec.disk_size).await {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -397,6 +407,25 @@ impl Vm {
         cfg.cmdline = template.cmdline.clone();
         cfg.net = spec.net.as_ref().map(VmNet::qemu);
         cfg.incoming = Some(template.state());
+        // Held until QEMU has inherited its copy.
+        let memory = match template.shared_ram {
+            true => match template.memory() {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e.context(format!("restoring VM {} from template {}", spec.name, template.id)));
+                }
+            },
+            false => None,
+        };
+        if memory.is_some() {
+            std::fs::write(dir.join(RAM_NAMED), b"")?;
+        }
+        if let Some(m) = &memory {
+            cfg.ram = Some(slicer_hypervisor::qemu::RamBacking::PrivateFd(
+                std::os::fd::AsRawFd::as_raw_fd(&**m),
+            ));
+        }
         let started = Instant::now();
         let spawned = async {
             slicer_storage::create_overlay(&template.disk(), &cfg.disk, None).await?;
@@ -411,7 +440,8 @@ impl Vm {
         };
         let vm = Vm::handle(spec, image, accel, dir, qemu, started, StartMode::Template);
         let grow = spec.disk_size.filter(|&s| s > template.disk_bytes);
-        if let Err(e) = vm.resume_incoming(grow).await {
+        let shared_state = memory.is_some().then(|| template.state());
+        if let Err(e) = vm.resume_incoming(grow, shared_state.as_deref()).await {
             vm.discard().await;
             return Err(e.context(format!("restoring VM {} from template {}", spec.name, template.id)));
         }
@@ -443,10 +473,13 @@ impl Vm {
         let mut cfg = host.qemu_config(&spec.name, &dir, accel, &image, spec.cpus, spec.memory_mib);
         cfg.net = spec.net.as_ref().map(VmNet::qemu);
         cfg.incoming = Some(state.clone());
+        if dir.join(RAM_NAMED).exists() {
+            cfg.ram = Some(slicer_hypervisor::qemu::RamBacking::Anonymous);
+        }
         let started = Instant::now();
         let qemu = Vm::spawn(host, &cfg).await?;
         let vm = Vm::handle(spec, image, accel, dir, qemu, started, StartMode::Resume);
-        if let Err(e) = vm.resume_incoming(None).await {
+        if let Err(e) = vm.resume_incoming(None, None).await {
             vm.stop_inner(Duration::ZERO).await;
             vm.mark_cleaned();
             return Err(e.context(format!("restoring VM {}; its saved state is kept", spec.name)));
@@ -464,10 +497,19 @@ impl Vm {
 
     /// Waits for an `-incoming` QEMU to load its state, grows the disk if asked, and resumes
     /// the vCPUs. Fails early if QEMU exits (e.g. a state it cannot load).
-    async fn resume_incoming(&self, grow_to: Option<u64>) -> Result<()> {
+    /// `shared_state`: the state to load through QMP into a QEMU started with `-incoming
+    /// defer` whose RAM is a template's (see `RamBacking::PrivateFd`).
+    async fn resume_incoming(&self, grow_to: Option<u64>, shared_state: Option<&Path>) -> Result<()> {
         let steps = async {
             let qmp = Qmp::connect(&self.qmp_socket, Duration::from_secs(10)).await?;
+            if let Some(state) = shared_state {
+                let f = std::fs::File::open(state).with_context(|| format!("opening {}", state.display()))?;
+                qmp.incoming_ignoring_shared(&f).await?;
+            }
             qmp.wait_incoming(LOAD_TIMEOUT).await?;
+            if shared_state.is_some() {
+                qmp.set_ignore_shared(false).await?;
+            }
             // The guest runs only once QEMU is inside its cgroup.
             self.qemu.joined().await?;
             qmp.execute("cont", None).await?;

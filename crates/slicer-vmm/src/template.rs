@@ -22,7 +22,7 @@ use slicer_image::Image;
 use crate::{tail, Host, VmSpec};
 
 /// Bumped when the way templates are made changes, so older ones are not used.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 /// The MAC of a template's NIC; each restored VM's agent sets the VM's own.
 const TEMPLATE_MAC: &str = "02:00:00:00:00:01";
 /// Longest a template build may take to boot its guest.
@@ -67,6 +67,9 @@ struct Meta {
     state_bytes: u64,
     boot_ms: u64,
     save_ms: u64,
+    /// Guest RAM is the file `ram` (the state holds devices only); else RAM is in `state`.
+    #[serde(default)]
+    shared_ram: bool,
 }
 
 /// A built template.
@@ -80,6 +83,10 @@ pub struct Template {
     pub disk_bytes: u64,
     /// Size of the saved state.
     pub state_bytes: u64,
+    /// Guest RAM kept apart from the state (the file `ram`): restores map it copy-on-write.
+    pub shared_ram: bool,
+    /// The RAM file's content in a sealed memfd, made on first use (see [`Template::memory`]).
+    memory: Arc<std::sync::OnceLock<Arc<std::os::fd::OwnedFd>>>,
 }
 
 impl Template {
@@ -89,6 +96,23 @@ impl Template {
 
     pub fn state(&self) -> PathBuf {
         self.dir.join("state")
+    }
+
+    pub fn ram(&self) -> PathBuf {
+        self.dir.join("ram")
+    }
+
+    /// The template's RAM as a sealed memfd (no write, grow or shrink; seals sealed), made
+    /// once per daemon. Clones map it privately through `/proc/self/fd/N`: a memfd opens
+    /// read-write for any uid (a file on disk would have to be writable by each VM's uid to be
+    /// mapped that way), and its seals keep every clone from changing what the others see.
+    /// Only the file's data extents are copied, so never-touched guest pages take no memory.
+    pub fn memory(&self) -> Result<Arc<std::os::fd::OwnedFd>> {
+        if let Some(m) = self.memory.get() {
+            return Ok(m.clone());
+        }
+        let fd = Arc::new(sealed_copy(&self.ram()).with_context(|| format!("loading template {}'s memory", self.id))?);
+        Ok(self.memory.get_or_init(|| fd).clone())
     }
 
     fn load(dir: &Path) -> Result<Template> {
@@ -103,8 +127,14 @@ impl Template {
             cmdline: meta.cmdline,
             disk_bytes: meta.disk_bytes,
             state_bytes: meta.state_bytes,
+            shared_ram: meta.shared_ram,
+            memory: Default::default(),
         };
-        for f in [t.disk(), t.state()] {
+        let mut files = vec![t.disk(), t.state()];
+        if t.shared_ram {
+            files.push(t.ram());
+        }
+        for f in files {
             ensure!(f.is_file(), "template {} lacks {}", t.id, f.display());
         }
         Ok(t)
@@ -163,6 +193,7 @@ impl Host {
             &shape.cpus.to_le_bytes(),
             &shape.memory_mib.to_le_bytes(),
             &[shape.nic as u8],
+            &[self.shared_template_ram as u8],
         ]);
         let slot = self
             .templates
@@ -198,8 +229,29 @@ impl Host {
                 state_bytes: 0,
                 boot_ms: 0,
                 save_ms: 0,
+                shared_ram: self.shared_template_ram,
             };
-            self.build_template(&image, accel, meta, &dir).await
+            match self.build_template(&image, accel, meta.clone(), &dir).await {
+                Err(e) if meta.shared_ram => {
+                    // Where QEMU cannot keep RAM in a file (or ignore it when saving), the
+                    // template holds RAM in its state, as before.
+                    tracing::warn!(
+                        "template {} with RAM in a file failed ({e:#}); building it with RAM in its state",
+                        meta.id
+                    );
+                    self.build_template(
+                        &image,
+                        accel,
+                        Meta {
+                            shared_ram: false,
+                            ..meta
+                        },
+                        &dir,
+                    )
+                    .await
+                }
+                r => r,
+            }
         };
         match result {
             Ok(t) => {
@@ -233,6 +285,9 @@ impl Host {
         slicer_storage::create_overlay(&image.rootfs, &disk, None).await?;
         let mut cfg = self.qemu_config("template", s, accel, image, meta.shape.cpus, meta.shape.memory_mib);
         cfg.cmdline = meta.cmdline.clone();
+        if meta.shared_ram {
+            cfg.ram = Some(slicer_hypervisor::qemu::RamBacking::SharedFile(s.join("ram")));
+        }
         cfg.net = meta.shape.nic.then(|| QemuNet {
             netns: None,
             tap: None,
@@ -283,6 +338,9 @@ impl Host {
         drop(agent);
         let saved = Instant::now();
         let qmp = Qmp::connect(&cfg.qmp_socket, Duration::from_secs(5)).await?;
+        if meta.shared_ram {
+            qmp.ignore_shared_ram().await?;
+        }
         let state_tmp = s.join("state.tmp");
         let state_file = crate::jail::private_file(&state_tmp)?;
         qmp.save_state(&state_file, SAVE_TIMEOUT)
@@ -304,6 +362,12 @@ impl Host {
         }
         // Restored VMs' overlays read this disk: nothing may write it again.
         std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o444))?;
+        if meta.shared_ram {
+            // QEMU made it as the build's uid: the daemon's from now on, read by the daemon only.
+            let ram = s.join("ram");
+            std::os::unix::fs::chown(&ram, Some(0), Some(0))?;
+            std::fs::set_permissions(&ram, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
+        }
         std::fs::write(s.join("meta.json"), serde_json::to_vec_pretty(&meta)?)?;
         match std::fs::rename(s, dir) {
             Ok(()) => {}
@@ -320,6 +384,53 @@ impl Host {
         );
         Template::load(dir)
     }
+}
+
+/// `path`'s data extents copied into a new memfd of the same size, then sealed.
+fn sealed_copy(path: &Path) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::FileExt;
+    let src = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = src.metadata()?.len();
+    // SAFETY: a NUL-terminated name; the kernel returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"slicer-template-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    ensure!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel just gave us this descriptor.
+    let mem = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    mem.set_len(len)?;
+    let raw = src.as_raw_fd();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(raw, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no data after pos
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(raw, data, libc::SEEK_HOLE) }.max(data);
+        let mut at = data as u64;
+        while at < hole as u64 {
+            let n = ((hole as u64 - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at)?;
+            mem.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        pos = hole;
+    }
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own.
+    ensure!(
+        unsafe { libc::fcntl(mem.as_raw_fd(), libc::F_ADD_SEALS, seals) } == 0,
+        "sealing the template memory: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(OwnedFd::from(mem))
 }
 
 /// A build directory, removed unless the build completes.
