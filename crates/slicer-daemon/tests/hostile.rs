@@ -117,8 +117,12 @@ async fn a_hostile_guest_does_not_hurt_the_host_or_other_tenants() {
     // Quiet: how long a create + exec takes with nothing else going on (the first one also
     // builds the template).
     let (first, _) = create_and_exec(&d, "calm").await;
-    let (second, quiet) = create_and_exec(&d, "calm").await;
-    for h in [&first, &second] {
+    let (second, quiet_a) = create_and_exec(&d, "calm").await;
+    // Two quiet samples, the slower kept: one sample's luck should not set the bar (restores
+    // from a shared-RAM template are mostly CPU, so under attack they approach the fair share).
+    let (third, quiet_b) = create_and_exec(&d, "calm").await;
+    let quiet = quiet_a.max(quiet_b);
+    for h in [&first, &second, &third] {
         delete(&d, "calm", h).await;
     }
 
