@@ -409,7 +409,12 @@ fn symlink_force(target: &str, link: &Path) -> Result<()> {
     std::os::unix::fs::symlink(target, link).with_context(|| format!("linking {}", link.display()))
 }
 
-const AGENT_UNIT: &str = "[Unit]
+/// Units masked in systemd guests: without udev in a microVM the serial gettys would wait
+/// 90 s for their device.
+pub(crate) const MASKED_UNITS: &[&str] = &["serial-getty@ttyS0.service", "getty@tty1.service", "getty.target"];
+
+/// The agent's systemd unit (our `systemd` image and pulled images with systemd).
+pub(crate) const AGENT_UNIT: &str = "[Unit]
 Description=slicer guest agent
 DefaultDependencies=no
 After=local-fs.target
@@ -557,7 +562,7 @@ fn variant_tree(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
             &tree.join("etc/systemd/system/sysinit.target.wants/slicer-agent.service"),
         )?;
         // Without udev the serial gettys wait 90 s for their device: mask them.
-        for unit in ["serial-getty@ttyS0.service", "getty@tty1.service", "getty.target"] {
+        for unit in MASKED_UNITS {
             symlink_force("/dev/null", &tree.join("etc/systemd/system").join(unit))?;
         }
         setup_sshd(&tree)?;

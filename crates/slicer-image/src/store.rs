@@ -230,8 +230,7 @@ impl ImageStore {
             return Ok(self.complete(img, &name, &kernel));
         }
         let format = crate::disk::probe(path)?;
-        std::fs::create_dir_all(self.tmp_dir())?;
-        let scratch = tempfile_in(&self.tmp_dir(), "import")?;
+        let scratch = self.scratch("import")?;
         let out = scratch.path().join("out");
         std::fs::create_dir(&out)?;
         let rootfs = out.join("rootfs.ext4");
@@ -254,6 +253,32 @@ impl ImageStore {
         Ok(self.complete(img, &name, &kernel))
     }
 
+    /// A private (0700) scratch directory `tmp/<what>-<pid>-<n>`, removed when dropped. Those
+    /// of processes that are gone (a killed pull or import) are swept first.
+    pub(crate) fn scratch(&self, what: &str) -> Result<Scratch> {
+        use std::os::unix::fs::DirBuilderExt;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tmp = self.tmp_dir();
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        if let Ok(dir) = std::fs::read_dir(&tmp) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let pid = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+                if pid.is_some_and(|p| !Path::new("/proc").join(p.to_string()).exists()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = tmp.join(format!("{what}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&p)
+            .with_context(|| format!("creating {}", p.display()))?;
+        Ok(Scratch(p))
+    }
+
     /// Removes a pulled image's reference, and its files when no other reference names them.
     /// Whether a VM still uses it is the caller's to check first (see [`Image::rootfs`]).
     pub fn remove(&self, reference: &str) -> Result<Image> {
@@ -269,7 +294,7 @@ impl ImageStore {
         if !self.refs().iter().any(|r| r.id == id) {
             let dir = self.oci_dir(&id);
             // Rename first: a half-removed directory is never taken for an image.
-            let doomed = self.tmp_dir().join(format!("remove-{id}-{}", std::process::id()));
+            let doomed = self.tmp_dir().join(format!("remove-{}-{id}", std::process::id()));
             std::fs::create_dir_all(self.tmp_dir())?;
             std::fs::rename(&dir, &doomed).with_context(|| format!("removing {}", dir.display()))?;
             std::fs::remove_dir_all(&doomed)?;
@@ -348,20 +373,6 @@ impl Drop for Scratch {
             let _ = std::fs::remove_dir(parent); // only when empty
         }
     }
-}
-
-pub(crate) fn tempfile_in(dir: &Path, what: &str) -> Result<Scratch> {
-    use std::os::unix::fs::DirBuilderExt;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let p = dir.join(format!("{what}-{}-{nanos}", std::process::id()));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&p)
-        .with_context(|| format!("creating {}", p.display()))?;
-    Ok(Scratch(p))
 }
 
 /// Hex sha256 of a list of input parts; 16 hex digits are plenty for a cache key.

@@ -12,7 +12,7 @@ use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Image to boot (min or systemd).
+    /// Image to boot (min, systemd, or a reference pulled with `slicer image pull`).
     #[arg(long, default_value = "min")]
     image: String,
     #[arg(long, default_value_t = 1)]

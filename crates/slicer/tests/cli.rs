@@ -8,35 +8,10 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, up, SLICER};
+use common::{fails, free_port, ok, up, SLICER};
 
 fn run(dir: &Path, url: &str, args: &[&str]) -> Output {
     common::slicer(dir, args, url)
-}
-
-/// Runs and asserts success; returns stdout.
-fn ok(dir: &Path, url: &str, args: &[&str]) -> String {
-    let out = run(dir, url, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs and asserts failure with one readable line on stderr that contains `want`.
-fn fails(dir: &Path, url: &str, args: &[&str], want: &str) {
-    let out = run(dir, url, args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "{args:?} succeeded: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(err.contains(want), "{args:?}: {err}");
-    assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,23 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::Method;
 
-fn ok(dir: &Path, url: &str, args: &[&str]) -> String {
-    let out = slicer(dir, args, url);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(dir: &Path, url: &str, args: &[&str], want: &str) {
-    let out = slicer(dir, args, url);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains(want), "{args:?}: {err}");
-}
-
 fn json(dir: &Path, url: &str, args: &[&str]) -> serde_json::Value {
     let mut a = vec!["vm", "--json"];
     a.extend_from_slice(args);

@@ -13,7 +13,7 @@
 pub mod auth;
 pub mod layer;
 
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
@@ -227,54 +227,6 @@ fn layer_type_ok(media_type: &str) -> bool {
     )
 }
 
-/// A scratch directory under `images/tmp/`, removed unless it was published.
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(store: &ImageStore) -> std::io::Result<Scratch> {
-        use std::os::unix::fs::DirBuilderExt;
-        let tmp = store.tmp_dir();
-        std::fs::create_dir_all(&tmp)?;
-        sweep(&tmp);
-        let dir = tmp.join(format!("pull-{}-{}", std::process::id(), hex::encode(rand_bytes())));
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        Ok(Scratch { dir })
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-        if let Some(parent) = self.dir.parent() {
-            let _ = std::fs::remove_dir(parent); // only when empty
-        }
-    }
-}
-
-fn rand_bytes() -> [u8; 8] {
-    let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    b
-}
-
-/// Removes scratch directories of pulls whose process is gone.
-fn sweep(tmp: &Path) {
-    let Ok(dir) = std::fs::read_dir(tmp) else { return };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("pull-").and_then(|r| r.split('-').next()) else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
 /// An AsyncWrite that refuses more than `left` bytes (a registry may lie about a blob's size)
 /// and reports progress.
 struct Bounded<W> {
@@ -363,8 +315,10 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
         }
     }
     check_platform(&client, &r, &manifest.config, opts).await?;
-    let scratch = Scratch::new(store).map_err(|e| PullError::Store(format!("scratch directory: {e}")))?;
-    let rootfs = scratch.dir.join("rootfs");
+    let scratch = store
+        .scratch("pull")
+        .map_err(|e| PullError::Store(format!("scratch directory: {e:#}")))?;
+    let rootfs = scratch.path().join("rootfs");
     std::fs::create_dir(&rootfs).map_err(|e| PullError::Store(e.to_string()))?;
     let mut applier = layer::Applier::new(&rootfs, opts.budget.clone()).map_err(|e| PullError::Store(e.to_string()))?;
     let multi = (opts.progress && std::io::stderr().is_terminal()).then(indicatif::MultiProgress::new);
@@ -384,7 +338,7 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
             digest: l.digest.clone(),
             message,
         };
-        let blob = scratch.dir.join(format!("layer-{i}"));
+        let blob = scratch.path().join(format!("layer-{i}"));
         let file = tokio::fs::File::create(&blob)
             .await
             .map_err(|e| PullError::Store(format!("{}: {e}", blob.display())))?;
@@ -440,7 +394,7 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
         let _ = std::fs::remove_file(&blob);
     }
     let agent = opts.agent.clone();
-    let stage = scratch.dir.clone();
+    let stage = scratch.path().to_path_buf();
     let digest_for = digest.clone();
     let budget = opts.budget.clone();
     let variant = tokio::task::spawn_blocking(move || -> Result<Variant, String> {
@@ -460,7 +414,7 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
         reference: name.clone(),
         message,
     })?;
-    let out = scratch.dir.join("out");
+    let out = scratch.path().join("out");
     let img = Image {
         name: name.clone(),
         variant,
@@ -562,21 +516,6 @@ fn apply_blob(applier: &mut layer::Applier, path: &Path) -> std::io::Result<laye
     }
 }
 
-/// The agent's systemd unit in a pulled image (as in ours).
-const AGENT_UNIT: &str = "[Unit]
-Description=slicer guest agent
-DefaultDependencies=no
-After=local-fs.target
-
-[Service]
-ExecStart=/usr/local/bin/slicer-agent
-Restart=always
-RestartSec=100ms
-
-[Install]
-WantedBy=sysinit.target
-";
-
 /// Puts the agent (and, under systemd, its unit) into the tree; returns how it boots.
 fn inject(a: &layer::Applier, agent: &Path, digest: &str) -> std::io::Result<Variant> {
     let bin = std::fs::read(agent)?;
@@ -596,13 +535,16 @@ fn inject(a: &layer::Applier, agent: &Path, digest: &str) -> std::io::Result<Var
         .into_iter()
         .find(|p| a.exists(p));
     let variant = if let Some(sd) = systemd {
-        a.write_file("etc/systemd/system/slicer-agent.service", AGENT_UNIT.as_bytes(), 0o644)?;
+        a.write_file(
+            "etc/systemd/system/slicer-agent.service",
+            crate::build::AGENT_UNIT.as_bytes(),
+            0o644,
+        )?;
         a.symlink(
             "etc/systemd/system/sysinit.target.wants/slicer-agent.service",
             "/etc/systemd/system/slicer-agent.service",
         )?;
-        // No udev in a microVM: the serial gettys would wait 90 s for their device.
-        for unit in ["serial-getty@ttyS0.service", "getty@tty1.service", "getty.target"] {
+        for unit in crate::build::MASKED_UNITS {
             a.symlink(&format!("etc/systemd/system/{unit}"), "/dev/null")?;
         }
         if !a.exists("sbin/init") {

@@ -70,6 +70,31 @@ pub fn slicer(dir: &Path, args: &[&str], url: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs and asserts success; returns stdout.
+pub fn ok(dir: &Path, url: &str, args: &[&str]) -> String {
+    let out = slicer(dir, args, url);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs and asserts failure with one readable line on stderr that contains `want`.
+pub fn fails(dir: &Path, url: &str, args: &[&str], want: &str) {
+    let out = slicer(dir, args, url);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains(want), "{args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+}
+
 /// Starts `slicer up ./<config>` in `dir` (data in `dir/data`) and waits for /healthz.
 pub async fn up(dir: &Path, config: &str, port: u16) -> (Daemon, String) {
     up_with(dir, config, port, &[]).await
