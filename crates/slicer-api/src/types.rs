@@ -478,6 +478,10 @@ pub struct CommitRequest {
     pub labels: std::collections::BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_key: Option<String>,
+    /// Extension: commit a running VM with its memory and devices (`mode: live`): it pauses
+    /// briefly and continues; forks of the commit continue from that moment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<bool>,
 }
 
 /// The answer to a commit.
@@ -489,7 +493,7 @@ pub struct CommitResponse {
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_status: Option<String>,
-    /// `disk`.
+    /// `disk`, or `live` (memory and devices too).
     pub mode: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
@@ -544,6 +548,9 @@ pub struct ForkRequest {
     pub vcpu: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram_bytes: Option<u64>,
+    /// Extension: make this many forks in one call (1-32); the answer is then an array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
 }
 
 /// The answer to a fork.

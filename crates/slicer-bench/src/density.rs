@@ -29,7 +29,7 @@ pub fn pss_kib(pid: u32) -> Result<u64> {
 }
 
 /// CPU time (user + system, in clock ticks) of processes.
-fn cpu_ticks(pids: &[u32]) -> u64 {
+pub fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
         .filter_map(|s| {

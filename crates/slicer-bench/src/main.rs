@@ -12,8 +12,10 @@ use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
 
 mod daemon;
 mod density;
+mod hold;
 mod images;
 mod jail;
+mod livefork;
 mod net;
 mod warm;
 
@@ -23,7 +25,8 @@ pub struct Args {
     /// (cold boot against template restore), `net` (isolated networking), `jail` (jailed
     /// and cgroup-limited QEMUs against plain ones), `images` (OCI pull and convert; fork
     /// against template create) or `density` (idle restored VMs: PSS, CPU, restore time, with
-    /// the template's RAM shared and not).
+    /// the template's RAM shared and not), `livefork` (live commit and fork against a template
+    /// create) or `hold` (idle VMs added until latency, memory or `--vms` stops it).
     #[arg(long, default_value = "boot")]
     suite: String,
     /// Concurrent creates in the daemon suite.
@@ -60,7 +63,7 @@ pub struct Args {
     /// interleaved, to compare kernels side by side.
     #[arg(long)]
     compare_kernel: Option<PathBuf>,
-    /// Density suite: idle VMs of each kind.
+    /// Density suite: idle VMs of each kind; hold suite: the most VMs to add.
     #[arg(long, default_value_t = 20)]
     vms: usize,
     /// Images suite: the static agent pulled images get (default: setup's install).
@@ -168,6 +171,27 @@ async fn main() -> Result<()> {
             burst: args.burst,
             memory_mib: args.memory,
             images_dir: data_dir.join("images"),
+            record_to: (!args.no_record).then(|| args.record.clone()),
+        })
+        .await;
+    }
+    if args.suite == "livefork" {
+        return livefork::run(livefork::LiveForkArgs {
+            image: args.image.clone(),
+            memory_mib: args.memory,
+            runs: args.boots.min(5),
+            data_dir: data_dir.clone(),
+            record_to: (!args.no_record).then(|| args.record.clone()),
+        })
+        .await;
+    }
+    if args.suite == "hold" {
+        slicer_vmm::raise_nofile_limit();
+        return hold::run(hold::HoldArgs {
+            image: args.image.clone(),
+            memory_mib: args.memory,
+            max: args.vms,
+            data_dir: data_dir.clone(),
             record_to: (!args.no_record).then(|| args.record.clone()),
         })
         .await;

@@ -59,6 +59,21 @@ pub struct CapacityConfig {
     /// vCPUs of all running VMs together (an overcommit of the host's cores is fine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u32>,
+    /// How running VMs count against `ram_bytes`: `measured` (default), the memory their
+    /// cgroup is charged now (private memory: pages shared from a template count once, for
+    /// the daemon), or `nominal`, their RAM plus QEMU's overhead. A new VM needs its nominal
+    /// share free either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryAccounting>,
+}
+
+/// `config.capacity.memory`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryAccounting {
+    #[default]
+    Measured,
+    Nominal,
 }
 
 fn yes() -> bool {
@@ -211,6 +226,7 @@ pub struct Settings {
     pub listen: Listen,
     pub auth: bool,
     pub capacity: Capacity,
+    pub memory_accounting: MemoryAccounting,
     /// `config.ssh_keys`: authorized in every VM.
     pub ssh_keys: Vec<String>,
 }
@@ -665,6 +681,7 @@ impl File {
             listen,
             auth,
             capacity,
+            memory_accounting: c.capacity.as_ref().and_then(|c| c.memory).unwrap_or_default(),
             ssh_keys: c.ssh_keys.clone(),
         })
     }
@@ -890,8 +907,10 @@ config:
         assert!(e.contains("config.capacity.ram_bytes"), "{e}");
         let e = err("config:\n  capacity: {ram_bytes: lots}\n  host_groups:\n  - name: a\n");
         assert!(e.contains("capacity.ram_bytes"), "{e}");
+        let e = err("config:\n  capacity: {memory_bytes: 1}\n  host_groups:\n  - name: a\n");
+        assert!(e.contains("capacity") && e.contains("unknown field `memory_bytes`"), "{e}");
         let e = err("config:\n  capacity: {memory: 1}\n  host_groups:\n  - name: a\n");
-        assert!(e.contains("capacity") && e.contains("unknown field `memory`"), "{e}");
+        assert!(e.contains("config.capacity.memory") && e.contains("`measured` or `nominal`"), "{e}");
         let e = err("config:\n  capacity: {vms: 2}\n  host_groups:\n  - name: a\n    count: 3\n");
         assert!(
             e.contains("config.capacity.vms") && e.contains("count VMs are 3"),
@@ -918,6 +937,7 @@ config:
             ram_bytes: Some(2 * GIB),
             vms: Some(2),
             vcpus: Some(3),
+            memory: None,
         };
         assert_eq!(
             Capacity::resolve(Some(&given), 0, 8).unwrap(),
@@ -932,6 +952,12 @@ config:
             .settings(Path::new("."))
             .unwrap();
         assert_eq!(s.capacity.vms, 2);
+        assert_eq!(s.memory_accounting, MemoryAccounting::Measured);
+        let err = File::parse("config:\n  capacity: {memory: guessed}\n  host_groups:\n  - name: a\n    count: 0\n")
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(err.contains("memory") && err.contains("nominal"), "{err}");
         assert!(s.capacity.ram_bytes > 0 && s.capacity.vcpus >= DEFAULT_VCPUS_PER_CORE);
         assert!(host_memory_bytes().unwrap() > s.capacity.ram_bytes);
         assert_eq!(human_bytes(512 << 20), "512 MiB");

@@ -88,6 +88,7 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
     };
     let listen = settings.listen.clone();
     let manager = Manager::new(settings, host, &opts.data_dir).await?;
+    manager.start_accounting(std::time::Duration::from_secs(2));
     manager.recover().await?;
     manager.setup_networks().await?;
     let app = api::router(Arc::new(api::AppState {
@@ -227,6 +228,8 @@ impl Daemon {
 
 /// `slicer up`: runs until SIGINT or SIGTERM.
 pub async fn run(opts: UpOptions) -> Result<()> {
+    let nofile = slicer_vmm::raise_nofile_limit();
+    tracing::debug!("open files limit {nofile}");
     let d = start(&opts).await?;
     match &d.listen {
         Listen::Tcp(a) => eprintln!(

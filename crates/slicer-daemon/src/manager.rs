@@ -107,6 +107,10 @@ pub struct Manager {
     commits_dir: PathBuf,
     /// Forks whose first boot gives them a new machine id.
     fresh_ids: Mutex<HashSet<String>>,
+    /// Forks of a live commit, by hostname, until launched: restored from its capture.
+    live_forks: Mutex<HashMap<String, Arc<slicer_vmm::Template>>>,
+    /// Live commits' captures in use, by commit id (their memory is read once per daemon).
+    captures: Mutex<HashMap<String, Arc<slicer_vmm::Template>>>,
     /// One commit change at a time (see `commits`).
     commit_lock: tokio::sync::Mutex<()>,
 }
@@ -180,6 +184,8 @@ struct Hold {
     /// Guest RAM plus QEMU's overhead: what the VM's cgroup allows it.
     host_ram: u64,
     vcpus: u32,
+    /// Host memory its cgroup was last charged (see [`Manager::account_memory`]).
+    measured: Option<u64>,
 }
 
 impl Hold {
@@ -188,6 +194,7 @@ impl Hold {
             ram: rec.ram_bytes,
             host_ram: rec.ram_bytes + slicer_vmm::vm_overhead_bytes(rec.ram_bytes),
             vcpus: rec.cpus,
+            measured: None,
         }
     }
 }
@@ -196,13 +203,16 @@ impl Hold {
 /// claim while a new VM has no hostname yet).
 struct Ledger {
     budget: Capacity,
+    /// Running VMs count by the memory they were last measured to use (else nominally).
+    measured: bool,
     holds: HashMap<String, Hold>,
 }
 
 impl Ledger {
-    fn new(budget: Capacity) -> Ledger {
+    fn new(budget: Capacity, measured: bool) -> Ledger {
         Ledger {
             budget,
+            measured,
             holds: HashMap::new(),
         }
     }
@@ -215,7 +225,11 @@ impl Ledger {
             vcpus: 0,
         };
         for (_, h) in self.holds.iter().filter(|(k, _)| Some(k.as_str()) != but) {
-            c.ram_bytes += h.host_ram;
+            c.ram_bytes += match (self.measured, h.measured) {
+                // Never more than its cgroup allows.
+                (true, Some(m)) => m.min(h.host_ram),
+                _ => h.host_ram,
+            };
             c.vms += 1;
             c.vcpus += h.vcpus;
         }
@@ -325,7 +339,10 @@ impl Manager {
             }
         }
         Ok(Arc::new(Manager {
-            ledger: Mutex::new(Ledger::new(settings.capacity)),
+            ledger: Mutex::new(Ledger::new(
+                settings.capacity,
+                settings.memory_accounting == crate::config::MemoryAccounting::Measured,
+            )),
             settings,
             host,
             db,
@@ -341,6 +358,8 @@ impl Manager {
             closing: AtomicBool::new(false),
             commits_dir: data_dir.join("commits"),
             fresh_ids: Mutex::new(HashSet::new()),
+            live_forks: Mutex::new(HashMap::new()),
+            captures: Mutex::new(HashMap::new()),
             commit_lock: tokio::sync::Mutex::new(()),
         }))
     }
@@ -570,6 +589,42 @@ impl Manager {
     /// Gives a VM's share of the capacity budget back (nothing when it holds none).
     fn release(&self, key: &str) {
         self.ledger().holds.remove(key);
+    }
+
+    /// Measures what each running VM's cgroup is charged (a counter read per VM) into the
+    /// ledger, which then counts running VMs by it: idle clones of a template cost what they
+    /// wrote, not their RAM. Nothing to do without cgroups or with nominal accounting.
+    pub fn account_memory(&self) {
+        let Some(jail) = &self.host.jail else { return };
+        if !self.ledger().measured {
+            return;
+        }
+        let names: Vec<String> = self.vms().keys().cloned().collect();
+        let used: Vec<(String, Option<u64>)> = names
+            .into_iter()
+            .map(|n| {
+                let m = jail.memory_used(&n);
+                (n, m)
+            })
+            .collect();
+        let mut l = self.ledger();
+        for (n, m) in used {
+            if let Some(h) = l.holds.get_mut(&n) {
+                h.measured = m;
+            }
+        }
+    }
+
+    /// Runs [`Manager::account_memory`] every `every` while the manager lives.
+    pub fn start_accounting(self: &Arc<Self>, every: Duration) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(m) = me.upgrade() else { return };
+                m.account_memory();
+            }
+        });
     }
 
     /// The capacity held by running and starting VMs, and the budget.
@@ -980,6 +1035,16 @@ impl Manager {
         Some(vm)
     }
 
+    /// A fork of a live commit, restored from its capture and ready.
+    async fn start_live(&self, spec: &VmSpec, capture: &slicer_vmm::Template) -> anyhow::Result<Vm> {
+        let vm = Vm::restore(&self.host, spec, capture).await?;
+        if let Err(e) = vm.wait_ready(RESTORE_TIMEOUT).await {
+            vm.discard().await;
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
     /// Starts the VM of a record, and the tasks that follow its boot and its exit. A new VM
     /// of a warm-starting group is restored from its template; any other start boots its disk.
     async fn launch(self: &Arc<Self>, rec: &VmRecord) -> anyhow::Result<Arc<Running>> {
@@ -995,14 +1060,26 @@ impl Manager {
             None => (None, None),
         };
         spec.net = vmnet;
+        let live = self
+            .live_forks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rec.hostname);
         let fresh = !self.vm_dir(&rec.hostname).exists();
-        let warm = match fresh && self.warm(&rec.host_group) {
-            true => self.start_warm(&spec).await,
-            false => None,
-        };
-        let started = match warm {
-            Some(vm) => Ok(vm),
-            None => Vm::start(&self.host, &spec).await,
+        let started = match live {
+            // A live fork continues its commit's guest; booting its disk cold instead would
+            // lose what the commit holds, so it fails instead.
+            Some(capture) => self.start_live(&spec, &capture).await,
+            None => {
+                let warm = match fresh && self.warm(&rec.host_group) {
+                    true => self.start_warm(&spec).await,
+                    false => None,
+                };
+                match warm {
+                    Some(vm) => Ok(vm),
+                    None => Vm::start(&self.host, &spec).await,
+                }
+            }
         };
         let vm = match started {
             Ok(vm) => vm,
@@ -1806,11 +1883,14 @@ mod tests {
     #[test]
     fn the_ledger_refuses_what_does_not_fit_and_says_what_is_short() {
         let overhead = slicer_vmm::vm_overhead_bytes(256 << 20);
-        let mut l = Ledger::new(Capacity {
-            ram_bytes: 2 * ((256 << 20) + overhead),
-            vms: 3,
-            vcpus: 4,
-        });
+        let mut l = Ledger::new(
+            Capacity {
+                ram_bytes: 2 * ((256 << 20) + overhead),
+                vms: 3,
+                vcpus: 4,
+            },
+            true,
+        );
         l.reserve("a", Hold::of(&rec(256, 1))).unwrap();
         l.reserve("b", Hold::of(&rec(256, 1))).unwrap();
         let e = l.reserve("c", Hold::of(&rec(256, 1))).unwrap_err();
@@ -1836,6 +1916,36 @@ mod tests {
                 vcpus: 4
             }
         );
+    }
+
+    #[test]
+    fn measured_vms_count_what_they_use_and_never_more_than_their_limit() {
+        let overhead = slicer_vmm::vm_overhead_bytes(256 << 20);
+        let nominal = (256 << 20) + overhead;
+        let budget = Capacity {
+            ram_bytes: 3 * nominal,
+            vms: 100,
+            vcpus: 100,
+        };
+        for measured in [true, false] {
+            let mut l = Ledger::new(budget, measured);
+            for k in ["a", "b", "c"] {
+                l.reserve(k, Hold::of(&rec(256, 1))).unwrap();
+            }
+            assert!(l.reserve("d", Hold::of(&rec(256, 1))).is_err());
+            // Idle clones: 40 MiB each; one that grew past its cgroup's limit counts its limit.
+            for (k, m) in [("a", 40 << 20), ("b", 40 << 20), ("c", 10 * nominal)] {
+                l.holds.get_mut(k).unwrap().measured = Some(m);
+            }
+            let held = l.held(None).ram_bytes;
+            if measured {
+                assert_eq!(held, (80 << 20) + nominal);
+                l.reserve("d", Hold::of(&rec(256, 1))).unwrap();
+            } else {
+                assert_eq!(held, 3 * nominal);
+                assert!(l.reserve("d", Hold::of(&rec(256, 1))).is_err());
+            }
+        }
     }
 
     #[tokio::test]

@@ -81,6 +81,10 @@ pub struct QemuNet {
     /// hub port), as a template has: the device is what a saved state must match, not its backend.
     pub tap: Option<String>,
     pub mac: String,
+    /// Jailed QEMUs with `netns: None` only: make the TAP in a new, empty network namespace of
+    /// the VM's own (a NIC wired to nothing that still has a TAP's offloads, as a saved state
+    /// of a VM on a TAP requires) instead of opening an existing one in the host's.
+    pub own_netns: bool,
 }
 
 impl QemuConfig {
@@ -123,6 +127,13 @@ impl QemuConfig {
     /// no guest code has run on yet) stay charged to the daemon's cgroup.
     fn joins_cgroup_later(&self) -> bool {
         self.incoming.is_some() && self.jail.as_ref().is_some_and(|j| j.cgroup.is_some())
+    }
+
+    /// Whether an incoming QEMU starts with `-incoming defer` and is handed its state through
+    /// QMP: when its RAM is a file (a template's clone maps one privately and sets
+    /// `x-ignore-shared` first; a live capture loads a full stream into a shared one).
+    fn loads_through_qmp(&self) -> bool {
+        self.incoming.is_some() && matches!(self.ram, Some(RamBacking::PrivateFd(_) | RamBacking::SharedFile(_)))
     }
 
     /// `tap_fd`: the descriptor of an opened TAP (jailed QEMUs cannot open one themselves).
@@ -211,9 +222,9 @@ impl QemuConfig {
                 )
             });
         }
-        if self.incoming.is_some() && matches!(self.ram, Some(RamBacking::PrivateFd(_))) {
-            // The caller sets `x-ignore-shared` and hands the state over through QMP
-            // (`Qmp::incoming_ignoring_shared`): the capability must be set before loading.
+        if self.loads_through_qmp() {
+            // The caller sets the migration capabilities and hands the state over through QMP
+            // (`Qmp::incoming`): capabilities must be set before loading.
             a.extend(["-incoming".into(), "defer".into()]);
         } else if self.incoming.is_some() {
             // The state file is opened by `spawn` and inherited: QEMU reads the file directly
@@ -243,14 +254,14 @@ pub async fn version(binary: &Path) -> Result<String> {
         .to_string())
 }
 
-/// A pipe, both ends close-on-exec (the child's copies become its stdout and stderr).
-fn pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+/// A pipe, both ends close-on-exec (for QEMU's output; a live capture's migration stream).
+pub fn pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
     use std::os::fd::FromRawFd;
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two descriptors on success; each is then owned exactly once.
     unsafe {
         if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-            return Err(std::io::Error::last_os_error()).context("creating a pipe for QEMU's output");
+            return Err(std::io::Error::last_os_error()).context("creating a pipe");
         }
         Ok((
             std::os::fd::OwnedFd::from_raw_fd(fds[0]),
@@ -385,9 +396,11 @@ impl QemuProcess {
         use std::os::fd::AsRawFd;
         let log =
             std::fs::File::create(&cfg.qemu_log).with_context(|| format!("creating {}", cfg.qemu_log.display()))?;
-        let incoming = match (&cfg.incoming, &cfg.ram) {
-            (Some(_), Some(RamBacking::PrivateFd(_))) | (None, _) => None,
-            (Some(path), _) => Some(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?),
+        let incoming = match &cfg.incoming {
+            Some(path) if !cfg.loads_through_qmp() => {
+                Some(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?)
+            }
+            _ => None,
         };
         let incoming_fd = incoming.as_ref().map_or(-1, AsRawFd::as_raw_fd);
         // A descriptor number the child can put the TAP at: held open here (close-on-exec)
@@ -462,6 +475,19 @@ impl QemuProcess {
                 });
             }
         }
+        let own_netns = cfg.jail.is_some() && cfg.net.as_ref().is_some_and(|n| n.own_netns && n.netns.is_none());
+        if own_netns {
+            // SAFETY: unshare(2) is async-signal-safe. The jail then keeps this namespace
+            // (it does not make another), so the TAP made next lives as long as QEMU.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         if let (Some(slot), Some(name)) = (tap_fd, &tap_name) {
             let req = tun_request(name)?;
             // SAFETY: open/ioctl/dup2/close are async-signal-safe and `req` was built before
@@ -484,14 +510,14 @@ impl QemuProcess {
         }
         let join_later = cfg.joins_cgroup_later();
         let prepared = match &cfg.jail {
-            Some(j) if join_later => {
+            Some(j) => {
                 let spec = slicer_jail::JailSpec {
-                    cgroup_procs: Vec::new(),
+                    cgroup_procs: if join_later { Vec::new() } else { j.spec.cgroup_procs.clone() },
+                    new_netns: j.spec.new_netns && !own_netns,
                     ..j.spec.clone()
                 };
                 Some(spec.prepare().context("preparing the VM's jail")?)
             }
-            Some(j) => Some(j.spec.prepare().context("preparing the VM's jail")?),
             None => None,
         };
         if let Some(p) = prepared {
@@ -620,6 +646,7 @@ mod tests {
     fn templates_get_a_detached_nic_and_restores_an_incoming_state() {
         let mut c = cfg(Accel::Tcg);
         c.net = Some(QemuNet {
+            own_netns: false,
             netns: None,
             tap: None,
             mac: "02:00:00:00:00:01".into(),

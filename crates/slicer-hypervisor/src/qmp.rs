@@ -172,8 +172,17 @@ impl Qmp {
     /// Starts loading a saved state into a QEMU started with `-incoming defer`, from `file`
     /// (handed over with `getfd`), RAM that lives in a file left as it is mapped.
     pub async fn incoming_ignoring_shared(&self, file: &std::fs::File) -> Result<()> {
+        self.incoming(file, true).await
+    }
+
+    /// Starts loading a saved state into a QEMU started with `-incoming defer`, from `file`
+    /// (handed over with `getfd`); `ignore_shared`: RAM that lives in a file is not in the
+    /// stream (a template's clone), else the stream carries all RAM (a live capture).
+    pub async fn incoming(&self, file: &std::fs::File, ignore_shared: bool) -> Result<()> {
         self.send_fd("slicer-incoming", file).await?;
-        self.ignore_shared_ram().await?;
+        if ignore_shared {
+            self.ignore_shared_ram().await?;
+        }
         self.execute("migrate-incoming", Some(json!({ "uri": "fd:slicer-incoming" })))
             .await
             .context("starting to load the saved state")?;

@@ -77,6 +77,15 @@ impl JailConfig {
         }
     }
 
+    /// Host memory charged to VM `name`'s cgroup now (v2 `memory.current`, v1
+    /// `memory.usage_in_bytes`): its private memory (written guest pages, QEMU's own) and page
+    /// cache it caused; pages of a template's memory it only reads are charged to whoever
+    /// loaded them, the daemon. A counter read, cheap enough to poll for hundreds of VMs.
+    pub fn memory_used(&self, name: &str) -> Option<u64> {
+        let h = self.cgroups.as_ref()?;
+        Cgroup::at(h, CGROUP_PARENT, name).memory_stat(h, "memory.current", "memory.usage_in_bytes")
+    }
+
     /// The cgroup of VM `name` if it exists (for an adopted VM).
     pub fn cgroup_of(&self, name: &str) -> Option<Cgroup> {
         let h = self.cgroups.as_ref()?;

@@ -28,8 +28,9 @@ pub use template::{Shape, Template};
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// The saved state of a suspended VM, in its directory.
 pub const SUSPEND_FILE: &str = "suspend.state";
-/// Present in a VM's directory while its QEMU's RAM block is named `slicer.ram` (a clone of a
-/// template with shared RAM, and its resumes): a saved state of it loads only into that name.
+/// Present in a VM's directory while its QEMU's RAM block is named `slicer.ram` (every VM this
+/// library starts; not those of older daemons): a saved state of it loads only into that name,
+/// and only such a VM can be captured live (see [`Host::capture`]).
 const RAM_NAMED: &str = "ram-named";
 
 /// Where things live on this host and how VMs are accelerated.
@@ -135,6 +136,32 @@ impl Host {
     }
 }
 
+/// Raises this process's soft limit of open files to its hard limit: each running VM holds a
+/// few descriptors here (agent, QMP and console sockets, QEMU's output pipe), so the usual soft
+/// limit of 1024 would cap a host at a couple of hundred VMs. Returns the new limit.
+pub fn raise_nofile_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit fill and read a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur;
+            }
+        }
+    }
+    r.rlim_cur
+}
+
 /// Host memory a running VM may use beyond its guest RAM (QEMU itself, its TCG translation
 /// buffer, device queues). Its cgroup's memory limit is `ram + vm_overhead_bytes(ram)`, and the
 /// daemon's capacity budget reserves the same amount per running VM.
@@ -204,6 +231,7 @@ impl VmNet {
     /// QEMU's NIC on this VM's TAP.
     fn qemu(&self) -> slicer_hypervisor::QemuNet {
         slicer_hypervisor::QemuNet {
+            own_netns: false,
             netns: self.netns.clone(),
             tap: Some(self.tap.clone()),
             mac: self.mac.clone(),
@@ -340,8 +368,9 @@ impl Vm {
             ensure!(!dir.exists(), "VM directory {} already exists", dir.display());
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        // A cold boot's RAM block has QEMU's default name.
-        let _ = std::fs::remove_file(dir.join(RAM_NAMED));
+        // RAM is one named block, whatever started the VM: its saved states load anywhere
+        // (resume, a live capture) into a QEMU that names it the same.
+        std::fs::write(dir.join(RAM_NAMED), b"").with_context(|| format!("writing in {}", dir.display()))?;
         if !reuse {
             if let Err(e) = slicer_storage::create_overlay(&image.rootfs, &disk, spec.disk_size).await {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -367,6 +396,7 @@ impl Vm {
         let mut cfg = host.qemu_config(&spec.name, &dir, accel, &image, spec.cpus, spec.memory_mib);
         cfg.cmdline = cmdline;
         cfg.net = spec.net.as_ref().map(VmNet::qemu);
+        cfg.ram = Some(slicer_hypervisor::qemu::RamBacking::Anonymous);
         let started = Instant::now();
         let qemu = match Vm::spawn(host, &cfg).await {
             Ok(q) => q,
@@ -418,14 +448,11 @@ impl Vm {
             },
             false => None,
         };
-        if memory.is_some() {
-            std::fs::write(dir.join(RAM_NAMED), b"")?;
-        }
-        if let Some(m) = &memory {
-            cfg.ram = Some(slicer_hypervisor::qemu::RamBacking::PrivateFd(
-                std::os::fd::AsRawFd::as_raw_fd(&**m),
-            ));
-        }
+        std::fs::write(dir.join(RAM_NAMED), b"")?;
+        cfg.ram = Some(match &memory {
+            Some(m) => slicer_hypervisor::qemu::RamBacking::PrivateFd(std::os::fd::AsRawFd::as_raw_fd(&**m)),
+            None => slicer_hypervisor::qemu::RamBacking::Anonymous,
+        });
         let started = Instant::now();
         let spawned = async {
             slicer_storage::create_overlay(&template.disk(), &cfg.disk, None).await?;
@@ -799,7 +826,7 @@ impl Drop for Vm {
     }
 }
 
-fn now_unix_ns() -> u64 {
+pub(crate) fn now_unix_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)

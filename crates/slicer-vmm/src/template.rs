@@ -19,10 +19,10 @@ use slicer_agent_client::AgentClient;
 use slicer_hypervisor::{Accel, QemuNet, QemuProcess, Qmp};
 use slicer_image::Image;
 
-use crate::{tail, Host, VmSpec};
+use crate::{tail, Host, Vm, VmSpec};
 
 /// Bumped when the way templates are made changes, so older ones are not used.
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 /// The MAC of a template's NIC; each restored VM's agent sets the VM's own.
 const TEMPLATE_MAC: &str = "02:00:00:00:00:01";
 /// Longest a template build may take to boot its guest.
@@ -113,6 +113,11 @@ impl Template {
         }
         let fd = Arc::new(sealed_copy(&self.ram()).with_context(|| format!("loading template {}'s memory", self.id))?);
         Ok(self.memory.get_or_init(|| fd).clone())
+    }
+
+    /// A template (or a live capture, see [`Host::capture`]) kept in `dir`.
+    pub fn open(dir: &Path) -> Result<Template> {
+        Template::load(dir)
     }
 
     fn load(dir: &Path) -> Result<Template> {
@@ -285,13 +290,15 @@ impl Host {
         slicer_storage::create_overlay(&image.rootfs, &disk, None).await?;
         let mut cfg = self.qemu_config("template", s, accel, image, meta.shape.cpus, meta.shape.memory_mib);
         cfg.cmdline = meta.cmdline.clone();
-        if meta.shared_ram {
-            cfg.ram = Some(slicer_hypervisor::qemu::RamBacking::SharedFile(s.join("ram")));
-        }
+        cfg.ram = Some(match meta.shared_ram {
+            true => slicer_hypervisor::qemu::RamBacking::SharedFile(s.join("ram")),
+            false => slicer_hypervisor::qemu::RamBacking::Anonymous,
+        });
         cfg.net = meta.shape.nic.then(|| QemuNet {
             netns: None,
             tap: None,
             mac: TEMPLATE_MAC.into(),
+            own_netns: false,
         });
         let started = Instant::now();
         let cgroup_name = s
@@ -383,6 +390,184 @@ impl Host {
             meta.state_bytes >> 20
         );
         Template::load(dir)
+    }
+}
+
+/// How long a live capture paused its source, and took in all.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureTimes {
+    pub paused: Duration,
+    pub total: Duration,
+}
+
+impl Host {
+    /// Captures the running `vm` (of `shape`) into `dest`, in a template's layout: its disk as
+    /// it is now (`disk.qcow2`), its RAM (`ram`) and its devices (`state`). VMs restored from
+    /// it ([`Vm::restore`]) continue from that moment, their RAM mapped copy-on-write from
+    /// the capture.
+    ///
+    /// The source pauses while its disk is copied and its RAM streamed (through a pipe) into
+    /// a capture QEMU started beforehand, whose RAM is the file `ram`; then it continues. Its
+    /// host session with the agent is closed first (a live fork must not inherit one), so
+    /// open exec streams of the source end. The capture QEMU then saves its devices alone
+    /// (`x-ignore-shared`) and quits. On failure the source continues and nothing is left.
+    pub async fn capture(&self, vm: &Vm, shape: &Shape, dest: &Path) -> Result<(Template, CaptureTimes)> {
+        let started = Instant::now();
+        ensure!(vm.is_running(), "VM {} is not running", vm.name);
+        ensure!(
+            vm.dir().join(crate::RAM_NAMED).exists(),
+            "VM {} was started by an older daemon and its memory cannot be captured; restart it first",
+            vm.name
+        );
+        ensure!(!dest.exists(), "{} already exists", dest.display());
+        ensure!(
+            !shape.nic || self.jail.is_some(),
+            "capturing a VM with a NIC needs jailed QEMUs (the capture's TAP lives in its own network namespace)"
+        );
+        let image = self.images.get(&shape.image)?;
+        let parent = dest.parent().context("capture destination has no parent")?;
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let scratch = Scratch(parent.join(format!(".capture-{:08x}", rand::random::<u32>())));
+        std::fs::create_dir(&scratch.0).with_context(|| format!("creating {}", scratch.0.display()))?;
+        let s = &scratch.0;
+        let source_disk = vm.dir().join("disk.qcow2");
+        let disk_bytes = slicer_storage::virtual_size(&source_disk)?;
+        // The capture QEMU never runs the guest: its drive only needs the source's size.
+        let mut cfg = self.qemu_config("capture", s, vm.accel, &image, shape.cpus, shape.memory_mib);
+        cfg.disk = s.join("capture.qcow2");
+        slicer_storage::create_overlay(&image.rootfs, &cfg.disk, Some(disk_bytes)).await?;
+        cfg.cmdline = template_cmdline(&image);
+        cfg.ram = Some(slicer_hypervisor::qemu::RamBacking::SharedFile(s.join("ram")));
+        cfg.incoming = Some(s.join("state"));
+        // A source on a TAP saved its NIC with the TAP's offloads (vnet_hdr), which only a TAP
+        // can load: the capture gets one, alone in a network namespace of its own.
+        cfg.net = shape.nic.then(|| QemuNet {
+            netns: None,
+            tap: Some("capture0".into()),
+            mac: TEMPLATE_MAC.into(),
+            own_netns: true,
+        });
+        let cgroup_name = s
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_start_matches('.').to_string())
+            .unwrap_or_default();
+        let capture = self
+            .spawn_qemu(&cfg, &cgroup_name, u64::from(shape.memory_mib) << 20)
+            .await?;
+        let _killer = KillOnDrop(&capture);
+        let cap = Qmp::connect(&cfg.qmp_socket, Duration::from_secs(10)).await?;
+        let (rd, wr) = slicer_hypervisor::qemu::pipe()?;
+        let (rd, wr) = (std::fs::File::from(rd), std::fs::File::from(wr));
+        cap.incoming(&rd, false).await?;
+        drop(rd);
+
+        vm.agent.reset().await;
+        let src = vm.qmp().await?;
+        src.execute("stop", None).await.context("pausing the source")?;
+        let paused = Instant::now();
+        let frozen = s.join("disk.qcow2");
+        let moved = async {
+            // Stopped, QEMU has flushed the disk: a copy of the overlay is its state now.
+            let (from, to) = (source_disk.clone(), frozen.clone());
+            let copy = tokio::task::spawn_blocking(move || std::fs::copy(&from, &to));
+            let ram = async {
+                let r = src
+                    .save_state(&wr, SAVE_TIMEOUT)
+                    .await
+                    .context("streaming the source's memory");
+                drop(wr);
+                r
+            };
+            let (copied, sent, loaded) = tokio::join!(copy, ram, cap.wait_incoming(SAVE_TIMEOUT));
+            copied
+                .context("copying the disk")?
+                .with_context(|| format!("copying {}", source_disk.display()))?;
+            sent?;
+            loaded.context("loading the source's memory into the capture")?;
+            anyhow::Ok(())
+        };
+        let moved = tokio::select! {
+            r = moved => r,
+            st = capture.wait() => Err(anyhow::anyhow!(
+                "the capture QEMU exited ({}); QEMU said:\n{}",
+                st.map(|s| s.to_string()).unwrap_or_default(),
+                tail(&cfg.qemu_log, 10)
+            )),
+        };
+        // The source goes on whatever happened (after a completed migration `cont` takes its
+        // disk back).
+        let resumed = src.execute("cont", None).await;
+        let paused = paused.elapsed();
+        if let Err(e) = moved {
+            let _ = tokio::time::timeout(Duration::from_secs(2), capture.wait()).await;
+            bail!("{e:#}; the capture QEMU said:\n{}", tail(&cfg.qemu_log, 10));
+        }
+        resumed.context("resuming the source")?;
+        let _ = vm
+            .agent
+            .set_identity(&slicer_agent_proto::Identity {
+                time_unix_ns: Some(crate::now_unix_ns()),
+                ..Default::default()
+            })
+            .await;
+
+        cap.ignore_shared_ram().await?;
+        let state_tmp = s.join("state.tmp");
+        let state_file = crate::jail::private_file(&state_tmp)?;
+        cap.save_state(&state_file, SAVE_TIMEOUT)
+            .await
+            .context("saving the captured devices")?;
+        drop(state_file);
+        let _ = tokio::time::timeout(Duration::from_secs(2), cap.execute("quit", None)).await;
+        if tokio::time::timeout(Duration::from_secs(5), capture.wait())
+            .await
+            .is_err()
+        {
+            capture.kill();
+            capture.wait().await;
+        }
+        std::fs::rename(&state_tmp, s.join("state"))?;
+        for f in ["agent.sock", "qmp.sock", "console.sock", "capture.qcow2"] {
+            let _ = std::fs::remove_file(s.join(f));
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o444))?;
+        let ram = s.join("ram");
+        std::os::unix::fs::chown(&ram, Some(0), Some(0))?;
+        std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o400))?;
+        let meta = Meta {
+            id: dest
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            shape: shape.clone(),
+            image_key: image.key.clone(),
+            qemu_version: self.qemu_version().await?,
+            accel: vm.accel.as_str().to_string(),
+            cmdline: cfg.cmdline.clone(),
+            disk_bytes,
+            state_bytes: std::fs::metadata(s.join("state"))?.len(),
+            boot_ms: 0,
+            save_ms: paused.as_millis() as u64,
+            shared_ram: true,
+        };
+        std::fs::write(s.join("meta.json"), serde_json::to_vec_pretty(&meta)?)?;
+        std::fs::rename(s, dest).with_context(|| format!("moving the capture to {}", dest.display()))?;
+        let t = Template::load(dest)?;
+        tracing::info!(
+            vm = %vm.name,
+            "captured live into {}: paused {} ms, {} ms in all",
+            dest.display(),
+            paused.as_millis(),
+            started.elapsed().as_millis()
+        );
+        Ok((
+            t,
+            CaptureTimes {
+                paused,
+                total: started.elapsed(),
+            },
+        ))
     }
 }
 

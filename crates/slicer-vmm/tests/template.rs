@@ -260,3 +260,75 @@ async fn twenty_clones_share_the_template_memory() {
     assert_eq!(std::fs::read_dir(f.tmp.path()).unwrap().count(), 0);
     assert_eq!(std::fs::read_dir(f2.tmp.path()).unwrap().count(), 0);
 }
+
+/// A live capture: processes, tmpfs and memory of a running VM continue in each VM restored
+/// from it (a live fork), each with its own identity, while the source keeps running. Both a
+/// template clone and a cold-booted VM are captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_captures_continue_in_every_fork() {
+    let f = fixture();
+    let warm = restore(&f, "live-src", None).await;
+    let cold = common::boot(&f, "live-cold", "min").await;
+    for (n, src) in [warm, cold].into_iter().enumerate() {
+        // A counter in a shell's memory, a file on tmpfs held open by a sleep and then
+        // unlinked (it lives on only through that descriptor), a write on disk.
+        sh(
+            &src,
+            "echo held > /dev/shm/held; \
+             setsid sh -c 'echo $$ > /dev/shm/holder; exec sleep 100000 3</dev/shm/held' </dev/null >/dev/null 2>&1 & \
+             setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & \
+             echo disk > /root/on-disk; sync; sleep 0.5; rm /dev/shm/held",
+        )
+        .await;
+        let sleep_pid = sh(&src, "cat /dev/shm/holder").await.trim().to_string();
+        assert!(!sleep_pid.is_empty());
+        let dest = f.tmp.path().join(format!("capture-{n}"));
+        let (cap, times) = f.host.capture(&src, &shape(), &dest).await.expect("capture");
+        let at: u64 = sh(&src, "cat /dev/shm/count").await.trim().parse().unwrap();
+        eprintln!("capture {n}: paused {:?}, {:?} in all", times.paused, times.total);
+        assert!(cap.shared_ram && cap.state().is_file());
+        let mut forks = Vec::new();
+        for i in 0..2 {
+            let spec = VmSpec::new(format!("live-{n}-fork-{i}"), "min");
+            let vm = Vm::restore(&f.host, &spec, &cap).await.expect("live fork");
+            vm.wait_ready(Duration::from_secs(120)).await.expect("live fork ready");
+            forks.push(vm);
+        }
+        let mut ids = HashSet::new();
+        for vm in forks.iter().chain(std::iter::once(&src)) {
+            let out = sh(
+                vm,
+                &format!("hostname; cat /etc/machine-id; cat /proc/{sleep_pid}/fd/3; cat /root/on-disk; a=$(cat /dev/shm/count); sleep 0.5; echo $a $(cat /dev/shm/count)"),
+            )
+            .await;
+            let l: Vec<&str> = out.lines().collect();
+            assert_eq!(l.len(), 5, "{}: {out}", vm.name);
+            assert_eq!(l[0], vm.name);
+            assert!(ids.insert(l[1].to_string()), "{} repeats machine-id {}", vm.name, l[1]);
+            assert_eq!(l[2], "held", "{}", vm.name);
+            assert_eq!(l[3], "disk", "{}", vm.name);
+            let c: Vec<u64> = l[4].split(' ').map(|v| v.parse().unwrap()).collect();
+            assert!(c[1] > c[0], "{}: the counter stands still: {out}", vm.name);
+            if vm.name != src.name {
+                // It continued from the captured value, not from zero.
+                assert!(
+                    c[0] + 20 >= at && c[0] < at + 400,
+                    "{}: counter {} vs {at} at capture",
+                    vm.name,
+                    c[0]
+                );
+            }
+        }
+        // Writes stay where they are made.
+        sh(&forks[0], "echo mine > /dev/shm/only; echo mine > /root/only; sync").await;
+        for vm in [&forks[1], &src] {
+            assert_eq!(
+                sh(vm, "ls /dev/shm/only /root/only 2>/dev/null | wc -l").await.trim(),
+                "0"
+            );
+        }
+        for vm in forks.into_iter().chain([src]) {
+            vm.stop(Duration::from_secs(10)).await.unwrap();
+        }
+    }
+}

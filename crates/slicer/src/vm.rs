@@ -279,6 +279,10 @@ pub enum VmCmd {
         /// Tag of the commit (repeat).
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// Commit the running VM with its memory and devices (it pauses briefly and
+        /// continues); forks continue from that moment.
+        #[arg(long)]
+        live: bool,
     },
     /// Fork a commit into a new persistent VM of its host group (named by the allocator).
     Fork {
@@ -301,6 +305,9 @@ pub enum VmCmd {
         /// Drop egress to this CIDR (isolated groups; repeat).
         #[arg(long)]
         drop: Vec<String>,
+        /// Make this many forks at once (1-32; one line, or one JSON object, each).
+        #[arg(long)]
+        count: Option<u32>,
     },
     /// Write a stopped VM's disk as a standalone qcow2 image (`slicer disk export`).
     #[command(hide = true)]
@@ -762,13 +769,18 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
             }
         }
         VmCmd::Commit {
-            name, cache_key, tags, ..
+            name,
+            cache_key,
+            tags,
+            live,
+            ..
         } => {
             let name = name.context("which VM? slicer vm commit NAME")?;
             let body = serde_json::to_value(slicer_api::CommitRequest {
                 tags,
                 labels: Default::default(),
                 cache_key,
+                live: live.then_some(true),
             })?;
             let r: slicer_api::CommitResponse =
                 c.json(Method::POST, &format!("/vm/{name}/commit"), Some(&body)).await?;
@@ -786,9 +798,13 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
             allow,
             no_allow,
             drop,
+            count,
         } => {
             if commit.is_empty() || commit.contains(['/', '\\', '?', '#', '%', '\0']) || commit.contains("..") {
                 bail!("{commit:?} is not a commit id (see `slicer vm commit list`)");
+            }
+            if count.is_some() && name.is_some() {
+                bail!("--name names one VM: leave it out with --count");
             }
             if let Some(n) = name {
                 tags.push(format!("name={n}"));
@@ -800,20 +816,21 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
             let body = serde_json::to_value(slicer_api::ForkRequest {
                 tags,
                 network,
+                count,
                 ..Default::default()
             })?;
             let wait = if wait { "agent" } else { "none" };
-            let r: slicer_api::ForkResponse = c
-                .json(
-                    Method::POST,
-                    &format!("/vm/commits/{commit}/fork?wait={wait}"),
-                    Some(&body),
-                )
-                .await?;
-            if conn.json {
-                print_json(&r)?;
-            } else {
-                println!("{}", r.hostname);
+            let path = format!("/vm/commits/{commit}/fork?wait={wait}");
+            let forks: Vec<slicer_api::ForkResponse> = match count {
+                Some(_) => c.json(Method::POST, &path, Some(&body)).await?,
+                None => vec![c.json(Method::POST, &path, Some(&body)).await?],
+            };
+            for r in &forks {
+                if conn.json {
+                    print_json(r)?;
+                } else {
+                    println!("{}", r.hostname);
+                }
             }
         }
         VmCmd::ExportDisk { name, output } => {

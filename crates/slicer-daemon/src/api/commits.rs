@@ -1,10 +1,10 @@
-//! Cold fork routes: `POST /vm/{h}/commit`, `GET /vm/commits`, `DELETE /vm/commits/{id}`,
+//! Commit and fork routes (cold, and live as an extension): `POST /vm/{h}/commit`, `GET /vm/commits`, `DELETE /vm/commits/{id}`,
 //! `POST /vm/commits/{id}/fork`.
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::Json;
-use slicer_api::{CommitDeleted, CommitInfo, CommitRequest, CommitResponse, ForkRequest, ForkResponse};
+use slicer_api::{CommitDeleted, CommitInfo, CommitRequest, CommitResponse, ForkRequest};
 
 use super::{query_one, query_pairs, query_timeout, JsonBody, Shared};
 use crate::error::ApiErr;
@@ -47,7 +47,7 @@ pub async fn fork(
     Path(id): Path<String>,
     q: RawQuery,
     JsonBody(req): JsonBody<ForkRequest>,
-) -> Result<(StatusCode, Json<ForkResponse>), ApiErr> {
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiErr> {
     let pairs = query_pairs(&q.0);
     let wait = match query_one(&pairs, "wait") {
         None | Some("") | Some("agent") => true,
@@ -55,10 +55,18 @@ pub async fn fork(
         Some(o) => return Err(ApiErr::bad_request(format!("query wait: {o:?} is not agent or none"))),
     };
     let timeout = query_timeout(&pairs)?;
-    Ok((
-        StatusCode::CREATED,
-        Json(st.manager.fork(&id, req, wait, timeout).await?),
-    ))
+    let many = req.count.is_some();
+    let mut forks = st.manager.fork(&id, req, wait, timeout).await?;
+    // With `count` the answer is an array (also of one); without, Slicer's single object.
+    let body = match (many, forks.pop()) {
+        (false, Some(one)) => serde_json::to_value(one),
+        (_, last) => {
+            forks.extend(last);
+            serde_json::to_value(forks)
+        }
+    }
+    .map_err(ApiErr::internal)?;
+    Ok((StatusCode::CREATED, Json(body)))
 }
 
 /// `GET /vm/{h}/disk` (slicer extension behind `slicer disk export`): a standalone qcow2.

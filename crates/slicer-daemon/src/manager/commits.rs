@@ -1,4 +1,5 @@
-//! Cold fork: commit a stopped persistent VM's disk, fork new VMs from it.
+//! Commit and fork: cold (a stopped persistent VM's disk) and live (a running VM's disk,
+//! memory and devices), forks from either.
 //!
 //! A commit takes the VM's qcow2 overlay as it is (a rename: no copy) into
 //! `<data_dir>/commits/<id>/disk.qcow2`, read-only from then on, and gives the VM a new empty
@@ -6,6 +7,12 @@
 //! overlay sits on the commit's disk: forks share it copy-on-write, and a write in one is seen
 //! by no other. A commit is removed only when no VM (its source, its forks) and no other
 //! commit sits on it.
+//!
+//! A live commit (`live: true`, an extension) captures a running VM ([`slicer_vmm::Host::capture`]):
+//! its directory holds a copy of the VM's overlay (on the VM's own chain), its RAM and its
+//! devices, in a template's layout; the source pauses for the copy and continues, and does not
+//! sit on the commit. Its forks are restored from it: they continue the captured guest with
+//! their own identity, their RAM mapped copy-on-write from the capture.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +31,8 @@ use crate::state::{CommitRecord, VmRecord};
 pub(crate) struct ForkFrom {
     pub commit_id: String,
     pub new_machine_id: bool,
+    /// A live commit's capture: the fork is restored from it.
+    pub live: Option<Arc<slicer_vmm::Template>>,
 }
 
 /// `GET /vm/commits` filters.
@@ -42,6 +51,12 @@ const FIXUPS: &[&str] = &["hostname", "machine-id", "ssh-host-keys"];
 pub const MAX_CHAIN: usize = 10;
 /// Most commits a daemon keeps (each holds a disk).
 pub const MAX_COMMITS: usize = 1024;
+/// Most forks one call makes (`count`).
+pub const MAX_FORK_COUNT: u32 = 32;
+/// Most live commits whose memory the daemon keeps loaded for forks (each up to the VM's RAM,
+/// in the daemon's memory; one goes when a fifth is needed; running forks keep their own
+/// mapping, so only later forks of it load it again).
+const MAX_LOADED_CAPTURES: usize = 4;
 
 /// Commit ids are ours (hex), but a path segment from a client is checked before any use.
 pub fn valid_commit_id(id: &str) -> bool {
@@ -62,13 +77,13 @@ fn check_tags(tags: &[String]) -> Result<(), ApiErr> {
     Ok(())
 }
 
-fn info(c: &CommitRecord) -> CommitInfo {
+fn info(c: &CommitRecord, mode: &str) -> CommitInfo {
     CommitInfo {
         commit_id: c.commit_id.clone(),
         source_hostname: c.source_hostname.clone(),
         source_host_group: c.source_host_group.clone(),
         created_at: c.created_at.clone(),
-        mode: "disk".into(),
+        mode: mode.into(),
         tags: c.tags.clone(),
         labels: c.labels.clone(),
         cache_key: c.cache_key.clone(),
@@ -78,6 +93,34 @@ fn info(c: &CommitRecord) -> CommitInfo {
 impl Manager {
     fn commit_disk(&self, id: &str) -> PathBuf {
         self.commits_dir.join(id).join("disk.qcow2")
+    }
+
+    /// `live` when the commit holds a capture (memory and devices), else `disk`.
+    fn commit_mode(&self, id: &str) -> &'static str {
+        match self.commits_dir.join(id).join("state").is_file() {
+            true => "live",
+            false => "disk",
+        }
+    }
+
+    /// A live commit's capture, loaded once and kept for the next forks.
+    fn capture_of(&self, id: &str) -> Result<Arc<slicer_vmm::Template>, ApiErr> {
+        let mut loaded = self.captures.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = loaded.get(id) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(
+            slicer_vmm::Template::open(&self.commits_dir.join(id))
+                .map_err(|e| ApiErr::internal(format!("commit {id}: {e:#}")))?,
+        );
+        if loaded.len() >= MAX_LOADED_CAPTURES {
+            // Any one goes (the map does not keep use order; a later fork loads it again).
+            if let Some(k) = loaded.keys().next().cloned() {
+                loaded.remove(&k);
+            }
+        }
+        loaded.insert(id.to_string(), t.clone());
+        Ok(t)
     }
 
     /// `POST /vm/{h}/commit`.
@@ -104,6 +147,9 @@ impl Manager {
             let _commits = me.commit_lock.lock().await;
             let _op = me.lock_vm(&h).await;
             let rec = me.record(&h)?;
+            if req.live == Some(true) {
+                return me.commit_live(rec, req).await;
+            }
             if !rec.persistent {
                 return Err(ApiErr::conflict(format!(
                     "VM {h} is not persistent: only a persistent VM's disk outlives it to be committed"
@@ -115,30 +161,8 @@ impl Manager {
                     rec.status.to_lowercase()
                 )));
             }
-            let commits = me.db.commits().map_err(ApiErr::internal)?;
-            if commits.len() >= MAX_COMMITS {
-                return Err(ApiErr::conflict(format!(
-                    "this daemon keeps at most {MAX_COMMITS} commits; delete some first (slicer vm commit delete ID)"
-                )));
-            }
-            if let Some(k) = &req.cache_key {
-                if let Some(other) = commits.iter().find(|c| c.cache_key.as_deref() == Some(k) && c.source_hostname != h) {
-                    return Err(ApiErr::conflict(format!(
-                        "cache key {k:?} belongs to commits of VM {}; use another key for VM {h}",
-                        other.source_hostname
-                    )));
-                }
-            }
+            me.check_commit_room(&h, &req)?;
             let disk = me.vm_dir(&h).join("disk.qcow2");
-            if !disk.is_file() {
-                return Err(ApiErr::conflict(format!("VM {h} has no disk to commit")));
-            }
-            let depth = slicer_vmm::jail::backing_chain(&disk).map(|c| c.len()).unwrap_or(0);
-            if depth >= MAX_CHAIN {
-                return Err(ApiErr::conflict(format!(
-                    "VM {h}'s disk already sits on {depth} layers (commits of commits); fork a fresh VM from its latest commit instead"
-                )));
-            }
             let id = hex::encode(rand::random::<[u8; 10]>());
             let dir = me.commits_dir.join(&id);
             std::fs::create_dir_all(&dir).map_err(ApiErr::internal)?;
@@ -183,11 +207,106 @@ impl Manager {
         .await
     }
 
+    /// What every commit checks first: room for one more, the cache key's owner, a disk that
+    /// is not too deep.
+    fn check_commit_room(&self, h: &str, req: &CommitRequest) -> Result<(), ApiErr> {
+        let commits = self.db.commits().map_err(ApiErr::internal)?;
+        if commits.len() >= MAX_COMMITS {
+            return Err(ApiErr::conflict(format!(
+                "this daemon keeps at most {MAX_COMMITS} commits; delete some first (slicer vm commit delete ID)"
+            )));
+        }
+        if let Some(k) = &req.cache_key {
+            if let Some(other) = commits
+                .iter()
+                .find(|c| c.cache_key.as_deref() == Some(k) && c.source_hostname != h)
+            {
+                return Err(ApiErr::conflict(format!(
+                    "cache key {k:?} belongs to commits of VM {}; use another key for VM {h}",
+                    other.source_hostname
+                )));
+            }
+        }
+        let disk = self.vm_dir(h).join("disk.qcow2");
+        if !disk.is_file() {
+            return Err(ApiErr::conflict(format!("VM {h} has no disk to commit")));
+        }
+        let depth = slicer_vmm::jail::backing_chain(&disk).map(|c| c.len()).unwrap_or(0);
+        if depth >= MAX_CHAIN {
+            return Err(ApiErr::conflict(format!(
+                "VM {h}'s disk already sits on {depth} layers (commits of commits); fork a fresh VM from its latest commit instead"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A live commit of the running VM `rec` (commit lock and the VM's lock held).
+    async fn commit_live(&self, rec: VmRecord, req: CommitRequest) -> Result<CommitResponse, ApiErr> {
+        let h = rec.hostname.clone();
+        let r = match self.vms().get(&h) {
+            Some(r) if rec.status == slicer_api::STATUS_RUNNING => r.clone(),
+            _ => {
+                return Err(ApiErr::conflict(format!(
+                    "VM {h} is {}: a live commit needs a running VM (a stopped one commits without live)",
+                    rec.status.to_lowercase()
+                )))
+            }
+        };
+        if r.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ApiErr::conflict(format!("VM {h} is paused: resume it first")));
+        }
+        if !r.vm.is_ready() {
+            return Err(ApiErr::conflict(format!(
+                "VM {h} is still starting: wait until it is ready"
+            )));
+        }
+        self.check_commit_room(&h, &req)?;
+        let id = hex::encode(rand::random::<[u8; 10]>());
+        let shape = slicer_vmm::Shape {
+            image: rec.image.clone(),
+            cpus: rec.cpus,
+            memory_mib: (rec.ram_bytes >> 20) as u32,
+            nic: self.nets.contains_key(&rec.host_group),
+        };
+        let dir = self.commits_dir.join(&id);
+        let (_, times) = self
+            .host
+            .capture(&r.vm, &shape, &dir)
+            .await
+            .map_err(|e| ApiErr::internal(format!("committing VM {h} live: {e:#}")))?;
+        // The copy sits on the source's chain: on its last commit, or the one it was forked from.
+        let (last, parent) = self.db.lineage(&h).map_err(ApiErr::internal)?;
+        let c = CommitRecord {
+            commit_id: id.clone(),
+            source_hostname: h.clone(),
+            source_host_group: rec.host_group.clone(),
+            created_at: now_rfc3339(),
+            cache_key: req.cache_key.clone(),
+            tags: req.tags.clone(),
+            labels: req.labels.clone(),
+            image: rec.image.clone(),
+            storage_size: rec.storage_size,
+            base_commit: last.or(parent),
+        };
+        if let Err(e) = self.db.add_commit(&c) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(ApiErr::internal(e));
+        }
+        tracing::info!(vm = %h, commit = %id, paused_ms = times.paused.as_millis() as u64, "committed live");
+        Ok(CommitResponse {
+            hostname: h,
+            commit_id: id,
+            status: "committed".into(),
+            parent_status: Some("running".into()),
+            mode: "live".into(),
+            tags: req.tags,
+            labels: req.labels,
+            cache_key: req.cache_key,
+        })
+    }
+
     /// `GET /vm/commits`.
     pub fn commits(&self, f: &CommitFilter) -> Result<Vec<CommitInfo>, ApiErr> {
-        if f.mode.as_deref().is_some_and(|m| m != "disk") {
-            return Ok(Vec::new());
-        }
         Ok(self
             .db
             .commits()
@@ -196,7 +315,8 @@ impl Manager {
             .filter(|c| f.cache_key.as_ref().is_none_or(|k| c.cache_key.as_ref() == Some(k)))
             .filter(|c| f.source.as_ref().is_none_or(|s| &c.source_hostname == s))
             .filter(|c| f.tags.iter().all(|t| c.tags.contains(t)))
-            .map(info)
+            .map(|c| info(c, self.commit_mode(&c.commit_id)))
+            .filter(|c| f.mode.as_ref().is_none_or(|m| &c.mode == m))
             .collect())
     }
 
@@ -226,6 +346,7 @@ impl Manager {
             Err(e) => return Err(ApiErr::internal(format!("removing {}: {e}", dir.display()))),
         }
         self.db.delete_commit(id).map_err(ApiErr::internal)?;
+        self.captures.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         Ok(CommitDeleted {
             commit_id: id.to_string(),
             status: "deleted".into(),
@@ -238,6 +359,17 @@ impl Manager {
         let _commits = self.commit_lock.lock().await;
         if self.db.commit(&f.commit_id).map_err(ApiErr::internal)?.is_none() {
             return Err(ApiErr::not_found(format!("commit {} was deleted", f.commit_id)));
+        }
+        if let Some(capture) = &f.live {
+            // Restored from the capture, which makes the VM's directory and overlay.
+            self.db
+                .set_lineage(&rec.hostname, None, Some(&f.commit_id))
+                .map_err(ApiErr::internal)?;
+            self.live_forks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(rec.hostname.clone(), capture.clone());
+            return Ok(());
         }
         let dir = self.vm_dir(&rec.hostname);
         std::fs::create_dir_all(&dir).map_err(ApiErr::internal)?;
@@ -260,17 +392,24 @@ impl Manager {
         Ok(())
     }
 
-    /// `POST /vm/commits/{id}/fork`: a new allocator-named VM of the commit's host group on
-    /// the commit's disk.
+    /// `POST /vm/commits/{id}/fork`: new allocator-named VMs (one, or `count`) of the
+    /// commit's host group on the commit's disk; from a live commit, restored from its
+    /// capture. Several are made concurrently, all or none: if one fails, the others go.
     pub async fn fork(
         self: &Arc<Self>,
         id: &str,
         req: ForkRequest,
         wait: bool,
         timeout: Duration,
-    ) -> Result<ForkResponse, ApiErr> {
+    ) -> Result<Vec<ForkResponse>, ApiErr> {
         if !valid_commit_id(id) {
             return Err(ApiErr::bad_request(format!("{id:?} is not a commit id")));
+        }
+        let count = req.count.unwrap_or(1);
+        if !(1..=MAX_FORK_COUNT).contains(&count) {
+            return Err(ApiErr::bad_request(format!(
+                "count: {count}; use 1 to {MAX_FORK_COUNT}"
+            )));
         }
         let c = self
             .db
@@ -296,7 +435,7 @@ impl Manager {
                 FIXUPS.join(", ")
             )));
         }
-        let tags = match req.tag_mode.as_deref() {
+        let tags: Vec<String> = match req.tag_mode.as_deref() {
             None | Some("append") => c.tags.iter().chain(req.tags.iter()).cloned().collect(),
             Some("replace") => req.tags.clone(),
             Some(other) => {
@@ -305,24 +444,35 @@ impl Manager {
                 )))
             }
         };
+        let live = match self.commit_mode(id) {
+            "live" => Some(self.capture_of(id)?),
+            _ => None,
+        };
+        if let Some(cap) = &live {
+            // A live fork continues the captured guest: same vCPUs and RAM.
+            let (cpus, ram) = (cap.shape.cpus, u64::from(cap.shape.memory_mib) << 20);
+            if req.vcpu.is_some_and(|v| v != cpus) || req.ram_bytes.is_some_and(|r| r != ram) {
+                return Err(ApiErr::bad_request(format!(
+                    "commit {id} is live: its forks continue its guest with its {cpus} vCPUs and {ram} bytes of RAM; leave vcpu and ram_bytes out"
+                )));
+            }
+        }
+        let shape = live
+            .as_ref()
+            .map(|t| (t.shape.cpus, u64::from(t.shape.memory_mib) << 20));
         let create = CreateNodeRequest {
-            cpus: req.vcpu,
-            ram_bytes: req.ram_bytes,
+            cpus: shape.map(|s| s.0).or(req.vcpu),
+            ram_bytes: shape.map(|s| s.1).or(req.ram_bytes),
             tags,
             persistent: Some(req.persistent.unwrap_or(true)),
             network: req.network.clone(),
             secrets: req.secrets.clone(),
             ..Default::default()
         };
-        let mut rec = self.new_record(&g, &create)?;
-        rec.image = c.image.clone();
-        rec.storage_size = c.storage_size;
-        // The builder's userdata ran on the committed disk; a fork does not run it again.
-        rec.userdata = None;
+        // Checked once for all: what each fork's record would refuse.
+        let probe = self.new_record(&g, &create)?;
         if let Some(n) = &create.network {
             self.check_override(&g, n)?;
-            rec.net_allow = n.allow.clone();
-            rec.net_drop = n.drop.clone();
         }
         if let Some(names) = &create.secrets {
             if let Some(bad) = names.iter().find(|n| !crate::secrets::valid_name(n)) {
@@ -333,11 +483,54 @@ impl Manager {
             return Err(ApiErr::bad_request("tags: at most one name= tag"));
         }
         if let Some(name) = vm_name(&create.tags) {
+            if count > 1 {
+                return Err(ApiErr::bad_request("a name= tag names one VM: leave it out with count"));
+            }
             self.check_name(name, None)?;
         }
+        drop(probe);
+        let one = || {
+            let me = self.clone();
+            let (g, create, c, fixups, live) = (g.clone(), create.clone(), c.clone(), fixups.clone(), live.clone());
+            async move { me.fork_one(&g, create, &c, &fixups, live, wait, timeout).await }
+        };
+        let results = futures_util::future::join_all((0..count).map(|_| one())).await;
+        if results.iter().any(Result::is_err) {
+            for made in results.iter().flatten() {
+                let _ = self.delete(&made.hostname, true).await;
+            }
+            let first = results.into_iter().find_map(Result::err);
+            return Err(first.unwrap_or_else(|| ApiErr::internal("fork failed")));
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    /// One fork of `c` (see [`Manager::fork`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn fork_one(
+        self: &Arc<Self>,
+        g: &crate::config::Group,
+        create: CreateNodeRequest,
+        c: &CommitRecord,
+        fixups: &[String],
+        live: Option<Arc<slicer_vmm::Template>>,
+        wait: bool,
+        timeout: Duration,
+    ) -> Result<ForkResponse, ApiErr> {
+        let mut rec = self.new_record(g, &create)?;
+        rec.image = c.image.clone();
+        rec.storage_size = c.storage_size;
+        // The builder's userdata ran on the committed disk; a fork does not run it again.
+        rec.userdata = None;
+        if let Some(n) = &create.network {
+            rec.net_allow = n.allow.clone();
+            rec.net_drop = n.drop.clone();
+        }
+        let mode = if live.is_some() { "live" } else { "disk" };
         let from = ForkFrom {
-            commit_id: id.to_string(),
+            commit_id: c.commit_id.clone(),
             new_machine_id: fixups.iter().any(|f| f == "machine-id"),
+            live,
         };
         let me = self.clone();
         let secrets = create.secrets.clone();
@@ -373,11 +566,11 @@ impl Manager {
         Ok(ForkResponse {
             hostname: rec.hostname.clone(),
             source_hostname: c.source_hostname.clone(),
-            commit_id: Some(id.to_string()),
+            commit_id: Some(c.commit_id.clone()),
             status: "forked".into(),
             parent_status: None,
             child_status: Some(child_status.into()),
-            mode: "disk".into(),
+            mode: mode.into(),
             persistent: rec.persistent,
             ip: rec.ip.clone(),
         })
