@@ -43,7 +43,7 @@ pub async fn run(a: LiveForkArgs) -> Result<()> {
     let src = ready(&host, &spec("src".into()), &template).await?;
     sh(
         &src,
-        "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 &",
+        "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count.new; mv /dev/shm/count.new /dev/shm/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 &",
     )
     .await?;
     let (mut create, mut pause, mut capture, mut fork1, mut commit_fork) = (vec![], vec![], vec![], vec![], vec![]);

@@ -908,9 +908,15 @@ config:
         let e = err("config:\n  capacity: {ram_bytes: lots}\n  host_groups:\n  - name: a\n");
         assert!(e.contains("capacity.ram_bytes"), "{e}");
         let e = err("config:\n  capacity: {memory_bytes: 1}\n  host_groups:\n  - name: a\n");
-        assert!(e.contains("capacity") && e.contains("unknown field `memory_bytes`"), "{e}");
+        assert!(
+            e.contains("capacity") && e.contains("unknown field `memory_bytes`"),
+            "{e}"
+        );
         let e = err("config:\n  capacity: {memory: 1}\n  host_groups:\n  - name: a\n");
-        assert!(e.contains("config.capacity.memory") && e.contains("`measured` or `nominal`"), "{e}");
+        assert!(
+            e.contains("config.capacity.memory") && e.contains("`measured` or `nominal`"),
+            "{e}"
+        );
         let e = err("config:\n  capacity: {vms: 2}\n  host_groups:\n  - name: a\n    count: 3\n");
         assert!(
             e.contains("config.capacity.vms") && e.contains("count VMs are 3"),

@@ -53,6 +53,10 @@ pub enum RamBacking {
     /// RAM is mapped privately (copy-on-write) from this inherited descriptor, opened through
     /// `/proc/self/fd/N`: a template's sealed memory, shared by every clone until written.
     PrivateFd(i32),
+    /// RAM is this inherited descriptor (a memfd the caller keeps), mapped shared through
+    /// `/proc/self/fd/N` and allocated up front (`prealloc`): a live capture, which then loads
+    /// a stream into memory already there, and whose memory outlives its QEMU in the caller.
+    SharedFd(i32),
     /// Anonymous RAM under the same name (`slicer.ram`), so that a suspended clone's state,
     /// whose RAM block carries that name, loads into it.
     Anonymous,
@@ -133,7 +137,11 @@ impl QemuConfig {
     /// QMP: when its RAM is a file (a template's clone maps one privately and sets
     /// `x-ignore-shared` first; a live capture loads a full stream into a shared one).
     fn loads_through_qmp(&self) -> bool {
-        self.incoming.is_some() && matches!(self.ram, Some(RamBacking::PrivateFd(_) | RamBacking::SharedFile(_)))
+        self.incoming.is_some()
+            && matches!(
+                self.ram,
+                Some(RamBacking::PrivateFd(_) | RamBacking::SharedFile(_) | RamBacking::SharedFd(_))
+            )
     }
 
     /// `tap_fd`: the descriptor of an opened TAP (jailed QEMUs cannot open one themselves).
@@ -210,6 +218,7 @@ impl QemuConfig {
             let (path, share) = match ram {
                 RamBacking::SharedFile(f) => (p(f), "on"),
                 RamBacking::PrivateFd(fd) => (format!("/proc/self/fd/{fd}"), "off"),
+                RamBacking::SharedFd(fd) => (format!("/proc/self/fd/{fd}"), "on,prealloc=on"),
                 RamBacking::Anonymous => (String::new(), ""),
             };
             a.push("-object".into());
@@ -464,7 +473,7 @@ impl QemuProcess {
                 });
             }
         }
-        if let Some(RamBacking::PrivateFd(ram_fd)) = cfg.ram {
+        if let Some(RamBacking::PrivateFd(ram_fd) | RamBacking::SharedFd(ram_fd)) = cfg.ram {
             // SAFETY: as for the state file above; the caller keeps the descriptor open.
             unsafe {
                 cmd.pre_exec(move || {
@@ -512,7 +521,11 @@ impl QemuProcess {
         let prepared = match &cfg.jail {
             Some(j) => {
                 let spec = slicer_jail::JailSpec {
-                    cgroup_procs: if join_later { Vec::new() } else { j.spec.cgroup_procs.clone() },
+                    cgroup_procs: if join_later {
+                        Vec::new()
+                    } else {
+                        j.spec.cgroup_procs.clone()
+                    },
                     new_netns: j.spec.new_netns && !own_netns,
                     ..j.spec.clone()
                 };

@@ -156,7 +156,13 @@ impl JailConfig {
                 (libc::RLIMIT_CORE, 0),
                 (libc::RLIMIT_NPROC, PIDS_MAX),
             ],
-            proc: matches!(cfg.ram, Some(slicer_hypervisor::qemu::RamBacking::PrivateFd(_))),
+            proc: matches!(
+                cfg.ram,
+                Some(
+                    slicer_hypervisor::qemu::RamBacking::PrivateFd(_)
+                        | slicer_hypervisor::qemu::RamBacking::SharedFd(_)
+                )
+            ),
         };
         Ok(Jail { spec, cgroup })
     }

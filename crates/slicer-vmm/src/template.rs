@@ -437,7 +437,14 @@ impl Host {
         cfg.disk = s.join("capture.qcow2");
         slicer_storage::create_overlay(&image.rootfs, &cfg.disk, Some(disk_bytes)).await?;
         cfg.cmdline = template_cmdline(&image);
-        cfg.ram = Some(slicer_hypervisor::qemu::RamBacking::SharedFile(s.join("ram")));
+        // RAM in a memfd, allocated before the source pauses: loading the stream then only
+        // copies (no page faults, no filesystem work per page), and the memfd becomes the
+        // capture's sealed memory as it is.
+        let mem_len = u64::from(shape.memory_mib) << 20;
+        let mem = new_memfd(mem_len)?;
+        cfg.ram = Some(slicer_hypervisor::qemu::RamBacking::SharedFd(
+            std::os::fd::AsRawFd::as_raw_fd(&mem),
+        ));
         cfg.incoming = Some(s.join("state"));
         // A source on a TAP saved its NIC with the TAP's offloads (vnet_hdr), which only a TAP
         // can load: the capture gets one, alone in a network namespace of its own.
@@ -532,8 +539,15 @@ impl Host {
         }
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o444))?;
+        // The capture QEMU is gone: its memory loses its zero pages and is sealed, and is
+        // kept on disk for later daemons (read by the daemon only; forks get the memfd).
+        punch_zero_pages(&mem, mem_len)?;
+        seal(&mem)?;
         let ram = s.join("ram");
-        std::os::unix::fs::chown(&ram, Some(0), Some(0))?;
+        let ram_file = crate::jail::private_file(&ram)?;
+        ram_file.set_len(mem_len)?;
+        copy_extents(&mem, &ram_file, mem_len).context("writing the captured memory")?;
+        drop(ram_file);
         std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o400))?;
         let meta = Meta {
             id: dest
@@ -554,6 +568,7 @@ impl Host {
         std::fs::write(s.join("meta.json"), serde_json::to_vec_pretty(&meta)?)?;
         std::fs::rename(s, dest).with_context(|| format!("moving the capture to {}", dest.display()))?;
         let t = Template::load(dest)?;
+        let _ = t.memory.set(Arc::new(std::os::fd::OwnedFd::from(mem)));
         tracing::info!(
             vm = %vm.name,
             "captured live into {}: paused {} ms, {} ms in all",
@@ -571,12 +586,9 @@ impl Host {
     }
 }
 
-/// `path`'s data extents copied into a new memfd of the same size, then sealed.
-fn sealed_copy(path: &Path) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::fs::FileExt;
-    let src = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = src.metadata()?.len();
+/// A new memfd of `len` bytes that can be sealed.
+fn new_memfd(len: u64) -> Result<std::fs::File> {
+    use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: a NUL-terminated name; the kernel returns a new descriptor or -1.
     let fd = unsafe {
         libc::memfd_create(
@@ -588,34 +600,106 @@ fn sealed_copy(path: &Path) -> Result<std::os::fd::OwnedFd> {
     // SAFETY: the kernel just gave us this descriptor.
     let mem = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     mem.set_len(len)?;
+    Ok(mem)
+}
+
+/// Copies the data extents of `src` (its first `len` bytes) to the same offsets of `dst`:
+/// holes (never-touched guest pages) stay holes.
+fn copy_extents(src: &std::fs::File, dst: &std::fs::File, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
     let raw = src.as_raw_fd();
     let mut buf = vec![0u8; 1 << 20];
     let mut pos: i64 = 0;
     while (pos as u64) < len {
-        // SAFETY: lseek on a descriptor we own.
+        // SAFETY: lseek on a descriptor the caller owns.
         let data = unsafe { libc::lseek(raw, pos, libc::SEEK_DATA) };
         if data < 0 {
             break; // ENXIO: no data after pos
         }
         // SAFETY: as above.
-        let hole = unsafe { libc::lseek(raw, data, libc::SEEK_HOLE) }.max(data);
+        let hole = (unsafe { libc::lseek(raw, data, libc::SEEK_HOLE) }.max(data) as u64).min(len);
         let mut at = data as u64;
-        while at < hole as u64 {
-            let n = ((hole as u64 - at) as usize).min(buf.len());
+        while at < hole {
+            let n = ((hole - at) as usize).min(buf.len());
             src.read_exact_at(&mut buf[..n], at)?;
-            mem.write_all_at(&buf[..n], at)?;
+            dst.write_all_at(&buf[..n], at)?;
             at += n as u64;
         }
-        pos = hole;
+        pos = hole as i64;
     }
+    Ok(())
+}
+
+/// Punches out the all-zero pages of `mem` (a capture's memory, allocated in full): guest
+/// pages never written then take no memory in it, nor in the copy on disk.
+fn punch_zero_pages(mem: &std::fs::File, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    // A run of zero pages, punched in one call when it ends.
+    let mut run: Option<u64> = None;
+    let punch = |from: u64, to: u64| -> Result<()> {
+        // SAFETY: fallocate on a descriptor the caller owns.
+        let r = unsafe {
+            libc::fallocate(
+                mem.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                from as i64,
+                (to - from) as i64,
+            )
+        };
+        ensure!(r == 0, "punching zero pages: {}", std::io::Error::last_os_error());
+        Ok(())
+    };
+    while at < len {
+        let n = ((len - at) as usize).min(buf.len());
+        mem.read_exact_at(&mut buf[..n], at)?;
+        for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+            let off = at + (i * PAGE) as u64;
+            // A slice comparison is one memcmp, fast in any build.
+            match (page == &ZERO_PAGE[..page.len()], run) {
+                (true, None) => run = Some(off),
+                (false, Some(from)) => {
+                    punch(from, off)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        at += n as u64;
+    }
+    if let Some(from) = run {
+        punch(from, len)?;
+    }
+    Ok(())
+}
+
+/// Seals a memfd against write, grow, shrink and further seals (no shared writable mapping of
+/// it may exist any more).
+fn seal(mem: &std::fs::File) -> Result<()> {
+    use std::os::fd::AsRawFd;
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on a descriptor we own.
+    // SAFETY: fcntl on a descriptor the caller owns.
     ensure!(
         unsafe { libc::fcntl(mem.as_raw_fd(), libc::F_ADD_SEALS, seals) } == 0,
         "sealing the template memory: {}",
         std::io::Error::last_os_error()
     );
-    Ok(OwnedFd::from(mem))
+    Ok(())
+}
+
+/// `path`'s data extents copied into a new memfd of the same size, then sealed.
+fn sealed_copy(path: &Path) -> Result<std::os::fd::OwnedFd> {
+    let src = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = src.metadata()?.len();
+    let mem = new_memfd(len)?;
+    copy_extents(&src, &mem, len)?;
+    seal(&mem)?;
+    Ok(std::os::fd::OwnedFd::from(mem))
 }
 
 /// A build directory, removed unless the build completes.

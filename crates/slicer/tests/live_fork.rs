@@ -34,11 +34,13 @@ fn start_work(d: &Path, url: &str, vm: &str) -> String {
             "--",
             "echo held > /dev/shm/held; \
              setsid sh -c 'echo $$ > /dev/shm/holder; exec sleep 100000 3</dev/shm/held' </dev/null >/dev/null 2>&1 & \
-             setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & \
+             setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count.new; mv /dev/shm/count.new /dev/shm/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & \
              echo disk > /root/on-disk; sync; sleep 0.5; rm /dev/shm/held",
         ],
     );
-    let pid = ok(d, url, &["vm", "exec", vm, "--", "cat /dev/shm/holder"]).trim().to_string();
+    let pid = ok(d, url, &["vm", "exec", vm, "--", "cat /dev/shm/holder"])
+        .trim()
+        .to_string();
     assert!(!pid.is_empty(), "no sleep in {vm}");
     pid
 }
