@@ -16,3 +16,6 @@ target/release/slicer-bench --suite warm --image systemd --memory 512 "$@"
 target/release/slicer-bench --suite images "$@"
 target/release/slicer-bench --suite density --image min --vms 20 "$@"
 target/release/slicer-bench --suite density --image systemd --memory 512 --vms 20 "$@"
+target/release/slicer-bench --suite livefork --image min --boots 5 "$@"
+# Adds idle VMs until create latency doubles, memory runs short or 600 are held (minutes).
+target/release/slicer-bench --suite hold --image min --vms 600 "$@"

@@ -40,8 +40,9 @@ impl Reaper {
         let r = reaper.clone();
         tokio::spawn(async move {
             loop {
-                // The periodic sweep covers a signal that arrived before a pid was registered.
-                let _ = tokio::time::timeout(Duration::from_secs(1), sigchld.recv()).await;
+                // Every SIGCHLD reaps all that exited; the sweep (once per TTL, so an idle
+                // guest is not woken every second) only expires statuses nobody claimed.
+                let _ = tokio::time::timeout(UNCLAIMED_TTL, sigchld.recv()).await;
                 r.reap_all();
             }
         });
