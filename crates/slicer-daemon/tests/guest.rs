@@ -666,7 +666,9 @@ async fn watch_reports_changes_as_server_sent_events() {
         .client()
         .send(
             Method::GET,
-            &format!("/vm/{h}/fs/watch?paths=/tmp/w&recursive=true&patterns=*.txt&max_events=3"),
+            // A 5 s debounce: `: >` (close) and `echo >` (truncate, write, close) each report
+            // writes, which the default 200 ms merges only when the guest is not slowed down.
+            &format!("/vm/{h}/fs/watch?paths=/tmp/w&recursive=true&patterns=*.txt&max_events=3&debounce=5s"),
             None,
             slicer_api::client::empty(),
         )
