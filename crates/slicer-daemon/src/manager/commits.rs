@@ -470,7 +470,7 @@ impl Manager {
             ..Default::default()
         };
         // Checked once for all: what each fork's record would refuse.
-        let probe = self.new_record(&g, &create)?;
+        self.new_record(&g, &create)?;
         if let Some(n) = &create.network {
             self.check_override(&g, n)?;
         }
@@ -488,7 +488,6 @@ impl Manager {
             }
             self.check_name(name, None)?;
         }
-        drop(probe);
         let one = || {
             let me = self.clone();
             let (g, create, c, fixups, live) = (g.clone(), create.clone(), c.clone(), fixups.clone(), live.clone());
