@@ -104,6 +104,13 @@ impl ExitStatus {
     pub fn success(&self) -> bool {
         self.code == Some(0)
     }
+
+    /// The shell's exit code: the code, else 128 + the signal. The guest says both, so a
+    /// signal outside 1..=127 (which no real one is) counts as 0 rather than overflowing.
+    pub fn shell_code(&self) -> i32 {
+        self.code
+            .unwrap_or_else(|| 128 + self.signal.filter(|s| (1..=127).contains(s)).unwrap_or(0))
+    }
 }
 
 /// Last frame of an exec response.
@@ -391,6 +398,16 @@ pub struct PowerRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_codes_never_overflow_on_what_a_guest_says() {
+        let st = |code, signal| ExitStatus { code, signal };
+        assert_eq!(st(Some(3), None).shell_code(), 3);
+        assert_eq!(st(None, Some(9)).shell_code(), 137);
+        assert_eq!(st(None, Some(i32::MAX)).shell_code(), 128);
+        assert_eq!(st(None, Some(-5)).shell_code(), 128);
+        assert_eq!(st(None, None).shell_code(), 128);
+    }
 
     #[test]
     fn validate_rejects_ambiguous_and_empty() {

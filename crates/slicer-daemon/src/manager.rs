@@ -1831,7 +1831,7 @@ async fn run_userdata(vm: &Vm, script: &str) -> i32 {
         ..ExecRequest::argv(["/bin/sh", "-c", &cmd])
     };
     match agent.exec_output(&run, None).await {
-        Ok(out) => out.status.code.unwrap_or(128 + out.status.signal.unwrap_or(0)),
+        Ok(out) => out.status.shell_code(),
         Err(e) => {
             tracing::warn!("running userdata in {}: {e}", vm.name);
             -1

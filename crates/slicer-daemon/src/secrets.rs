@@ -41,9 +41,14 @@ pub fn parse_permissions(p: &str) -> Result<String, ApiErr> {
         .ok_or_else(|| ApiErr::bad_request(format!("permissions: {p:?} is not octal such as 0600")))
 }
 
-/// Writes `data` to `path` atomically with mode 0600.
+/// Writes `data` to `path` atomically with mode 0600. The temporary file's name starts with a
+/// dot, which no secret's name may (so writing `k` never touches a secret named `k.tmp`).
 fn write_private(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -51,9 +56,14 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    let written = f
+        .write_all(data)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
     Ok(())
 }
 
@@ -144,5 +154,34 @@ mod tests {
         }
         assert_eq!(parse_permissions("600").unwrap(), "0600");
         assert!(parse_permissions("0999").is_err());
+    }
+
+    #[test]
+    fn writing_a_secret_leaves_one_named_like_its_temporary_file_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SecretStore::open(d.path()).unwrap();
+        let info = |name: &str| SecretInfo {
+            name: name.into(),
+            size: 1,
+            permissions: "0600".into(),
+            uid: 0,
+            gid: 0,
+            modified_at: "2026-01-01T00:00:00Z".into(),
+        };
+        s.put(&info("k.tmp"), b"A").unwrap();
+        s.put(&info("k"), b"B").unwrap();
+        s.put(&info("k"), b"C").unwrap();
+        assert_eq!(s.value("k.tmp").unwrap(), b"A");
+        assert_eq!(s.value("k").unwrap(), b"C");
+        let names = |sub: &str| {
+            let mut v: Vec<String> = std::fs::read_dir(d.path().join("secrets").join(sub))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names("values"), ["k", "k.tmp"]);
+        assert_eq!(names("meta"), ["k.json", "k.tmp.json"]);
     }
 }

@@ -661,6 +661,19 @@ async fn watch_reports_changes_as_server_sent_events() {
         400
     );
     assert_eq!(d.get(&format!("/vm/{h}/fs/watch?paths=/tmp/nope")).await.0, 404);
+    // A timeout past what the clock holds is no deadline (it overflowed a handler once).
+    let far = d
+        .client()
+        .send(
+            Method::GET,
+            &format!("/vm/{h}/fs/watch?paths=/tmp/w&timeout=9000000000000000000s"),
+            None,
+            slicer_api::client::empty(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(far.status(), 200);
+    drop(far);
 
     let resp = d
         .client()

@@ -55,9 +55,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 match p.next_event().await? {
                     Some(ExecEvent::Stdout(b)) => std::io::stdout().write_all(&b)?,
                     Some(ExecEvent::Stderr(b)) => std::io::stderr().write_all(&b)?,
-                    Some(ExecEvent::Exit(st)) => {
-                        return Ok::<i32, anyhow::Error>(st.code.unwrap_or(128 + st.signal.unwrap_or(0)))
-                    }
+                    Some(ExecEvent::Exit(st)) => return Ok::<i32, anyhow::Error>(st.shell_code()),
                     None => anyhow::bail!("the command's output ended without an exit status"),
                 }
             }

@@ -250,7 +250,7 @@ pub async fn exec(
         };
         let answer = BufferedExec {
             signal: out.status.signal.map(signal_name).unwrap_or_default(),
-            exit_code: out.status.code.unwrap_or_else(|| 128 + out.status.signal.unwrap_or(0)),
+            exit_code: out.status.shell_code(),
             stdout: encode_owned(out.stdout, b64),
             stderr: encode_owned(out.stderr, b64),
             encoding: enc,
@@ -305,7 +305,7 @@ pub async fn exec(
                         timestamp: now_rfc3339(),
                         ended_at: now_rfc3339(),
                         pid: Some(pid),
-                        exit_code: Some(st.code.unwrap_or_else(|| 128 + st.signal.unwrap_or(0))),
+                        exit_code: Some(st.shell_code()),
                         signal: st.signal.map(signal_name).unwrap_or_default(),
                         ..Default::default()
                     };

@@ -13,7 +13,6 @@ mod ws;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
@@ -243,10 +242,15 @@ pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiErr;
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiErr> {
-        let bytes = Bytes::from_request(req, state)
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiErr> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_JSON_BODY)
             .await
-            .map_err(|e| ApiErr::new(e.status(), e.body_text()))?;
+            .map_err(|_| {
+                ApiErr::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("JSON body: larger than {MAX_JSON_BODY} bytes, or it could not be read"),
+                )
+            })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBody(T::default()));
         }
@@ -641,6 +645,29 @@ mod tests {
         assert_eq!(http_get(addr, "/vm/a/exec/ex_1/wait-exit").await.0, "HTTP/1.1 200 OK");
         assert_eq!(http_get(addr, "/quick").await.0, "HTTP/1.1 200 OK");
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn json_bodies_stop_at_one_mib() {
+        let req = |body: Vec<u8>| Request::builder().body(axum::body::Body::from(body)).unwrap();
+        // A JSON string just under the limit parses.
+        let mut ok = vec![b'"'];
+        ok.extend(std::iter::repeat_n(b'a', MAX_JSON_BODY - 2));
+        ok.push(b'"');
+        let JsonBody(v) = JsonBody::<serde_json::Value>::from_request(req(ok), &()).await.unwrap();
+        assert_eq!(v.as_str().map(str::len), Some(MAX_JSON_BODY - 2));
+        let mut big = vec![b'"'];
+        big.extend(std::iter::repeat_n(b'a', MAX_JSON_BODY));
+        big.push(b'"');
+        let Err(e) = JsonBody::<serde_json::Value>::from_request(req(big), &()).await else {
+            panic!("a body over 1 MiB was read")
+        };
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(e.message.contains("larger than 1048576 bytes"), "{}", e.message);
+        let Err(e) = JsonBody::<serde_json::Value>::from_request(req(b"{nope".to_vec()), &()).await else {
+            panic!("bad JSON was read")
+        };
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -126,7 +126,8 @@ pub async fn watch(
             .map_err(ApiErr::agent)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout past what the clock can represent is no deadline.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut last: HashMap<(String, String), Instant> = HashMap::new();
         let mut sent = 0u64;
         loop {
