@@ -18,18 +18,22 @@ pub struct DensityArgs {
     pub record_to: Option<std::path::PathBuf>,
 }
 
+/// The value of a `Key:   N kB` line of a /proc file's text.
+pub fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// A process's PSS in KiB (from /proc/<pid>/smaps_rollup).
 pub fn pss_kib(pid: u32) -> Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .with_context(|| format!("reading /proc/{pid}/smaps_rollup"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no Pss line")
+    kib_field(&text, "Pss:").context("no Pss line")
 }
 
 /// CPU time (user + system, in clock ticks) of processes.
-pub fn cpu_ticks(pids: &[u32]) -> u64 {
+fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
         .filter_map(|s| {
@@ -37,6 +41,17 @@ pub fn cpu_ticks(pids: &[u32]) -> u64 {
             Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
         })
         .sum()
+}
+
+/// CPU the processes use over `window`, in % of one core.
+pub async fn cpu_pct(pids: &[u32], window: Duration) -> f64 {
+    let t0 = cpu_ticks(pids);
+    let w = Instant::now();
+    tokio::time::sleep(window).await;
+    let ticks = cpu_ticks(pids).saturating_sub(t0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz / w.elapsed().as_secs_f64() * 100.0
 }
 
 struct Run {
@@ -71,13 +86,7 @@ async fn run_mode(a: &DensityArgs, shared: bool, root: &std::path::Path) -> Resu
     // Idle: let boot-time work settle, then measure.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pids: Vec<u32> = vms.iter().map(|v| v.pid()).collect();
-    let t0 = cpu_ticks(&pids);
-    let w = Instant::now();
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let ticks = cpu_ticks(&pids) - t0;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let idle_cpu_pct = ticks as f64 / hz / w.elapsed().as_secs_f64() * 100.0;
+    let idle_cpu_pct = cpu_pct(&pids, Duration::from_secs(10)).await;
     let mut pss = 0u64;
     for p in &pids {
         pss += pss_kib(*p)?;

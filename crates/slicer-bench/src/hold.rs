@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use slicer_vmm::{Host, Shape, Vm, VmSpec};
 
-use crate::density::{cpu_ticks, pss_kib};
+use crate::density::{cpu_pct, kib_field, pss_kib};
 use crate::{median, record};
 
 pub struct HoldArgs {
@@ -24,12 +24,7 @@ pub struct HoldArgs {
 /// (MemTotal, MemAvailable) in KiB.
 fn meminfo() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let get = |k: &str| kib_field(&text, k).unwrap_or(0);
     (get("MemTotal:"), get("MemAvailable:"))
 }
 
@@ -47,13 +42,7 @@ fn memory_stall_us() -> Option<u64> {
 /// Idle host CPU of `vms` over `secs`, in % of one core.
 async fn idle_cpu(vms: &[Vm], secs: u64) -> f64 {
     let pids: Vec<u32> = vms.iter().map(|v| v.pid()).collect();
-    let t0 = cpu_ticks(&pids);
-    let w = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let ticks = cpu_ticks(&pids).saturating_sub(t0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz / w.elapsed().as_secs_f64() * 100.0
+    cpu_pct(&pids, Duration::from_secs(secs)).await
 }
 
 pub async fn run(a: HoldArgs) -> Result<()> {

@@ -1020,24 +1020,19 @@ impl Manager {
                 return None;
             }
         };
-        let vm = match Vm::restore(&self.host, spec, &template).await {
-            Ok(vm) => vm,
+        match self.restore_ready(spec, &template).await {
+            Ok(vm) => Some(vm),
             Err(e) => {
                 tracing::warn!("VM {}: booting cold, restore failed: {e:#}", spec.name);
-                return None;
+                None
             }
-        };
-        if let Err(e) = vm.wait_ready(RESTORE_TIMEOUT).await {
-            tracing::warn!("VM {}: booting cold, restored guest failed: {e:#}", spec.name);
-            vm.discard().await;
-            return None;
         }
-        Some(vm)
     }
 
-    /// A fork of a live commit, restored from its capture and ready.
-    async fn start_live(&self, spec: &VmSpec, capture: &slicer_vmm::Template) -> anyhow::Result<Vm> {
-        let vm = Vm::restore(&self.host, spec, capture).await?;
+    /// A VM restored from `template` (a group's template, or a live commit's capture) and
+    /// ready; on failure nothing of it is left.
+    async fn restore_ready(&self, spec: &VmSpec, template: &slicer_vmm::Template) -> anyhow::Result<Vm> {
+        let vm = Vm::restore(&self.host, spec, template).await?;
         if let Err(e) = vm.wait_ready(RESTORE_TIMEOUT).await {
             vm.discard().await;
             return Err(e);
@@ -1069,7 +1064,7 @@ impl Manager {
         let started = match live {
             // A live fork continues its commit's guest; booting its disk cold instead would
             // lose what the commit holds, so it fails instead.
-            Some(capture) => self.start_live(&spec, &capture).await,
+            Some(capture) => self.restore_ready(&spec, &capture).await,
             None => {
                 let warm = match fresh && self.warm(&rec.host_group) {
                     true => self.start_warm(&spec).await,

@@ -62,6 +62,17 @@ pub enum RamBacking {
     Anonymous,
 }
 
+impl RamBacking {
+    /// The descriptor QEMU inherits and opens through `/proc/self/fd/N`, if any (its jail then
+    /// needs a procfs, and an incoming state comes through QMP).
+    pub fn inherited_fd(&self) -> Option<i32> {
+        match self {
+            RamBacking::PrivateFd(fd) | RamBacking::SharedFd(fd) => Some(*fd),
+            RamBacking::SharedFile(_) | RamBacking::Anonymous => None,
+        }
+    }
+}
+
 /// The jail of one QEMU: what it may see and be, and the cgroup it runs in.
 #[derive(Debug, Clone)]
 pub struct Jail {
@@ -134,14 +145,10 @@ impl QemuConfig {
     }
 
     /// Whether an incoming QEMU starts with `-incoming defer` and is handed its state through
-    /// QMP: when its RAM is a file (a template's clone maps one privately and sets
-    /// `x-ignore-shared` first; a live capture loads a full stream into a shared one).
+    /// QMP: when its RAM is an inherited descriptor (a template's clone maps one privately and
+    /// sets `x-ignore-shared` first; a live capture loads a full stream into a shared one).
     fn loads_through_qmp(&self) -> bool {
-        self.incoming.is_some()
-            && matches!(
-                self.ram,
-                Some(RamBacking::PrivateFd(_) | RamBacking::SharedFile(_) | RamBacking::SharedFd(_))
-            )
+        self.incoming.is_some() && self.ram.as_ref().and_then(RamBacking::inherited_fd).is_some()
     }
 
     /// `tap_fd`: the descriptor of an opened TAP (jailed QEMUs cannot open one themselves).
@@ -473,7 +480,7 @@ impl QemuProcess {
                 });
             }
         }
-        if let Some(RamBacking::PrivateFd(ram_fd) | RamBacking::SharedFd(ram_fd)) = cfg.ram {
+        if let Some(ram_fd) = cfg.ram.as_ref().and_then(RamBacking::inherited_fd) {
             // SAFETY: as for the state file above; the caller keeps the descriptor open.
             unsafe {
                 cmd.pre_exec(move || {

@@ -156,13 +156,11 @@ impl JailConfig {
                 (libc::RLIMIT_CORE, 0),
                 (libc::RLIMIT_NPROC, PIDS_MAX),
             ],
-            proc: matches!(
-                cfg.ram,
-                Some(
-                    slicer_hypervisor::qemu::RamBacking::PrivateFd(_)
-                        | slicer_hypervisor::qemu::RamBacking::SharedFd(_)
-                )
-            ),
+            proc: cfg
+                .ram
+                .as_ref()
+                .and_then(slicer_hypervisor::qemu::RamBacking::inherited_fd)
+                .is_some(),
         };
         Ok(Jail { spec, cgroup })
     }

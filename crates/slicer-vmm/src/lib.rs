@@ -329,6 +329,16 @@ pub struct Vm {
     cleaned: std::sync::atomic::AtomicBool,
 }
 
+/// Ends a QEMU whose state was saved: QMP `quit` (2 s), then SIGKILL if it has not exited
+/// within 5 s.
+pub(crate) async fn quit(qmp: &Qmp, qemu: &QemuProcess) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), qmp.execute("quit", None)).await;
+    if tokio::time::timeout(Duration::from_secs(5), qemu.wait()).await.is_err() {
+        qemu.kill();
+        qemu.wait().await;
+    }
+}
+
 pub(crate) fn tail(path: &Path, lines: usize) -> String {
     slicer_hypervisor::console::tail(path, lines)
 }
@@ -582,14 +592,7 @@ impl Vm {
             return Err(e.context(format!("suspending VM {}", self.name)));
         }
         std::fs::rename(&tmp, self.dir.join(SUSPEND_FILE)).context("keeping the saved state")?;
-        let _ = tokio::time::timeout(Duration::from_secs(2), qmp.execute("quit", None)).await;
-        if tokio::time::timeout(Duration::from_secs(5), self.qemu.wait())
-            .await
-            .is_err()
-        {
-            self.qemu.kill();
-            self.qemu.wait().await;
-        }
+        quit(&qmp, &self.qemu).await;
         // The files are the suspended VM now: dropping this handle must keep them.
         self.mark_cleaned();
         let _ = std::fs::remove_file(&self.qmp_socket);

@@ -117,10 +117,6 @@ impl Template {
 
     /// A template (or a live capture, see [`Host::capture`]) kept in `dir`.
     pub fn open(dir: &Path) -> Result<Template> {
-        Template::load(dir)
-    }
-
-    fn load(dir: &Path) -> Result<Template> {
         let path = dir.join("meta.json");
         let meta: Meta =
             serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
@@ -221,7 +217,7 @@ impl Host {
         }
         let dir = self.templates_dir().join(&id);
         let result = if dir.join("meta.json").is_file() {
-            Template::load(&dir)
+            Template::open(&dir)
         } else {
             let meta = Meta {
                 id: id.clone(),
@@ -301,10 +297,7 @@ impl Host {
             own_netns: false,
         });
         let started = Instant::now();
-        let cgroup_name = s
-            .file_name()
-            .map(|n| n.to_string_lossy().trim_start_matches('.').to_string())
-            .unwrap_or_default();
+        let cgroup_name = cgroup_name_of(s);
         let qemu = self
             .spawn_qemu(&cfg, &cgroup_name, u64::from(meta.shape.memory_mib) << 20)
             .await?;
@@ -355,11 +348,7 @@ impl Host {
             .context("saving the template")?;
         drop(state_file);
         meta.save_ms = saved.elapsed().as_millis() as u64;
-        let _ = tokio::time::timeout(Duration::from_secs(2), qmp.execute("quit", None)).await;
-        if tokio::time::timeout(Duration::from_secs(5), qemu.wait()).await.is_err() {
-            qemu.kill();
-            qemu.wait().await;
-        }
+        crate::quit(&qmp, &qemu).await;
         drop(killer);
         std::fs::rename(&state_tmp, s.join("state"))?;
         meta.state_bytes = std::fs::metadata(s.join("state"))?.len();
@@ -389,7 +378,7 @@ impl Host {
             meta.save_ms,
             meta.state_bytes >> 20
         );
-        Template::load(dir)
+        Template::open(dir)
     }
 }
 
@@ -407,10 +396,12 @@ impl Host {
     /// the capture.
     ///
     /// The source pauses while its disk is copied and its RAM streamed (through a pipe) into
-    /// a capture QEMU started beforehand, whose RAM is the file `ram`; then it continues. Its
+    /// a capture QEMU started beforehand, whose RAM is a memfd of ours; then it continues. Its
     /// host session with the agent is closed first (a live fork must not inherit one), so
     /// open exec streams of the source end. The capture QEMU then saves its devices alone
-    /// (`x-ignore-shared`) and quits. On failure the source continues and nothing is left.
+    /// (`x-ignore-shared`) and quits; the memfd, its zero pages punched out and sealed, is the
+    /// capture's memory, and is written to `ram` for later daemons. On failure the source
+    /// continues and nothing is left.
     pub async fn capture(&self, vm: &Vm, shape: &Shape, dest: &Path) -> Result<(Template, CaptureTimes)> {
         let started = Instant::now();
         ensure!(vm.is_running(), "VM {} is not running", vm.name);
@@ -454,10 +445,7 @@ impl Host {
             mac: TEMPLATE_MAC.into(),
             own_netns: true,
         });
-        let cgroup_name = s
-            .file_name()
-            .map(|n| n.to_string_lossy().trim_start_matches('.').to_string())
-            .unwrap_or_default();
+        let cgroup_name = cgroup_name_of(s);
         let capture = self
             .spawn_qemu(&cfg, &cgroup_name, u64::from(shape.memory_mib) << 20)
             .await?;
@@ -525,14 +513,7 @@ impl Host {
             .await
             .context("saving the captured devices")?;
         drop(state_file);
-        let _ = tokio::time::timeout(Duration::from_secs(2), cap.execute("quit", None)).await;
-        if tokio::time::timeout(Duration::from_secs(5), capture.wait())
-            .await
-            .is_err()
-        {
-            capture.kill();
-            capture.wait().await;
-        }
+        crate::quit(&cap, &capture).await;
         std::fs::rename(&state_tmp, s.join("state"))?;
         for f in ["agent.sock", "qmp.sock", "console.sock", "capture.qcow2"] {
             let _ = std::fs::remove_file(s.join(f));
@@ -567,7 +548,7 @@ impl Host {
         };
         std::fs::write(s.join("meta.json"), serde_json::to_vec_pretty(&meta)?)?;
         std::fs::rename(s, dest).with_context(|| format!("moving the capture to {}", dest.display()))?;
-        let t = Template::load(dest)?;
+        let t = Template::open(dest)?;
         let _ = t.memory.set(Arc::new(std::os::fd::OwnedFd::from(mem)));
         tracing::info!(
             vm = %vm.name,
@@ -700,6 +681,14 @@ fn sealed_copy(path: &Path) -> Result<std::os::fd::OwnedFd> {
     copy_extents(&src, &mem, len)?;
     seal(&mem)?;
     Ok(std::os::fd::OwnedFd::from(mem))
+}
+
+/// The cgroup of a QEMU run in scratch directory `dir` (a template build, a capture): the
+/// directory's name without its leading dot.
+fn cgroup_name_of(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().trim_start_matches('.').to_string())
+        .unwrap_or_default()
 }
 
 /// A build directory, removed unless the build completes.

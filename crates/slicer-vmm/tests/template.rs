@@ -277,7 +277,9 @@ async fn live_captures_continue_in_every_fork() {
             "echo held > /dev/shm/held; \
              setsid sh -c 'echo $$ > /dev/shm/holder; exec sleep 100000 3</dev/shm/held' </dev/null >/dev/null 2>&1 & \
              setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count.new; mv /dev/shm/count.new /dev/shm/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & \
-             echo disk > /root/on-disk; sync; sleep 0.5; rm /dev/shm/held",
+             echo disk > /root/on-disk; sync; \
+             for i in $(seq 500); do p=$(cat /dev/shm/holder 2>/dev/null) && [ -e /proc/$p/fd/3 ] && [ -e /dev/shm/count ] && break; sleep 0.01; done; \
+             rm /dev/shm/held",
         )
         .await;
         let sleep_pid = sh(&src, "cat /dev/shm/holder").await.trim().to_string();
@@ -298,7 +300,7 @@ async fn live_captures_continue_in_every_fork() {
         for vm in forks.iter().chain(std::iter::once(&src)) {
             let out = sh(
                 vm,
-                &format!("hostname; cat /etc/machine-id; cat /proc/{sleep_pid}/fd/3; cat /root/on-disk; a=$(cat /dev/shm/count); sleep 0.5; echo $a $(cat /dev/shm/count)"),
+                &format!("hostname; cat /etc/machine-id; cat /proc/{sleep_pid}/fd/3; cat /root/on-disk; a=$(cat /dev/shm/count); for i in $(seq 500); do b=$(cat /dev/shm/count); [ \"$b\" != \"$a\" ] && break; sleep 0.01; done; echo $a $b"),
             )
             .await;
             let l: Vec<&str> = out.lines().collect();

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::*;
 use http::Method;
@@ -14,18 +13,6 @@ fn json(dir: &Path, url: &str, args: &[&str]) -> serde_json::Value {
     let mut a = vec!["vm", "--json"];
     a.extend_from_slice(args);
     serde_json::from_str(&ok(dir, url, &a)).unwrap()
-}
-
-async fn wait_stopped(api: &slicer_api::ApiClient, vm: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v: serde_json::Value = api.json(Method::GET, &format!("/vm/{vm}"), None).await.unwrap();
-        if v["status"] == "Stopped" {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{vm} did not stop: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 const CONFIG: &str = "config:\n  host_groups:\n  - name: fk\n    count: 0\n    vcpu: 1\n    ram_gb: 1\n    persistent: true\n    network:\n      mode: isolated\n      drop: [\"0.0.0.0/0\"]\n  - name: plain\n    count: 0\n    vcpu: 1\n    ram_gb: 1\n    persistent: true\n    warm_start: false\n    network: {mode: none}\n  graceful_shutdown: false\n  api:\n    port: PORT\n    bind_address: 127.0.0.1\n";
@@ -40,15 +27,7 @@ async fn commit_fork_and_export_like_slicer() {
     let api = client(d, &url);
 
     // The builder: prepared once, shut down.
-    let b: serde_json::Value = api
-        .json(
-            Method::POST,
-            "/hostgroup/fk/nodes?wait=agent",
-            Some(&serde_json::json!({})),
-        )
-        .await
-        .unwrap();
-    let builder = b["hostname"].as_str().unwrap().to_string();
+    let builder = create_vm(&api, "fk", serde_json::json!({})).await;
     ok(
         d,
         &url,
@@ -70,15 +49,7 @@ async fn commit_fork_and_export_like_slicer() {
     assert_eq!(listed[0]["source_hostname"], builder.as_str());
 
     // Another VM cannot take the key.
-    let o: serde_json::Value = api
-        .json(
-            Method::POST,
-            "/hostgroup/plain/nodes?wait=agent",
-            Some(&serde_json::json!({})),
-        )
-        .await
-        .unwrap();
-    let other = o["hostname"].as_str().unwrap().to_string();
+    let other = create_vm(&api, "plain", serde_json::json!({})).await;
     ok(d, &url, &["vm", "shutdown", &other]);
     wait_stopped(&api, &other).await;
     fails(
@@ -226,15 +197,7 @@ async fn commit_fork_and_export_like_slicer() {
     let images = d2.join("data/images");
     let (_daemon2, url2) = up_with(&d2, "c.yaml", port2, &[("SLICER_IMAGES_DIR", images.to_str().unwrap())]).await;
     let api2 = client(&d2, &url2);
-    let v: serde_json::Value = api2
-        .json(
-            Method::POST,
-            "/hostgroup/ex/nodes?wait=agent",
-            Some(&serde_json::json!({})),
-        )
-        .await
-        .unwrap();
-    let vm = v["hostname"].as_str().unwrap();
+    let vm = &create_vm(&api2, "ex", serde_json::json!({})).await;
     assert_eq!(
         ok(&d2, &url2, &["vm", "exec", vm, "--", "cat /root/built.txt"]),
         "v2\n",

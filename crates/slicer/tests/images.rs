@@ -313,15 +313,7 @@ async fn pulled_images_boot_with_their_layers_and_systemd() {
     .await;
     let api = client(dir, &url);
     for group in ["plain", "sd"] {
-        let v: serde_json::Value = api
-            .json(
-                Method::POST,
-                &format!("/hostgroup/{group}/nodes?wait=agent"),
-                Some(&serde_json::json!({})),
-            )
-            .await
-            .unwrap();
-        let vm = v["hostname"].as_str().unwrap().to_string();
+        let vm = create_vm(&api, group, serde_json::json!({})).await;
         let desc: serde_json::Value = api.json(Method::GET, &format!("/vm/{vm}"), None).await.unwrap();
         if group == "plain" {
             assert_eq!(desc["start_mode"], "template", "pulled images start warm too: {desc}");
@@ -510,15 +502,7 @@ async fn slicer_image_names_fall_back_to_ours() {
     std::fs::write(dir.join("c.yaml"), config).unwrap();
     let (_daemon, url) = up(dir, "c.yaml", port).await;
     let api = client(dir, &url);
-    let v: serde_json::Value = api
-        .json(
-            Method::POST,
-            "/hostgroup/fb/nodes?wait=agent",
-            Some(&serde_json::json!({})),
-        )
-        .await
-        .unwrap();
-    let vm = v["hostname"].as_str().unwrap();
+    let vm = &create_vm(&api, "fb", serde_json::json!({})).await;
     let desc: serde_json::Value = api.json(Method::GET, &format!("/vm/{vm}"), None).await.unwrap();
     assert_eq!(desc["image"], "min", "{desc}");
     assert_eq!(exec(dir, &url, vm, "cat /proc/1/comm"), "slicer-agent\n");

@@ -35,7 +35,9 @@ fn start_work(d: &Path, url: &str, vm: &str) -> String {
             "echo held > /dev/shm/held; \
              setsid sh -c 'echo $$ > /dev/shm/holder; exec sleep 100000 3</dev/shm/held' </dev/null >/dev/null 2>&1 & \
              setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count.new; mv /dev/shm/count.new /dev/shm/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & \
-             echo disk > /root/on-disk; sync; sleep 0.5; rm /dev/shm/held",
+             echo disk > /root/on-disk; sync; \
+             for i in $(seq 500); do p=$(cat /dev/shm/holder 2>/dev/null) && [ -e /proc/$p/fd/3 ] && [ -e /dev/shm/count ] && break; sleep 0.01; done; \
+             rm /dev/shm/held",
         ],
     );
     let pid = ok(d, url, &["vm", "exec", vm, "--", "cat /dev/shm/holder"])
@@ -45,8 +47,8 @@ fn start_work(d: &Path, url: &str, vm: &str) -> String {
     pid
 }
 
-/// (hostname, machine-id, the held file, the disk file, counter before, counter 0.5 s later,
-/// eth0's IPv4 address or "-").
+/// (hostname, machine-id, the held file, the disk file, the counter, the counter once it moved
+/// on (5 s at most), eth0's IPv4 address or "-").
 fn probe(d: &Path, url: &str, vm: &str, pid: &str) -> Vec<String> {
     let out = ok(
         d,
@@ -57,7 +59,7 @@ fn probe(d: &Path, url: &str, vm: &str, pid: &str) -> Vec<String> {
             vm,
             "--",
             &format!(
-                "hostname; cat /etc/machine-id; cat /proc/{pid}/fd/3; cat /root/on-disk; cat /dev/shm/count; sleep 0.5; cat /dev/shm/count; \
+                "hostname; cat /etc/machine-id; cat /proc/{pid}/fd/3; cat /root/on-disk; a=$(cat /dev/shm/count); echo $a; for i in $(seq 500); do b=$(cat /dev/shm/count); [ \"$b\" != \"$a\" ] && break; sleep 0.01; done; echo $b; \
                  ip -4 -o addr show eth0 2>/dev/null | awk '{{print $4}}' | grep . || echo -"
             ),
         ],
@@ -77,15 +79,7 @@ async fn live_forks_continue_the_running_source() {
     let api = client(d, &url);
 
     for (group, count) in [("lf", 3), ("cold", 1)] {
-        let s: serde_json::Value = api
-            .json(
-                Method::POST,
-                &format!("/hostgroup/{group}/nodes?wait=agent"),
-                Some(&serde_json::json!({})),
-            )
-            .await
-            .unwrap();
-        let src = s["hostname"].as_str().unwrap().to_string();
+        let src = create_vm(&api, group, serde_json::json!({})).await;
         let pid = start_work(d, &url, &src);
 
         let before: u64 = ok(d, &url, &["vm", "exec", &src, "--", "cat /dev/shm/count"])
@@ -201,25 +195,9 @@ async fn live_forks_continue_the_running_source() {
         ok(d, &url, &["vm", "delete", &src]);
     }
     // A live commit needs a running VM.
-    let s: serde_json::Value = api
-        .json(
-            Method::POST,
-            "/hostgroup/cold/nodes?wait=agent",
-            Some(&serde_json::json!({"persistent": true})),
-        )
-        .await
-        .unwrap();
-    let stopped = s["hostname"].as_str().unwrap().to_string();
+    let stopped = create_vm(&api, "cold", serde_json::json!({"persistent": true})).await;
     ok(d, &url, &["vm", "shutdown", &stopped]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let v: serde_json::Value = api.json(Method::GET, &format!("/vm/{stopped}"), None).await.unwrap();
-        if v["status"] == "Stopped" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{stopped} did not stop");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_stopped(&api, &stopped).await;
     fails(d, &url, &["vm", "commit", &stopped, "--live"], "needs a running VM");
     let left = values(&ok(d, &url, &["vm", "--json", "commit", "list"]));
     assert_eq!(left[0].as_array().map(Vec::len), Some(0), "{left:?}");

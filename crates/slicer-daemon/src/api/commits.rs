@@ -56,14 +56,11 @@ pub async fn fork(
     };
     let timeout = query_timeout(&pairs)?;
     let many = req.count.is_some();
-    let mut forks = st.manager.fork(&id, req, wait, timeout).await?;
+    let forks = st.manager.fork(&id, req, wait, timeout).await?;
     // With `count` the answer is an array (also of one); without, Slicer's single object.
-    let body = match (many, forks.pop()) {
-        (false, Some(one)) => serde_json::to_value(one),
-        (_, last) => {
-            forks.extend(last);
-            serde_json::to_value(forks)
-        }
+    let body = match forks.first() {
+        Some(one) if !many => serde_json::to_value(one),
+        _ => serde_json::to_value(&forks),
     }
     .map_err(ApiErr::internal)?;
     Ok((StatusCode::CREATED, Json(body)))

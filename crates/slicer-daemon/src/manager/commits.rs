@@ -90,6 +90,36 @@ fn info(c: &CommitRecord, mode: &str) -> CommitInfo {
     }
 }
 
+/// The record of a new commit `id` of VM `rec`, whose disk sits on `base_commit`.
+fn commit_record(id: &str, rec: &VmRecord, req: &CommitRequest, base_commit: Option<String>) -> CommitRecord {
+    CommitRecord {
+        commit_id: id.to_string(),
+        source_hostname: rec.hostname.clone(),
+        source_host_group: rec.host_group.clone(),
+        created_at: now_rfc3339(),
+        cache_key: req.cache_key.clone(),
+        tags: req.tags.clone(),
+        labels: req.labels.clone(),
+        image: rec.image.clone(),
+        storage_size: rec.storage_size,
+        base_commit,
+    }
+}
+
+/// The answer to a commit: `disk` (the source stopped) or `live` (it runs on).
+fn committed(c: CommitRecord, mode: &str) -> CommitResponse {
+    CommitResponse {
+        hostname: c.source_hostname,
+        commit_id: c.commit_id,
+        status: "committed".into(),
+        parent_status: Some(if mode == "live" { "running" } else { "stopped" }.into()),
+        mode: mode.into(),
+        tags: c.tags,
+        labels: c.labels,
+        cache_key: c.cache_key,
+    }
+}
+
 impl Manager {
     fn commit_disk(&self, id: &str) -> PathBuf {
         self.commits_dir.join(id).join("disk.qcow2")
@@ -176,33 +206,13 @@ impl Manager {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o444));
             let (last, parent) = me.db.lineage(&h).map_err(ApiErr::internal)?;
-            let c = CommitRecord {
-                commit_id: id.clone(),
-                source_hostname: h.clone(),
-                source_host_group: rec.host_group.clone(),
-                created_at: now_rfc3339(),
-                cache_key: req.cache_key.clone(),
-                tags: req.tags.clone(),
-                labels: req.labels.clone(),
-                image: rec.image.clone(),
-                storage_size: rec.storage_size,
-                base_commit: last.or(parent.clone()),
-            };
+            let c = commit_record(&id, &rec, &req, last.or(parent.clone()));
             me.db.add_commit(&c).map_err(ApiErr::internal)?;
             me.db
                 .set_lineage(&h, Some(&id), parent.as_deref())
                 .map_err(ApiErr::internal)?;
             tracing::info!(vm = %h, commit = %id, cache_key = ?req.cache_key, "committed");
-            Ok(CommitResponse {
-                hostname: h,
-                commit_id: id,
-                status: "committed".into(),
-                parent_status: Some("stopped".into()),
-                mode: "disk".into(),
-                tags: req.tags,
-                labels: req.labels,
-                cache_key: req.cache_key,
-            })
+            Ok(committed(c, "disk"))
         })
         .await
     }
@@ -276,33 +286,13 @@ impl Manager {
             .map_err(|e| ApiErr::internal(format!("committing VM {h} live: {e:#}")))?;
         // The copy sits on the source's chain: on its last commit, or the one it was forked from.
         let (last, parent) = self.db.lineage(&h).map_err(ApiErr::internal)?;
-        let c = CommitRecord {
-            commit_id: id.clone(),
-            source_hostname: h.clone(),
-            source_host_group: rec.host_group.clone(),
-            created_at: now_rfc3339(),
-            cache_key: req.cache_key.clone(),
-            tags: req.tags.clone(),
-            labels: req.labels.clone(),
-            image: rec.image.clone(),
-            storage_size: rec.storage_size,
-            base_commit: last.or(parent),
-        };
+        let c = commit_record(&id, &rec, &req, last.or(parent));
         if let Err(e) = self.db.add_commit(&c) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(ApiErr::internal(e));
         }
         tracing::info!(vm = %h, commit = %id, paused_ms = times.paused.as_millis() as u64, "committed live");
-        Ok(CommitResponse {
-            hostname: h,
-            commit_id: id,
-            status: "committed".into(),
-            parent_status: Some("running".into()),
-            mode: "live".into(),
-            tags: req.tags,
-            labels: req.labels,
-            cache_key: req.cache_key,
-        })
+        Ok(committed(c, "live"))
     }
 
     /// `GET /vm/commits`.
@@ -448,18 +438,17 @@ impl Manager {
             "live" => Some(self.capture_of(id)?),
             _ => None,
         };
-        if let Some(cap) = &live {
-            // A live fork continues the captured guest: same vCPUs and RAM.
-            let (cpus, ram) = (cap.shape.cpus, u64::from(cap.shape.memory_mib) << 20);
+        // A live fork continues the captured guest: same vCPUs and RAM.
+        let shape = live
+            .as_ref()
+            .map(|t| (t.shape.cpus, u64::from(t.shape.memory_mib) << 20));
+        if let Some((cpus, ram)) = shape {
             if req.vcpu.is_some_and(|v| v != cpus) || req.ram_bytes.is_some_and(|r| r != ram) {
                 return Err(ApiErr::bad_request(format!(
                     "commit {id} is live: its forks continue its guest with its {cpus} vCPUs and {ram} bytes of RAM; leave vcpu and ram_bytes out"
                 )));
             }
         }
-        let shape = live
-            .as_ref()
-            .map(|t| (t.shape.cpus, u64::from(t.shape.memory_mib) << 20));
         let create = CreateNodeRequest {
             cpus: shape.map(|s| s.0).or(req.vcpu),
             ram_bytes: shape.map(|s| s.1).or(req.ram_bytes),
@@ -488,12 +477,10 @@ impl Manager {
             }
             self.check_name(name, None)?;
         }
-        let one = || {
-            let me = self.clone();
-            let (g, create, c, fixups, live) = (g.clone(), create.clone(), c.clone(), fixups.clone(), live.clone());
-            async move { me.fork_one(&g, create, &c, &fixups, live, wait, timeout).await }
-        };
-        let results = futures_util::future::join_all((0..count).map(|_| one())).await;
+        let results = futures_util::future::join_all(
+            (0..count).map(|_| self.fork_one(&g, create.clone(), &c, &fixups, live.clone(), wait, timeout)),
+        )
+        .await;
         if results.iter().any(Result::is_err) {
             for made in results.iter().flatten() {
                 let _ = self.delete(&made.hostname, true).await;

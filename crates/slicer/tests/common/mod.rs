@@ -138,3 +138,32 @@ pub fn client(dir: &Path, url: &str) -> ApiClient {
     let token = std::fs::read_to_string(dir.join("data/auth/token")).unwrap();
     ApiClient::new(url, Some(token.trim().to_string())).unwrap()
 }
+
+/// Creates a VM in `group` with `body` and waits for its agent; its hostname.
+pub async fn create_vm(api: &ApiClient, group: &str, body: serde_json::Value) -> String {
+    let v: serde_json::Value = api
+        .json(
+            Method::POST,
+            &format!("/hostgroup/{group}/nodes?wait=agent"),
+            Some(&body),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("creating a VM in {group}: {e:#}"));
+    v["hostname"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no hostname in {v}"))
+        .to_string()
+}
+
+/// Waits (60 s at most) until VM `vm` is stopped.
+pub async fn wait_stopped(api: &ApiClient, vm: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: serde_json::Value = api.json(Method::GET, &format!("/vm/{vm}"), None).await.unwrap();
+        if v["status"] == "Stopped" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{vm} did not stop: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
