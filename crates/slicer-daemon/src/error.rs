@@ -35,8 +35,25 @@ impl ApiErr {
     pub fn unavailable(m: impl Into<String>) -> ApiErr {
         ApiErr::new(StatusCode::SERVICE_UNAVAILABLE, m)
     }
+    /// A failure of the host side. Two are the host's state, not a bug, and get their own
+    /// status so a client knows to retry: the data directory's file system is full (507) and
+    /// the state database is locked by another process past its busy timeout (503). They are
+    /// told apart by the text of the error chain, the one thing every caller's error type
+    /// (anyhow, rusqlite, io) shares here.
     pub fn internal(e: impl std::fmt::Display) -> ApiErr {
-        ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+        let text = format!("{e:#}");
+        if text.contains("No space left on device") || text.contains("database or disk is full") {
+            return ApiErr::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("the host's data disk is full; nothing was changed: {text}"),
+            );
+        }
+        if text.contains("database is locked") || text.contains("database is busy") {
+            return ApiErr::unavailable(format!(
+                "the state database is busy (locked by another process); try again: {text}"
+            ));
+        }
+        ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, text)
     }
     /// Maps an error of the guest agent: its own 4xx stay client errors.
     pub fn agent(e: slicer_agent_client::AgentError) -> ApiErr {
@@ -65,5 +82,21 @@ impl IntoResponse for ApiErr {
             axum::Json(slicer_api::ErrorResponse { error: self.message }),
         )
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_state_errors_get_their_own_status() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(ApiErr::internal(io).status, StatusCode::INSUFFICIENT_STORAGE);
+        let busy = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY), None);
+        assert_eq!(ApiErr::internal(busy).status, StatusCode::SERVICE_UNAVAILABLE);
+        let full = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None);
+        assert_eq!(ApiErr::internal(full).status, StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(ApiErr::internal("boom").status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

@@ -33,7 +33,11 @@ pub async fn list(State(st): State<Shared>, q: RawQuery) -> Result<Json<Vec<Comm
         source: query_one(&pairs, "source")
             .filter(|s| !s.is_empty())
             .map(str::to_string),
-        mode: query_one(&pairs, "mode").filter(|s| !s.is_empty()).map(str::to_string),
+        mode: match query_one(&pairs, "mode") {
+            None | Some("") => None,
+            Some(m @ ("disk" | "live")) => Some(m.to_string()),
+            Some(m) => return Err(ApiErr::bad_request(format!("query mode: {m:?} is not disk or live"))),
+        },
     };
     Ok(Json(st.manager.commits(&f)?))
 }

@@ -40,7 +40,7 @@ enum Mode {
 /// The mode, and whether it is one of SlicerVM's versioned `cp-v1-*` modes.
 fn mode(q: &CopyQuery, upload: bool) -> Result<(Mode, bool), ApiErr> {
     match q.mode.as_deref() {
-        None | Some("binary") => Ok((Mode::Binary, false)),
+        None | Some("" | "binary") => Ok((Mode::Binary, false)),
         Some("tar") => Ok((Mode::Tar, false)),
         Some("cp-v1-binary") => Ok((Mode::Binary, true)),
         Some("cp-v1-tar") => Ok((Mode::Tar, true)),
@@ -53,7 +53,7 @@ fn mode(q: &CopyQuery, upload: bool) -> Result<(Mode, bool), ApiErr> {
 /// cp-v1 placement of an upload: `source_name` and `copy_contents`.
 fn placement(q: &CopyQuery, mode: Mode) -> Result<Option<(String, bool)>, ApiErr> {
     let want = if mode == Mode::Tar { "directory" } else { "file" };
-    if let Some(t) = &q.source_type {
+    if let Some(t) = q.source_type.as_deref().filter(|t| !t.is_empty()) {
         if t != want {
             return Err(ApiErr::bad_request(format!(
                 "query source_type: {t:?} does not match the mode (a {want})"

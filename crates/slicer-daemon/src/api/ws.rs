@@ -3,6 +3,7 @@
 //! (a PTY session in 5-byte frames). Both ride one full-duplex agent stream; the target is
 //! dialled (and errors answered as HTTP) before the upgrade.
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
@@ -13,6 +14,17 @@ use slicer_agent_proto::shell as sh;
 
 use super::{query_one, query_pairs, Shared};
 use crate::error::ApiErr;
+
+/// A request that is not a WebSocket handshake gets our JSON error (axum's is plain text),
+/// after the VM was checked, before anything is dialled in the guest.
+fn upgrade(ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> Result<WebSocketUpgrade, ApiErr> {
+    ws.map_err(|e| {
+        ApiErr::bad_request(format!(
+            "this route is a WebSocket: send GET with Connection: upgrade, Upgrade: websocket, \
+             Sec-WebSocket-Version: 13 and a Sec-WebSocket-Key ({e})"
+        ))
+    })
+}
 
 /// `host:port` or `unix:/absolute/path`.
 fn valid_target(t: &str) -> bool {
@@ -31,7 +43,7 @@ pub async fn forward(
     State(st): State<Shared>,
     Path(hostname): Path<String>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiErr> {
     let target = headers
         .get("x-inlets-upstream")
@@ -45,6 +57,7 @@ pub async fn forward(
         )));
     }
     let r = st.manager.active(&hostname)?;
+    let ws = upgrade(ws)?;
     let (tx, rx) = r.vm.agent().forward(&target).await.map_err(ApiErr::agent)?;
     Ok(ws.on_upgrade(move |socket| bridge_raw(socket, tx, rx)))
 }
@@ -78,7 +91,7 @@ pub async fn shell(
     State(st): State<Shared>,
     Path(hostname): Path<String>,
     q: RawQuery,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiErr> {
     let pairs = query_pairs(&q.0);
     let (uid, gid) = super::exec::identity(&pairs)?;
@@ -99,6 +112,7 @@ pub async fn shell(
         }
     }
     let r = st.manager.active(&hostname)?;
+    let ws = upgrade(ws)?;
     let (tx, rx) = r.vm.agent().shell(&sq).await.map_err(ApiErr::agent)?;
     Ok(ws.on_upgrade(move |socket| bridge_shell(socket, tx, rx)))
 }
