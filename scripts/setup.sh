@@ -19,7 +19,7 @@ fi
 # list with the program of each is crates/slicer-image/src/tools.rs; its test checks this line).
 PKGS=(qemu-system-x86 qemu-utils debootstrap linux-source-6.1 build-essential make bc flex bison
       libelf-dev libssl-dev libssl3 pkgconf e2fsprogs cpio xz-utils iproute2 nftables ca-certificates
-      openssh-client docker-registry)
+      openssh-client docker-registry python3 python3-venv)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -45,6 +45,10 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("ssh-keygen", "openssh-client"),
     // the registry images are pushed to and pulled from in tests/images.rs
     ("docker-registry", "docker-registry"),
+    // tests/fuzz_api.rs runs schemathesis from a virtualenv scripts/test.sh makes (Debian 12's
+    // python3 is 3.11; its venv module needs ensurepip from python3.11-venv)
+    ("/usr/bin/python3", "python3"),
+    ("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
 ];
 
 /// Every list above.
