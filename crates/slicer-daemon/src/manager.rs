@@ -157,6 +157,17 @@ fn pid_is_our_qemu(pid: u32, hostname: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Every QEMU whose `-name` is this VM's.
+fn qemus_named(hostname: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| pid_is_our_qemu(*pid, hostname))
+        .collect()
+}
+
 /// Per-VM operation locks by hostname; an entry lives while someone holds or waits for it.
 type OpMap = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
 
@@ -667,6 +678,18 @@ impl Manager {
                     unsafe {
                         libc::kill(pid as i32, libc::SIGKILL);
                     }
+                }
+            }
+            // A QEMU the record does not name (a daemon killed between starting it and
+            // recording its pid) is not adopted either: nothing may run without a record.
+            for pid in qemus_named(&rec.hostname) {
+                tracing::warn!(
+                    "stopping unrecorded VM process {pid} of {} left by an earlier run",
+                    rec.hostname
+                );
+                // SAFETY: plain kill(2) on a pid whose command line names this VM.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
                 }
             }
             if rec.status == STATUS_SUSPENDED && self.vm_dir(&rec.hostname).join(slicer_vmm::SUSPEND_FILE).is_file() {

@@ -194,7 +194,12 @@ impl QemuConfig {
             "-serial".into(),
             "chardev:console".into(),
             "-drive".into(),
-            format!("id=root,file={},format=qcow2,if=none,discard=unmap", p(&self.disk)),
+            // A full host disk fails the guest's write (ENOSPC/EIO in the guest) instead of
+            // pausing the VM (QEMU's default), so one tenant filling it freezes nobody.
+            format!(
+                "id=root,file={},format=qcow2,if=none,discard=unmap,werror=report,rerror=report",
+                p(&self.disk)
+            ),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
             "-device".into(),

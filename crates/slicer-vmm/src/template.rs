@@ -268,10 +268,47 @@ impl Host {
         }
     }
 
+    /// Builds left by a process that died (a daemon killed during a build): their QEMU, which
+    /// runs in a process group of its own and so outlives the daemon, is killed, then their
+    /// cgroup and scratch directory go. A live process's builds are left alone.
+    async fn sweep_dead_builds(&self, root: &Path) {
+        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(".build-") else {
+                continue;
+            };
+            let owner = rest.rsplit('-').nth(1).and_then(|p| p.parse::<i32>().ok());
+            // SAFETY: kill(2) with signal 0 only asks whether the process exists.
+            let alive = owner.is_some_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0);
+            if alive {
+                continue;
+            }
+            let dir = e.path();
+            let needle = dir.to_string_lossy().into_owned();
+            let pids = processes_naming(&needle);
+            for pid in &pids {
+                tracing::warn!("stopping QEMU {pid} of a template build whose daemon died ({name})");
+                // SAFETY: kill(2) on a QEMU whose command line names the dead build's directory.
+                unsafe {
+                    libc::kill(*pid as i32, libc::SIGKILL);
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pids.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Some(cg) = self.jail.as_ref().and_then(|j| j.cgroup_of(&cgroup_name_of(&dir))) {
+                let _ = cg.remove();
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     /// Boots the template guest in a scratch directory, saves it and moves it to `dir`.
     async fn build_template(&self, image: &Image, accel: Accel, mut meta: Meta, dir: &Path) -> Result<Template> {
         let root = self.templates_dir();
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        self.sweep_dead_builds(&root).await;
         let scratch = Scratch(root.join(format!(
             ".build-{}-{}-{:08x}",
             meta.id,
@@ -689,6 +726,24 @@ fn cgroup_name_of(dir: &Path) -> String {
     dir.file_name()
         .map(|n| n.to_string_lossy().trim_start_matches('.').to_string())
         .unwrap_or_default()
+}
+
+/// Processes with an argument that contains `needle`.
+fn processes_naming(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    c.split(|b| *b == 0)
+                        .any(|a| String::from_utf8_lossy(a).contains(needle))
+                })
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 /// A build directory, removed unless the build completes.
