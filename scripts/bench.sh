@@ -19,3 +19,5 @@ target/release/slicer-bench --suite density --image systemd --memory 512 --vms 2
 target/release/slicer-bench --suite livefork --image min --boots 5 "$@"
 # Adds idle VMs until create latency doubles, memory runs short or 600 are held (minutes).
 target/release/slicer-bench --suite hold --image min --vms 600 "$@"
+# 20 minutes of four clients creating, using and deleting sandboxes; leaks, RSS, percentiles.
+target/release/slicer-bench --suite soak --image min --secs 1200 --clients 4 "$@"

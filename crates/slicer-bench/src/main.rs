@@ -17,6 +17,7 @@ mod images;
 mod jail;
 mod livefork;
 mod net;
+mod soak;
 mod warm;
 
 #[derive(Parser)]
@@ -26,7 +27,8 @@ pub struct Args {
     /// and cgroup-limited QEMUs against plain ones), `images` (OCI pull and convert; fork
     /// against template create) or `density` (idle restored VMs: PSS, CPU, restore time, with
     /// the template's RAM shared and not), `livefork` (live commit and fork against a template
-    /// create) or `hold` (idle VMs added until latency, memory or `--vms` stops it).
+    /// create), `hold` (idle VMs added until latency, memory or `--vms` stops it) or `soak`
+    /// (clients creating, using and deleting sandboxes for `--secs`; leaks, RSS, percentiles).
     #[arg(long, default_value = "boot")]
     suite: String,
     /// Concurrent creates in the daemon suite.
@@ -66,6 +68,11 @@ pub struct Args {
     /// Density suite: idle VMs of each kind; hold suite: the most VMs to add.
     #[arg(long, default_value_t = 20)]
     vms: usize,
+    /// Soak suite: seconds to run after the first round, and concurrent clients.
+    #[arg(long, default_value_t = 1200)]
+    secs: u64,
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
     /// Images suite: the static agent pulled images get (default: setup's install).
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -181,6 +188,16 @@ async fn main() -> Result<()> {
             memory_mib: args.memory,
             runs: args.boots.min(5),
             data_dir: data_dir.clone(),
+            record_to: (!args.no_record).then(|| args.record.clone()),
+        })
+        .await;
+    }
+    if args.suite == "soak" {
+        return soak::run(soak::SoakArgs {
+            image: args.image.clone(),
+            secs: args.secs,
+            clients: args.clients,
+            images_dir: data_dir.join("images"),
             record_to: (!args.no_record).then(|| args.record.clone()),
         })
         .await;
