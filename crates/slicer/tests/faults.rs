@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::Method;
+use http_body_util::BodyExt;
 use slicer_api::ApiClient;
 
 // --- what a test leaves must be nothing ------------------------------------------------------
@@ -171,7 +172,6 @@ async fn get(api: &ApiClient, path: &str) -> serde_json::Value {
 
 /// (status, body) of a request that may fail.
 async fn call(api: &ApiClient, m: Method, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
-    use http_body_util::BodyExt;
     let (ct, b) = match body {
         Some(v) => (Some("application/json"), slicer_api::client::full(v.to_string())),
         None => (None, slicer_api::client::empty()),
@@ -600,6 +600,8 @@ async fn a_full_data_disk_fails_cleanly_and_recovers() {
         .await
         .unwrap();
     let cp_status = r.status().as_u16();
+    let cp_answer =
+        String::from_utf8_lossy(&r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default()).into_owned();
     // The guest may keep the file in its page cache; a sync must then fail.
     let q = slicer_api::client::query(&[
         ("cmd", "sync /root/blob".to_string()),
@@ -611,7 +613,7 @@ async fn a_full_data_disk_fails_cleanly_and_recovers() {
         .await
         .unwrap();
     eprintln!(
-        "fault: cp of 32 MiB onto a full data disk -> {cp_status}; sync in the guest -> exit {} {}",
+        "fault: cp of 32 MiB onto a full data disk -> {cp_status} {cp_answer}; sync in the guest -> exit {} {}",
         synced["exit_code"], synced["stderr"]
     );
     assert!(
@@ -635,6 +637,13 @@ async fn a_full_data_disk_fails_cleanly_and_recovers() {
         .json(Method::DELETE, &format!("/hostgroup/{G}/nodes/{v2}"), None)
         .await
         .unwrap();
+    // The guest met write errors (reported to it, not a paused VM): its ext4 may have gone
+    // read-only (errors=remount-ro). A restart of the guest brings it back with what it synced.
+    let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/shutdown"), None).await;
+    assert_eq!(s, 200, "{v}");
+    wait_stopped(&api, &vm).await;
+    let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/relaunch"), None).await;
+    assert_eq!(s, 200, "{v}");
     sh(&api, &vm, "rm -f /root/blob; echo after > /root/mark2 && sync").await;
     let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/suspend"), None).await;
     assert_eq!(s, 200, "{v}");
