@@ -42,13 +42,23 @@ impl ApiErr {
     /// (anyhow, rusqlite, io) shares here.
     pub fn internal(e: impl std::fmt::Display) -> ApiErr {
         let text = format!("{e:#}");
-        if text.contains("No space left on device") || text.contains("database or disk is full") {
+        if [
+            "No space left on device",
+            "database or disk is full",
+            "database is full",
+        ]
+        .iter()
+        .any(|w| text.contains(w))
+        {
             return ApiErr::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 format!("the host's data disk is full; nothing was changed: {text}"),
             );
         }
-        if text.contains("database is locked") || text.contains("database is busy") {
+        if ["database is locked", "database is busy", "database file is locked"]
+            .iter()
+            .any(|w| text.contains(w))
+        {
             return ApiErr::unavailable(format!(
                 "the state database is busy (locked by another process); try again: {text}"
             ));

@@ -706,15 +706,22 @@ mod tests {
     #[tokio::test]
     async fn json_bodies_stop_at_one_mib() {
         let req = |body: Vec<u8>| Request::builder().body(axum::body::Body::from(body)).unwrap();
-        // A JSON string just under the limit parses.
-        let mut ok = vec![b'"'];
-        ok.extend(std::iter::repeat_n(b'a', MAX_JSON_BODY - 2));
-        ok.push(b'"');
-        let JsonBody(v) = JsonBody::<serde_json::Value>::from_request(req(ok), &()).await.unwrap();
-        assert_eq!(v.as_str().map(str::len), Some(MAX_JSON_BODY - 2));
-        let mut big = vec![b'"'];
-        big.extend(std::iter::repeat_n(b'a', MAX_JSON_BODY));
-        big.push(b'"');
+        // An object of exactly the limit parses; one byte more is refused.
+        let body = |n: usize| {
+            let mut b = b"{\"a\":\"".to_vec();
+            b.extend(std::iter::repeat_n(b'a', n - 8));
+            b.extend_from_slice(b"\"}");
+            b
+        };
+        let JsonBody(v) = JsonBody::<serde_json::Value>::from_request(req(body(MAX_JSON_BODY)), &())
+            .await
+            .unwrap();
+        assert_eq!(v["a"].as_str().map(str::len), Some(MAX_JSON_BODY - 8));
+        let Err(e) = JsonBody::<serde_json::Value>::from_request(req(b"[1]".to_vec()), &()).await else {
+            panic!("an array was read as a body")
+        };
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let big = body(MAX_JSON_BODY + 1);
         let Err(e) = JsonBody::<serde_json::Value>::from_request(req(big), &()).await else {
             panic!("a body over 1 MiB was read")
         };
