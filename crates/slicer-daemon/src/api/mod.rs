@@ -303,7 +303,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> FromRequest<S> fo
                     format!("JSON body: larger than {MAX_JSON_BODY} bytes, or it could not be read"),
                 )
             })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        if bytes.is_empty() {
             return Ok(JsonBody(T::default()));
         }
         // Every body is an object; serde would also read a struct from an array of its fields.
@@ -721,6 +721,14 @@ mod tests {
             panic!("an array was read as a body")
         };
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let Err(e) = JsonBody::<serde_json::Value>::from_request(req(b" \t\n".to_vec()), &()).await else {
+            panic!("whitespace was read as a body")
+        };
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let JsonBody(v) = JsonBody::<serde_json::Value>::from_request(req(Vec::new()), &())
+            .await
+            .unwrap();
+        assert_eq!(v, serde_json::Value::Null, "an empty body is the default");
         let big = body(MAX_JSON_BODY + 1);
         let Err(e) = JsonBody::<serde_json::Value>::from_request(req(big), &()).await else {
             panic!("a body over 1 MiB was read")
