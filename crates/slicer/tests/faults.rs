@@ -541,8 +541,9 @@ fn fill(dir: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_data_disk_fails_cleanly_and_recovers() {
     const G: &str = "ff";
-    let mut cleanup = Cleanup::new(G);
+    // Declared before the cleanup, so it is removed after the mount is gone.
     let dir = tempfile::Builder::new().prefix("slicer-faults-").tempdir().unwrap();
+    let mut cleanup = Cleanup::new(G);
     let img = dir.path().join("fs.img");
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -657,10 +658,12 @@ async fn a_full_data_disk_fails_cleanly_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_image_store_and_a_busy_database() {
     const G: &str = "fr";
+    // Declared before the cleanup, so it is removed after the bind mount of the image store
+    // is gone (never through it).
+    let dir = tempfile::Builder::new().prefix("slicer-faults-").tempdir().unwrap();
     let mut cleanup = Cleanup::new(G);
     cleanup.template_mib = Some(336);
     remove_templates_of(336);
-    let dir = tempfile::Builder::new().prefix("slicer-faults-").tempdir().unwrap();
     let ro = dir.path().join("images-ro");
     std::fs::create_dir(&ro).unwrap();
     run("mount", &["--bind", &images_dir(), ro.to_str().unwrap()]);
