@@ -168,15 +168,9 @@ async fn cycle(c: &ApiClient, n: usize, s: &mut Samples) -> Result<()> {
 fn leftovers(data: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     let prefix = format!("slicer-{GROUP}-");
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let c = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-        if args
-            .windows(2)
-            .any(|w| w[0] == b"-name" && w[1].starts_with(prefix.as_bytes()))
-        {
-            out.push(format!("QEMU {}", e.file_name().to_string_lossy()));
-        }
+    for pid in slicer_hypervisor::qemu::processes_where(|args| slicer_hypervisor::qemu::args_name(args, &prefix, true))
+    {
+        out.push(format!("QEMU {pid}"));
     }
     for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
@@ -212,24 +206,12 @@ fn leftovers(data: &std::path::Path) -> Vec<String> {
 
 pub async fn run(a: SoakArgs) -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("slicer-bench-soak-").tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let config = tmp.path().join("slicer.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "config:\n  host_groups:\n  - name: {GROUP}\n    count: 0\n    vcpu: 1\n    ram_mb: 384\n    image: {}\n    network: {{mode: isolated, range: 169.254.252.0/22}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n",
-            a.image
-        ),
-    )?;
+    let groups = format!(
+        "  - name: {GROUP}\n    count: 0\n    vcpu: 1\n    ram_mb: 384\n    image: {}\n    network: {{mode: isolated, range: 169.254.252.0/22}}\n",
+        a.image
+    );
+    let (d, c) = crate::bench_daemon(tmp.path(), &groups, &a.images_dir).await?;
     let data = tmp.path().join("data");
-    let d = slicer_daemon::start(&slicer_daemon::UpOptions {
-        config,
-        data_dir: data.clone(),
-        images_dir: Some(a.images_dir.clone()),
-        agent: None,
-    })
-    .await?;
-    let c = ApiClient::new(&format!("http://127.0.0.1:{port}"), d.token.clone())?;
 
     // A first round of every client (templates of both sizes built, pools and caches warm),
     // then the clock and the baseline.

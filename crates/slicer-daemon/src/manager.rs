@@ -148,24 +148,16 @@ pub fn now_rfc3339() -> String {
 }
 
 fn pid_is_our_qemu(pid: u32, hostname: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| {
-            let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-            args.windows(2)
-                .any(|w| w[0] == b"-name" && w[1] == format!("slicer-{hostname}").as_bytes())
-        })
-        .unwrap_or(false)
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+        slicer_hypervisor::qemu::args_name(&args, &format!("slicer-{hostname}"), false)
+    })
 }
 
 /// Every QEMU whose `-name` is this VM's.
 fn qemus_named(hostname: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| pid_is_our_qemu(*pid, hostname))
-        .collect()
+    let name = format!("slicer-{hostname}");
+    slicer_hypervisor::qemu::processes_where(|args| slicer_hypervisor::qemu::args_name(args, &name, false))
 }
 
 /// Per-VM operation locks by hostname; an entry lives while someone holds or waits for it.

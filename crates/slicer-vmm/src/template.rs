@@ -285,7 +285,9 @@ impl Host {
             }
             let dir = e.path();
             let needle = dir.to_string_lossy().into_owned();
-            let pids = processes_naming(&needle);
+            let pids = slicer_hypervisor::qemu::processes_where(|args| {
+                args.iter().any(|a| String::from_utf8_lossy(a).contains(&needle))
+            });
             for pid in &pids {
                 tracing::warn!("stopping QEMU {pid} of a template build whose daemon died ({name})");
                 // SAFETY: kill(2) on a QEMU whose command line names the dead build's directory.
@@ -726,24 +728,6 @@ fn cgroup_name_of(dir: &Path) -> String {
     dir.file_name()
         .map(|n| n.to_string_lossy().trim_start_matches('.').to_string())
         .unwrap_or_default()
-}
-
-/// Processes with an argument that contains `needle`.
-fn processes_naming(needle: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    c.split(|b| *b == 0)
-                        .any(|a| String::from_utf8_lossy(a).contains(needle))
-                })
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 /// A build directory, removed unless the build completes.

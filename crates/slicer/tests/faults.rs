@@ -84,34 +84,19 @@ fn cmdline(pid: &str) -> Vec<String> {
 
 /// QEMUs whose `-name` starts with `prefix` (`slicer-<hostname>`).
 fn qemus(prefix: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Ok(pid) = name.parse::<u32>() else { continue };
-        let args = cmdline(&name);
-        if args.windows(2).any(|w| w[0] == "-name" && w[1].starts_with(prefix)) {
-            out.push(pid);
-        }
-    }
-    out
+    slicer_hypervisor::qemu::processes_where(|args| slicer_hypervisor::qemu::args_name(args, prefix, true))
 }
 
 /// QEMUs building a template of `mib` MiB guests (their files are in a `.build-` scratch
 /// directory).
 fn template_builds(mib: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Ok(pid) = name.parse::<u32>() else { continue };
-        let args = cmdline(&name);
-        if args.first().is_some_and(|a| a.contains("qemu-system"))
-            && args.iter().any(|a| a.contains("/templates/.build-"))
-            && args.windows(2).any(|w| w[0] == "-m" && w[1] == mib.to_string())
-        {
-            out.push(pid);
-        }
-    }
-    out
+    let mib = mib.to_string();
+    slicer_hypervisor::qemu::processes_where(|args| {
+        let text: Vec<String> = args.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        text.first().is_some_and(|a| a.contains("qemu-system"))
+            && text.iter().any(|a| a.contains("/templates/.build-"))
+            && text.windows(2).any(|w| w[0] == "-m" && w[1] == mib)
+    })
 }
 
 fn nft_tables() -> Vec<(String, String)> {
@@ -221,11 +206,10 @@ async fn converged(api: &ApiClient, data: &Path, group: &str, isolated: bool) {
         .map(|n| n["hostname"].as_str().unwrap().to_string())
         .collect();
     for h in &running {
-        assert_eq!(
-            qemus(&format!("slicer-{h}")).iter().filter(|_| true).count(),
-            1,
-            "{h}: one QEMU"
-        );
+        let name = format!("slicer-{h}");
+        let own =
+            slicer_hypervisor::qemu::processes_where(|args| slicer_hypervisor::qemu::args_name(args, &name, false));
+        assert_eq!(own.len(), 1, "{h}: one QEMU");
         if isolated {
             assert!(
                 netns_exists(&format!("slicer-{h}")),
@@ -263,9 +247,10 @@ async fn converged(api: &ApiClient, data: &Path, group: &str, isolated: bool) {
     assert_eq!(ok, "ok", "state.db integrity");
 }
 
-fn config(group: &str, extra: &str, network: &str, port: u16) -> String {
+/// One group `group` of 256 MiB VMs, then the groups in `extra_groups` (YAML list items).
+fn config(group: &str, extra_groups: &str, network: &str, port: u16) -> String {
     format!(
-        "config:\n  host_groups:\n  - name: {group}\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network: {network}\n{extra}  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+        "config:\n  host_groups:\n  - name: {group}\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network: {network}\n{extra_groups}  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
     )
 }
 
@@ -282,11 +267,7 @@ async fn qemu_killed_during_suspend_restore_and_template_build() {
     let net = "{mode: isolated, range: 169.254.244.0/22}";
     // A second group of a shape nobody built yet, so its template build can be killed.
     let extra = "  - name: fqt\n    count: 0\n    vcpu: 1\n    ram_mb: 352\n    network: {mode: none}\n";
-    std::fs::write(
-        dir.path().join("slicer.yaml"),
-        config(G, "", net, port).replace("  graceful_shutdown", &format!("{extra}  graceful_shutdown")),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("slicer.yaml"), config(G, extra, net, port)).unwrap();
     let (daemon, url) = up(dir.path(), "slicer.yaml", port).await;
     let api = client(dir.path(), &url);
     let data = dir.path().join("data");
@@ -352,6 +333,8 @@ async fn qemu_killed_during_suspend_restore_and_template_build() {
         break;
     }
     assert!(landed, "QEMU was never killed while suspending");
+    // The suspend may answer before the VM's exit watcher has seen QEMU go.
+    wait_stopped(&api, &vm).await;
     let d = get(&api, &format!("/vm/{vm}")).await;
     assert_eq!(
         d["status"], "Stopped",
@@ -468,11 +451,7 @@ async fn daemon_killed_during_create_delete_and_template_build() {
     // During a template build: a group of a new shape builds one at start.
     drop(daemon);
     let extra = "  - name: fdt\n    count: 0\n    vcpu: 1\n    ram_mb: 368\n    network: {mode: none}\n";
-    std::fs::write(
-        dir.path().join("slicer.yaml"),
-        config(G, "", net, port).replace("  graceful_shutdown", &format!("{extra}  graceful_shutdown")),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("slicer.yaml"), config(G, extra, net, port)).unwrap();
     let (mut d, _) = up(dir.path(), "slicer.yaml", port).await;
     let build = poll("the template build's QEMU", 120, || {
         template_builds(368).first().copied()

@@ -347,15 +347,7 @@ not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"
 
 /// A QEMU whose `-name` starts with `prefix` runs.
 fn qemu_running(prefix: &str) -> bool {
-    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
-        std::fs::read(e.path().join("cmdline"))
-            .map(|c| {
-                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-                args.windows(2)
-                    .any(|w| w[0] == b"-name" && w[1].starts_with(prefix.as_bytes()))
-            })
-            .unwrap_or(false)
-    })
+    !slicer_hypervisor::qemu::processes_where(|args| slicer_hypervisor::qemu::args_name(args, prefix, true)).is_empty()
 }
 
 fn rand_seed() -> u64 {
