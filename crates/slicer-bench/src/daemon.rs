@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use http::Method;
-use slicer_api::ApiClient;
 use slicer_vmm::Host;
 
 use crate::{median, raw_boot, record};
@@ -21,24 +20,12 @@ pub struct DaemonArgs {
 
 pub async fn run(a: DaemonArgs) -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("slicer-bench-daemon-").tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let config = tmp.path().join("slicer.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "config:\n  host_groups:\n  - name: bench\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {}\n    warm_start: false\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n",
-            a.image
-        ),
-    )?;
+    let groups = format!(
+        "  - name: bench\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {}\n    warm_start: false\n    network: {{mode: none}}\n",
+        a.image
+    );
+    let (d, c) = crate::bench_daemon(tmp.path(), &groups, &a.images_dir).await?;
     let data = tmp.path().join("data");
-    let d = slicer_daemon::start(&slicer_daemon::UpOptions {
-        config,
-        data_dir: data.clone(),
-        images_dir: Some(a.images_dir.clone()),
-        agent: None,
-    })
-    .await?;
-    let c = ApiClient::new(&format!("http://127.0.0.1:{port}"), d.token.clone())?;
     let host = Host::with_images(
         slicer_image::ImageStore::at(&a.images_dir),
         &data,

@@ -138,22 +138,8 @@ pub async fn run(a: ImagesArgs) -> Result<()> {
     }
 
     // Fork against template create, interleaved, through one daemon.
-    let port = free_port()?;
-    let cfg = tmp.path().join("slicer.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "config:\n  host_groups:\n  - name: bench\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: min\n    persistent: true\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
-        ),
-    )?;
-    let d = slicer_daemon::start(&slicer_daemon::UpOptions {
-        config: cfg,
-        data_dir: tmp.path().join("data"),
-        images_dir: Some(a.images_dir.clone()),
-        agent: None,
-    })
-    .await?;
-    let c = ApiClient::new(&format!("http://127.0.0.1:{port}"), d.token.clone())?;
+    let groups = "  - name: bench\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: min\n    persistent: true\n    network: {mode: none}\n";
+    let (d, c) = crate::bench_daemon(tmp.path(), groups, &a.images_dir).await?;
     let create = |c: &ApiClient| {
         let c = c.clone();
         async move {

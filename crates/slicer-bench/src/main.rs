@@ -366,6 +366,32 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// A daemon in this process on a free loopback port, with the host groups `groups` (YAML list
+/// items under `host_groups`) and its data in `dir/data`; and a client with its token.
+pub async fn bench_daemon(
+    dir: &Path,
+    groups: &str,
+    images_dir: &Path,
+) -> Result<(slicer_daemon::Daemon, slicer_api::ApiClient)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let config = dir.join("slicer.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "config:\n  host_groups:\n{groups}  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+        ),
+    )?;
+    let d = slicer_daemon::start(&slicer_daemon::UpOptions {
+        config,
+        data_dir: dir.join("data"),
+        images_dir: Some(images_dir.to_path_buf()),
+        agent: None,
+    })
+    .await?;
+    let c = slicer_api::ApiClient::new(&format!("http://127.0.0.1:{port}"), d.token.clone())?;
+    Ok((d, c))
+}
+
 /// Replaces the section between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`, or appends it.
 pub fn record(path: &Path, name: &str, table: &str) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());

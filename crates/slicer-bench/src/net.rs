@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use http::Method;
-use slicer_api::ApiClient;
 
 use crate::{median, record};
 
@@ -62,22 +61,10 @@ pub async fn run(
     record_to: Option<std::path::PathBuf>,
 ) -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("slicer-bench-net-").tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let config = tmp.path().join("slicer.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "config:\n  host_groups:\n  - name: plain\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {image}\n    network: {{mode: none}}\n  - name: iso\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {image}\n    network: {{mode: isolated, range: 169.254.240.0/22}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
-        ),
-    )?;
-    let d = slicer_daemon::start(&slicer_daemon::UpOptions {
-        config,
-        data_dir: tmp.path().join("data"),
-        images_dir: Some(images_dir),
-        agent: None,
-    })
-    .await?;
-    let c = ApiClient::new(&format!("http://127.0.0.1:{port}"), d.token.clone())?;
+    let groups = format!(
+        "  - name: plain\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {image}\n    network: {{mode: none}}\n  - name: iso\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: {image}\n    network: {{mode: isolated, range: 169.254.240.0/22}}\n"
+    );
+    let (d, c) = crate::bench_daemon(tmp.path(), &groups, &images_dir).await?;
     let create = |group: &'static str| {
         let c = c.clone();
         async move {

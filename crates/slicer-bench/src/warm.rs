@@ -97,30 +97,14 @@ fn rss_mib(hostname: &str) -> Option<f64> {
 
 pub async fn run(a: WarmArgs) -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("slicer-bench-warm-").tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let config = tmp.path().join("slicer.yaml");
     let group = |name: &str, warm: bool| {
         format!(
             "  - name: {name}\n    count: 0\n    vcpu: 1\n    ram_mb: {}\n    image: {}\n    warm_start: {warm}\n    network: {{mode: none}}\n",
             a.memory_mib, a.image
         )
     };
-    std::fs::write(
-        &config,
-        format!(
-            "config:\n  host_groups:\n{}{}  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n",
-            group("cold", false),
-            group("warm", true)
-        ),
-    )?;
-    let d = slicer_daemon::start(&slicer_daemon::UpOptions {
-        config,
-        data_dir: tmp.path().join("data"),
-        images_dir: Some(a.images_dir.clone()),
-        agent: None,
-    })
-    .await?;
-    let c = ApiClient::new(&format!("http://127.0.0.1:{port}"), d.token.clone())?;
+    let groups = format!("{}{}", group("cold", false), group("warm", true));
+    let (d, c) = crate::bench_daemon(tmp.path(), &groups, &a.images_dir).await?;
 
     // The template (built now if the image store has none for this shape).
     let shape = slicer_vmm::Shape {
