@@ -25,12 +25,92 @@ pub struct HostGroupInfo {
     pub gpu_count: u32,
 }
 
-/// Status of a VM as the API reports it.
-pub const STATUS_RUNNING: &str = "Running";
-pub const STATUS_PAUSED: &str = "Paused";
-pub const STATUS_STOPPED: &str = "Stopped";
-/// Saved to disk by `POST /vm/{h}/suspend`, waiting for `POST /vm/{h}/restore`.
-pub const STATUS_SUSPENDED: &str = "Suspended";
+/// Status of a VM as the API reports it (and the state database records it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmStatus {
+    Running,
+    /// vCPUs stopped by `POST /vm/{h}/pause`.
+    Paused,
+    Stopped,
+    /// Saved to disk by `POST /vm/{h}/suspend`, waiting for `POST /vm/{h}/restore`.
+    Suspended,
+}
+
+impl VmStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmStatus::Running => "Running",
+            VmStatus::Paused => "Paused",
+            VmStatus::Stopped => "Stopped",
+            VmStatus::Suspended => "Suspended",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<VmStatus> {
+        [
+            VmStatus::Running,
+            VmStatus::Paused,
+            VmStatus::Stopped,
+            VmStatus::Suspended,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for VmStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A host group's network mode (`network.mode` in the YAML).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// TAPs on a shared host bridge.
+    Bridge,
+    /// A network namespace, bridge, TAP and nftables table per VM.
+    Isolated,
+    /// No NIC.
+    None,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Bridge => "bridge",
+            NetworkMode::Isolated => "isolated",
+            NetworkMode::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<NetworkMode> {
+        [NetworkMode::Bridge, NetworkMode::Isolated, NetworkMode::None]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a VM's current run started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartMode {
+    /// Booted its kernel.
+    Cold,
+    /// Restored from a template snapshot.
+    Template,
+    /// Restored from its own suspended state.
+    Resume,
+    /// Taken over from an earlier daemon (slicer extension).
+    Adopted,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Node {
@@ -44,7 +124,7 @@ pub struct Node {
     pub created_at: String,
     pub arch: String,
     pub tags: Vec<String>,
-    pub status: String,
+    pub status: VmStatus,
     pub persistent: bool,
 }
 
@@ -115,7 +195,7 @@ pub struct Policy {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NetworkInfo {
-    pub mode: String,
+    pub mode: NetworkMode,
     pub policy_source: String,
     pub host_group: Policy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,7 +215,7 @@ pub struct VmDescription {
     /// How the VM's current run started: `cold` (kernel boot), `template` (restored from a
     /// template snapshot), `resume` (from its suspended state) or `adopted` (slicer extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_mode: Option<String>,
+    pub start_mode: Option<StartMode>,
     /// The last commit made of this VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_id: Option<String>,

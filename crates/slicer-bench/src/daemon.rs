@@ -84,7 +84,9 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             .await?;
     }
 
-    // GET /nodes with 100 records (rows of stopped persistent VMs; no guests needed).
+    // GET /nodes with 100 records (rows of stopped persistent VMs; no guests needed), written
+    // through a second connection to the daemon's state database.
+    let db = slicer_daemon::state::Db::open(&tmp.path().join("data").join("state.db"))?;
     for _ in 0..100 {
         let mut rec = slicer_daemon::state::VmRecord {
             hostname: String::new(),
@@ -93,7 +95,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             ram_bytes: 256 << 20,
             persistent: true,
             protected: false,
-            status: "Stopped".into(),
+            status: slicer_api::VmStatus::Stopped,
             created_at: slicer_daemon::manager::now_rfc3339(),
             ip: String::new(),
             pid: None,
@@ -107,7 +109,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             net_drop: None,
             pid_start: None,
         };
-        d.manager.db.create(&mut rec, None)?;
+        db.create(&mut rec, None)?;
     }
     let mut list = Vec::new();
     for _ in 0..100 {

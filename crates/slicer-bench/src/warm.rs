@@ -114,7 +114,7 @@ pub async fn run(a: WarmArgs) -> Result<()> {
         nic: false,
     };
     let t = Instant::now();
-    let template = d.manager.host.template(&shape).await?;
+    let template = d.manager.template(&shape).await?;
     let template_wait = t.elapsed();
 
     let (mut cold, mut warm) = (Vec::new(), Vec::new());

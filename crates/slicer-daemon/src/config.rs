@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use slicer_api::NetworkMode;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -194,7 +195,7 @@ pub struct Group {
     pub userdata: Option<String>,
     pub dns: Vec<String>,
     pub image: String,
-    pub network_mode: String,
+    pub network_mode: NetworkMode,
     pub allow: Vec<String>,
     pub drop: Vec<String>,
     /// Bridge mode: the bridge, TAP name prefix and gateway (address/prefix).
@@ -458,6 +459,13 @@ impl File {
             None => "min".to_string(),
             Some(i) => check_image(i).map_err(|e| anyhow::anyhow!("config.image: {e}"))?,
         };
+        for (field, given) in [("kernel_image", &c.kernel_image), ("kernel_file", &c.kernel_file)] {
+            if given.is_some() {
+                bail!(
+                    "config.{field}: not supported; VMs boot the kernel scripts/setup.sh builds for the image store (remove the line)"
+                );
+            }
+        }
         if c.github_user.is_some() {
             bail!(
                 "config.github_user: importing keys from GitHub is not supported (the daemon does not fetch keys from the internet); list the public keys in config.ssh_keys instead"
@@ -469,168 +477,13 @@ impl File {
         }
         let mut groups: Vec<Group> = Vec::new();
         for (i, g) in c.host_groups.iter().enumerate() {
-            let at = format!("config.host_groups[{i}]");
-            let name_ok = !g.name.is_empty()
-                && g.name.len() <= 20
-                && g.name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !g.name.starts_with('-')
-                && !g.name.ends_with('-');
-            if !name_ok {
-                bail!("{at}.name: {:?} must be 1-20 lowercase letters, digits or '-'", g.name);
+            let group = group_settings(&format!("config.host_groups[{i}]"), g, &default_image, base_dir)?;
+            if groups.iter().any(|o| o.name == group.name) {
+                bail!("config.host_groups[{i}].name: host group {:?} is defined twice", g.name);
             }
-            if groups.iter().any(|o| o.name == g.name) {
-                bail!("{at}.name: host group {:?} is defined twice", g.name);
-            }
-            if g.vcpu == 0 || g.vcpu > 64 {
-                bail!("{at}.vcpu: must be between 1 and 64, got {}", g.vcpu);
-            }
-            let rams = [g.ram_gb.map(|v| v << 30), g.ram_mb.map(|v| v << 20), g.ram_bytes];
-            let given: Vec<u64> = rams.iter().flatten().copied().collect();
-            if given.len() > 1 {
-                bail!("{at}: give only one of ram_gb, ram_mb and ram_bytes");
-            }
-            let ram_bytes = given.first().copied().unwrap_or(4 << 30);
-            if ram_bytes < 128 << 20 {
-                bail!("{at}.ram: at least 128 MiB is needed, got {ram_bytes} bytes");
-            }
-            if g.storage != "image" {
-                bail!(
-                    "{at}.storage: {:?} is not supported here; use `image` (a qcow2 overlay per VM)",
-                    g.storage
-                );
-            }
-            let storage_size = match &g.storage_size {
-                None => None,
-                Some(s) => Some(parse_size(s).filter(|v| *v >= 1 << 30).ok_or_else(|| {
-                    anyhow::anyhow!("{at}.storage_size: {s:?} is not a size of at least 1G (e.g. 25G)")
-                })?),
-            };
-            let userdata = match (&g.userdata, &g.userdata_file) {
-                (Some(_), Some(_)) => bail!("{at}: give userdata or userdata_file, not both"),
-                (Some(u), None) => Some(u.clone()),
-                (None, Some(f)) => {
-                    let p = base_dir.join(f);
-                    Some(
-                        std::fs::read_to_string(&p)
-                            .with_context(|| format!("{at}.userdata_file: reading {}", p.display()))?,
-                    )
-                }
-                (None, None) => None,
-            };
-            let dns = g
-                .dns_servers
-                .clone()
-                .unwrap_or_else(|| vec!["8.8.8.8".into(), "1.1.1.1".into()]);
-            for d in &dns {
-                if d.parse::<std::net::IpAddr>().is_err() {
-                    bail!("{at}.dns_servers: {d:?} is not an IP address");
-                }
-            }
-            let image = match &g.image {
-                None => default_image.clone(),
-                Some(i) => check_image(i).map_err(|e| anyhow::anyhow!("{at}.image: {e}"))?,
-            };
-            let net = g.network.clone().unwrap_or_default();
-            let mode = net.mode.clone().unwrap_or_else(|| "bridge".into());
-            // `none` (no NIC at all) is a slicer extension.
-            if mode != "bridge" && mode != "isolated" && mode != "none" {
-                bail!("{at}.network.mode: {mode:?} is not supported; use bridge, isolated or none");
-            }
-            for (field, list) in [("drop", &net.drop), ("allow", &net.allow)] {
-                if !list.is_empty() && mode == "none" {
-                    bail!("{at}.network.{field}: only applies to isolated and bridge mode");
-                }
-                for r in list {
-                    if !valid_rule(r) {
-                        bail!("{at}.network.{field}: {r:?} is not a CIDR, an address or address:port");
-                    }
-                }
-            }
-            let short: String = g.name.chars().filter(|c| *c != '-').take(8).collect();
-            let tap_prefix = net.tap_prefix.clone().unwrap_or_else(|| format!("{short}tap"));
-            if tap_prefix.is_empty() || tap_prefix.len() > 12 {
-                bail!(
-                    "{at}.network.tap_prefix: {tap_prefix:?} must be 1-12 characters (interface names are at most 15)"
-                );
-            }
-            let bridge = net.bridge.clone().unwrap_or_else(|| format!("br{short}0"));
-            if bridge.is_empty() || bridge.len() > 15 {
-                bail!("{at}.network.bridge: {bridge:?} must be 1-15 characters");
-            }
-            let gateway = net.gateway.clone().unwrap_or_else(|| "192.168.137.1/24".into());
-            if mode == "bridge" {
-                let ok = gateway.split_once('/').is_some_and(|(a, p)| {
-                    a.parse::<Ipv4Addr>().is_ok() && p.parse::<u8>().is_ok_and(|p| (8..=30).contains(&p))
-                });
-                if !ok {
-                    bail!("{at}.network.gateway: {gateway:?} is not an address with a prefix such as 192.168.137.1/24");
-                }
-            }
-            if let Some(r) = &net.range {
-                if mode == "isolated" {
-                    let ok = r.split_once('/').is_some_and(|(a, p)| {
-                        a.parse::<Ipv4Addr>().is_ok() && p.parse::<u8>().is_ok_and(|p| (16..=28).contains(&p))
-                    });
-                    if !ok {
-                        bail!("{at}.network.range: {r:?} is not a CIDR from /16 to /28 such as 169.254.100.0/22");
-                    }
-                }
-            }
-            groups.push(Group {
-                name: g.name.clone(),
-                count: g.count,
-                cpus: g.vcpu,
-                ram_bytes,
-                storage_size,
-                persistent: g.persistent,
-                userdata,
-                dns,
-                image,
-                range: if mode == "isolated" { net.range.clone() } else { None },
-                warm_start: g.warm_start.unwrap_or(true),
-                network_mode: mode,
-                allow: net.allow.clone(),
-                drop: net.drop.clone(),
-                bridge,
-                tap_prefix,
-                gateway,
-            });
+            groups.push(group);
         }
-        // Address ranges and interface names of the groups must not collide.
-        let nets: Vec<(String, slicer_net::Net)> = groups
-            .iter()
-            .filter_map(|g| {
-                let cidr = if g.network_mode == "bridge" {
-                    Some(g.gateway.as_str())
-                } else {
-                    g.range.as_deref()
-                };
-                cidr.and_then(slicer_net::Net::parse).map(|n| (g.name.clone(), n))
-            })
-            .collect();
-        for (i, (a, na)) in nets.iter().enumerate() {
-            for (b, nb) in &nets[i + 1..] {
-                if na.overlaps(nb) {
-                    bail!("config.host_groups: the networks of {a:?} ({na}) and {b:?} ({nb}) overlap");
-                }
-            }
-        }
-        for (i, a) in groups.iter().enumerate() {
-            for b in &groups[i + 1..] {
-                if a.network_mode == "bridge"
-                    && b.network_mode == "bridge"
-                    && (a.bridge == b.bridge || a.tap_prefix == b.tap_prefix)
-                {
-                    bail!(
-                        "config.host_groups: {:?} and {:?} use the same bridge or tap_prefix",
-                        a.name,
-                        b.name
-                    );
-                }
-            }
-        }
+        check_group_networks(&groups)?;
         let bind = c.api.bind_address.trim();
         let listen =
             if bind.starts_with('/') || bind.starts_with("./") || bind.starts_with("../") || bind.ends_with(".sock") {
@@ -652,27 +505,7 @@ impl File {
         };
         let capacity = Capacity::resolve(c.capacity.as_ref(), mem_total, host_cores())?;
         capacity.check_count_vms(&groups, c.capacity.as_ref())?;
-        let insecure_registries = match &c.insecure_registry {
-            None | Some(Insecure::All(false)) => Vec::new(),
-            Some(Insecure::All(true)) => {
-                let mut r: Vec<String> = groups
-                    .iter()
-                    .filter(|g| !slicer_image::is_builtin(&g.image))
-                    .filter_map(|g| slicer_image::oci::registry_of(&g.image))
-                    .collect();
-                r.sort();
-                r.dedup();
-                r
-            }
-            Some(Insecure::Hosts(h)) => {
-                for r in h {
-                    if r.is_empty() || r.contains('/') || r.chars().any(char::is_whitespace) {
-                        bail!("config.insecure_registry: {r:?} is not a registry host[:port]");
-                    }
-                }
-                h.clone()
-            }
-        };
+        let insecure_registries = insecure_registries(c.insecure_registry.as_ref(), &groups)?;
         Ok(Settings {
             groups,
             insecure_registries,
@@ -685,6 +518,199 @@ impl File {
             ssh_keys: c.ssh_keys.clone(),
         })
     }
+}
+
+/// One host group's settings: every value checked (errors name the field under `at`),
+/// defaults applied. `base_dir` resolves `userdata_file`.
+fn group_settings(at: &str, g: &HostGroup, default_image: &str, base_dir: &Path) -> Result<Group> {
+    let name_ok = !g.name.is_empty()
+        && g.name.len() <= 20
+        && g.name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !g.name.starts_with('-')
+        && !g.name.ends_with('-');
+    if !name_ok {
+        bail!("{at}.name: {:?} must be 1-20 lowercase letters, digits or '-'", g.name);
+    }
+    if g.vcpu == 0 || g.vcpu > 64 {
+        bail!("{at}.vcpu: must be between 1 and 64, got {}", g.vcpu);
+    }
+    let rams = [g.ram_gb.map(|v| v << 30), g.ram_mb.map(|v| v << 20), g.ram_bytes];
+    let given: Vec<u64> = rams.iter().flatten().copied().collect();
+    if given.len() > 1 {
+        bail!("{at}: give only one of ram_gb, ram_mb and ram_bytes");
+    }
+    let ram_bytes = given.first().copied().unwrap_or(4 << 30);
+    if ram_bytes < 128 << 20 {
+        bail!("{at}.ram: at least 128 MiB is needed, got {ram_bytes} bytes");
+    }
+    if g.storage != "image" {
+        bail!(
+            "{at}.storage: {:?} is not supported here; use `image` (a qcow2 overlay per VM)",
+            g.storage
+        );
+    }
+    let storage_size = match &g.storage_size {
+        None => None,
+        Some(s) => Some(
+            parse_size(s)
+                .filter(|v| *v >= 1 << 30)
+                .ok_or_else(|| anyhow::anyhow!("{at}.storage_size: {s:?} is not a size of at least 1G (e.g. 25G)"))?,
+        ),
+    };
+    let userdata = match (&g.userdata, &g.userdata_file) {
+        (Some(_), Some(_)) => bail!("{at}: give userdata or userdata_file, not both"),
+        (Some(u), None) => Some(u.clone()),
+        (None, Some(f)) => {
+            let p = base_dir.join(f);
+            Some(std::fs::read_to_string(&p).with_context(|| format!("{at}.userdata_file: reading {}", p.display()))?)
+        }
+        (None, None) => None,
+    };
+    let dns = g
+        .dns_servers
+        .clone()
+        .unwrap_or_else(|| vec!["8.8.8.8".into(), "1.1.1.1".into()]);
+    for d in &dns {
+        if d.parse::<std::net::IpAddr>().is_err() {
+            bail!("{at}.dns_servers: {d:?} is not an IP address");
+        }
+    }
+    let image = match &g.image {
+        None => default_image.to_string(),
+        Some(i) => check_image(i).map_err(|e| anyhow::anyhow!("{at}.image: {e}"))?,
+    };
+    let net = g.network.clone().unwrap_or_default();
+    let text = net.mode.as_deref().unwrap_or("bridge");
+    // `none` (no NIC at all) is a slicer extension.
+    let Some(mode) = NetworkMode::parse(text) else {
+        bail!("{at}.network.mode: {text:?} is not supported; use bridge, isolated or none");
+    };
+    for (field, list) in [("drop", &net.drop), ("allow", &net.allow)] {
+        if !list.is_empty() && mode == NetworkMode::None {
+            bail!("{at}.network.{field}: only applies to isolated and bridge mode");
+        }
+        for r in list {
+            if !valid_rule(r) {
+                bail!("{at}.network.{field}: {r:?} is not a CIDR, an address or address:port");
+            }
+        }
+    }
+    let short: String = g.name.chars().filter(|c| *c != '-').take(8).collect();
+    let tap_prefix = net.tap_prefix.clone().unwrap_or_else(|| format!("{short}tap"));
+    if tap_prefix.is_empty() || tap_prefix.len() > 12 {
+        bail!("{at}.network.tap_prefix: {tap_prefix:?} must be 1-12 characters (interface names are at most 15)");
+    }
+    let bridge = net.bridge.clone().unwrap_or_else(|| format!("br{short}0"));
+    if bridge.is_empty() || bridge.len() > 15 {
+        bail!("{at}.network.bridge: {bridge:?} must be 1-15 characters");
+    }
+    let gateway = net.gateway.clone().unwrap_or_else(|| "192.168.137.1/24".into());
+    if mode == NetworkMode::Bridge {
+        let ok = gateway.split_once('/').is_some_and(|(a, p)| {
+            a.parse::<Ipv4Addr>().is_ok() && p.parse::<u8>().is_ok_and(|p| (8..=30).contains(&p))
+        });
+        if !ok {
+            bail!("{at}.network.gateway: {gateway:?} is not an address with a prefix such as 192.168.137.1/24");
+        }
+    }
+    if let Some(r) = &net.range {
+        if mode == NetworkMode::Isolated {
+            let ok = r.split_once('/').is_some_and(|(a, p)| {
+                a.parse::<Ipv4Addr>().is_ok() && p.parse::<u8>().is_ok_and(|p| (16..=28).contains(&p))
+            });
+            if !ok {
+                bail!("{at}.network.range: {r:?} is not a CIDR from /16 to /28 such as 169.254.100.0/22");
+            }
+        }
+    }
+    Ok(Group {
+        name: g.name.clone(),
+        count: g.count,
+        cpus: g.vcpu,
+        ram_bytes,
+        storage_size,
+        persistent: g.persistent,
+        userdata,
+        dns,
+        image,
+        range: if mode == NetworkMode::Isolated {
+            net.range.clone()
+        } else {
+            None
+        },
+        warm_start: g.warm_start.unwrap_or(true),
+        network_mode: mode,
+        allow: net.allow.clone(),
+        drop: net.drop.clone(),
+        bridge,
+        tap_prefix,
+        gateway,
+    })
+}
+
+/// Address ranges and interface names of the groups must not collide.
+fn check_group_networks(groups: &[Group]) -> Result<()> {
+    // Address ranges and interface names of the groups must not collide.
+    let nets: Vec<(String, slicer_net::Net)> = groups
+        .iter()
+        .filter_map(|g| {
+            let cidr = if g.network_mode == NetworkMode::Bridge {
+                Some(g.gateway.as_str())
+            } else {
+                g.range.as_deref()
+            };
+            cidr.and_then(slicer_net::Net::parse).map(|n| (g.name.clone(), n))
+        })
+        .collect();
+    for (i, (a, na)) in nets.iter().enumerate() {
+        for (b, nb) in &nets[i + 1..] {
+            if na.overlaps(nb) {
+                bail!("config.host_groups: the networks of {a:?} ({na}) and {b:?} ({nb}) overlap");
+            }
+        }
+    }
+    for (i, a) in groups.iter().enumerate() {
+        for b in &groups[i + 1..] {
+            if a.network_mode == NetworkMode::Bridge
+                && b.network_mode == NetworkMode::Bridge
+                && (a.bridge == b.bridge || a.tap_prefix == b.tap_prefix)
+            {
+                bail!(
+                    "config.host_groups: {:?} and {:?} use the same bridge or tap_prefix",
+                    a.name,
+                    b.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `config.insecure_registry`: `true` means the registries of the groups' OCI images.
+fn insecure_registries(given: Option<&Insecure>, groups: &[Group]) -> Result<Vec<String>> {
+    Ok(match given {
+        None | Some(Insecure::All(false)) => Vec::new(),
+        Some(Insecure::All(true)) => {
+            let mut r: Vec<String> = groups
+                .iter()
+                .filter(|g| !slicer_image::is_builtin(&g.image))
+                .filter_map(|g| slicer_image::oci::registry_of(&g.image))
+                .collect();
+            r.sort();
+            r.dedup();
+            r
+        }
+        Some(Insecure::Hosts(h)) => {
+            for r in h {
+                if r.is_empty() || r.contains('/') || r.chars().any(char::is_whitespace) {
+                    bail!("config.insecure_registry: {r:?} is not a registry host[:port]");
+                }
+            }
+            h.clone()
+        }
+    })
 }
 
 /// At most this many SSH keys in a config or a create request, each at most 16 KiB.
@@ -883,6 +909,10 @@ config:
         assert!(e.contains("host_groups[0].vcpu"), "{e}");
         let e = err("config:\n  host_groups:\n  - name: a\n    storage_size: big\n");
         assert!(e.contains("storage_size"), "{e}");
+        let e = err("config:\n  kernel_file: /boot/vmlinux\n  host_groups:\n  - name: a\n");
+        assert!(e.contains("config.kernel_file: not supported"), "{e}");
+        let e = err("config:\n  kernel_image: ghcr.io/x/k:1\n  host_groups:\n  - name: a\n");
+        assert!(e.contains("config.kernel_image: not supported"), "{e}");
         let e = err("config:\n  hypervisor: firecracker\n  host_groups:\n  - name: a\n");
         assert!(e.contains("config.hypervisor") && e.contains("hypervisor: qemu"), "{e}");
         let e = err("config:\n  host_groups:\n  - name: a\n    network: {mode: isolated, drop: [\"300.1.1.0/24\"]}\n");
@@ -992,7 +1022,7 @@ config:
         let y = render_new(&o).unwrap();
         let s = File::parse(&y).unwrap().settings(Path::new(".")).unwrap();
         assert_eq!(s.groups[0].allow, vec!["0.0.0.0/0"]);
-        assert_eq!(s.groups[0].network_mode, "isolated");
+        assert_eq!(s.groups[0].network_mode, NetworkMode::Isolated);
     }
 
     #[test]

@@ -3,7 +3,6 @@
 pub mod api;
 pub mod auth;
 pub mod config;
-pub mod error;
 pub mod manager;
 pub mod metrics;
 pub mod secrets;

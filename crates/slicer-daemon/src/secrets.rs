@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::error::ApiErr;
+use crate::manager::Error;
 
 /// Largest secret value.
 pub const MAX_SECRET: usize = 512 * 1024;
@@ -33,12 +33,12 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-pub fn parse_permissions(p: &str) -> Result<String, ApiErr> {
+pub fn parse_permissions(p: &str) -> Result<String, Error> {
     u32::from_str_radix(p.trim_start_matches("0o"), 8)
         .ok()
         .filter(|m| *m <= 0o777)
         .map(|m| format!("{m:04o}"))
-        .ok_or_else(|| ApiErr::bad_request(format!("permissions: {p:?} is not octal such as 0600")))
+        .ok_or_else(|| Error::invalid(format!("permissions: {p:?} is not octal such as 0600")))
 }
 
 /// Writes `data` to `path` atomically with mode 0600. The temporary file's name starts with a

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
+use slicer_api::VmStatus;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmRecord {
@@ -16,7 +17,7 @@ pub struct VmRecord {
     pub persistent: bool,
     /// Created from the config's `count`: DELETE answers 403.
     pub protected: bool,
-    pub status: String,
+    pub status: VmStatus,
     pub created_at: String,
     pub ip: String,
     pub pid: Option<u32>,
@@ -102,7 +103,16 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         ram_bytes: r.get::<_, i64>(3)? as u64,
         persistent: r.get(4)?,
         protected: r.get(5)?,
-        status: r.get(6)?,
+        status: {
+            let text: String = r.get(6)?;
+            VmStatus::parse(&text).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    6,
+                    rusqlite::types::Type::Text,
+                    format!("unknown VM status {text:?} in the state database").into(),
+                )
+            })?
+        },
         created_at: r.get(7)?,
         ip: r.get(8)?,
         pid: r.get(9)?,
@@ -297,7 +307,7 @@ impl Db {
                 rec.ram_bytes as i64,
                 rec.persistent,
                 rec.protected,
-                rec.status,
+                rec.status.as_str(),
                 rec.created_at,
                 rec.ip,
                 rec.pid,
@@ -367,10 +377,15 @@ impl Db {
     }
 
     /// Status and, while it runs, the VM process (pid and start time).
-    pub fn set_status(&self, hostname: &str, status: &str, process: Option<(u32, u64)>) -> Result<()> {
+    pub fn set_status(&self, hostname: &str, status: VmStatus, process: Option<(u32, u64)>) -> Result<()> {
         self.conn().execute(
             "UPDATE vms SET status = ?2, pid = ?3, pid_start = ?4 WHERE hostname = ?1",
-            params![hostname, status, process.map(|p| p.0), process.map(|p| p.1 as i64)],
+            params![
+                hostname,
+                status.as_str(),
+                process.map(|p| p.0),
+                process.map(|p| p.1 as i64)
+            ],
         )?;
         Ok(())
     }
@@ -439,7 +454,7 @@ mod tests {
             ram_bytes: 1 << 30,
             persistent: false,
             protected: false,
-            status: "Running".into(),
+            status: VmStatus::Running,
             created_at: "2026-01-01T00:00:00Z".into(),
             ip: String::new(),
             pid: Some(5),

@@ -515,7 +515,7 @@ fn route(config: &Path, os: &str) -> Result<i32> {
         .map(|a| a.ip().to_string())
         .context("finding this host's address (no default route?)")?;
     for g in &settings.groups {
-        if g.network_mode != "bridge" {
+        if g.network_mode != slicer_api::NetworkMode::Bridge {
             println!(
                 "# {}: {} network, not reachable from other machines",
                 g.name, g.network_mode

@@ -7,7 +7,7 @@ use axum::Json;
 use slicer_api::{CommitDeleted, CommitInfo, CommitRequest, CommitResponse, ForkRequest};
 
 use super::{query_one, query_pairs, query_timeout, JsonBody, Shared};
-use crate::error::ApiErr;
+use crate::api::error::ApiErr;
 use crate::manager::CommitFilter;
 
 pub async fn commit(

@@ -11,7 +11,7 @@ use futures_util::TryStreamExt;
 use slicer_api::query::CopyQuery;
 
 use super::{query_one, query_pairs, Shared};
-use crate::error::ApiErr;
+use crate::api::error::ApiErr;
 
 pub(super) fn guest_path(pairs: &[(String, String)]) -> Result<String, ApiErr> {
     let p = query_one(pairs, "path")

@@ -13,7 +13,7 @@ use slicer_agent_proto::ExecRequest;
 use slicer_api::{BufferedExec, ExecFrame};
 
 use super::{query_bool, query_one, query_pairs, Shared};
-use crate::error::ApiErr;
+use crate::api::error::ApiErr;
 use crate::manager::now_rfc3339;
 
 /// Quotes a word for a POSIX shell.

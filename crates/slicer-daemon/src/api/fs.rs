@@ -6,7 +6,7 @@ use axum::Json;
 
 use super::cp::guest_path;
 use super::{query_one, query_pairs, JsonBody, Shared};
-use crate::error::ApiErr;
+use crate::api::error::ApiErr;
 
 use slicer_api::{FsEntry as Entry, MkdirRequest as MkdirBody};
 

@@ -3,6 +3,7 @@
 mod bg;
 mod commits;
 mod cp;
+pub mod error;
 mod exec;
 mod fs;
 mod secrets;
@@ -24,7 +25,7 @@ use slicer_api::{
     TagsResponse, VmDescription,
 };
 
-use crate::error::ApiErr;
+use crate::api::error::ApiErr;
 use crate::manager::{Manager, Wait};
 
 pub struct AppState {
@@ -246,20 +247,8 @@ async fn count_request(State(st): State<Shared>, req: Request, next: Next) -> Re
     let method = req.method().as_str().to_string();
     let t0 = std::time::Instant::now();
     let resp = next.run(req).await;
-    let m = &st.manager.metrics;
-    m.request_seconds
-        .get_or_create(&crate::metrics::RouteLabels {
-            method: method.clone(),
-            route: route.clone(),
-        })
-        .observe(t0.elapsed().as_secs_f64());
-    m.requests
-        .get_or_create(&crate::metrics::RequestLabels {
-            method,
-            route,
-            status: resp.status().as_u16(),
-        })
-        .inc();
+    st.manager
+        .count_request(method, route, resp.status().as_u16(), t0.elapsed().as_secs_f64());
     resp
 }
 
@@ -347,8 +336,7 @@ async fn info() -> Json<Info> {
 async fn hostgroups(State(st): State<Shared>) -> Json<Vec<HostGroupInfo>> {
     Json(
         st.manager
-            .settings
-            .groups
+            .groups()
             .iter()
             .map(|g| HostGroupInfo {
                 name: g.name.clone(),
@@ -437,17 +425,17 @@ async fn describe(State(st): State<Shared>, Path(hostname): Path<String>) -> Res
     };
     let (allow, drop) = st.manager.effective_policy(&rec);
     let overridden = rec.net_allow.is_some() || rec.net_drop.is_some();
-    let lineage = st.manager.db.lineage(&rec.hostname).map_err(ApiErr::internal)?;
+    let lineage = st.manager.lineage(&rec.hostname)?;
     Ok(Json(VmDescription {
         node: st.manager.node(&rec),
         storage: "image".into(),
         storage_size: rec.storage_size.unwrap_or(0),
         image: rec.image.clone(),
-        start_mode: st.manager.start_mode(&hostname).map(str::to_string),
+        start_mode: st.manager.start_mode(&hostname),
         commit_id: lineage.0,
         parent_commit_id: lineage.1,
         network: NetworkInfo {
-            mode: g.map(|g| g.network_mode.clone()).unwrap_or_default(),
+            mode: g.map_or(slicer_api::NetworkMode::None, |g| g.network_mode),
             policy_source: if overridden { "override" } else { "host_group" }.into(),
             host_group: policy,
             r#override: overridden.then(|| slicer_api::NetworkOverride {
@@ -517,7 +505,7 @@ async fn patch_tags(
             )));
         }
     }
-    st.manager.db.set_tags(&hostname, &tags).map_err(ApiErr::internal)?;
+    st.manager.set_tags(&hostname, &tags)?;
     Ok(Json(TagsResponse { hostname, tags }))
 }
 
@@ -539,7 +527,7 @@ async fn logs(
     };
     // The console log is bounded and rotates (console.log.1 holds the older part): the tail
     // reads from the end of both, at most 2 MiB.
-    let path = st.manager.host.vm_root.join(&hostname).join("console.log");
+    let path = st.manager.console_log(&hostname);
     let want = if lines == 0 { usize::MAX } else { lines };
     let content = tokio::task::spawn_blocking(move || slicer_hypervisor::console::tail(&path, want))
         .await

@@ -9,8 +9,8 @@ use axum::Json;
 use base64::Engine;
 
 use super::{JsonBody, Shared};
-use crate::error::ApiErr;
-use crate::manager::{now_rfc3339, settle_pushes};
+use crate::api::error::ApiErr;
+use crate::manager::{now_rfc3339, settle_pushes, SecretChange};
 use crate::secrets::{parse_permissions, valid_name, SecretInfo, MAX_SECRET};
 
 use slicer_api::{CreateSecretRequest as CreateSecret, UpdateSecretRequest as UpdateSecret};
@@ -42,7 +42,7 @@ fn checked_name(name: &str) -> Result<(), ApiErr> {
 }
 
 pub async fn list(State(st): State<Shared>) -> Result<Json<Vec<SecretInfo>>, ApiErr> {
-    Ok(Json(st.manager.secrets.list().map_err(ApiErr::internal)?))
+    Ok(Json(st.manager.list_secrets()?))
 }
 
 pub async fn create(
@@ -52,14 +52,6 @@ pub async fn create(
     checked_name(&b.name)?;
     let value = decode(&b.data)?;
     let permissions = parse_permissions(b.permissions.as_deref().unwrap_or("0600"))?;
-    let m = &st.manager;
-    let _guard = m.secrets_lock.lock().await;
-    if m.secrets.info(&b.name).map_err(ApiErr::internal)?.is_some() {
-        return Err(ApiErr::conflict(format!(
-            "secret {:?} exists: update it with PATCH",
-            b.name
-        )));
-    }
     let info = SecretInfo {
         name: b.name.clone(),
         size: value.len() as u64,
@@ -68,9 +60,7 @@ pub async fn create(
         gid: b.gid.unwrap_or(0),
         modified_at: now_rfc3339(),
     };
-    m.secrets.put(&info, &value).map_err(ApiErr::internal)?;
-    let pushes = m.spread_secret(&info.name);
-    drop(_guard);
+    let (info, pushes) = st.manager.create_secret(info, &value).await?;
     settle_pushes(pushes, SETTLE).await;
     Ok((StatusCode::CREATED, Json(info)))
 }
@@ -81,29 +71,13 @@ pub async fn update(
     JsonBody(b): JsonBody<UpdateSecret>,
 ) -> Result<Json<SecretInfo>, ApiErr> {
     checked_name(&name)?;
-    let value = b.data.as_deref().map(decode).transpose()?;
-    let permissions = b.permissions.as_deref().map(parse_permissions).transpose()?;
-    let m = &st.manager;
-    let _guard = m.secrets_lock.lock().await;
-    let mut info = m
-        .secrets
-        .info(&name)
-        .map_err(ApiErr::internal)?
-        .ok_or_else(|| ApiErr::not_found(format!("secret {name:?} not found")))?;
-    let value = match value {
-        Some(v) => v,
-        None => m.secrets.value(&name).map_err(ApiErr::internal)?,
+    let change = SecretChange {
+        value: b.data.as_deref().map(decode).transpose()?,
+        permissions: b.permissions.as_deref().map(parse_permissions).transpose()?,
+        uid: b.uid,
+        gid: b.gid,
     };
-    info.size = value.len() as u64;
-    if let Some(p) = permissions {
-        info.permissions = p;
-    }
-    info.uid = b.uid.unwrap_or(info.uid);
-    info.gid = b.gid.unwrap_or(info.gid);
-    info.modified_at = now_rfc3339();
-    m.secrets.put(&info, &value).map_err(ApiErr::internal)?;
-    let pushes = m.spread_secret(&name);
-    drop(_guard);
+    let (info, pushes) = st.manager.update_secret(&name, change).await?;
     settle_pushes(pushes, SETTLE).await;
     Ok(Json(info))
 }
@@ -113,14 +87,7 @@ pub async fn delete(
     Path(name): Path<String>,
 ) -> Result<Json<slicer_api::SecretDeleted>, ApiErr> {
     checked_name(&name)?;
-    let m = &st.manager;
-    let _guard = m.secrets_lock.lock().await;
-    if m.secrets.info(&name).map_err(ApiErr::internal)?.is_none() {
-        return Err(ApiErr::not_found(format!("secret {name:?} not found")));
-    }
-    m.secrets.remove(&name).map_err(ApiErr::internal)?;
-    let pushes = m.spread_secret(&name);
-    drop(_guard);
+    let pushes = st.manager.delete_secret(&name).await?;
     settle_pushes(pushes, SETTLE).await;
     Ok(Json(slicer_api::SecretDeleted { name, deleted: true }))
 }

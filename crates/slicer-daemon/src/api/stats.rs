@@ -8,7 +8,7 @@ use axum::Json;
 use slicer_agent_proto::GuestStats;
 
 use super::Shared;
-use crate::error::ApiErr;
+use crate::api::error::ApiErr;
 use crate::state::VmRecord;
 
 /// Longest one guest gets to answer.
@@ -74,7 +74,7 @@ async fn node_stats(st: &Shared, rec: &VmRecord) -> NodeStats {
             Ok(Err(e)) => Err(format!("guest agent: {e}")),
             Err(_) => Err(format!("the guest did not answer within {STATS_TIMEOUT:?}")),
         },
-        Err(e) => Err(e.message),
+        Err(e) => Err(e.to_string()),
     };
     let (snapshot, error) = match measured {
         Ok(s) => (Some(s), String::new()),
@@ -90,7 +90,7 @@ async fn node_stats(st: &Shared, rec: &VmRecord) -> NodeStats {
 }
 
 pub async fn all(State(st): State<Shared>) -> Result<Json<Vec<NodeStats>>, ApiErr> {
-    let recs = st.manager.db.list().map_err(ApiErr::internal)?;
+    let recs = st.manager.records()?;
     let stats = futures_util::future::join_all(recs.iter().map(|r| node_stats(&st, r))).await;
     Ok(Json(stats))
 }

@@ -14,7 +14,7 @@ use slicer_agent_proto::{WatchEvent, WatchRequest};
 use tokio::time::Instant;
 
 use super::{parse_go_duration, query_bool, query_one, query_pairs, Shared};
-use crate::error::ApiErr;
+use crate::api::error::ApiErr;
 
 /// Longest event line accepted from the guest.
 const MAX_LINE: usize = 1 << 20;

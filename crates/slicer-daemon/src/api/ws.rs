@@ -13,7 +13,7 @@ use slicer_agent_client::{Download, StdinWriter};
 use slicer_agent_proto::shell as sh;
 
 use super::{query_one, query_pairs, Shared};
-use crate::error::ApiErr;
+use crate::api::error::ApiErr;
 
 /// A request that is not a WebSocket handshake gets our JSON error (axum's is plain text),
 /// after the VM was checked, before anything is dialled in the guest.

@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use slicer_agent_proto::ExecRequest;
 use slicer_api::{
-    CommitDeleted, CommitInfo, CommitRequest, CommitResponse, CreateNodeRequest, ForkRequest, ForkResponse,
+    CommitDeleted, CommitInfo, CommitRequest, CommitResponse, CreateNodeRequest, ForkRequest, ForkResponse, VmStatus,
 };
 
-use super::{detached, now_rfc3339, vm_name, Manager, Wait};
-use crate::error::ApiErr;
+use super::{detached, now_rfc3339, vm_name, Error, Machine, Manager, Wait};
+
 use crate::state::{CommitRecord, VmRecord};
 
 /// A new VM's disk comes from this commit.
@@ -63,15 +63,13 @@ pub fn valid_commit_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-fn check_tags(tags: &[String]) -> Result<(), ApiErr> {
+fn check_tags(tags: &[String]) -> Result<(), Error> {
     if tags.len() > 64 {
-        return Err(ApiErr::bad_request("at most 64 tags"));
+        return Err(Error::invalid("at most 64 tags"));
     }
     for t in tags {
         if t.is_empty() || t.len() > 256 || t.chars().any(char::is_control) {
-            return Err(ApiErr::bad_request(format!(
-                "invalid tag {t:?}: 1-256 printable characters"
-            )));
+            return Err(Error::invalid(format!("invalid tag {t:?}: 1-256 printable characters")));
         }
     }
     Ok(())
@@ -134,14 +132,14 @@ impl Manager {
     }
 
     /// A live commit's capture, loaded once and kept for the next forks.
-    fn capture_of(&self, id: &str) -> Result<Arc<slicer_vmm::Template>, ApiErr> {
+    fn capture_of(&self, id: &str) -> Result<Arc<slicer_vmm::Template>, Error> {
         let mut loaded = self.captures.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = loaded.get(id) {
             return Ok(t.clone());
         }
         let t = Arc::new(
             slicer_vmm::Template::open(&self.commits_dir.join(id))
-                .map_err(|e| ApiErr::internal(format!("commit {id}: {e:#}")))?,
+                .map_err(|e| Error::host(anyhow::Error::from(e).context(format!("commit {id}"))))?,
         );
         if loaded.len() >= MAX_LOADED_CAPTURES {
             // Any one goes (the map does not keep use order; a later fork loads it again).
@@ -154,20 +152,20 @@ impl Manager {
     }
 
     /// `POST /vm/{h}/commit`.
-    pub async fn commit(self: &Arc<Self>, hostname: &str, req: CommitRequest) -> Result<CommitResponse, ApiErr> {
+    pub async fn commit(self: &Arc<Self>, hostname: &str, req: CommitRequest) -> Result<CommitResponse, Error> {
         check_tags(&req.tags)?;
         if req.labels.len() > 64
             || req.labels.iter().any(|(k, v)| {
                 k.is_empty() || k.len() > 128 || v.len() > 1024 || k.chars().chain(v.chars()).any(char::is_control)
             })
         {
-            return Err(ApiErr::bad_request(
+            return Err(Error::invalid(
                 "labels: at most 64, keys 1-128 and values up to 1024 printable characters",
             ));
         }
         if let Some(k) = &req.cache_key {
             if k.is_empty() || k.len() > 256 || k.chars().any(char::is_control) {
-                return Err(ApiErr::bad_request("cache_key: 1-256 printable characters"));
+                return Err(Error::invalid("cache_key: 1-256 printable characters"));
             }
         }
         let (me, h) = (self.clone(), hostname.to_string());
@@ -181,36 +179,36 @@ impl Manager {
                 return me.commit_live(rec, req).await;
             }
             if !rec.persistent {
-                return Err(ApiErr::conflict(format!(
+                return Err(Error::conflict(format!(
                     "VM {h} is not persistent: only a persistent VM's disk outlives it to be committed"
                 )));
             }
-            if me.vms().contains_key(&h) || rec.status != slicer_api::STATUS_STOPPED {
-                return Err(ApiErr::conflict(format!(
+            if me.vms().contains_key(&h) || rec.status != VmStatus::Stopped {
+                return Err(Error::conflict(format!(
                     "VM {h} is {}: shut it down first (POST /vm/{h}/shutdown?action=shutdown, or slicer vm shutdown {h})",
-                    rec.status.to_lowercase()
+                    rec.status.as_str().to_lowercase()
                 )));
             }
             me.check_commit_room(&h, &req)?;
             let disk = me.vm_dir(&h).join("disk.qcow2");
             let id = hex::encode(rand::random::<[u8; 10]>());
             let dir = me.commits_dir.join(&id);
-            std::fs::create_dir_all(&dir).map_err(ApiErr::internal)?;
+            std::fs::create_dir_all(&dir).map_err(Error::host)?;
             let frozen = dir.join("disk.qcow2");
-            std::fs::rename(&disk, &frozen).map_err(ApiErr::internal)?;
+            std::fs::rename(&disk, &frozen).map_err(Error::host)?;
             if let Err(e) = slicer_storage::create_overlay(&frozen, &disk, rec.storage_size).await {
                 let _ = std::fs::rename(&frozen, &disk);
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(ApiErr::internal(format!("committing VM {h}: {e:#}")));
+                return Err(Error::host(anyhow::Error::from(e).context(format!("committing VM {h}"))));
             }
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o444));
-            let (last, parent) = me.db.lineage(&h).map_err(ApiErr::internal)?;
+            let (last, parent) = me.db.lineage(&h).map_err(Error::host)?;
             let c = commit_record(&id, &rec, &req, last.or(parent.clone()));
-            me.db.add_commit(&c).map_err(ApiErr::internal)?;
+            me.db.add_commit(&c).map_err(Error::host)?;
             me.db
                 .set_lineage(&h, Some(&id), parent.as_deref())
-                .map_err(ApiErr::internal)?;
+                .map_err(Error::host)?;
             tracing::info!(vm = %h, commit = %id, cache_key = ?req.cache_key, "committed");
             Ok(committed(c, "disk"))
         })
@@ -219,10 +217,10 @@ impl Manager {
 
     /// What every commit checks first: room for one more, the cache key's owner, a disk that
     /// is not too deep.
-    fn check_commit_room(&self, h: &str, req: &CommitRequest) -> Result<(), ApiErr> {
-        let commits = self.db.commits().map_err(ApiErr::internal)?;
+    fn check_commit_room(&self, h: &str, req: &CommitRequest) -> Result<(), Error> {
+        let commits = self.db.commits().map_err(Error::host)?;
         if commits.len() >= MAX_COMMITS {
-            return Err(ApiErr::conflict(format!(
+            return Err(Error::conflict(format!(
                 "this daemon keeps at most {MAX_COMMITS} commits; delete some first (slicer vm commit delete ID)"
             )));
         }
@@ -231,7 +229,7 @@ impl Manager {
                 .iter()
                 .find(|c| c.cache_key.as_deref() == Some(k) && c.source_hostname != h)
             {
-                return Err(ApiErr::conflict(format!(
+                return Err(Error::conflict(format!(
                     "cache key {k:?} belongs to commits of VM {}; use another key for VM {h}",
                     other.source_hostname
                 )));
@@ -239,11 +237,11 @@ impl Manager {
         }
         let disk = self.vm_dir(h).join("disk.qcow2");
         if !disk.is_file() {
-            return Err(ApiErr::conflict(format!("VM {h} has no disk to commit")));
+            return Err(Error::conflict(format!("VM {h} has no disk to commit")));
         }
         let depth = slicer_vmm::jail::backing_chain(&disk).map(|c| c.len()).unwrap_or(0);
         if depth >= MAX_CHAIN {
-            return Err(ApiErr::conflict(format!(
+            return Err(Error::conflict(format!(
                 "VM {h}'s disk already sits on {depth} layers (commits of commits); fork a fresh VM from its latest commit instead"
             )));
         }
@@ -251,22 +249,22 @@ impl Manager {
     }
 
     /// A live commit of the running VM `rec` (commit lock and the VM's lock held).
-    async fn commit_live(&self, rec: VmRecord, req: CommitRequest) -> Result<CommitResponse, ApiErr> {
+    async fn commit_live(&self, rec: VmRecord, req: CommitRequest) -> Result<CommitResponse, Error> {
         let h = rec.hostname.clone();
         let r = match self.vms().get(&h) {
-            Some(r) if rec.status == slicer_api::STATUS_RUNNING => r.clone(),
+            Some(r) if rec.status == VmStatus::Running => r.clone(),
             _ => {
-                return Err(ApiErr::conflict(format!(
+                return Err(Error::conflict(format!(
                     "VM {h} is {}: a live commit needs a running VM (a stopped one commits without live)",
-                    rec.status.to_lowercase()
+                    rec.status.as_str().to_lowercase()
                 )))
             }
         };
         if r.paused.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(ApiErr::conflict(format!("VM {h} is paused: resume it first")));
+            return Err(Error::conflict(format!("VM {h} is paused: resume it first")));
         }
         if !r.vm.is_ready() {
-            return Err(ApiErr::conflict(format!(
+            return Err(Error::conflict(format!(
                 "VM {h} is still starting: wait until it is ready"
             )));
         }
@@ -279,28 +277,33 @@ impl Manager {
             nic: self.nets.contains_key(&rec.host_group),
         };
         let dir = self.commits_dir.join(&id);
+        let vm = r.vm.qemu().ok_or_else(|| {
+            Error::conflict(format!(
+                "VM {h} cannot be committed live: its backend cannot capture it"
+            ))
+        })?;
         let (_, times) = self
             .host
-            .capture(&r.vm, &shape, &dir)
+            .capture(vm, &shape, &dir)
             .await
-            .map_err(|e| ApiErr::internal(format!("committing VM {h} live: {e:#}")))?;
+            .map_err(|e| Error::host(anyhow::Error::from(e).context(format!("committing VM {h} live"))))?;
         // The copy sits on the source's chain: on its last commit, or the one it was forked from.
-        let (last, parent) = self.db.lineage(&h).map_err(ApiErr::internal)?;
+        let (last, parent) = self.db.lineage(&h).map_err(Error::host)?;
         let c = commit_record(&id, &rec, &req, last.or(parent));
         if let Err(e) = self.db.add_commit(&c) {
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(ApiErr::internal(e));
+            return Err(Error::host(e));
         }
         tracing::info!(vm = %h, commit = %id, paused_ms = times.paused.as_millis() as u64, "committed live");
         Ok(committed(c, "live"))
     }
 
     /// `GET /vm/commits`.
-    pub fn commits(&self, f: &CommitFilter) -> Result<Vec<CommitInfo>, ApiErr> {
+    pub fn commits(&self, f: &CommitFilter) -> Result<Vec<CommitInfo>, Error> {
         Ok(self
             .db
             .commits()
-            .map_err(ApiErr::internal)?
+            .map_err(Error::host)?
             .iter()
             .filter(|c| f.cache_key.as_ref().is_none_or(|k| c.cache_key.as_ref() == Some(k)))
             .filter(|c| f.source.as_ref().is_none_or(|s| &c.source_hostname == s))
@@ -311,17 +314,17 @@ impl Manager {
     }
 
     /// `DELETE /vm/commits/{id}`: refused while a VM or another commit sits on it.
-    pub async fn delete_commit(self: &Arc<Self>, id: &str) -> Result<CommitDeleted, ApiErr> {
+    pub async fn delete_commit(self: &Arc<Self>, id: &str) -> Result<CommitDeleted, Error> {
         if !valid_commit_id(id) {
-            return Err(ApiErr::bad_request(format!("{id:?} is not a commit id")));
+            return Err(Error::invalid(format!("{id:?} is not a commit id")));
         }
         let _commits = self.commit_lock.lock().await;
-        if self.db.commit(id).map_err(ApiErr::internal)?.is_none() {
-            return Err(ApiErr::not_found(format!("no commit {id}")));
+        if self.db.commit(id).map_err(Error::host)?.is_none() {
+            return Err(Error::not_found(format!("no commit {id}")));
         }
-        let users = self.db.commit_dependents(id).map_err(ApiErr::internal)?;
+        let users = self.db.commit_dependents(id).map_err(Error::host)?;
         if !users.is_empty() {
-            return Err(ApiErr::conflict(format!(
+            return Err(Error::conflict(format!(
                 "commit {id} is in use by {}; delete those first",
                 users.join(", ")
             )));
@@ -333,9 +336,13 @@ impl Manager {
                 let _ = std::fs::remove_dir_all(&doomed);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(ApiErr::internal(format!("removing {}: {e}", dir.display()))),
+            Err(e) => {
+                return Err(Error::host(
+                    anyhow::Error::from(e).context(format!("removing {}", dir.display())),
+                ))
+            }
         }
-        self.db.delete_commit(id).map_err(ApiErr::internal)?;
+        self.db.delete_commit(id).map_err(Error::host)?;
         self.captures.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         Ok(CommitDeleted {
             commit_id: id.to_string(),
@@ -345,16 +352,16 @@ impl Manager {
 
     /// The fork's disk: an overlay on the commit's, made under the commit lock (so the commit
     /// cannot go meanwhile) and recorded as the fork's parent.
-    pub(super) async fn prepare_fork(&self, rec: &VmRecord, f: &ForkFrom) -> Result<(), ApiErr> {
+    pub(super) async fn prepare_fork(&self, rec: &VmRecord, f: &ForkFrom) -> Result<(), Error> {
         let _commits = self.commit_lock.lock().await;
-        if self.db.commit(&f.commit_id).map_err(ApiErr::internal)?.is_none() {
-            return Err(ApiErr::not_found(format!("commit {} was deleted", f.commit_id)));
+        if self.db.commit(&f.commit_id).map_err(Error::host)?.is_none() {
+            return Err(Error::not_found(format!("commit {} was deleted", f.commit_id)));
         }
         if let Some(capture) = &f.live {
             // Restored from the capture, which makes the VM's directory and overlay.
             self.db
                 .set_lineage(&rec.hostname, None, Some(&f.commit_id))
-                .map_err(ApiErr::internal)?;
+                .map_err(Error::host)?;
             self.live_forks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -362,17 +369,17 @@ impl Manager {
             return Ok(());
         }
         let dir = self.vm_dir(&rec.hostname);
-        std::fs::create_dir_all(&dir).map_err(ApiErr::internal)?;
+        std::fs::create_dir_all(&dir).map_err(Error::host)?;
         slicer_storage::create_overlay(
             &self.commit_disk(&f.commit_id),
             &dir.join("disk.qcow2"),
             rec.storage_size,
         )
         .await
-        .map_err(|e| ApiErr::internal(format!("{e:#}")))?;
+        .map_err(Error::host)?;
         self.db
             .set_lineage(&rec.hostname, None, Some(&f.commit_id))
-            .map_err(ApiErr::internal)?;
+            .map_err(Error::host)?;
         if f.new_machine_id {
             self.fresh_ids
                 .lock()
@@ -391,25 +398,23 @@ impl Manager {
         req: ForkRequest,
         wait: bool,
         timeout: Duration,
-    ) -> Result<Vec<ForkResponse>, ApiErr> {
+    ) -> Result<Vec<ForkResponse>, Error> {
         if !valid_commit_id(id) {
-            return Err(ApiErr::bad_request(format!("{id:?} is not a commit id")));
+            return Err(Error::invalid(format!("{id:?} is not a commit id")));
         }
         let count = req.count.unwrap_or(1);
         if !(1..=MAX_FORK_COUNT).contains(&count) {
-            return Err(ApiErr::bad_request(format!(
-                "count: {count}; use 1 to {MAX_FORK_COUNT}"
-            )));
+            return Err(Error::invalid(format!("count: {count}; use 1 to {MAX_FORK_COUNT}")));
         }
         let c = self
             .db
             .commit(id)
-            .map_err(ApiErr::internal)?
-            .ok_or_else(|| ApiErr::not_found(format!("no commit {id}")))?;
+            .map_err(Error::host)?
+            .ok_or_else(|| Error::not_found(format!("no commit {id}")))?;
         let g = self
             .group(&c.source_host_group)
             .map_err(|_| {
-                ApiErr::conflict(format!(
+                Error::conflict(format!(
                     "commit {id} was made in host group {}, which the config no longer has",
                     c.source_host_group
                 ))
@@ -420,7 +425,7 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| FIXUPS.iter().map(|s| s.to_string()).collect());
         if let Some(bad) = fixups.iter().find(|f| !FIXUPS.contains(&f.as_str())) {
-            return Err(ApiErr::bad_request(format!(
+            return Err(Error::invalid(format!(
                 "fixups: unknown {bad:?}; use {}",
                 FIXUPS.join(", ")
             )));
@@ -428,11 +433,7 @@ impl Manager {
         let tags: Vec<String> = match req.tag_mode.as_deref() {
             None | Some("append") => c.tags.iter().chain(req.tags.iter()).cloned().collect(),
             Some("replace") => req.tags.clone(),
-            Some(other) => {
-                return Err(ApiErr::bad_request(format!(
-                    "tag_mode: {other:?}; use append or replace"
-                )))
-            }
+            Some(other) => return Err(Error::invalid(format!("tag_mode: {other:?}; use append or replace"))),
         };
         let live = match self.commit_mode(id) {
             "live" => Some(self.capture_of(id)?),
@@ -444,7 +445,7 @@ impl Manager {
             .map(|t| (t.shape.cpus, u64::from(t.shape.memory_mib) << 20));
         if let Some((cpus, ram)) = shape {
             if req.vcpu.is_some_and(|v| v != cpus) || req.ram_bytes.is_some_and(|r| r != ram) {
-                return Err(ApiErr::bad_request(format!(
+                return Err(Error::invalid(format!(
                     "commit {id} is live: its forks continue its guest with its {cpus} vCPUs and {ram} bytes of RAM; leave vcpu and ram_bytes out"
                 )));
             }
@@ -465,15 +466,15 @@ impl Manager {
         }
         if let Some(names) = &create.secrets {
             if let Some(bad) = names.iter().find(|n| !crate::secrets::valid_name(n)) {
-                return Err(ApiErr::bad_request(format!("secrets: {bad:?} is not a secret name")));
+                return Err(Error::invalid(format!("secrets: {bad:?} is not a secret name")));
             }
         }
         if create.tags.iter().filter(|t| t.starts_with("name=")).count() > 1 {
-            return Err(ApiErr::bad_request("tags: at most one name= tag"));
+            return Err(Error::invalid("tags: at most one name= tag"));
         }
         if let Some(name) = vm_name(&create.tags) {
             if count > 1 {
-                return Err(ApiErr::bad_request("a name= tag names one VM: leave it out with count"));
+                return Err(Error::invalid("a name= tag names one VM: leave it out with count"));
             }
             self.check_name(name, None)?;
         }
@@ -486,7 +487,7 @@ impl Manager {
                 let _ = self.delete(&made.hostname, true).await;
             }
             let first = results.into_iter().find_map(Result::err);
-            return Err(first.unwrap_or_else(|| ApiErr::internal("fork failed")));
+            return Err(first.unwrap_or_else(|| Error::host_msg("fork failed")));
         }
         Ok(results.into_iter().flatten().collect())
     }
@@ -502,7 +503,7 @@ impl Manager {
         live: Option<Arc<slicer_vmm::Template>>,
         wait: bool,
         timeout: Duration,
-    ) -> Result<ForkResponse, ApiErr> {
+    ) -> Result<ForkResponse, Error> {
         let mut rec = self.new_record(g, &create)?;
         rec.image = c.image.clone();
         rec.storage_size = c.storage_size;
@@ -529,7 +530,7 @@ impl Manager {
             async move {
                 let ready = tokio::time::timeout(timeout, me.wait_for(&running, Wait::Agent)).await;
                 let result = match ready {
-                    Ok(Ok(())) if host_keys => forget_host_keys(&running.vm).await,
+                    Ok(Ok(())) if host_keys => forget_host_keys(running.vm.as_ref()).await,
                     Ok(r) => r,
                     Err(_) => Err(format!(
                         "VM {hostname} was not ready within {timeout:?}; it was deleted"
@@ -543,7 +544,7 @@ impl Manager {
             }
         };
         let child_status = if wait {
-            finish.await.map_err(ApiErr::internal)?;
+            finish.await.map_err(Error::host_msg)?;
             "running"
         } else {
             tokio::spawn(finish);
@@ -565,7 +566,7 @@ impl Manager {
 
 /// The builder's SSH host keys are not the fork's: they go, and the socket-activated sshd of
 /// our images makes new ones on the first connection.
-async fn forget_host_keys(vm: &slicer_vmm::Vm) -> Result<(), String> {
+async fn forget_host_keys(vm: &dyn Machine) -> Result<(), String> {
     let req = ExecRequest::argv([
         "/bin/sh",
         "-c",
@@ -586,20 +587,20 @@ impl Manager {
     /// `GET /vm/{h}/disk`: the stopped VM's disk (its whole backing chain) as one standalone
     /// qcow2 file, written beside it and handed back open (already unlinked, so it goes with
     /// the answer however that ends).
-    pub async fn export_disk(self: &Arc<Self>, hostname: &str) -> Result<(std::fs::File, u64), ApiErr> {
+    pub async fn export_disk(self: &Arc<Self>, hostname: &str) -> Result<(std::fs::File, u64), Error> {
         let (me, h) = (self.clone(), hostname.to_string());
         detached(async move {
             let _op = me.lock_vm(&h).await;
             let rec = me.record(&h)?;
-            if me.vms().contains_key(&h) || rec.status != slicer_api::STATUS_STOPPED {
-                return Err(ApiErr::conflict(format!(
+            if me.vms().contains_key(&h) || rec.status != VmStatus::Stopped {
+                return Err(Error::conflict(format!(
                     "VM {h} is {}: shut it down first, so that its disk is consistent",
-                    rec.status.to_lowercase()
+                    rec.status.as_str().to_lowercase()
                 )));
             }
             let disk = me.vm_dir(&h).join("disk.qcow2");
             if !disk.is_file() {
-                return Err(ApiErr::conflict(format!("VM {h} has no disk")));
+                return Err(Error::conflict(format!("VM {h} has no disk")));
             }
             let out = me
                 .vm_dir(&h)
@@ -611,16 +612,16 @@ impl Manager {
                 .output()
                 .await;
             let opened = match res {
-                Ok(o) if o.status.success() => std::fs::File::open(&out).map_err(ApiErr::internal),
-                Ok(o) => Err(ApiErr::internal(format!(
+                Ok(o) if o.status.success() => std::fs::File::open(&out).map_err(Error::host),
+                Ok(o) => Err(Error::host_msg(format!(
                     "qemu-img convert: {}",
                     String::from_utf8_lossy(&o.stderr).trim()
                 ))),
-                Err(e) => Err(ApiErr::internal(format!("running qemu-img: {e}"))),
+                Err(e) => Err(Error::host(anyhow::Error::from(e).context("running qemu-img"))),
             };
             let _ = std::fs::remove_file(&out);
             let f = opened?;
-            let len = f.metadata().map_err(ApiErr::internal)?.len();
+            let len = f.metadata().map_err(Error::host)?.len();
             Ok((f, len))
         })
         .await

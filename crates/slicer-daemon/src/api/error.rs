@@ -35,35 +35,10 @@ impl ApiErr {
     pub fn unavailable(m: impl Into<String>) -> ApiErr {
         ApiErr::new(StatusCode::SERVICE_UNAVAILABLE, m)
     }
-    /// A failure of the host side. Two are the host's state, not a bug, and get their own
-    /// status so a client knows to retry: the data directory's file system is full (507) and
-    /// the state database is locked by another process past its busy timeout (503). They are
-    /// told apart by the text of the error chain, the one thing every caller's error type
-    /// (anyhow, rusqlite, io) shares here.
-    pub fn internal(e: impl std::fmt::Display) -> ApiErr {
-        let text = format!("{e:#}");
-        if [
-            "No space left on device",
-            "database or disk is full",
-            "database is full",
-        ]
-        .iter()
-        .any(|w| text.contains(w))
-        {
-            return ApiErr::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                format!("the host's data disk is full; nothing was changed: {text}"),
-            );
-        }
-        if ["database is locked", "database is busy", "database file is locked"]
-            .iter()
-            .any(|w| text.contains(w))
-        {
-            return ApiErr::unavailable(format!(
-                "the state database is busy (locked by another process); try again: {text}"
-            ));
-        }
-        ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, text)
+    /// A failure of the host side (see [`crate::manager::Error::host`] for how the host's
+    /// own state, a full disk or a busy database, is told apart from a bug).
+    pub fn internal(e: impl Into<anyhow::Error>) -> ApiErr {
+        ApiErr::from(crate::manager::Error::host(e))
     }
     /// Maps an error of the guest agent: its own 4xx stay client errors.
     pub fn agent(e: slicer_agent_client::AgentError) -> ApiErr {
@@ -73,6 +48,40 @@ impl ApiErr {
                 e.to_string(),
             ),
             _ => ApiErr::new(StatusCode::BAD_GATEWAY, format!("guest agent: {e}")),
+        }
+    }
+}
+
+/// The one place a domain failure becomes an HTTP status.
+impl From<crate::manager::Error> for ApiErr {
+    fn from(e: crate::manager::Error) -> ApiErr {
+        use crate::manager::{Error, HostFault};
+        match e {
+            Error::Invalid(m) => ApiErr::bad_request(m),
+            Error::NotFound(m) => ApiErr::not_found(m),
+            Error::Conflict(m) => ApiErr::conflict(m),
+            Error::Forbidden(m) => ApiErr::forbidden(m),
+            Error::Timeout(m) => ApiErr::timeout(m),
+            Error::Unavailable(m) => ApiErr::unavailable(m),
+            Error::UserdataFailed(m) => ApiErr::new(StatusCode::UNPROCESSABLE_ENTITY, m),
+            Error::Guest(e) => ApiErr::agent(e),
+            Error::Host {
+                fault: HostFault::DiskFull,
+                message,
+            } => ApiErr::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("the host's data disk is full; nothing was changed: {message}"),
+            ),
+            Error::Host {
+                fault: HostFault::StateBusy,
+                message,
+            } => ApiErr::unavailable(format!(
+                "the state database is busy (locked by another process); try again: {message}"
+            )),
+            Error::Host {
+                fault: HostFault::Other,
+                message,
+            } => ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, message),
         }
     }
 }
@@ -107,6 +116,9 @@ mod tests {
         assert_eq!(ApiErr::internal(busy).status, StatusCode::SERVICE_UNAVAILABLE);
         let full = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None);
         assert_eq!(ApiErr::internal(full).status, StatusCode::INSUFFICIENT_STORAGE);
-        assert_eq!(ApiErr::internal("boom").status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            ApiErr::internal(anyhow::anyhow!("boom")).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

@@ -1,0 +1,161 @@
+//! What a manager operation can fail with, in the domain's terms. The API maps each kind to
+//! an HTTP status (`api::error`); nothing here knows about HTTP.
+
+/// Why a host-side failure happened, as far as a caller can act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostFault {
+    /// The data directory's file system is full (ENOSPC, SQLITE_FULL).
+    DiskFull,
+    /// The state database is locked by another process past its busy timeout.
+    StateBusy,
+    /// Anything else: a bug, QEMU failing, a broken image.
+    Other,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or asks for what its host group does not allow.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such VM, host group, commit or secret.
+    #[error("{0}")]
+    NotFound(String),
+    /// The VM (or commit) is in a state the operation cannot start from.
+    #[error("{0}")]
+    Conflict(String),
+    /// The operation is not allowed on this object (a config's count VM).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A wait the caller bounded ran out.
+    #[error("{0}")]
+    Timeout(String),
+    /// The host cannot take more right now: the capacity budget is used up, or the daemon is
+    /// stopping.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The VM booted but the tenant's userdata script failed; the VM is kept.
+    #[error("{0}")]
+    UserdataFailed(String),
+    /// The guest agent failed or refused (its own 4xx keep their status).
+    #[error("guest agent: {0}")]
+    Guest(#[from] slicer_agent_client::AgentError),
+    /// A failure of the host side, with its whole chain of causes as text.
+    #[error("{message}")]
+    Host { fault: HostFault, message: String },
+}
+
+impl Error {
+    pub fn invalid(m: impl Into<String>) -> Error {
+        Error::Invalid(m.into())
+    }
+    pub fn not_found(m: impl Into<String>) -> Error {
+        Error::NotFound(m.into())
+    }
+    pub fn conflict(m: impl Into<String>) -> Error {
+        Error::Conflict(m.into())
+    }
+    pub fn forbidden(m: impl Into<String>) -> Error {
+        Error::Forbidden(m.into())
+    }
+    pub fn timeout(m: impl Into<String>) -> Error {
+        Error::Timeout(m.into())
+    }
+    pub fn unavailable(m: impl Into<String>) -> Error {
+        Error::Unavailable(m.into())
+    }
+
+    /// A host-side failure, classified by walking its chain of causes for the I/O and SQLite
+    /// errors that are the host's state rather than a bug.
+    pub fn host(e: impl Into<anyhow::Error>) -> Error {
+        let e: anyhow::Error = e.into();
+        let mut fault = HostFault::Other;
+        for cause in e.chain() {
+            if let Some(f) = fault_of(cause) {
+                fault = f;
+                break;
+            }
+        }
+        let message = format!("{e:#}");
+        if fault == HostFault::Other {
+            fault = fault_of_text(&message);
+        }
+        Error::Host { fault, message }
+    }
+
+    /// A host-side failure known only by its text (a wait that ended with a reason).
+    pub fn host_msg(m: impl Into<String>) -> Error {
+        let message = m.into();
+        Error::Host {
+            fault: fault_of_text(&message),
+            message,
+        }
+    }
+}
+
+fn fault_of(cause: &(dyn std::error::Error + 'static)) -> Option<HostFault> {
+    if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+        return (io.raw_os_error() == Some(libc::ENOSPC)).then_some(HostFault::DiskFull);
+    }
+    if let Some(rusqlite::Error::SqliteFailure(f, _)) = cause.downcast_ref::<rusqlite::Error>() {
+        return match f.code {
+            rusqlite::ErrorCode::DiskFull => Some(HostFault::DiskFull),
+            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked => Some(HostFault::StateBusy),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// A child program (qemu-img, QEMU, mkfs) reports ENOSPC only as text on its stderr, which
+/// reaches us as a message; so do errors a guest wait turned into a reason. Those are told
+/// apart by their words.
+fn fault_of_text(text: &str) -> HostFault {
+    if [
+        "No space left on device",
+        "database or disk is full",
+        "database is full",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
+    {
+        return HostFault::DiskFull;
+    }
+    if ["database is locked", "database is busy", "database file is locked"]
+        .iter()
+        .any(|w| text.contains(w))
+    {
+        return HostFault::StateBusy;
+    }
+    HostFault::Other
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(e: Error) -> HostFault {
+        match e {
+            Error::Host { fault, .. } => fault,
+            other => panic!("not a host error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn host_faults_are_found_by_type_through_the_chain() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(fault(Error::host(io)), HostFault::DiskFull);
+        let wrapped = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ENOSPC)).context("writing the disk");
+        assert_eq!(fault(Error::host(wrapped)), HostFault::DiskFull);
+        let busy = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY), None);
+        assert_eq!(fault(Error::host(busy)), HostFault::StateBusy);
+        let full = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None);
+        assert_eq!(fault(Error::host(full)), HostFault::DiskFull);
+        assert_eq!(fault(Error::host_msg("boom")), HostFault::Other);
+        assert_eq!(
+            fault(Error::host_msg(
+                "qemu-img: error while writing: No space left on device"
+            )),
+            HostFault::DiskFull
+        );
+    }
+}

@@ -1,0 +1,370 @@
+//! The manager's lifecycle logic against a fake backend: records, the capacity ledger, state
+//! changes and clean-up, with no QEMU, root or images (the unit tier).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use slicer_agent_client::AgentClient;
+use slicer_api::{CreateNodeRequest, VmStatus};
+use slicer_vmm::{Host, Shape, StartMode, Template, Vm, VmSpec};
+use tokio::sync::watch;
+
+use super::{Backend, BoxFut, Error, Machine, Manager, Wait};
+
+/// One fake VM: no process, an agent socket nobody listens on, an exit the test can cause.
+struct FakeVm {
+    name: String,
+    agent: AgentClient,
+    mode: StartMode,
+    running: AtomicBool,
+    exited: watch::Sender<bool>,
+}
+
+impl FakeVm {
+    fn exit(&self) {
+        self.running.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.exited.send_replace(true);
+    }
+}
+
+/// A handle on a [`FakeVm`] the manager holds.
+struct FakeMachine(Arc<FakeVm>);
+
+impl Machine for FakeMachine {
+    fn name(&self) -> &str {
+        &self.0.name
+    }
+    fn agent(&self) -> &AgentClient {
+        &self.0.agent
+    }
+    fn start_mode(&self) -> StartMode {
+        self.0.mode
+    }
+    fn is_running(&self) -> bool {
+        self.0.running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn is_ready(&self) -> bool {
+        self.is_running()
+    }
+    fn process(&self) -> Option<(u32, u64)> {
+        None
+    }
+    fn boot_time(&self) -> Duration {
+        Duration::ZERO
+    }
+    fn wait_ready(&self, _timeout: Duration) -> BoxFut<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn wait_exit(&self) -> BoxFut<'_, ()> {
+        let mut rx = self.0.exited.subscribe();
+        Box::pin(async move {
+            let _ = rx.wait_for(|e| *e).await;
+        })
+    }
+    fn stop(&self, _graceful: Duration) -> BoxFut<'_, anyhow::Result<()>> {
+        self.0.exit();
+        Box::pin(async { Ok(()) })
+    }
+    fn stop_process(&self, _graceful: Duration) -> BoxFut<'_, ()> {
+        self.0.exit();
+        Box::pin(async {})
+    }
+    fn suspend(&self) -> BoxFut<'_, anyhow::Result<()>> {
+        self.0.exit();
+        Box::pin(async { Ok(()) })
+    }
+    fn set_paused(&self, _paused: bool) -> BoxFut<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn cleanup(&self) {}
+    fn discard(&self) -> BoxFut<'_, ()> {
+        self.0.exit();
+        Box::pin(async {})
+    }
+    fn qemu(&self) -> Option<&Vm> {
+        None
+    }
+}
+
+#[derive(Default)]
+struct FakeBackend {
+    vms: Mutex<Vec<Arc<FakeVm>>>,
+    /// The next start fails (as a QEMU that cannot start would).
+    fail_next: AtomicBool,
+}
+
+impl FakeBackend {
+    fn make(&self, spec: &VmSpec, mode: StartMode) -> anyhow::Result<Box<dyn Machine>> {
+        if self.fail_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            anyhow::bail!("fake: QEMU did not start");
+        }
+        let vm = Arc::new(FakeVm {
+            name: spec.name.clone(),
+            agent: AgentClient::new("/nonexistent/agent.sock"),
+            mode,
+            running: AtomicBool::new(true),
+            exited: watch::channel(false).0,
+        });
+        self.vms.lock().unwrap_or_else(|p| p.into_inner()).push(vm.clone());
+        Ok(Box::new(FakeMachine(vm)))
+    }
+
+    /// The newest fake VM of that name.
+    fn vm(&self, name: &str) -> Arc<FakeVm> {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        vms.iter()
+            .rev()
+            .find(|v| v.name == name)
+            .cloned()
+            .expect("a fake VM of that name")
+    }
+}
+
+impl Backend for FakeBackend {
+    fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+        Box::pin(async move { self.make(spec, StartMode::Cold) })
+    }
+    fn restore<'a>(&'a self, spec: &'a VmSpec, _t: &'a Template) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+        Box::pin(async move { self.make(spec, StartMode::Template) })
+    }
+    fn resume<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+        Box::pin(async move { self.make(spec, StartMode::Resume) })
+    }
+    fn adopt<'a>(&'a self, spec: &'a VmSpec, _pid: u32, _start: u64) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+        Box::pin(async move { self.make(spec, StartMode::Adopted) })
+    }
+    fn template<'a>(&'a self, _shape: &'a Shape) -> BoxFut<'a, anyhow::Result<Arc<Template>>> {
+        Box::pin(async { anyhow::bail!("fake: no templates") })
+    }
+}
+
+struct Fixture {
+    manager: Arc<Manager>,
+    backend: Arc<FakeBackend>,
+    _dir: tempfile::TempDir,
+}
+
+/// A manager with one host group `t` (2 vCPUs, 512 MiB, no network, warm start off) and a
+/// budget of `vms` VMs.
+async fn fixture(vms: u32) -> Fixture {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let yaml = format!(
+        "config:\n  host_groups:\n  - name: t\n    count: 0\n    vcpu: 2\n    ram_mb: 512\n    warm_start: false\n    network: {{mode: none}}\n  capacity:\n    vms: {vms}\n    ram_bytes: 17179869184\n"
+    );
+    let settings = crate::config::File::parse(&yaml)
+        .and_then(|f| f.settings(dir.path()))
+        .expect("the test config is valid");
+    std::fs::create_dir_all(dir.path().join("data")).expect("the data directory");
+    let host = Arc::new(Host::new(dir.path(), &dir.path().join("vms")));
+    let backend = Arc::new(FakeBackend::default());
+    let manager = Manager::with_backend(settings, host, backend.clone(), &dir.path().join("data"))
+        .await
+        .expect("a manager");
+    Fixture {
+        manager,
+        backend,
+        _dir: dir,
+    }
+}
+
+fn request(persistent: bool, tags: &[&str]) -> CreateNodeRequest {
+    CreateNodeRequest {
+        persistent: Some(persistent),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+const T: Duration = Duration::from_secs(10);
+
+/// Polls `cond` every 10 ms for up to 10 s.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + T;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn create_records_a_running_vm_and_delete_removes_it_all() {
+    let f = fixture(4).await;
+    let m = &f.manager;
+    let made = m
+        .create("t", request(false, &["user=a"]), Some(Wait::Agent), T)
+        .await
+        .expect("create");
+    assert_eq!(made.hostgroup, "t");
+    let nodes = m.list(None).expect("list");
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].status, VmStatus::Running);
+    assert_eq!(nodes[0].tags, vec!["user=a".to_string()]);
+    assert_eq!(m.capacity().0.vms, 1);
+    assert_eq!(m.start_mode(&made.hostname), Some(slicer_api::StartMode::Cold));
+
+    m.delete(&made.hostname, false).await.expect("delete");
+    assert!(m.records().expect("records").is_empty());
+    assert_eq!(m.capacity().0.vms, 0);
+    assert!(!f
+        .backend
+        .vm(&made.hostname)
+        .running
+        .load(std::sync::atomic::Ordering::SeqCst));
+    assert!(matches!(m.record(&made.hostname), Err(Error::NotFound(_))));
+}
+
+#[tokio::test]
+async fn a_start_that_fails_leaves_no_record_and_no_share() {
+    let f = fixture(4).await;
+    f.backend.fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = f
+        .manager
+        .create("t", request(true, &[]), Some(Wait::Agent), T)
+        .await
+        .expect_err("the start fails");
+    assert!(
+        matches!(&e, Error::Host { fault: super::HostFault::Other, message } if message.contains("QEMU did not start")),
+        "{e:?}"
+    );
+    assert!(f.manager.records().expect("records").is_empty());
+    assert_eq!(f.manager.capacity().0.vms, 0);
+}
+
+#[tokio::test]
+async fn the_budget_refuses_more_vms_and_records_nothing() {
+    let f = fixture(1).await;
+    let m = &f.manager;
+    m.create("t", request(false, &[]), None, T)
+        .await
+        .expect("the first fits");
+    let e = m.create("t", request(false, &[]), None, T).await.expect_err("no room");
+    assert!(
+        matches!(e, Error::Unavailable(ref s) if s.contains("no room for another VM")),
+        "{e:?}"
+    );
+    assert_eq!(m.records().expect("records").len(), 1);
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_before_anything_exists() {
+    let f = fixture(4).await;
+    let m = &f.manager;
+    let too_many = CreateNodeRequest {
+        cpus: Some(3),
+        ..Default::default()
+    };
+    assert!(matches!(m.create("t", too_many, None, T).await, Err(Error::Invalid(_))));
+    for ignored in [
+        CreateNodeRequest {
+            ip: Some("10.0.0.9".into()),
+            ..Default::default()
+        },
+        CreateNodeRequest {
+            disk_image: Some("other".into()),
+            ..Default::default()
+        },
+    ] {
+        assert!(matches!(m.create("t", ignored, None, T).await, Err(Error::Invalid(_))));
+    }
+    assert!(matches!(
+        m.create("nope", request(false, &[]), None, T).await,
+        Err(Error::NotFound(_))
+    ));
+    m.create("t", request(false, &["name=web"]), None, T)
+        .await
+        .expect("named");
+    assert!(matches!(
+        m.create("t", request(false, &["name=web"]), None, T).await,
+        Err(Error::Conflict(_))
+    ));
+    assert_eq!(m.records().expect("records").len(), 1);
+}
+
+#[tokio::test]
+async fn an_unexpected_exit_stops_a_persistent_vm_and_removes_an_ephemeral_one() {
+    let f = fixture(4).await;
+    let m = &f.manager;
+    let kept = m
+        .create("t", request(true, &[]), Some(Wait::Agent), T)
+        .await
+        .expect("create");
+    let gone = m
+        .create("t", request(false, &[]), Some(Wait::Agent), T)
+        .await
+        .expect("create");
+    f.backend.vm(&kept.hostname).exit();
+    f.backend.vm(&gone.hostname).exit();
+    eventually("the exits are reaped", || m.capacity().0.vms == 0).await;
+    eventually("the ephemeral record goes", || m.records().is_ok_and(|r| r.len() == 1)).await;
+    let rec = m.record(&kept.hostname).expect("the persistent VM stays");
+    assert_eq!(rec.status, VmStatus::Stopped);
+    assert!(matches!(m.record(&gone.hostname), Err(Error::NotFound(_))));
+
+    // A stopped persistent VM starts again; a running one cannot be relaunched.
+    m.relaunch(&kept.hostname).await.expect("relaunch");
+    assert_eq!(m.record(&kept.hostname).expect("record").status, VmStatus::Running);
+    assert!(matches!(m.relaunch(&kept.hostname).await, Err(Error::Conflict(_))));
+}
+
+#[tokio::test]
+async fn suspend_gives_the_share_back_and_restore_takes_it_again() {
+    let f = fixture(4).await;
+    let m = &f.manager;
+    let vm = m
+        .create("t", request(true, &[]), Some(Wait::Agent), T)
+        .await
+        .expect("create");
+    m.suspend(&vm.hostname).await.expect("suspend");
+    assert_eq!(m.record(&vm.hostname).expect("record").status, VmStatus::Suspended);
+    assert_eq!(m.capacity().0.vms, 0);
+    assert!(matches!(m.relaunch(&vm.hostname).await, Err(Error::Conflict(_))));
+    m.restore(&vm.hostname, true, T).await.expect("restore");
+    assert_eq!(m.record(&vm.hostname).expect("record").status, VmStatus::Running);
+    assert_eq!(m.start_mode(&vm.hostname), Some(slicer_api::StartMode::Resume));
+    assert_eq!(m.capacity().0.vms, 1);
+    assert!(matches!(
+        m.restore(&vm.hostname, false, T).await,
+        Err(Error::Conflict(_))
+    ));
+}
+
+#[tokio::test]
+async fn pause_is_recorded_and_blocks_guest_operations() {
+    let f = fixture(4).await;
+    let m = &f.manager;
+    let vm = m
+        .create("t", request(false, &[]), Some(Wait::Agent), T)
+        .await
+        .expect("create");
+    m.set_paused(&vm.hostname, true).await.expect("pause");
+    assert_eq!(m.list(None).expect("list")[0].status, VmStatus::Paused);
+    assert!(matches!(m.active(&vm.hostname), Err(Error::Conflict(_))));
+    m.set_paused(&vm.hostname, false).await.expect("resume");
+    assert!(m.active(&vm.hostname).is_ok());
+}
+
+#[tokio::test]
+async fn recovery_stops_persistent_records_and_drops_ephemeral_ones_of_a_dead_daemon() {
+    let f = fixture(4).await;
+    let m = &f.manager;
+    let kept = m
+        .create("t", request(true, &[]), Some(Wait::Agent), T)
+        .await
+        .expect("create");
+    let gone = m
+        .create("t", request(false, &[]), Some(Wait::Agent), T)
+        .await
+        .expect("create");
+    // A second manager on the same data, as a restarted daemon would be (the fakes have no
+    // process to adopt).
+    let dir = f._dir.path();
+    let settings = m.settings.clone();
+    let host = Arc::new(Host::new(dir, &dir.join("vms")));
+    let again = Manager::with_backend(settings, host, Arc::new(FakeBackend::default()), &dir.join("data"))
+        .await
+        .expect("a second manager");
+    again.recover().await.expect("recover");
+    assert_eq!(again.record(&kept.hostname).expect("kept").status, VmStatus::Stopped);
+    assert!(matches!(again.record(&gone.hostname), Err(Error::NotFound(_))));
+}
