@@ -39,13 +39,15 @@ async fn start() -> Agent {
     }
 }
 
-/// Runs as the user running the tests. A request without `uid` runs as root, which the agent
-/// becomes with setuid: only root may, and the unit tier runs as any user.
+/// Runs as the user running the tests, in `/`. A request without `uid` runs as root, which the
+/// agent becomes with setuid: only root may, and the unit tier runs as any user, whose home
+/// (the default cwd) may not exist (`nobody`'s is /nonexistent).
 fn as_me(mut r: ExecRequest) -> ExecRequest {
     // SAFETY: geteuid/getegid have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     r.uid = Some(uid);
     r.gid = Some(gid);
+    r.cwd = Some("/".into());
     r
 }
 
