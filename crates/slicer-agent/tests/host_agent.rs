@@ -39,12 +39,24 @@ async fn start() -> Agent {
     }
 }
 
+/// Runs as the user running the tests, in `/`. A request without `uid` runs as root, which the
+/// agent becomes with setuid: only root may, and the unit tier runs as any user, whose home
+/// (the default cwd) may not exist (`nobody`'s is /nonexistent).
+fn as_me(mut r: ExecRequest) -> ExecRequest {
+    // SAFETY: geteuid/getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    r.uid = Some(uid);
+    r.gid = Some(gid);
+    r.cwd = Some("/".into());
+    r
+}
+
 #[tokio::test]
 async fn exec_streams_and_statuses() {
     let a = start().await;
     let out = a
         .client
-        .exec_output(&ExecRequest::shell("echo out; echo err >&2; exit 3"), None)
+        .exec_output(&as_me(ExecRequest::shell("echo out; echo err >&2; exit 3")), None)
         .await
         .unwrap();
     assert_eq!(out.stdout, b"out\n");
@@ -53,7 +65,7 @@ async fn exec_streams_and_statuses() {
 
     let out = a
         .client
-        .exec_output(&ExecRequest::shell("kill -TERM $$"), None)
+        .exec_output(&as_me(ExecRequest::shell("kill -TERM $$")), None)
         .await
         .unwrap();
     assert_eq!(out.status.signal, Some(libc::SIGTERM));
@@ -61,7 +73,7 @@ async fn exec_streams_and_statuses() {
 
     let err = a
         .client
-        .exec(&ExecRequest::argv(["/no/such/binary"]))
+        .exec(&as_me(ExecRequest::argv(["/no/such/binary"])))
         .await
         .err()
         .expect("missing binary must fail");
@@ -71,7 +83,7 @@ async fn exec_streams_and_statuses() {
     let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
     let out = a
         .client
-        .exec_output(&ExecRequest::argv(["cat"]), Some(Bytes::from(data.clone())))
+        .exec_output(&as_me(ExecRequest::argv(["cat"])), Some(Bytes::from(data.clone())))
         .await
         .unwrap();
     assert_eq!(out.stdout.len(), data.len());
@@ -83,7 +95,7 @@ async fn output_arrives_before_exit() {
     let a = start().await;
     let mut p = a
         .client
-        .exec(&ExecRequest::shell("echo first; sleep 1; echo second"))
+        .exec(&as_me(ExecRequest::shell("echo first; sleep 1; echo second")))
         .await
         .unwrap();
     let t0 = std::time::Instant::now();
@@ -144,7 +156,7 @@ async fn concurrent_execs() {
         tasks.push(tokio::spawn(async move {
             let out = a
                 .client
-                .exec_output(&ExecRequest::shell(format!("echo {i}; exit {}", i % 5)), None)
+                .exec_output(&as_me(ExecRequest::shell(format!("echo {i}; exit {}", i % 5))), None)
                 .await
                 .unwrap();
             assert_eq!(out.stdout, format!("{i}\n").into_bytes());

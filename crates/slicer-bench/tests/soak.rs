@@ -4,6 +4,7 @@
 //! docs/benchmarks.md.
 
 #[test]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 fn a_short_soak_leaks_nothing() {
     let secs = std::env::var("SLICER_SOAK_SECS").unwrap_or_else(|_| "120".into());
     let images = std::env::var("SLICER_IMAGES_DIR").unwrap_or_else(|_| "/var/lib/slicer/images".into());

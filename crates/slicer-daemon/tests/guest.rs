@@ -9,6 +9,7 @@ use serde_json::json;
 use slicer_api::client::full;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn filesystem_routes() {
     let d = TestDaemon::start(|p| config_yaml("fsg", "", p)).await;
     let h = d.create_vm("fsg", json!({})).await["hostname"]
@@ -137,6 +138,7 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn metrics_move_when_vms_are_created() {
     let d = TestDaemon::start(|p| config_yaml("mtr", "", p)).await;
     let text = async |d: &TestDaemon| {
@@ -210,6 +212,7 @@ async fn metrics_move_when_vms_are_created() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn stats_are_measured_in_the_guest() {
     let d = TestDaemon::start(|p| config_yaml("sts", "", p)).await;
     let h = d.create_vm("sts", json!({})).await["hostname"]
@@ -262,6 +265,7 @@ async fn stats_are_measured_in_the_guest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn secrets_reach_the_guests_allowed_to_have_them() {
     use base64::Engine;
     use std::os::unix::fs::PermissionsExt;
@@ -349,6 +353,7 @@ async fn ndjson(d: &TestDaemon, path: &str) -> (u16, Vec<serde_json::Value>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn background_exec_outlives_its_clients() {
     use http_body_util::BodyExt;
     let d = TestDaemon::start(|p| config_yaml("bgx", "", p)).await;
@@ -553,6 +558,7 @@ async fn shell_until(s: &mut Ws, want: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn shell_is_a_real_pty_and_forward_reaches_guest_sockets() {
     use futures_util::{SinkExt, StreamExt};
     let d = TestDaemon::start(|p| config_yaml("wsk", "", p)).await;
@@ -647,6 +653,7 @@ async fn shell_is_a_real_pty_and_forward_reaches_guest_sockets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn watch_reports_changes_as_server_sent_events() {
     use http_body_util::BodyExt;
     let d = TestDaemon::start(|p| config_yaml("wch", "", p)).await;

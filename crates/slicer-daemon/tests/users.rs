@@ -25,6 +25,7 @@ async fn ok(d: &TestDaemon, h: &str, line: &str, uid: Option<u32>) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn the_default_user_in_both_images() {
     for image in ["min", "systemd"] {
         let group = format!("u{image}");
@@ -110,6 +111,7 @@ async fn the_default_user_in_both_images() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn background_execs_run_directly_unless_a_shell_is_given() {
     let d = TestDaemon::start(|p| config_yaml("bgd", "", p)).await;
     let h = d.create_vm("bgd", json!({})).await["hostname"]
@@ -164,6 +166,7 @@ async fn background_execs_run_directly_unless_a_shell_is_given() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn userdata_runs_as_root_once_and_reports_its_exit_code() {
     let d = TestDaemon::start(|p| config_yaml("ud", "    persistent: true\n", p)).await;
 
@@ -272,6 +275,7 @@ async fn userdata_runs_as_root_once_and_reports_its_exit_code() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn containers_run_inside_a_sandbox() {
     let d = TestDaemon::start(|p| config_yaml("ctr", "    image: systemd\n", p)).await;
     let h = d.create_vm("ctr", json!({})).await["hostname"]

@@ -32,6 +32,7 @@ async fn start_mode(d: &TestDaemon, vm: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn ten_restored_sandboxes_have_their_own_identity() {
     let d = TestDaemon::start(|p| cfg("ten", "169.254.236.0/22", "", p)).await;
     let creates = (0..10).map(|_| d.create_vm("ten", json!({})));
@@ -96,6 +97,7 @@ async fn ten_restored_sandboxes_have_their_own_identity() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn warm_start_can_be_turned_off_and_falls_back_to_a_cold_boot() {
     // A private image store (links to the shared kernels and root filesystems), so this test
     // can break its own template without touching anyone else's.
@@ -145,6 +147,7 @@ async fn warm_start_can_be_turned_off_and_falls_back_to_a_cold_boot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn suspend_then_restore_keeps_processes_and_tmp() {
     let d = TestDaemon::start(|p| cfg("susp", "169.254.244.0/22", "", p)).await;
     let v = d.create_vm("susp", json!({})).await;

@@ -392,11 +392,9 @@ cgroup /sys/fs/cgroup/pids cgroup rw,pids 0 0
     }
 
     #[test]
+    #[ignore = "full tier: needs root and a cgroup hierarchy (scripts/test.sh runs it)"]
     fn a_cgroup_is_created_limited_and_removed() {
-        if unsafe { libc::geteuid() } != 0 {
-            return; // needs root
-        }
-        let Ok(h) = Hierarchy::detect() else { return };
+        let h = Hierarchy::detect().expect("a cgroup hierarchy with memory, cpu and pids");
         let l = Limits {
             memory_bytes: 64 << 20,
             cpu_quota_us: 50_000,

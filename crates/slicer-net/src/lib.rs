@@ -684,13 +684,10 @@ mod tests {
         assert!(allow < md, "{r}");
     }
 
-    /// `nft -c` (check only, nothing is changed) accepts both rulesets, when nft is there.
+    /// `nft -c` (check only, nothing is changed) accepts both rulesets.
     #[tokio::test]
+    #[ignore = "full tier: needs root and nft (scripts/test.sh runs it)"]
     async fn rulesets_pass_nft_check() {
-        if run("nft", &["--version"], None).await.is_err() || not_root() {
-            eprintln!("skipped: needs nft and root");
-            return;
-        }
         let i = Isolated::new(
             "sb-1",
             Net::parse("169.254.8.0/30").unwrap(),
@@ -703,15 +700,6 @@ mod tests {
                 .await
                 .unwrap_or_else(|e| panic!("{e:#}\n{r}"));
         }
-    }
-
-    fn not_root() -> bool {
-        std::fs::read_to_string("/proc/self/status")
-            .map(|s| {
-                !s.lines()
-                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-            })
-            .unwrap_or(true)
     }
 
     #[test]

@@ -71,6 +71,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    #[ignore = "full tier: needs qemu-img (scripts/test.sh runs it)"]
     async fn virtual_size_is_read_from_the_header() {
         let d = tempfile::tempdir().unwrap();
         let base = d.path().join("base.raw");
@@ -82,6 +83,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[ignore = "full tier: needs qemu-img (scripts/test.sh runs it)"]
     async fn overlay_over_a_raw_base() {
         let d = tempfile::tempdir().unwrap();
         let base = d.path().join("base.raw");

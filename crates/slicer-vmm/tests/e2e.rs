@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use slicer_vmm::{ExecRequest, StopOutcome};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn min_image_runs_commands() {
     let f = fixture();
     let vm = boot(&f, "e2e-exec", "min").await;
@@ -122,6 +123,7 @@ fn tar_listing(tar: &[u8]) -> BTreeMap<String, (String, u32, String, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn min_image_moves_files() {
     let f = fixture();
     let vm = boot(&f, "e2e-files", "min").await;
@@ -187,6 +189,7 @@ async fn min_image_moves_files() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn systemd_image_runs_commands() {
     let f = fixture();
     let vm = boot(&f, "e2e-systemd", "systemd").await;
@@ -206,6 +209,7 @@ async fn systemd_image_runs_commands() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn dropped_vm_leaves_nothing_behind() {
     let f = fixture();
     let vm = boot(&f, "e2e-drop", "min").await;
@@ -221,6 +225,7 @@ async fn dropped_vm_leaves_nothing_behind() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn bad_specs_fail_before_anything_starts() {
     let f = fixture();
     let err = slicer_vmm::Vm::boot(&f.host, &slicer_vmm::VmSpec::new("Bad_Name", "min"))
@@ -237,6 +242,7 @@ async fn bad_specs_fail_before_anything_starts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn agent_channel_recovers_when_the_host_reconnects_mid_stream() {
     let f = fixture();
     let vm = boot(&f, "e2e-reconnect", "min").await;

@@ -10,6 +10,7 @@ use common::{boot, fixture, pid_alive};
 use slicer_vmm::ExecRequest;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn qemu_runs_jailed_with_its_own_uid_root_and_cgroup() {
     let f = fixture();
     let a = boot(&f, "jail-a", "min").await;
@@ -93,6 +94,7 @@ async fn qemu_runs_jailed_with_its_own_uid_root_and_cgroup() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn console_log_is_bounded_and_rotates() {
     let f = fixture();
     let vm = boot(&f, "jail-console", "min").await;

@@ -50,6 +50,7 @@ async fn restore(f: &common::Fixture, name: &str, disk_size: Option<u64>) -> Vm 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn ten_restored_vms_are_distinct_and_work() {
     let f = fixture();
     let tpl = f.host.template(&shape()).await.expect("template");
@@ -98,6 +99,7 @@ async fn ten_restored_vms_are_distinct_and_work() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn a_restored_vm_grows_its_disk() {
     let f = fixture();
     let vm = restore(&f, "warm-big", Some(2 << 30)).await;
@@ -114,6 +116,7 @@ async fn a_restored_vm_grows_its_disk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn suspend_and_resume_keep_processes_and_files() {
     let f = fixture();
     let vm = restore(&f, "warm-suspend", None).await;
@@ -153,6 +156,7 @@ async fn suspend_and_resume_keep_processes_and_files() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn a_broken_template_fails_cleanly() {
     let f = fixture();
     let good = f.host.template(&shape()).await.expect("template");
@@ -192,6 +196,7 @@ fn pss_kib(pid: u32) -> u64 {
 /// sees another's writes (in RAM or on disk), and each costs well below a clone that loads
 /// its own RAM from the state (the fallback, measured side by side here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn twenty_clones_share_the_template_memory() {
     let f = fixture();
     let tpl = f.host.template(&shape()).await.expect("template");
@@ -265,6 +270,7 @@ async fn twenty_clones_share_the_template_memory() {
 /// from it (a live fork), each with its own identity, while the source keeps running. Both a
 /// template clone and a cold-booted VM are captured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn live_captures_continue_in_every_fork() {
     let f = fixture();
     let warm = restore(&f, "live-src", None).await;

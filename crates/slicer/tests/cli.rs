@@ -15,6 +15,7 @@ fn run(dir: &Path, url: &str, args: &[&str]) -> Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn a_session_with_slicers_forms() {
     let dir = tempfile::Builder::new().prefix("slicer-cli-").tempdir().unwrap();
     let d = dir.path();

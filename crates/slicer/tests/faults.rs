@@ -257,6 +257,7 @@ fn config(group: &str, extra_groups: &str, network: &str, port: u16) -> String {
 // --- kill -9 of QEMU ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn qemu_killed_during_suspend_restore_and_template_build() {
     const G: &str = "fq";
     let mut cleanup = Cleanup::new(G);
@@ -394,6 +395,7 @@ fn kill_daemon(d: &mut Daemon) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn daemon_killed_during_create_delete_and_template_build() {
     const G: &str = "fd";
     let mut cleanup = Cleanup::new(G);
@@ -518,6 +520,7 @@ fn fill(dir: &Path) -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn a_full_data_disk_fails_cleanly_and_recovers() {
     const G: &str = "ff";
     // Declared before the cleanup, so it is removed after the mount is gone.
@@ -635,6 +638,7 @@ async fn a_full_data_disk_fails_cleanly_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn a_read_only_image_store_and_a_busy_database() {
     const G: &str = "fr";
     // Declared before the cleanup, so it is removed after the bind mount of the image store

@@ -18,6 +18,7 @@ fn json(dir: &Path, url: &str, args: &[&str]) -> serde_json::Value {
 const CONFIG: &str = "config:\n  host_groups:\n  - name: fk\n    count: 0\n    vcpu: 1\n    ram_gb: 1\n    persistent: true\n    network:\n      mode: isolated\n      drop: [\"0.0.0.0/0\"]\n  - name: plain\n    count: 0\n    vcpu: 1\n    ram_gb: 1\n    persistent: true\n    warm_start: false\n    network: {mode: none}\n  graceful_shutdown: false\n  api:\n    port: PORT\n    bind_address: 127.0.0.1\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn commit_fork_and_export_like_slicer() {
     let tmp = tempfile::Builder::new().prefix("slicer-fork-").tempdir().unwrap();
     let d = tmp.path();

@@ -87,6 +87,7 @@ fn check(what: &str, method: &str, status: u16, body: &[u8]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn fuzzed_and_malformed_requests_get_clear_answers() {
     let st = venv().join("bin/schemathesis");
     assert!(

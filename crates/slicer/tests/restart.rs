@@ -87,6 +87,7 @@ async fn wait_up(url: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn kill_9_of_the_daemon_loses_nothing() {
     let _cleanup = Cleanup;
     let dir = tempfile::Builder::new().prefix("slicer-restart-").tempdir().unwrap();

@@ -15,6 +15,7 @@ mod common;
 use common::{free_port, slicer, ChildGuard, SLICER};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn seed_workflow() {
     let dir = tempfile::Builder::new().prefix("slicer-seed-").tempdir().unwrap();
     let out = Command::new(SLICER)
