@@ -79,8 +79,12 @@ fn main() {
     let result = rt.block_on(async move {
         let reaper = reaper::Reaper::start()?;
         let state = Arc::new(server::State::new(started, pid1, reaper));
-        // Off the boot path: the agent answers while the filesystem grows.
-        tokio::spawn(init::grow_root(state.reaper.clone()));
+        // Off the boot path: the agent answers while the filesystem grows. Only in a VM (a
+        // virtio port): on a host (`--listen-unix`, the protocol tests) /dev/vda is the
+        // host's own disk.
+        if !matches!(listen, Listen::Unix(_)) {
+            tokio::spawn(init::grow_root(state.reaper.clone()));
+        }
         if pid1 {
             init::spawn_signal_handlers();
         }
