@@ -392,6 +392,14 @@ pub async fn bench_daemon(
     Ok((d, c))
 }
 
+/// What the in-process daemon `d` runs `image`'s VMs with, `kvm` or `tcg` (resolved once per
+/// host: this is what its VMs used), for the tables.
+pub async fn daemon_accel(d: &slicer_daemon::Daemon, image: &str) -> Result<&'static str> {
+    let host = &d.manager.host;
+    let kernel = host.images.get(image)?.kernel;
+    Ok(host.accel(&kernel).await?.as_str())
+}
+
 /// Replaces the section between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`, or appends it.
 pub fn record(path: &Path, name: &str, table: &str) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
