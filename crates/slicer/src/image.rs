@@ -151,10 +151,17 @@ fn list(json: bool, data_dir: Option<PathBuf>) -> Result<()> {
         let digest = i
             .digest
             .as_deref()
-            .map(|d| d.strip_prefix("sha256:").unwrap_or(d)[..12].to_string())
+            .map(|d| {
+                d.strip_prefix("sha256:")
+                    .unwrap_or(d)
+                    .chars()
+                    .take(12)
+                    .collect::<String>()
+            })
             .unwrap_or_else(|| "-".into());
-        let name = if tty && i.name.len() > 48 {
-            format!("{}…", &i.name[..47])
+        // Both come from the store's files: cut by characters, never inside one.
+        let name = if tty && i.name.chars().count() > 48 {
+            format!("{}…", i.name.chars().take(47).collect::<String>())
         } else {
             i.name.clone()
         };
