@@ -122,7 +122,7 @@ fn created(rec: &VmRecord) -> CreateNodeResponse {
         hostgroup: rec.host_group.clone(),
         ip: rec.ip.clone(),
         created_at: rec.created_at.clone(),
-        arch: "amd64".into(),
+        arch: slicer_api::VM_ARCH.into(),
         persistent: rec.persistent,
     }
 }
@@ -1471,7 +1471,7 @@ impl Manager {
             ram_bytes: rec.ram_bytes,
             cpus: rec.cpus,
             created_at: rec.created_at.clone(),
-            arch: "x86_64".into(),
+            arch: slicer_api::VM_ARCH.into(),
             tags: rec.tags.clone(),
             status: status.into(),
             persistent: rec.persistent,
