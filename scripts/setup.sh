@@ -3,11 +3,26 @@
 # (unless --no-run) boots a sandbox to show it works.
 #   sudo ./scripts/setup.sh            install + build + demo
 #   sudo ./scripts/setup.sh --no-run   install + build only (used by scripts/test.sh)
+#   ./scripts/setup.sh --cargo-tools   only the cargo subcommands CI runs (used by .ci/run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# --- cargo tools --------------------------------------------------------------------------
+# .ci/run runs `cargo machete` (a dependency no crate uses fails CI). Pinned: a new release's
+# findings must not fail CI by surprise; installed again only when missing or another version.
+MACHETE_VERSION=0.9.2
+cargo_tools() {
+  if [ "$(cargo machete --version 2>/dev/null)" != "$MACHETE_VERSION" ]; then
+    echo "==> cargo install cargo-machete@$MACHETE_VERSION"
+    cargo install -q --locked "cargo-machete@$MACHETE_VERSION"
+  fi
+}
+
 RUN=1
-[ "${1:-}" = "--no-run" ] && RUN=0
+case "${1:-}" in
+  --no-run) RUN=0 ;;
+  --cargo-tools) cargo_tools; exit 0 ;;
+esac
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup needs root (apt-get, debootstrap, VM networking): run it as root, e.g. sudo $0" >&2
@@ -48,6 +63,8 @@ fi
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
   systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi
+
+cargo_tools
 
 # --- build --------------------------------------------------------------------------------
 echo "==> cargo build (slicer, and the static guest agent)"

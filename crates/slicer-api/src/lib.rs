@@ -7,6 +7,11 @@ pub mod types;
 pub use client::{ApiClient, ApiError};
 pub use types::*;
 
+/// A VM's `arch` on the wire (create and relaunch answers, node lists, a VM's description): Go's
+/// name (GOARCH) of the x86_64 guests slicer runs, as SlicerVM writes it in a create's answer
+/// and in `/info`. (Host groups' `arch` is `x86_64`, as in SlicerVM's `GET /hostgroup`.)
+pub const VM_ARCH: &str = "amd64";
+
 /// Parses a Go duration such as `5m`, `1m30s`, `250ms`.
 pub fn parse_go_duration(s: &str) -> Option<std::time::Duration> {
     let mut total = 0f64;

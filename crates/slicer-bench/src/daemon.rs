@@ -118,11 +118,12 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         list.push(t.elapsed().as_secs_f64() * 1e3);
         anyhow::ensure!(v.len() == 100, "expected 100 records, got {}", v.len());
     }
+    let accel = crate::daemon_accel(&d, &a.image).await?;
     d.stop().await;
 
     let (raw_m, create_m) = (median(raw), median(create));
     let table = format!(
-        "| measure ({} image, tcg, 1 vCPU, 256 MiB) | value | target |\n|---|---|---|\n\
+        "| measure ({} image, {accel}, 1 vCPU, 256 MiB) | value | target |\n|---|---|---|\n\
          | raw QEMU boot to init marker, median of {n} | {raw_m:.0} ms | — |\n\
          | `POST /hostgroup/bench/nodes?wait=agent`, median of {n} | {create_m:.0} ms | — |\n\
          | ratio API create / raw boot | {:.2}× | — |\n\

@@ -43,6 +43,9 @@ pub struct Args {
     /// Exec round trips.
     #[arg(long, default_value_t = 100)]
     execs: usize,
+    /// Boot suite: agent reconnects (a new session, as after a daemon restart).
+    #[arg(long, default_value_t = 10)]
+    reconnects: usize,
     /// Transfer size in MiB.
     #[arg(long, default_value_t = 64)]
     transfer_mib: usize,
@@ -316,6 +319,7 @@ async fn main() -> Result<()> {
     let mut sink = tokio::io::sink();
     let n = d.copy_to(&mut sink).await?;
     let down = n as f64 / 1e6 / t.elapsed().as_secs_f64();
+    let reconnect = reconnects(agent, args.reconnects).await?;
     vm.stop(Duration::ZERO).await?;
 
     let (raw_m, ours_m) = (median(raw), median(ours));
@@ -325,6 +329,7 @@ async fn main() -> Result<()> {
          | slicer boot to agent ready (overlay + QEMU + agent handshake + health), median | {:.0} ms | — |\n\
          | ratio slicer / raw | {:.2}× | ≤ 1.25× |\n\
          | agent health round trip (no process), median of {} | {:.2} ms | — |\n\
+         | agent reconnect: new session (handshake) + health, as after a daemon restart, median of {} | {:.1} ms | — |\n\
          | exec `true` round trip, median of {} | {:.1} ms | ≤ 25 ms |\n\
          | in-guest floor: bash starting `/bin/true`, mean of {} | {:.1} ms | — |\n\
          | upload {} MiB | {:.0} MB/s | ≥ 50 MB/s |\n\
@@ -339,6 +344,8 @@ async fn main() -> Result<()> {
         ours_m / raw_m,
         args.execs,
         median(health),
+        reconnect.len(),
+        median(reconnect),
         args.execs,
         median(rtt),
         args.execs,
@@ -366,6 +373,27 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// Milliseconds from a new client's first request to its answer, `n` times, on a guest whose
+/// agent had a session: what a restarted daemon waits for once it adopts a running VM (the
+/// previous session closed, then the resync handshake, the HTTP/2 handshake and a health
+/// round trip); at least once. `agent` is closed first and reconnects when next used.
+async fn reconnects(agent: &slicer_vmm::agent::AgentClient, n: usize) -> Result<Vec<f64>> {
+    let mut took = Vec::new();
+    agent.reset().await;
+    for i in 0..n.max(1) {
+        // The previous session is gone before the clock starts, as the old daemon's is.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let fresh = slicer_vmm::agent::AgentClient::new(agent.socket_path());
+        let t = Instant::now();
+        fresh
+            .health()
+            .await
+            .with_context(|| format!("health on reconnect {i}"))?;
+        took.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(took)
+}
+
 /// A daemon in this process on a free loopback port, with the host groups `groups` (YAML list
 /// items under `host_groups`) and its data in `dir/data`; and a client with its token.
 pub async fn bench_daemon(
@@ -390,6 +418,12 @@ pub async fn bench_daemon(
     .await?;
     let c = slicer_api::ApiClient::new(&format!("http://127.0.0.1:{port}"), d.token.clone())?;
     Ok((d, c))
+}
+
+/// What the in-process daemon `d` runs `image`'s VMs with, `kvm` or `tcg` (resolved once per
+/// host: this is what its VMs used), for the tables.
+pub async fn daemon_accel(d: &slicer_daemon::Daemon, image: &str) -> Result<&'static str> {
+    Ok(d.manager.accelerator(image).await?.as_str())
 }
 
 /// Replaces the section between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`, or appends it.

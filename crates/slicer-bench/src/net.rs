@@ -113,11 +113,12 @@ pub async fn run(
         .json(Method::DELETE, &format!("/hostgroup/iso/nodes/{h}"), None)
         .await?;
     drop(host);
+    let accel = crate::daemon_accel(&d, image).await?;
     d.stop().await;
 
     let (p, i) = (median(plain), median(iso));
     let table = format!(
-        "| measure ({image} image, tcg, 1 vCPU, 256 MiB) | value |\n|---|---|\n\
+        "| measure ({image} image, {accel}, 1 vCPU, 256 MiB) | value |\n|---|---|\n\
          | create?wait=agent (template restore), no network, median of {n} | {p:.0} ms |\n\
          | create?wait=agent (template restore), isolated network, median of {n} | {i:.0} ms |\n\
          | added by the isolated network (netns, veth, TAP, nftables table) | {:.0} ms ({:.2}×) |\n\

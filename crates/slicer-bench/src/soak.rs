@@ -259,6 +259,7 @@ pub async fn run(a: SoakArgs) -> Result<()> {
     let took = t0.elapsed();
     let nodes: Vec<serde_json::Value> = c.json(Method::GET, "/nodes", None).await?;
     let (rss1, fds1) = (rss_kib(), open_fds());
+    let accel = crate::daemon_accel(&d, &a.image).await?;
     d.stop().await;
     let mut leaks = leftovers(&data);
     if !nodes.is_empty() {
@@ -266,7 +267,7 @@ pub async fn run(a: SoakArgs) -> Result<()> {
     }
 
     let mut table = format!(
-        "| soak ({} image, tcg, {} clients, {:.0} s, isolated network) | p50 | p99 | count |\n|---|---|---|---|\n",
+        "| soak ({} image, {accel}, {} clients, {:.0} s, isolated network) | p50 | p99 | count |\n|---|---|---|---|\n",
         a.image,
         a.clients,
         took.as_secs_f64()

@@ -134,6 +134,7 @@ pub async fn run(a: WarmArgs) -> Result<()> {
     }
     let burst_warm = burst(&c, "warm", a.burst).await?;
     let burst_cold = burst(&c, "cold", a.burst).await?;
+    let accel = crate::daemon_accel(&d, &a.image).await?;
     d.stop().await;
 
     let (cold_m, warm_m) = (median(cold), median(warm));
@@ -145,7 +146,7 @@ pub async fn run(a: WarmArgs) -> Result<()> {
         "**not met**"
     };
     let table = format!(
-        "| measure ({img} image, tcg, 1 vCPU, {mem} MiB) | cold boot | warm (template restore) | warm / cold |\n|---|---|---|---|\n\
+        "| measure ({img} image, {accel}, 1 vCPU, {mem} MiB) | cold boot | warm (template restore) | warm / cold |\n|---|---|---|---|\n\
          | `create?wait=agent`, median of {n} (interleaved) | {cold_m:.0} ms | {warm_m:.0} ms | **{:.2}×** (target ≤ {target}×: {met}) |\n\
          | {b} concurrent creates, wall time until all answer | {:.1} s | {:.1} s | {:.2}× |\n\
          | QEMU RSS of an idle guest, median | {:.0} MiB | {:.0} MiB | {:.2}× |\n\

@@ -99,6 +99,8 @@ async fn every_route_succeeds_and_fails_as_documented() {
     );
     let h = v["hostname"].as_str().unwrap().to_string();
     assert_eq!(h, "sb-1");
+    // A VM's arch is GOARCH's name wherever it appears, as SlicerVM's create answer writes it.
+    assert_eq!(v["arch"], "amd64");
     assert!(time::OffsetDateTime::parse(
         v["created_at"].as_str().unwrap(),
         &time::format_description::well_known::Rfc3339
@@ -110,6 +112,7 @@ async fn every_route_succeeds_and_fails_as_documented() {
     assert_eq!(s, 200);
     assert_eq!(keys(&v[0]), sorted(NODE_KEYS));
     assert_eq!(v[0]["status"], "Running");
+    assert_eq!(v[0]["arch"], "amd64", "the list's arch is the create answer's");
     assert_eq!(v[0]["tags"], json!(["user=alice", "job=convert-video-123"]));
     assert_eq!(
         (v[0]["cpus"].as_u64(), v[0]["ram_bytes"].as_u64()),

@@ -2,6 +2,8 @@
 //! the audit of every program the daemon, the image build, the tests and the benchmarks run on
 //! the host; `scripts/setup.sh` installs their packages and `tests/host_tools.rs` checks both
 //! (so a fresh machine that lacks one fails early, naming the package).
+//! Cargo and its subcommands are the toolchain, not host programs of slicer: CI's own
+//! `cargo machete` is installed by `scripts/setup.sh --cargo-tools`, which `.ci/run` runs first.
 
 use std::path::Path;
 

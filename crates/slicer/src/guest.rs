@@ -275,135 +275,157 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
             let v: ExecInfo = c.json(Method::GET, &format!("/vm/{name}/exec/{id}"), None).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        BgCmd::List { name } => {
-            let v: Vec<ExecInfo> = c.json(Method::GET, &format!("/vm/{name}/exec"), None).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!(
-                    "{:<20} {:>7} {:<8} {:>5} {:<25} COMMAND",
-                    "EXEC", "PID", "RUNNING", "EXIT", "STARTED"
-                );
-                for e in v {
-                    println!(
-                        "{:<20} {:>7} {:<8} {:>5} {:<25} {} {}",
-                        e.exec_id,
-                        e.pid,
-                        e.running,
-                        e.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
-                        e.started_at,
-                        crate::term::stdout_text(&e.command),
-                        crate::term::stdout_text(&e.args.join(" "))
-                    );
-                }
-            }
-        }
+        BgCmd::List { name } => bg_list(c, &name, json).await?,
         BgCmd::Logs {
             name,
             id,
             follow,
             from_id,
-        } => {
-            let q = query(&[("follow", follow.to_string()), ("from_id", from_id.to_string())]);
-            let resp = c
-                .call(
-                    Method::GET,
-                    &format!("/vm/{name}/exec/{id}/logs?{q}"),
-                    None,
-                    slicer_api::client::empty(),
-                )
-                .await?;
-            let mut body = resp.into_body();
-            let mut buf: Vec<u8> = Vec::new();
-            let mut code = 0;
-            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-                let Ok(data) = frame.context("reading logs")?.into_data() else {
-                    continue;
-                };
-                buf.extend_from_slice(&data);
-                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=pos).collect();
-                    if json {
-                        std::io::stdout().write_all(&line)?;
-                        continue;
-                    }
-                    let Ok(f) = serde_json::from_slice::<ExecFrame>(&line) else {
-                        continue;
-                    };
-                    let data = f.data.as_str();
-                    match f.r#type.as_str() {
-                        "stdout" => std::io::stdout().write_all(data.as_bytes())?,
-                        "stderr" => std::io::stderr().write_all(data.as_bytes())?,
-                        "gap" => eprintln!(
-                            "[{}]",
-                            crate::term::stderr_text(if f.message.is_empty() {
-                                "output dropped"
-                            } else {
-                                &f.message
-                            })
-                        ),
-                        "exit" => code = f.exit_code.unwrap_or(1),
-                        _ => {}
-                    }
-                }
-            }
-            return Ok(code);
-        }
+        } => return bg_logs(c, &name, &id, follow, from_id, json).await,
         BgCmd::Kill {
             name,
             id,
             signal,
             grace,
-        } => {
-            let grace_ms = duration(&grace, "--grace")?.as_millis() as u64;
-            let body = ExecKillRequest {
-                signal: Some(signal),
-                grace_ms: Some(grace_ms),
-            };
-            let v: ExecKilled = c
-                .json(
-                    Method::POST,
-                    &format!("/vm/{name}/exec/{id}/kill"),
-                    Some(&serde_json::to_value(&body)?),
-                )
-                .await?;
-            print_or(
-                json,
-                &v,
-                &format!(
-                    "sent {} to {id}",
-                    if v.signal_sent.is_empty() {
-                        "nothing"
-                    } else {
-                        &v.signal_sent
-                    }
-                ),
-            )?;
-        }
-        BgCmd::Wait { name, id, timeout } => {
-            let timeout = duration(&timeout, "--timeout")?.as_secs().clamp(1, 600);
-            let v: ExecWaitExit = c
-                .json(
-                    Method::GET,
-                    &format!("/vm/{name}/exec/{id}/wait-exit?timeout={timeout}"),
-                    None,
-                )
-                .await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            }
-            if v.timed_out {
-                eprintln!("{id} still runs after {timeout}s");
-                return Ok(124);
-            }
-            return Ok(v.exit_code.unwrap_or(1));
-        }
+        } => bg_kill(c, &name, &id, signal, &grace, json).await?,
+        BgCmd::Wait { name, id, timeout } => return bg_wait(c, &name, &id, &timeout, json).await,
         BgCmd::Remove { name, id } => {
             let v: ExecReaped = c.json(Method::DELETE, &format!("/vm/{name}/exec/{id}"), None).await?;
             print_or(json, &v, &format!("{id} reaped"))?;
         }
     }
     Ok(0)
+}
+
+/// `vm bg list`.
+async fn bg_list(c: &ApiClient, name: &str, json: bool) -> Result<()> {
+    let v: Vec<ExecInfo> = c.json(Method::GET, &format!("/vm/{name}/exec"), None).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>7} {:<8} {:>5} {:<25} COMMAND",
+        "EXEC", "PID", "RUNNING", "EXIT", "STARTED"
+    );
+    for e in v {
+        println!(
+            "{:<20} {:>7} {:<8} {:>5} {:<25} {} {}",
+            e.exec_id,
+            e.pid,
+            e.running,
+            e.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+            e.started_at,
+            crate::term::stdout_text(&e.command),
+            crate::term::stdout_text(&e.args.join(" "))
+        );
+    }
+    Ok(())
+}
+
+/// `vm bg logs`: the exec's output to stdout and stderr (its frames with --json); the exit
+/// code when the log reached its end.
+async fn bg_logs(c: &ApiClient, name: &str, id: &str, follow: bool, from_id: u64, json: bool) -> Result<i32> {
+    let q = query(&[("follow", follow.to_string()), ("from_id", from_id.to_string())]);
+    let resp = c
+        .call(
+            Method::GET,
+            &format!("/vm/{name}/exec/{id}/logs?{q}"),
+            None,
+            slicer_api::client::empty(),
+        )
+        .await?;
+    let mut body = resp.into_body();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut code = 0;
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        let Ok(data) = frame.context("reading logs")?.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            if json {
+                std::io::stdout().write_all(&line)?;
+                continue;
+            }
+            if let Some(exit) = print_frame(&line)? {
+                code = exit;
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// Writes one log frame's output where it belongs; an exit frame's code.
+fn print_frame(line: &[u8]) -> Result<Option<i32>> {
+    let Ok(f) = serde_json::from_slice::<ExecFrame>(line) else {
+        return Ok(None);
+    };
+    let data = f.data.as_str();
+    match f.r#type.as_str() {
+        "stdout" => std::io::stdout().write_all(data.as_bytes())?,
+        "stderr" => std::io::stderr().write_all(data.as_bytes())?,
+        "gap" => eprintln!(
+            "[{}]",
+            crate::term::stderr_text(if f.message.is_empty() {
+                "output dropped"
+            } else {
+                &f.message
+            })
+        ),
+        "exit" => return Ok(Some(f.exit_code.unwrap_or(1))),
+        _ => {}
+    }
+    Ok(None)
+}
+
+/// `vm bg kill`.
+async fn bg_kill(c: &ApiClient, name: &str, id: &str, signal: String, grace: &str, json: bool) -> Result<()> {
+    let grace_ms = duration(grace, "--grace")?.as_millis() as u64;
+    let body = ExecKillRequest {
+        signal: Some(signal),
+        grace_ms: Some(grace_ms),
+    };
+    let v: ExecKilled = c
+        .json(
+            Method::POST,
+            &format!("/vm/{name}/exec/{id}/kill"),
+            Some(&serde_json::to_value(&body)?),
+        )
+        .await?;
+    print_or(
+        json,
+        &v,
+        &format!(
+            "sent {} to {id}",
+            if v.signal_sent.is_empty() {
+                "nothing"
+            } else {
+                &v.signal_sent
+            }
+        ),
+    )
+}
+
+/// `vm bg wait`: the exec's exit code, or 124 when it still runs after the timeout.
+async fn bg_wait(c: &ApiClient, name: &str, id: &str, timeout: &str, json: bool) -> Result<i32> {
+    let timeout = duration(timeout, "--timeout")?.as_secs().clamp(1, 600);
+    let v: ExecWaitExit = c
+        .json(
+            Method::GET,
+            &format!("/vm/{name}/exec/{id}/wait-exit?timeout={timeout}"),
+            None,
+        )
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    if v.timed_out {
+        eprintln!("{id} still runs after {timeout}s");
+        return Ok(124);
+    }
+    Ok(v.exit_code.unwrap_or(1))
 }
 
 /// A Go duration (`5s`, `10m`) or a number of seconds.

@@ -119,6 +119,99 @@ pub enum CommitCmd {
     Delete { id: String },
 }
 
+// `vm add` (a plain comment: a doc comment would become the help text).
+#[derive(Args)]
+pub struct AddArgs {
+    group: Option<String>,
+    /// The VM's name: sugar for the immutable tag name=NAME (a lowercase DNS label, unique);
+    /// every command that takes a VM accepts it.
+    #[arg(short = 'n', long)]
+    name: Option<String>,
+    #[arg(long)]
+    cpus: Option<u32>,
+    #[arg(long)]
+    ram_gb: Option<u64>,
+    #[arg(long)]
+    ram_mb: Option<u64>,
+    #[arg(long)]
+    ram_bytes: Option<u64>,
+    /// key=value (repeatable).
+    #[arg(long)]
+    tag: Vec<String>,
+    #[arg(long)]
+    userdata: Option<String>,
+    #[arg(long)]
+    userdata_file: Option<PathBuf>,
+    /// Secrets the VM gets (comma-separated; default all).
+    #[arg(long, alias = "secret", value_delimiter = ',')]
+    secrets: Option<Vec<String>>,
+    /// A public key, or a file holding one (repeatable).
+    #[arg(long = "ssh-key")]
+    ssh_keys: Vec<String>,
+    /// Keep the VM and its disk when it stops (the CLI's default; the API's is false).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    persistent: bool,
+    /// Open a shell in the VM once it is ready.
+    #[arg(long)]
+    shell: bool,
+    /// Wait for the agent (or with --wait-userdata, for userdata) before returning.
+    #[arg(long)]
+    wait: bool,
+    #[arg(long)]
+    wait_userdata: bool,
+    #[arg(long, default_value = "5m")]
+    timeout: String,
+}
+
+// `vm fork`.
+#[derive(Args)]
+pub struct ForkArgs {
+    commit: String,
+    /// Tag of the new VM, after the commit's (repeat).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// The new VM's name (a name= tag).
+    #[arg(long)]
+    name: Option<String>,
+    /// Return once the agent answers (default); --wait=false returns at once.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    wait: bool,
+    /// Allow egress to this CIDR or address[:port] (isolated groups; repeat).
+    #[arg(long)]
+    allow: Vec<String>,
+    /// Clear the allow list the fork would inherit.
+    #[arg(long)]
+    no_allow: bool,
+    /// Drop egress to this CIDR (isolated groups; repeat).
+    #[arg(long)]
+    drop: Vec<String>,
+    /// Make this many forks at once (1-32; one line, or one JSON object, each).
+    #[arg(long)]
+    count: Option<u32>,
+}
+
+// How `vm cp` copies.
+#[derive(Args)]
+pub struct CpOpts {
+    /// binary (one file) or tar (a directory).
+    #[arg(long)]
+    mode: Option<String>,
+    #[arg(short = 'r', long)]
+    recursive: bool,
+    /// User to act as: root by default, as with SlicerVM's CLI (the API's default is the
+    /// image's non-root user; 1000 is `ubuntu`).
+    #[arg(long, default_value_t = 0)]
+    uid: u32,
+    #[arg(long)]
+    gid: Option<u32>,
+    #[arg(long)]
+    permissions: Option<String>,
+    /// Leave out paths matching this gitignore-style pattern (repeatable); an upload of a
+    /// directory also honours its .slicerignore.
+    #[arg(long)]
+    exclude: Vec<String>,
+}
+
 #[derive(Subcommand)]
 pub enum VmCmd {
     /// List VMs.
@@ -131,47 +224,7 @@ pub enum VmCmd {
     },
     /// Create a VM in a host group (the only group when omitted).
     #[command(alias = "launch")]
-    Add {
-        group: Option<String>,
-        /// The VM's name: sugar for the immutable tag name=NAME (a lowercase DNS label, unique);
-        /// every command that takes a VM accepts it.
-        #[arg(short = 'n', long)]
-        name: Option<String>,
-        #[arg(long)]
-        cpus: Option<u32>,
-        #[arg(long)]
-        ram_gb: Option<u64>,
-        #[arg(long)]
-        ram_mb: Option<u64>,
-        #[arg(long)]
-        ram_bytes: Option<u64>,
-        /// key=value (repeatable).
-        #[arg(long)]
-        tag: Vec<String>,
-        #[arg(long)]
-        userdata: Option<String>,
-        #[arg(long)]
-        userdata_file: Option<PathBuf>,
-        /// Secrets the VM gets (comma-separated; default all).
-        #[arg(long, alias = "secret", value_delimiter = ',')]
-        secrets: Option<Vec<String>>,
-        /// A public key, or a file holding one (repeatable).
-        #[arg(long = "ssh-key")]
-        ssh_keys: Vec<String>,
-        /// Keep the VM and its disk when it stops (the CLI's default; the API's is false).
-        #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
-        persistent: bool,
-        /// Open a shell in the VM once it is ready.
-        #[arg(long)]
-        shell: bool,
-        /// Wait for the agent (or with --wait-userdata, for userdata) before returning.
-        #[arg(long)]
-        wait: bool,
-        #[arg(long)]
-        wait_userdata: bool,
-        #[arg(long, default_value = "5m")]
-        timeout: String,
-    },
+    Add(AddArgs),
     /// Wait until a VM's agent answers (or, with --userdata, its userdata ran).
     Ready {
         name: String,
@@ -203,23 +256,8 @@ pub enum VmCmd {
     Cp {
         src: String,
         dst: String,
-        /// binary (one file) or tar (a directory).
-        #[arg(long)]
-        mode: Option<String>,
-        #[arg(short = 'r', long)]
-        recursive: bool,
-        /// User to act as: root by default, as with SlicerVM's CLI (the API's default is the
-        /// image's non-root user; 1000 is `ubuntu`).
-        #[arg(long, default_value_t = 0)]
-        uid: u32,
-        #[arg(long)]
-        gid: Option<u32>,
-        #[arg(long)]
-        permissions: Option<String>,
-        /// Leave out paths matching this gitignore-style pattern (repeatable); an upload of a
-        /// directory also honours its .slicerignore.
-        #[arg(long)]
-        exclude: Vec<String>,
+        #[command(flatten)]
+        opts: CpOpts,
     },
     /// Serial console of a VM.
     Logs {
@@ -285,30 +323,7 @@ pub enum VmCmd {
         live: bool,
     },
     /// Fork a commit into a new persistent VM of its host group (named by the allocator).
-    Fork {
-        commit: String,
-        /// Tag of the new VM, after the commit's (repeat).
-        #[arg(long = "tag")]
-        tags: Vec<String>,
-        /// The new VM's name (a name= tag).
-        #[arg(long)]
-        name: Option<String>,
-        /// Return once the agent answers (default); --wait=false returns at once.
-        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
-        wait: bool,
-        /// Allow egress to this CIDR or address[:port] (isolated groups; repeat).
-        #[arg(long)]
-        allow: Vec<String>,
-        /// Clear the allow list the fork would inherit.
-        #[arg(long)]
-        no_allow: bool,
-        /// Drop egress to this CIDR (isolated groups; repeat).
-        #[arg(long)]
-        drop: Vec<String>,
-        /// Make this many forks at once (1-32; one line, or one JSON object, each).
-        #[arg(long)]
-        count: Option<u32>,
-    },
+    Fork(ForkArgs),
     /// Write a stopped VM's disk as a standalone qcow2 image (`slicer disk export`).
     #[command(hide = true)]
     ExportDisk { name: String, output: PathBuf },
@@ -540,180 +555,18 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
     if let Some(name) = cmd.vm_arg() {
         *name = resolve(&c, name).await?;
     }
+    let json = conn.json;
     match cmd {
-        VmCmd::List { tag, tag_prefix } => {
-            let mut q = Vec::new();
-            if let Some(t) = tag {
-                q.push(("tag", t));
-            }
-            if let Some(t) = tag_prefix {
-                q.push(("tag_prefix", t));
-            }
-            let nodes: Vec<Node> = c.json(Method::GET, &format!("/nodes?{}", query(&q)), None).await?;
-            if conn.json {
-                print_json(&nodes)?;
-            } else {
-                print_nodes(&nodes);
-            }
-        }
-        VmCmd::Group => {
-            let groups: Vec<HostGroupInfo> = c.json(Method::GET, "/hostgroup", None).await?;
-            if conn.json {
-                print_json(&groups)?;
-            } else {
-                println!("{:<20} {:<6} {:<5} RAM", "NAME", "COUNT", "CPUS");
-                for g in groups {
-                    println!(
-                        "{:<20} {:<6} {:<5} {}",
-                        g.name,
-                        g.count,
-                        g.cpus,
-                        human_bytes(g.ram_bytes)
-                    );
-                }
-            }
-        }
-        VmCmd::Add {
-            group,
-            name,
-            cpus,
-            ram_gb,
-            ram_mb,
-            ram_bytes,
-            mut tag,
-            userdata,
-            userdata_file,
-            secrets,
-            ssh_keys,
-            persistent,
-            shell,
-            wait,
-            wait_userdata,
-            timeout,
-        } => {
-            if let Some(n) = name {
-                if tag.iter().any(|t| t.starts_with("name=")) {
-                    bail!("give the name with --name or with --tag name=..., not both");
-                }
-                tag.push(format!("name={n}"));
-            }
-            let ssh_keys = ssh_keys.iter().map(|k| ssh_key_arg(k)).collect::<Result<Vec<_>>>()?;
-            let group = match group {
-                Some(g) => g,
-                None => {
-                    let groups: Vec<HostGroupInfo> = c.json(Method::GET, "/hostgroup", None).await?;
-                    match groups.as_slice() {
-                        [one] => one.name.clone(),
-                        [] => bail!("the daemon has no host groups"),
-                        _ => bail!(
-                            "the daemon has several host groups ({}): name one, e.g. `slicer vm add {}`",
-                            groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", "),
-                            groups[0].name
-                        ),
-                    }
-                }
-            };
-            let userdata = match (userdata, userdata_file) {
-                (Some(u), None) => Some(u),
-                (None, Some(f)) => {
-                    Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?)
-                }
-                (None, None) => None,
-                (Some(_), Some(_)) => bail!("give --userdata or --userdata-file, not both"),
-            };
-            let ram_bytes = match (ram_gb, ram_mb, ram_bytes) {
-                (Some(g), None, None) => Some(g << 30),
-                (None, Some(m), None) => Some(m << 20),
-                (None, None, b) => b,
-                _ => bail!("give one of --ram-gb, --ram-mb and --ram-bytes"),
-            };
-            let req = CreateNodeRequest {
-                cpus,
-                ram_bytes,
-                tags: tag,
-                userdata,
-                secrets,
-                ssh_keys,
-                persistent: Some(persistent),
-                ..Default::default()
-            };
-            let wait = wait || shell;
-            let mut q = vec![];
-            if wait_userdata {
-                q.push(("wait", "userdata".to_string()));
-            } else if wait {
-                q.push(("wait", "agent".to_string()));
-            }
-            if wait || wait_userdata {
-                q.push(("timeout", timeout));
-            }
-            let resp: CreateNodeResponse = c
-                .json(
-                    Method::POST,
-                    &format!("/hostgroup/{group}/nodes?{}", query(&q)),
-                    Some(&serde_json::to_value(&req)?),
-                )
-                .await?;
-            if conn.json {
-                print_json(&resp)?;
-            } else {
-                println!("VM created");
-                println!("Hostname:   {}", resp.hostname);
-                println!("Group:      {}", resp.hostgroup);
-                println!("IP:         {}", if resp.ip.is_empty() { "-" } else { &resp.ip });
-                println!("Persistent: {}", resp.persistent);
-                println!("Created:    {}", resp.created_at);
-            }
-            if shell {
-                return crate::ws::shell(&c, &resp.hostname, &query(&[("uid", "0".to_string())]), None).await;
-            }
-        }
+        VmCmd::List { tag, tag_prefix } => list(&c, json, tag, tag_prefix).await?,
+        VmCmd::Group => groups(&c, json).await?,
+        VmCmd::Add(a) => return add(&c, json, a).await,
         VmCmd::Ready {
             name,
             agent: _,
             userdata,
             timeout,
             interval,
-        } => {
-            let timeout = crate::guest::duration(&timeout, "--timeout")?;
-            let interval = crate::guest::duration(&interval, "--interval")?.max(std::time::Duration::from_millis(10));
-            let deadline = std::time::Instant::now() + timeout;
-            loop {
-                if let Ok(h) = c
-                    .json::<HealthResponse>(Method::GET, &format!("/vm/{name}/health"), None)
-                    .await
-                {
-                    if h.agent_uptime > 0 && !userdata {
-                        break;
-                    }
-                    if userdata && h.userdata_ran {
-                        match h.userdata_exit_code {
-                            Some(0) | None => break,
-                            Some(code) => bail!(
-                                "{name}: userdata exited with code {code} (see /var/log/slicer-userdata.log in the VM)"
-                            ),
-                        }
-                    }
-                }
-                if std::time::Instant::now() >= deadline {
-                    bail!("{name} was not ready within {timeout:?}");
-                }
-                tokio::time::sleep(interval).await;
-            }
-            if conn.json {
-                #[derive(serde::Serialize)]
-                struct Ready<'a> {
-                    hostname: &'a str,
-                    ready: bool,
-                }
-                print_json(&Ready {
-                    hostname: &name,
-                    ready: true,
-                })?;
-            } else {
-                println!("{name} is ready");
-            }
-        }
+        } => ready(&c, json, &name, userdata, &timeout, &interval).await?,
         VmCmd::Shutdown { name, reboot } => {
             let action = if reboot { "reboot" } else { "shutdown" };
             power(&c, &format!("/vm/{name}/shutdown?action={action}")).await?;
@@ -728,46 +581,11 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
         VmCmd::Commit {
             sub: Some(CommitCmd::List { cache_key, tags }),
             ..
-        } => {
-            let mut q: Vec<(&str, String)> = tags.into_iter().map(|t| ("tag", t)).collect();
-            if let Some(k) = cache_key {
-                q.push(("cache_key", k));
-            }
-            let list: Vec<slicer_api::CommitInfo> =
-                c.json(Method::GET, &format!("/vm/commits?{}", query(&q)), None).await?;
-            if conn.json {
-                print_json(&list)?;
-            } else {
-                println!(
-                    "{:<22} {:<20} {:<24} {:<16} TAGS",
-                    "COMMIT", "SOURCE", "CREATED", "CACHE KEY"
-                );
-                for i in list {
-                    println!(
-                        "{:<22} {:<20} {:<24} {:<16} {}",
-                        i.commit_id,
-                        i.source_hostname,
-                        i.created_at,
-                        i.cache_key.as_deref().unwrap_or("-"),
-                        i.tags.join(",")
-                    );
-                }
-            }
-        }
+        } => commit_list(&c, json, cache_key, tags).await?,
         VmCmd::Commit {
             sub: Some(CommitCmd::Delete { id }),
             ..
-        } => {
-            if id.is_empty() || id.contains(['/', '\\', '?', '#', '%', '\0']) || id.contains("..") {
-                bail!("{id:?} is not a commit id (see `slicer vm commit list`)");
-            }
-            let r: slicer_api::CommitDeleted = c.json(Method::DELETE, &format!("/vm/commits/{id}"), None).await?;
-            if conn.json {
-                print_json(&r)?;
-            } else {
-                println!("commit {} deleted", r.commit_id);
-            }
-        }
+        } => commit_delete(&c, json, &id).await?,
         VmCmd::Commit {
             name,
             cache_key,
@@ -776,112 +594,13 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
             ..
         } => {
             let name = name.context("which VM? slicer vm commit NAME")?;
-            let body = serde_json::to_value(slicer_api::CommitRequest {
-                tags,
-                labels: Default::default(),
-                cache_key,
-                live: live.then_some(true),
-            })?;
-            let r: slicer_api::CommitResponse =
-                c.json(Method::POST, &format!("/vm/{name}/commit"), Some(&body)).await?;
-            if conn.json {
-                print_json(&r)?;
-            } else {
-                println!("commit_id={}", r.commit_id);
-            }
+            commit(&c, json, &name, cache_key, tags, live).await?
         }
-        VmCmd::Fork {
-            commit,
-            mut tags,
-            name,
-            wait,
-            allow,
-            no_allow,
-            drop,
-            count,
-        } => {
-            if commit.is_empty() || commit.contains(['/', '\\', '?', '#', '%', '\0']) || commit.contains("..") {
-                bail!("{commit:?} is not a commit id (see `slicer vm commit list`)");
-            }
-            if count.is_some() && name.is_some() {
-                bail!("--name names one VM: leave it out with --count");
-            }
-            if let Some(n) = name {
-                tags.push(format!("name={n}"));
-            }
-            let network = (!allow.is_empty() || no_allow || !drop.is_empty()).then(|| slicer_api::NetworkOverride {
-                allow: (!allow.is_empty() || no_allow).then_some(allow),
-                drop: (!drop.is_empty()).then_some(drop),
-            });
-            let body = serde_json::to_value(slicer_api::ForkRequest {
-                tags,
-                network,
-                count,
-                ..Default::default()
-            })?;
-            let wait = if wait { "agent" } else { "none" };
-            let path = format!("/vm/commits/{commit}/fork?wait={wait}");
-            let forks: Vec<slicer_api::ForkResponse> = match count {
-                Some(_) => c.json(Method::POST, &path, Some(&body)).await?,
-                None => vec![c.json(Method::POST, &path, Some(&body)).await?],
-            };
-            for r in &forks {
-                if conn.json {
-                    print_json(r)?;
-                } else {
-                    println!("{}", r.hostname);
-                }
-            }
-        }
-        VmCmd::ExportDisk { name, output } => {
-            use http_body_util::BodyExt;
-            use tokio::io::AsyncWriteExt;
-            let resp = c.call(Method::GET, &format!("/vm/{name}/disk"), None, empty()).await?;
-            let tmp = output.with_extension(format!("part{}", std::process::id()));
-            let mut f = tokio::fs::File::create(&tmp)
-                .await
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            let mut body = resp.into_body();
-            let mut n = 0u64;
-            let written: Result<()> = async {
-                while let Some(frame) = body.frame().await {
-                    if let Ok(data) = frame?.into_data() {
-                        n += data.len() as u64;
-                        f.write_all(&data).await?;
-                    }
-                }
-                f.flush().await?;
-                f.sync_all().await?;
-                Ok(())
-            }
-            .await;
-            if let Err(e) = written {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(e.context(format!("exporting the disk of {name}")));
-            }
-            tokio::fs::rename(&tmp, &output)
-                .await
-                .with_context(|| format!("writing {}", output.display()))?;
-            if !conn.json {
-                println!("{} ({} MiB, qcow2)", output.display(), n >> 20);
-            } else {
-                print_json(&serde_json::json!({"hostname": name, "output": output, "bytes": n, "format": "qcow2"}))?;
-            }
-        }
-        VmCmd::Relaunch { name } => {
-            let r: slicer_api::CreateNodeResponse = c.json(Method::POST, &format!("/vm/{name}/relaunch"), None).await?;
-            if conn.json {
-                print_json(&r)?;
-            } else {
-                println!(
-                    "VM {} relaunched ({})",
-                    r.hostname,
-                    if r.ip.is_empty() { "-" } else { &r.ip }
-                );
-            }
-        }
-        VmCmd::Bg { cmd } => return crate::guest::bg(&c, cmd, conn.json).await,
-        VmCmd::Top { name } => return crate::guest::top(&c, name.as_deref(), conn.json).await,
+        VmCmd::Fork(f) => fork(&c, json, f).await?,
+        VmCmd::ExportDisk { name, output } => export_disk(&c, json, &name, &output).await?,
+        VmCmd::Relaunch { name } => relaunch(&c, json, &name).await?,
+        VmCmd::Bg { cmd } => return crate::guest::bg(&c, cmd, json).await,
+        VmCmd::Top { name } => return crate::guest::top(&c, name.as_deref(), json).await,
         VmCmd::Route { config, os } => return route(&config, &os),
         VmCmd::Shell {
             name,
@@ -904,104 +623,458 @@ async fn run_async(mut cmd: VmCmd, conn: Conn) -> Result<i32> {
                 .collect::<Result<Vec<_>>>()?;
             return crate::ws::forward(&c, &name, specs).await;
         }
-        VmCmd::Delete { name, group } => {
-            let group = match group {
-                Some(g) => g,
-                None => {
-                    let d: VmDescription = c.json(Method::GET, &format!("/vm/{name}"), None).await?;
-                    d.node.hostgroup
-                }
-            };
-            let r: DeleteResponse = c
-                .json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{name}"), None)
-                .await?;
-            if !r.error.is_empty() {
-                bail!("{}", r.error);
-            }
-            if conn.json {
-                print_json(&r)?;
-            } else {
-                println!("{} ({name}, disk removed: {})", r.message, r.disk_removed);
-            }
-        }
+        VmCmd::Delete { name, group } => delete(&c, json, &name, group).await?,
         VmCmd::Exec {
             name,
             run_as,
             shell,
             command,
         } => return exec(&c, &name, run_as, shell, command).await,
-        VmCmd::Cp {
-            src,
-            dst,
-            mode,
-            recursive,
-            uid,
-            gid,
-            permissions,
-            exclude,
-        } => cp(&c, &src, &dst, mode, recursive, uid, gid, permissions, exclude).await?,
-        VmCmd::Logs { name, lines } => {
-            let l: LogsResponse = c
-                .json(Method::GET, &format!("/vm/{name}/logs?lines={lines}"), None)
-                .await?;
-            if conn.json {
-                print_json(&l)?;
-            } else {
-                // Console text comes from the guest: escaped on a terminal, raw into a pipe.
-                println!("{}", crate::term::stdout_text(&l.content));
-            }
-        }
-        VmCmd::Health { name } => {
-            let h: HealthResponse = c.json(Method::GET, &format!("/vm/{name}/health"), None).await?;
-            if conn.json {
-                print_json(&h)?;
-            } else {
-                println!(
-                    "{:<20} {:<14} {:<14} {:<14} USERDATA RAN",
-                    "HOSTNAME", "AGENT UPTIME", "SYSTEM UPTIME", "AGENT VERSION"
-                );
-                println!(
-                    "{:<20} {:<14} {:<14} {:<14} {}",
-                    h.hostname,
-                    format!("{:.1}s", h.agent_uptime as f64 / 1e9),
-                    format!("{:.1}s", h.system_uptime as f64 / 1e9),
-                    crate::term::stdout_text(&h.agent_version),
-                    h.userdata_ran
-                );
-            }
-        }
+        VmCmd::Cp { src, dst, opts } => cp(&c, &src, &dst, opts).await?,
+        VmCmd::Logs { name, lines } => logs(&c, json, &name, lines).await?,
+        VmCmd::Health { name } => health(&c, json, &name).await?,
         VmCmd::Tags {
             name,
             add,
             remove,
             replace,
-        } => {
-            let t: TagsResponse = if add.is_empty() && remove.is_empty() && replace.is_empty() {
-                c.json(Method::GET, &format!("/vm/{name}/tags"), None).await?
-            } else {
-                let some = |v: Vec<String>| (!v.is_empty()).then_some(v);
-                let body = slicer_api::TagsPatch {
-                    add: some(add),
-                    remove: some(remove),
-                    replace: some(replace),
-                };
-                c.json(
-                    Method::PATCH,
-                    &format!("/vm/{name}/tags"),
-                    Some(&serde_json::to_value(&body)?),
-                )
-                .await?
-            };
-            if conn.json {
-                print_json(&t)?;
-            } else {
-                for tag in t.tags {
-                    println!("{tag}");
+        } => tags(&c, json, &name, add, remove, replace).await?,
+    }
+    Ok(0)
+}
+
+/// `vm list`.
+async fn list(c: &ApiClient, json: bool, tag: Option<String>, tag_prefix: Option<String>) -> Result<()> {
+    let mut q = Vec::new();
+    if let Some(t) = tag {
+        q.push(("tag", t));
+    }
+    if let Some(t) = tag_prefix {
+        q.push(("tag_prefix", t));
+    }
+    let nodes: Vec<Node> = c.json(Method::GET, &format!("/nodes?{}", query(&q)), None).await?;
+    if json {
+        print_json(&nodes)?;
+    } else {
+        print_nodes(&nodes);
+    }
+    Ok(())
+}
+
+/// `vm group`.
+async fn groups(c: &ApiClient, json: bool) -> Result<()> {
+    let groups: Vec<HostGroupInfo> = c.json(Method::GET, "/hostgroup", None).await?;
+    if json {
+        return print_json(&groups);
+    }
+    println!("{:<20} {:<6} {:<5} RAM", "NAME", "COUNT", "CPUS");
+    for g in groups {
+        println!(
+            "{:<20} {:<6} {:<5} {}",
+            g.name,
+            g.count,
+            g.cpus,
+            human_bytes(g.ram_bytes)
+        );
+    }
+    Ok(())
+}
+
+/// The host group a create goes to: the one named, else the daemon's only one.
+async fn the_group(c: &ApiClient, group: Option<String>) -> Result<String> {
+    if let Some(g) = group {
+        return Ok(g);
+    }
+    let groups: Vec<HostGroupInfo> = c.json(Method::GET, "/hostgroup", None).await?;
+    match groups.as_slice() {
+        [one] => Ok(one.name.clone()),
+        [] => bail!("the daemon has no host groups"),
+        _ => bail!(
+            "the daemon has several host groups ({}): name one, e.g. `slicer vm add {}`",
+            groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", "),
+            groups[0].name
+        ),
+    }
+}
+
+/// `vm add`'s tags (with --name as a name= tag) and SSH keys (read from files when given so).
+fn tags_and_keys(a: &mut AddArgs) -> Result<(Vec<String>, Vec<String>)> {
+    let mut tags = std::mem::take(&mut a.tag);
+    if let Some(n) = a.name.take() {
+        if tags.iter().any(|t| t.starts_with("name=")) {
+            bail!("give the name with --name or with --tag name=..., not both");
+        }
+        tags.push(format!("name={n}"));
+    }
+    let ssh_keys = a.ssh_keys.iter().map(|k| ssh_key_arg(k)).collect::<Result<Vec<_>>>()?;
+    Ok((tags, ssh_keys))
+}
+
+/// The body of `vm add`'s create, from the rest of its flags.
+fn create_request(a: &mut AddArgs, tags: Vec<String>, ssh_keys: Vec<String>) -> Result<CreateNodeRequest> {
+    let userdata = match (a.userdata.take(), a.userdata_file.take()) {
+        (Some(u), None) => Some(u),
+        (None, Some(f)) => Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?),
+        (None, None) => None,
+        (Some(_), Some(_)) => bail!("give --userdata or --userdata-file, not both"),
+    };
+    let ram_bytes = match (a.ram_gb, a.ram_mb, a.ram_bytes) {
+        (Some(g), None, None) => Some(g << 30),
+        (None, Some(m), None) => Some(m << 20),
+        (None, None, b) => b,
+        _ => bail!("give one of --ram-gb, --ram-mb and --ram-bytes"),
+    };
+    Ok(CreateNodeRequest {
+        cpus: a.cpus,
+        ram_bytes,
+        tags,
+        userdata,
+        secrets: a.secrets.take(),
+        ssh_keys,
+        persistent: Some(a.persistent),
+        ..Default::default()
+    })
+}
+
+/// `vm add`: creates the VM, then with --shell opens a shell in it (its exit code).
+async fn add(c: &ApiClient, json: bool, mut a: AddArgs) -> Result<i32> {
+    let (tags, ssh_keys) = tags_and_keys(&mut a)?;
+    let group = the_group(c, a.group.take()).await?;
+    let req = create_request(&mut a, tags, ssh_keys)?;
+    let wait = a.wait || a.shell;
+    let mut q = vec![];
+    if a.wait_userdata {
+        q.push(("wait", "userdata".to_string()));
+    } else if wait {
+        q.push(("wait", "agent".to_string()));
+    }
+    if wait || a.wait_userdata {
+        q.push(("timeout", a.timeout));
+    }
+    let resp: CreateNodeResponse = c
+        .json(
+            Method::POST,
+            &format!("/hostgroup/{group}/nodes?{}", query(&q)),
+            Some(&serde_json::to_value(&req)?),
+        )
+        .await?;
+    if json {
+        print_json(&resp)?;
+    } else {
+        println!("VM created");
+        println!("Hostname:   {}", resp.hostname);
+        println!("Group:      {}", resp.hostgroup);
+        println!("IP:         {}", if resp.ip.is_empty() { "-" } else { &resp.ip });
+        println!("Persistent: {}", resp.persistent);
+        println!("Created:    {}", resp.created_at);
+    }
+    if a.shell {
+        return crate::ws::shell(c, &resp.hostname, &query(&[("uid", "0".to_string())]), None).await;
+    }
+    Ok(0)
+}
+
+/// `vm ready`: polls the VM's health until its agent (or its userdata) is done.
+async fn ready(c: &ApiClient, json: bool, name: &str, userdata: bool, timeout: &str, interval: &str) -> Result<()> {
+    let timeout = crate::guest::duration(timeout, "--timeout")?;
+    let interval = crate::guest::duration(interval, "--interval")?.max(std::time::Duration::from_millis(10));
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(h) = c
+            .json::<HealthResponse>(Method::GET, &format!("/vm/{name}/health"), None)
+            .await
+        {
+            if h.agent_uptime > 0 && !userdata {
+                break;
+            }
+            if userdata && h.userdata_ran {
+                match h.userdata_exit_code {
+                    Some(0) | None => break,
+                    Some(code) => {
+                        bail!("{name}: userdata exited with code {code} (see /var/log/slicer-userdata.log in the VM)")
+                    }
                 }
             }
         }
+        if std::time::Instant::now() >= deadline {
+            bail!("{name} was not ready within {timeout:?}");
+        }
+        tokio::time::sleep(interval).await;
     }
-    Ok(0)
+    if json {
+        #[derive(serde::Serialize)]
+        struct Ready<'a> {
+            hostname: &'a str,
+            ready: bool,
+        }
+        print_json(&Ready {
+            hostname: name,
+            ready: true,
+        })?;
+    } else {
+        println!("{name} is ready");
+    }
+    Ok(())
+}
+
+/// A commit id as a path segment, or an error naming it.
+fn commit_id(id: &str) -> Result<&str> {
+    if id.is_empty() || id.contains(['/', '\\', '?', '#', '%', '\0']) || id.contains("..") {
+        bail!("{id:?} is not a commit id (see `slicer vm commit list`)");
+    }
+    Ok(id)
+}
+
+/// `vm commit list`.
+async fn commit_list(c: &ApiClient, json: bool, cache_key: Option<String>, tags: Vec<String>) -> Result<()> {
+    let mut q: Vec<(&str, String)> = tags.into_iter().map(|t| ("tag", t)).collect();
+    if let Some(k) = cache_key {
+        q.push(("cache_key", k));
+    }
+    let list: Vec<slicer_api::CommitInfo> = c.json(Method::GET, &format!("/vm/commits?{}", query(&q)), None).await?;
+    if json {
+        return print_json(&list);
+    }
+    println!(
+        "{:<22} {:<20} {:<24} {:<16} TAGS",
+        "COMMIT", "SOURCE", "CREATED", "CACHE KEY"
+    );
+    for i in list {
+        println!(
+            "{:<22} {:<20} {:<24} {:<16} {}",
+            i.commit_id,
+            i.source_hostname,
+            i.created_at,
+            i.cache_key.as_deref().unwrap_or("-"),
+            i.tags.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `vm commit delete`.
+async fn commit_delete(c: &ApiClient, json: bool, id: &str) -> Result<()> {
+    let id = commit_id(id)?;
+    let r: slicer_api::CommitDeleted = c.json(Method::DELETE, &format!("/vm/commits/{id}"), None).await?;
+    if json {
+        print_json(&r)
+    } else {
+        println!("commit {} deleted", r.commit_id);
+        Ok(())
+    }
+}
+
+/// `vm commit NAME`.
+async fn commit(
+    c: &ApiClient,
+    json: bool,
+    name: &str,
+    cache_key: Option<String>,
+    tags: Vec<String>,
+    live: bool,
+) -> Result<()> {
+    let body = serde_json::to_value(slicer_api::CommitRequest {
+        tags,
+        labels: Default::default(),
+        cache_key,
+        live: live.then_some(true),
+    })?;
+    let r: slicer_api::CommitResponse = c.json(Method::POST, &format!("/vm/{name}/commit"), Some(&body)).await?;
+    if json {
+        print_json(&r)
+    } else {
+        println!("commit_id={}", r.commit_id);
+        Ok(())
+    }
+}
+
+/// `vm fork`.
+async fn fork(c: &ApiClient, json: bool, f: ForkArgs) -> Result<()> {
+    let ForkArgs {
+        commit,
+        mut tags,
+        name,
+        wait,
+        allow,
+        no_allow,
+        drop,
+        count,
+    } = f;
+    let commit = commit_id(&commit)?;
+    if count.is_some() && name.is_some() {
+        bail!("--name names one VM: leave it out with --count");
+    }
+    if let Some(n) = name {
+        tags.push(format!("name={n}"));
+    }
+    let network = (!allow.is_empty() || no_allow || !drop.is_empty()).then(|| slicer_api::NetworkOverride {
+        allow: (!allow.is_empty() || no_allow).then_some(allow),
+        drop: (!drop.is_empty()).then_some(drop),
+    });
+    let body = serde_json::to_value(slicer_api::ForkRequest {
+        tags,
+        network,
+        count,
+        ..Default::default()
+    })?;
+    let wait = if wait { "agent" } else { "none" };
+    let path = format!("/vm/commits/{commit}/fork?wait={wait}");
+    let forks: Vec<slicer_api::ForkResponse> = match count {
+        Some(_) => c.json(Method::POST, &path, Some(&body)).await?,
+        None => vec![c.json(Method::POST, &path, Some(&body)).await?],
+    };
+    for r in &forks {
+        if json {
+            print_json(r)?;
+        } else {
+            println!("{}", r.hostname);
+        }
+    }
+    Ok(())
+}
+
+/// `vm export-disk` (`slicer disk export`): the disk into a temporary file beside `output`,
+/// renamed once complete.
+async fn export_disk(c: &ApiClient, json: bool, name: &str, output: &Path) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let resp = c.call(Method::GET, &format!("/vm/{name}/disk"), None, empty()).await?;
+    let tmp = output.with_extension(format!("part{}", std::process::id()));
+    let mut f = tokio::fs::File::create(&tmp)
+        .await
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let mut body = resp.into_body();
+    let mut n = 0u64;
+    let written: Result<()> = async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                n += data.len() as u64;
+                f.write_all(&data).await?;
+            }
+        }
+        f.flush().await?;
+        f.sync_all().await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = written {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e.context(format!("exporting the disk of {name}")));
+    }
+    tokio::fs::rename(&tmp, output)
+        .await
+        .with_context(|| format!("writing {}", output.display()))?;
+    if !json {
+        println!("{} ({} MiB, qcow2)", output.display(), n >> 20);
+        Ok(())
+    } else {
+        print_json(&serde_json::json!({"hostname": name, "output": output, "bytes": n, "format": "qcow2"}))
+    }
+}
+
+/// `vm relaunch`.
+async fn relaunch(c: &ApiClient, json: bool, name: &str) -> Result<()> {
+    let r: slicer_api::CreateNodeResponse = c.json(Method::POST, &format!("/vm/{name}/relaunch"), None).await?;
+    if json {
+        return print_json(&r);
+    }
+    println!(
+        "VM {} relaunched ({})",
+        r.hostname,
+        if r.ip.is_empty() { "-" } else { &r.ip }
+    );
+    Ok(())
+}
+
+/// `vm delete`: in the group given, else the VM's own.
+async fn delete(c: &ApiClient, json: bool, name: &str, group: Option<String>) -> Result<()> {
+    let group = match group {
+        Some(g) => g,
+        None => {
+            let d: VmDescription = c.json(Method::GET, &format!("/vm/{name}"), None).await?;
+            d.node.hostgroup
+        }
+    };
+    let r: DeleteResponse = c
+        .json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{name}"), None)
+        .await?;
+    if !r.error.is_empty() {
+        bail!("{}", r.error);
+    }
+    if json {
+        print_json(&r)
+    } else {
+        println!("{} ({name}, disk removed: {})", r.message, r.disk_removed);
+        Ok(())
+    }
+}
+
+/// `vm logs`.
+async fn logs(c: &ApiClient, json: bool, name: &str, lines: usize) -> Result<()> {
+    let l: LogsResponse = c
+        .json(Method::GET, &format!("/vm/{name}/logs?lines={lines}"), None)
+        .await?;
+    if json {
+        print_json(&l)
+    } else {
+        // Console text comes from the guest: escaped on a terminal, raw into a pipe.
+        println!("{}", crate::term::stdout_text(&l.content));
+        Ok(())
+    }
+}
+
+/// `vm health`.
+async fn health(c: &ApiClient, json: bool, name: &str) -> Result<()> {
+    let h: HealthResponse = c.json(Method::GET, &format!("/vm/{name}/health"), None).await?;
+    if json {
+        return print_json(&h);
+    }
+    println!(
+        "{:<20} {:<14} {:<14} {:<14} USERDATA RAN",
+        "HOSTNAME", "AGENT UPTIME", "SYSTEM UPTIME", "AGENT VERSION"
+    );
+    println!(
+        "{:<20} {:<14} {:<14} {:<14} {}",
+        h.hostname,
+        format!("{:.1}s", h.agent_uptime as f64 / 1e9),
+        format!("{:.1}s", h.system_uptime as f64 / 1e9),
+        crate::term::stdout_text(&h.agent_version),
+        h.userdata_ran
+    );
+    Ok(())
+}
+
+/// `vm tags`: shows the tags, or changes them when given --add, --remove or --replace.
+async fn tags(
+    c: &ApiClient,
+    json: bool,
+    name: &str,
+    add: Vec<String>,
+    remove: Vec<String>,
+    replace: Vec<String>,
+) -> Result<()> {
+    let t: TagsResponse = if add.is_empty() && remove.is_empty() && replace.is_empty() {
+        c.json(Method::GET, &format!("/vm/{name}/tags"), None).await?
+    } else {
+        let some = |v: Vec<String>| (!v.is_empty()).then_some(v);
+        let body = slicer_api::TagsPatch {
+            add: some(add),
+            remove: some(remove),
+            replace: some(replace),
+        };
+        c.json(
+            Method::PATCH,
+            &format!("/vm/{name}/tags"),
+            Some(&serde_json::to_value(&body)?),
+        )
+        .await?
+    };
+    if json {
+        return print_json(&t);
+    }
+    for tag in t.tags {
+        println!("{tag}");
+    }
+    Ok(())
 }
 
 async fn exec(c: &ApiClient, name: &str, run_as: RunAs, shell: Option<String>, command: Vec<String>) -> Result<i32> {
@@ -1097,18 +1170,8 @@ fn remote(spec: &str) -> Option<(&str, &str)> {
     (!name.is_empty() && !name.contains('/') && !name.starts_with('.')).then_some((name, path))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn cp(
-    c: &ApiClient,
-    src: &str,
-    dst: &str,
-    mode: Option<String>,
-    recursive: bool,
-    uid: u32,
-    gid: Option<u32>,
-    permissions: Option<String>,
-    exclude: Vec<String>,
-) -> Result<()> {
+/// `vm cp`: exactly one side is `NAME:/path` (NAME a hostname or a VM's name).
+async fn cp(c: &ApiClient, src: &str, dst: &str, opts: CpOpts) -> Result<()> {
     let resolved = |spec: &str| {
         let c = c.clone();
         let spec = spec.to_string();
@@ -1122,124 +1185,145 @@ async fn cp(
     let (src, dst) = (resolved(src).await?, resolved(dst).await?);
     let (src, dst) = (src.as_str(), dst.as_str());
     match (remote(src), remote(dst)) {
-        (None, Some((name, path))) => {
-            let local = PathBuf::from(src);
-            let meta = std::fs::metadata(&local).with_context(|| format!("{}", local.display()))?;
-            let tar = mode.as_deref() == Some("tar") || recursive || meta.is_dir();
-            // `dir/.` copies the directory's contents into the destination (as `cp -r dir/.`).
-            let contents = tar && (src.ends_with("/.") || src.ends_with('/'));
-            let source_name = std::fs::canonicalize(&local)
-                .ok()
-                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .unwrap_or_default();
-            let base = CopyQuery {
-                path: path.to_string(),
-                uid: Some(uid),
-                gid,
-                permissions,
-                ..Default::default()
-            };
-            let ct = if tar {
-                "application/x-tar"
-            } else {
-                "application/octet-stream"
-            };
-            // SlicerVM's cp-v1 first (the guest places the copy as `cp` would), then the
-            // legacy modes for a daemon that answers "invalid mode".
-            let v1 = CopyQuery {
-                mode: Some(if tar { "cp-v1-tar" } else { "cp-v1-binary" }.into()),
-                source_type: Some(if tar { "directory" } else { "file" }.into()),
-                source_name: (!source_name.is_empty()).then_some(source_name),
-                copy_contents: contents,
-                ..base.clone()
-            }
-            .to_pairs();
-            let body = upload_body(local.clone(), tar, exclude.clone());
-            match c
-                .call(Method::POST, &format!("/vm/{name}/cp?{}", query(&v1)), Some(ct), body)
-                .await
-            {
-                Err(e) if e.to_string().contains("invalid mode: cp-v1") => {
-                    let legacy = CopyQuery {
-                        mode: Some(if tar { "tar" } else { "binary" }.into()),
-                        ..base
-                    }
-                    .to_pairs();
-                    let body = upload_body(local, tar, exclude);
-                    c.call(
-                        Method::POST,
-                        &format!("/vm/{name}/cp?{}", query(&legacy)),
-                        Some(ct),
-                        body,
-                    )
-                    .await?;
-                }
-                r => {
-                    r?;
-                }
-            }
-        }
-        (Some((name, path)), None) => {
-            let tar = mode.as_deref() == Some("tar") || recursive;
-            // As `cp`: into an existing local directory, under the source's name.
-            let base = path.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
-            let placed;
-            let dst = if Path::new(dst).is_dir() && !base.is_empty() && base != "~" && base != "." {
-                placed = Path::new(dst).join(base).to_string_lossy().into_owned();
-                placed.as_str()
-            } else {
-                dst
-            };
-            let q = CopyQuery {
-                path: path.to_string(),
-                mode: Some(if tar { "tar" } else { "binary" }.into()),
-                ..Default::default()
-            }
-            .to_pairs();
-            let resp = c
-                .call(Method::GET, &format!("/vm/{name}/cp?{}", query(&q)), None, empty())
-                .await?;
-            let mut stream = resp.into_body().into_data_stream();
-            if tar {
-                // The archive comes from the guest: unpack entry by entry, refusing paths
-                // that leave the destination.
-                let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
-                let dest = PathBuf::from(dst);
-                let gi = ignore_rules(&dest, &exclude, false)?;
-                let unpack = std::thread::spawn(move || -> Result<()> {
-                    std::fs::create_dir_all(&dest)?;
-                    let mut ar = tar::Archive::new(ChannelReader {
-                        rx,
-                        cur: bytes::Bytes::new(),
-                    });
-                    for e in ar.entries()? {
-                        let mut e = e?;
-                        let rel = e.path()?.into_owned();
-                        let is_dir = e.header().entry_type().is_dir();
-                        if gi.matched_path_or_any_parents(&rel, is_dir).is_ignore() {
-                            continue;
-                        }
-                        e.unpack_in(&dest)?;
-                    }
-                    Ok(())
-                });
-                while let Some(chunk) = stream.try_next().await? {
-                    if tx.send(chunk).is_err() {
-                        break;
-                    }
-                }
-                drop(tx);
-                unpack.join().map_err(|_| anyhow::anyhow!("unpack thread panicked"))??;
-            } else {
-                let mut f = std::fs::File::create(dst).with_context(|| format!("creating {dst}"))?;
-                while let Some(chunk) = stream.try_next().await? {
-                    f.write_all(&chunk)?;
-                }
-            }
-        }
+        (None, Some((name, path))) => upload(c, src, name, path, opts).await,
+        (Some((name, path)), None) => download(c, name, path, dst, opts).await,
         _ => bail!("give exactly one side as NAME:/path, e.g. `slicer vm cp ./f sandbox-1:/tmp/f`"),
     }
+}
+
+/// `vm cp LOCAL NAME:/path`: the file, or the directory as a tar.
+async fn upload(c: &ApiClient, src: &str, name: &str, path: &str, opts: CpOpts) -> Result<()> {
+    let CpOpts {
+        mode,
+        recursive,
+        uid,
+        gid,
+        permissions,
+        exclude,
+    } = opts;
+    let local = PathBuf::from(src);
+    let meta = std::fs::metadata(&local).with_context(|| format!("{}", local.display()))?;
+    let tar = mode.as_deref() == Some("tar") || recursive || meta.is_dir();
+    // `dir/.` copies the directory's contents into the destination (as `cp -r dir/.`).
+    let contents = tar && (src.ends_with("/.") || src.ends_with('/'));
+    let source_name = std::fs::canonicalize(&local)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let base = CopyQuery {
+        path: path.to_string(),
+        uid: Some(uid),
+        gid,
+        permissions,
+        ..Default::default()
+    };
+    let ct = if tar {
+        "application/x-tar"
+    } else {
+        "application/octet-stream"
+    };
+    // SlicerVM's cp-v1 first (the guest places the copy as `cp` would), then the
+    // legacy modes for a daemon that answers "invalid mode".
+    let v1 = CopyQuery {
+        mode: Some(if tar { "cp-v1-tar" } else { "cp-v1-binary" }.into()),
+        source_type: Some(if tar { "directory" } else { "file" }.into()),
+        source_name: (!source_name.is_empty()).then_some(source_name),
+        copy_contents: contents,
+        ..base.clone()
+    }
+    .to_pairs();
+    let body = upload_body(local.clone(), tar, exclude.clone());
+    match c
+        .call(Method::POST, &format!("/vm/{name}/cp?{}", query(&v1)), Some(ct), body)
+        .await
+    {
+        Err(e) if e.to_string().contains("invalid mode: cp-v1") => {
+            let legacy = CopyQuery {
+                mode: Some(if tar { "tar" } else { "binary" }.into()),
+                ..base
+            }
+            .to_pairs();
+            let body = upload_body(local, tar, exclude);
+            c.call(
+                Method::POST,
+                &format!("/vm/{name}/cp?{}", query(&legacy)),
+                Some(ct),
+                body,
+            )
+            .await?;
+        }
+        r => {
+            r?;
+        }
+    }
     Ok(())
+}
+
+/// `vm cp NAME:/path LOCAL`: a file, or with --mode tar / -r a directory.
+async fn download(c: &ApiClient, name: &str, path: &str, dst: &str, opts: CpOpts) -> Result<()> {
+    let tar = opts.mode.as_deref() == Some("tar") || opts.recursive;
+    // As `cp`: into an existing local directory, under the source's name.
+    let base = path.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+    let placed;
+    let dst = if Path::new(dst).is_dir() && !base.is_empty() && base != "~" && base != "." {
+        placed = Path::new(dst).join(base).to_string_lossy().into_owned();
+        placed.as_str()
+    } else {
+        dst
+    };
+    let q = CopyQuery {
+        path: path.to_string(),
+        mode: Some(if tar { "tar" } else { "binary" }.into()),
+        ..Default::default()
+    }
+    .to_pairs();
+    let resp = c
+        .call(Method::GET, &format!("/vm/{name}/cp?{}", query(&q)), None, empty())
+        .await?;
+    let mut stream = resp.into_body().into_data_stream();
+    if tar {
+        return unpack(stream, PathBuf::from(dst), &opts.exclude).await;
+    }
+    let mut f = std::fs::File::create(dst).with_context(|| format!("creating {dst}"))?;
+    while let Some(chunk) = stream.try_next().await? {
+        f.write_all(&chunk)?;
+    }
+    Ok(())
+}
+
+/// Unpacks the tar `stream` into `dest`, entry by entry, but what `exclude` leaves out: the
+/// archive comes from the guest, so paths that leave the destination are refused.
+async fn unpack<S, E>(mut stream: S, dest: PathBuf, exclude: &[String]) -> Result<()>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
+    let gi = ignore_rules(&dest, exclude, false)?;
+    let unpack = std::thread::spawn(move || -> Result<()> {
+        std::fs::create_dir_all(&dest)?;
+        let mut ar = tar::Archive::new(ChannelReader {
+            rx,
+            cur: bytes::Bytes::new(),
+        });
+        for e in ar.entries()? {
+            let mut e = e?;
+            let rel = e.path()?.into_owned();
+            let is_dir = e.header().entry_type().is_dir();
+            if gi.matched_path_or_any_parents(&rel, is_dir).is_ignore() {
+                continue;
+            }
+            e.unpack_in(&dest)?;
+        }
+        Ok(())
+    });
+    while let Some(chunk) = stream.try_next().await? {
+        if tx.send(chunk).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    unpack.join().map_err(|_| anyhow::anyhow!("unpack thread panicked"))?
 }
 
 /// The body of an upload: the file, or the directory as a tar without what `exclude` and its

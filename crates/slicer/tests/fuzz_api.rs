@@ -237,10 +237,11 @@ not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"
     let big = vec![b'x'; 2 << 20];
     let mut sent = 0usize;
     // The VM's delete goes last, so the other routes meet it.
-    let mut routes = slicer_daemon::api::ROUTES.to_vec();
-    routes.sort_by_key(|(m, p)| *m == "DELETE" && p.starts_with("/hostgroup/"));
+    let mut routes = slicer_daemon::api::methods();
+    routes.sort_by_key(|(m, p)| *m == Method::DELETE && p.starts_with("/hostgroup/"));
     let long = "v".repeat(300);
     for (method, template) in routes {
+        let method = method.as_str();
         let path = template
             .replace("{hostname}", &vm)
             .replace("{group}", "fz")
@@ -332,7 +333,7 @@ not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"
     }
     eprintln!(
         "{sent} malformed requests on {} routes answered",
-        slicer_daemon::api::ROUTES.len()
+        slicer_daemon::api::methods().len()
     );
 
     // The daemon still serves and its VM still answers (if the battery left it running).

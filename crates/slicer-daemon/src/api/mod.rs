@@ -18,7 +18,6 @@ use axum::extract::{FromRequest, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use slicer_api::{
     CreateNodeRequest, HealthResponse, HostGroupInfo, Info, LogsResponse, NetworkInfo, Node, Policy, TagsPatch,
@@ -35,59 +34,6 @@ pub struct AppState {
 }
 
 pub type Shared = Arc<AppState>;
-
-/// Every route: (method, path). docs/openapi.yaml is checked against this list by a test.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("POST", "/vm/{hostname}/commit"),
-    ("GET", "/vm/commits"),
-    ("DELETE", "/vm/commits/{id}"),
-    ("POST", "/vm/commits/{id}/fork"),
-    ("GET", "/vm/{hostname}/disk"),
-    ("GET", "/healthz"),
-    ("HEAD", "/healthz"),
-    ("GET", "/info"),
-    ("GET", "/hostgroup"),
-    ("GET", "/hostgroup/{group}/nodes"),
-    ("POST", "/hostgroup/{group}/nodes"),
-    ("DELETE", "/hostgroup/{group}/nodes/{hostname}"),
-    ("GET", "/nodes"),
-    ("GET", "/devices"),
-    ("GET", "/vm/{hostname}"),
-    ("GET", "/vm/{hostname}/tags"),
-    ("PATCH", "/vm/{hostname}/tags"),
-    ("POST", "/vm/{hostname}/exec"),
-    ("POST", "/vm/{hostname}/cp"),
-    ("GET", "/vm/{hostname}/cp"),
-    ("GET", "/vm/{hostname}/logs"),
-    ("GET", "/vm/{hostname}/health"),
-    ("HEAD", "/vm/{hostname}/health"),
-    ("POST", "/vm/{hostname}/shutdown"),
-    ("POST", "/vm/{hostname}/pause"),
-    ("POST", "/vm/{hostname}/resume"),
-    ("POST", "/vm/{hostname}/relaunch"),
-    ("GET", "/vm/{hostname}/fs/readdir"),
-    ("GET", "/vm/{hostname}/fs/stat"),
-    ("POST", "/vm/{hostname}/fs/mkdir"),
-    ("DELETE", "/vm/{hostname}/fs/remove"),
-    ("GET", "/vm/{hostname}/fs/watch"),
-    ("GET", "/vm/{hostname}/exec"),
-    ("GET", "/vm/{hostname}/exec/{id}"),
-    ("DELETE", "/vm/{hostname}/exec/{id}"),
-    ("GET", "/vm/{hostname}/exec/{id}/logs"),
-    ("POST", "/vm/{hostname}/exec/{id}/kill"),
-    ("GET", "/vm/{hostname}/exec/{id}/wait-exit"),
-    ("GET", "/vm/{hostname}/forward"),
-    ("GET", "/vm/{hostname}/shell"),
-    ("GET", "/metrics"),
-    ("GET", "/secrets"),
-    ("POST", "/secrets"),
-    ("PATCH", "/secrets/{name}"),
-    ("DELETE", "/secrets/{name}"),
-    ("GET", "/nodes/stats"),
-    ("GET", "/node/{hostname}/stats"),
-    ("POST", "/vm/{hostname}/suspend"),
-    ("POST", "/vm/{hostname}/restore"),
-];
 
 /// Largest JSON request body; streamed bodies (exec stdin, cp) have no limit.
 pub const MAX_JSON_BODY: usize = 1 << 20;
@@ -110,53 +56,118 @@ pub const UNTIMED: &[(&str, &str)] = &[
     ("GET", "/vm/{hostname}/exec/{id}/wait-exit"),
 ];
 
+/// A router being built and every (method, path) it serves, recorded by the same call that adds
+/// the route: [`methods`] reads the list back (docs/openapi.yaml and the tests are checked
+/// against it), so the two cannot drift.
+struct Routes {
+    router: Router<Shared>,
+    served: Vec<(Method, &'static str)>,
+}
+
+impl Routes {
+    fn new() -> Routes {
+        Routes {
+            router: Router::new(),
+            served: Vec::new(),
+        }
+    }
+
+    /// Serves `method path` with `handler` (a path given again gains the method).
+    fn on<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Routes
+    where
+        H: axum::handler::Handler<T, Shared>,
+        T: 'static,
+    {
+        // Only the constants below reach this: GET, HEAD, POST, PATCH and DELETE.
+        let filter = axum::routing::MethodFilter::try_from(method.clone()).expect("a method axum routes");
+        self.router = self.router.route(path, axum::routing::on(filter, handler));
+        self.served.push((method, path));
+        self
+    }
+    fn get<H: axum::handler::Handler<T, Shared>, T: 'static>(self, path: &'static str, handler: H) -> Routes {
+        self.on(Method::GET, path, handler)
+    }
+    fn head<H: axum::handler::Handler<T, Shared>, T: 'static>(self, path: &'static str, handler: H) -> Routes {
+        self.on(Method::HEAD, path, handler)
+    }
+    fn post<H: axum::handler::Handler<T, Shared>, T: 'static>(self, path: &'static str, handler: H) -> Routes {
+        self.on(Method::POST, path, handler)
+    }
+    fn patch<H: axum::handler::Handler<T, Shared>, T: 'static>(self, path: &'static str, handler: H) -> Routes {
+        self.on(Method::PATCH, path, handler)
+    }
+    fn delete<H: axum::handler::Handler<T, Shared>, T: 'static>(self, path: &'static str, handler: H) -> Routes {
+        self.on(Method::DELETE, path, handler)
+    }
+}
+
+/// Every route, without middleware: (those open to all, those that need the token).
+fn routes() -> (Routes, Routes) {
+    let public = Routes::new().get("/healthz", healthz).head("/healthz", healthz);
+    let authed = Routes::new()
+        .get("/info", info)
+        .get("/hostgroup", hostgroups)
+        .get("/hostgroup/{group}/nodes", group_nodes)
+        .post("/hostgroup/{group}/nodes", create)
+        .delete("/hostgroup/{group}/nodes/{hostname}", delete)
+        .get("/nodes", nodes)
+        .get("/devices", nodes)
+        .get("/vm/{hostname}", describe)
+        .get("/vm/{hostname}/tags", tags)
+        .patch("/vm/{hostname}/tags", patch_tags)
+        .post("/vm/{hostname}/exec", exec::exec)
+        .get("/vm/{hostname}/exec", bg::list)
+        .get("/vm/{hostname}/exec/{id}", bg::info)
+        .delete("/vm/{hostname}/exec/{id}", bg::reap)
+        .get("/vm/{hostname}/exec/{id}/logs", bg::logs)
+        .post("/vm/{hostname}/exec/{id}/kill", bg::kill)
+        .get("/vm/{hostname}/exec/{id}/wait-exit", bg::wait_exit)
+        .post("/vm/{hostname}/cp", cp::upload)
+        .get("/vm/{hostname}/cp", cp::download)
+        .get("/vm/{hostname}/logs", logs)
+        .get("/vm/{hostname}/health", health)
+        .head("/vm/{hostname}/health", health_head)
+        .post("/vm/{hostname}/shutdown", shutdown)
+        .post("/vm/{hostname}/pause", pause)
+        .post("/vm/{hostname}/resume", resume)
+        .post("/vm/{hostname}/relaunch", relaunch)
+        .get("/vm/{hostname}/fs/readdir", fs::readdir)
+        .get("/vm/{hostname}/fs/stat", fs::stat)
+        .post("/vm/{hostname}/fs/mkdir", fs::mkdir)
+        .delete("/vm/{hostname}/fs/remove", fs::remove)
+        .get("/vm/{hostname}/fs/watch", watch::watch)
+        .get("/vm/{hostname}/forward", ws::forward)
+        .get("/vm/{hostname}/shell", ws::shell)
+        .get("/metrics", metrics)
+        .get("/secrets", secrets::list)
+        .post("/secrets", secrets::create)
+        .patch("/secrets/{name}", secrets::update)
+        .delete("/secrets/{name}", secrets::delete)
+        .get("/nodes/stats", stats::all)
+        .get("/node/{hostname}/stats", stats::one)
+        .post("/vm/{hostname}/commit", commits::commit)
+        .get("/vm/{hostname}/disk", commits::export_disk)
+        .get("/vm/commits", commits::list)
+        .delete("/vm/commits/{id}", commits::delete)
+        .post("/vm/commits/{id}/fork", commits::fork)
+        .post("/vm/{hostname}/suspend", suspend)
+        .post("/vm/{hostname}/restore", restore);
+    (public, authed)
+}
+
+/// Every (method, path) the router serves, in the order [`router`] adds them.
+pub fn methods() -> Vec<(Method, &'static str)> {
+    let (public, authed) = routes();
+    public.served.into_iter().chain(authed.served).collect()
+}
+
 pub fn router(state: Shared) -> Router {
-    let authed = Router::new()
-        .route("/info", get(info))
-        .route("/hostgroup", get(hostgroups))
-        .route("/hostgroup/{group}/nodes", get(group_nodes).post(create))
-        .route("/hostgroup/{group}/nodes/{hostname}", axum::routing::delete(delete))
-        .route("/nodes", get(nodes))
-        .route("/devices", get(nodes))
-        .route("/vm/{hostname}", get(describe))
-        .route("/vm/{hostname}/tags", get(tags).patch(patch_tags))
-        .route("/vm/{hostname}/exec", post(exec::exec).get(bg::list))
-        .route("/vm/{hostname}/exec/{id}", get(bg::info).delete(bg::reap))
-        .route("/vm/{hostname}/exec/{id}/logs", get(bg::logs))
-        .route("/vm/{hostname}/exec/{id}/kill", post(bg::kill))
-        .route("/vm/{hostname}/exec/{id}/wait-exit", get(bg::wait_exit))
-        .route("/vm/{hostname}/cp", post(cp::upload).get(cp::download))
-        .route("/vm/{hostname}/logs", get(logs))
-        .route("/vm/{hostname}/health", get(health).head(health_head))
-        .route("/vm/{hostname}/shutdown", post(shutdown))
-        .route("/vm/{hostname}/pause", post(pause))
-        .route("/vm/{hostname}/resume", post(resume))
-        .route("/vm/{hostname}/relaunch", post(relaunch))
-        .route("/vm/{hostname}/fs/readdir", get(fs::readdir))
-        .route("/vm/{hostname}/fs/stat", get(fs::stat))
-        .route("/vm/{hostname}/fs/mkdir", post(fs::mkdir))
-        .route("/vm/{hostname}/fs/remove", axum::routing::delete(fs::remove))
-        .route("/vm/{hostname}/fs/watch", get(watch::watch))
-        .route("/vm/{hostname}/forward", get(ws::forward))
-        .route("/vm/{hostname}/shell", get(ws::shell))
-        .route("/metrics", get(metrics))
-        .route("/secrets", get(secrets::list).post(secrets::create))
-        .route(
-            "/secrets/{name}",
-            axum::routing::patch(secrets::update).delete(secrets::delete),
-        )
-        .route("/nodes/stats", get(stats::all))
-        .route("/node/{hostname}/stats", get(stats::one))
-        .route("/vm/{hostname}/commit", post(commits::commit))
-        .route("/vm/{hostname}/disk", get(commits::export_disk))
-        .route("/vm/commits", get(commits::list))
-        .route("/vm/commits/{id}", axum::routing::delete(commits::delete))
-        .route("/vm/commits/{id}/fork", post(commits::fork))
-        .route("/vm/{hostname}/suspend", post(suspend))
-        .route("/vm/{hostname}/restore", post(restore))
+    let (public, authed) = routes();
+    let authed = authed
+        .router
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
-        .route("/healthz", get(healthz).head(healthz))
+    public
+        .router
         .merge(authed)
         .route_layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, deadline))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), count_request))
@@ -633,17 +644,10 @@ pub(crate) fn query_timeout(pairs: &[(String, String)]) -> Result<Duration, ApiE
     }
 }
 
-/// Used by tests: every (method, path) in [`ROUTES`].
-pub fn methods() -> Vec<(Method, &'static str)> {
-    ROUTES
-        .iter()
-        .map(|(m, p)| (Method::from_bytes(m.as_bytes()).expect("valid method"), *p))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::routing::get;
 
     /// Sends a GET and answers (status line, body).
     async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
@@ -731,8 +735,16 @@ mod tests {
 
     #[test]
     fn untimed_routes_are_routes() {
-        for r in UNTIMED {
-            assert!(ROUTES.contains(r), "{r:?}");
+        let served = methods();
+        for (m, p) in UNTIMED {
+            assert!(served.iter().any(|(sm, sp)| sm == m && sp == p), "{m} {p}");
         }
+    }
+
+    #[test]
+    fn no_route_is_added_twice() {
+        let served = methods();
+        let unique: std::collections::BTreeSet<_> = served.iter().map(|(m, p)| (m.as_str(), *p)).collect();
+        assert_eq!(unique.len(), served.len());
     }
 }

@@ -119,7 +119,7 @@ fn created(rec: &VmRecord) -> CreateNodeResponse {
         hostgroup: rec.host_group.clone(),
         ip: rec.ip.clone(),
         created_at: rec.created_at.clone(),
-        arch: "amd64".into(),
+        arch: slicer_api::VM_ARCH.into(),
         persistent: rec.persistent,
     }
 }
@@ -779,6 +779,12 @@ impl Manager {
         self.db.set_tags(hostname, tags).map_err(Error::host)
     }
 
+    /// The accelerator VMs of `image` run with on this host (resolved once per host).
+    pub async fn accelerator(&self, image: &str) -> anyhow::Result<slicer_hypervisor::Accel> {
+        let kernel = self.host.images.get(image)?.kernel;
+        Ok(self.host.accel(&kernel).await?)
+    }
+
     /// Where a VM's serial console is logged (rotated to `console.log.1`).
     pub fn console_log(&self, hostname: &str) -> PathBuf {
         self.vm_dir(hostname).join("console.log")
@@ -820,7 +826,7 @@ impl Manager {
             ram_bytes: rec.ram_bytes,
             cpus: rec.cpus,
             created_at: rec.created_at.clone(),
-            arch: "x86_64".into(),
+            arch: slicer_api::VM_ARCH.into(),
             tags: rec.tags.clone(),
             status,
             persistent: rec.persistent,
