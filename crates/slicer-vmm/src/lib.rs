@@ -384,7 +384,7 @@ impl Vm {
         if !reuse {
             if let Err(e) = slicer_storage::create_overlay(&image.rootfs, &disk, spec.disk_size).await {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
+                return Err(e.into());
             }
         }
         let mut cmdline = Vec::new();
