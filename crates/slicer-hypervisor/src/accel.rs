@@ -11,7 +11,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
@@ -27,7 +27,7 @@ pub enum AccelChoice {
 
 impl FromStr for AccelChoice {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "auto" => Ok(AccelChoice::Auto),
             "kvm" => Ok(AccelChoice::Kvm),
@@ -55,7 +55,7 @@ impl Accel {
 }
 
 /// Why KVM is not usable, if it is not, from cheap checks only.
-pub fn kvm_quick_check() -> Result<(), String> {
+pub fn kvm_quick_check() -> std::result::Result<(), String> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -125,8 +125,13 @@ pub async fn probe_kvm_boot(qemu: &Path, kernel: &Path, timeout: Duration) -> Re
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("starting {}", qemu.display()))?;
-    let mut out = child.stdout.take().context("probe stdout")?;
+        .map_err(|source| Error::Spawn {
+            binary: qemu.to_path_buf(),
+            source,
+        })?;
+    let mut out = child.stdout.take().ok_or_else(|| Error::Probe {
+        reason: "no stdout of the probe's QEMU".into(),
+    })?;
     let read = async {
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
@@ -156,7 +161,7 @@ pub async fn resolve(choice: AccelChoice, qemu: &Path, kernel: &Path, cache_dir:
         AccelChoice::Tcg => Ok(Accel::Tcg),
         AccelChoice::Kvm => {
             if let Err(why) = kvm_quick_check() {
-                bail!("hypervisor acceleration kvm was requested but KVM is not usable here: {why}; use acceleration auto or tcg");
+                return Err(Error::KvmUnusable { reason: why });
             }
             Ok(Accel::Kvm)
         }
@@ -166,7 +171,7 @@ pub async fn resolve(choice: AccelChoice, qemu: &Path, kernel: &Path, cache_dir:
                 return Ok(Accel::Tcg);
             }
             let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-            let kmeta = std::fs::metadata(kernel).with_context(|| format!("kernel {}", kernel.display()))?;
+            let kmeta = std::fs::metadata(kernel).map_err(|e| Error::io(format!("kernel {}", kernel.display()), e))?;
             let key = format!(
                 "{}|{}|{}|{}|{:?}",
                 host.trim(),
@@ -186,7 +191,11 @@ pub async fn resolve(choice: AccelChoice, qemu: &Path, kernel: &Path, cache_dir:
             let kvm_boots = probe_kvm_boot(qemu, kernel, Duration::from_secs(5)).await?;
             tracing::info!("KVM probe boot: {}", if kvm_boots { "ok" } else { "failed, using TCG" });
             let _ = std::fs::create_dir_all(cache_dir);
-            let _ = std::fs::write(&cache, serde_json::to_vec(&ProbeCache { key, kvm_boots })?);
+            let cached = serde_json::to_vec(&ProbeCache { key, kvm_boots }).map_err(|source| Error::Json {
+                context: "encoding the KVM probe's cache",
+                source,
+            })?;
+            let _ = std::fs::write(&cache, cached);
             Ok(if kvm_boots { Accel::Kvm } else { Accel::Tcg })
         }
     }

@@ -3,9 +3,11 @@
 
 pub mod accel;
 pub mod console;
+mod error;
 pub mod qemu;
 pub mod qmp;
 
 pub use accel::{Accel, AccelChoice};
+pub use error::{Error, Result};
 pub use qemu::{Jail, QemuConfig, QemuNet, QemuProcess};
 pub use qmp::Qmp;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use anyhow::{bail, Context, Result};
+use crate::{Error, Result};
 use tokio::sync::watch;
 
 use crate::accel::{host_tsc_khz, Accel};
@@ -266,8 +266,12 @@ pub async fn version(binary: &Path) -> Result<String> {
         .arg("--version")
         .output()
         .await
-        .with_context(|| format!("running {} --version", binary.display()))?;
-    anyhow::ensure!(out.status.success(), "{} --version failed", binary.display());
+        .map_err(|e| Error::io(format!("running {} --version", binary.display()), e))?;
+    if !out.status.success() {
+        return Err(Error::Version {
+            binary: binary.to_path_buf(),
+        });
+    }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()
@@ -282,7 +286,7 @@ pub fn pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
     // SAFETY: pipe2 fills the two descriptors on success; each is then owned exactly once.
     unsafe {
         if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-            return Err(std::io::Error::last_os_error()).context("creating a pipe");
+            return Err(Error::io("creating a pipe", std::io::Error::last_os_error()));
         }
         Ok((
             std::os::fd::OwnedFd::from_raw_fd(fds[0]),
@@ -310,10 +314,9 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 
 /// A `struct ifreq` for TUNSETIFF: the TAP's name and the flags QEMU itself would use.
 fn tun_request(name: &str) -> Result<[u8; 40]> {
-    anyhow::ensure!(
-        !name.is_empty() && name.len() < 16 && !name.contains('\0'),
-        "invalid TAP name {name:?}"
-    );
+    if name.is_empty() || name.len() >= 16 || name.contains('\0') {
+        return Err(Error::InvalidTapName { name: name.to_string() });
+    }
     let mut req = [0u8; 40];
     req[..name.len()].copy_from_slice(name.as_bytes());
     req[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
@@ -384,17 +387,19 @@ impl QemuProcess {
     /// Takes over a QEMU that an earlier daemon started (not our child): its exit is watched
     /// through a pidfd. `start_time` must match, so a reused pid is never adopted.
     pub fn adopt(pid: u32, start_time: u64, cgroup: Option<slicer_jail::Cgroup>) -> Result<QemuProcess> {
-        anyhow::ensure!(
-            process_start_time(pid) == Some(start_time),
-            "process {pid} is not the VM process that was recorded"
-        );
+        if process_start_time(pid) != Some(start_time) {
+            return Err(Error::NotTheRecordedProcess { pid });
+        }
         // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        anyhow::ensure!(fd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        if fd < 0 {
+            return Err(Error::io(format!("pidfd_open({pid})"), std::io::Error::last_os_error()));
+        }
         // SAFETY: the descriptor was just returned by pidfd_open and is owned by nobody else.
         let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
         // SAFETY: the AsyncFd owns the descriptor for its whole life.
-        let afd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }?;
+        let afd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
+            .map_err(|e| Error::io(format!("watching process {pid}"), e.into()))?;
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
             // A pidfd becomes readable when the process exits.
@@ -423,13 +428,10 @@ impl QemuProcess {
     pub async fn joined(&self) -> Result<()> {
         let deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(join) = deferred else { return Ok(()) };
-        let joined = join
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .and_then(|r| r.map_err(anyhow::Error::from));
-        if let Err(e) = joined {
+        let joined = join.await.map_err(std::io::Error::other).and_then(|r| r);
+        if let Err(source) = joined {
             self.kill();
-            return Err(e.context("moving QEMU into its cgroup"));
+            return Err(Error::CgroupJoin { source });
         }
         Ok(())
     }
@@ -444,11 +446,11 @@ impl QemuProcess {
     /// namespace, and handed over as a descriptor. The cgroup is removed once QEMU has exited.
     pub async fn spawn(cfg: &QemuConfig) -> Result<QemuProcess> {
         use std::os::fd::AsRawFd;
-        let log =
-            std::fs::File::create(&cfg.qemu_log).with_context(|| format!("creating {}", cfg.qemu_log.display()))?;
+        let log = std::fs::File::create(&cfg.qemu_log)
+            .map_err(|e| Error::io(format!("creating {}", cfg.qemu_log.display()), e))?;
         let incoming = match &cfg.incoming {
             Some(path) if !cfg.loads_through_qmp() => {
-                Some(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?)
+                Some(std::fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?)
             }
             _ => None,
         };
@@ -457,7 +459,9 @@ impl QemuProcess {
         // until the child has exec'd, so nothing else of the child's sits there.
         let tap_name = cfg.net.as_ref().and_then(|n| n.tap.clone());
         let tap_slot = match (&cfg.jail, &tap_name) {
-            (Some(_), Some(_)) => Some(std::fs::File::open("/dev/null").context("opening /dev/null")?),
+            (Some(_), Some(_)) => {
+                Some(std::fs::File::open("/dev/null").map_err(|e| Error::io("opening /dev/null", e))?)
+            }
             _ => None,
         };
         let tap_fd = tap_slot.as_ref().map(AsRawFd::as_raw_fd);
@@ -475,16 +479,25 @@ impl QemuProcess {
         let output = if cfg.console_socket.is_some() {
             drop(log);
             let (rd, wr) = pipe()?;
-            cmd.stdout(Stdio::from(wr.try_clone()?)).stderr(Stdio::from(wr));
+            let wr2 = wr
+                .try_clone()
+                .map_err(|e| Error::io("duplicating QEMU's output pipe", e))?;
+            cmd.stdout(Stdio::from(wr2)).stderr(Stdio::from(wr));
             Some(rd)
         } else {
-            cmd.stdout(log.try_clone()?).stderr(log);
+            let log2 = log
+                .try_clone()
+                .map_err(|e| Error::io(format!("duplicating {}", cfg.qemu_log.display()), e))?;
+            cmd.stdout(log2).stderr(log);
             None
         };
         let netns = match cfg.net.as_ref().and_then(|n| n.netns.as_ref()) {
             Some(ns) => {
                 let path = format!("/run/netns/{ns}");
-                Some(std::fs::File::open(&path).with_context(|| format!("opening network namespace {path}"))?)
+                Some(
+                    std::fs::File::open(&path)
+                        .map_err(|e| Error::io(format!("opening network namespace {path}"), e))?,
+                )
             }
             None => None,
         };
@@ -570,7 +583,7 @@ impl QemuProcess {
                     new_netns: j.spec.new_netns && !own_netns,
                     ..j.spec.clone()
                 };
-                Some(spec.prepare().context("preparing the VM's jail")?)
+                Some(spec.prepare().map_err(|source| Error::Jail { source })?)
             }
             None => None,
         };
@@ -592,14 +605,20 @@ impl QemuProcess {
                     let _ = cg.remove();
                 }
                 if e.kind() == std::io::ErrorKind::NotFound {
-                    bail!("{} not found: apt-get install -y qemu-system-x86", cfg.binary.display());
+                    return Err(Error::QemuNotFound {
+                        binary: cfg.binary.clone(),
+                    });
                 }
-                bail!("starting {}: {e}", cfg.binary.display());
+                return Err(Error::Spawn {
+                    binary: cfg.binary.clone(),
+                    source: e,
+                });
             }
         };
-        let pid = child.id().context("QEMU exited before it got a pid")?;
+        let pid = child.id().ok_or(Error::ExitedAtStart)?;
         if let Some(rd) = output {
-            let rd = tokio::net::unix::pipe::Receiver::from_owned_fd(rd).context("reading QEMU's output")?;
+            let rd = tokio::net::unix::pipe::Receiver::from_owned_fd(rd)
+                .map_err(|e| Error::io("reading QEMU's output", e))?;
             tokio::spawn(crate::console::copy_bounded(
                 rd,
                 cfg.qemu_log.clone(),

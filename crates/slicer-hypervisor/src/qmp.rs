@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use crate::{Error, Result};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -60,14 +60,26 @@ async fn read_json(rd: &mut BufReader<OwnedReadHalf>) -> Result<Value> {
     let n = tokio::io::AsyncReadExt::take(&mut *rd, MAX_LINE as u64 + 1)
         .read_line(&mut line)
         .await
-        .context("reading QMP")?;
+        .map_err(|e| Error::io("reading QMP", e))?;
     if n == 0 {
-        bail!("QMP connection closed");
+        return Err(Error::QmpClosed);
     }
     if line.len() > MAX_LINE {
-        bail!("QMP line too long");
+        return Err(Error::QmpProtocol {
+            message: "QMP line too long".into(),
+        });
     }
-    serde_json::from_str(&line).context("parsing QMP")
+    serde_json::from_str(&line).map_err(|source| Error::Json {
+        context: "parsing QMP",
+        source,
+    })
+}
+
+fn encoding(source: serde_json::Error) -> Error {
+    Error::Json {
+        context: "encoding a QMP command",
+        source,
+    }
 }
 
 /// Bytes per second a saved state may be written at: no cap in practice (1 TiB/s).
@@ -84,14 +96,16 @@ impl Qmp {
                     tracing::trace!("QMP not up yet: {e}");
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err(e) => return Err(e).with_context(|| format!("connecting to QMP at {}", path.display())),
+                Err(e) => return Err(Error::io(format!("connecting to QMP at {}", path.display()), e)),
             }
         };
         let (r, w) = stream.into_split();
         let mut rd = BufReader::new(r);
         let greeting = read_json(&mut rd).await?;
         if greeting.get("QMP").is_none() {
-            bail!("unexpected QMP greeting: {greeting}");
+            return Err(Error::QmpProtocol {
+                message: format!("unexpected QMP greeting: {greeting}"),
+            });
         }
         let qmp = Qmp {
             io: Mutex::new((rd, w)),
@@ -109,19 +123,23 @@ impl Qmp {
             msg["arguments"] = a;
         }
         let mut io = self.io.lock().await;
-        let mut line = serde_json::to_vec(&msg)?;
+        let mut line = serde_json::to_vec(&msg).map_err(encoding)?;
         line.push(b'\n');
-        io.1.write_all(&line).await.context("writing QMP")?;
+        io.1.write_all(&line).await.map_err(|e| Error::io("writing QMP", e))?;
         loop {
             let v = read_json(&mut io.0).await?;
             if v.get("id").and_then(Value::as_u64) != Some(id) {
                 continue; // an event, or a reply to an abandoned command
             }
             if let Some(err) = v.get("error") {
-                bail!(
-                    "QMP {cmd} failed: {}",
-                    err.get("desc").and_then(Value::as_str).unwrap_or("unknown error")
-                );
+                return Err(Error::QmpCommand {
+                    command: cmd.to_string(),
+                    desc: err
+                        .get("desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown error")
+                        .to_string(),
+                });
             }
             return Ok(v.get("return").cloned().unwrap_or(Value::Null));
         }
@@ -141,7 +159,7 @@ impl Qmp {
             Some(json!({ "max-bandwidth": MAX_BANDWIDTH })),
         )
         .await
-        .context("lifting the migration bandwidth cap")?;
+        .map_err(|e| e.context("lifting the migration bandwidth cap"))?;
         self.send_fd("slicer-state", file).await?;
         self.execute("migrate", Some(json!({ "uri": "fd:slicer-state" })))
             .await?;
@@ -150,13 +168,18 @@ impl Qmp {
             let v = self.execute("query-migrate", None).await?;
             match v.get("status").and_then(Value::as_str).unwrap_or("none") {
                 "completed" => return Ok(()),
-                "failed" | "cancelled" => bail!(
-                    "saving the VM state failed: {}",
-                    v.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given")
-                ),
+                "failed" | "cancelled" => {
+                    return Err(Error::SaveFailed {
+                        reason: v
+                            .get("error-desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("no reason given")
+                            .to_string(),
+                    })
+                }
                 _ if tokio::time::Instant::now() > deadline => {
                     let _ = self.execute("migrate_cancel", None).await;
-                    bail!("saving the VM state took longer than {timeout:?}");
+                    return Err(Error::SaveTimeout { timeout });
                 }
                 _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -177,7 +200,7 @@ impl Qmp {
             Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })),
         )
         .await
-        .context("setting x-ignore-shared")?;
+        .map_err(|e| e.context("setting x-ignore-shared"))?;
         Ok(())
     }
 
@@ -197,7 +220,7 @@ impl Qmp {
         }
         self.execute("migrate-incoming", Some(json!({ "uri": "fd:slicer-incoming" })))
             .await
-            .context("starting to load the saved state")?;
+            .map_err(|e| e.context("starting to load the saved state"))?;
         Ok(())
     }
 
@@ -205,20 +228,25 @@ impl Qmp {
     pub async fn send_fd(&self, name: &str, file: &std::fs::File) -> Result<()> {
         use std::os::fd::AsRawFd;
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut line = serde_json::to_vec(&json!({ "execute": "getfd", "arguments": { "fdname": name }, "id": id }))?;
+        let mut line = serde_json::to_vec(&json!({ "execute": "getfd", "arguments": { "fdname": name }, "id": id }))
+            .map_err(encoding)?;
         line.push(b'\n');
         let mut io = self.io.lock().await;
         let fd = file.as_raw_fd();
         let sock: &UnixStream = io.1.as_ref();
         loop {
-            sock.writable().await.context("writing QMP")?;
+            sock.writable().await.map_err(|e| Error::io("writing QMP", e))?;
             match sock.try_io(tokio::io::Interest::WRITABLE, || {
                 send_with_fd(sock.as_raw_fd(), &line, fd)
             }) {
                 Ok(n) if n == line.len() => break,
-                Ok(_) => bail!("QMP getfd: short write"),
+                Ok(_) => {
+                    return Err(Error::QmpProtocol {
+                        message: "QMP getfd: short write".into(),
+                    })
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e).context("passing a descriptor to QEMU"),
+                Err(e) => return Err(Error::io("passing a descriptor to QEMU", e)),
             }
         }
         loop {
@@ -227,10 +255,14 @@ impl Qmp {
                 continue;
             }
             if let Some(err) = v.get("error") {
-                bail!(
-                    "QMP getfd failed: {}",
-                    err.get("desc").and_then(Value::as_str).unwrap_or("unknown error")
-                );
+                return Err(Error::QmpCommand {
+                    command: "getfd".into(),
+                    desc: err
+                        .get("desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown error")
+                        .to_string(),
+                });
             }
             return Ok(());
         }
@@ -244,16 +276,18 @@ impl Qmp {
                 "inmigrate" if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                "inmigrate" => bail!("loading the VM state took longer than {timeout:?}"),
+                "inmigrate" => return Err(Error::LoadTimeout { timeout }),
                 "paused" | "postmigrate" | "prelaunch" | "running" => break,
                 other => {
                     let v = self.execute("query-migrate", None).await.unwrap_or_default();
-                    bail!(
-                        "loading the VM state failed (status {other}): {}",
-                        v.get("error-desc")
+                    return Err(Error::LoadFailed {
+                        status: other.to_string(),
+                        reason: v
+                            .get("error-desc")
                             .and_then(Value::as_str)
                             .unwrap_or("see the QEMU log")
-                    );
+                            .to_string(),
+                    });
                 }
             }
         }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, ensure, Context, Result};
+use crate::error::{fs, Error, IoContext, Result};
 
 use crate::progress::Step;
 use crate::store::{file_sha256, key_of, Image, ImageStore};
@@ -96,10 +96,10 @@ impl BuildOptions {
 
 /// The Debian mirror the host itself uses (so builds work wherever apt works).
 fn default_mirror() -> String {
-    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
+    let mut texts = vec![fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
     if let Ok(d) = std::fs::read_dir("/etc/apt/sources.list.d") {
         for e in d.flatten() {
-            texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+            texts.push(fs::read_to_string(e.path()).unwrap_or_default());
         }
     }
     for t in texts {
@@ -125,23 +125,28 @@ fn run(cmd: &mut Command, log: &Path) -> Result<()> {
         .create(true)
         .append(true)
         .open(log)
-        .with_context(|| format!("opening log {}", log.display()))?;
+        .io_context(|| format!("opening log {}", log.display()))?;
     let desc = format!("{cmd:?}");
+    let out = f.try_clone().io_context(|| format!("opening log {}", log.display()))?;
     let status = cmd
         .stdin(Stdio::null())
-        .stdout(f.try_clone()?)
+        .stdout(out)
         .stderr(f)
         .status()
-        .with_context(|| format!("starting {desc}"))?;
+        .map_err(|source| Error::Spawn {
+            command: desc.clone(),
+            source,
+        })?;
     if !status.success() {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let text = fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(25).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!(
-            "{desc} failed ({status}); last lines of {}:\n{}",
-            log.display(),
-            tail.join("\n")
-        );
+        return Err(Error::BuildStep {
+            command: desc,
+            status: status.to_string(),
+            log: log.to_path_buf(),
+            tail: tail.join("\n"),
+        });
     }
     Ok(())
 }
@@ -153,19 +158,25 @@ fn is_root() -> bool {
 
 /// Whether an ELF file has no program interpreter (statically linked).
 pub fn is_static_elf(path: &Path) -> Result<bool> {
-    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    ensure!(
-        data.len() > 64 && &data[..4] == b"\x7fELF" && data[4] == 2,
-        "{} is not a 64-bit ELF file",
-        path.display()
-    );
+    let data = fs::read(path)?;
+    if !(data.len() > 64 && &data[..4] == b"\x7fELF" && data[4] == 2) {
+        return Err(Error::unusable(format!("{} is not a 64-bit ELF file", path.display())));
+    }
     let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(data[0x20..0x28].try_into()?) as usize;
+    let mut phoff = [0u8; 8];
+    phoff.copy_from_slice(&data[0x20..0x28]);
+    let phoff = u64::from_le_bytes(phoff) as usize;
     let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
     for i in 0..phnum {
-        let o = phoff + i * phentsize;
-        ensure!(o + 4 <= data.len(), "{} has a truncated program header", path.display());
-        if u32::from_le_bytes(data[o..o + 4].try_into()?) == 3 {
+        let end = phoff.checked_add(i * phentsize).and_then(|o| o.checked_add(4));
+        let Some(end) = end.filter(|e| *e <= data.len()) else {
+            return Err(Error::unusable(format!(
+                "{} has a truncated program header",
+                path.display()
+            )));
+        };
+        let o = end - 4;
+        if u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]) == 3 {
             return Ok(false); // PT_INTERP
         }
     }
@@ -174,21 +185,22 @@ pub fn is_static_elf(path: &Path) -> Result<bool> {
 
 /// Builds (or finds in the store) the kernel and root filesystem of `opts.variant`.
 pub fn build_image(store: &ImageStore, opts: &BuildOptions) -> Result<Image> {
-    ensure!(
-        is_root(),
-        "building images needs root (debootstrap and chroot): run it with sudo"
-    );
-    ensure!(
-        opts.agent.is_file(),
-        "slicer-agent binary {} not found: build it with `cargo build --release -p slicer-agent --target x86_64-unknown-linux-gnu` (see scripts/setup.sh) or pass --agent",
-        opts.agent.display()
-    );
-    ensure!(
-        is_static_elf(&opts.agent)?,
-        "{} is dynamically linked; the guest needs a static agent (RUSTFLAGS='-C target-feature=+crt-static', see scripts/setup.sh)",
-        opts.agent.display()
-    );
-    std::fs::create_dir_all(store.build_dir()).with_context(|| format!("creating {}", store.build_dir().display()))?;
+    if !is_root() {
+        return Err(Error::NeedsRoot);
+    }
+    if !opts.agent.is_file() {
+        return Err(Error::Agent { message: format!(
+            "slicer-agent binary {} not found: build it with `cargo build --release -p slicer-agent --target x86_64-unknown-linux-gnu` (see scripts/setup.sh) or pass --agent",
+            opts.agent.display()
+        ) });
+    }
+    if !is_static_elf(&opts.agent)? {
+        return Err(Error::Agent { message: format!(
+            "{} is dynamically linked; the guest needs a static agent (RUSTFLAGS='-C target-feature=+crt-static', see scripts/setup.sh)",
+            opts.agent.display()
+        ) });
+    }
+    fs::create_dir_all(store.build_dir())?;
     let (kernel_dir, release) = build_kernel(store, opts)?;
     let rootfs = build_rootfs(store, opts)?;
     let agent_hash = file_sha256(&opts.agent)?;
@@ -208,7 +220,7 @@ pub fn build_image(store: &ImageStore, opts: &BuildOptions) -> Result<Image> {
 }
 
 fn kernel_key(opts: &BuildOptions) -> Result<String> {
-    let meta = std::fs::metadata(&opts.linux_source).with_context(|| {
+    let meta = std::fs::metadata(&opts.linux_source).io_context(|| {
         format!(
             "kernel source {} not found: apt-get install -y linux-source-6.1",
             opts.linux_source.display()
@@ -257,16 +269,16 @@ fn build_kernel(store: &ImageStore, opts: &BuildOptions) -> Result<(PathBuf, Str
     let key = kernel_key(opts)?;
     let dir = store.kernel_dir(&key);
     if dir.join("bzImage").exists() && dir.join("vmlinux").exists() && dir.join("release").exists() {
-        let release = std::fs::read_to_string(dir.join("release"))?.trim().to_string();
+        let release = fs::read_to_string(dir.join("release"))?.trim().to_string();
         eprintln!("kernel {release} is up to date ({})", dir.display());
         return Ok((dir, release));
     }
     tools::require(tools::KERNEL_TOOLS)?;
     let work = store.build_dir().join(format!("kernel-{key}"));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
     let log = work.with_extension("log");
-    let _ = std::fs::remove_file(&log);
+    let _ = fs::remove_file(&log);
 
     let step = Step::start("unpacking linux-source");
     run(
@@ -282,7 +294,7 @@ fn build_kernel(store: &ImageStore, opts: &BuildOptions) -> Result<(PathBuf, Str
 
     let step = Step::start("configuring the kernel");
     let fragment = work.join("slicer.config");
-    std::fs::write(&fragment, KERNEL_FRAGMENT)?;
+    fs::write(&fragment, KERNEL_FRAGMENT)?;
     run(Command::new("make").arg("-C").arg(&work).arg("tinyconfig"), &log)?;
     run(
         Command::new(work.join("scripts/kconfig/merge_config.sh"))
@@ -291,13 +303,13 @@ fn build_kernel(store: &ImageStore, opts: &BuildOptions) -> Result<(PathBuf, Str
         &log,
     )?;
     run(Command::new("make").arg("-C").arg(&work).arg("olddefconfig"), &log)?;
-    let final_config = std::fs::read_to_string(work.join(".config"))?;
+    let final_config = fs::read_to_string(work.join(".config"))?;
     let bad = config_mismatches(KERNEL_FRAGMENT, &final_config);
-    ensure!(
-        bad.is_empty(),
-        "the kernel config fragment asks for options the kernel did not accept: {}",
-        bad.join(", ")
-    );
+    if !bad.is_empty() {
+        return Err(Error::KernelConfig {
+            rejected: bad.iter().map(|b| b.to_string()).collect(),
+        });
+    }
     step.done();
 
     let step = Step::start(&format!(
@@ -315,19 +327,19 @@ fn build_kernel(store: &ImageStore, opts: &BuildOptions) -> Result<(PathBuf, Str
     )?;
     step.done();
 
-    let release = std::fs::read_to_string(work.join("include/config/kernel.release"))?
+    let release = fs::read_to_string(work.join("include/config/kernel.release"))?
         .trim()
         .to_string();
     let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    std::fs::copy(work.join("arch/x86/boot/bzImage"), tmp.join("bzImage"))?;
-    std::fs::copy(work.join("vmlinux"), tmp.join("vmlinux"))?;
-    std::fs::write(tmp.join("config"), &final_config)?;
-    std::fs::write(tmp.join("release"), format!("{release}\n"))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir)?;
-    std::fs::remove_dir_all(&work)?;
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    fs::copy(work.join("arch/x86/boot/bzImage"), tmp.join("bzImage"))?;
+    fs::copy(work.join("vmlinux"), tmp.join("vmlinux"))?;
+    fs::write(tmp.join("config"), &final_config)?;
+    fs::write(tmp.join("release"), format!("{release}\n"))?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&tmp, &dir)?;
+    fs::remove_dir_all(&work)?;
     Ok((dir, release))
 }
 
@@ -343,8 +355,8 @@ fn debootstrap_base(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> 
     if dir.join("complete").exists() {
         return Ok(tree);
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
     let log = dir.join("debootstrap.log");
     let step = Step::start(&format!(
         "debootstrap --variant=minbase {} ({})",
@@ -359,7 +371,7 @@ fn debootstrap_base(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> 
             .arg(&opts.mirror),
         &log,
     )?;
-    std::fs::write(dir.join("complete"), b"")?;
+    fs::write(dir.join("complete"), b"")?;
     step.done();
     Ok(tree)
 }
@@ -371,7 +383,7 @@ fn chroot_install(tree: &Path, packages: &[&str], log: &Path) -> Result<()> {
     let result = (|| -> Result<()> {
         for m in mounts {
             let target = tree.join(m);
-            std::fs::create_dir_all(&target)?;
+            fs::create_dir_all(&target)?;
             run(
                 Command::new("mount").arg("--bind").arg(format!("/{m}")).arg(&target),
                 log,
@@ -394,19 +406,20 @@ fn chroot_install(tree: &Path, packages: &[&str], log: &Path) -> Result<()> {
 fn install_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p)?;
+        fs::create_dir_all(p)?;
     }
-    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    fs::write(path, contents)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .io_context(|| format!("setting the mode of {}", path.display()))?;
     Ok(())
 }
 
 fn symlink_force(target: &str, link: &Path) -> Result<()> {
     if let Some(p) = link.parent() {
-        std::fs::create_dir_all(p)?;
+        fs::create_dir_all(p)?;
     }
-    let _ = std::fs::remove_file(link);
-    std::os::unix::fs::symlink(target, link).with_context(|| format!("linking {}", link.display()))
+    let _ = fs::remove_file(link);
+    std::os::unix::fs::symlink(target, link).io_context(|| format!("linking {}", link.display()))
 }
 
 /// Units masked in systemd guests: without udev in a microVM the serial gettys would wait
@@ -463,9 +476,13 @@ PermitRootLogin prohibit-password
 
 fn setup_sshd(stage: &Path) -> Result<()> {
     // Every VM made from the image would share the keys the package generated.
-    for e in std::fs::read_dir(stage.join("etc/ssh"))?.flatten() {
+    let ssh = stage.join("etc/ssh");
+    for e in std::fs::read_dir(&ssh)
+        .io_context(|| format!("reading {}", ssh.display()))?
+        .flatten()
+    {
         if e.file_name().to_string_lossy().starts_with("ssh_host_") {
-            std::fs::remove_file(e.path())?;
+            fs::remove_file(e.path())?;
         }
     }
     install_file(
@@ -481,7 +498,7 @@ fn setup_sshd(stage: &Path) -> Result<()> {
         "sshd.service",
         "sockets.target.wants/ssh.socket",
     ] {
-        let _ = std::fs::remove_file(units.join(link));
+        let _ = fs::remove_file(units.join(link));
     }
     for unit in ["ssh.service", "ssh.socket"] {
         symlink_force("/dev/null", &units.join(unit))?;
@@ -545,8 +562,8 @@ fn variant_tree(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
         return Ok(tree);
     }
     let base = debootstrap_base(store, opts)?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
     let log = dir.join("build.log");
     let step = Step::start(&format!("installing the {} packages", opts.variant));
     run(Command::new("cp").arg("-a").arg(&base).arg(&tree), &log)?;
@@ -572,12 +589,12 @@ fn variant_tree(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
         if let Ok(entries) = std::fs::read_dir(tree.join(d)) {
             for e in entries.flatten() {
                 if e.path().is_file() {
-                    let _ = std::fs::remove_file(e.path());
+                    let _ = fs::remove_file(e.path());
                 }
             }
         }
     }
-    std::fs::write(dir.join("complete"), b"")?;
+    fs::write(dir.join("complete"), b"")?;
     step.done();
     Ok(tree)
 }
@@ -598,13 +615,13 @@ fn build_rootfs(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
     tools::require(tools::ROOTFS_TOOLS)?;
     let tree = variant_tree(store, opts)?;
     let stage = store.build_dir().join(format!("rootfs-{}-{key}", opts.variant));
-    let _ = std::fs::remove_dir_all(&stage);
+    let _ = fs::remove_dir_all(&stage);
     let log = stage.with_extension("log");
-    let _ = std::fs::remove_file(&log);
+    let _ = fs::remove_file(&log);
 
     let step = Step::start(&format!("assembling the {} root filesystem", opts.variant));
     run(Command::new("cp").arg("-a").arg(&tree).arg(&stage), &log)?;
-    let agent = std::fs::read(&opts.agent)?;
+    let agent = fs::read(&opts.agent)?;
     install_file(&stage.join(AGENT_GUEST_PATH.trim_start_matches('/')), &agent, 0o755)?;
     install_file(&stage.join("etc/hostname"), b"slicer\n", 0o644)?;
     install_file(
@@ -614,15 +631,17 @@ fn build_rootfs(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
     )?;
     install_file(
         &stage.join("etc/slicer/image.json"),
-        serde_json::to_string(&serde_json::json!({"variant": opts.variant, "key": key}))?.as_bytes(),
+        serde_json::json!({"variant": opts.variant, "key": key})
+            .to_string()
+            .as_bytes(),
         0o644,
     )?;
     step.done();
 
     let step = Step::start("writing ext4 image (mkfs.ext4 -d)");
     let tmp_dir = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp_dir);
-    std::fs::create_dir_all(&tmp_dir)?;
+    let _ = fs::remove_dir_all(&tmp_dir);
+    fs::create_dir_all(&tmp_dir)?;
     run(
         Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", "slicer-root", "-d"])
@@ -631,9 +650,9 @@ fn build_rootfs(store: &ImageStore, opts: &BuildOptions) -> Result<PathBuf> {
             .arg(ROOTFS_SIZE),
         &log,
     )?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp_dir, &dir)?;
-    std::fs::remove_dir_all(&stage)?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&tmp_dir, &dir)?;
+    fs::remove_dir_all(&stage)?;
     step.done();
     Ok(image)
 }
@@ -665,7 +684,7 @@ mod tests {
         assert!(!is_static_elf(&me).unwrap());
         let d = tempfile::tempdir().unwrap();
         let junk = d.path().join("junk");
-        std::fs::write(&junk, b"not an elf").unwrap();
+        fs::write(&junk, b"not an elf").unwrap();
         assert!(is_static_elf(&junk).is_err());
     }
 }

@@ -4,14 +4,20 @@
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, JsonContext, Result};
 
 use crate::Variant;
 
 fn output(cmd: &mut Command) -> Result<Vec<u8>> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.output().map_err(|source| Error::Spawn {
+        command: format!("{cmd:?}"),
+        source,
+    })?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        return Err(Error::Command {
+            command: format!("{cmd:?}"),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(out.stdout)
 }
@@ -20,23 +26,23 @@ fn output(cmd: &mut Command) -> Result<Vec<u8>> {
 /// the daemon read whatever host file it names.
 pub fn probe(path: &Path) -> Result<&'static str> {
     let out = output(Command::new("qemu-img").args(["info", "--output=json"]).arg(path))?;
-    let info: serde_json::Value = serde_json::from_slice(&out).context("reading qemu-img info")?;
+    let info: serde_json::Value = serde_json::from_slice(&out).json_context(|| "reading qemu-img info")?;
     match info.get("format").and_then(|f| f.as_str()) {
         Some("raw") => Ok("raw"),
         Some("qcow2") => {
             if info.get("backing-filename").is_some() || info.pointer("/format-specific/data/data-file").is_some() {
-                bail!(
+                return Err(Error::unusable(format!(
                     "{} depends on another file (a qcow2 backing or data file); export a standalone disk (slicer disk export)",
                     path.display()
-                );
+                )));
             }
             Ok("qcow2")
         }
-        other => bail!(
+        other => Err(Error::unusable(format!(
             "{}: unsupported disk format {:?}; use a raw ext4 or a qcow2 image",
             path.display(),
             other.unwrap_or("unknown")
-        ),
+        ))),
     }
 }
 
@@ -63,18 +69,19 @@ pub fn variant_of(raw: &Path) -> Result<Variant> {
     struct Meta {
         variant: Variant,
     }
-    let meta: Meta = serde_json::from_slice(&out).context(
-        "no readable /etc/slicer/image.json on an ext4 file system (made by slicer image build, pull or disk export)",
-    )?;
+    let meta: Meta = serde_json::from_slice(&out).json_context(|| {
+        "no readable /etc/slicer/image.json on an ext4 file system (made by slicer image build, pull or disk export)"
+    })?;
     let agent = output(
         Command::new("debugfs")
             .args(["-R", &format!("stat {}", crate::AGENT_GUEST_PATH)])
             .arg(raw),
     )?;
-    anyhow::ensure!(
-        !agent.is_empty(),
-        "the disk has no {}: it would not answer",
-        crate::AGENT_GUEST_PATH
-    );
+    if agent.is_empty() {
+        return Err(Error::unusable(format!(
+            "the disk has no {}: it would not answer",
+            crate::AGENT_GUEST_PATH
+        )));
+    }
     Ok(meta.variant)
 }

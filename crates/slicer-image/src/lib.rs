@@ -10,12 +10,14 @@
 
 mod build;
 pub mod disk;
+mod error;
 pub mod oci;
 mod progress;
 mod store;
 pub mod tools;
 
 pub use build::{build_image, BuildOptions};
+pub use error::{Error, Result};
 pub use store::{is_builtin, key_of, Image, ImageStore};
 
 use std::fmt;
@@ -58,7 +60,7 @@ impl fmt::Display for Variant {
 
 impl FromStr for Variant {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
         match s {
             "min" => Ok(Variant::Min),
             "systemd" => Ok(Variant::Systemd),

@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{fs, Error, IoContext, JsonContext, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::Variant;
@@ -119,42 +119,45 @@ impl ImageStore {
 
     /// The image our kernel comes from (pulled images boot it too).
     pub fn kernel_image(&self) -> Result<Image> {
-        self.builtin("min").or_else(|_| self.builtin("systemd")).map_err(|_| {
-            anyhow::anyhow!("no kernel built yet: run `slicer image build --variant min` (scripts/setup.sh does)")
-        })
+        self.builtin("min")
+            .or_else(|_| self.builtin("systemd"))
+            .map_err(|_| Error::NoKernel)
     }
 
     /// A stored pulled image by id.
     pub(crate) fn get_stored(&self, id: &str) -> Result<Image> {
         let path = self.oci_dir(id).join("image.json");
-        let raw = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let img: Image = serde_json::from_slice(&raw).with_context(|| format!("parsing {}", path.display()))?;
-        anyhow::ensure!(img.rootfs.is_file(), "{} is missing", img.rootfs.display());
+        let raw = fs::read(&path)?;
+        let img: Image = serde_json::from_slice(&raw).json_context(|| format!("parsing {}", path.display()))?;
+        if !img.rootfs.is_file() {
+            return Err(Error::Missing { path: img.rootfs });
+        }
         Ok(img)
     }
 
     /// Moves a finished pull's output into place as `id` (another pull that got there first wins).
     pub(crate) fn publish_stored(&self, id: &str, out: &Path) -> Result<()> {
         let dst = self.oci_dir(id);
-        std::fs::create_dir_all(self.root.join("oci"))?;
+        fs::create_dir_all(self.root.join("oci"))?;
         match std::fs::rename(out, &dst) {
             Ok(()) => Ok(()),
             Err(_) if self.get_stored(id).is_ok() => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("moving the image into {}", dst.display())),
+            Err(e) => Err(Error::io(format!("moving the image into {}", dst.display()), e)),
         }
     }
 
     /// Points `reference` at the stored image `id` (atomically).
     pub(crate) fn set_ref(&self, reference: &str, id: &str) -> Result<()> {
         let path = self.ref_path(reference);
-        std::fs::create_dir_all(self.root.join("refs"))?;
+        fs::create_dir_all(self.root.join("refs"))?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let entry = RefEntry {
             reference: reference.to_string(),
             id: id.to_string(),
         };
-        std::fs::write(&tmp, serde_json::to_vec(&entry)?).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        let json = serde_json::to_vec(&entry).json_context(|| format!("encoding {}", path.display()))?;
+        std::fs::write(&tmp, json).io_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).io_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 
@@ -172,9 +175,9 @@ impl ImageStore {
         if let Ok(dir) = std::fs::read_dir(self.root.join("refs")) {
             for e in dir.flatten() {
                 if e.path().extension().is_some_and(|x| x == "json") {
-                    if let Ok(r) = std::fs::read(e.path())
-                        .map_err(anyhow::Error::from)
-                        .and_then(|b| serde_json::from_slice::<RefEntry>(&b).map_err(anyhow::Error::from))
+                    if let Some(r) = std::fs::read(e.path())
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<RefEntry>(&b).ok())
                     {
                         out.push(r);
                     }
@@ -189,13 +192,14 @@ impl ImageStore {
         let canonical = if reference.starts_with('/') {
             reference.to_string()
         } else {
-            crate::oci::normalize(reference).map_err(|e| anyhow::anyhow!("{e}"))?
+            crate::oci::normalize(reference)?
         };
         let path = self.ref_path(&canonical);
-        let raw = std::fs::read(&path).map_err(|_| {
-            anyhow::anyhow!("image {canonical:?} is not in the store: run `slicer image pull {reference}`")
+        let raw = std::fs::read(&path).map_err(|_| Error::NotInStore {
+            image: canonical.clone(),
+            reference: Some(reference.to_string()),
         })?;
-        let entry: RefEntry = serde_json::from_slice(&raw).with_context(|| format!("parsing {}", path.display()))?;
+        let entry: RefEntry = serde_json::from_slice(&raw).json_context(|| format!("parsing {}", path.display()))?;
         let img = self.get_stored(&entry.id)?;
         Ok(self.complete(img, &canonical, &self.kernel_image()?))
     }
@@ -206,14 +210,17 @@ impl ImageStore {
     /// its `/etc/slicer/image.json` with `debugfs` (no mount).
     pub fn import_file(&self, path: &Path) -> Result<Image> {
         use std::os::unix::fs::MetadataExt;
-        anyhow::ensure!(
-            path.is_absolute(),
-            "{}: a disk image is named by an absolute path",
-            path.display()
-        );
+        if !path.is_absolute() {
+            return Err(Error::unusable(format!(
+                "{}: a disk image is named by an absolute path",
+                path.display()
+            )));
+        }
         let name = path.to_string_lossy().into_owned();
-        let meta = std::fs::metadata(path).with_context(|| format!("reading {name}"))?;
-        anyhow::ensure!(meta.is_file(), "{name} is not a file");
+        let meta = std::fs::metadata(path).io_context(|| format!("reading {name}"))?;
+        if !meta.is_file() {
+            return Err(Error::unusable(format!("{name} is not a file")));
+        }
         let id = format!(
             "file-{}",
             key_of(&[
@@ -232,10 +239,11 @@ impl ImageStore {
         let format = crate::disk::probe(path)?;
         let scratch = self.scratch("import")?;
         let out = scratch.path().join("out");
-        std::fs::create_dir(&out)?;
+        fs::create_dir(&out)?;
         let rootfs = out.join("rootfs.ext4");
         crate::disk::to_raw(path, format, &rootfs)?;
-        let variant = crate::disk::variant_of(&rootfs).with_context(|| format!("{name} is not a slicer disk"))?;
+        let variant =
+            crate::disk::variant_of(&rootfs).map_err(|e| e.context(format!("{name} is not a slicer disk")))?;
         let img = Image {
             name: name.clone(),
             variant,
@@ -247,7 +255,8 @@ impl ImageStore {
             reference: Some(name.clone()),
             digest: None,
         };
-        std::fs::write(out.join("image.json"), serde_json::to_vec_pretty(&img)?)?;
+        let json = serde_json::to_vec_pretty(&img).json_context(|| "encoding image.json")?;
+        fs::write(out.join("image.json"), json)?;
         self.publish_stored(&id, &out)?;
         self.set_ref(&name, &id)?;
         Ok(self.complete(img, &name, &kernel))
@@ -259,7 +268,7 @@ impl ImageStore {
         use std::os::unix::fs::DirBuilderExt;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp = self.tmp_dir();
-        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        fs::create_dir_all(&tmp)?;
         if let Ok(dir) = std::fs::read_dir(&tmp) {
             for e in dir.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -275,7 +284,7 @@ impl ImageStore {
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&p)
-            .with_context(|| format!("creating {}", p.display()))?;
+            .io_context(|| format!("creating {}", p.display()))?;
         Ok(Scratch(p))
     }
 
@@ -289,15 +298,18 @@ impl ImageStore {
             .into_iter()
             .find(|r| r.reference == canonical)
             .map(|r| r.id)
-            .ok_or_else(|| anyhow::anyhow!("image {canonical:?} is not in the store"))?;
-        std::fs::remove_file(self.ref_path(&canonical))?;
+            .ok_or_else(|| Error::NotInStore {
+                image: canonical.clone(),
+                reference: None,
+            })?;
+        fs::remove_file(self.ref_path(&canonical))?;
         if !self.refs().iter().any(|r| r.id == id) {
             let dir = self.oci_dir(&id);
             // Rename first: a half-removed directory is never taken for an image.
             let doomed = self.tmp_dir().join(format!("remove-{}-{id}", std::process::id()));
-            std::fs::create_dir_all(self.tmp_dir())?;
-            std::fs::rename(&dir, &doomed).with_context(|| format!("removing {}", dir.display()))?;
-            std::fs::remove_dir_all(&doomed)?;
+            fs::create_dir_all(self.tmp_dir())?;
+            std::fs::rename(&dir, &doomed).io_context(|| format!("removing {}", dir.display()))?;
+            fs::remove_dir_all(&doomed)?;
             let _ = std::fs::remove_dir(self.tmp_dir());
         }
         Ok(img)
@@ -313,19 +325,19 @@ impl ImageStore {
 
     fn builtin(&self, name: &str) -> Result<Image> {
         let path = self.manifest(name);
-        let raw = std::fs::read(&path).with_context(|| {
-            format!(
-                "image {name:?} is not built (no {}): run `slicer image build --variant {name}`",
-                path.display()
-            )
+        let raw = std::fs::read(&path).map_err(|source| Error::NotBuilt {
+            name: name.to_string(),
+            manifest: path.clone(),
+            source,
         })?;
-        let img: Image = serde_json::from_slice(&raw).with_context(|| format!("parsing {}", path.display()))?;
+        let img: Image = serde_json::from_slice(&raw).json_context(|| format!("parsing {}", path.display()))?;
         for p in [&img.kernel, &img.rootfs] {
-            anyhow::ensure!(
-                p.exists(),
-                "image {name:?} is incomplete: {} is missing; run `slicer image build --variant {name}`",
-                p.display()
-            );
+            if !p.exists() {
+                return Err(Error::Incomplete {
+                    name: name.to_string(),
+                    missing: p.clone(),
+                });
+            }
         }
         Ok(img)
     }
@@ -351,8 +363,9 @@ impl ImageStore {
     pub(crate) fn publish(&self, img: &Image) -> Result<()> {
         let path = self.manifest(&img.name);
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(img)?).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        let json = serde_json::to_vec_pretty(img).json_context(|| format!("encoding {}", path.display()))?;
+        std::fs::write(&tmp, json).io_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).io_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 }
@@ -389,9 +402,9 @@ pub fn key_of(parts: &[&[u8]]) -> String {
 /// Hex sha256 of a file's contents.
 pub fn file_sha256(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = std::fs::File::open(path).io_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+    std::io::copy(&mut f, &mut h).io_context(|| format!("reading {}", path.display()))?;
     Ok(hex::encode(h.finalize()))
 }
 

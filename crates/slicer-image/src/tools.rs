@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use crate::{Error, Result};
 
 /// (program or file, Debian package)
 pub const KERNEL_TOOLS: &[(&str, &str)] = &[
@@ -80,14 +80,10 @@ pub fn require(tools: &[(&str, &str)]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let names: Vec<_> = missing.iter().map(|(t, _)| *t).collect();
-    let mut pkgs: Vec<_> = missing.iter().map(|(_, p)| *p).collect();
-    pkgs.dedup();
-    bail!(
-        "missing host tools: {}; install them with: apt-get install -y {}",
-        names.join(", "),
-        pkgs.join(" ")
-    )
+    let tools: Vec<String> = missing.iter().map(|(t, _)| t.to_string()).collect();
+    let mut packages: Vec<String> = missing.iter().map(|(_, p)| p.to_string()).collect();
+    packages.dedup();
+    Err(Error::MissingTools { tools, packages })
 }
 
 #[cfg(test)]

@@ -24,13 +24,14 @@
 //! protocol directly. Every object is named so that leftovers of an earlier run are found
 //! and removed by name.
 
+mod error;
 pub mod policy;
 
 use std::net::Ipv4Addr;
 
-use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+pub use error::{Error, Result};
 pub use policy::{compile, Rule, Verdict};
 
 /// Interface names are limited to 15 bytes.
@@ -71,20 +72,26 @@ async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String
         })
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| {
-        let pkg = if program == "nft" { "nftables" } else { "iproute2" };
-        anyhow::anyhow!("running {program}: {e} (apt-get install -y {pkg})")
+    let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+        program: program.to_string(),
+        package: if program == "nft" { "nftables" } else { "iproute2" },
+        source,
     })?;
     if let (Some(text), Some(mut si)) = (stdin, child.stdin.take()) {
-        si.write_all(text.as_bytes()).await?;
+        si.write_all(text.as_bytes())
+            .await
+            .map_err(|e| Error::io(format!("writing to {program}"), e))?;
     }
-    let out = child.wait_with_output().await?;
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| Error::io(format!("waiting for {program}"), e))?;
     if !out.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        return Err(Error::Command {
+            program: program.to_string(),
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -106,13 +113,13 @@ async fn disable_ipv6(ifname: &str) -> Result<()> {
     }
     tokio::fs::write(&path, "1")
         .await
-        .with_context(|| format!("turning IPv6 off on {ifname}"))
+        .map_err(|e| Error::io(format!("turning IPv6 off on {ifname}"), e))
 }
 
 async fn enable_forwarding() -> Result<()> {
     tokio::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
         .await
-        .context("enabling IPv4 forwarding")
+        .map_err(|e| Error::io("enabling IPv4 forwarding", e))
 }
 
 /// An IPv4 network.
@@ -363,10 +370,11 @@ pub struct Bridge {
 impl Bridge {
     pub fn new(group: &str, bridge: &str, gateway_cidr: &str, allow: Vec<String>, drop: Vec<String>) -> Result<Bridge> {
         let (gw, _) = gateway_cidr.split_once('/').unwrap_or((gateway_cidr, "24"));
-        let gateway: Ipv4Addr = gw
-            .parse()
-            .with_context(|| format!("gateway {gateway_cidr:?} is not an IPv4 address with a prefix"))?;
-        let subnet = Net::parse(gateway_cidr).context("gateway is not a CIDR")?;
+        let invalid = || Error::InvalidGateway {
+            gateway: gateway_cidr.to_string(),
+        };
+        let gateway: Ipv4Addr = gw.parse().map_err(|_| invalid())?;
+        let subnet = Net::parse(gateway_cidr).ok_or_else(invalid)?;
         Ok(Bridge {
             group: group.into(),
             bridge: bridge.into(),
@@ -592,6 +600,22 @@ mod tests {
         assert!(!is_vm_object("slicer-a-b-1", "slicer-", &g));
         assert!(!is_vm_object("slicer-a-", "slicer-", &g));
         assert!(!is_vm_object("slicer-ab-1", "slicer-", &g));
+    }
+
+    #[test]
+    fn bad_gateways_are_typed() {
+        for bad in ["10.0.0/24", "10.0.0.1/40", "gw"] {
+            let e = Bridge::new("g", "brg0", bad, vec![], vec![]).unwrap_err();
+            assert!(matches!(e, Error::InvalidGateway { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains(bad));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_spawn_error() {
+        let e = run("slicer-no-such-program", &[], None).await.unwrap_err();
+        assert!(e.is_not_installed(), "{e:#}");
+        assert!(std::error::Error::source(&e).is_some());
     }
 
     #[test]

@@ -3,16 +3,18 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+mod error;
+
+pub use error::{Error, Result};
 
 /// The format of an image file: `qcow2` by its magic, else `raw`.
 pub fn format_of(path: &Path) -> Result<&'static str> {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     let n = f
         .read(&mut magic)
-        .with_context(|| format!("reading {}", path.display()))?;
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     Ok(if n == 4 && &magic == b"QFI\xfb" { "qcow2" } else { "raw" })
 }
 
@@ -23,9 +25,11 @@ pub fn virtual_size(path: &Path) -> Result<u64> {
     let mut h = [0u8; 32];
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut h))
-        .with_context(|| format!("reading {}", path.display()))?;
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     if &h[..4] != b"QFI\xfb" {
-        bail!("{} is not a qcow2 file", path.display());
+        return Err(Error::NotQcow2 {
+            path: path.to_path_buf(),
+        });
     }
     let mut size = [0u8; 8];
     size.copy_from_slice(&h[24..32]);
@@ -37,11 +41,13 @@ pub fn virtual_size(path: &Path) -> Result<u64> {
 /// base's size.
 pub async fn create_overlay(base: &Path, overlay: &Path, size: Option<u64>) -> Result<()> {
     if !base.is_file() {
-        bail!("base image {} does not exist", base.display());
+        return Err(Error::MissingBase {
+            path: base.to_path_buf(),
+        });
     }
     let base = base
         .canonicalize()
-        .with_context(|| format!("resolving {}", base.display()))?;
+        .map_err(|e| Error::io(format!("resolving {}", base.display()), e))?;
     let mut cmd = tokio::process::Command::new("qemu-img");
     cmd.args(["create", "-q", "-f", "qcow2", "-F", format_of(&base)?, "-b"])
         .arg(&base)
@@ -51,17 +57,16 @@ pub async fn create_overlay(base: &Path, overlay: &Path, size: Option<u64>) -> R
     }
     let out = cmd.output().await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow::anyhow!("qemu-img not found: apt-get install -y qemu-utils")
+            Error::QemuImgNotFound
         } else {
-            anyhow::anyhow!("running qemu-img: {e}")
+            Error::QemuImgSpawn { source: e }
         }
     })?;
     if !out.status.success() {
-        bail!(
-            "qemu-img create {} failed: {}",
-            overlay.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        return Err(Error::QemuImg {
+            overlay: overlay.to_path_buf(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -106,5 +111,19 @@ mod tests {
         assert!(info.contains(r#""virtual-size": 4194304"#), "{info}");
         let err = create_overlay(&d.path().join("missing"), &ov, None).await.unwrap_err();
         assert!(err.to_string().contains("does not exist"));
+        assert!(matches!(err, Error::MissingBase { .. }));
+    }
+
+    #[test]
+    fn io_errors_keep_their_source() {
+        let err = virtual_size(Path::new("/nonexistent/slicer-storage-test")).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }));
+        let io = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(io.map(|e| e.kind()), Some(std::io::ErrorKind::NotFound));
+        assert!(!format!("{err}").contains("No such file"));
+        assert!(format!("{err:#}").contains("No such file"));
+        let full = Error::io("writing x", std::io::Error::from_raw_os_error(28));
+        assert!(full.is_no_space());
+        assert!(format!("{full:#}").contains("No space left on device"));
     }
 }

@@ -115,14 +115,14 @@ impl Host {
             let _ = std::fs::remove_file(sock);
         }
         let Some(jc) = &self.jail else {
-            return QemuProcess::spawn(cfg).await;
+            return Ok(QemuProcess::spawn(cfg).await?);
         };
         let lease = jc.pool.lease(cgroup_name)?;
         let mut cfg = cfg.clone();
         cfg.jail = Some(jc.jail_for(&cfg, cgroup_name, lease.uid, memory_bytes)?);
         let spawned = QemuProcess::spawn(&cfg).await;
         drop(lease);
-        spawned
+        Ok(spawned?)
     }
 
     /// KVM or TCG, resolved once (see `slicer_hypervisor::accel`).
@@ -133,6 +133,7 @@ impl Host {
             })
             .await
             .copied()
+            .map_err(Into::into)
     }
 }
 
@@ -384,7 +385,7 @@ impl Vm {
         if !reuse {
             if let Err(e) = slicer_storage::create_overlay(&image.rootfs, &disk, spec.disk_size).await {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
+                return Err(e.into());
             }
         }
         let mut cmdline = Vec::new();
@@ -584,7 +585,8 @@ impl Vm {
         let tmp = self.dir.join(format!("{SUSPEND_FILE}.tmp"));
         let saved = async {
             let file = jail::private_file(&tmp)?;
-            qmp.save_state(&file, Duration::from_secs(300)).await
+            qmp.save_state(&file, Duration::from_secs(300)).await?;
+            anyhow::Ok(())
         };
         if let Err(e) = saved.await {
             let _ = std::fs::remove_file(&tmp);
@@ -760,7 +762,7 @@ impl Vm {
 
     /// Connects to QEMU's monitor.
     pub async fn qmp(&self) -> Result<Qmp> {
-        Qmp::connect(&self.qmp_socket, Duration::from_secs(2)).await
+        Ok(Qmp::connect(&self.qmp_socket, Duration::from_secs(2)).await?)
     }
 
     /// Stops the VM: ask the guest to power off (up to `graceful`), then QMP `quit` (2 s),

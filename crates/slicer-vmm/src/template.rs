@@ -171,6 +171,7 @@ impl Host {
             .get_or_try_init(|| slicer_hypervisor::qemu::version(&self.qemu))
             .await
             .cloned()
+            .map_err(Into::into)
     }
 
     /// The template for `shape`: from memory, from disk, or built now (one build per template at

@@ -1,0 +1,84 @@
+//! Errors of per-VM disk handling: reading image headers, and creating qcow2 overlays with
+//! `qemu-img`. File operations keep their `std::io::Error` as the source, so a caller can walk
+//! `std::error::Error::source()` down to it (for example to find ENOSPC).
+
+use std::path::PathBuf;
+
+/// Everything that can fail in `slicer-storage`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file operation failed; `context` says which (e.g. "reading /x/disk.qcow2").
+    #[error(fmt = fmt_io)]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a qcow2 image where one was required.
+    #[error("{} is not a qcow2 file", path.display())]
+    NotQcow2 { path: PathBuf },
+    /// The base image of an overlay does not exist.
+    #[error("base image {} does not exist", path.display())]
+    MissingBase { path: PathBuf },
+    /// `qemu-img` is not installed.
+    #[error("qemu-img not found: apt-get install -y qemu-utils")]
+    QemuImgNotFound,
+    /// `qemu-img` could not be started.
+    #[error(fmt = fmt_spawn)]
+    QemuImgSpawn {
+        #[source]
+        source: std::io::Error,
+    },
+    /// `qemu-img create` ran and failed; `stderr` is its trimmed error output.
+    #[error("qemu-img create {} failed: {stderr}", overlay.display())]
+    QemuImg { overlay: PathBuf, stderr: String },
+}
+
+impl Error {
+    /// An [`Error::Io`] with its context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Whether the failure was a full disk (ENOSPC): an io error with that code anywhere in
+    /// the source chain, or `qemu-img` reporting it.
+    pub fn is_no_space(&self) -> bool {
+        if let Error::QemuImg { stderr, .. } = self {
+            return stderr.contains("No space left on device");
+        }
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.raw_os_error() == Some(ENOSPC) {
+                    return true;
+                }
+            }
+            cur = e.source();
+        }
+        false
+    }
+}
+
+/// Shows `context`, and with `{:#}` the io error after it, the way anyhow prints a chain: code
+/// that formats this error alone with `{:#}` still sees the cause (e.g. "No space left on
+/// device"), and anyhow's own `{:#}` (which shows each cause with `{}`) does not repeat it.
+fn fmt_io(context: &str, source: &std::io::Error, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+    f.write_str(context)?;
+    if f.alternate() {
+        write!(f, ": {source}")?;
+    }
+    Ok(())
+}
+
+fn fmt_spawn(source: &std::io::Error, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+    fmt_io("running qemu-img", source, f)
+}
+
+/// ENOSPC on Linux (one constant is not worth a libc dependency).
+const ENOSPC: i32 = 28;
+
+/// `Result` of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
