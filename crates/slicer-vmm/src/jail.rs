@@ -11,7 +11,7 @@
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use slicer_hypervisor::{Accel, Jail, QemuConfig};
 use slicer_jail::{Cgroup, Hierarchy, JailSpec, Limits, UidPool};
 
@@ -211,7 +211,12 @@ pub fn backing_chain(disk: &Path) -> Result<Vec<PathBuf>> {
         if off == 0 || len == 0 {
             break;
         }
-        anyhow::ensure!(len <= 1023, "{}: backing file name too long", cur.display());
+        if len > 1023 {
+            return Err(crate::Error::Io {
+                context: format!("{}: backing file name too long", cur.display()),
+                source: std::io::ErrorKind::InvalidData.into(),
+            });
+        }
         let mut name = vec![0u8; len];
         f.seek(SeekFrom::Start(off))?;
         f.read_exact(&mut name)

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+mod error;
+use error::{check, fail, Context};
+pub use error::{Error, Result};
 use slicer_agent_client::AgentClient;
 use slicer_agent_proto::{Identity, NetIdentity, PowerAction};
 use slicer_hypervisor::{Accel, AccelChoice, QemuConfig, QemuProcess, Qmp};
@@ -281,7 +283,7 @@ impl StartMode {
 
 /// Checks a VM name: a DNS label, since it becomes the hostname and part of paths.
 pub fn validate_name(name: &str) -> Result<()> {
-    ensure!(
+    check!(
         !name.is_empty()
             && name.len() <= 63
             && name
@@ -289,6 +291,7 @@ pub fn validate_name(name: &str) -> Result<()> {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !name.starts_with('-')
             && !name.ends_with('-'),
+        InvalidSpec,
         "invalid VM name {name:?}: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
     );
     Ok(())
@@ -354,13 +357,15 @@ impl Vm {
 
     fn check_spec(spec: &VmSpec) -> Result<()> {
         validate_name(&spec.name)?;
-        ensure!(
+        check!(
             (1..=64).contains(&spec.cpus),
+            InvalidSpec,
             "cpus must be between 1 and 64, got {}",
             spec.cpus
         );
-        ensure!(
+        check!(
             spec.memory_mib >= 64,
+            InvalidSpec,
             "memory must be at least 64 MiB, got {}",
             spec.memory_mib
         );
@@ -376,7 +381,7 @@ impl Vm {
         let disk = dir.join("disk.qcow2");
         let reuse = spec.persistent && disk.exists();
         if !reuse {
-            ensure!(!dir.exists(), "VM directory {} already exists", dir.display());
+            check!(!dir.exists(), State, "VM directory {} already exists", dir.display());
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         // RAM is one named block, whatever started the VM: its saved states load anywhere
@@ -432,8 +437,9 @@ impl Vm {
     /// can boot it cold instead.
     pub async fn restore(host: &Host, spec: &VmSpec, template: &Template) -> Result<Vm> {
         Vm::check_spec(spec)?;
-        ensure!(
+        check!(
             Shape::of(spec) == template.shape,
+            Template,
             "template {} is for {:?}, not {:?}",
             template.id,
             template.shape,
@@ -442,7 +448,7 @@ impl Vm {
         let image = host.images.get(&spec.image)?;
         let accel = host.accel(&image.kernel).await?;
         let dir = host.vm_root.join(&spec.name);
-        ensure!(!dir.exists(), "VM directory {} already exists", dir.display());
+        check!(!dir.exists(), State, "VM directory {} already exists", dir.display());
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut cfg = host.qemu_config(&spec.name, &dir, accel, &image, spec.cpus, spec.memory_mib);
         cfg.cmdline = template.cmdline.clone();
@@ -507,7 +513,7 @@ impl Vm {
         let accel = host.accel(&image.kernel).await?;
         let dir = host.vm_root.join(&spec.name);
         let state = dir.join(SUSPEND_FILE);
-        ensure!(state.is_file(), "VM {} has no saved state to restore", spec.name);
+        check!(state.is_file(), State, "VM {} has no saved state to restore", spec.name);
         let mut cfg = host.qemu_config(&spec.name, &dir, accel, &image, spec.cpus, spec.memory_mib);
         cfg.net = spec.net.as_ref().map(VmNet::qemu);
         cfg.incoming = Some(state.clone());
@@ -561,11 +567,11 @@ impl Vm {
                 .await
                 .context("growing the disk")?;
             }
-            anyhow::Ok(())
+            Ok::<(), Error>(())
         };
         tokio::select! {
             r = steps => r,
-            st = self.qemu.wait() => bail!(
+            st = self.qemu.wait() => fail!(QemuExited,
                 "QEMU exited ({}) while loading the saved state; QEMU said:\n{}",
                 st.map(|s| s.to_string()).unwrap_or_default(),
                 tail(&self.qemu_log, 10)
@@ -578,7 +584,7 @@ impl Vm {
     /// keeps running and nothing is left behind. Afterwards the handle is spent: dropping it
     /// leaves the files.
     pub async fn suspend(&self) -> Result<()> {
-        ensure!(self.is_running(), "VM {} is not running", self.name);
+        check!(self.is_running(), State, "VM {} is not running", self.name);
         // No host session inside the saved state.
         self.agent.reset().await;
         let qmp = self.qmp().await?;
@@ -586,7 +592,7 @@ impl Vm {
         let saved = async {
             let file = jail::private_file(&tmp)?;
             qmp.save_state(&file, Duration::from_secs(300)).await?;
-            anyhow::Ok(())
+            Ok::<(), Error>(())
         };
         if let Err(e) = saved.await {
             let _ = std::fs::remove_file(&tmp);
@@ -694,7 +700,7 @@ impl Vm {
                         Ok(Ok(q)) => q.status().await.unwrap_or_else(|e| format!("unknown ({e})")),
                         _ => "unknown (QMP did not answer)".into(),
                     };
-                    bail!(
+                    fail!(NotReady,
                         "VM {} did not become ready ({e}; QEMU reports the VM {status}); console:\n{}",
                         self.name,
                         tail(&self.console_log, 30)
@@ -702,7 +708,7 @@ impl Vm {
                 }
             }
             st = self.qemu.wait() => {
-                bail!(
+                fail!(QemuExited,
                     "QEMU for VM {} exited ({}) before the agent was ready; QEMU said:\n{}\nconsole:\n{}",
                     self.name,
                     st.map(|s| s.to_string()).unwrap_or_default(),

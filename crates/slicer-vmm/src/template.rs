@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use crate::error::{check, fail, Context, Result};
+use crate::Error;
 use serde::{Deserialize, Serialize};
 use slicer_agent_client::AgentClient;
 use slicer_hypervisor::{Accel, QemuNet, QemuProcess, Qmp};
@@ -136,7 +137,7 @@ impl Template {
             files.push(t.ram());
         }
         for f in files {
-            ensure!(f.is_file(), "template {} lacks {}", t.id, f.display());
+            check!(f.is_file(), Template, "template {} lacks {}", t.id, f.display());
         }
         Ok(t)
     }
@@ -210,7 +211,8 @@ impl Host {
         }
         if let Some((at, why)) = &slot.failed {
             if at.elapsed() < RETRY_AFTER {
-                bail!(
+                fail!(
+                    Template,
                     "the template for {shape:?} failed to build {}s ago: {why}",
                     at.elapsed().as_secs()
                 );
@@ -347,7 +349,7 @@ impl Host {
             r = agent.wait_ready(BUILD_BOOT_TIMEOUT) => {
                 r.with_context(|| format!("template guest did not become ready; console:\n{}", tail(&cfg.console_log, 30)))?;
             }
-            _ = qemu.wait() => bail!(
+            _ = qemu.wait() => fail!(QemuExited,
                 "QEMU exited while booting the template; QEMU said:\n{}\nconsole:\n{}",
                 tail(&cfg.qemu_log, 10),
                 tail(&cfg.console_log, 30)
@@ -369,8 +371,9 @@ impl Host {
         .context("the template guest did not settle")?
         .context("syncing the template's disk")?;
         meta.boot_ms = started.elapsed().as_millis() as u64;
-        ensure!(
+        check!(
             synced.status.success(),
+            Guest,
             "sync in the template guest failed: {:?}",
             synced.status
         );
@@ -444,15 +447,17 @@ impl Host {
     /// continues and nothing is left.
     pub async fn capture(&self, vm: &Vm, shape: &Shape, dest: &Path) -> Result<(Template, CaptureTimes)> {
         let started = Instant::now();
-        ensure!(vm.is_running(), "VM {} is not running", vm.name);
-        ensure!(
+        check!(vm.is_running(), State, "VM {} is not running", vm.name);
+        check!(
             vm.dir().join(crate::RAM_NAMED).exists(),
+            State,
             "VM {} was started by an older daemon and its memory cannot be captured; restart it first",
             vm.name
         );
-        ensure!(!dest.exists(), "{} already exists", dest.display());
-        ensure!(
+        check!(!dest.exists(), State, "{} already exists", dest.display());
+        check!(
             !shape.nic || self.jail.is_some(),
+            Template,
             "capturing a VM with a NIC needs jailed QEMUs (the capture's TAP lives in its own network namespace)"
         );
         let image = self.images.get(&shape.image)?;
@@ -519,15 +524,15 @@ impl Host {
                 .with_context(|| format!("copying {}", source_disk.display()))?;
             sent?;
             loaded.context("loading the source's memory into the capture")?;
-            anyhow::Ok(())
+            Ok::<(), Error>(())
         };
         let moved = tokio::select! {
             r = moved => r,
-            st = capture.wait() => Err(anyhow::anyhow!(
+            st = capture.wait() => Err(Error::QemuExited(format!(
                 "the capture QEMU exited ({}); QEMU said:\n{}",
                 st.map(|s| s.to_string()).unwrap_or_default(),
                 tail(&cfg.qemu_log, 10)
-            )),
+            ))),
         };
         // The source goes on whatever happened (after a completed migration `cont` takes its
         // disk back).
@@ -535,7 +540,10 @@ impl Host {
         let paused = paused.elapsed();
         if let Err(e) = moved {
             let _ = tokio::time::timeout(Duration::from_secs(2), capture.wait()).await;
-            bail!("{e:#}; the capture QEMU said:\n{}", tail(&cfg.qemu_log, 10));
+            return Err(e).context(format!(
+                "the capture failed; its QEMU said:\n{}",
+                tail(&cfg.qemu_log, 10)
+            ));
         }
         resumed.context("resuming the source")?;
         let _ = vm
@@ -617,7 +625,12 @@ fn new_memfd(len: u64) -> Result<std::fs::File> {
             libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
         )
     };
-    ensure!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    if fd < 0 {
+        return Err(Error::Io {
+            context: "memfd_create".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
     // SAFETY: the kernel just gave us this descriptor.
     let mem = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     mem.set_len(len)?;
@@ -673,7 +686,12 @@ fn punch_zero_pages(mem: &std::fs::File, len: u64) -> Result<()> {
                 (to - from) as i64,
             )
         };
-        ensure!(r == 0, "punching zero pages: {}", std::io::Error::last_os_error());
+        if r != 0 {
+            return Err(Error::Io {
+                context: "punching zero pages".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
         Ok(())
     };
     while at < len {
@@ -705,11 +723,12 @@ fn seal(mem: &std::fs::File) -> Result<()> {
     use std::os::fd::AsRawFd;
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
     // SAFETY: fcntl on a descriptor the caller owns.
-    ensure!(
-        unsafe { libc::fcntl(mem.as_raw_fd(), libc::F_ADD_SEALS, seals) } == 0,
-        "sealing the template memory: {}",
-        std::io::Error::last_os_error()
-    );
+    if unsafe { libc::fcntl(mem.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(Error::Io {
+            context: "sealing the template memory".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
     Ok(())
 }
 
