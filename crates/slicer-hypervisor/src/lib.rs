@@ -9,5 +9,5 @@ pub mod qmp;
 
 pub use accel::{Accel, AccelChoice};
 pub use error::{Error, Result};
-pub use qemu::{Jail, QemuConfig, QemuNet, QemuProcess};
+pub use qemu::{Exit, Jail, QemuConfig, QemuNet, QemuProcess};
 pub use qmp::Qmp;

@@ -340,7 +340,7 @@ const AGENT_PORT_NAME: &str = "slicer.agent";
 /// A running QEMU process.
 pub struct QemuProcess {
     pub pid: u32,
-    exited: watch::Receiver<Option<std::process::ExitStatus>>,
+    exited: watch::Receiver<Option<Exit>>,
     /// A restore's move into its cgroup (see [`QemuProcess::joined`]).
     deferred: std::sync::Mutex<Option<tokio::task::JoinHandle<std::io::Result<()>>>>,
 }
@@ -383,6 +383,32 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// How a QEMU process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Its exit status (it was our child).
+    Status(std::process::ExitStatus),
+    /// It ended, how is not known: it was adopted from an earlier daemon (not our child, so
+    /// its status goes to its new parent), or waiting for it failed.
+    Unknown,
+}
+
+impl Exit {
+    /// Whether it exited with status 0 (`false` when unknown).
+    pub fn success(&self) -> bool {
+        matches!(self, Exit::Status(s) if s.success())
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Status(s) => write!(f, "{s}"),
+            Exit::Unknown => f.write_str("exit status unknown"),
+        }
+    }
+}
+
 impl QemuProcess {
     /// Takes over a QEMU that an earlier daemon started (not our child): its exit is watched
     /// through a pidfd. `start_time` must match, so a reused pid is never adopted.
@@ -405,8 +431,8 @@ impl QemuProcess {
             // A pidfd becomes readable when the process exits.
             let _ = afd.readable().await;
             remove_cgroup(cgroup).await;
-            use std::os::unix::process::ExitStatusExt;
-            let _ = tx.send(Some(std::process::ExitStatus::from_raw(0)));
+            // Not our child: how it ended cannot be read (only a parent can wait for it).
+            let _ = tx.send(Some(Exit::Unknown));
         });
         Ok(QemuProcess {
             pid,
@@ -627,9 +653,15 @@ impl QemuProcess {
         }
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
-            let st = child.wait().await.ok();
+            let st = match child.wait().await {
+                Ok(st) => Exit::Status(st),
+                Err(e) => {
+                    tracing::warn!("waiting for QEMU {pid}: {e}");
+                    Exit::Unknown
+                }
+            };
             remove_cgroup(cgroup).await;
-            let _ = tx.send(st);
+            let _ = tx.send(Some(st));
         });
         let process = QemuProcess {
             pid,
@@ -648,13 +680,13 @@ impl QemuProcess {
         Ok(process)
     }
 
-    /// The exit status once QEMU has exited.
-    pub fn try_status(&self) -> Option<std::process::ExitStatus> {
+    /// How QEMU ended, once it has.
+    pub fn try_status(&self) -> Option<Exit> {
         *self.exited.borrow()
     }
 
     /// Waits until QEMU exits.
-    pub async fn wait(&self) -> Option<std::process::ExitStatus> {
+    pub async fn wait(&self) -> Option<Exit> {
         let mut rx = self.exited.clone();
         loop {
             if let Some(s) = *rx.borrow_and_update() {
@@ -679,6 +711,22 @@ impl QemuProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_adopted_process_ends_with_an_unknown_status_not_success() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .expect("sleep runs");
+        let start = process_start_time(child.id()).expect("its start time");
+        let adopted = QemuProcess::adopt(child.id(), start, None).expect("adopted");
+        let exit = tokio::time::timeout(std::time::Duration::from_secs(10), adopted.wait())
+            .await
+            .expect("the exit is seen");
+        assert_eq!(exit, Some(Exit::Unknown));
+        assert!(!Exit::Unknown.success());
+        let _ = child.wait();
+    }
 
     fn cfg(accel: Accel) -> QemuConfig {
         QemuConfig {
