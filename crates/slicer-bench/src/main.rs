@@ -319,6 +319,8 @@ async fn main() -> Result<()> {
     let mut sink = tokio::io::sink();
     let n = d.copy_to(&mut sink).await?;
     let down = n as f64 / 1e6 / t.elapsed().as_secs_f64();
+    // Nothing of the session may stay open: QEMU serves one client at a time.
+    drop(d);
     let reconnect = reconnects(agent, args.reconnects).await?;
     vm.stop(Duration::ZERO).await?;
 
@@ -385,8 +387,10 @@ async fn reconnects(agent: &slicer_vmm::agent::AgentClient, n: usize) -> Result<
         tokio::time::sleep(Duration::from_millis(50)).await;
         let fresh = slicer_vmm::agent::AgentClient::new(agent.socket_path());
         let t = Instant::now();
+        // As a restarted daemon does (`wait_ready`): connect, handshake, health, retried
+        // until the guest answers.
         fresh
-            .health()
+            .wait_ready(Duration::from_secs(15))
             .await
             .with_context(|| format!("health on reconnect {i}"))?;
         took.push(t.elapsed().as_secs_f64() * 1000.0);

@@ -142,7 +142,7 @@ impl Backend for FakeBackend {
 struct Fixture {
     manager: Arc<Manager>,
     backend: Arc<FakeBackend>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// A manager with one host group `t` (2 vCPUs, 512 MiB, no network, warm start off) and a
@@ -161,11 +161,7 @@ async fn fixture(vms: u32) -> Fixture {
     let manager = Manager::with_backend(settings, host, backend.clone(), &dir.path().join("data"))
         .await
         .expect("a manager");
-    Fixture {
-        manager,
-        backend,
-        _dir: dir,
-    }
+    Fixture { manager, backend, dir }
 }
 
 fn request(persistent: bool, tags: &[&str]) -> CreateNodeRequest {
@@ -358,7 +354,7 @@ async fn recovery_stops_persistent_records_and_drops_ephemeral_ones_of_a_dead_da
         .expect("create");
     // A second manager on the same data, as a restarted daemon would be (the fakes have no
     // process to adopt).
-    let dir = f._dir.path();
+    let dir = f.dir.path();
     let settings = m.settings.clone();
     let host = Arc::new(Host::new(dir, &dir.join("vms")));
     let again = Manager::with_backend(settings, host, Arc::new(FakeBackend::default()), &dir.join("data"))
