@@ -24,8 +24,9 @@ pub enum Error {
     /// A guest step of a template build (sync) failed.
     #[error("{0}")]
     Guest(String),
-    /// A system call or file operation failed.
-    #[error("{context}: {source}")]
+    /// A system call or file operation failed (printed as `context`, the cause after it by a
+    /// chain-aware formatter, as [`Error::Context`] is: anyhow's `{:#}` would repeat it).
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
@@ -150,6 +151,19 @@ pub(crate) use {check, fail};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_io_error_is_printed_once_in_the_chain() {
+        let e = Error::Io {
+            context: "memfd_create".into(),
+            source: std::io::Error::from_raw_os_error(libc::EMFILE),
+        };
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(
+            text,
+            format!("memfd_create: {}", std::io::Error::from_raw_os_error(libc::EMFILE))
+        );
+    }
 
     #[test]
     fn the_chain_reaches_the_io_error() {
