@@ -156,12 +156,32 @@ async fn fixture(vms: u32) -> Fixture {
         .and_then(|f| f.settings(dir.path()))
         .expect("the test config is valid");
     std::fs::create_dir_all(dir.path().join("data")).expect("the data directory");
-    let host = Arc::new(Host::new(dir.path(), &dir.path().join("vms")));
     let backend = Arc::new(FakeBackend::default());
-    let manager = Manager::with_backend(settings, host, backend.clone(), &dir.path().join("data"))
-        .await
-        .expect("a manager");
+    let manager = manager_on(dir.path(), settings, backend.clone()).await;
     Fixture { manager, backend, dir }
+}
+
+/// A manager keeping its state and VM directories under `dir` (as a daemon restarted on the
+/// same data directory would).
+async fn manager_on(
+    dir: &std::path::Path,
+    settings: crate::config::Settings,
+    backend: Arc<FakeBackend>,
+) -> Arc<Manager> {
+    let host = Arc::new(Host::new(dir, &dir.join("vms")));
+    Manager::with_backend(settings, host, backend, &dir.join("data"))
+        .await
+        .expect("a manager")
+}
+
+impl Fixture {
+    /// A VM of group `t`, its agent answering.
+    async fn ready_vm(&self, persistent: bool) -> slicer_api::CreateNodeResponse {
+        self.manager
+            .create("t", request(persistent, &[]), Some(Wait::Agent), T)
+            .await
+            .expect("create")
+    }
 }
 
 fn request(persistent: bool, tags: &[&str]) -> CreateNodeRequest {
@@ -281,14 +301,8 @@ async fn bad_requests_are_refused_before_anything_exists() {
 async fn an_unexpected_exit_stops_a_persistent_vm_and_removes_an_ephemeral_one() {
     let f = fixture(4).await;
     let m = &f.manager;
-    let kept = m
-        .create("t", request(true, &[]), Some(Wait::Agent), T)
-        .await
-        .expect("create");
-    let gone = m
-        .create("t", request(false, &[]), Some(Wait::Agent), T)
-        .await
-        .expect("create");
+    let kept = f.ready_vm(true).await;
+    let gone = f.ready_vm(false).await;
     f.backend.vm(&kept.hostname).exit();
     f.backend.vm(&gone.hostname).exit();
     eventually("the exits are reaped", || m.capacity().0.vms == 0).await;
@@ -307,10 +321,7 @@ async fn an_unexpected_exit_stops_a_persistent_vm_and_removes_an_ephemeral_one()
 async fn suspend_gives_the_share_back_and_restore_takes_it_again() {
     let f = fixture(4).await;
     let m = &f.manager;
-    let vm = m
-        .create("t", request(true, &[]), Some(Wait::Agent), T)
-        .await
-        .expect("create");
+    let vm = f.ready_vm(true).await;
     m.suspend(&vm.hostname).await.expect("suspend");
     assert_eq!(m.record(&vm.hostname).expect("record").status, VmStatus::Suspended);
     assert_eq!(m.capacity().0.vms, 0);
@@ -329,10 +340,7 @@ async fn suspend_gives_the_share_back_and_restore_takes_it_again() {
 async fn pause_is_recorded_and_blocks_guest_operations() {
     let f = fixture(4).await;
     let m = &f.manager;
-    let vm = m
-        .create("t", request(false, &[]), Some(Wait::Agent), T)
-        .await
-        .expect("create");
+    let vm = f.ready_vm(false).await;
     m.set_paused(&vm.hostname, true).await.expect("pause");
     assert_eq!(m.list(None).expect("list")[0].status, VmStatus::Paused);
     assert!(matches!(m.active(&vm.hostname), Err(Error::Conflict(_))));
@@ -344,22 +352,11 @@ async fn pause_is_recorded_and_blocks_guest_operations() {
 async fn recovery_stops_persistent_records_and_drops_ephemeral_ones_of_a_dead_daemon() {
     let f = fixture(4).await;
     let m = &f.manager;
-    let kept = m
-        .create("t", request(true, &[]), Some(Wait::Agent), T)
-        .await
-        .expect("create");
-    let gone = m
-        .create("t", request(false, &[]), Some(Wait::Agent), T)
-        .await
-        .expect("create");
+    let kept = f.ready_vm(true).await;
+    let gone = f.ready_vm(false).await;
     // A second manager on the same data, as a restarted daemon would be (the fakes have no
     // process to adopt).
-    let dir = f.dir.path();
-    let settings = m.settings.clone();
-    let host = Arc::new(Host::new(dir, &dir.join("vms")));
-    let again = Manager::with_backend(settings, host, Arc::new(FakeBackend::default()), &dir.join("data"))
-        .await
-        .expect("a second manager");
+    let again = manager_on(f.dir.path(), m.settings.clone(), Arc::new(FakeBackend::default())).await;
     again.recover().await.expect("recover");
     assert_eq!(again.record(&kept.hostname).expect("kept").status, VmStatus::Stopped);
     assert!(matches!(again.record(&gone.hostname), Err(Error::NotFound(_))));
