@@ -200,6 +200,37 @@ async fn a_hostile_guest_does_not_hurt_the_host_or_other_tenants() {
     assert!(!data.join("vms").join(&evil).exists());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
+async fn a_guest_using_all_its_memory_keeps_running() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let d = TestDaemon::start(|p| {
+        format!(
+            "config:\n  host_groups:\n  - name: big\n    count: 0\n    vcpu: 1\n    ram_mb: 512\n    network: {{mode: isolated}}\n  graceful_shutdown: false\n  api:\n    port: {p}\n    bind_address: 127.0.0.1\n"
+        )
+    })
+    .await;
+    // A clone of the group's template (shared RAM), whose guest then touches every page it
+    // has: `tail` keeps a line that never ends until the guest's OOM killer stops it. Only
+    // the guest's own process may die for that, never its QEMU.
+    let h = d.create_vm("big", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = qemu_pid(&h);
+    let (s, out) = d
+        .sh(&h, "head -c 2G /dev/zero | tail >/dev/null; echo filled; free -m")
+        .await;
+    assert_eq!(s, 200, "{out}");
+    assert!(out["stdout"].as_str().unwrap_or("").starts_with("filled\n"), "{out}");
+    assert_eq!(common::qemu_pid_of(&h), Some(pid), "the VM's QEMU was killed");
+    let (s, out) = d.sh(&h, "echo ok").await;
+    assert_eq!((s, out["stdout"].as_str()), (200, Some("ok\n")), "{out}");
+    assert_jailed(&h, 512 << 20);
+    delete(&d, "big", &h).await;
+    assert!(common::no_qemu_for(&h));
+}
+
 /// Every file and directory below `dir`, with its mode.
 fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u32)>) {
     use std::os::unix::fs::PermissionsExt;

@@ -107,7 +107,8 @@ impl Template {
     /// once per daemon. Clones map it privately through `/proc/self/fd/N`: a memfd opens
     /// read-write for any uid (a file on disk would have to be writable by each VM's uid to be
     /// mapped that way), and its seals keep every clone from changing what the others see.
-    /// Only the file's data extents are copied, so never-touched guest pages take no memory.
+    /// Only the file's data extents are copied; the rest is allocated zeroed (see
+    /// [`fill_holes`]), so a clone is charged only for what it writes.
     pub fn memory(&self) -> Result<Arc<std::os::fd::OwnedFd>> {
         if let Some(m) = self.memory.get() {
             return Ok(m.clone());
@@ -568,15 +569,17 @@ impl Host {
         }
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o444))?;
-        // The capture QEMU is gone: its memory loses its zero pages and is sealed, and is
-        // kept on disk for later daemons (read by the daemon only; forks get the memfd).
+        // The capture QEMU is gone: its memory is kept on disk for later daemons without its
+        // zero pages (read by the daemon only), then filled and sealed for forks (see
+        // `fill_holes`).
         punch_zero_pages(&mem, mem_len)?;
-        seal(&mem)?;
         let ram = s.join("ram");
         let ram_file = crate::jail::private_file(&ram)?;
         ram_file.set_len(mem_len)?;
         copy_extents(&mem, &ram_file, mem_len).context("writing the captured memory")?;
         drop(ram_file);
+        fill_holes(&mem, mem_len)?;
+        seal(&mem)?;
         std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o400))?;
         let meta = Meta {
             id: dest
@@ -717,6 +720,25 @@ fn punch_zero_pages(mem: &std::fs::File, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Allocates every page of `mem` that is a hole (a zero page the guest never wrote), so the
+/// memfd holds the whole of the guest's RAM. Clones map it privately, and tmpfs, unlike a
+/// disk file, allocates a page in the file itself on a fault in a hole, a write fault too
+/// (the copy-on-write needs a source page): left sparse, a clone's cgroup would be charged
+/// for that shared page as well as its private copy, up to twice its RAM, and the kernel kills
+/// a guest that merely uses all of its memory. Filled here, the template's pages are the
+/// daemon's, allocated once, and a clone is charged only for the pages it writes.
+fn fill_holes(mem: &std::fs::File, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor the caller owns; mode 0 only allocates within the size.
+    if unsafe { libc::fallocate(mem.as_raw_fd(), 0, 0, len as i64) } != 0 {
+        return Err(Error::Io {
+            context: "allocating the template memory".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// Seals a memfd against write, grow, shrink and further seals (no shared writable mapping of
 /// it may exist any more).
 fn seal(mem: &std::fs::File) -> Result<()> {
@@ -738,6 +760,7 @@ fn sealed_copy(path: &Path) -> Result<std::os::fd::OwnedFd> {
     let len = src.metadata()?.len();
     let mem = new_memfd(len)?;
     copy_extents(&src, &mem, len)?;
+    fill_holes(&mem, len)?;
     seal(&mem)?;
     Ok(std::os::fd::OwnedFd::from(mem))
 }
