@@ -37,10 +37,27 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-#[derive(Debug, Clone)]
+/// Opens a byte stream to the daemon: how an in-process caller (the daemon's own MCP
+/// endpoint) reaches its router without a socket.
+pub type Connector = std::sync::Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Box<dyn Io>>> + Send>> + Send + Sync,
+>;
+
+#[derive(Clone)]
 enum Endpoint {
     Tcp(String),
     Unix(PathBuf),
+    Connector(Connector),
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "Tcp({a:?})"),
+            Endpoint::Unix(p) => write!(f, "Unix({p:?})"),
+            Endpoint::Connector(_) => f.write_str("Connector"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +97,15 @@ impl ApiClient {
         })
     }
 
+    /// A client whose connections `connect` opens (`name` stands for the URL in errors).
+    pub fn with_connector(name: &str, token: Option<String>, connect: Connector) -> ApiClient {
+        ApiClient {
+            endpoint: Endpoint::Connector(connect),
+            url: name.to_string(),
+            token: token.filter(|t| !t.is_empty()),
+        }
+    }
+
     /// A fresh connection to the daemon (for protocols other than plain HTTP, e.g. WebSockets).
     pub async fn connect(&self) -> Result<Box<dyn Io>, ApiError> {
         let err = |source| ApiError::Connect {
@@ -102,6 +128,7 @@ impl ApiClient {
                 Box::new(s)
             }
             Endpoint::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await.map_err(err)?),
+            Endpoint::Connector(c) => c().await.map_err(err)?,
         })
     }
 
@@ -109,7 +136,7 @@ impl ApiClient {
     pub fn ws_base(&self) -> String {
         match &self.endpoint {
             Endpoint::Tcp(addr) => format!("ws://{addr}"),
-            Endpoint::Unix(_) => "ws://localhost".into(),
+            Endpoint::Unix(_) | Endpoint::Connector(_) => "ws://localhost".into(),
         }
     }
 
@@ -127,7 +154,7 @@ impl ApiClient {
     ) -> Result<http::Response<Incoming>, ApiError> {
         let host = match &self.endpoint {
             Endpoint::Tcp(h) => h.clone(),
-            Endpoint::Unix(_) => "unix".to_string(),
+            Endpoint::Unix(_) | Endpoint::Connector(_) => "unix".to_string(),
         };
         let mut req = Request::builder()
             .method(method)

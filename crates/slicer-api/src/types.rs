@@ -23,6 +23,9 @@ pub struct HostGroupInfo {
     pub cpus: u32,
     pub arch: String,
     pub gpu_count: u32,
+    /// The group's guest image (slicer extension).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
 }
 
 /// Status of a VM as the API reports it (and the state database records it).

@@ -109,6 +109,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: image::ImageCmd,
     },
+    /// Serve the daemon's sandboxes as MCP tools on stdin/stdout (for AI agents' MCP clients).
+    Mcp {
+        #[command(flatten)]
+        conn: vm::Conn,
+    },
     /// Print the client's version.
     Version,
     /// The client's and the daemon's versions (`GET /info`).
@@ -168,6 +173,7 @@ fn main() {
             Ok(())
         }
         Cmd::Info { conn } => vm::run_info(conn),
+        Cmd::Mcp { conn } => vm::run_mcp(conn),
         Cmd::Ls { conn } => vm::run(
             vm::VmCmd::List {
                 tag: None,

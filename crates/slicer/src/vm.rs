@@ -417,6 +417,24 @@ pub fn print_nodes(nodes: &[Node]) {
 }
 
 /// `slicer info`: the client's version and the daemon's (`GET /info`).
+/// `slicer mcp`: an MCP server on stdin/stdout whose tools call the daemon at `--url`.
+pub fn run_mcp(conn: Conn) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async {
+        let c = conn.client()?;
+        // stdout is the protocol's: a daemon that is not there yet is said on stderr, and each
+        // tool call reports it again until it is.
+        if let Err(e) = c.json::<slicer_api::Info>(Method::GET, "/info", None).await {
+            eprintln!(
+                "slicer mcp: the daemon at {} does not answer yet ({e}); serving anyway",
+                conn.url
+            );
+        }
+        slicer_mcp::serve_stdio(c).await?;
+        Ok(())
+    })
+}
+
 pub fn run_info(conn: Conn) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async {

@@ -6,6 +6,7 @@ mod cp;
 pub mod error;
 mod exec;
 mod fs;
+mod mcp;
 mod secrets;
 mod stats;
 mod watch;
@@ -161,7 +162,13 @@ pub fn methods() -> Vec<(Method, &'static str)> {
     public.served.into_iter().chain(authed.served).collect()
 }
 
+/// The REST API and `/mcp` (whose tools call the REST API in-process).
 pub fn router(state: Shared) -> Router {
+    mcp::with_mcp(rest_router(state.clone()), state)
+}
+
+/// The REST API alone.
+pub fn rest_router(state: Shared) -> Router {
     let (public, authed) = routes();
     let authed = authed
         .router
@@ -356,6 +363,7 @@ async fn hostgroups(State(st): State<Shared>) -> Json<Vec<HostGroupInfo>> {
                 cpus: g.cpus,
                 arch: "x86_64".into(),
                 gpu_count: 0,
+                image: g.image.clone(),
             })
             .collect(),
     )
