@@ -19,9 +19,14 @@ use futures_util::TryStreamExt;
 use http::Method;
 use http_body_util::BodyExt;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, ContentBlock};
+use rmcp::model::{
+    CallToolResult, ContentBlock, Implementation, ListResourceTemplatesResult, PaginatedRequestParams,
+    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, ResourceContents, ResourceTemplate,
+    ServerCapabilities, ServerConfig,
+};
 use rmcp::schemars::{self, JsonSchema};
-use rmcp::{tool, tool_handler, tool_router, ErrorData, ServerHandler};
+use rmcp::service::RequestContext;
+use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleServer, ServerHandler};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use slicer_api::client::{empty, full, query};
@@ -870,15 +875,78 @@ impl Sandboxes {
     }
 }
 
-#[tool_handler(
-    name = "slicer",
-    instructions = "Slicer sandboxes are Linux microVMs with their own kernel. Create one \
+/// What the server tells a client about itself on connecting.
+const INSTRUCTIONS: &str = "Slicer sandboxes are Linux microVMs with their own kernel. Create one \
 (create_sandbox), run commands in it (run_command; start_background for servers and long jobs), \
 move files with write_file/read_file/list_directory, and delete it when done (delete_sandbox). \
 Commands run as the image's default non-root user with passwordless sudo unless uid is given. \
-Tag sandboxes (tags) to find them again with list_sandboxes."
-)]
-impl ServerHandler for Sandboxes {}
+Tag sandboxes (tags) to find them again with list_sandboxes.";
+
+/// The console log resource: a sandbox's kernel and boot messages.
+const CONSOLE_TEMPLATE: &str = "slicer://sandbox/{sandbox}/console";
+/// The end of the console log a resource read returns.
+const CONSOLE_BYTES: usize = 256 << 10;
+
+#[tool_handler]
+impl ServerHandler for Sandboxes {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_resources().build())
+            .with_server_info(Implementation::new("slicer", env!("CARGO_PKG_VERSION")))
+            .with_instructions(INSTRUCTIONS)
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        let mut t = ResourceTemplate::new(CONSOLE_TEMPLATE, "console");
+        t.description = Some(format!(
+            "A sandbox's serial console (kernel and boot messages), its last {} KiB",
+            CONSOLE_BYTES >> 10
+        ));
+        t.mime_type = Some("text/plain".into());
+        Ok(ListResourceTemplatesResult::with_all_items(vec![t]))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let uri = request.uri;
+        let sandbox = uri
+            .strip_prefix("slicer://sandbox/")
+            .and_then(|r| r.strip_suffix("/console"))
+            .ok_or_else(|| {
+                ErrorData::resource_not_found(format!("no resource {uri:?}; the console is {CONSOLE_TEMPLATE}"), None)
+            })?;
+        let sandbox = segment("sandbox", sandbox).map_err(|Fail(m)| ErrorData::resource_not_found(m, None))?;
+        let logs: slicer_api::LogsResponse = self
+            .get(&format!("/vm/{sandbox}/logs?lines=0"))
+            .await
+            .map_err(|Fail(m)| ErrorData::resource_not_found(m, None))?;
+        Ok(ReadResourceResult::new(vec![ResourceContents::text(console_tail(&logs.content), uri)]).into())
+    }
+}
+
+/// The last [`CONSOLE_BYTES`] of a console log, cut at a line, with a marker when cut.
+fn console_tail(log: &str) -> String {
+    if log.len() <= CONSOLE_BYTES {
+        return log.to_string();
+    }
+    let mut from = log.len() - CONSOLE_BYTES;
+    while !log.is_char_boundary(from) {
+        from += 1;
+    }
+    let rest = &log[from..];
+    let rest = rest.find('\n').map(|n| &rest[n + 1..]).unwrap_or(rest);
+    format!(
+        "[slicer: console log truncated: its last {} of {} bytes]\n{rest}",
+        rest.len(),
+        log.len()
+    )
+}
 
 /// Serves MCP on stdin/stdout until the client closes it.
 pub async fn serve_stdio(api: ApiClient) -> Result<(), Error> {
@@ -947,6 +1015,15 @@ mod tests {
         assert_eq!(env_pairs(&env).unwrap_or_else(|_| panic!()), vec!["A=1=2".to_string()]);
         env.insert("B=C".to_string(), "x".to_string());
         assert!(env_pairs(&env).is_err());
+    }
+
+    #[test]
+    fn a_long_console_log_keeps_its_end_from_a_line_start() {
+        let log = format!("{}\nlast line\n", "x".repeat(CONSOLE_BYTES + 10));
+        let t = console_tail(&log);
+        assert!(t.starts_with("[slicer: console log truncated"), "{}", &t[..80]);
+        assert!(t.ends_with("\nlast line\n"));
+        assert_eq!(console_tail("short\n"), "short\n");
     }
 
     #[test]

@@ -132,6 +132,20 @@ async def session(server, group, mode):
                     fail("stop_background: still running")
                 await asyncio.sleep(0.2)
 
+            templates = (await c.list_resource_templates()).resource_templates
+            if [t.uri_template for t in templates] != ["slicer://sandbox/{sandbox}/console"]:
+                fail(f"resource templates: {templates}")
+            console = await c.read_resource(f"slicer://sandbox/{sb}/console")
+            if len(console.contents) != 1 or not hasattr(console.contents[0], "text"):
+                fail(f"console: {console}")
+            out["console_bytes"] = len(console.contents[0].text)
+            try:
+                await c.read_resource("slicer://sandbox/no-such-vm/console")
+            except Exception as e:  # an MCP error, not a crashed server
+                out["unknown_console"] = str(e)[:200]
+            else:
+                fail("the console of an unknown sandbox was read")
+
             err = await call(c, "run_command", {"sandbox": "no-such-vm", "command": "true"}, expect_error=True)
             if "no-such-vm" not in err:
                 fail(f"unknown sandbox: {err}")
