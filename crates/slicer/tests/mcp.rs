@@ -96,6 +96,30 @@ fn client(venv: &Path, dir: &Path, args: &[&str], limit: Duration) -> serde_json
     serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+/// One request to `/mcp` on its own connection with the token and `Accept: application/json,
+/// text/event-stream`; its status.
+fn raw_status(port: u16, method: &str, content_type: &str, token: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "{method} /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) before it read the whole body and close.
+    let _ = s.write_all(body.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer to {method} /mcp: {text:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full tier: needs root, QEMU, built images and PyPI (scripts/test.sh runs it)"]
 async fn the_official_mcp_client_uses_sandboxes_over_stdio_and_http() {
@@ -160,6 +184,25 @@ async fn the_official_mcp_client_uses_sandboxes_over_stdio_and_http() {
             .unwrap_err();
         assert_eq!(err.status().map(|s| s.as_u16()), Some(401), "{err}");
     }
+    // Malformed requests with the token, as the transport expects them otherwise (Accept
+    // names JSON and SSE), get a 4xx: never a 5xx, a hang or a dropped connection.
+    let big = " ".repeat(20 << 20);
+    for (method, ct, body) in [
+        ("POST", "application/json", "not json"),
+        ("POST", "application/json", "{\"jsonrpc\":\"2.0\",\"id\":1}"),
+        ("POST", "application/json", "[]"),
+        ("POST", "application/json", "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"run_command\",\"arguments\":{\"sandbox\":\"../../x\"}}}"),
+        ("POST", "text/plain", init),
+        ("POST", "application/json", big.as_str()),
+        ("GET", "application/json", ""),
+        ("DELETE", "application/json", ""),
+    ] {
+        let what = format!("{method} /mcp {ct} {} bytes", body.len());
+        let status = raw_status(port, method, ct, &token, body);
+        eprintln!("{what}: {status}");
+        assert!((400..500).contains(&status) || (status == 200 && body.contains("tools/call")), "{what}: {status}");
+    }
+
     // Nothing is left: no VM (the client deleted its sandboxes), and the daemon still serves.
     let nodes: Vec<serde_json::Value> = api.json(Method::GET, "/nodes", None).await.unwrap();
     assert!(nodes.is_empty(), "{nodes:?}");
