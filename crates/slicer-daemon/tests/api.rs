@@ -60,11 +60,13 @@ async fn every_route_succeeds_and_fails_as_documented() {
 
     let (s, v) = d.get("/hostgroup").await;
     assert_eq!(s, 200);
+    // SlicerVM's keys, and `image` (a slicer extension: MCP's create_sandbox picks a group by it).
     assert_eq!(
         keys(&v[0]),
-        sorted(&["name", "count", "ram_bytes", "cpus", "arch", "gpu_count"])
+        sorted(&["name", "count", "ram_bytes", "cpus", "arch", "gpu_count", "image"])
     );
     assert_eq!((v[0]["name"].as_str(), v[0]["cpus"].as_u64()), (Some("sb"), Some(2)));
+    assert!(v[0]["image"].as_str().is_some_and(|i| !i.is_empty()), "{v}");
 
     // Creating: failures first, nothing is created by them.
     for (path, body, status) in [
