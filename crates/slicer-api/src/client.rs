@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
-use hyper::body::Incoming;
+/// The body of the daemon's answers.
+pub use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;

@@ -306,6 +306,30 @@ pub struct ExecFrame {
     pub message: String,
 }
 
+impl ExecFrame {
+    /// The payload as sent: `data`, else the legacy `stdout` or `stderr` field.
+    pub fn payload_text(&self) -> &str {
+        if !self.data.is_empty() {
+            &self.data
+        } else if !self.stdout.is_empty() {
+            &self.stdout
+        } else {
+            &self.stderr
+        }
+    }
+
+    /// The payload's bytes, decoded when `encoding` is `base64`.
+    pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        use base64::Engine as _;
+        let p = self.payload_text();
+        if self.encoding == "base64" {
+            base64::engine::general_purpose::STANDARD.decode(p)
+        } else {
+            Ok(p.as_bytes().to_vec())
+        }
+    }
+}
+
 /// `POST /vm/{h}/exec?buffered=true`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct BufferedExec {
@@ -529,6 +553,27 @@ pub struct CopyResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_payload_is_data_or_a_legacy_field_decoded() {
+        let f = ExecFrame {
+            data: "aGk=".into(),
+            encoding: "base64".into(),
+            ..Default::default()
+        };
+        assert_eq!(f.payload().unwrap(), b"hi");
+        let f = ExecFrame {
+            stderr: "oops".into(),
+            ..Default::default()
+        };
+        assert_eq!((f.payload_text(), f.payload().unwrap()), ("oops", b"oops".to_vec()));
+        let f = ExecFrame {
+            stdout: "not base64!".into(),
+            encoding: "base64".into(),
+            ..Default::default()
+        };
+        assert!(f.payload().is_err());
+    }
 
     #[test]
     fn create_request_rejects_unknown_fields_and_accepts_sdk_ones() {

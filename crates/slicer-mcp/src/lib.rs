@@ -310,6 +310,15 @@ fn segment<'a>(what: &str, s: &'a str) -> Result<&'a str, Fail> {
     Ok(s)
 }
 
+/// `/vm/{sandbox}/exec/{exec_id}`, both names checked.
+fn exec_path(sandbox: &str, exec_id: &str) -> Result<String, Fail> {
+    Ok(format!(
+        "/vm/{}/exec/{}",
+        segment("sandbox", sandbox)?,
+        segment("exec_id", exec_id)?
+    ))
+}
+
 /// `KEY=VALUE` pairs for the exec query.
 fn env_pairs(env: &BTreeMap<String, String>) -> Result<Vec<String>, Fail> {
     env.iter()
@@ -356,22 +365,32 @@ fn exec_query(
     Ok(q)
 }
 
-/// A frame's payload, decoded.
-fn payload(f: &ExecFrame) -> Vec<u8> {
-    let p = if !f.data.is_empty() {
-        &f.data
-    } else if !f.stdout.is_empty() {
-        &f.stdout
-    } else {
-        &f.stderr
-    };
-    if f.encoding == "base64" {
-        base64::engine::general_purpose::STANDARD
-            .decode(p)
-            .unwrap_or_else(|_| p.as_bytes().to_vec())
-    } else {
-        p.as_bytes().to_vec()
+/// Reads an NDJSON answer of exec frames (`what` names it in errors), one frame at a time, in
+/// lines of at most [`MAX_LINE`] bytes.
+async fn for_each_frame(
+    resp: http::Response<slicer_api::client::Incoming>,
+    what: &str,
+    mut each: impl FnMut(ExecFrame) -> Result<(), Fail>,
+) -> Result<(), Fail> {
+    let mut body = resp.into_body().into_data_stream();
+    let mut lines = output::Lines::new(MAX_LINE);
+    while let Some(chunk) = body
+        .try_next()
+        .await
+        .map_err(|e| Fail(format!("reading {what}: {e}")))?
+    {
+        for line in lines.push(&chunk)? {
+            let f: ExecFrame =
+                serde_json::from_slice(&line).map_err(|e| Fail(format!("invalid frame in {what}: {e}")))?;
+            each(f)?;
+        }
     }
+    Ok(())
+}
+
+/// A frame's payload, decoded (as sent, should it not be base64).
+fn payload(f: &ExecFrame) -> Vec<u8> {
+    f.payload().unwrap_or_else(|_| f.payload_text().as_bytes().to_vec())
 }
 
 impl Sandboxes {
@@ -488,28 +507,19 @@ impl Sandboxes {
                     empty(),
                 )
                 .await?;
-            let mut body = resp.into_body().into_data_stream();
-            let mut lines = output::Lines::new(MAX_LINE);
-            while let Some(chunk) = body
-                .try_next()
-                .await
-                .map_err(|e| Fail(format!("reading the output: {e}")))?
-            {
-                for line in lines.push(&chunk)? {
-                    let f: ExecFrame =
-                        serde_json::from_slice(&line).map_err(|e| Fail(format!("invalid exec frame: {e}")))?;
-                    if !f.error.is_empty() {
-                        return Err(Fail(f.error));
-                    }
-                    match f.r#type.as_str() {
-                        "stdout" => out.push(&payload(&f)),
-                        "stderr" => err.push(&payload(&f)),
-                        "exit" => exit = Some((f.exit_code.unwrap_or(0), f.signal.clone())),
-                        _ => {}
-                    }
+            for_each_frame(resp, "the output", |f| {
+                if !f.error.is_empty() {
+                    return Err(Fail(f.error));
                 }
-            }
-            Ok::<(), Fail>(())
+                match f.r#type.as_str() {
+                    "stdout" => out.push(&payload(&f)),
+                    "stderr" => err.push(&payload(&f)),
+                    "exit" => exit = Some((f.exit_code.unwrap_or(0), f.signal.clone())),
+                    _ => {}
+                }
+                Ok(())
+            })
+            .await
         };
         // Past the timeout the request is dropped, which kills the command in the guest.
         let timed_out = match tokio::time::timeout(timeout, collect).await {
@@ -550,13 +560,7 @@ impl Sandboxes {
     }
 
     async fn inspect(&self, a: ExecIdArgs) -> Result<Value, Fail> {
-        let i: ExecInfo = self
-            .get(&format!(
-                "/vm/{}/exec/{}",
-                segment("sandbox", &a.sandbox)?,
-                segment("exec_id", &a.exec_id)?
-            ))
-            .await?;
+        let i: ExecInfo = self.get(&exec_path(&a.sandbox, &a.exec_id)?).await?;
         serde_json::to_value(i).map_err(|e| Fail(e.to_string()))
     }
 
@@ -568,12 +572,7 @@ impl Sandboxes {
             .api
             .call(
                 Method::GET,
-                &format!(
-                    "/vm/{}/exec/{}/logs?{}",
-                    segment("sandbox", &a.sandbox)?,
-                    segment("exec_id", &a.exec_id)?,
-                    query(&q)
-                ),
+                &format!("{}/logs?{}", exec_path(&a.sandbox, &a.exec_id)?, query(&q)),
                 None,
                 empty(),
             )
@@ -582,28 +581,20 @@ impl Sandboxes {
         let mut next = a.from_id;
         let mut dropped = 0u64;
         let mut exit: Option<i32> = None;
-        let mut body = resp.into_body().into_data_stream();
-        let mut lines = output::Lines::new(MAX_LINE);
-        while let Some(chunk) = body
-            .try_next()
-            .await
-            .map_err(|e| Fail(format!("reading the logs: {e}")))?
-        {
-            for line in lines.push(&chunk)? {
-                let f: ExecFrame =
-                    serde_json::from_slice(&line).map_err(|e| Fail(format!("invalid log frame: {e}")))?;
-                if let Some(id) = f.id {
-                    next = Some(id + 1);
-                }
-                match f.r#type.as_str() {
-                    "stdout" => out.push(&payload(&f)),
-                    "stderr" => err.push(&payload(&f)),
-                    "gap" => dropped += f.dropped_bytes.unwrap_or(0),
-                    "exit" => exit = f.exit_code,
-                    _ => {}
-                }
+        for_each_frame(resp, "the logs", |f| {
+            if let Some(id) = f.id {
+                next = Some(id + 1);
             }
-        }
+            match f.r#type.as_str() {
+                "stdout" => out.push(&payload(&f)),
+                "stderr" => err.push(&payload(&f)),
+                "gap" => dropped += f.dropped_bytes.unwrap_or(0),
+                "exit" => exit = f.exit_code,
+                _ => {}
+            }
+            Ok(())
+        })
+        .await?;
         Ok(json!({
             "stdout": out.text(),
             "stderr": err.text(),
@@ -624,11 +615,7 @@ impl Sandboxes {
             .api
             .json(
                 Method::POST,
-                &format!(
-                    "/vm/{}/exec/{}/kill",
-                    segment("sandbox", &a.sandbox)?,
-                    segment("exec_id", &a.exec_id)?
-                ),
+                &format!("{}/kill", exec_path(&a.sandbox, &a.exec_id)?),
                 Some(&body),
             )
             .await?;

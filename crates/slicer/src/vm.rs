@@ -4,7 +4,6 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use base64::Engine;
 use clap::{Args, Subcommand};
 use futures_util::TryStreamExt;
 use http::Method;
@@ -1138,7 +1137,6 @@ async fn exec(c: &ApiClient, name: &str, run_as: RunAs, shell: Option<String>, c
     let mut stream = resp.into_body().into_data_stream();
     let mut buf = Vec::new();
     let mut code = 0;
-    let b64 = base64::engine::general_purpose::STANDARD;
     while let Some(chunk) = stream.try_next().await? {
         buf.extend_from_slice(&chunk);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
@@ -1148,18 +1146,7 @@ async fn exec(c: &ApiClient, name: &str, run_as: RunAs, shell: Option<String>, c
                 eprintln!("error: {}", crate::term::stderr_text(&f.error));
                 return Ok(f.exit_code.unwrap_or(1).max(1));
             }
-            let payload = if !f.data.is_empty() {
-                &f.data
-            } else if !f.stdout.is_empty() {
-                &f.stdout
-            } else {
-                &f.stderr
-            };
-            let data = if f.encoding == "base64" {
-                b64.decode(payload).unwrap_or_default()
-            } else {
-                payload.as_bytes().to_vec()
-            };
+            let data = f.payload().unwrap_or_default();
             match f.r#type.as_str() {
                 "stdout" => std::io::stdout().write_all(&data)?,
                 "stderr" => std::io::stderr().write_all(&data)?,
