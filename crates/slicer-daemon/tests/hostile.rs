@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
 use common::TestDaemon;
@@ -233,7 +234,6 @@ async fn a_guest_using_all_its_memory_keeps_running() {
 
 /// Every file and directory below `dir`, with its mode.
 fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u32)>) {
-    use std::os::unix::fs::PermissionsExt;
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let Ok(m) = std::fs::symlink_metadata(e.path()) else {
             continue;
@@ -249,7 +249,6 @@ fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u32)>) {
 #[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn every_file_the_daemon_writes_is_private() {
     let _one = ONE_AT_A_TIME.lock().await;
-    use std::os::unix::fs::PermissionsExt;
     let d = TestDaemon::start(|p| common::config_yaml("modes", "", p)).await;
     let data = d.dir.path().join("data");
     let body = json!({"name": "k", "data": "c2VjcmV0", "permissions": "0600"});
@@ -289,11 +288,14 @@ async fn every_file_the_daemon_writes_is_private() {
     for (path, mode) in &all {
         assert_eq!(mode & 0o077, 0, "{} is mode {:o}", path.display(), mode & 0o7777);
     }
-    // A VM directory belongs to the VM's uid, not to root: only the daemon and that QEMU use it.
+    // A VM directory is root's: the VM's uid owns its disk in it and nothing else, so it can
+    // neither create nor replace a name the daemon uses there.
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&vm_dir).unwrap());
+    assert_eq!(owner, 0, "VM directory owned by {owner}");
+    let disk_owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(vm_dir.join("disk.qcow2")).unwrap());
     assert!(
-        owner >= slicer_jail::uid::DEFAULT_START,
-        "VM directory owned by {owner}"
+        disk_owner >= slicer_jail::uid::DEFAULT_START,
+        "the disk is owned by {disk_owner}"
     );
     // The template's saved state (guest RAM) is the daemon's alone too.
     let mut templates = Vec::new();
@@ -305,4 +307,186 @@ async fn every_file_the_daemon_writes_is_private() {
         assert_eq!(mode & 0o077, 0, "{} is mode {:o}", path.display(), mode & 0o7777);
     }
     delete(&d, "modes", &h).await;
+}
+
+/// Every name the daemon (or slicer-vmm) opens, writes, renames or connects to in a VM's
+/// directory.
+const DAEMON_NAMES: &[&str] = &[
+    "console.log",
+    "console.log.1",
+    "qemu.log",
+    "qemu.log.1",
+    "suspend.state",
+    "suspend.state.tmp",
+    "state.tmp",
+    "ram",
+    "ram-named",
+    "disk.qcow2.chain",
+    "disk.qcow2.chain.tmp",
+    "agent.sock",
+    "qmp.sock",
+    "console.sock",
+    "export-000000000000.qcow2",
+];
+
+/// Runs `script` with `sh -c` as `uid` (gid the same, no other groups) inside the mount
+/// namespace and root of QEMU `pid`: what a guest that escaped into its QEMU is.
+fn in_jail_as(pid: u32, uid: u32, script: &str) -> String {
+    let (p, u) = (pid.to_string(), uid.to_string());
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", &p, "-m", "-r", "-w", "-S", &u, "-G", &u, "--", "/bin/sh", "-c", script])
+        .output()
+        .expect("nsenter runs (util-linux)");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Runs `script` as `uid` on the host (the same uid outside the jail, e.g. a process of it
+/// that got out of the mount namespace).
+fn on_host_as(uid: u32, script: &str) -> String {
+    let u = uid.to_string();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", &u, "--regid", &u, "--clear-groups", "--", "/bin/sh", "-c", script])
+        .output()
+        .expect("setpriv runs (util-linux)");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A shell script that tries to plant, in each of `dirs`, a link to `target` and a plain file
+/// at every daemon name, printing `PLANTED <path>` for each that worked.
+fn plant_script(dirs: &[String], target: &str) -> String {
+    let mut s = String::new();
+    for d in dirs {
+        for n in DAEMON_NAMES {
+            s += &format!(
+                "rm -f '{d}/{n}' 2>/dev/null; ln -s '{target}' '{d}/{n}' 2>/dev/null && echo 'PLANTED {d}/{n}'; \
+                 ( : > '{d}/{n}.x' ) 2>/dev/null && echo 'PLANTED {d}/{n}.x'; "
+            );
+        }
+    }
+    s + "echo done"
+}
+
+fn planted(out: &str) -> Vec<&str> {
+    out.lines().filter(|l| l.starts_with("PLANTED")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
+async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let d = TestDaemon::start(|p| {
+        format!(
+            "config:\n  host_groups:\n  - name: esc\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: min\n    persistent: true\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {p}\n    bind_address: 127.0.0.1\n"
+        )
+    })
+    .await;
+    let data = d.dir.path().join("data");
+    let token_path = data.join("auth").join("token");
+    let token = std::fs::read_to_string(&token_path).unwrap().trim().to_string();
+    assert!(token.len() >= 16);
+    let token_mode = || std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o7777;
+    let no_token = |what: &str, body: &[u8]| {
+        assert!(
+            !body.windows(token.len()).any(|w| w == token.as_bytes()),
+            "{what} holds the API token"
+        );
+    };
+    // Where a followed link would write: nothing may appear here.
+    let sink = tempfile::Builder::new().prefix("slicer-sink-").tempdir().unwrap();
+    std::fs::set_permissions(sink.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sink_file = sink.path().join("appended");
+
+    let h = d.create_vm("esc", json!({})).await["hostname"].as_str().unwrap().to_string();
+    let vm_dir = data.join("vms").join(&h);
+    let pid = qemu_pid(&h);
+    let uid = slicer_jail::inspect(pid).unwrap().uid;
+    let m = std::fs::metadata(&vm_dir).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o700), "the VM directory is root's alone");
+
+    // Every directory the QEMU can name (its jail shows the disk at the host path), inside
+    // its namespace and out: no name can be planted anywhere.
+    let dirs: Vec<String> = [vm_dir.clone(), data.join("vms"), "/".into(), "/tmp".into(), "/run".into()]
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    for target in [token_path.display().to_string(), sink_file.display().to_string()] {
+        let inside = in_jail_as(pid, uid, &plant_script(&dirs, &target));
+        assert!(inside.contains("done"), "{inside}");
+        assert!(planted(&inside).is_empty(), "inside the jail: {inside}");
+        let outside = on_host_as(uid, &plant_script(&dirs[..2], &target));
+        assert!(outside.contains("done"), "{outside}");
+        assert!(planted(&outside).is_empty(), "on the host: {outside}");
+    }
+
+    // Drive everything that touches those names: console output and its rotation, logs,
+    // suspend and restore.
+    let (s, _) = d
+        .sh(&h, "head -c 2500000 /dev/zero | tr '\\0' 'x' > /dev/ttyS0; echo")
+        .await;
+    assert_eq!(s, 200);
+    let (s, logs) = d.raw(&d.client(), http::Method::GET, &format!("/vm/{h}/logs?lines=0"), None, slicer_api::client::empty()).await;
+    assert_eq!(s, 200);
+    no_token("the console log", &logs);
+    let (s, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/suspend"), "").await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/restore?wait=agent"), "").await;
+    assert_eq!(s, 200, "{v}");
+    let (s, out) = d.sh(&h, "echo back").await;
+    assert_eq!((s, out["stdout"].as_str()), (200, Some("back\n")), "{out}");
+
+    // The QEMU owns its disk: it rewrites the header's backing name to the daemon's token (a
+    // raw file), then dies without closing the image cleanly.
+    let pid = qemu_pid(&h);
+    let uid = slicer_jail::inspect(pid).unwrap().uid;
+    let disk = vm_dir.join("disk.qcow2");
+    let tamper = format!(
+        "python3 -c 'import struct; f=open(\"{}\",\"r+b\"); n=b\"{}\"; f.seek(8192); f.write(n); f.seek(8); f.write(struct.pack(\">QI\",8192,len(n))); f.close(); print(\"tampered\")'",
+        disk.display(),
+        token_path.display()
+    );
+    let out = in_jail_as(pid, uid, &tamper);
+    assert!(out.contains("tampered"), "{out}");
+    // SAFETY: kill(2) of the VM's QEMU.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.get(&format!("/vm/{h}")).await.1["status"] != "Stopped" {
+        assert!(Instant::now() < deadline, "the killed VM was not marked Stopped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Export, relaunch, commit and fork all read that disk: none may reach the token.
+    let (s, body) = d.raw(&d.client(), http::Method::GET, &format!("/vm/{h}/disk"), None, slicer_api::client::empty()).await;
+    no_token(&format!("the exported disk ({s})"), &body);
+    assert_eq!(token_mode(), 0o600, "the token was made readable");
+    let (_, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/relaunch"), "").await;
+    no_token("the relaunch answer", v.to_string().as_bytes());
+    assert_eq!(token_mode(), 0o600, "the token was made readable");
+    if d.get(&format!("/vm/{h}")).await.1["status"] == "Running" {
+        let (_, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/shutdown"), "").await;
+        no_token("the shutdown answer", v.to_string().as_bytes());
+    }
+    let (s, c) = d.send_json(http::Method::POST, &format!("/vm/{h}/commit"), "{}").await;
+    assert_eq!(s, 201, "{c}");
+    let commit = c["commit_id"].as_str().unwrap().to_string();
+    let (_, f) = d
+        .send_json(http::Method::POST, &format!("/vm/commits/{commit}/fork"), "{}")
+        .await;
+    no_token("the fork answer", f.to_string().as_bytes());
+    assert_eq!(token_mode(), 0o600, "the token was made readable");
+    if let Some(fork) = f["hostname"].as_str() {
+        if let Some(fpid) = common::qemu_pid_of(fork) {
+            let jail = slicer_jail::inspect(fpid).unwrap();
+            assert!(!jail.root_entries.is_empty());
+            let seen = in_jail_as(fpid, jail.uid, &format!("cat '{}' 2>&1; echo", token_path.display()));
+            no_token("the fork's jail", seen.as_bytes());
+        }
+        delete(&d, "esc", fork).await;
+    }
+    let (s, body) = d.raw(&d.client(), http::Method::GET, &format!("/vm/{h}/disk"), None, slicer_api::client::empty()).await;
+    no_token(&format!("the exported disk after the commit ({s})"), &body);
+    assert!(!sink_file.exists(), "a file appeared where a planted link pointed");
+    delete(&d, "esc", &h).await;
+    let (s, v) = d.send_json(http::Method::DELETE, &format!("/vm/commits/{commit}"), "").await;
+    assert_eq!(s, 200, "{v}");
+    assert!(common::no_qemu_for(&h));
 }

@@ -8,6 +8,7 @@
 //! comes through a pipe into `qemu.log` with the same rotation.
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ pub struct BoundedLog {
 
 impl BoundedLog {
     pub fn new(path: PathBuf) -> BoundedLog {
-        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let size = std::fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
         BoundedLog { path, file: None, size }
     }
 
@@ -46,7 +47,14 @@ impl BoundedLog {
                 self.size = 0;
             }
             if self.file.is_none() {
-                let f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+                // Never through a link at the log's name (the directory is root's; this is
+                // the second line of defence).
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&self.path)?;
                 self.size = f.metadata()?.len();
                 self.file = Some(f);
             }
@@ -124,9 +132,16 @@ pub fn tail(path: &Path, lines: usize) -> String {
 }
 
 fn read_end(path: &Path) -> Vec<u8> {
-    let Ok(mut f) = std::fs::File::open(path) else {
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    else {
         return Vec::new();
     };
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return Vec::new();
+    }
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let start = len.saturating_sub(LOG_MAX);
     let mut buf = Vec::new();

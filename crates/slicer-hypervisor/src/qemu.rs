@@ -131,7 +131,15 @@ impl QemuConfig {
     /// The argument vector (without the binary). A restoring QEMU reads its state from
     /// descriptor 3 here; [`QemuProcess::spawn`] passes the descriptor it actually hands over.
     pub fn args(&self) -> Vec<String> {
-        self.args_with(3, Some(4))
+        self.args_with(
+            3,
+            Some(4),
+            &SocketFds {
+                agent: 5,
+                qmp: 6,
+                console: self.console_socket.as_ref().map(|_| 7),
+            },
+        )
     }
 
     /// Whether QEMU joins its cgroup after `exec` rather than before: for a restore, whose
@@ -151,8 +159,9 @@ impl QemuConfig {
         self.incoming.is_some() && self.ram.as_ref().and_then(RamBacking::inherited_fd).is_some()
     }
 
-    /// `tap_fd`: the descriptor of an opened TAP (jailed QEMUs cannot open one themselves).
-    fn args_with(&self, incoming_fd: i32, tap_fd: Option<i32>) -> Vec<String> {
+    /// `tap_fd`: the descriptor of an opened TAP (jailed QEMUs cannot open one themselves);
+    /// `sockets`: the listening sockets the caller bound (see [`SocketFds`]).
+    fn args_with(&self, incoming_fd: i32, tap_fd: Option<i32>, sockets: &SocketFds) -> Vec<String> {
         let p = |p: &Path| p.display().to_string();
         let machine = match &self.ram {
             Some(_) => "microvm,x-option-roms=off,acpi=off,memory-backend=slicer.ram",
@@ -187,8 +196,8 @@ impl QemuConfig {
             "-append".into(),
             self.kernel_cmdline(),
             "-chardev".into(),
-            match &self.console_socket {
-                Some(sock) => format!("socket,id=console,path={},server=on,wait=off", p(sock)),
+            match sockets.console {
+                Some(fd) => format!("socket,id=console,fd={fd},server=on,wait=off"),
                 None => format!("file,id=console,path={},append=on", p(&self.console_log)),
             },
             "-serial".into(),
@@ -205,13 +214,15 @@ impl QemuConfig {
             "-device".into(),
             "virtio-serial-device,max_ports=2".into(),
             "-chardev".into(),
-            format!("socket,id=agent,path={},server=on,wait=off", p(&self.agent_socket)),
+            format!("socket,id=agent,fd={},server=on,wait=off", sockets.agent),
             "-device".into(),
             format!("virtserialport,chardev=agent,name={}", AGENT_PORT_NAME),
             "-device".into(),
             "virtio-rng-device".into(),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", p(&self.qmp_socket)),
+            "-chardev".into(),
+            format!("socket,id=qmp,fd={},server=on,wait=off", sockets.qmp),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
         ]);
         if let Some(n) = &self.net {
             let backend = match (&n.tap, self.jail.is_some()) {
@@ -257,6 +268,82 @@ impl QemuConfig {
         }
         a
     }
+}
+
+/// The descriptors of the listening sockets a QEMU inherits for its agent port, QMP and
+/// serial console.
+///
+/// The caller binds them at their paths (in the VM's directory, which only root can write)
+/// and QEMU only accepts on them: QEMU needs no directory it can write, and a path the daemon
+/// connects to is never one the VM's uid could have replaced with a link (to another VM's
+/// agent socket, say).
+#[derive(Debug, Clone, Copy)]
+pub struct SocketFds {
+    pub agent: i32,
+    pub qmp: i32,
+    pub console: Option<i32>,
+}
+
+/// Binds a listening UNIX socket at `path` (close-on-exec), replacing a stale socket there.
+fn listen_at(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => std::fs::remove_file(path).map_err(|e| Error::io(format!("removing {}", path.display()), e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    }
+    std::os::unix::net::UnixListener::bind(path).map_err(|e| Error::io(format!("binding {}", path.display()), e))
+}
+
+/// Marks every descriptor but `keep` (sorted) close-on-exec, in a forked child. close_range(2)
+/// with `CLOSE_RANGE_CLOEXEC` (Linux 5.11) does it in one call per gap; older kernels get a
+/// loop up to the descriptor limit (at most 65536).
+fn cloexec_all_but(keep: &[i32]) -> std::io::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    let mut from: libc::c_uint = 0;
+    let mark = |lo: libc::c_uint, hi: libc::c_uint| -> std::io::Result<()> {
+        if lo > hi {
+            return Ok(());
+        }
+        // SAFETY: close_range(2) on a range of our own descriptors.
+        let r = unsafe { libc::syscall(libc::SYS_close_range, lo, hi, CLOSE_RANGE_CLOEXEC) };
+        if r == 0 {
+            return Ok(());
+        }
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills a struct we own; fcntl on any number is harmless (EBADF).
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            let top = hi.min(lim.rlim_cur.min(65536) as libc::c_uint);
+            for fd in lo..=top {
+                libc::fcntl(fd as i32, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+        Ok(())
+    };
+    for &k in keep {
+        let k = k as libc::c_uint;
+        if k > from {
+            mark(from, k - 1)?;
+        }
+        from = k + 1;
+    }
+    mark(from, libc::c_uint::MAX)
+}
+
+/// Creates (or truncates) a log file without following a link at its name.
+fn create_log(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))
 }
 
 /// QEMU's version line (`QEMU emulator version 7.2.x ...`): saved states are only restored
@@ -472,8 +559,18 @@ impl QemuProcess {
     /// namespace, and handed over as a descriptor. The cgroup is removed once QEMU has exited.
     pub async fn spawn(cfg: &QemuConfig) -> Result<QemuProcess> {
         use std::os::fd::AsRawFd;
-        let log = std::fs::File::create(&cfg.qemu_log)
-            .map_err(|e| Error::io(format!("creating {}", cfg.qemu_log.display()), e))?;
+        let log = create_log(&cfg.qemu_log)?;
+        let agent_listener = listen_at(&cfg.agent_socket)?;
+        let qmp_listener = listen_at(&cfg.qmp_socket)?;
+        let console_listener = match &cfg.console_socket {
+            Some(p) => Some(listen_at(p)?),
+            None => None,
+        };
+        let sockets = SocketFds {
+            agent: agent_listener.as_raw_fd(),
+            qmp: qmp_listener.as_raw_fd(),
+            console: console_listener.as_ref().map(AsRawFd::as_raw_fd),
+        };
         let incoming = match &cfg.incoming {
             Some(path) if !cfg.loads_through_qmp() => {
                 Some(std::fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?)
@@ -497,7 +594,7 @@ impl QemuProcess {
             None => cfg.binary.clone(),
         };
         let mut cmd = tokio::process::Command::new(&binary);
-        cmd.args(cfg.args_with(incoming_fd, tap_fd))
+        cmd.args(cfg.args_with(incoming_fd, tap_fd, &sockets))
             .stdin(Stdio::null())
             .process_group(0);
         // A bounded VM's QEMU output goes through a pipe into a bounded log (a guest can make
@@ -552,6 +649,21 @@ impl QemuProcess {
                     Ok(())
                 });
             }
+        }
+        let inherited: Vec<i32> = [Some(sockets.agent), Some(sockets.qmp), sockets.console]
+            .into_iter()
+            .flatten()
+            .collect();
+        // SAFETY: as for the state file above; the listeners stay open here until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &inherited {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
         }
         if let Some(ram_fd) = cfg.ram.as_ref().and_then(RamBacking::inherited_fd) {
             // SAFETY: as for the state file above; the caller keeps the descriptor open.
@@ -619,7 +731,24 @@ impl QemuProcess {
                 cmd.pre_exec(move || p.enter());
             }
         }
+        // Last: every descriptor QEMU is not meant to have closes at exec, whoever opened it
+        // without close-on-exec (another thread, a library, the daemon's parent).
+        let mut keep: Vec<i32> = vec![0, 1, 2, sockets.agent, sockets.qmp];
+        keep.extend(sockets.console);
+        keep.extend(tap_fd);
+        keep.extend(cfg.ram.as_ref().and_then(RamBacking::inherited_fd));
+        if incoming_fd >= 0 {
+            keep.push(incoming_fd);
+        }
+        keep.sort_unstable();
+        keep.dedup();
+        // SAFETY: close_range/fcntl are async-signal-safe; `keep` was built before the fork.
+        unsafe {
+            cmd.pre_exec(move || cloexec_all_but(&keep));
+        }
         let spawned = cmd.spawn();
+        // QEMU accepts on its copies; ours go (the daemon connects by path).
+        drop((agent_listener, qmp_listener, console_listener));
         drop(netns);
         drop(incoming);
         drop(tap_slot);
@@ -776,5 +905,9 @@ mod tests {
         let a = c.args();
         assert!(a.windows(2).any(|w| w == ["-netdev", "hubport,id=net0,hubid=0"]));
         assert!(a.windows(2).any(|w| w == ["-incoming", "fd:3"]));
+        // Sockets are inherited descriptors, never paths QEMU creates.
+        assert!(a.iter().any(|x| x == "socket,id=agent,fd=5,server=on,wait=off"));
+        assert!(a.windows(2).any(|w| w == ["-mon", "chardev=qmp,mode=control"]));
+        assert!(!a.iter().any(|x| x.contains("path=/a.sock") || x.contains("/q.sock")));
     }
 }

@@ -39,6 +39,9 @@ pub struct JailSpec {
     pub rw_dirs: Vec<PathBuf>,
     /// Files bound read-only at the same path.
     pub ro_files: Vec<PathBuf>,
+    /// Files bound read-write at the same path (the VM's disk): the jail holds no directory
+    /// the process could create or rename an entry in.
+    pub rw_files: Vec<PathBuf>,
     /// Device nodes bound at the same path.
     pub devices: Vec<PathBuf>,
     /// Give the process an empty network namespace of its own.
@@ -158,6 +161,18 @@ impl JailSpec {
             ops.push(Op::Touch(cstr(&t)?));
             ops.push(Op::Bind(cstr(&f)?, cstr(&t)?, RO | libc::MS_NOEXEC));
         }
+        for f in &self.rw_files {
+            let t = inside(f)?;
+            if let Some(parent) = t.parent() {
+                mkdirs(parent, &mut ops, &mut made)?;
+            }
+            ops.push(Op::Touch(cstr(&t)?));
+            ops.push(Op::Bind(
+                cstr(f)?,
+                cstr(&t)?,
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            ));
+        }
         for d in &self.rw_dirs {
             let t = inside(d)?;
             mkdirs(&t, &mut ops, &mut made)?;
@@ -215,6 +230,83 @@ impl JailSpec {
                 .collect(),
         })
     }
+}
+
+/// `struct mount_attr` of mount_setattr(2) (not in every libc release).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+/// Binds `src` at `dst` with `flags`, for every mount below it too: a remount of a recursive
+/// bind changes only its top mount, so a read-only `/usr` with a submount (e.g. `/usr/local`
+/// on its own filesystem) would leave that submount writable. mount_setattr(2) (Linux 5.12)
+/// sets the flags on the whole tree; without it the bind is not recursive (no submount is
+/// visible at all).
+///
+/// # Safety
+/// Async-signal-safe: syscalls on prepared C strings.
+unsafe fn bind(src: &CString, dst: &CString, flags: libc::c_ulong) -> std::io::Result<()> {
+    let null = std::ptr::null::<libc::c_char>();
+    let remount = |dst: &CString| {
+        check(libc::mount(
+            null,
+            dst.as_ptr(),
+            null,
+            libc::MS_BIND | libc::MS_REMOUNT | flags,
+            std::ptr::null(),
+        ))
+    };
+    check(libc::mount(
+        src.as_ptr(),
+        dst.as_ptr(),
+        null,
+        libc::MS_BIND | libc::MS_REC,
+        std::ptr::null(),
+    ))?;
+    remount(dst)?;
+    let mut set = 0;
+    for (ms, attr) in [
+        (libc::MS_RDONLY, MOUNT_ATTR_RDONLY),
+        (libc::MS_NOSUID, MOUNT_ATTR_NOSUID),
+        (libc::MS_NODEV, MOUNT_ATTR_NODEV),
+        (libc::MS_NOEXEC, MOUNT_ATTR_NOEXEC),
+    ] {
+        if flags & ms != 0 {
+            set |= attr;
+        }
+    }
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let r = libc::syscall(
+        libc::SYS_mount_setattr,
+        libc::AT_FDCWD,
+        dst.as_ptr(),
+        AT_RECURSIVE,
+        &attr as *const MountAttr,
+        std::mem::size_of::<MountAttr>(),
+    );
+    if r == 0 {
+        return Ok(());
+    }
+    if *libc::__errno_location() != libc::ENOSYS {
+        return Err(std::io::Error::last_os_error());
+    }
+    check(libc::umount2(dst.as_ptr(), libc::MNT_DETACH))?;
+    check(libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_BIND, std::ptr::null()))?;
+    remount(dst)
 }
 
 fn check(r: libc::c_int) -> std::io::Result<()> {
@@ -291,22 +383,7 @@ impl Prepared {
                         ))?;
                     }
                 }
-                Op::Bind(src, dst, flags) => {
-                    check(libc::mount(
-                        src.as_ptr(),
-                        dst.as_ptr(),
-                        null,
-                        libc::MS_BIND | libc::MS_REC,
-                        std::ptr::null(),
-                    ))?;
-                    check(libc::mount(
-                        null,
-                        dst.as_ptr(),
-                        null,
-                        libc::MS_BIND | libc::MS_REMOUNT | flags,
-                        std::ptr::null(),
-                    ))?;
-                }
+                Op::Bind(src, dst, flags) => bind(src, dst, *flags)?,
             }
         }
         libc::umask(0o077);
@@ -377,5 +454,42 @@ mod tests {
         }
         .prepare()
         .is_err());
+    }
+
+    #[test]
+    #[ignore = "full tier: needs root (mount namespaces)"]
+    fn a_read_only_bind_is_read_only_in_every_submount() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("usr"), dir.path().join("jail-usr"));
+        std::fs::create_dir_all(src.join("local")).unwrap();
+        std::fs::create_dir_all(&dst).unwrap();
+        let (c_src, c_dst, c_sub) = (cstr(&src).unwrap(), cstr(&dst).unwrap(), cstr(&src.join("local")).unwrap());
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.arg("-c").arg(format!(
+            "touch {0}/top 2>&1; touch {0}/local/sub 2>&1; echo end",
+            dst.display()
+        ));
+        // SAFETY: raw syscalls in the forked child on strings made before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let null = std::ptr::null::<libc::c_char>();
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                check(libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
+                // A submount below the source, as /usr/local on a filesystem of its own.
+                check(libc::mount(
+                    c"tmpfs".as_ptr(),
+                    c_sub.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                ))?;
+                bind(&c_src, &c_dst, libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV)
+            });
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("end"), "{text}");
+        assert_eq!(text.matches("Read-only file system").count(), 2, "{text}");
     }
 }

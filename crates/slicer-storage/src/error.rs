@@ -30,8 +30,12 @@ pub enum Error {
         source: std::io::Error,
     },
     /// `qemu-img create` ran and failed; `stderr` is its trimmed error output.
-    #[error("qemu-img create {} failed: {stderr}", overlay.display())]
+    #[error("qemu-img failed on {}: {stderr}", overlay.display())]
     QemuImg { overlay: PathBuf, stderr: String },
+    /// A disk's backing chain cannot be trusted: its record is malformed, or (for a disk made
+    /// before chains were recorded) its header names something other than a public image.
+    #[error("the backing chain of {} is not trusted: {reason}", disk.display())]
+    UntrustedBacking { disk: PathBuf, reason: String },
 }
 
 impl Error {

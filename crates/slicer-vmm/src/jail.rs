@@ -107,20 +107,39 @@ impl JailConfig {
         }
     }
 
-    /// The jail for QEMU `cfg` under `uid`: prepares its directory (owned by the uid, 0700),
-    /// its cgroup, and what it may see.
+    /// The jail for QEMU `cfg` under `uid`: prepares its files (the disk owned by the uid,
+    /// 0600; the VM's directory root's, 0700, so nothing in it can be replaced by the VM's
+    /// uid), its cgroup, and what it may see: the disk (read-write) and the files behind it as
+    /// the daemon recorded them (never the header QEMU can rewrite), the kernel, no directory
+    /// it could write. Its sockets are bound by the daemon and handed over as descriptors.
     pub fn jail_for(&self, cfg: &QemuConfig, name: &str, uid: u32, memory_bytes: u64) -> Result<Jail> {
         let dir = cfg
             .disk
             .parent()
             .context("the VM's disk has no directory")?
             .to_path_buf();
-        chown(&dir, uid, 0o700)?;
+        root_only_dir(&dir)?;
+        let mut rw_files = Vec::new();
         if cfg.disk.exists() {
-            chown(&cfg.disk, uid, 0o600)?;
+            give_file(&cfg.disk, uid)?;
+            rw_files.push(cfg.disk.clone());
+        }
+        if let Some(slicer_hypervisor::qemu::RamBacking::SharedFile(ram)) = &cfg.ram {
+            // A template build's RAM file: made here, so QEMU needs no writable directory.
+            private_file(ram)?;
+            give_file(ram, uid)?;
+            rw_files.push(ram.clone());
+        }
+        if cfg.console_socket.is_none() {
+            // A throwaway VM's console goes straight to its file (see `QemuConfig`).
+            private_file(&cfg.console_log)?;
+            give_file(&cfg.console_log, uid)?;
+            rw_files.push(cfg.console_log.clone());
         }
         let mut ro_files = vec![cfg.kernel.clone()];
-        ro_files.extend(backing_chain(&cfg.disk)?);
+        if cfg.disk.exists() {
+            ro_files.extend(slicer_storage::trusted_chain(&cfg.disk)?);
+        }
         for f in &ro_files {
             world_readable(f)?;
         }
@@ -146,7 +165,8 @@ impl JailConfig {
             uid,
             gid: uid,
             groups,
-            rw_dirs: vec![dir],
+            rw_dirs: Vec::new(),
+            rw_files,
             ro_files,
             devices,
             new_netns: cfg.net.as_ref().and_then(|n| n.netns.as_ref()).is_none(),
@@ -166,9 +186,43 @@ impl JailConfig {
     }
 }
 
-fn chown(path: &Path, uid: u32, mode: u32) -> Result<()> {
-    std::os::unix::fs::chown(path, Some(uid), Some(uid)).with_context(|| format!("chown {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+/// Makes `dir` root's and 0700 (a directory of an older daemon was the VM uid's), without
+/// following a link.
+fn root_only_dir(dir: &Path) -> Result<()> {
+    let m = std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if !m.is_dir() {
+        return Err(crate::Error::Io {
+            context: format!("{} is not a directory", dir.display()),
+            source: std::io::ErrorKind::InvalidData.into(),
+        });
+    }
+    if m.uid() != 0 || m.gid() != 0 {
+        std::os::unix::fs::lchown(dir, Some(0), Some(0)).with_context(|| format!("chown {}", dir.display()))?;
+    }
+    if m.mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Gives the regular file `path` to `uid` (0600) through a descriptor opened without following
+/// a link; a file with other hard links is refused (chown would hand over every name of it).
+fn give_file(path: &Path, uid: u32) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let m = f.metadata().with_context(|| format!("reading {}", path.display()))?;
+    if !m.is_file() || m.nlink() != 1 {
+        return Err(crate::Error::Io {
+            context: format!("{} is not a regular file with one name", path.display()),
+            source: std::io::ErrorKind::InvalidData.into(),
+        });
+    }
+    std::os::unix::fs::fchown(&f, Some(uid), Some(uid)).with_context(|| format!("chown {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", path.display()))
 }
 
@@ -190,47 +244,9 @@ pub fn private_file(path: &Path) -> Result<std::fs::File> {
         .write(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))
-}
-
-/// The files behind a qcow2 disk, nearest first: read from the qcow2 headers (magic
-/// `QFI\xfb`, backing file offset at byte 8, its length at byte 16). A raw file ends the chain.
-pub fn backing_chain(disk: &Path) -> Result<Vec<PathBuf>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut chain = Vec::new();
-    let mut cur = disk.to_path_buf();
-    for _ in 0..16 {
-        let Ok(mut f) = std::fs::File::open(&cur) else { break };
-        let mut hdr = [0u8; 20];
-        if f.read_exact(&mut hdr).is_err() || hdr[..4] != *b"QFI\xfb" {
-            break;
-        }
-        let off = u64::from_be_bytes(hdr[8..16].try_into().unwrap_or_default());
-        let len = u32::from_be_bytes(hdr[16..20].try_into().unwrap_or_default()) as usize;
-        if off == 0 || len == 0 {
-            break;
-        }
-        if len > 1023 {
-            return Err(crate::Error::Io {
-                context: format!("{}: backing file name too long", cur.display()),
-                source: std::io::ErrorKind::InvalidData.into(),
-            });
-        }
-        let mut name = vec![0u8; len];
-        f.seek(SeekFrom::Start(off))?;
-        f.read_exact(&mut name)
-            .with_context(|| format!("reading the backing file of {}", cur.display()))?;
-        let name = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(name));
-        let next = if name.is_absolute() {
-            name
-        } else {
-            cur.parent().unwrap_or(Path::new("/")).join(name)
-        };
-        chain.push(next.clone());
-        cur = next;
-    }
-    Ok(chain)
 }
 
 #[cfg(test)]
@@ -242,22 +258,5 @@ mod tests {
         let l = JailConfig::limits(256 << 20, 2);
         assert_eq!(l.memory_bytes, (256 << 20) + crate::vm_overhead_bytes(256 << 20));
         assert_eq!(l.cpu_quota_us, 250_000);
-    }
-
-    #[test]
-    fn a_raw_file_has_no_backing_chain() {
-        let dir = tempfile::tempdir().unwrap();
-        let raw = dir.path().join("raw");
-        std::fs::write(&raw, b"not qcow2").unwrap();
-        assert!(backing_chain(&raw).unwrap().is_empty());
-        // A qcow2 header naming a relative backing file.
-        let mut q = vec![0u8; 128];
-        q[..4].copy_from_slice(b"QFI\xfb");
-        q[8..16].copy_from_slice(&100u64.to_be_bytes());
-        q[16..20].copy_from_slice(&3u32.to_be_bytes());
-        q[100..103].copy_from_slice(b"raw");
-        let top = dir.path().join("top.qcow2");
-        std::fs::write(&top, &q).unwrap();
-        assert_eq!(backing_chain(&top).unwrap(), vec![raw]);
     }
 }

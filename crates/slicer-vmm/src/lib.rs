@@ -127,6 +127,25 @@ impl Host {
         Ok(spawned?)
     }
 
+    /// Writes `disk` (a stopped VM's) and the files behind it as one standalone qcow2 file into
+    /// `out` (open and empty). `qemu-img` runs under a uid of the VM pool when this host jails
+    /// VMs, never as root, and reads only descriptors it inherits (see
+    /// `slicer_storage::convert_standalone`).
+    pub async fn export_disk(&self, disk: &Path, out: &std::fs::File) -> Result<()> {
+        let hint = format!(
+            "export-{}",
+            disk.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        );
+        let lease = match &self.jail {
+            Some(jc) => Some(jc.pool.lease(&hint)?),
+            None => None,
+        };
+        let user = lease.as_ref().map(|l| slicer_storage::Unprivileged { uid: l.uid, gid: l.uid });
+        let r = slicer_storage::convert_standalone(disk, out, user).await;
+        drop(lease);
+        Ok(r?)
+    }
+
     /// KVM or TCG, resolved once (see `slicer_hypervisor::accel`).
     pub async fn accel(&self, kernel: &Path) -> Result<Accel> {
         self.accel
@@ -386,7 +405,7 @@ impl Vm {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         // RAM is one named block, whatever started the VM: its saved states load anywhere
         // (resume, a live capture) into a QEMU that names it the same.
-        std::fs::write(dir.join(RAM_NAMED), b"").with_context(|| format!("writing in {}", dir.display()))?;
+        jail::private_file(&dir.join(RAM_NAMED))?;
         if !reuse {
             if let Err(e) = slicer_storage::create_overlay(&image.rootfs, &disk, spec.disk_size).await {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -465,7 +484,7 @@ impl Vm {
             },
             false => None,
         };
-        std::fs::write(dir.join(RAM_NAMED), b"")?;
+        jail::private_file(&dir.join(RAM_NAMED))?;
         cfg.ram = Some(match &memory {
             Some(m) => slicer_hypervisor::qemu::RamBacking::PrivateFd(std::os::fd::AsRawFd::as_raw_fd(&**m)),
             None => slicer_hypervisor::qemu::RamBacking::Anonymous,
@@ -854,7 +873,7 @@ pub fn disk_users(file: &Path, dirs: &[PathBuf]) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(d) else { continue };
         for e in entries.flatten() {
             let disk = e.path().join("disk.qcow2");
-            let Ok(chain) = jail::backing_chain(&disk) else {
+            let Ok(chain) = slicer_storage::trusted_chain(&disk) else {
                 continue;
             };
             if chain.iter().any(|p| p.canonicalize().is_ok_and(|p| p == target)) {

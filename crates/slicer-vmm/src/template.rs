@@ -140,6 +140,12 @@ impl Template {
         for f in files {
             check!(f.is_file(), Template, "template {} lacks {}", t.id, f.display());
         }
+        // Older daemons left the disk owned by the build's uid; it is read-only to every VM
+        // and root's from now on (best effort: a read-only store still serves).
+        let disk = t.disk();
+        if std::fs::symlink_metadata(&disk).is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) != 0) {
+            let _ = std::os::unix::fs::lchown(&disk, Some(0), Some(0));
+        }
         Ok(t)
     }
 }
@@ -401,6 +407,7 @@ impl Host {
             let _ = std::fs::remove_file(s.join(f));
         }
         // Restored VMs' overlays read this disk: nothing may write it again.
+        std::os::unix::fs::lchown(&disk, Some(0), Some(0))?;
         std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o444))?;
         if meta.shared_ram {
             // QEMU made it as the build's uid: the daemon's from now on, read by the daemon only.
@@ -510,7 +517,7 @@ impl Host {
         let moved = async {
             // Stopped, QEMU has flushed the disk: a copy of the overlay is its state now.
             let (from, to) = (source_disk.clone(), frozen.clone());
-            let copy = tokio::task::spawn_blocking(move || std::fs::copy(&from, &to));
+            let copy = tokio::task::spawn_blocking(move || copy_disk(&from, &to));
             let ram = async {
                 let r = src
                     .save_state(&wr, SAVE_TIMEOUT)
@@ -568,6 +575,7 @@ impl Host {
             let _ = std::fs::remove_file(s.join(f));
         }
         use std::os::unix::fs::PermissionsExt;
+        std::os::unix::fs::lchown(&frozen, Some(0), Some(0))?;
         std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o444))?;
         // The capture QEMU is gone: its memory is kept on disk for later daemons without its
         // zero pages (read by the daemon only), then filled and sealed for forks (see
@@ -642,6 +650,25 @@ fn new_memfd(len: u64) -> Result<std::fs::File> {
 
 /// Copies the data extents of `src` (its first `len` bytes) to the same offsets of `dst`:
 /// holes (never-touched guest pages) stay holes.
+/// Copies a VM's disk (in its root-only directory, never through a link at its name) to `to`
+/// with its recorded chain: the copy has the same backing files.
+fn copy_disk(from: &Path, to: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    let n = std::io::copy(&mut src, &mut dst)?;
+    let chain = slicer_storage::trusted_chain(from).map_err(std::io::Error::other)?;
+    slicer_storage::write_chain(to, &chain).map_err(std::io::Error::other)?;
+    Ok(n)
+}
+
 fn copy_extents(src: &std::fs::File, dst: &std::fs::File, len: u64) -> Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;

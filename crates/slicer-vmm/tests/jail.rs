@@ -13,6 +13,13 @@ use slicer_vmm::ExecRequest;
 #[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn qemu_runs_jailed_with_its_own_uid_root_and_cgroup() {
     let f = fixture();
+    // A descriptor some part of the daemon opened without close-on-exec: no QEMU inherits it.
+    let marker = f.tmp.path().join("leaked-descriptor");
+    std::fs::write(&marker, b"").unwrap();
+    let c_marker = std::ffi::CString::new(marker.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: open(2) of a file we made; closed at the end of the test.
+    let leaked = unsafe { libc::open(c_marker.as_ptr(), libc::O_RDONLY) };
+    assert!(leaked >= 0);
     let a = boot(&f, "jail-a", "min").await;
     let b = boot(&f, "jail-b", "min").await;
     let jc = f.host.jail.as_ref().expect("tests run as root: VMs are jailed");
@@ -48,6 +55,20 @@ async fn qemu_runs_jailed_with_its_own_uid_root_and_cgroup() {
             .join("disk.qcow2")
             .exists());
         assert!(!root.join("etc/passwd").exists() && !root.join("root").exists());
+        // Of its directory it sees the disk alone (its sockets are inherited descriptors, its
+        // logs the daemon's), and it can create nothing there.
+        let seen: Vec<String> = std::fs::read_dir(root.join(vm.dir().strip_prefix("/").unwrap()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(seen, ["disk.qcow2"], "the jail's view of the VM directory");
+        let m = std::fs::metadata(vm.dir()).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&m), 0, "the VM directory is root's");
+        let held: Vec<std::path::PathBuf> = std::fs::read_dir(format!("/proc/{}/fd", vm.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .collect();
+        assert!(!held.contains(&marker), "QEMU inherited a descriptor it was not given: {held:?}");
         let other = if vm.name == "jail-a" { &b } else { &a };
         assert!(
             !root.join(other.dir().strip_prefix("/").unwrap()).exists(),
@@ -91,6 +112,8 @@ async fn qemu_runs_jailed_with_its_own_uid_root_and_cgroup() {
     assert!(!cg.is_some_and(|c| c.exists()), "the cgroup goes with the VM");
     b.stop(Duration::ZERO).await.unwrap();
     assert!(jc.cgroup_of("jail-b").is_none());
+    // SAFETY: the descriptor opened above.
+    unsafe { libc::close(leaked) };
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -195,13 +195,16 @@ impl Manager {
             let dir = me.commits_dir.join(&id);
             std::fs::create_dir_all(&dir).map_err(Error::host)?;
             let frozen = dir.join("disk.qcow2");
-            std::fs::rename(&disk, &frozen).map_err(Error::host)?;
+            // The chain recorded for the disk goes with it (never the header the VM's QEMU could
+            // rewrite); the commit is root's and read-only from now on.
+            slicer_storage::rename_disk(&disk, &frozen).map_err(Error::host)?;
             if let Err(e) = slicer_storage::create_overlay(&frozen, &disk, rec.storage_size).await {
-                let _ = std::fs::rename(&frozen, &disk);
+                let _ = slicer_storage::rename_disk(&frozen, &disk);
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(Error::host(anyhow::Error::from(e).context(format!("committing VM {h}"))));
             }
             use std::os::unix::fs::PermissionsExt;
+            let _ = std::os::unix::fs::lchown(&frozen, Some(0), Some(0));
             let _ = std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o444));
             let (last, parent) = me.db.lineage(&h).map_err(Error::host)?;
             let c = commit_record(&id, &rec, &req, last.or(parent.clone()));
@@ -239,7 +242,7 @@ impl Manager {
         if !disk.is_file() {
             return Err(Error::conflict(format!("VM {h} has no disk to commit")));
         }
-        let depth = slicer_vmm::jail::backing_chain(&disk).map(|c| c.len()).unwrap_or(0);
+        let depth = slicer_storage::trusted_chain(&disk).map(|c| c.len()).unwrap_or(0);
         if depth >= MAX_CHAIN {
             return Err(Error::conflict(format!(
                 "VM {h}'s disk already sits on {depth} layers (commits of commits); fork a fresh VM from its latest commit instead"
@@ -605,21 +608,23 @@ impl Manager {
             let out = me
                 .vm_dir(&h)
                 .join(format!("export-{}.qcow2", hex::encode(rand::random::<[u8; 6]>())));
-            let res = tokio::process::Command::new("qemu-img")
-                .args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
-                .arg(&disk)
-                .arg(&out)
-                .output()
-                .await;
-            let opened = match res {
-                Ok(o) if o.status.success() => std::fs::File::open(&out).map_err(Error::host),
-                Ok(o) => Err(Error::host_msg(format!(
-                    "qemu-img convert: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                ))),
-                Err(e) => Err(Error::host(anyhow::Error::from(e).context("running qemu-img"))),
+            let file = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&out)
+                    .map_err(Error::host)?
             };
+            let converted = me.host.export_disk(&disk, &file).await;
             let _ = std::fs::remove_file(&out);
+            let opened = match converted {
+                Ok(()) => Ok(file),
+                Err(e) => Err(Error::host(anyhow::Error::from(e).context(format!("exporting VM {h}'s disk")))),
+            };
             let f = opened?;
             let len = f.metadata().map_err(Error::host)?.len();
             Ok((f, len))
