@@ -334,7 +334,9 @@ const DAEMON_NAMES: &[&str] = &[
 fn in_jail_as(pid: u32, uid: u32, script: &str) -> String {
     let (p, u) = (pid.to_string(), uid.to_string());
     let out = std::process::Command::new("nsenter")
-        .args(["-t", &p, "-m", "-r", "-w", "-S", &u, "-G", &u, "--", "/bin/sh", "-c", script])
+        .args([
+            "-t", &p, "-m", "-r", "-w", "-S", &u, "-G", &u, "--", "/bin/sh", "-c", script,
+        ])
         .output()
         .expect("nsenter runs (util-linux)");
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
@@ -345,7 +347,17 @@ fn in_jail_as(pid: u32, uid: u32, script: &str) -> String {
 fn on_host_as(uid: u32, script: &str) -> String {
     let u = uid.to_string();
     let out = std::process::Command::new("setpriv")
-        .args(["--reuid", &u, "--regid", &u, "--clear-groups", "--", "/bin/sh", "-c", script])
+        .args([
+            "--reuid",
+            &u,
+            "--regid",
+            &u,
+            "--clear-groups",
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ])
         .output()
         .expect("setpriv runs (util-linux)");
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
@@ -396,19 +408,32 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
     std::fs::set_permissions(sink.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let sink_file = sink.path().join("appended");
 
-    let h = d.create_vm("esc", json!({})).await["hostname"].as_str().unwrap().to_string();
+    let h = d.create_vm("esc", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let vm_dir = data.join("vms").join(&h);
     let pid = qemu_pid(&h);
     let uid = slicer_jail::inspect(pid).unwrap().uid;
     let m = std::fs::metadata(&vm_dir).unwrap();
-    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o700), "the VM directory is root's alone");
+    assert_eq!(
+        (m.uid(), m.mode() & 0o7777),
+        (0, 0o700),
+        "the VM directory is root's alone"
+    );
 
     // Every directory the QEMU can name (its jail shows the disk at the host path), inside
     // its namespace and out: no name can be planted anywhere.
-    let dirs: Vec<String> = [vm_dir.clone(), data.join("vms"), "/".into(), "/tmp".into(), "/run".into()]
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
+    let dirs: Vec<String> = [
+        vm_dir.clone(),
+        data.join("vms"),
+        "/".into(),
+        "/tmp".into(),
+        "/run".into(),
+    ]
+    .iter()
+    .map(|p| p.display().to_string())
+    .collect();
     for target in [token_path.display().to_string(), sink_file.display().to_string()] {
         let inside = in_jail_as(pid, uid, &plant_script(&dirs, &target));
         assert!(inside.contains("done"), "{inside}");
@@ -424,12 +449,22 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
         .sh(&h, "head -c 2500000 /dev/zero | tr '\\0' 'x' > /dev/ttyS0; echo")
         .await;
     assert_eq!(s, 200);
-    let (s, logs) = d.raw(&d.client(), http::Method::GET, &format!("/vm/{h}/logs?lines=0"), None, slicer_api::client::empty()).await;
+    let (s, logs) = d
+        .raw(
+            &d.client(),
+            http::Method::GET,
+            &format!("/vm/{h}/logs?lines=0"),
+            None,
+            slicer_api::client::empty(),
+        )
+        .await;
     assert_eq!(s, 200);
     no_token("the console log", &logs);
     let (s, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/suspend"), "").await;
     assert_eq!(s, 200, "{v}");
-    let (s, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/restore?wait=agent"), "").await;
+    let (s, v) = d
+        .send_json(http::Method::POST, &format!("/vm/{h}/restore?wait=agent"), "")
+        .await;
     assert_eq!(s, 200, "{v}");
     let (s, out) = d.sh(&h, "echo back").await;
     assert_eq!((s, out["stdout"].as_str()), (200, Some("back\n")), "{out}");
@@ -455,7 +490,15 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
     }
 
     // Export, relaunch, commit and fork all read that disk: none may reach the token.
-    let (s, body) = d.raw(&d.client(), http::Method::GET, &format!("/vm/{h}/disk"), None, slicer_api::client::empty()).await;
+    let (s, body) = d
+        .raw(
+            &d.client(),
+            http::Method::GET,
+            &format!("/vm/{h}/disk"),
+            None,
+            slicer_api::client::empty(),
+        )
+        .await;
     no_token(&format!("the exported disk ({s})"), &body);
     assert_eq!(token_mode(), 0o600, "the token was made readable");
     let (_, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/relaunch"), "").await;
@@ -482,11 +525,21 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
         }
         delete(&d, "esc", fork).await;
     }
-    let (s, body) = d.raw(&d.client(), http::Method::GET, &format!("/vm/{h}/disk"), None, slicer_api::client::empty()).await;
+    let (s, body) = d
+        .raw(
+            &d.client(),
+            http::Method::GET,
+            &format!("/vm/{h}/disk"),
+            None,
+            slicer_api::client::empty(),
+        )
+        .await;
     no_token(&format!("the exported disk after the commit ({s})"), &body);
     assert!(!sink_file.exists(), "a file appeared where a planted link pointed");
     delete(&d, "esc", &h).await;
-    let (s, v) = d.send_json(http::Method::DELETE, &format!("/vm/commits/{commit}"), "").await;
+    let (s, v) = d
+        .send_json(http::Method::DELETE, &format!("/vm/commits/{commit}"), "")
+        .await;
     assert_eq!(s, 200, "{v}");
     assert!(common::no_qemu_for(&h));
 }

@@ -305,7 +305,13 @@ unsafe fn bind(src: &CString, dst: &CString, flags: libc::c_ulong) -> std::io::R
         return Err(std::io::Error::last_os_error());
     }
     check(libc::umount2(dst.as_ptr(), libc::MNT_DETACH))?;
-    check(libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_BIND, std::ptr::null()))?;
+    check(libc::mount(
+        src.as_ptr(),
+        dst.as_ptr(),
+        null,
+        libc::MS_BIND,
+        std::ptr::null(),
+    ))?;
     remount(dst)
 }
 
@@ -464,7 +470,11 @@ mod tests {
         let (src, dst) = (dir.path().join("usr"), dir.path().join("jail-usr"));
         std::fs::create_dir_all(src.join("local")).unwrap();
         std::fs::create_dir_all(&dst).unwrap();
-        let (c_src, c_dst, c_sub) = (cstr(&src).unwrap(), cstr(&dst).unwrap(), cstr(&src.join("local")).unwrap());
+        let (c_src, c_dst, c_sub) = (
+            cstr(&src).unwrap(),
+            cstr(&dst).unwrap(),
+            cstr(&src.join("local")).unwrap(),
+        );
         let mut cmd = std::process::Command::new("/bin/sh");
         cmd.arg("-c").arg(format!(
             "touch {0}/top 2>&1; touch {0}/local/sub 2>&1; echo end",
@@ -475,7 +485,13 @@ mod tests {
             cmd.pre_exec(move || {
                 let null = std::ptr::null::<libc::c_char>();
                 check(libc::unshare(libc::CLONE_NEWNS))?;
-                check(libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
+                check(libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
                 // A submount below the source, as /usr/local on a filesystem of its own.
                 check(libc::mount(
                     c"tmpfs".as_ptr(),

@@ -93,7 +93,10 @@ fn read_nofollow(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     if !f.metadata()?.is_file() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
     }
     let mut buf = Vec::new();
     f.take(max).read_to_end(&mut buf)?;
@@ -112,10 +115,13 @@ pub fn write_chain(disk: &Path, chain: &[PathBuf]) -> Result<()> {
     let _ = std::fs::remove_file(&tmp);
     let mut text = String::new();
     for p in chain {
-        let s = p.to_str().filter(|s| !s.contains('\n')).ok_or_else(|| Error::UntrustedBacking {
-            disk: disk.to_path_buf(),
-            reason: format!("backing path {} is not a plain UTF-8 line", p.display()),
-        })?;
+        let s = p
+            .to_str()
+            .filter(|s| !s.contains('\n'))
+            .ok_or_else(|| Error::UntrustedBacking {
+                disk: disk.to_path_buf(),
+                reason: format!("backing path {} is not a plain UTF-8 line", p.display()),
+            })?;
         text.push_str(s);
         text.push('\n');
     }
@@ -368,7 +374,9 @@ pub async fn convert_standalone(disk: &Path, out: &std::fs::File, user: Option<U
         Some(i) => format_of(&chain[i]),
     })?;
     let mut cmd = tokio::process::Command::new("qemu-img");
-    cmd.args(["convert", "-q", "-O", "qcow2"]).arg(&source).arg(fd_path(out));
+    cmd.args(["convert", "-q", "-O", "qcow2"])
+        .arg(&source)
+        .arg(fd_path(out));
     let inherited: Vec<i32> = std::iter::once(&disk_file)
         .chain(&chain_files)
         .chain(std::iter::once(out))
@@ -516,8 +524,14 @@ mod tests {
         std::fs::remove_file(chain_file(&ov)).unwrap();
         let e = trusted_chain(&ov).unwrap_err();
         assert!(matches!(e, Error::UntrustedBacking { .. }), "{e}");
-        tamper(&ov, "json:{\"driver\":\"raw\",\"file\":{\"driver\":\"file\",\"filename\":\"/etc/shadow\"}}");
-        assert!(matches!(trusted_chain(&ov).unwrap_err(), Error::UntrustedBacking { .. }));
+        tamper(
+            &ov,
+            "json:{\"driver\":\"raw\",\"file\":{\"driver\":\"file\",\"filename\":\"/etc/shadow\"}}",
+        );
+        assert!(matches!(
+            trusted_chain(&ov).unwrap_err(),
+            Error::UntrustedBacking { .. }
+        ));
         tamper(&ov, base.to_str().unwrap());
         assert_eq!(trusted_chain(&ov).unwrap(), vec![base.clone()]);
         assert!(chain_file(&ov).is_file(), "the chain found is recorded");
@@ -544,7 +558,9 @@ mod tests {
         let data = std::fs::read(&raw).unwrap();
         assert_eq!(data, vec![7u8; 1 << 20], "the export is the base's data");
         assert_eq!(std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(convert_standalone(&ov, &out, Some(Unprivileged { uid: 0, gid: 0 })).await.is_err());
+        assert!(convert_standalone(&ov, &out, Some(Unprivileged { uid: 0, gid: 0 }))
+            .await
+            .is_err());
     }
 
     #[test]

@@ -134,13 +134,18 @@ impl Host {
     pub async fn export_disk(&self, disk: &Path, out: &std::fs::File) -> Result<()> {
         let hint = format!(
             "export-{}",
-            disk.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            disk.parent()
+                .and_then(Path::file_name)
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         );
         let lease = match &self.jail {
             Some(jc) => Some(jc.pool.lease(&hint)?),
             None => None,
         };
-        let user = lease.as_ref().map(|l| slicer_storage::Unprivileged { uid: l.uid, gid: l.uid });
+        let user = lease
+            .as_ref()
+            .map(|l| slicer_storage::Unprivileged { uid: l.uid, gid: l.uid });
         let r = slicer_storage::convert_standalone(disk, out, user).await;
         drop(lease);
         Ok(r?)

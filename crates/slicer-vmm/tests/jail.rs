@@ -68,7 +68,10 @@ async fn qemu_runs_jailed_with_its_own_uid_root_and_cgroup() {
             .unwrap()
             .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
             .collect();
-        assert!(!held.contains(&marker), "QEMU inherited a descriptor it was not given: {held:?}");
+        assert!(
+            !held.contains(&marker),
+            "QEMU inherited a descriptor it was not given: {held:?}"
+        );
         let other = if vm.name == "jail-a" { &b } else { &a };
         assert!(
             !root.join(other.dir().strip_prefix("/").unwrap()).exists(),

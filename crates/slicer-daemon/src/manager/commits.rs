@@ -623,7 +623,9 @@ impl Manager {
             let _ = std::fs::remove_file(&out);
             let opened = match converted {
                 Ok(()) => Ok(file),
-                Err(e) => Err(Error::host(anyhow::Error::from(e).context(format!("exporting VM {h}'s disk")))),
+                Err(e) => Err(Error::host(
+                    anyhow::Error::from(e).context(format!("exporting VM {h}'s disk")),
+                )),
             };
             let f = opened?;
             let len = f.metadata().map_err(Error::host)?.len();
