@@ -415,12 +415,6 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
     let vm_dir = data.join("vms").join(&h);
     let pid = qemu_pid(&h);
     let uid = slicer_jail::inspect(pid).unwrap().uid;
-    let m = std::fs::metadata(&vm_dir).unwrap();
-    assert_eq!(
-        (m.uid(), m.mode() & 0o7777),
-        (0, 0o700),
-        "the VM directory is root's alone"
-    );
 
     // Every directory the QEMU can name (its jail shows the disk at the host path), inside
     // its namespace and out: no name can be planted anywhere.
@@ -442,6 +436,13 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
         assert!(outside.contains("done"), "{outside}");
         assert!(planted(&outside).is_empty(), "on the host: {outside}");
     }
+
+    let m = std::fs::metadata(&vm_dir).unwrap();
+    assert_eq!(
+        (m.uid(), m.mode() & 0o7777),
+        (0, 0o700),
+        "the VM directory is root's alone"
+    );
 
     // Drive everything that touches those names: console output and its rotation, logs,
     // suspend and restore.
