@@ -688,8 +688,11 @@ impl Manager {
                     .observe(r.vm.boot_time().as_secs_f64());
             }
             if ok && r.vm.start_mode() != slicer_vmm::StartMode::Adopted {
-                // Before userdata, so that it can use them.
-                let prune = r.vm.start_mode() == slicer_vmm::StartMode::Resume;
+                // Before userdata, so that it can use them. A guest that continues from
+                // saved memory (a resume; a restore, whose memory may be a live commit's
+                // source's, its secrets included) keeps files its scope may not allow:
+                // pruned before it reports ready. A cold boot starts with an empty /run.
+                let prune = r.vm.start_mode() != slicer_vmm::StartMode::Cold;
                 if let Err(e) = me.sync_secrets(&hostname, &r, prune).await {
                     tracing::warn!("VM {hostname}: syncing secrets: {e:#}");
                 }
