@@ -331,7 +331,14 @@ async fn template_memory_and_shapes_stay_within_their_bounds() {
     assert_eq!(metric(&d, "slicer_template_shapes{kind=\"used\"}").await, 3);
     // The evicted shape still restores: its memory loads again from disk.
     assert_eq!(run(Some(261)).await, "template", "an evicted shape is restored");
-    held_within_limit().await;
+    let end = held_within_limit().await;
     let pinned = metric(&d, "slicer_template_memory_bytes{kind=\"pinned\"}").await;
     assert!(pinned <= limit, "pinned {} MiB", pinned / MIB);
+    eprintln!(
+        "template memfds held: {} MiB after shapes 261, 262, 264 MiB; {} MiB after 263 (cold) and 261 again; pinned {} MiB; bound {} MiB",
+        held / MIB,
+        end / MIB,
+        pinned / MIB,
+        limit / MIB
+    );
 }
