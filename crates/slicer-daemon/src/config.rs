@@ -66,6 +66,15 @@ pub struct CapacityConfig {
     /// share free either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryAccounting>,
+    /// Template and live-commit memory the daemon keeps loaded for warm starts and live
+    /// forks, at most (the least recently used is unloaded past it). Counted in `ram_bytes`.
+    /// Default: a quarter of `ram_bytes`, at most 2 GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_memory_bytes: Option<u64>,
+    /// Distinct VM shapes (image, vCPUs, RAM, NIC) that get a template, at most; VMs of
+    /// other shapes boot cold. The warm host groups' own shapes come first. Default 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_shapes: Option<u32>,
 }
 
 /// `config.capacity.memory`.
@@ -228,6 +237,8 @@ pub struct Settings {
     pub auth: bool,
     pub capacity: Capacity,
     pub memory_accounting: MemoryAccounting,
+    /// What warm starts and live forks may keep (`config.capacity.template_*`).
+    pub templates: TemplateBounds,
     /// `config.ssh_keys`: authorized in every VM.
     pub ssh_keys: Vec<String>,
 }
@@ -238,6 +249,45 @@ pub struct Capacity {
     pub ram_bytes: u64,
     pub vms: u32,
     pub vcpus: u32,
+}
+
+/// How much templates may hold (validated, defaults applied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateBounds {
+    /// Template and capture memory kept loaded, at most.
+    pub memory_bytes: u64,
+    /// Distinct shapes that get a template, at most.
+    pub shapes: u32,
+}
+
+/// Default bound on distinct template shapes.
+pub const DEFAULT_TEMPLATE_SHAPES: u32 = 8;
+/// Most template shapes a config may allow (each is a template on disk and up to its RAM
+/// loaded).
+pub const MAX_TEMPLATE_SHAPES: u32 = 64;
+
+impl TemplateBounds {
+    /// The bounds from `config.capacity` within the RAM budget `ram_bytes`.
+    pub fn resolve(c: Option<&CapacityConfig>, ram_bytes: u64) -> Result<TemplateBounds> {
+        let c = c.cloned().unwrap_or_default();
+        let memory_bytes = match c.template_memory_bytes {
+            Some(m) if m > ram_bytes => bail!(
+                "config.capacity.template_memory_bytes: {} is more than the RAM budget of {} (config.capacity.ram_bytes)",
+                human_bytes(m),
+                human_bytes(ram_bytes)
+            ),
+            Some(m) => m,
+            None => (ram_bytes / 4).min(slicer_vmm::DEFAULT_TEMPLATE_MEMORY),
+        };
+        let shapes = match c.template_shapes {
+            Some(s) if s > MAX_TEMPLATE_SHAPES => {
+                bail!("config.capacity.template_shapes: at most {MAX_TEMPLATE_SHAPES}, got {s}")
+            }
+            Some(s) => s,
+            None => DEFAULT_TEMPLATE_SHAPES,
+        };
+        Ok(TemplateBounds { memory_bytes, shapes })
+    }
 }
 
 /// Default number of VMs that may run at once.
@@ -505,6 +555,7 @@ impl File {
         };
         let capacity = Capacity::resolve(c.capacity.as_ref(), mem_total, host_cores())?;
         capacity.check_count_vms(&groups, c.capacity.as_ref())?;
+        let templates = TemplateBounds::resolve(c.capacity.as_ref(), capacity.ram_bytes)?;
         let insecure_registries = insecure_registries(c.insecure_registry.as_ref(), &groups)?;
         Ok(Settings {
             groups,
@@ -515,6 +566,7 @@ impl File {
             auth,
             capacity,
             memory_accounting: c.capacity.as_ref().and_then(|c| c.memory).unwrap_or_default(),
+            templates,
             ssh_keys: c.ssh_keys.clone(),
         })
     }
@@ -958,6 +1010,55 @@ config:
         assert!(e.contains("config.capacity.ram_bytes") && e.contains("2.5 GiB"), "{e}");
         let e = err("config:\n  capacity: {vcpus: 3}\n  host_groups:\n  - name: a\n    count: 2\n    vcpu: 2\n");
         assert!(e.contains("config.capacity.vcpus"), "{e}");
+        let e = err("config:\n  capacity: {ram_bytes: 1073741824, template_memory_bytes: 2147483648}\n  host_groups:\n  - name: a\n    count: 0\n");
+        assert!(
+            e.contains("config.capacity.template_memory_bytes") && e.contains("more than the RAM budget of 1 GiB"),
+            "{e}"
+        );
+        let e = err("config:\n  capacity: {template_shapes: 65}\n  host_groups:\n  - name: a\n    count: 0\n");
+        assert!(
+            e.contains("config.capacity.template_shapes") && e.contains("at most 64"),
+            "{e}"
+        );
+        let e = err("config:\n  capacity: {template_shapes: -1}\n  host_groups:\n  - name: a\n    count: 0\n");
+        assert!(e.contains("template_shapes"), "{e}");
+    }
+
+    #[test]
+    fn template_bounds_default_from_the_budget() {
+        const GIB: u64 = 1 << 30;
+        let b = |c: Option<&CapacityConfig>, ram| TemplateBounds::resolve(c, ram).unwrap();
+        assert_eq!(
+            b(None, 4 * GIB),
+            TemplateBounds {
+                memory_bytes: GIB,
+                shapes: 8
+            }
+        );
+        assert_eq!(b(None, 20 * GIB).memory_bytes, 2 * GIB);
+        let given = CapacityConfig {
+            template_memory_bytes: Some(0),
+            template_shapes: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            b(Some(&given), GIB),
+            TemplateBounds {
+                memory_bytes: 0,
+                shapes: 0
+            }
+        );
+        let s = File::parse("config:\n  capacity: {ram_bytes: 4294967296, template_memory_bytes: 629145600, template_shapes: 3}\n  host_groups:\n  - name: a\n    count: 0\n")
+            .unwrap()
+            .settings(Path::new("."))
+            .unwrap();
+        assert_eq!(
+            s.templates,
+            TemplateBounds {
+                memory_bytes: 600 << 20,
+                shapes: 3
+            }
+        );
     }
 
     #[test]
@@ -974,6 +1075,8 @@ config:
             vms: Some(2),
             vcpus: Some(3),
             memory: None,
+            template_memory_bytes: None,
+            template_shapes: None,
         };
         assert_eq!(
             Capacity::resolve(Some(&given), 0, 8).unwrap(),

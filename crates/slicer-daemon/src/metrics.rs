@@ -79,6 +79,9 @@ pub struct Metrics {
     pub capacity_ram: Family<KindLabels, Gauge>,
     pub capacity_vcpus: Family<KindLabels, Gauge>,
     pub capacity_vms: Family<KindLabels, Gauge>,
+    pub template_memory: Family<KindLabels, Gauge>,
+    pub template_shapes: Family<KindLabels, Gauge>,
+    pub template_shapes_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -128,6 +131,24 @@ impl Metrics {
             "VMs running or starting, and the budget",
             capacity_vms.clone(),
         );
+        let template_memory = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "template_memory_bytes",
+            "Template and live-commit memory: loaded (kept for restores), pinned (loaded or mapped by running clones; counted in the RAM budget), limit (on loaded)",
+            template_memory.clone(),
+        );
+        let template_shapes = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "template_shapes",
+            "Distinct VM shapes with a template (used), and the bound (limit)",
+            template_shapes.clone(),
+        );
+        let template_shapes_refused = Counter::default();
+        registry.register(
+            "template_shapes_refused",
+            "VMs booted cold because their shape found no free template slot",
+            template_shapes_refused.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -139,7 +160,27 @@ impl Metrics {
             capacity_ram,
             capacity_vcpus,
             capacity_vms,
+            template_memory,
+            template_shapes,
+            template_shapes_refused,
         }
+    }
+
+    /// Sets the template gauges.
+    pub fn set_templates(&self, memory: &slicer_vmm::MemoryUse, shapes: (usize, u32)) {
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let kind = |k: &str| KindLabels { kind: k.into() };
+        for (k, v) in [
+            ("loaded", memory.loaded_bytes),
+            ("pinned", memory.pinned_bytes),
+            ("limit", memory.limit_bytes),
+        ] {
+            self.template_memory.get_or_create(&kind(k)).set(clamp(v));
+        }
+        self.template_shapes.get_or_create(&kind("used")).set(shapes.0 as i64);
+        self.template_shapes
+            .get_or_create(&kind("limit"))
+            .set(i64::from(shapes.1));
     }
 
     /// Sets the capacity gauges: what is reserved now and the budget.

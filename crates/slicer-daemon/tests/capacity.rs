@@ -125,12 +125,14 @@ async fn echo_ok(d: &TestDaemon, vm: &str) {
 const MIB: u64 = 1 << 20;
 
 /// With measured accounting (the default) running VMs count what their cgroups are charged:
-/// a budget that holds two idle 256 MiB VMs nominally admits a third once they are measured.
+/// a budget that holds two idle 256 MiB VMs nominally (and their template's memory, which the
+/// daemon holds) admits a third once they are measured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn measured_vms_leave_room_for_more() {
     let nominal = 256 * MIB + slicer_vmm::vm_overhead_bytes(256 * MIB);
-    let budget = 2 * nominal + 64 * MIB;
+    let template = 256 * MIB;
+    let budget = 2 * nominal + template + 64 * MIB;
     let top = format!("  capacity: {{ram_bytes: {budget}, vms: 8, vcpus: 8}}\n");
     let mut d = TestDaemon::start(|p| cfg("mea", "169.254.224.0/22", "", &top, p)).await;
     let small = json!({"ram_bytes": 256 * MIB});
@@ -169,10 +171,12 @@ async fn measured_vms_leave_room_for_more() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn creates_past_the_budget_get_503_and_leave_nothing() {
-    // Two 256 MiB VMs (each 256 MiB + QEMU's overhead) fit; VMs are capped at two.
-    // Counted nominally here (exact figures); `measured_vms_leave_room_for_more` counts use.
+    // Two 256 MiB VMs (each 256 MiB + QEMU's overhead) and their template's memory (loaded
+    // by the first restore) fit; VMs are capped at two. Counted nominally here (exact
+    // figures); `measured_vms_leave_room_for_more` counts use.
     let overhead = slicer_vmm::vm_overhead_bytes(256 * MIB);
-    let budget = 2 * (256 * MIB + overhead) + 64 * MIB;
+    let template = 256 * MIB;
+    let budget = 2 * (256 * MIB + overhead) + template + 64 * MIB;
     let top = format!("  capacity: {{ram_bytes: {budget}, vms: 2, vcpus: 8, memory: nominal}}\n");
     let mut d = TestDaemon::start(|p| cfg("cap", "169.254.236.0/22", "", &top, p)).await;
     let text = metrics(&d).await;
@@ -238,7 +242,7 @@ async fn creates_past_the_budget_get_503_and_leave_nothing() {
         "host capacity: {} MiB of RAM requested (512 MiB for the guest, {} MiB for QEMU), {} MiB free of a",
         (512 * MIB + slicer_vmm::vm_overhead_bytes(512 * MIB)) / MIB,
         slicer_vmm::vm_overhead_bytes(512 * MIB) / MIB,
-        (budget - 256 * MIB - overhead) / MIB
+        (budget - 256 * MIB - overhead - template) / MIB
     );
     assert!(msg.starts_with(&want), "{msg}\nwanted: {want}");
     assert_eq!(d.get("/nodes").await.1.as_array().unwrap().len(), 1);

@@ -340,6 +340,64 @@ async fn secrets_reach_the_guests_allowed_to_have_them() {
     assert_eq!(d.get("/secrets").await.1.as_array().unwrap().len(), 0);
 }
 
+/// A live fork continues its source's memory, /run/slicer/secrets included: before it reports
+/// ready it holds only what its own scope allows (none for `"secrets": []`, the subset for a
+/// list).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
+async fn a_live_fork_keeps_only_the_secrets_of_its_scope() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let d = TestDaemon::start(|p| config_yaml("lfsec", "", p)).await;
+    for name in ["a-key", "b-key"] {
+        let body = json!({"name": name, "data": b64(name)});
+        let (s, v) = d.send_json(Method::POST, "/secrets", &body.to_string()).await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let src = d.create_vm("lfsec", json!({"ram_bytes": 256u64 << 20})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let list = "ls /run/slicer/secrets 2>/dev/null | tr '\\n' ' '";
+    let listed = |v: serde_json::Value| v["stdout"].as_str().unwrap_or_default().trim().to_string();
+    assert_eq!(listed(d.sh(&src, list).await.1), "a-key b-key");
+    let (s, c) = d
+        .send_json(Method::POST, &format!("/vm/{src}/commit"), r#"{"live": true}"#)
+        .await;
+    assert_eq!(s, 201, "{c}");
+    let id = c["commit_id"].as_str().unwrap().to_string();
+    let mut forks = Vec::new();
+    for (scope, want) in [(json!([]), ""), (json!(["b-key"]), "b-key")] {
+        let body = json!({"secrets": scope}).to_string();
+        let (s, f) = d
+            .send_json(
+                Method::POST,
+                &format!("/vm/commits/{id}/fork?wait=agent&timeout=120s"),
+                &body,
+            )
+            .await;
+        assert_eq!(s, 201, "{f}");
+        assert_eq!(f["mode"], "live", "{f}");
+        let h = f["hostname"].as_str().unwrap().to_string();
+        // At once: the answer came when the fork reported ready.
+        assert_eq!(listed(d.sh(&h, list).await.1), want, "fork {h} with secrets {scope}");
+        forks.push(h);
+    }
+    assert_eq!(
+        listed(d.sh(&src, list).await.1),
+        "a-key b-key",
+        "the source keeps its own"
+    );
+    for h in forks.iter().chain([&src]) {
+        let (s, v) = d
+            .send_json(Method::DELETE, &format!("/hostgroup/lfsec/nodes/{h}"), "")
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let (s, v) = d.send_json(Method::DELETE, &format!("/vm/commits/{id}"), "").await;
+    assert_eq!(s, 200, "{v}");
+}
+
 /// NDJSON lines of a finished logs answer.
 async fn ndjson(d: &TestDaemon, path: &str) -> (u16, Vec<serde_json::Value>) {
     let (s, b) = d

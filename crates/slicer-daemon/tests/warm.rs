@@ -233,3 +233,112 @@ async fn suspend_then_restore_keeps_processes_and_tmp() {
     }
     assert!(!std::path::Path::new(&format!("/run/netns/slicer-{h}")).exists());
 }
+
+/// Sizes of this process's (the daemon's) template memfds that are one of `sizes`: what the
+/// daemon really holds of those templates' memory, whatever other tests of the process hold.
+fn template_memfd_bytes(sizes: &[u64]) -> u64 {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("slicer-template-ram")))
+        .filter_map(|e| std::fs::metadata(e.path()).ok().map(|m| m.len()))
+        .filter(|l| sizes.contains(l))
+        .sum()
+}
+
+/// A sample of the daemon's /metrics.
+async fn metric(d: &TestDaemon, name: &str) -> u64 {
+    let (s, b) = d.raw(&d.client(), Method::GET, "/metrics", None, empty()).await;
+    assert_eq!(s, 200);
+    let text = String::from_utf8_lossy(&b).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in {text}"))
+}
+
+/// Creating and deleting VMs of more RAM shapes than the bounds allow: the daemon keeps at most
+/// `template_memory_bytes` of template memory loaded (least recently used out), only
+/// `template_shapes` shapes get a template (the next boots cold), and a VM of an evicted
+/// shape is still restored from its template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
+async fn template_memory_and_shapes_stay_within_their_bounds() {
+    const MIB: u64 = 1 << 20;
+    let limit = 600 * MIB;
+    let d = TestDaemon::start(|p| {
+        format!(
+            "config:\n  host_groups:\n  - name: tmem\n    count: 0\n    vcpu: 1\n    ram_mb: 264\n    network: {{mode: none}}\n  capacity:\n    template_memory_bytes: {limit}\n    template_shapes: 3\n  graceful_shutdown: false\n  api:\n    port: {p}\n    bind_address: 127.0.0.1\n"
+        )
+    })
+    .await;
+    // Shapes no other test uses: their memfds are this daemon's.
+    let sizes: Vec<u64> = (261..=264).map(|m| m * MIB).collect();
+    let held_within_limit = || async {
+        // A deleted clone's handle goes with its tasks: polled.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let held = template_memfd_bytes(&sizes);
+            if held <= limit {
+                return held;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon holds {} MiB of template memory, over the {} MiB bound",
+                held / MIB,
+                limit / MIB
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // One VM of `mib` MiB (none: the group's 264): its start mode, after it ran and was deleted.
+    let run = |mib: Option<u64>| {
+        let d = &d;
+        async move {
+            let body = match mib {
+                Some(m) => json!({"ram_bytes": m * MIB}),
+                None => json!({}),
+            };
+            let h = d.create_vm("tmem", body).await["hostname"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let mode = start_mode(d, &h).await;
+            assert_eq!(stdout(d, &h, "hostname").await.trim(), h);
+            let mem: u64 = stdout(d, &h, "awk '/MemTotal/ {print $2}' /proc/meminfo")
+                .await
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(mem * 1024 <= mib.unwrap_or(264) * MIB, "{h}: MemTotal {mem} kB");
+            let (s, v) = d
+                .send_json(Method::DELETE, &format!("/hostgroup/tmem/nodes/{h}"), "")
+                .await;
+            assert_eq!(s, 200, "{v}");
+            mode
+        }
+    };
+    // Three shapes: 261 + 262 + 264 MiB loaded would be 787 MiB; the least recently used
+    // (261) is unloaded.
+    for mib in [Some(261), Some(262), None] {
+        assert_eq!(run(mib).await, "template", "{mib:?} MiB");
+    }
+    let held = held_within_limit().await;
+    assert_eq!(held, (262 + 264) * MIB, "261 MiB's memory went first");
+    assert!(metric(&d, "slicer_template_memory_bytes{kind=\"loaded\"}").await <= limit);
+    // A fourth shape gets no template.
+    assert_eq!(run(Some(263)).await, "cold", "past template_shapes a VM boots cold");
+    assert_eq!(metric(&d, "slicer_template_shapes_refused_total").await, 1);
+    assert_eq!(metric(&d, "slicer_template_shapes{kind=\"used\"}").await, 3);
+    // The evicted shape still restores: its memory loads again from disk.
+    assert_eq!(run(Some(261)).await, "template", "an evicted shape is restored");
+    let end = held_within_limit().await;
+    let pinned = metric(&d, "slicer_template_memory_bytes{kind=\"pinned\"}").await;
+    assert!(pinned <= limit, "pinned {} MiB", pinned / MIB);
+    eprintln!(
+        "template memfds held: {} MiB after shapes 261, 262, 264 MiB; {} MiB after 263 (cold) and 261 again; pinned {} MiB; bound {} MiB",
+        held / MIB,
+        end / MIB,
+        pinned / MIB,
+        limit / MIB
+    );
+}

@@ -24,7 +24,7 @@ use tokio::sync::OnceCell;
 
 pub use slicer_agent_client as agent;
 pub use slicer_agent_proto::ExecRequest;
-pub use template::{Shape, Template};
+pub use template::{LoadedMemory, MemoryUse, Shape, Template, DEFAULT_TEMPLATE_MEMORY};
 
 /// Longest an incoming QEMU may take to load a saved state.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -51,6 +51,8 @@ pub struct Host {
     /// New templates keep guest RAM in a file that restored VMs map copy-on-write (default);
     /// `false` keeps RAM in the saved state and every restore loads its own copy.
     pub shared_template_ram: bool,
+    /// Template and capture memory kept loaded, bounded (see [`LoadedMemory`]).
+    pub template_memory: LoadedMemory,
 }
 
 impl Host {
@@ -72,6 +74,7 @@ impl Host {
             templates: Default::default(),
             jail: jail::JailConfig::for_host(),
             shared_template_ram: true,
+            template_memory: LoadedMemory::new(template::DEFAULT_TEMPLATE_MEMORY),
         }
     }
 
@@ -355,6 +358,9 @@ pub struct Vm {
     /// Identity fix-ups the agent gets once it answers (restored VMs).
     pending: std::sync::Mutex<Option<Identity>>,
     cleaned: std::sync::atomic::AtomicBool,
+    /// The template memory this VM's RAM maps (a clone's): held while the VM lives, so the
+    /// host counts it as pinned (see [`LoadedMemory`]) even after evicting it.
+    template_memory: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Ends a QEMU whose state was saved: QMP `quit` (2 s), then SIGKILL if it has not exited
@@ -480,7 +486,7 @@ impl Vm {
         cfg.incoming = Some(template.state());
         // Held until QEMU has inherited its copy.
         let memory = match template.shared_ram {
-            true => match template.memory() {
+            true => match host.load_template_memory(template) {
                 Ok(m) => Some(m),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);
@@ -506,7 +512,8 @@ impl Vm {
                 return Err(e);
             }
         };
-        let vm = Vm::handle(spec, image, accel, dir, qemu, started, StartMode::Template);
+        let mut vm = Vm::handle(spec, image, accel, dir, qemu, started, StartMode::Template);
+        vm.template_memory = memory.clone();
         let grow = spec.disk_size.filter(|&s| s > template.disk_bytes);
         let shared_state = memory.is_some().then(|| template.state());
         if let Err(e) = vm.resume_incoming(grow, shared_state.as_deref()).await {
@@ -679,6 +686,7 @@ impl Vm {
             qemu,
             pending: std::sync::Mutex::new(None),
             cleaned: false.into(),
+            template_memory: None,
         }
     }
 

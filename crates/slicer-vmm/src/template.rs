@@ -84,10 +84,9 @@ pub struct Template {
     pub disk_bytes: u64,
     /// Size of the saved state.
     pub state_bytes: u64,
-    /// Guest RAM kept apart from the state (the file `ram`): restores map it copy-on-write.
+    /// Guest RAM kept apart from the state (the file `ram`): restores map it copy-on-write
+    /// from a sealed memfd the host loads (see [`Host::load_template_memory`]).
     pub shared_ram: bool,
-    /// The RAM file's content in a sealed memfd, made on first use (see [`Template::memory`]).
-    memory: Arc<std::sync::OnceLock<Arc<std::os::fd::OwnedFd>>>,
 }
 
 impl Template {
@@ -103,18 +102,13 @@ impl Template {
         self.dir.join("ram")
     }
 
-    /// The template's RAM as a sealed memfd (no write, grow or shrink; seals sealed), made
-    /// once per daemon. Clones map it privately through `/proc/self/fd/N`: a memfd opens
-    /// read-write for any uid (a file on disk would have to be writable by each VM's uid to be
-    /// mapped that way), and its seals keep every clone from changing what the others see.
-    /// Only the file's data extents are copied; the rest is allocated zeroed (see
-    /// [`fill_holes`]), so a clone is charged only for what it writes.
-    pub fn memory(&self) -> Result<Arc<std::os::fd::OwnedFd>> {
-        if let Some(m) = self.memory.get() {
-            return Ok(m.clone());
+    /// Bytes of guest RAM a loaded copy of this template's memory holds (all of it: see
+    /// [`fill_holes`]); 0 when its RAM is in its state.
+    pub fn memory_bytes(&self) -> u64 {
+        match self.shared_ram {
+            true => u64::from(self.shape.memory_mib) << 20,
+            false => 0,
         }
-        let fd = Arc::new(sealed_copy(&self.ram()).with_context(|| format!("loading template {}'s memory", self.id))?);
-        Ok(self.memory.get_or_init(|| fd).clone())
     }
 
     /// A template (or a live capture, see [`Host::capture`]) kept in `dir`.
@@ -131,7 +125,6 @@ impl Template {
             disk_bytes: meta.disk_bytes,
             state_bytes: meta.state_bytes,
             shared_ram: meta.shared_ram,
-            memory: Default::default(),
         };
         let mut files = vec![t.disk(), t.state()];
         if t.shared_ram {
@@ -147,6 +140,168 @@ impl Template {
             let _ = std::os::unix::fs::lchown(&disk, Some(0), Some(0));
         }
         Ok(t)
+    }
+}
+
+/// Default bound of [`LoadedMemory`]: what a host keeps loaded unless told otherwise.
+pub const DEFAULT_TEMPLATE_MEMORY: u64 = 2 << 30;
+
+/// Template and capture memory a host keeps loaded for the next restores: sealed memfds (see
+/// [`Host::load_template_memory`]) by template directory, at most `limit` bytes of them, the least
+/// recently used going first (one no running clone maps before one that some clone does).
+///
+/// Evicting only closes the host's descriptor: a running clone maps the memfd, which keeps it
+/// (and the `Vm` of that clone keeps a descriptor too, so it is still counted here); the next
+/// restore of that template loads it from disk again. Every memfd made is counted in
+/// [`MemoryUse::pinned_bytes`] until its last holder closes it.
+pub struct LoadedMemory {
+    inner: std::sync::Mutex<Loaded>,
+}
+
+struct Loaded {
+    limit: u64,
+    /// Oldest use first.
+    cache: Vec<Entry>,
+    /// Every memfd made, with its size, until the cache and every clone have dropped it.
+    made: Vec<(std::sync::Weak<std::os::fd::OwnedFd>, u64)>,
+}
+
+struct Entry {
+    dir: PathBuf,
+    fd: Arc<std::os::fd::OwnedFd>,
+    bytes: u64,
+}
+
+/// What template and capture memory holds now (see [`LoadedMemory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// Kept loaded by the host for later restores.
+    pub loaded_bytes: u64,
+    /// How many templates and captures that is.
+    pub loaded: usize,
+    /// All template and capture memory alive: loaded, or held by running clones.
+    pub pinned_bytes: u64,
+    /// The bound on `loaded_bytes`.
+    pub limit_bytes: u64,
+}
+
+impl LoadedMemory {
+    pub fn new(limit: u64) -> LoadedMemory {
+        LoadedMemory {
+            inner: std::sync::Mutex::new(Loaded {
+                limit,
+                cache: Vec::new(),
+                made: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Loaded> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bounds what is kept loaded to `limit` bytes (evicting now if over it).
+    pub fn set_limit(&self, limit: u64) {
+        let mut l = self.lock();
+        l.limit = limit;
+        l.trim();
+    }
+
+    /// The memory loaded for the template in `dir`, now the most recently used.
+    pub fn get(&self, dir: &Path) -> Option<Arc<std::os::fd::OwnedFd>> {
+        let mut l = self.lock();
+        let i = l.cache.iter().position(|e| e.dir == dir)?;
+        let e = l.cache.remove(i);
+        let fd = e.fd.clone();
+        l.cache.push(e);
+        Some(fd)
+    }
+
+    /// Whether the memory of the template in `dir` is loaded.
+    pub fn contains(&self, dir: &Path) -> bool {
+        self.lock().cache.iter().any(|e| e.dir == dir)
+    }
+
+    /// Keeps `fd` (`bytes` long) as the memory of the template in `dir`, then evicts past the
+    /// limit (this one too when it alone is over it: the caller's handle still works). When
+    /// another caller loaded it meanwhile, that copy is kept and returned.
+    pub fn insert(&self, dir: &Path, fd: Arc<std::os::fd::OwnedFd>, bytes: u64) -> Arc<std::os::fd::OwnedFd> {
+        let mut l = self.lock();
+        if let Some(e) = l.cache.iter().find(|e| e.dir == dir) {
+            return e.fd.clone();
+        }
+        l.made.push((Arc::downgrade(&fd), bytes));
+        l.cache.push(Entry {
+            dir: dir.to_path_buf(),
+            fd: fd.clone(),
+            bytes,
+        });
+        l.trim();
+        fd
+    }
+
+    /// Evicts loaded memory no running clone maps, least recently used first, until `need`
+    /// bytes are freed or none is left; returns what was freed.
+    pub fn evict_unused(&self, need: u64) -> u64 {
+        let mut l = self.lock();
+        let mut freed = 0;
+        while freed < need {
+            let Some(i) = l.cache.iter().position(|e| Arc::strong_count(&e.fd) == 1) else {
+                break;
+            };
+            let e = l.cache.remove(i);
+            tracing::info!(
+                "unloaded the memory of {} ({} MiB) to make room",
+                e.dir.display(),
+                e.bytes >> 20
+            );
+            freed += e.bytes;
+        }
+        freed
+    }
+
+    /// Drops the memory of the template in `dir` (a removed commit).
+    pub fn forget(&self, dir: &Path) {
+        self.lock().cache.retain(|e| e.dir != dir);
+    }
+
+    /// What is loaded and alive now.
+    pub fn usage(&self) -> MemoryUse {
+        let mut l = self.lock();
+        l.made.retain(|(w, _)| w.strong_count() > 0);
+        MemoryUse {
+            loaded_bytes: l.cache.iter().map(|e| e.bytes).sum(),
+            loaded: l.cache.len(),
+            pinned_bytes: l.made.iter().map(|(_, b)| b).sum(),
+            limit_bytes: l.limit,
+        }
+    }
+}
+
+impl Loaded {
+    /// Evicts the least recently used until the loaded memory fits the limit: first what no
+    /// clone maps (that frees memory now), then the rest (freed when its clones end).
+    fn trim(&mut self) {
+        let mut total: u64 = self.cache.iter().map(|e| e.bytes).sum();
+        for unused_only in [true, false] {
+            while total > self.limit {
+                let Some(i) = self
+                    .cache
+                    .iter()
+                    .position(|e| !unused_only || Arc::strong_count(&e.fd) == 1)
+                else {
+                    break;
+                };
+                let e = self.cache.remove(i);
+                tracing::info!(
+                    "unloaded the memory of {} ({} MiB): template memory is bounded to {} MiB",
+                    e.dir.display(),
+                    e.bytes >> 20,
+                    self.limit >> 20
+                );
+                total -= e.bytes;
+            }
+        }
     }
 }
 
@@ -169,6 +324,22 @@ fn template_cmdline(image: &Image) -> Vec<String> {
 }
 
 impl Host {
+    /// The RAM of `template` (with `shared_ram`) as a sealed memfd (no write, grow or shrink;
+    /// seals sealed), loaded from its `ram` file unless the host's [`LoadedMemory`] holds it.
+    /// Clones map it privately through `/proc/self/fd/N`: a memfd opens read-write for any
+    /// uid (a file on disk would have to be writable by each VM's uid to be mapped that way),
+    /// and its seals keep every clone from changing what the others see. Only the file's data
+    /// extents are copied; the rest is allocated zeroed (see [`fill_holes`]), so a clone is
+    /// charged only for what it writes.
+    pub fn load_template_memory(&self, template: &Template) -> Result<Arc<std::os::fd::OwnedFd>> {
+        if let Some(m) = self.template_memory.get(&template.dir) {
+            return Ok(m);
+        }
+        let fd = sealed_copy(&template.ram()).with_context(|| format!("loading template {}'s memory", template.id))?;
+        let bytes = std::fs::File::from(fd.try_clone()?).metadata()?.len();
+        Ok(self.template_memory.insert(&template.dir, Arc::new(fd), bytes))
+    }
+
     /// Where templates are kept: beside the images they are made from.
     pub fn templates_dir(&self) -> PathBuf {
         self.images.root().join("templates")
@@ -608,7 +779,8 @@ impl Host {
         std::fs::write(s.join("meta.json"), serde_json::to_vec_pretty(&meta)?)?;
         std::fs::rename(s, dest).with_context(|| format!("moving the capture to {}", dest.display()))?;
         let t = Template::open(dest)?;
-        let _ = t.memory.set(Arc::new(std::os::fd::OwnedFd::from(mem)));
+        self.template_memory
+            .insert(dest, Arc::new(std::os::fd::OwnedFd::from(mem)), mem_len);
         tracing::info!(
             vm = %vm.name,
             "captured live into {}: paused {} ms, {} ms in all",
@@ -815,5 +987,106 @@ struct KillOnDrop<'a>(&'a QemuProcess);
 impl Drop for KillOnDrop<'_> {
     fn drop(&mut self) {
         self.0.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A template directory whose `ram` file is `mib` MiB (the rest of a template's files are
+    /// empty: loading memory reads only `ram`).
+    fn template(root: &Path, name: &str, mib: u32) -> Template {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let meta = Meta {
+            id: name.into(),
+            shape: Shape {
+                image: "min".into(),
+                cpus: 1,
+                memory_mib: mib,
+                nic: false,
+            },
+            image_key: String::new(),
+            qemu_version: String::new(),
+            accel: "tcg".into(),
+            cmdline: Vec::new(),
+            disk_bytes: 0,
+            state_bytes: 0,
+            boot_ms: 0,
+            save_ms: 0,
+            shared_ram: true,
+        };
+        std::fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+        for f in ["disk.qcow2", "state"] {
+            std::fs::write(dir.join(f), b"").unwrap();
+        }
+        let ram = std::fs::File::create(dir.join("ram")).unwrap();
+        ram.set_len(u64::from(mib) << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&ram, b"guest data", 4096).unwrap();
+        Template::open(&dir).unwrap()
+    }
+
+    /// Memfds of this process of `bytes` each (what the loaded memory really holds).
+    fn memfds_of(sizes: &[u64]) -> u64 {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("slicer-template-ram")))
+            .filter_map(|e| std::fs::metadata(e.path()).ok().map(|m| m.len()))
+            .filter(|l| sizes.contains(l))
+            .sum()
+    }
+
+    #[test]
+    fn loaded_memory_stays_within_its_limit_least_recently_used_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let host = Host::new(tmp.path(), &tmp.path().join("vms"));
+        const MIB: u64 = 1 << 20;
+        // Sizes no other test of this process uses.
+        let (a, b, c) = (
+            template(tmp.path(), "a", 3),
+            template(tmp.path(), "b", 5),
+            template(tmp.path(), "c", 7),
+        );
+        let sizes = [3 * MIB, 5 * MIB, 7 * MIB];
+        host.template_memory.set_limit(12 * MIB);
+        let ma = host.load_template_memory(&a).unwrap();
+        // The copy holds the file's data.
+        let mut buf = [0u8; 10];
+        std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::from(ma.try_clone().unwrap()), &mut buf, 4096)
+            .unwrap();
+        assert_eq!(&buf, b"guest data");
+        drop(host.load_template_memory(&b).unwrap());
+        // `a` is used again (a clone holds it): `b` is the least recently used.
+        assert!(Arc::ptr_eq(&host.load_template_memory(&a).unwrap(), &ma));
+        drop(host.load_template_memory(&c).unwrap());
+        let u = host.template_memory.usage();
+        assert_eq!((u.loaded, u.loaded_bytes), (2, 10 * MIB), "{u:?}");
+        assert!(host.template_memory.contains(&a.dir) && !host.template_memory.contains(&b.dir));
+        assert_eq!(memfds_of(&sizes), 10 * MIB);
+
+        // Over the limit, what no clone holds goes first: `c`, although `a` is older.
+        host.template_memory.set_limit(4 * MIB);
+        assert!(host.template_memory.contains(&a.dir) && !host.template_memory.contains(&c.dir));
+        host.template_memory.set_limit(2 * MIB);
+        // `a` is evicted but still held by its "clone": pinned, not loaded.
+        let u = host.template_memory.usage();
+        assert_eq!((u.loaded_bytes, u.pinned_bytes), (0, 3 * MIB), "{u:?}");
+        assert_eq!(memfds_of(&sizes), 3 * MIB);
+        drop(ma);
+        assert_eq!(host.template_memory.usage().pinned_bytes, 0);
+        assert_eq!(memfds_of(&sizes), 0);
+
+        // Making room unloads only what no clone maps.
+        host.template_memory.set_limit(100 * MIB);
+        let held = host.load_template_memory(&b).unwrap();
+        drop(host.load_template_memory(&c).unwrap());
+        assert_eq!(host.template_memory.evict_unused(100 * MIB), 7 * MIB);
+        assert!(host.template_memory.contains(&b.dir));
+        host.template_memory.forget(&b.dir);
+        assert_eq!(host.template_memory.usage().loaded, 0);
+        // A restore after eviction loads it again from disk.
+        assert!(!Arc::ptr_eq(&host.load_template_memory(&b).unwrap(), &held));
     }
 }

@@ -22,6 +22,9 @@ pub(super) struct Ledger {
     /// Running VMs count by the memory they were last measured to use (else nominally).
     measured: bool,
     holds: HashMap<String, Hold>,
+    /// Template and live-commit memory alive (loaded, or mapped by running clones): pages
+    /// the daemon allocated, which no VM's cgroup is charged for.
+    templates: u64,
 }
 
 impl Hold {
@@ -41,6 +44,7 @@ impl Ledger {
             budget,
             measured,
             holds: HashMap::new(),
+            templates: 0,
         }
     }
 
@@ -63,6 +67,17 @@ impl Ledger {
         c
     }
 
+    /// RAM free for VMs: the budget less what VMs and template memory hold (but `but`).
+    fn free_ram(&self, but: Option<&str>) -> u64 {
+        let used = self.held(but).ram_bytes.saturating_add(self.templates);
+        self.budget.ram_bytes.saturating_sub(used)
+    }
+
+    /// How much RAM is missing for `bytes` more.
+    pub(super) fn ram_short_by(&self, bytes: u64) -> u64 {
+        bytes.saturating_sub(self.free_ram(None))
+    }
+
     /// Takes `hold` for `key` when it fits every budget; else says what is short.
     pub(super) fn reserve(&mut self, key: &str, hold: Hold) -> Result<(), String> {
         let used = self.held(Some(key));
@@ -73,10 +88,14 @@ impl Ledger {
                 used.vms, b.vms
             ));
         }
-        let free_ram = b.ram_bytes.saturating_sub(used.ram_bytes);
+        let free_ram = self.free_ram(Some(key));
         if hold.host_ram > free_ram {
+            let templates = match self.templates {
+                0 => String::new(),
+                t => format!(" ({} of it held by template memory)", human_bytes(t)),
+            };
             return Err(format!(
-                "host capacity: {} of RAM requested ({} for the guest, {} for QEMU), {} free of a {} budget",
+                "host capacity: {} of RAM requested ({} for the guest, {} for QEMU), {} free of a {} budget{templates}",
                 human_bytes(hold.host_ram),
                 human_bytes(hold.ram),
                 human_bytes(hold.host_ram - hold.ram),
@@ -102,9 +121,27 @@ impl Manager {
     }
 
     /// Takes a VM's share of the capacity budget under `key`, or answers 503 saying what is
-    /// short.
+    /// short. Template memory no running VM maps is unloaded first when RAM is short.
     pub(super) fn reserve(&self, key: &str, rec: &VmRecord) -> Result<(), Error> {
-        self.ledger().reserve(key, Hold::of(rec)).map_err(Error::unavailable)
+        let hold = Hold::of(rec);
+        let short = self.ram_short_by(hold.host_ram);
+        if short > 0 && self.host.template_memory.evict_unused(short) > 0 {
+            self.count_templates();
+        }
+        self.ledger().reserve(key, hold).map_err(Error::unavailable)
+    }
+
+    /// Updates the ledger's figure of template memory from the host's.
+    fn count_templates(&self) -> slicer_vmm::MemoryUse {
+        let used = self.host.template_memory.usage();
+        self.ledger().templates = used.pinned_bytes;
+        used
+    }
+
+    /// How much RAM the budget lacks for `bytes` more, template memory counted as it is now.
+    pub(super) fn ram_short_by(&self, bytes: u64) -> u64 {
+        self.count_templates();
+        self.ledger().ram_short_by(bytes)
     }
 
     /// Gives a VM's share of the capacity budget back (nothing when it holds none).
@@ -152,6 +189,17 @@ impl Manager {
     pub fn capacity(&self) -> (Capacity, Capacity) {
         let l = self.ledger();
         (l.held(None), l.budget)
+    }
+
+    /// Template and live-commit memory now (also counted into the ledger).
+    pub fn template_memory(&self) -> slicer_vmm::MemoryUse {
+        self.count_templates()
+    }
+
+    /// Distinct shapes with a template slot, and the bound.
+    pub fn template_shape_count(&self) -> (usize, u32) {
+        let n = self.template_shapes.lock().unwrap_or_else(|p| p.into_inner()).len();
+        (n, self.settings.templates.shapes)
     }
 
     /// A new VM's share, taken under a claim, now held under its hostname.
@@ -234,6 +282,33 @@ mod tests {
                 vcpus: 4
             }
         );
+    }
+
+    #[test]
+    fn template_memory_counts_against_the_ram_budget() {
+        let nominal = (256 << 20) + slicer_vmm::vm_overhead_bytes(256 << 20);
+        let mut l = Ledger::new(
+            Capacity {
+                ram_bytes: 2 * nominal,
+                vms: 100,
+                vcpus: 100,
+            },
+            false,
+        );
+        l.reserve("a", Hold::of(&rec(256, 1))).unwrap();
+        assert_eq!(l.ram_short_by(nominal), 0);
+        l.templates = 300 << 20;
+        assert_eq!(l.ram_short_by(nominal), 300 << 20);
+        let e = l.reserve("b", Hold::of(&rec(256, 1))).unwrap_err();
+        assert!(
+            e.contains("of RAM requested") && e.contains("(300 MiB of it held by template memory)"),
+            "{e}"
+        );
+        // Taking again what one holds still fits.
+        l.templates = nominal;
+        l.reserve("a", Hold::of(&rec(256, 1))).unwrap();
+        l.templates = 0;
+        l.reserve("b", Hold::of(&rec(256, 1))).unwrap();
     }
 
     #[test]

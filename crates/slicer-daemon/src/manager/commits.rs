@@ -53,10 +53,6 @@ pub const MAX_CHAIN: usize = 10;
 pub const MAX_COMMITS: usize = 1024;
 /// Most forks one call makes (`count`).
 pub const MAX_FORK_COUNT: u32 = 32;
-/// Most live commits whose memory the daemon keeps loaded for forks (each up to the VM's RAM,
-/// in the daemon's memory; one goes when a fifth is needed; running forks keep their own
-/// mapping, so only later forks of it load it again).
-const MAX_LOADED_CAPTURES: usize = 4;
 
 /// Commit ids are ours (hex), but a path segment from a client is checked before any use.
 pub fn valid_commit_id(id: &str) -> bool {
@@ -131,24 +127,14 @@ impl Manager {
         }
     }
 
-    /// A live commit's capture, loaded once and kept for the next forks.
+    /// A live commit's capture. Its memory is loaded by the first restore and kept with the
+    /// templates' (bounded by `config.capacity.template_memory_bytes`, least recently used
+    /// out first).
     fn capture_of(&self, id: &str) -> Result<Arc<slicer_vmm::Template>, Error> {
-        let mut loaded = self.captures.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = loaded.get(id) {
-            return Ok(t.clone());
-        }
-        let t = Arc::new(
+        Ok(Arc::new(
             slicer_vmm::Template::open(&self.commits_dir.join(id))
                 .map_err(|e| Error::host(anyhow::Error::from(e).context(format!("commit {id}"))))?,
-        );
-        if loaded.len() >= MAX_LOADED_CAPTURES {
-            // Any one goes (the map does not keep use order; a later fork loads it again).
-            if let Some(k) = loaded.keys().next().cloned() {
-                loaded.remove(&k);
-            }
-        }
-        loaded.insert(id.to_string(), t.clone());
-        Ok(t)
+        ))
     }
 
     /// `POST /vm/{h}/commit`.
@@ -346,7 +332,7 @@ impl Manager {
             }
         }
         self.db.delete_commit(id).map_err(Error::host)?;
-        self.captures.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.host.template_memory.forget(&dir);
         Ok(CommitDeleted {
             commit_id: id.to_string(),
             status: "deleted".into(),

@@ -106,8 +106,9 @@ pub struct Manager {
     fresh_ids: Mutex<HashSet<String>>,
     /// Forks of a live commit, by hostname, until launched: restored from its capture.
     live_forks: Mutex<HashMap<String, Arc<slicer_vmm::Template>>>,
-    /// Live commits' captures in use, by commit id (their memory is read once per daemon).
-    captures: Mutex<HashMap<String, Arc<slicer_vmm::Template>>>,
+    /// The shapes that get a template (at most `settings.templates.shapes`; the warm host
+    /// groups' own first): other shapes boot cold.
+    template_shapes: Mutex<Vec<Shape>>,
     /// One commit change at a time (see `commits`).
     commit_lock: tokio::sync::Mutex<()>,
 }
@@ -225,7 +226,8 @@ impl Manager {
                 nets.insert(g.name.clone(), GroupNet::Isolated(range));
             }
         }
-        Ok(Arc::new(Manager {
+        host.template_memory.set_limit(settings.templates.memory_bytes);
+        let m = Arc::new(Manager {
             ledger: Mutex::new(Ledger::new(
                 settings.capacity,
                 settings.memory_accounting == crate::config::MemoryAccounting::Measured,
@@ -247,9 +249,18 @@ impl Manager {
             commits_dir: data_dir.join("commits"),
             fresh_ids: Mutex::new(HashSet::new()),
             live_forks: Mutex::new(HashMap::new()),
-            captures: Mutex::new(HashMap::new()),
+            template_shapes: Mutex::new(Vec::new()),
             commit_lock: tokio::sync::Mutex::new(()),
-        }))
+        });
+        for shape in m.configured_shapes() {
+            if !m.admit_shape(&shape) {
+                tracing::warn!(
+                    "host groups have more warm-start shapes than config.capacity.template_shapes ({}): VMs of {shape:?} boot cold",
+                    m.settings.templates.shapes
+                );
+            }
+        }
+        Ok(m)
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Running>>> {
@@ -623,8 +634,10 @@ impl Manager {
                 .get_or_create(&crate::metrics::GroupLabels { group: g.name.clone() })
                 .set(n as i64);
         }
+        let templates = self.template_memory();
         let (held, budget) = self.capacity();
         self.metrics.set_capacity(&held, &budget);
+        self.metrics.set_templates(&templates, self.template_shape_count());
         self.metrics.encode()
     }
 
@@ -675,8 +688,11 @@ impl Manager {
                     .observe(r.vm.boot_time().as_secs_f64());
             }
             if ok && r.vm.start_mode() != slicer_vmm::StartMode::Adopted {
-                // Before userdata, so that it can use them.
-                let prune = r.vm.start_mode() == slicer_vmm::StartMode::Resume;
+                // Before userdata, so that it can use them. A guest that continues from
+                // saved memory (a resume; a restore, whose memory may be a live commit's
+                // source's, its secrets included) keeps files its scope may not allow:
+                // pruned before it reports ready. A cold boot starts with an empty /run.
+                let prune = r.vm.start_mode() != slicer_vmm::StartMode::Cold;
                 if let Err(e) = me.sync_secrets(&hostname, &r, prune).await {
                     tracing::warn!("VM {hostname}: syncing secrets: {e:#}");
                 }

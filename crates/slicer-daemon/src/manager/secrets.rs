@@ -65,7 +65,8 @@ impl Manager {
     }
 
     /// Makes a guest's secrets match the store: every secret it may have, current; with
-    /// `prune`, also none it should no longer have (after a pause or a suspend). Runs in the
+    /// `prune`, also none it should no longer have (after a pause or a suspend; a live fork
+    /// restored with its source's memory). Runs in the
     /// VM's secret queue, each step bounded by [`SECRET_PUSH_TIMEOUT`].
     pub(super) async fn sync_secrets(&self, hostname: &str, r: &Running, prune: bool) -> anyhow::Result<()> {
         let _turn = r.secrets_turn.lock().await;

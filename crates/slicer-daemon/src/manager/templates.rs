@@ -9,8 +9,18 @@ impl Manager {
         self.group(group).is_ok_and(|g| g.warm_start)
     }
 
-    /// The template shapes of the host groups that start warm.
+    /// The template shapes the warm host groups ask for, that is those with a template
+    /// slot (see [`Manager::admit_shape`]).
     pub fn template_shapes(&self) -> Vec<Shape> {
+        let admitted = self.template_shapes.lock().unwrap_or_else(|p| p.into_inner());
+        self.configured_shapes()
+            .into_iter()
+            .filter(|s| admitted.contains(s))
+            .collect()
+    }
+
+    /// The shapes of the host groups that start warm (their default vCPUs and RAM).
+    pub(super) fn configured_shapes(&self) -> Vec<Shape> {
         let mut shapes: Vec<Shape> = Vec::new();
         for g in self.settings.groups.iter().filter(|g| g.warm_start) {
             let s = Shape {
@@ -35,10 +45,51 @@ impl Manager {
         }
     }
 
+    /// Whether `shape` gets a template: it has one of the `config.capacity.template_shapes`
+    /// slots already, or takes a free one now. Slots are kept for the daemon's life.
+    pub(super) fn admit_shape(&self, shape: &Shape) -> bool {
+        let mut admitted = self.template_shapes.lock().unwrap_or_else(|p| p.into_inner());
+        if admitted.contains(shape) {
+            return true;
+        }
+        if admitted.len() >= self.settings.templates.shapes as usize {
+            return false;
+        }
+        admitted.push(shape.clone());
+        true
+    }
+
+    /// Room in the capacity budget for `template`'s memory, when a restore would load it:
+    /// unused loaded memory goes first if needed. `Err` says what is short.
+    fn room_for_template_memory(&self, template: &slicer_vmm::Template) -> Result<(), String> {
+        let need = template.memory_bytes();
+        let memory = &self.host.template_memory;
+        if need == 0 || memory.contains(&template.dir) {
+            return Ok(());
+        }
+        let short = self.ram_short_by(need);
+        if short > 0 && memory.evict_unused(short) < short {
+            return Err(format!(
+                "its memory ({}) does not fit the capacity budget",
+                crate::config::human_bytes(need)
+            ));
+        }
+        Ok(())
+    }
+
     /// A new VM from its group's template, ready (agent answering, identity applied). `None`
     /// (with the reason logged) when that is not possible: the caller boots it cold.
     pub(super) async fn start_warm(&self, spec: &VmSpec) -> Option<Box<dyn Machine>> {
         let shape = Shape::of(spec);
+        if !self.admit_shape(&shape) {
+            self.metrics.template_shapes_refused.inc();
+            tracing::warn!(
+                "VM {}: booting cold: {shape:?} gets no template, {} shapes have one already (config.capacity.template_shapes)",
+                spec.name,
+                self.settings.templates.shapes
+            );
+            return None;
+        }
         let template = match self.backend.template(&shape).await {
             Ok(t) => t,
             Err(e) => {
@@ -46,6 +97,7 @@ impl Manager {
                 return None;
             }
         };
+
         match self.restore_ready(spec, &template).await {
             Ok(vm) => Some(vm),
             Err(e) => {
@@ -62,6 +114,10 @@ impl Manager {
         spec: &VmSpec,
         template: &slicer_vmm::Template,
     ) -> anyhow::Result<Box<dyn Machine>> {
+        // Refused, a new VM boots cold; a live fork, which has no cold boot to fall back to,
+        // fails.
+        self.room_for_template_memory(template)
+            .map_err(|e| anyhow::anyhow!("host capacity: template {}: {e}", template.id))?;
         let vm = self.backend.restore(spec, template).await?;
         if let Err(e) = vm.wait_ready(RESTORE_TIMEOUT).await {
             vm.discard().await;

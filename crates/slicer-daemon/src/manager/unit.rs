@@ -92,6 +92,8 @@ struct FakeBackend {
     vms: Mutex<Vec<Arc<FakeVm>>>,
     /// The next start fails (as a QEMU that cannot start would).
     fail_next: AtomicBool,
+    /// The shapes templates were asked for, in order.
+    templates_asked: Mutex<Vec<Shape>>,
 }
 
 impl FakeBackend {
@@ -134,7 +136,11 @@ impl Backend for FakeBackend {
     fn adopt<'a>(&'a self, spec: &'a VmSpec, _pid: u32, _start: u64) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
         Box::pin(async move { self.make(spec, StartMode::Adopted) })
     }
-    fn template<'a>(&'a self, _shape: &'a Shape) -> BoxFut<'a, anyhow::Result<Arc<Template>>> {
+    fn template<'a>(&'a self, shape: &'a Shape) -> BoxFut<'a, anyhow::Result<Arc<Template>>> {
+        self.templates_asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(shape.clone());
         Box::pin(async { anyhow::bail!("fake: no templates") })
     }
 }
@@ -228,6 +234,66 @@ async fn create_records_a_running_vm_and_delete_removes_it_all() {
         .running
         .load(std::sync::atomic::Ordering::SeqCst));
     assert!(matches!(m.record(&made.hostname), Err(Error::NotFound(_))));
+}
+
+/// Only `config.capacity.template_shapes` distinct shapes get a template (the warm group's own
+/// first); a VM of any other shape boots cold without one being built, and says so in the
+/// metrics.
+#[tokio::test]
+async fn shapes_past_the_template_bound_boot_cold_without_a_template() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let yaml = "config:\n  host_groups:\n  - name: w\n    count: 0\n    vcpu: 2\n    ram_mb: 512\n    network: {mode: none}\n  capacity:\n    ram_bytes: 17179869184\n    template_shapes: 2\n";
+    let settings = crate::config::File::parse(yaml)
+        .and_then(|f| f.settings(dir.path()))
+        .expect("the test config is valid");
+    std::fs::create_dir_all(dir.path().join("data")).expect("the data directory");
+    let backend = Arc::new(FakeBackend::default());
+    let m = manager_on(dir.path(), settings, backend.clone()).await;
+    let shape = |mib: u32| Shape {
+        image: "min".into(),
+        cpus: 2,
+        memory_mib: mib,
+        nic: false,
+    };
+    assert_eq!(
+        m.template_shapes(),
+        vec![shape(512)],
+        "the group's shape has a slot from the start"
+    );
+    let mut made = Vec::new();
+    // The group's shape, a second one (the last slot), a third (none), the second again.
+    for mib in [512u64, 256, 384, 256, 384] {
+        let req = CreateNodeRequest {
+            ram_bytes: Some(mib << 20),
+            ..request(false, &[])
+        };
+        let v = m.create("w", req, Some(Wait::Agent), T).await.expect("create");
+        assert_eq!(m.start_mode(&v.hostname), Some(slicer_api::StartMode::Cold));
+        made.push(v.hostname);
+    }
+    let asked = backend
+        .templates_asked
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    assert_eq!(
+        asked,
+        vec![shape(512), shape(256), shape(256)],
+        "384 MiB asked for no template"
+    );
+    assert_eq!(m.template_shape_count(), (2, 2));
+    let text = m.metrics_text();
+    for line in [
+        "slicer_template_shapes_refused_total 2",
+        "slicer_template_shapes{kind=\"used\"} 2",
+        "slicer_template_shapes{kind=\"limit\"} 2",
+        "slicer_template_memory_bytes{kind=\"pinned\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} missing in {text}");
+    }
+    for h in made {
+        m.delete(&h, false).await.expect("delete");
+    }
 }
 
 #[tokio::test]
