@@ -10,6 +10,7 @@ mod image;
 mod new;
 mod run;
 mod term;
+mod untar;
 mod up;
 mod vm;
 mod ws;
