@@ -572,9 +572,18 @@ async fn forget_host_keys(vm: &dyn Machine) -> Result<(), String> {
         "-c",
         "rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub",
     ]);
-    match vm.agent().exec_output(&req, None).await {
+    let removed = super::guest::exec_within(
+        vm,
+        "the removal of the SSH host keys",
+        &req,
+        None,
+        super::GUEST_CALL_DEADLINE,
+    )
+    .await;
+    match removed {
         Ok(o) if o.status.code == Some(0) => Ok(()),
         Ok(o) => Err(format!("removing the SSH host keys: exit {:?}", o.status.code)),
+        Err(e @ slicer_agent_client::AgentError::Deadline { .. }) => Err(e.to_string()),
         // An image without /bin/sh has no sshd either.
         Err(e) => {
             tracing::debug!("removing the SSH host keys: {e:#}");

@@ -49,6 +49,18 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest one secret change may take to reach one guest.
 pub const SECRET_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest each call the daemon makes into a guest for itself may take, start to end: the SSH
+/// key installation, the userdata's upload and its helpers (who the default user is, the log's
+/// tail), the removal of a fork's SSH host keys. The agent client bounds only the start of an
+/// exec; a guest whose command never ends would otherwise hold the task (and whoever waits for
+/// the VM to be ready) for ever.
+pub const GUEST_CALL_DEADLINE: Duration = slicer_agent_client::CALL_DEADLINE;
+/// Longest a VM's userdata may run. Past it the script is killed (the agent kills the process
+/// group of an exec whose stream goes) and its exit code is recorded as 124, as `timeout(1)`
+/// reports.
+pub const USERDATA_DEADLINE: Duration = Duration::from_secs(3600);
+/// The exit code recorded for a userdata that ran past [`USERDATA_DEADLINE`].
+pub const USERDATA_TIMED_OUT: i32 = 124;
 
 /// Boot progress of a VM: `None` while booting, then ready or the reason it failed.
 pub type Ready = Option<Result<(), String>>;
