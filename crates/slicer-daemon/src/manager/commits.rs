@@ -23,7 +23,7 @@ use slicer_api::{
     CommitDeleted, CommitInfo, CommitRequest, CommitResponse, CreateNodeRequest, ForkRequest, ForkResponse, VmStatus,
 };
 
-use super::{detached, now_rfc3339, vm_name, Error, Machine, Manager, Wait};
+use super::{detached, now_rfc3339, vm_name, Error, GuestText, Machine, Manager, Wait};
 
 use crate::state::{CommitRecord, VmRecord};
 
@@ -537,7 +537,7 @@ impl Manager {
                     )),
                 };
                 if let Err(e) = &result {
-                    tracing::warn!("fork {hostname}: {e}; deleting it");
+                    tracing::warn!("fork {hostname}: {}; deleting it", GuestText(e));
                     let _ = me.delete(&hostname, true).await;
                 }
                 result
@@ -586,7 +586,7 @@ async fn forget_host_keys(vm: &dyn Machine) -> Result<(), String> {
         Err(e @ slicer_agent_client::AgentError::Deadline { .. }) => Err(e.to_string()),
         // An image without /bin/sh has no sshd either.
         Err(e) => {
-            tracing::debug!("removing the SSH host keys: {e:#}");
+            tracing::debug!("removing the SSH host keys: {:#}", GuestText(&e));
             Ok(())
         }
     }

@@ -83,7 +83,7 @@ pub(super) async fn run_userdata(vm: &dyn Machine, script: &str) -> i32 {
             after: GUEST_CALL_DEADLINE,
         }));
     if let Err(e) = uploaded {
-        tracing::warn!("uploading userdata to {}: {e}", vm.name());
+        tracing::warn!("uploading userdata to {}: {}", vm.name(), GuestText(&e));
         return -1;
     }
     let run = ExecRequest {
@@ -100,7 +100,7 @@ pub(super) async fn run_userdata(vm: &dyn Machine, script: &str) -> i32 {
             USERDATA_TIMED_OUT
         }
         Err(e) => {
-            tracing::warn!("running userdata in {}: {e}", vm.name());
+            tracing::warn!("running userdata in {}: {}", vm.name(), GuestText(&e));
             -1
         }
     }

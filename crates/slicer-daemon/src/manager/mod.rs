@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use slicer_agent_client::GuestText;
 use slicer_api::{CreateNodeRequest, CreateNodeResponse, DeleteResponse, NetworkMode, Node, VmStatus};
 use slicer_vmm::{ExecRequest, Host, Shape, VmSpec};
 use tokio::sync::watch;
@@ -690,13 +691,13 @@ impl Manager {
                 // Before userdata, so that it can use them.
                 let prune = r.vm.start_mode() == slicer_vmm::StartMode::Resume;
                 if let Err(e) = me.sync_secrets(&hostname, &r, prune).await {
-                    tracing::warn!("VM {hostname}: syncing secrets: {e:#}");
+                    tracing::warn!("VM {hostname}: syncing secrets: {:#}", GuestText(&e));
                 }
                 let mut keys = me.settings.ssh_keys.clone();
                 keys.extend(request_keys);
                 if !keys.is_empty() {
                     if let Err(e) = authorize_ssh_keys(r.vm.as_ref(), &keys).await {
-                        tracing::warn!("VM {hostname}: installing SSH keys: {e:#}");
+                        tracing::warn!("VM {hostname}: installing SSH keys: {:#}", GuestText(&e));
                     }
                 }
             }
