@@ -26,6 +26,9 @@ use slicer_agent_proto::{
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
+mod guest_text;
+pub use guest_text::GuestText;
+
 pub type ReqBody = BoxBody<Bytes, io::Error>;
 
 /// Largest JSON answer (health, errors, results) accepted from a guest.
@@ -227,7 +230,7 @@ impl AgentClient {
             .await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!("agent connection ended: {e}");
+                tracing::debug!("agent connection ended: {}", GuestText(&e));
             }
         });
         Ok(sender)
@@ -296,7 +299,7 @@ impl AgentClient {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!("agent not ready yet: {e}");
+                    tracing::debug!("agent not ready yet: {}", GuestText(&e));
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(_) => return Err(AgentError::Timeout(timeout)),

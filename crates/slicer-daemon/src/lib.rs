@@ -3,6 +3,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod log;
 pub mod manager;
 pub mod metrics;
 pub mod secrets;
@@ -289,7 +290,8 @@ async fn prepare_images(images: &ImageStore, settings: &mut Settings, agent: Opt
                         tracing::warn!(
                             image = %wanted,
                             instead = ours,
-                            "SlicerVM's image could not be pulled ({e}); host group {} runs our {ours} image instead",
+                            "SlicerVM's image could not be pulled ({}); host group {} runs our {ours} image instead",
+                            slicer_agent_client::GuestText(&e),
                             g.name
                         );
                         build_builtin(images, ours, Some(agent)).await?;

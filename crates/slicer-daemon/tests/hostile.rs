@@ -544,3 +544,48 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
     assert_eq!(s, 200, "{v}");
     assert!(common::no_qemu_for(&h));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
+async fn a_guest_cannot_forge_lines_in_the_daemons_log() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    common::daemon_log();
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGw2nbyvNQ5dTfTQ1vbiHyqL3QVGWczZ1fdQ1ZDfjVZq t@x";
+    const FORGED: &str = "2026-12-07T00:00:00Z INFO forged";
+    let d = TestDaemon::start(|p| common::config_yaml("logs", &format!("  ssh_keys:\n  - {KEY}\n"), p)).await;
+    let h = d.create_vm("logs", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The guest's `touch` (which the daemon's SSH key installation runs) now fails with a
+    // message that carries a line of its own, an ESC and a CR.
+    let fake = format!("#!/bin/sh\nprintf 'denied\\n{FORGED} by {h}\\r\\033[2J\\n' >&2\nexit 1\n");
+    let (s, v) = d
+        .sh(
+            &h,
+            &format!("cat > /tmp/touch <<'EOF'\n{fake}EOF\nchmod 755 /tmp/touch && mv /tmp/touch /usr/bin/touch"),
+        )
+        .await;
+    assert_eq!((s, v["exit_code"].as_i64()), (200, Some(0)), "{v}");
+    // A restored VM gets the keys again: the installation fails and the daemon logs why.
+    let (s, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/suspend"), "").await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = d
+        .send_json(http::Method::POST, &format!("/vm/{h}/restore?wait=agent"), "")
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let log = common::daemon_log();
+    let ours: Vec<&str> = log.lines().filter(|l| l.contains(&h)).collect();
+    assert!(
+        ours.iter().any(|l| l.contains(&format!(
+            "installing SSH keys: exit Some(1): denied\\n{FORGED} by {h}\\r"
+        ))),
+        "the failure was not logged on one line: {ours:#?}"
+    );
+    for line in log.lines() {
+        assert!(!line.starts_with(FORGED), "a forged line: {line:?}");
+        assert!(!line.contains('\r'), "a CR: {line:?}");
+    }
+    assert!(!log.contains("\x1b[2J"), "an ESC sequence reached the log");
+    delete(&d, "logs", &h).await;
+}

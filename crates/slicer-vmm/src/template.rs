@@ -418,8 +418,9 @@ impl Host {
                     // Where QEMU cannot keep RAM in a file (or ignore it when saving), the
                     // template holds RAM in its state, as before.
                     tracing::warn!(
-                        "template {} with RAM in a file failed ({e:#}); building it with RAM in its state",
-                        meta.id
+                        "template {} with RAM in a file failed ({:#}); building it with RAM in its state",
+                        meta.id,
+                        slicer_agent_client::GuestText(&e)
                     );
                     self.build_template(
                         &image,

@@ -10,6 +10,7 @@ mod image;
 mod new;
 mod run;
 mod term;
+mod untar;
 mod up;
 mod vm;
 mod ws;
@@ -126,7 +127,8 @@ enum Cmd {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLICER_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
+        // One event, one line: what a guest wrote cannot start a line of its own.
+        .with_writer(slicer_daemon::log::stderr)
         .init();
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some((cmd, why)) = args

@@ -1287,7 +1287,7 @@ async fn download(c: &ApiClient, name: &str, path: &str, dst: &str, opts: CpOpts
         .await?;
     let mut stream = resp.into_body().into_data_stream();
     if tar {
-        return unpack(stream, PathBuf::from(dst), &opts.exclude).await;
+        return unpack(stream, path, PathBuf::from(dst), &opts.exclude).await;
     }
     let mut f = std::fs::File::create(dst).with_context(|| format!("creating {dst}"))?;
     while let Some(chunk) = stream.try_next().await? {
@@ -1296,31 +1296,23 @@ async fn download(c: &ApiClient, name: &str, path: &str, dst: &str, opts: CpOpts
     Ok(())
 }
 
-/// Unpacks the tar `stream` into `dest`, entry by entry, but what `exclude` leaves out: the
-/// archive comes from the guest, so paths that leave the destination are refused.
-async fn unpack<S, E>(mut stream: S, dest: PathBuf, exclude: &[String]) -> Result<()>
+/// Unpacks the tar `stream` into `dest` (see [`crate::untar`]: the archive is the guest's),
+/// but what `exclude` leaves out; patterns naming paths under the guest's `src` are taken
+/// relative to it.
+async fn unpack<S, E>(mut stream: S, src: &str, dest: PathBuf, exclude: &[String]) -> Result<()>
 where
     S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: std::error::Error + Send + Sync + 'static,
 {
     let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
-    let gi = ignore_rules(&dest, exclude, false)?;
+    let rules = crate::untar::exclude_rules(src, exclude)?;
+    let umask = crate::untar::process_umask();
     let unpack = std::thread::spawn(move || -> Result<()> {
-        std::fs::create_dir_all(&dest)?;
-        let mut ar = tar::Archive::new(ChannelReader {
+        let r = ChannelReader {
             rx,
             cur: bytes::Bytes::new(),
-        });
-        for e in ar.entries()? {
-            let mut e = e?;
-            let rel = e.path()?.into_owned();
-            let is_dir = e.header().entry_type().is_dir();
-            if gi.matched_path_or_any_parents(&rel, is_dir).is_ignore() {
-                continue;
-            }
-            e.unpack_in(&dest)?;
-        }
-        Ok(())
+        };
+        crate::untar::unpack(r, &dest, &rules, umask)
     });
     while let Some(chunk) = stream.try_next().await? {
         if tx.send(chunk).is_err() {

@@ -225,7 +225,7 @@ async fn catch_panic(req: Request, next: Next) -> Response {
                 .map(|s| s.to_string())
                 .or_else(|| p.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            tracing::error!(route, panic = what, "a request handler panicked");
+            tracing::error!(route, panic = %slicer_agent_client::GuestText(&what), "a request handler panicked");
             ApiErr::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal error (a bug: see the daemon's log)",

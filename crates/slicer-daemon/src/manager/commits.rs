@@ -23,7 +23,7 @@ use slicer_api::{
     CommitDeleted, CommitInfo, CommitRequest, CommitResponse, CreateNodeRequest, ForkRequest, ForkResponse, VmStatus,
 };
 
-use super::{detached, now_rfc3339, vm_name, Error, Machine, Manager, Wait};
+use super::{detached, now_rfc3339, vm_name, Error, GuestText, Machine, Manager, Wait};
 
 use crate::state::{CommitRecord, VmRecord};
 
@@ -526,7 +526,7 @@ impl Manager {
                     )),
                 };
                 if let Err(e) = &result {
-                    tracing::warn!("fork {hostname}: {e}; deleting it");
+                    tracing::warn!("fork {hostname}: {}; deleting it", GuestText(e));
                     let _ = me.delete(&hostname, true).await;
                 }
                 result
@@ -561,12 +561,21 @@ async fn forget_host_keys(vm: &dyn Machine) -> Result<(), String> {
         "-c",
         "rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub",
     ]);
-    match vm.agent().exec_output(&req, None).await {
+    let removed = super::guest::exec_within(
+        vm,
+        "the removal of the SSH host keys",
+        &req,
+        None,
+        super::GUEST_CALL_DEADLINE,
+    )
+    .await;
+    match removed {
         Ok(o) if o.status.code == Some(0) => Ok(()),
         Ok(o) => Err(format!("removing the SSH host keys: exit {:?}", o.status.code)),
+        Err(e @ slicer_agent_client::AgentError::Deadline { .. }) => Err(e.to_string()),
         // An image without /bin/sh has no sshd either.
         Err(e) => {
-            tracing::debug!("removing the SSH host keys: {e:#}");
+            tracing::debug!("removing the SSH host keys: {:#}", GuestText(&e));
             Ok(())
         }
     }

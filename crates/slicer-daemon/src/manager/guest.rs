@@ -1,6 +1,22 @@
 //! What the manager does inside a new guest through its agent: SSH keys and userdata.
 
+use slicer_agent_client::{AgentError, Output};
+
 use super::*;
+
+/// The whole of exec `req` (start to exit, its output buffered) within `deadline`. Past it the
+/// exec's stream is dropped, which makes the agent kill the command's process group.
+pub(super) async fn exec_within(
+    vm: &dyn Machine,
+    what: &'static str,
+    req: &ExecRequest,
+    stdin: Option<bytes::Bytes>,
+    deadline: Duration,
+) -> Result<Output, AgentError> {
+    tokio::time::timeout(deadline, vm.agent().exec_output(req, stdin))
+        .await
+        .unwrap_or(Err(AgentError::Deadline { what, after: deadline }))
+}
 
 /// Adds `keys` (checked by `config::check_ssh_keys`) to the default user's
 /// ~/.ssh/authorized_keys, keeping the lines already there: a restart re-adds the config's
@@ -15,7 +31,14 @@ while IFS= read -r k; do grep -qxF -- "$k" "$f" || printf '%s\n' "$k" >> "$f"; d
         uid: Some(slicer_agent_proto::DEFAULT_USER),
         ..ExecRequest::argv(["/bin/sh", "-c", script])
     };
-    let out = vm.agent().exec_output(&req, Some(input.into())).await?;
+    let out = exec_within(
+        vm,
+        "the SSH key installation",
+        &req,
+        Some(input.into()),
+        GUEST_CALL_DEADLINE,
+    )
+    .await?;
     anyhow::ensure!(
         out.status.code == Some(0),
         "exit {:?}: {}",
@@ -43,30 +66,41 @@ pub(super) async fn run_userdata(vm: &dyn Machine, script: &str) -> i32 {
         uid: Some(slicer_agent_proto::DEFAULT_USER),
         ..ExecRequest::argv(["id", "-un"])
     };
-    let target_user = match agent.exec_output(&whoami, None).await {
+    let target_user = match exec_within(vm, "who the default user is", &whoami, None, GUEST_CALL_DEADLINE).await {
         Ok(out) if out.status.code == Some(0) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
         _ => "root".to_string(),
     };
-    if let Err(e) = agent
-        .upload_file(
-            path,
-            Some(0o700),
-            None,
-            std::io::Cursor::new(script.as_bytes().to_vec()),
-        )
+    let upload = agent.upload_file(
+        path,
+        Some(0o700),
+        None,
+        std::io::Cursor::new(script.as_bytes().to_vec()),
+    );
+    let uploaded = tokio::time::timeout(GUEST_CALL_DEADLINE, upload)
         .await
-    {
-        tracing::warn!("uploading userdata to {}: {e}", vm.name());
+        .unwrap_or(Err(AgentError::Deadline {
+            what: "the userdata's upload",
+            after: GUEST_CALL_DEADLINE,
+        }));
+    if let Err(e) = uploaded {
+        tracing::warn!("uploading userdata to {}: {}", vm.name(), GuestText(&e));
         return -1;
     }
     let run = ExecRequest {
         env: vec![("TARGET_USER".into(), target_user)],
         ..ExecRequest::argv(["/bin/sh", "-c", &cmd])
     };
-    match agent.exec_output(&run, None).await {
+    match exec_within(vm, "the userdata", &run, None, USERDATA_DEADLINE).await {
         Ok(out) => out.status.shell_code(),
+        Err(AgentError::Deadline { after, .. }) => {
+            tracing::warn!(
+                "userdata in {} ran for {after:?}: killed, recorded as exit code {USERDATA_TIMED_OUT}",
+                vm.name()
+            );
+            USERDATA_TIMED_OUT
+        }
         Err(e) => {
-            tracing::warn!("running userdata in {}: {e}", vm.name());
+            tracing::warn!("running userdata in {}: {}", vm.name(), GuestText(&e));
             -1
         }
     }
@@ -75,7 +109,7 @@ pub(super) async fn run_userdata(vm: &dyn Machine, script: &str) -> i32 {
 /// The last lines of the userdata log (at most 4 KiB of it), for an error message.
 pub(super) async fn userdata_log_tail(vm: &dyn Machine) -> String {
     let req = ExecRequest::argv(["tail", "-c", "4096", USERDATA_LOG]);
-    match vm.agent().exec_output(&req, None).await {
+    match exec_within(vm, "the userdata log's tail", &req, None, GUEST_CALL_DEADLINE).await {
         Ok(out) => {
             let text = String::from_utf8_lossy(&out.stdout);
             let lines: Vec<&str> = text.lines().rev().take(20).collect();

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use slicer_agent_client::GuestText;
 use slicer_api::{CreateNodeRequest, CreateNodeResponse, DeleteResponse, NetworkMode, Node, VmStatus};
 use slicer_vmm::{ExecRequest, Host, Shape, VmSpec};
 use tokio::sync::watch;
@@ -49,6 +50,18 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest one secret change may take to reach one guest.
 pub const SECRET_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest each call the daemon makes into a guest for itself may take, start to end: the SSH
+/// key installation, the userdata's upload and its helpers (who the default user is, the log's
+/// tail), the removal of a fork's SSH host keys. The agent client bounds only the start of an
+/// exec; a guest whose command never ends would otherwise hold the task (and whoever waits for
+/// the VM to be ready) for ever.
+pub const GUEST_CALL_DEADLINE: Duration = slicer_agent_client::CALL_DEADLINE;
+/// Longest a VM's userdata may run. Past it the script is killed (the agent kills the process
+/// group of an exec whose stream goes) and its exit code is recorded as 124, as `timeout(1)`
+/// reports.
+pub const USERDATA_DEADLINE: Duration = Duration::from_secs(3600);
+/// The exit code recorded for a userdata that ran past [`USERDATA_DEADLINE`].
+pub const USERDATA_TIMED_OUT: i32 = 124;
 
 /// Boot progress of a VM: `None` while booting, then ready or the reason it failed.
 pub type Ready = Option<Result<(), String>>;
@@ -694,13 +707,13 @@ impl Manager {
                 // pruned before it reports ready. A cold boot starts with an empty /run.
                 let prune = r.vm.start_mode() != slicer_vmm::StartMode::Cold;
                 if let Err(e) = me.sync_secrets(&hostname, &r, prune).await {
-                    tracing::warn!("VM {hostname}: syncing secrets: {e:#}");
+                    tracing::warn!("VM {hostname}: syncing secrets: {:#}", GuestText(&e));
                 }
                 let mut keys = me.settings.ssh_keys.clone();
                 keys.extend(request_keys);
                 if !keys.is_empty() {
                     if let Err(e) = authorize_ssh_keys(r.vm.as_ref(), &keys).await {
-                        tracing::warn!("VM {hostname}: installing SSH keys: {e:#}");
+                        tracing::warn!("VM {hostname}: installing SSH keys: {:#}", GuestText(&e));
                     }
                 }
             }

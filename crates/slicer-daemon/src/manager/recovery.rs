@@ -30,7 +30,7 @@ impl Manager {
                             tracing::info!("adopted VM {} (pid {pid})", rec.hostname);
                             continue;
                         }
-                        Err(e) => tracing::warn!("cannot adopt VM {}: {e:#}", rec.hostname),
+                        Err(e) => tracing::warn!("cannot adopt VM {}: {:#}", rec.hostname, GuestText(&e)),
                     }
                 }
                 if ours {
@@ -104,7 +104,11 @@ impl Manager {
                     }
                 };
                 if let Err(e) = self.reserve(&hostname, &rec) {
-                    tracing::error!("count VM {hostname} of host group {} not started: {}", g.name, e);
+                    tracing::error!(
+                        "count VM {hostname} of host group {} not started: {}",
+                        g.name,
+                        GuestText(&e)
+                    );
                     continue;
                 }
                 let started = match existing {

@@ -105,7 +105,7 @@ impl Manager {
         let (me, h, r) = (self.clone(), hostname.to_string(), r.clone());
         tokio::spawn(async move {
             if let Err(e) = me.sync_secrets(&h, &r, true).await {
-                tracing::warn!("VM {h}: syncing secrets: {e:#}");
+                tracing::warn!("VM {h}: syncing secrets: {:#}", GuestText(&e));
             }
         });
     }
@@ -143,7 +143,7 @@ impl Manager {
                 match tokio::time::timeout(SECRET_PUSH_TIMEOUT, me.apply_secret(&hostname, r.vm.as_ref(), &name)).await
                 {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!("VM {hostname}: updating secret {name}: {e:#}"),
+                    Ok(Err(e)) => tracing::warn!("VM {hostname}: updating secret {name}: {:#}", GuestText(&e)),
                     Err(_) => tracing::warn!(
                         "VM {hostname}: updating secret {name}: the guest did not answer within {SECRET_PUSH_TIMEOUT:?}"
                     ),

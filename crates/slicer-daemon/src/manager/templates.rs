@@ -40,7 +40,10 @@ impl Manager {
     pub async fn prepare_templates(&self) {
         for shape in self.template_shapes() {
             if let Err(e) = self.backend.template(&shape).await {
-                tracing::warn!("no template for {shape:?}; VMs of that shape boot cold: {e:#}");
+                tracing::warn!(
+                    "no template for {shape:?}; VMs of that shape boot cold: {:#}",
+                    GuestText(&e)
+                );
             }
         }
     }
@@ -93,7 +96,7 @@ impl Manager {
         let template = match self.backend.template(&shape).await {
             Ok(t) => t,
             Err(e) => {
-                tracing::warn!("VM {}: booting cold, no template: {e:#}", spec.name);
+                tracing::warn!("VM {}: booting cold, no template: {:#}", spec.name, GuestText(&e));
                 return None;
             }
         };
@@ -101,7 +104,7 @@ impl Manager {
         match self.restore_ready(spec, &template).await {
             Ok(vm) => Some(vm),
             Err(e) => {
-                tracing::warn!("VM {}: booting cold, restore failed: {e:#}", spec.name);
+                tracing::warn!("VM {}: booting cold, restore failed: {:#}", spec.name, GuestText(&e));
                 None
             }
         }

@@ -94,6 +94,8 @@ struct FakeBackend {
     fail_next: AtomicBool,
     /// The shapes templates were asked for, in order.
     templates_asked: Mutex<Vec<Shape>>,
+    /// The agent socket of the VMs started from now on (none answers by default).
+    agent: Mutex<Option<std::path::PathBuf>>,
 }
 
 impl FakeBackend {
@@ -103,7 +105,13 @@ impl FakeBackend {
         }
         let vm = Arc::new(FakeVm {
             name: spec.name.clone(),
-            agent: AgentClient::new("/nonexistent/agent.sock"),
+            agent: AgentClient::new(
+                self.agent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .unwrap_or_else(|| "/nonexistent/agent.sock".into()),
+            ),
             mode,
             running: AtomicBool::new(true),
             exited: watch::channel(false).0,
@@ -426,4 +434,103 @@ async fn recovery_stops_persistent_records_and_drops_ephemeral_ones_of_a_dead_da
     again.recover().await.expect("recover");
     assert_eq!(again.record(&kept.hostname).expect("kept").status, VmStatus::Stopped);
     assert!(matches!(again.record(&gone.hostname), Err(Error::NotFound(_))));
+}
+
+/// A stuck guest's agent on a UNIX socket under `dir`: the real handshake, then an upload is
+/// answered, and every other request gets a body that never ends (an exec says it started,
+/// then nothing more).
+fn stuck_agent(dir: &std::path::Path) -> std::path::PathBuf {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let path = dir.join("stuck-agent.sock");
+    let listener = tokio::net::UnixListener::bind(&path).expect("a socket");
+    // The senders of the bodies, kept so that no body ever ends.
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let Ok((io, _)) = slicer_agent_proto::sync::agent_handshake(stream).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (tx, body) = slicer_agent_proto::body::channel(4);
+                    if req.method() == http::Method::PUT {
+                        let _ = tx.try_send(Ok(bytes::Bytes::from_static(br#"{"path":"/f","bytes":1}"#)));
+                        return std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(body)));
+                    }
+                    if req.uri().path().contains("exec") {
+                        let started = slicer_agent_proto::frame::encode_json(
+                            slicer_agent_proto::frame::Kind::Started,
+                            &slicer_agent_proto::Started {
+                                pid: 7,
+                                started_at_ms: 1,
+                            },
+                        );
+                        let _ = tx.try_send(Ok(started));
+                    }
+                    kept.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+                    std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(body)))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+            });
+        }
+    });
+    path
+}
+
+// The daemon's own calls into a guest end by their deadlines (30 s; the userdata 1 h) when the
+// guest's agent starts a command that never ends. Time is paused: tokio moves the clock on
+// whenever every task waits, so the deadlines pass at once.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_guest_cannot_hold_the_ssh_key_installation() {
+    let f = fixture(4).await;
+    *f.backend.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(stuck_agent(f.dir.path()));
+    let req = CreateNodeRequest {
+        ssh_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGw2nbyvNQ5dTfTQ1vbiHyqL3QVGWczZ1fdQ1ZDfjVZq t@x".into()],
+        ..request(false, &[])
+    };
+    let t0 = tokio::time::Instant::now();
+    let made = f
+        .manager
+        .create("t", req, Some(Wait::Agent), Duration::from_secs(600))
+        .await
+        .expect("ready once the key installation gave up");
+    let took = t0.elapsed();
+    assert!(
+        took >= super::GUEST_CALL_DEADLINE && took < super::GUEST_CALL_DEADLINE + Duration::from_secs(5),
+        "{took:?}"
+    );
+    f.manager.delete(&made.hostname, true).await.expect("delete");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_guest_cannot_hold_its_userdata_for_ever() {
+    let f = fixture(4).await;
+    *f.backend.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(stuck_agent(f.dir.path()));
+    let req = CreateNodeRequest {
+        userdata: Some("#!/bin/sh\nsleep infinity\n".into()),
+        ..request(false, &[])
+    };
+    let t0 = tokio::time::Instant::now();
+    let e = f
+        .manager
+        .create("t", req, Some(Wait::Userdata), Duration::from_secs(3 * 3600))
+        .await
+        .expect_err("the userdata fails");
+    let took = t0.elapsed();
+    // Who the default user is (30 s), the script (1 h), its log's tail (30 s).
+    assert!(
+        matches!(&e, Error::UserdataFailed(m) if m.contains("exited with code 124")),
+        "{e:?}"
+    );
+    let expected = super::USERDATA_DEADLINE + 2 * super::GUEST_CALL_DEADLINE;
+    assert!(took >= expected && took < expected + Duration::from_secs(5), "{took:?}");
+    f.manager.delete(&e_host(&f), true).await.expect("delete");
+}
+
+/// The one VM of a fixture.
+fn e_host(f: &Fixture) -> String {
+    f.manager.records().expect("records")[0].hostname.clone()
 }

@@ -160,6 +160,34 @@ impl Drop for TestDaemon {
     }
 }
 
+/// The daemon's log of this test binary from the first call on (warnings and errors), written
+/// as `slicer up` writes it: `tracing_subscriber::fmt` (see crates/slicer/src/main.rs) through
+/// `slicer_daemon::log::OneLine`.
+pub fn daemon_log() -> String {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let w = log.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+            .with_writer(move || slicer_daemon::log::OneLine(Capture(w.clone())))
+            .try_init();
+        log
+    });
+    String::from_utf8_lossy(&log.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+}
+
 /// The pid of our QEMU for `hostname` (its command line names `slicer-<hostname>`).
 pub fn qemu_pid_of(hostname: &str) -> Option<u32> {
     let needle = format!("slicer-{hostname}");
