@@ -36,6 +36,11 @@ pub struct AppState {
 
 pub type Shared = Arc<AppState>;
 
+/// A relay of guest lines (background logs, watch events) that drops this many lines in a row
+/// yields to the runtime: lines already read come back without an await, so a guest's flood
+/// of dropped lines would otherwise hold a worker thread.
+const YIELD_EVERY: u32 = 64;
+
 /// Largest JSON request body; streamed bodies (exec stdin, cp) have no limit.
 pub const MAX_JSON_BODY: usize = 1 << 20;
 
