@@ -298,6 +298,10 @@ async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
             return ApiErr::new(StatusCode::UNAUTHORIZED, "missing or invalid bearer token").into_response();
         }
     }
+    // The connection holds its slot against sockets without the token (crate::serve).
+    if let Some(m) = req.extensions().get::<crate::serve::ConnMark>() {
+        m.trust();
+    }
     next.run(req).await
 }
 
