@@ -339,6 +339,7 @@ pub fn query_pairs(raw: &Option<String>) -> Vec<(String, String)> {
         .collect()
 }
 
+pub use exec::{BUFFERED_BUDGET, MAX_BUFFERED_JSON};
 pub use slicer_api::query::one as query_one;
 
 pub fn query_bool(pairs: &[(String, String)], key: &str) -> Result<bool, ApiErr> {
