@@ -1,6 +1,7 @@
 //! The daemon's REST API: the JSON shapes (compatible with SlicerVM's SDKs) and a client.
 
 pub mod client;
+pub mod lines;
 pub mod query;
 pub mod types;
 

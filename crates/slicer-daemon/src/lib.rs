@@ -7,19 +7,16 @@ pub mod log;
 pub mod manager;
 pub mod metrics;
 pub mod secrets;
+pub mod serve;
 pub mod state;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{Context, Result};
 use slicer_image::ImageStore;
 use slicer_vmm::Host;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Listen, Settings};
 use crate::manager::Manager;
@@ -42,9 +39,7 @@ pub struct Daemon {
     server: tokio::task::JoinHandle<()>,
 }
 
-/// Most connections one API listener serves at once; further ones wait in the kernel's
-/// backlog until one closes.
-pub const MAX_CONNECTIONS: usize = 1024;
+pub use serve::{HEADER_DEADLINE, MAX_CONNECTIONS, MAX_PER_PEER};
 
 /// Mode of the UNIX API socket: its owner and group may connect.
 pub const SOCKET_MODE: u32 = 0o660;
@@ -95,21 +90,14 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
         manager: manager.clone(),
         token: token.clone(),
     }));
-    let (tx, mut rx) = tokio::sync::watch::channel(false);
-    let stop = async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let limits = serve::Limits::default();
     let server = match &listen {
         Listen::Tcp(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the API to {addr} (config.api.bind_address/port)"))?;
-            let l = Capped::new(l, MAX_CONNECTIONS);
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
-                    tracing::error!("API server: {e}");
-                }
-            })
+            tokio::spawn(serve::serve(l, app, limits, rx))
         }
         Listen::Unix(path) => {
             let _ = std::fs::remove_file(path);
@@ -117,12 +105,7 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
                 .with_context(|| format!("binding the API to {} (config.api.bind_address)", path.display()))?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
                 .with_context(|| format!("setting the mode of {}", path.display()))?;
-            let l = Capped::new(l, MAX_CONNECTIONS);
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
-                    tracing::error!("API server: {e}");
-                }
-            })
+            tokio::spawn(serve::serve(l, app, limits, rx))
         }
     };
     manager.start_count_vms().await?;
@@ -137,81 +120,6 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
         shutdown: tx,
         server,
     })
-}
-
-/// A listener that serves at most `max` connections at once: it accepts only while it holds a
-/// free permit, and each connection keeps its permit until it closes (an upgraded WebSocket
-/// too).
-pub struct Capped<L> {
-    inner: L,
-    permits: Arc<Semaphore>,
-}
-
-impl<L> Capped<L> {
-    pub fn new(inner: L, max: usize) -> Capped<L> {
-        Capped {
-            inner,
-            permits: Arc::new(Semaphore::new(max)),
-        }
-    }
-}
-
-impl<L: axum::serve::Listener> axum::serve::Listener for Capped<L> {
-    type Io = CappedIo<L::Io>;
-    type Addr = L::Addr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        let (io, addr) = self.inner.accept().await;
-        (CappedIo { io, _permit: permit }, addr)
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// A connection of a [`Capped`] listener: its permit goes back when it is dropped.
-pub struct CappedIo<I> {
-    io: I,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for CappedIo<I> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for CappedIo<I> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
 }
 
 impl Daemon {
@@ -321,55 +229,4 @@ async fn build_builtin(images: &ImageStore, name: &str, agent: Option<&Path>) ->
     })
     .await??;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant};
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    use super::*;
-
-    /// Sends a GET on `conn` and reads the status line (`None` if nothing comes within `wait`).
-    async fn status(conn: &mut tokio::net::TcpStream, path: &str, wait: Duration) -> Option<String> {
-        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut buf = vec![0u8; 4096];
-        let n = tokio::time::timeout(wait, conn.read(&mut buf)).await.ok()?.unwrap();
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        text.lines().next().map(str::to_string)
-    }
-
-    #[tokio::test]
-    async fn a_capped_listener_serves_no_more_than_its_cap() {
-        const CAP: usize = 3;
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        let server = tokio::spawn(async move { axum::serve(Capped::new(l, CAP), app).await });
-
-        let mut open = Vec::new();
-        for _ in 0..CAP {
-            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let line = status(&mut c, "/", Duration::from_secs(5)).await;
-            assert_eq!(line.as_deref(), Some("HTTP/1.1 200 OK"));
-            open.push(c);
-        }
-        // One more: the kernel completes the TCP handshake (backlog), but nobody serves it.
-        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
-        assert_eq!(status(&mut extra, "/", Duration::from_millis(300)).await, None);
-        // Closing one of the others lets it in.
-        let t0 = Instant::now();
-        drop(open.pop());
-        let mut buf = vec![0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
-            .await
-            .expect("the waiting connection is served once another closes")
-            .unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200 OK"));
-        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
-        server.abort();
-    }
 }

@@ -1,7 +1,8 @@
 //! What the daemon holds for a tenant is bounded: a buffered exec that prints for ever is cut at
-//! 16 MiB (the command killed, the daemon's memory barely moving), and a guest whose agent stops
-//! answering makes health and filesystem calls fail within their deadlines. The connection cap
-//! and the request timeout have unit tests in the crate (lib.rs, api/mod.rs).
+//! 16 MiB of JSON (the command killed, the daemon's memory barely moving), ten at once share a
+//! 32 MiB budget, a guest whose agent stops answering makes health and filesystem calls fail
+//! within their deadlines, and 1,100 silent sockets keep nobody from the API. The connection
+//! caps and the request timeout have unit tests in the crate (serve.rs, api/mod.rs).
 
 mod common;
 
@@ -124,8 +125,9 @@ async fn buffered_exec_of_endless_output_is_cut_and_killed() {
         "{}",
         String::from_utf8_lossy(&head)
     );
-    let limit = slicer_agent_client::MAX_BUFFERED_OUTPUT;
-    assert!(len > limit / 2 * 3 && len < limit / 2 * 3 + 4096, "{len}");
+    // 16 MiB as sent (escapes count), give or take the last piece.
+    let limit = slicer_daemon::api::MAX_BUFFERED_JSON;
+    assert!(len > limit - (64 << 10) && len < limit + 4096, "{len}");
     let text = String::from_utf8_lossy(&tail);
     let rest = &text[text.rfind(r#","stderr":"#).expect("a stderr field")..];
     let v: Value = serde_json::from_str(&format!("{{{}", &rest[1..])).unwrap();
@@ -151,6 +153,217 @@ async fn buffered_exec_of_endless_output_is_cut_and_killed() {
     let (s, v) = d.sh(&h, "echo ok").await;
     assert_eq!((s, v["stdout"].as_str()), (200, Some("ok\n")), "{v}");
     delete(&d, "yes", &h).await;
+}
+
+/// A buffered answer read without keeping it (the client shares this process's memory):
+/// status, length, and the JSON of its fields after stdout and stderr (or the whole of a
+/// short answer).
+async fn read_buffered(resp: http::Response<hyper::body::Incoming>) -> (u16, usize, Value) {
+    let status = resp.status().as_u16();
+    let (mut len, mut tail) = (0usize, Vec::new());
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.unwrap().into_data() else { continue };
+        len += data.len();
+        tail.extend_from_slice(&data);
+        if tail.len() > 128 << 10 {
+            tail.drain(..tail.len() - (64 << 10));
+        }
+    }
+    let text = String::from_utf8_lossy(&tail);
+    let v = match serde_json::from_str::<Value>(&text) {
+        Ok(v) => v,
+        Err(_) => {
+            let rest = &text[text.rfind(r#","stderr":"#).expect("a stderr field")..];
+            serde_json::from_str(&format!("{{{}", &rest[1..])).unwrap()
+        }
+    };
+    (status, len, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
+async fn ten_buffered_execs_of_zeros_at_once_stay_within_the_budget() {
+    let _serial = SERIAL.lock().await;
+    let d = TestDaemon::start(|p| cfg("zero", "min", p)).await;
+    let h = d.create_vm("zero", json!({})).await["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Warm the paths once (first-use allocations are not what is measured).
+    let (s, v) = d.sh(&h, "head -c 1000 /dev/zero").await;
+    assert_eq!(s, 200, "{v}");
+
+    let before = rss();
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let sampler = tokio::spawn(async move {
+        let mut peak = rss();
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => return peak,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => peak = peak.max(rss()),
+            }
+        }
+    });
+    // NULs are 6 bytes each in JSON; the last one sends every control byte (and no UTF-8).
+    let mut lines = vec!["head -c 400000000 /dev/zero"; 10];
+    lines.push(r"head -c 400000000 /dev/urandom | tr '\200-\377' '\000-\177'");
+    let t0 = Instant::now();
+    let runs = lines.into_iter().map(|line| {
+        let (c, h) = (d.client(), h.clone());
+        async move {
+            let q = query(&[("cmd", line.into()), ("buffered", "true".into()), ("uid", "0".into())]);
+            let resp = c
+                .send(Method::POST, &format!("/vm/{h}/exec?{q}"), None, empty())
+                .await
+                .unwrap();
+            read_buffered(resp).await
+        }
+    });
+    let answers = futures_util::future::join_all(runs).await;
+    let took = t0.elapsed();
+    let _ = stop_tx.send(());
+    let peak = sampler.await.unwrap();
+    let growth = peak.saturating_sub(before);
+    eprintln!(
+        "11 buffered execs of 400 MB ({}): statuses {:?}, lengths {:?}, in {took:?}; RSS {} MiB before, peak {} MiB (+{} MiB)",
+        accel_of(&h),
+        answers.iter().map(|a| a.0).collect::<Vec<_>>(),
+        answers.iter().map(|a| a.1).collect::<Vec<_>>(),
+        before >> 20,
+        peak >> 20,
+        growth >> 20
+    );
+    let (mut cut, mut busy) = (0, 0);
+    for (status, len, v) in &answers {
+        let err = v["error"].as_str().unwrap_or_default();
+        match status {
+            200 => {
+                assert!(
+                    err.contains("output exceeded 16 MiB") || err.contains("ran out"),
+                    "{len} bytes: {v}"
+                );
+                assert!(err.contains("killed"), "{v}");
+                assert_eq!((&v["exit_code"], &v["signal"]), (&json!(137), &json!("SIGKILL")), "{v}");
+                assert!(*len <= slicer_daemon::api::MAX_BUFFERED_JSON + 4096, "{len}");
+                cut += 1;
+            }
+            503 => {
+                assert!(err.contains("try again later"), "{v}");
+                busy += 1;
+            }
+            s => panic!("{s}: {v}"),
+        }
+    }
+    assert!(growth < 64 << 20, "RSS grew by {} MiB", growth >> 20);
+    assert!(cut >= 2, "{cut} cut, {busy} busy");
+
+    // The budget is whole again and the daemon serves as before.
+    let (s, v) = d
+        .sh(&h, "head -c 3000000 /dev/zero | wc -c; pgrep -x head; echo rc=$?")
+        .await;
+    assert_eq!((s, v["stdout"].as_str()), (200, Some("3000000\nrc=1\n")), "{v}");
+    delete(&d, "zero", &h).await;
+}
+
+/// Opens `n` TCP connections to `url`'s port that send nothing.
+async fn silent_sockets(url: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    v
+}
+
+/// The peer closed `c` (EOF or reset) by `deadline`.
+async fn closed_by(c: &mut tokio::net::TcpStream, deadline: Instant) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let wait = deadline.saturating_duration_since(Instant::now());
+    matches!(
+        tokio::time::timeout(wait, c.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root and built images (scripts/test.sh runs it)"]
+async fn silent_and_trickling_sockets_keep_nobody_from_the_api() {
+    use tokio::io::AsyncWriteExt;
+    let _serial = SERIAL.lock().await;
+    let nofile = slicer_vmm::raise_nofile_limit();
+    assert!(nofile >= 4096, "RLIMIT_NOFILE {nofile}");
+    let d = TestDaemon::start(|p| cfg("idle", "min", p)).await;
+    let deadline = slicer_daemon::HEADER_DEADLINE;
+
+    // More silent sockets than a listener's cap, all from 127.0.0.1.
+    let opened = Instant::now();
+    let mut idle = silent_sockets(&d.url, slicer_daemon::MAX_CONNECTIONS + 76).await;
+    eprintln!("{} silent sockets opened in {:?}", idle.len(), opened.elapsed());
+
+    // A slowloris from another address: one byte of a request head a second, for ever.
+    let addr: std::net::SocketAddr = d.url.trim_start_matches("http://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut slow = sock.connect(addr).await.unwrap();
+    let slow_from = Instant::now();
+    let trickle = tokio::spawn(async move {
+        for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            .iter()
+            .chain(std::iter::repeat(&b'a'))
+        {
+            if slow.write_all(&[*b]).await.is_err() {
+                return Instant::now();
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        unreachable!("an endless header")
+    });
+
+    let t0 = Instant::now();
+    let (s, v) = tokio::time::timeout(
+        Duration::from_secs(5),
+        d.raw(&d.anon(), Method::GET, "/healthz", None, empty()),
+    )
+    .await
+    .expect("/healthz answers within 5 s");
+    let healthz = t0.elapsed();
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&v));
+    let t1 = Instant::now();
+    let (s, v) = tokio::time::timeout(Duration::from_secs(5), d.get("/hostgroup"))
+        .await
+        .expect("an authenticated GET answers within 5 s");
+    let authed = t1.elapsed();
+    assert_eq!(s, 200, "{v}");
+    eprintln!(
+        "with {} silent sockets: /healthz in {healthz:?}, GET /hostgroup with the token in {authed:?}",
+        idle.len()
+    );
+
+    // Every silent socket is closed by the header deadline (the oldest earlier, displaced).
+    let last = idle.len() - 1;
+    let by = Instant::now() + deadline + Duration::from_secs(3);
+    for (i, c) in idle.iter_mut().enumerate() {
+        assert!(closed_by(c, by).await, "silent socket {i} still open");
+    }
+    let last_closed = opened.elapsed();
+    eprintln!("all silent sockets closed {last_closed:?} after the first was opened (socket {last} last)");
+    assert!(last_closed >= deadline - Duration::from_secs(1), "{last_closed:?}");
+
+    // The slowloris was cut at the deadline.
+    let cut = tokio::time::timeout(deadline + Duration::from_secs(5), trickle)
+        .await
+        .expect("the trickling socket is cut")
+        .unwrap();
+    let after = cut - slow_from;
+    eprintln!("a head trickled at 1 byte/s was cut after {after:?}");
+    assert!(
+        after >= deadline && after < deadline + Duration::from_secs(3),
+        "{after:?}"
+    );
+    let (s, _) = d.get("/hostgroup").await;
+    assert_eq!(s, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

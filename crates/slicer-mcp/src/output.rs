@@ -58,27 +58,27 @@ impl Capped {
 /// buffer grow.
 #[derive(Debug)]
 pub struct Lines {
-    buf: Vec<u8>,
+    buf: slicer_api::lines::LineBuf,
     max_line: usize,
 }
 
 impl Lines {
     pub fn new(max_line: usize) -> Lines {
         Lines {
-            buf: Vec::new(),
+            buf: slicer_api::lines::LineBuf::new(),
             max_line,
         }
     }
 
-    /// Adds `chunk`; returns the complete lines it finished.
+    /// Adds `chunk`; returns the complete lines it finished (linear in the chunk, see
+    /// [`slicer_api::lines::LineBuf`]).
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-        self.buf.extend_from_slice(chunk);
+        self.buf.push(chunk);
         let mut out = Vec::new();
-        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=pos).collect();
-            out.push(line);
+        while let Some(line) = self.buf.next_line() {
+            out.push(line.to_vec());
         }
-        if self.buf.len() > self.max_line {
+        if self.buf.pending() > self.max_line {
             return Err(format!(
                 "a line of the daemon's answer is longer than {} bytes",
                 self.max_line

@@ -336,20 +336,19 @@ async fn bg_logs(c: &ApiClient, name: &str, id: &str, follow: bool, from_id: u64
         )
         .await?;
     let mut body = resp.into_body();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = slicer_api::lines::LineBuf::new();
     let mut code = 0;
     while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
         let Ok(data) = frame.context("reading logs")?.into_data() else {
             continue;
         };
-        buf.extend_from_slice(&data);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
+        buf.push(&data);
+        while let Some(line) = buf.next_line() {
             if json {
-                std::io::stdout().write_all(&line)?;
+                std::io::stdout().write_all(line)?;
                 continue;
             }
-            if let Some(exit) = print_frame(&line)? {
+            if let Some(exit) = print_frame(line)? {
                 code = exit;
             }
         }

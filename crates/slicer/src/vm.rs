@@ -1135,13 +1135,12 @@ async fn exec(c: &ApiClient, name: &str, run_as: RunAs, shell: Option<String>, c
         )
         .await?;
     let mut stream = resp.into_body().into_data_stream();
-    let mut buf = Vec::new();
+    let mut buf = slicer_api::lines::LineBuf::new();
     let mut code = 0;
     while let Some(chunk) = stream.try_next().await? {
-        buf.extend_from_slice(&chunk);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let f: ExecFrame = serde_json::from_slice(&line).context("invalid exec frame")?;
+        buf.push(&chunk);
+        while let Some(line) = buf.next_line() {
+            let f: ExecFrame = serde_json::from_slice(line).context("invalid exec frame")?;
             if !f.error.is_empty() {
                 eprintln!("error: {}", crate::term::stderr_text(&f.error));
                 return Ok(f.exit_code.unwrap_or(1).max(1));

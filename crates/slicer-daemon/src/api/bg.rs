@@ -220,9 +220,15 @@ pub async fn logs(
             .map_err(agent_err)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
+        let mut skipped = 0u32;
         while let Ok(Some(line)) = dl.next_line(MAX_LINE).await {
-            // A hostile guest gets its frames dropped, nothing more.
+            // A hostile guest gets its frames dropped, nothing more; lines already read come
+            // back without an await, so a flood of bad ones gives the worker back now and then.
             let Ok(f) = serde_json::from_slice::<BgFrame>(&line) else {
+                skipped += 1;
+                if skipped.is_multiple_of(super::YIELD_EVERY) {
+                    tokio::task::yield_now().await;
+                }
                 continue;
             };
             if tx.send(Ok(frame_line(f, b64))).await.is_err() {

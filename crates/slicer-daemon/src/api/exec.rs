@@ -11,6 +11,9 @@ use futures_util::TryStreamExt;
 use slicer_agent_client::ExecEvent;
 use slicer_agent_proto::ExecRequest;
 use slicer_api::{BufferedExec, ExecFrame};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::{query_bool, query_one, query_pairs, Shared};
 use crate::api::error::ApiErr;
@@ -141,33 +144,371 @@ fn encode(data: &[u8], base64: bool) -> String {
     }
 }
 
-/// As [`encode`], reusing `data`'s buffer for valid UTF-8 text (buffered output can be 16 MiB).
-fn encode_owned(data: Vec<u8>, base64: bool) -> String {
-    if base64 {
-        return encode(&data, true);
-    }
-    String::from_utf8(data).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+/// Most JSON one buffered answer holds for its output: stdout and stderr as they are sent
+/// (escapes and base64 included), so a NUL (6 bytes as `\u0000`) counts 6. Past it the
+/// command is killed and the answer keeps what fit, saying so in `error`.
+pub const MAX_BUFFERED_JSON: usize = 16 << 20;
+/// Most JSON all buffered answers hold together, from the first output byte collected until
+/// the answer is sent (or its client goes away). A buffered exec that starts while less than
+/// [`MIN_FREE`] of it is free answers 503; one that finds it used up while collecting is
+/// killed and answers what it holds, saying so in `error`.
+pub const BUFFERED_BUDGET: usize = 32 << 20;
+/// Free budget a buffered exec needs to start.
+const MIN_FREE: usize = 256 << 10;
+/// Output is encoded this many raw bytes at a time (at most 6 times as many encoded).
+const PIECE: usize = 4096;
+
+/// The one budget of all buffered answers of this daemon.
+static BUDGET: Budget = Budget::new(BUFFERED_BUDGET);
+
+/// Bytes of buffered answers held, against a limit.
+pub(super) struct Budget {
+    used: AtomicUsize,
+    limit: usize,
 }
 
-/// Length of `s` as a JSON string body (serde_json's escapes).
-fn json_len(s: &str) -> usize {
-    s.bytes()
-        .map(|b| match b {
-            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
-            0..=0x1f => 6,
-            _ => 1,
+impl Budget {
+    const fn new(limit: usize) -> Budget {
+        Budget {
+            used: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    fn free(&self) -> usize {
+        self.limit.saturating_sub(self.used.load(Ordering::Acquire))
+    }
+
+    /// Takes `n` bytes if they are free.
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= self.limit)
+            })
+            .is_ok()
+    }
+}
+
+/// Bytes taken from a [`Budget`]; given back when dropped.
+struct Held {
+    budget: &'static Budget,
+    n: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
+/// Why collecting stopped early.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Cut {
+    /// This answer reached [`MAX_BUFFERED_JSON`].
+    Answer,
+    /// All buffered answers together reached the budget.
+    Budget,
+}
+
+impl Cut {
+    fn message(self, limit: usize, budget: usize) -> String {
+        match self {
+            Cut::Answer => format!(
+                "the command's output exceeded {} MiB (stdout and stderr together, as encoded in this answer): it was killed and its output truncated",
+                limit >> 20
+            ),
+            Cut::Budget => format!(
+                "the daemon's memory for buffered exec answers ({} MiB for all at once) ran out: the command was killed and its output truncated; try again later or stream the output (buffered=false)",
+                budget >> 20
+            ),
+        }
+    }
+}
+
+/// One output stream as the body of a JSON string, encoded as it arrives.
+#[derive(Default)]
+struct Encoded {
+    pieces: Vec<Bytes>,
+    /// Raw bytes not encoded yet: an incomplete UTF-8 sequence (text) or the bytes past the
+    /// last whole 3 (base64); at most 3.
+    carry: Vec<u8>,
+}
+
+/// `s` escaped as serde_json writes a string's body.
+fn escape_into(s: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    let mut from = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => {
+                out.extend_from_slice(&bytes[from..i]);
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 0xf) as usize]);
+                from = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[from..i]);
+        out.extend_from_slice(esc);
+        from = i + 1;
+    }
+    out.extend_from_slice(&bytes[from..]);
+}
+
+impl Encoded {
+    /// Encodes `raw` (with what was carried); `last` flushes the carry. Text is decoded as
+    /// `String::from_utf8_lossy` does on the whole output; base64 as one encoding of it.
+    fn encode(&mut self, raw: &[u8], base64: bool, last: bool) -> Vec<u8> {
+        let mut data = std::mem::take(&mut self.carry);
+        data.extend_from_slice(raw);
+        let mut out = Vec::with_capacity(data.len() + data.len() / 4 + 8);
+        if base64 {
+            let whole = if last { data.len() } else { data.len() / 3 * 3 };
+            out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(&data[..whole])
+                    .as_bytes(),
+            );
+            self.carry = data[whole..].to_vec();
+            return out;
+        }
+        let mut input = &data[..];
+        loop {
+            match std::str::from_utf8(input) {
+                Ok(text) => {
+                    escape_into(text, &mut out);
+                    break;
+                }
+                Err(e) => {
+                    let (valid, rest) = input.split_at(e.valid_up_to());
+                    escape_into(std::str::from_utf8(valid).unwrap_or_default(), &mut out);
+                    match e.error_len() {
+                        Some(n) => {
+                            out.extend_from_slice("\u{fffd}".as_bytes());
+                            input = &rest[n..];
+                        }
+                        None if last => {
+                            out.extend_from_slice("\u{fffd}".as_bytes());
+                            break;
+                        }
+                        None => {
+                            self.carry = rest.to_vec();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Output of a buffered exec collected as the JSON it is sent as, every byte held counted
+/// against this answer's limit and the daemon's [`Budget`].
+struct Collector {
+    base64: bool,
+    stdout: Encoded,
+    stderr: Encoded,
+    held: Held,
+    limit: usize,
+}
+
+impl Collector {
+    fn new(base64: bool, budget: &'static Budget, limit: usize) -> Collector {
+        Collector {
+            base64,
+            stdout: Encoded::default(),
+            stderr: Encoded::default(),
+            held: Held { budget, n: 0 },
+            limit,
+        }
+    }
+
+    /// Adds one piece of encoded output if this answer and the budget have room for it.
+    fn keep(&mut self, to_stdout: bool, mut piece: Vec<u8>) -> Result<(), Cut> {
+        piece.shrink_to_fit();
+        let n = piece.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if self.held.n + n > self.limit {
+            return Err(Cut::Answer);
+        }
+        if !self.held.budget.take(n) {
+            return Err(Cut::Budget);
+        }
+        self.held.n += n;
+        let out = if to_stdout { &mut self.stdout } else { &mut self.stderr };
+        out.pieces.push(Bytes::from(piece));
+        Ok(())
+    }
+
+    /// Encodes and keeps `raw`, a few KiB at a time.
+    fn add(&mut self, to_stdout: bool, raw: &[u8]) -> Result<(), Cut> {
+        for part in raw.chunks(PIECE) {
+            let out = if to_stdout { &mut self.stdout } else { &mut self.stderr };
+            let piece = out.encode(part, self.base64, false);
+            self.keep(to_stdout, piece)?;
+        }
+        Ok(())
+    }
+
+    /// The whole answer: `{"stdout":"…","stderr":"…"` then the rest of `answer` (whose own
+    /// stdout and stderr are empty), as serde_json would write it all.
+    fn finish(mut self, answer: &BufferedExec) -> Result<BufferedBody, ApiErr> {
+        for to_stdout in [true, false] {
+            let out = if to_stdout { &mut self.stdout } else { &mut self.stderr };
+            let piece = out.encode(&[], self.base64, true);
+            // At most a few bytes: kept even past the limits.
+            let n = piece.len();
+            if n > 0 {
+                self.held.budget.used.fetch_add(n, Ordering::AcqRel);
+                self.held.n += n;
+                out.pieces.push(Bytes::from(piece));
+            }
+        }
+        let rest = serde_json::to_string(answer).map_err(ApiErr::internal)?;
+        const EMPTY: &str = r#"{"stdout":"","stderr":"""#;
+        let rest = rest.strip_prefix(EMPTY).ok_or_else(|| {
+            ApiErr::internal(anyhow::anyhow!("a buffered answer does not start with {EMPTY}: {rest}"))
+        })?;
+        let mut pieces = std::collections::VecDeque::new();
+        pieces.push_back(Bytes::from_static(br#"{"stdout":""#));
+        pieces.extend(self.stdout.pieces.drain(..));
+        pieces.push_back(Bytes::from_static(br#"","stderr":""#));
+        pieces.extend(self.stderr.pieces.drain(..));
+        pieces.push_back(Bytes::from(format!("\"{rest}")));
+        let len = pieces.iter().map(|p| p.len() as u64).sum();
+        Ok(BufferedBody {
+            pending: Arc::new(Mutex::new(Some(Pending {
+                pieces,
+                _held: self.held,
+            }))),
+            len,
         })
-        .sum()
+    }
 }
 
-/// A buffered answer serialized into one buffer sized for it up front (a large output is not
-/// copied through doubling growth).
-fn buffered_json(answer: &BufferedExec) -> Response {
-    let mut body = Vec::with_capacity(json_len(&answer.stdout) + json_len(&answer.stderr) + 1024);
-    match serde_json::to_writer(&mut body, answer) {
-        Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => ApiErr::internal(e).into_response(),
+/// What of a buffered answer is not sent yet, and its share of the budget.
+struct Pending {
+    pieces: std::collections::VecDeque<Bytes>,
+    _held: Held,
+}
+
+/// A buffered answer's body. Its memory (and budget) goes when it is sent, when its client
+/// goes away, or [`SEND_DEADLINE`] after it is ready, whichever comes first: a client that
+/// never reads its answer cannot keep the budget from others.
+struct BufferedBody {
+    pending: Arc<Mutex<Option<Pending>>>,
+    /// Bytes not handed to hyper yet.
+    len: u64,
+}
+
+/// Longest a buffered answer waits for its client to take it.
+pub const SEND_DEADLINE: Duration = Duration::from_secs(60);
+
+impl BufferedBody {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Drops what is not sent `after` from now, unless the body went first.
+    fn expire_after(&self, after: Duration) {
+        let pending = Arc::downgrade(&self.pending);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(p) = pending.upgrade() {
+                p.lock().unwrap_or_else(|p| p.into_inner()).take();
+            }
+        });
+    }
+}
+
+impl axum::body::HttpBody for BufferedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let next = match self.lock().as_mut() {
+            Some(p) => Ok(p.pieces.pop_front()),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client did not take its buffered answer within {SEND_DEADLINE:?}"),
+            )),
+        };
+        let next = match next {
+            Ok(next) => next,
+            Err(e) => return std::task::Poll::Ready(Some(Err(e))),
+        };
+        if let Some(p) = &next {
+            self.len -= p.len() as u64;
+        }
+        std::task::Poll::Ready(next.map(|p| Ok(hyper::body::Frame::data(p))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.len == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.len)
+    }
+}
+
+/// Runs a buffered exec's command to its end (or its cut) and answers SlicerVM's shape.
+async fn collect(
+    mut proc: slicer_agent_client::ExecProcess,
+    mut c: Collector,
+    mut answer: BufferedExec,
+    hostname: &str,
+) -> Result<Response, ApiErr> {
+    let pid = proc.pid;
+    proc.stdin = None;
+    let cut = loop {
+        let r = match proc.next_event().await {
+            Ok(Some(ExecEvent::Stdout(b))) => c.add(true, &b),
+            Ok(Some(ExecEvent::Stderr(b))) => c.add(false, &b),
+            Ok(Some(ExecEvent::Exit(status))) => {
+                answer.exit_code = status.shell_code();
+                answer.signal = status.signal.map(signal_name).unwrap_or_default();
+                break None;
+            }
+            Ok(None) => {
+                return Err(ApiErr::agent(slicer_agent_client::AgentError::Protocol(
+                    "exec stream ended without an exit status".into(),
+                )))
+            }
+            Err(e) => return Err(ApiErr::agent(e)),
+        };
+        if let Err(cut) = r {
+            break Some(cut);
+        }
+    };
+    if let Some(cut) = cut {
+        // Dropping the stream resets it: the agent kills the process group.
+        drop(proc);
+        answer.error = cut.message(c.limit, c.held.budget.limit);
+        answer.exit_code = 128 + libc::SIGKILL;
+        answer.signal = signal_name(libc::SIGKILL);
+        tracing::info!("VM {hostname}: buffered exec of pid {pid}: {}", answer.error);
+    }
+    answer.ended_at = now_rfc3339();
+    let body = c.finish(&answer)?;
+    body.expire_after(SEND_DEADLINE);
+    Ok(([(header::CONTENT_TYPE, "application/json")], Body::new(body)).into_response())
 }
 
 pub async fn exec(
@@ -191,6 +532,15 @@ pub async fn exec(
         return super::bg::start(&st, &hostname, &pairs).await;
     }
     let running = st.manager.active(&hostname)?;
+    if buffered && BUDGET.free() < MIN_FREE {
+        return Err(ApiErr::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "buffered exec answers hold the daemon's {} MiB for them; try again later or stream the output (buffered=false)",
+                BUFFERED_BUDGET >> 20
+            ),
+        ));
+    }
     let enc = if b64 { "base64".to_string() } else { String::new() };
 
     let mut proc = match running.vm.agent().exec(&spec).await {
@@ -233,33 +583,13 @@ pub async fn exec(
     }
 
     if buffered {
-        let pid = proc.pid;
-        // At most MAX_BUFFERED_OUTPUT: past it the command is killed and the answer keeps what
-        // was read, with an error saying so.
-        let (out, error) = match proc.output().await {
-            Ok(out) => (out, String::new()),
-            Err(e @ slicer_agent_client::AgentError::OutputLimit { .. }) => {
-                let msg = e.to_string();
-                let slicer_agent_client::AgentError::OutputLimit { output, .. } = e else {
-                    unreachable!("matched above")
-                };
-                tracing::info!("VM {hostname}: buffered exec of pid {pid}: {msg}");
-                (*output, msg)
-            }
-            Err(e) => return Err(ApiErr::agent(e)),
-        };
         let answer = BufferedExec {
-            signal: out.status.signal.map(signal_name).unwrap_or_default(),
-            exit_code: out.status.shell_code(),
-            stdout: encode_owned(out.stdout, b64),
-            stderr: encode_owned(out.stderr, b64),
             encoding: enc,
-            pid: Some(pid),
+            pid: Some(proc.pid),
             started_at,
-            ended_at: now_rfc3339(),
-            error,
+            ..Default::default()
         };
-        return Ok(buffered_json(&answer));
+        return collect(proc, Collector::new(b64, &BUDGET, MAX_BUFFERED_JSON), answer, &hostname).await;
     }
 
     let (tx, rx) = slicer_agent_proto::body::channel(16);
@@ -352,20 +682,106 @@ mod tests {
         query_pairs(&Some(s.to_string()))
     }
 
+    /// The body a collector sends, read whole.
+    fn body_of(b: BufferedBody) -> (Vec<u8>, u64) {
+        let len = b.len;
+        let p = b.lock().take().unwrap();
+        (p.pieces.iter().flat_map(|p| p.iter().copied()).collect(), len)
+    }
+
+    fn leak(limit: usize) -> &'static Budget {
+        Box::leak(Box::new(Budget::new(limit)))
+    }
+
     #[test]
-    fn buffered_answers_are_sized_exactly() {
-        let answer = BufferedExec {
-            stdout: "y\n\"\\\u{1}é".repeat(1000),
-            stderr: "\t\r\u{8}\u{c}\u{1f}".into(),
-            ..Default::default()
-        };
-        let expected = serde_json::to_vec(&answer).unwrap();
-        let string_bodies = json_len(&answer.stdout) + json_len(&answer.stderr);
-        let plain = serde_json::to_vec(&BufferedExec::default()).unwrap();
-        assert_eq!(expected.len(), plain.len() + string_bodies);
-        assert_eq!(encode_owned(b"ok".to_vec(), false), "ok");
-        assert_eq!(encode_owned(vec![0xff], false), "\u{fffd}");
-        assert_eq!(encode_owned(b"ok".to_vec(), true), "b2s=");
+    fn buffered_answers_are_what_serde_json_writes_however_output_is_cut() {
+        // Every control byte, quotes, backslashes, multi-byte characters, invalid UTF-8 and a
+        // trailing incomplete sequence; cut at every size from 1 byte.
+        let mut out: Vec<u8> = (0u8..0x80).collect();
+        out.extend_from_slice("é€😀\"\\".as_bytes());
+        out.extend_from_slice(&[0xff, 0xe2, 0x82, b'x', 0xf0, 0x9f]);
+        let err = b"\x00\x01 stderr \xe2\x82\xac".to_vec();
+        for base64 in [false, true] {
+            for cut in 1..=out.len() {
+                let budget = leak(1 << 20);
+                let mut c = Collector::new(base64, budget, 1 << 20);
+                for (i, part) in out.chunks(cut).enumerate() {
+                    c.add(true, part).unwrap();
+                    if i == 0 {
+                        c.add(false, &err).unwrap();
+                    }
+                }
+                let answer = BufferedExec {
+                    encoding: if base64 { "base64".into() } else { String::new() },
+                    pid: Some(7),
+                    started_at: "t0".into(),
+                    exit_code: 3,
+                    ..Default::default()
+                };
+                let (body, len) = body_of(c.finish(&answer).unwrap());
+                let whole = BufferedExec {
+                    stdout: encode(&out, base64),
+                    stderr: encode(&err, base64),
+                    ..answer
+                };
+                let expected = serde_json::to_vec(&whole).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&body),
+                    String::from_utf8_lossy(&expected),
+                    "base64 {base64}, cut {cut}"
+                );
+                assert_eq!(len, body.len() as u64);
+                assert_eq!(budget.used.load(Ordering::SeqCst), 0, "the body was dropped");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn buffered_output_stops_at_its_encoded_limit_and_at_the_budget() {
+        // NULs are 6 bytes each in JSON: the limit counts those.
+        let budget = leak(1 << 20);
+        let mut c = Collector::new(false, budget, 64 << 10);
+        let zeros = vec![0u8; 1 << 20];
+        assert_eq!(c.add(true, &zeros), Err(Cut::Answer));
+        assert!(
+            c.held.n <= 64 << 10 && c.held.n > (64 << 10) - 6 * PIECE,
+            "{}",
+            c.held.n
+        );
+        assert_eq!(budget.used.load(Ordering::SeqCst), c.held.n);
+        // A second answer shares the budget: it runs out.
+        let mut d = Collector::new(false, budget, 16 << 20);
+        assert_eq!(d.add(false, &vec![0u8; 4 << 20]), Err(Cut::Budget));
+        assert!(budget.free() < 6 * PIECE, "{}", budget.free());
+        let (body, _) = body_of(d.finish(&BufferedExec::default()).unwrap());
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["stderr"].as_str().unwrap().chars().all(|ch| ch == '\0'));
+        // Everything goes back once the answers are gone.
+        drop(c);
+        assert_eq!(budget.used.load(Ordering::SeqCst), 0);
+        assert!(Cut::Budget.message(1, 32 << 20).contains("32 MiB for all at once"));
+
+        // An answer nobody takes gives its memory and budget back at its deadline.
+        let mut e = Collector::new(false, budget, 1 << 20);
+        e.add(true, b"abc").unwrap();
+        let body = e.finish(&BufferedExec::default()).unwrap();
+        assert!(budget.used.load(Ordering::SeqCst) > 0);
+        body.expire_after(Duration::from_millis(50));
+        let t0 = std::time::Instant::now();
+        while budget.used.load(Ordering::SeqCst) != 0 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the answer was kept");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut body = std::pin::pin!(body);
+        let frame = std::future::poll_fn(|cx| axum::body::HttpBody::poll_frame(body.as_mut(), cx)).await;
+        assert!(frame
+            .unwrap()
+            .unwrap_err()
+            .to_string()
+            .contains("did not take its buffered answer"));
+        assert!(Cut::Answer
+            .message(16 << 20, 1)
+            .contains("output exceeded 16 MiB (stdout and stderr together, as encoded in this answer): it was killed"));
     }
 
     #[test]

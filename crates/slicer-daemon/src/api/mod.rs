@@ -36,6 +36,11 @@ pub struct AppState {
 
 pub type Shared = Arc<AppState>;
 
+/// A relay of guest lines (background logs, watch events) that drops this many lines in a row
+/// yields to the runtime: lines already read come back without an await, so a guest's flood
+/// of dropped lines would otherwise hold a worker thread.
+const YIELD_EVERY: u32 = 64;
+
 /// Largest JSON request body; streamed bodies (exec stdin, cp) have no limit.
 pub const MAX_JSON_BODY: usize = 1 << 20;
 
@@ -293,6 +298,10 @@ async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
             return ApiErr::new(StatusCode::UNAUTHORIZED, "missing or invalid bearer token").into_response();
         }
     }
+    // The connection holds its slot against sockets without the token (crate::serve).
+    if let Some(m) = req.extensions().get::<crate::serve::ConnMark>() {
+        m.trust();
+    }
     next.run(req).await
 }
 
@@ -330,6 +339,7 @@ pub fn query_pairs(raw: &Option<String>) -> Vec<(String, String)> {
         .collect()
 }
 
+pub use exec::{BUFFERED_BUDGET, MAX_BUFFERED_JSON};
 pub use slicer_api::query::one as query_one;
 
 pub fn query_bool(pairs: &[(String, String)], key: &str) -> Result<bool, ApiErr> {
