@@ -10,6 +10,7 @@ use clap::Parser;
 use slicer_hypervisor::QemuProcess;
 use slicer_vmm::{ExecRequest, Host, Vm, VmSpec};
 
+mod ab;
 mod daemon;
 mod density;
 mod hold;
@@ -28,7 +29,8 @@ pub struct Args {
     /// against template create) or `density` (idle restored VMs: PSS, CPU, restore time, with
     /// the template's RAM shared and not), `livefork` (live commit and fork against a template
     /// create), `hold` (idle VMs added until latency, memory or `--vms` stops it) or `soak`
-    /// (clients creating, using and deleting sandboxes for `--secs`; leaks, RSS, percentiles).
+    /// (clients creating, using and deleting sandboxes for `--secs`; leaks, RSS, percentiles),
+    /// `ab` (two `slicer` builds, `--old` and `--new`, side by side: creates and exec).
     #[arg(long, default_value = "boot")]
     suite: String,
     /// Concurrent creates in the daemon suite.
@@ -79,6 +81,12 @@ pub struct Args {
     /// Images suite: the static agent pulled images get (default: setup's install).
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// Ab suite: the `slicer` binary of the build before a change.
+    #[arg(long)]
+    old: Option<PathBuf>,
+    /// Ab suite: the `slicer` binary of the build after it (default: this build's).
+    #[arg(long, default_value = "target/release/slicer")]
+    new: PathBuf,
 }
 
 impl Args {
@@ -155,6 +163,21 @@ async fn main() -> Result<()> {
         .clone()
         .or_else(|| std::env::var_os("SLICER_DATA_DIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/var/lib/slicer"));
+    if args.suite == "ab" {
+        return ab::run(ab::AbArgs {
+            old: args
+                .old
+                .clone()
+                .context("--suite ab needs --old (the slicer binary to compare against)")?,
+            new: args.new.clone(),
+            image: args.image.clone(),
+            rounds: args.boots,
+            execs: args.execs,
+            images_dir: data_dir.join("images"),
+            record_to: (!args.no_record).then(|| args.record.clone()),
+        })
+        .await;
+    }
     if args.suite == "net" {
         return net::run(
             &args.image,
