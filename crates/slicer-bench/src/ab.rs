@@ -81,13 +81,21 @@ async fn up(bin: &Path, dir: &Path, tag: &'static str, image: &str, images_dir: 
     loop {
         if let Ok(token) = std::fs::read_to_string(&token_file) {
             let api = ApiClient::new(&url, Some(token.trim().to_string()))?;
-            if api.json::<serde_json::Value>(Method::GET, "/hostgroup", None).await.is_ok() {
+            if api
+                .json::<serde_json::Value>(Method::GET, "/hostgroup", None)
+                .await
+                .is_ok()
+            {
                 up.api = api;
                 return Ok(up);
             }
         }
         if let Ok(Some(st)) = up.child.try_wait() {
-            bail!("{} up exited ({st}); see {}", bin.display(), dir.join("daemon.log").display());
+            bail!(
+                "{} up exited ({st}); see {}",
+                bin.display(),
+                dir.join("daemon.log").display()
+            );
         }
         if Instant::now() > deadline {
             bail!("{} up did not answer within 120 s", bin.display());
@@ -124,7 +132,11 @@ async fn execs(api: &ApiClient, h: &str, n: usize) -> Result<Vec<f64>> {
     for _ in 0..n {
         let t = Instant::now();
         let r: serde_json::Value = api
-            .json(Method::POST, &format!("/vm/{h}/exec?cmd=true&buffered=true&uid=0"), None)
+            .json(
+                Method::POST,
+                &format!("/vm/{h}/exec?cmd=true&buffered=true&uid=0"),
+                None,
+            )
             .await?;
         if r["exit_code"] != 0 {
             bail!("exec on {h}: {r}");

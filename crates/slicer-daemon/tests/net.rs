@@ -416,11 +416,47 @@ async fn delete_all(d: &TestDaemon, vms: &[(&str, &str)]) {
     }
 }
 
+/// Which of `targets` ("addr:port") answer "hello" to the VM, tried at once (3 s each).
+async fn reached(d: &TestDaemon, vm: &str, targets: &[&str]) -> Vec<String> {
+    let tries: String = targets
+        .iter()
+        .map(|t| {
+            let (addr, port) = t.split_once(':').unwrap();
+            format!(
+                "(timeout 3 bash -c 'exec 3<>/dev/tcp/{addr}/{port}; head -n1 <&3' 2>/dev/null | grep -q hello && echo {t}) & "
+            )
+        })
+        .collect();
+    let (_, out) = sh(d, vm, &format!("{tries}wait")).await;
+    let mut r: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+    r.sort();
+    r
+}
+
+/// Cloud metadata stand-ins at their real addresses, each in a namespace of its own (host side,
+/// namespace side): AWS/GCP/Azure/... 169.254.169.254, Alibaba 100.100.100.200, the Azure wire
+/// server 168.63.129.16, Tencent 169.254.0.23, ECS task metadata 169.254.170.2.
+const METADATA_HOSTS: [(&str, &str, &str); 5] = [
+    ("md", "169.254.169.253/30", "169.254.169.254/30"),
+    ("mdali", "100.100.100.201/31", "100.100.100.200/31"),
+    ("mdazw", "168.63.129.17/31", "168.63.129.16/31"),
+    ("mdtcn", "169.254.0.22/31", "169.254.0.23/31"),
+    ("mdecs", "169.254.170.3/31", "169.254.170.2/31"),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn metadata_address_is_unreachable_unless_an_allow_entry_names_it() {
-    // A stand-in for the cloud metadata service, routed from the host like any test host.
-    let md = TestHost::with_addrs("md", ("169.254.169.253/30", "169.254.169.254/30"), None, &[80]);
+    // Stand-ins for the metadata services, routed from the host like any test host.
+    let hosts: Vec<TestHost> = METADATA_HOSTS
+        .iter()
+        .map(|(name, h, n)| TestHost::with_addrs(name, (h, n), None, &[80]))
+        .collect();
+    let targets: Vec<String> = METADATA_HOSTS
+        .iter()
+        .map(|(_, _, n)| format!("{}:80", n.split('/').next().unwrap()))
+        .collect();
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
     let web = TestHost::new("mdweb", "198.18.3", &[8080]);
     let mut d = TestDaemon::start(|port| {
         format!(
@@ -428,11 +464,13 @@ async fn metadata_address_is_unreachable_unless_an_allow_entry_names_it() {
         )
     })
     .await;
-    // The host itself reaches the stand-in: the routes are right.
-    assert!(host_gets_hello("169.254.169.254:80"));
+    // The host itself reaches every stand-in: the routes are right.
+    for t in &targets {
+        assert!(host_gets_hello(t), "the host cannot reach {t}");
+    }
 
-    // allow: 0.0.0.0/0 (the isolated group's) does not open it, no list (the bridge group)
-    // does not either.
+    // allow: 0.0.0.0/0 (the isolated group's) opens none of them, no list (the bridge group)
+    // neither.
     let (a, _) = create(&d, "mdiso", json!({})).await;
     let (b, _) = create(&d, "mdbr", json!({})).await;
     for vm in [&a, &b] {
@@ -440,25 +478,27 @@ async fn metadata_address_is_unreachable_unless_an_allow_entry_names_it() {
             reaches(&d, vm, "198.18.3.2", 8080).await,
             "{vm}: the test host is unreachable"
         );
-        assert!(
-            !reaches(&d, vm, "169.254.169.254", 80).await,
-            "{vm} reached the metadata address"
+        assert_eq!(
+            reached(&d, vm, &targets).await,
+            Vec::<String>::new(),
+            "{vm} reached metadata"
         );
         assert!(
             !pings(&d, vm, "169.254.169.254").await,
             "{vm} pinged the metadata address"
         );
     }
-    // An allow entry naming it opens it (isolated mode's per-VM override).
+    // An allow entry naming one opens that one (isolated mode's per-VM override), not the others.
     let (c, _) = create(
         &d,
         "mdiso",
-        json!({"network": {"allow": ["0.0.0.0/0", "169.254.169.254/32"]}}),
+        json!({"network": {"allow": ["0.0.0.0/0", "169.254.169.254/32", "100.100.100.200:80"]}}),
     )
     .await;
-    assert!(
-        reaches(&d, &c, "169.254.169.254", 80).await,
-        "an explicit allow entry did not open the metadata address"
+    assert_eq!(
+        reached(&d, &c, &targets).await,
+        ["100.100.100.200:80", "169.254.169.254:80"],
+        "explicit allow entries did not open exactly their addresses"
     );
     assert!(reaches(&d, &c, "198.18.3.2", 8080).await);
 
@@ -466,7 +506,7 @@ async fn metadata_address_is_unreachable_unless_an_allow_entry_names_it() {
     d.stop().await;
     assert_eq!(ours_left("mdiso", &[&a, &c], &[]), Vec::<String>::new());
     assert_eq!(ours_left("mdbr", &[], &["brmd0", "mdtap2"]), Vec::<String>::new());
-    drop((md, web));
+    drop((hosts, web));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -703,7 +743,8 @@ async fn guest_ipv6_is_dropped() {
 
     // Even with IPv6 turned back on at the host side and the guests sending IPv6 straight to
     // it, nftables drops it: to the test host (forward), to the host's address and to the
-    // host side's link-local one (input).
+    // host side's link-local one (input). A bridge VM's frames go no further than the bridge
+    // table, which passes only IPv4 and ARP.
     let cases = [
         (&a, veth.clone(), format!("slicer-{a}"), "fdec:18:7::1", "fdec:18:7::2"),
         (
@@ -716,6 +757,9 @@ async fn guest_ipv6_is_dropped() {
     ];
     for (vm, ifname, table, host_addr, guest_addr) in cases {
         let ll = open_ipv6_path(&d, vm, &ifname, host_addr, guest_addr).await;
+        let bridged = vm == &b;
+        let bridge_drops = || nft_counter_in("bridge", &table, "prerouting", "drop");
+        let br_before = if bridged { bridge_drops() } else { 0 };
         let fwd_before = nft_counter(&table, "forward", "meta nfproto ipv6");
         let in_before = nft_counter(&table, "input", "meta nfproto ipv6");
         assert!(!pings(&d, vm, "-6 fdec:18:6::2").await, "{vm} sent IPv6 out");
@@ -729,6 +773,16 @@ async fn guest_ipv6_is_dropped() {
         );
         let fwd_after = nft_counter(&table, "forward", "meta nfproto ipv6");
         let in_after = nft_counter(&table, "input", "meta nfproto ipv6");
+        if bridged {
+            let seen = bridge_drops() - br_before;
+            assert!(seen >= 3, "{vm}: the bridge table dropped {seen} frames");
+            assert_eq!(
+                (fwd_after, in_after),
+                (fwd_before, in_before),
+                "{vm}: IPv6 got past the bridge"
+            );
+            continue;
+        }
         assert!(fwd_after > fwd_before, "{vm}: the forward IPv6 drop saw nothing");
         assert!(
             in_after >= in_before + 2,
@@ -742,4 +796,258 @@ async fn guest_ipv6_is_dropped() {
     assert_eq!(ours_left("v6iso", &[&a], &[]), Vec::<String>::new());
     assert_eq!(ours_left("v6br", &[], &["brv6b0", "v6btap2"]), Vec::<String>::new());
     drop(v6host);
+}
+
+/// Writes `text` to `path` in the VM (a heredoc; `text` must not hold the line `SLICER_EOF`).
+async fn write_file(d: &TestDaemon, vm: &str, path: &str, text: &str) {
+    let (code, out) = sh(d, vm, &format!("cat > {path} <<'SLICER_EOF'\n{text}\nSLICER_EOF")).await;
+    assert_eq!(code, 0, "writing {path} in {vm}: {out}");
+}
+
+/// A guest-side raw frame receiver (perl, which every image has): counts frames on eth0 that
+/// carry `SLFORGE` or `SLLEGIT` until one carries `SLEND` or 30 s pass; writes
+/// `forge=N legit=M end=E` to /tmp/rx.out. /tmp/rx.ready appears once it listens.
+const RX_PL: &str = r#"use strict;
+my $idx = `cat /sys/class/net/eth0/ifindex`; chomp $idx;
+socket(my $s, 17, 3, unpack("S", pack("n", 3))) or die "socket: $!";
+bind($s, pack("S n i S C C a8", 17, 3, $idx, 0, 0, 0, "")) or die "bind: $!";
+open(my $r, ">", "/tmp/rx.ready"); close $r;
+my ($forge, $legit, $end) = (0, 0, 0);
+my $deadline = time + 30;
+while (!$end && time < $deadline) {
+    my $rin = ""; vec($rin, fileno($s), 1) = 1;
+    next unless select(my $rout = $rin, undef, undef, 0.5);
+    defined(recv($s, my $buf, 4096, 0)) or next;
+    $forge++ if index($buf, "SLFORGE") >= 0;
+    $legit++ if index($buf, "SLLEGIT") >= 0;
+    $end = 1 if index($buf, "SLEND") >= 0;
+}
+open(my $o, ">", "/tmp/rx.tmp"); print $o "forge=$forge legit=$legit end=$end\n"; close $o;
+rename "/tmp/rx.tmp", "/tmp/rx.out";
+"#;
+
+/// A guest-side raw frame sender: `perl tx.pl MYMAC MYIP GATEWAY NEIGHBOUR` sends, from eth0,
+/// 20 frames of each forgery (marked `SLFORGE`), then legitimate ones (`SLLEGIT`), then `SLEND`.
+const TX_PL: &str = r#"use strict;
+my ($me, $myip, $gw, $nb) = @ARGV;
+my $idx = `cat /sys/class/net/eth0/ifindex`; chomp $idx;
+socket(my $s, 17, 3, 0) or die "socket: $!";
+sub mac { pack("H12", join("", split(/:/, $_[0]))) }
+sub ip4 { pack("C4", split(/\./, $_[0])) }
+my $bc = "ff:ff:ff:ff:ff:ff";
+my $fake = "02:5e:ed:00:00:01";
+sub send_frame {
+    my ($type, $frame) = @_;
+    my $to = pack("S n i S C C a8", 17, $type, $idx, 1, 0, 6, mac($bc));
+    send($s, $frame, 0, $to) or die "send: $!";
+}
+# An ARP reply (gratuitous: target = sender) from Ethernet source $esrc claiming $spa is at $sha.
+sub arp {
+    my ($esrc, $sha, $spa, $mark) = @_;
+    send_frame(0x0806, mac($bc) . mac($esrc) . pack("n", 0x0806)
+        . pack("n n C C n", 1, 0x0800, 6, 4, 2) . mac($sha) . ip4($spa) . mac($bc) . ip4($spa) . $mark);
+}
+sub csum {
+    my $sum = 0;
+    $sum += $_ for unpack("n*", $_[0]);
+    $sum = ($sum & 0xffff) + ($sum >> 16) while $sum >> 16;
+    return ~$sum & 0xffff;
+}
+# A UDP datagram to $dst:9 from Ethernet source $esrc and IPv4 source $src.
+sub udp {
+    my ($esrc, $src, $dst, $mark) = @_;
+    my $udp = pack("n n n n", 40000, 9, 8 + length($mark), 0) . $mark;
+    my $h = pack("C C n n n C C n", 0x45, 0, 20 + length($udp), 1, 0, 64, 17, 0) . ip4($src) . ip4($dst);
+    substr($h, 10, 2) = pack("n", csum($h));
+    send_frame(0x0800, mac($bc) . mac($esrc) . pack("n", 0x0800) . $h . $udp);
+}
+for (1 .. 20) {
+    arp($fake, $fake, $gw, "SLFORGE");   # a forged MAC claiming the gateway's address
+    arp($me, $me, $gw, "SLFORGE");       # the VM's own MAC claiming the gateway's address
+    arp($me, $me, $nb, "SLFORGE");       # ... claiming the neighbour's address
+    arp($fake, $me, $myip, "SLFORGE");   # a forged Ethernet source
+    arp($me, $fake, $myip, "SLFORGE");   # a forged ARP sender MAC
+    udp($fake, $myip, $nb, "SLFORGE");   # IPv4 from a forged MAC
+    udp($me, $gw, $nb, "SLFORGE");       # IPv4 from the gateway's address
+    udp($me, $nb, $nb, "SLFORGE");       # ... from the neighbour's
+}
+for (1 .. 5) {
+    arp($me, $me, $myip, "SLLEGIT");
+    udp($me, $myip, $nb, "SLLEGIT");
+}
+select(undef, undef, undef, 0.2);
+udp($me, $myip, $nb, "SLEND") for 1 .. 3;
+print "sent\n";
+"#;
+
+/// The packet count of the first rule of `chain` in the `family` table `table` containing
+/// `needle`.
+fn nft_counter_in(family: &str, table: &str, chain: &str, needle: &str) -> u64 {
+    let out = Command::new("nft")
+        .args(["list", "chain", family, table, chain])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(needle) && l.contains("counter packets"))
+        .unwrap_or_else(|| panic!("no rule with {needle:?} in {family} {table} {chain}:\n{text}"));
+    line.split("counter packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+/// Polls a shell line in the VM until it exits 0 (deadline `secs`); its last output.
+async fn wait_in(d: &TestDaemon, vm: &str, line: &str, secs: u64) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (code, out) = sh(d, vm, line).await;
+        if code == 0 {
+            return Some(out);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
+async fn bridge_vms_cannot_forge_mac_arp_or_source_address() {
+    let mut d = TestDaemon::start(|port| {
+        format!(
+            "config:\n  host_groups:\n  - name: spf\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: bridge\n      bridge: brspf0\n      tap_prefix: spftap\n      gateway: 198.19.85.1/24\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+        )
+    })
+    .await;
+    let (a, a_ip) = create(&d, "spf", json!({})).await;
+    let (b, b_ip) = create(&d, "spf", json!({})).await;
+    let a_mac = slicer_net::mac_for(&a);
+    let b_mac = slicer_net::mac_for(&b);
+    // Restored VMs carry the MAC their identity gave them: the one pinned.
+    let (_, out) = sh(&d, &a, "cat /sys/class/net/eth0/address").await;
+    assert_eq!(out.trim(), a_mac);
+    // The host learns B's real MAC.
+    assert!(pings(&d, &b, &a_ip).await, "bridge VMs should reach each other");
+
+    write_file(&d, &b, "/tmp/rx.pl", RX_PL).await;
+    write_file(&d, &a, "/tmp/tx.pl", TX_PL).await;
+    let (code, out) = sh(
+        &d,
+        &b,
+        "rm -f /tmp/rx.ready /tmp/rx.out; setsid perl /tmp/rx.pl </dev/null >/tmp/rx.log 2>&1 &",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        wait_in(&d, &b, "test -e /tmp/rx.ready", 15).await.is_some(),
+        "the receiver did not start"
+    );
+    let (code, out) = sh(
+        &d,
+        &a,
+        &format!("perl /tmp/tx.pl {a_mac} {a_ip} 198.19.85.1 {b_ip} 2>&1"),
+    )
+    .await;
+    assert_eq!((code, out.trim()), (0, "sent"));
+    let rx = wait_in(&d, &b, "cat /tmp/rx.out", 40)
+        .await
+        .unwrap_or_else(|| panic!("no result from the receiver"));
+    eprintln!("neighbour received: {}", rx.trim());
+    // The legitimate frames arrive (the receiver works), the 160 forged ones do not.
+    assert!(rx.contains(" end=1") && !rx.contains("legit=0"), "{rx}");
+    assert!(rx.starts_with("forge=0 "), "the neighbour received forged frames: {rx}");
+    let dropped = nft_counter_in("bridge", "slicer-br-spf", "prerouting", "drop");
+    eprintln!("bridge table drops: {dropped}");
+    assert!(dropped >= 160, "{dropped}");
+    // The host's neighbour entry for B still names B's MAC (if it has one).
+    let out = Command::new("ip")
+        .args(["neigh", "show", &b_ip, "dev", "brspf0"])
+        .output()
+        .unwrap();
+    let neigh = String::from_utf8_lossy(&out.stdout);
+    assert!(!neigh.contains(&a_mac) && !neigh.contains("02:5e:ed"), "{neigh}");
+    if neigh.contains("lladdr") {
+        assert!(neigh.contains(&b_mac), "{neigh}");
+    }
+    // And the group still works.
+    assert!(pings(&d, &a, &b_ip).await, "bridge VMs should reach each other");
+
+    delete_all(&d, &[("spf", &a), ("spf", &b)]).await;
+    d.stop().await;
+    assert_eq!(
+        ours_left("spf", &[], &["brspf0", "spftap2", "spftap3"]),
+        Vec::<String>::new()
+    );
+}
+
+/// Entries of the host's connection tracking table whose original source is `ip`.
+fn conntrack_from(ip: &str) -> usize {
+    let text = std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default();
+    let want = format!("src={ip}");
+    // The original direction's source is the first src= of a line.
+    text.lines()
+        .filter(|l| l.split_whitespace().find(|w| w.starts_with("src=")) == Some(want.as_str()))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
+async fn one_vm_cannot_fill_the_hosts_connection_table() {
+    let target = TestHost::new("ct", "198.18.9", &[8080]);
+    let mut d = TestDaemon::start(|port| {
+        format!(
+            "config:\n  host_groups:\n  - name: ctiso\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: isolated\n      range: 169.254.228.0/22\n  - name: ctbr\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    network:\n      mode: bridge\n      bridge: brct0\n      tap_prefix: cttap\n      gateway: 198.19.86.1/24\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+        )
+    })
+    .await;
+    let (i1, i1_ip) = create(&d, "ctiso", json!({})).await;
+    let (i2, _) = create(&d, "ctiso", json!({})).await;
+    let (b1, b1_ip) = create(&d, "ctbr", json!({})).await;
+    let (b2, _) = create(&d, "ctbr", json!({})).await;
+    let limit = slicer_net::CONNTRACK_PER_VM as usize;
+    // Each sprayer sends one UDP datagram to each of `flows` ports of the test host (a flow
+    // each), 150 every 0.1 s: paced past the new-connection rate limit, so that more than the
+    // limit get counted.
+    let flows = 90 * 150;
+    let spray = "ping -c1 -W2 198.18.9.2 >/dev/null; perl -MSocket -e 'socket(S, PF_INET, SOCK_DGRAM, 0) or die; \
+         my $a = inet_aton(\"198.18.9.2\"); my $n = 0; \
+         for my $b (0 .. 89) { for my $p (1 .. 150) { $n++ if send(S, \"x\", 0, pack_sockaddr_in(10000 + 150 * $b + $p, $a)) } \
+         select(undef, undef, undef, 0.1) } print \"$n\\n\"'";
+    let (r1, r2) = tokio::join!(sh(&d, &i1, spray), sh(&d, &b1, spray));
+    for (vm, (code, out)) in [(&i1, r1), (&b1, r2)] {
+        assert_eq!((code, out.trim()), (0, flows.to_string().as_str()), "{vm} spraying");
+    }
+    // What the host tracks for each sprayer stays at the limit (the UDP flows stay for 30 s).
+    for (vm, ip, table) in [
+        (&i1, &i1_ip, format!("slicer-{i1}")),
+        (&b1, &b1_ip, "slicer-br-ctbr".to_string()),
+    ] {
+        let tracked = conntrack_from(ip);
+        eprintln!("{vm}: {flows} flows sent, {tracked} tracked");
+        assert!(tracked <= limit + 16, "{vm}: {tracked} connections tracked");
+        let rated = nft_counter_in("inet", &table, "forward", "limit rate over");
+        let counted = nft_counter_in("inet", &table, "forward", "ct count over");
+        eprintln!("{vm}: dropped {rated} by the rate limit, {counted} by the count");
+        assert!(counted > 0, "{vm}: the spray never reached the limit");
+    }
+    // The other VMs, of the same bridge group too, still open new connections.
+    for vm in [&i2, &b2] {
+        assert!(
+            reaches(&d, vm, "198.18.9.2", 8080).await,
+            "{vm} cannot open a connection while a neighbour sprays"
+        );
+    }
+
+    delete_all(&d, &[("ctiso", &i1), ("ctiso", &i2), ("ctbr", &b1), ("ctbr", &b2)]).await;
+    d.stop().await;
+    assert_eq!(ours_left("ctiso", &[&i1, &i2], &[]), Vec::<String>::new());
+    assert_eq!(
+        ours_left("ctbr", &[], &["brct0", "cttap2", "cttap3"]),
+        Vec::<String>::new()
+    );
+    drop(target);
 }

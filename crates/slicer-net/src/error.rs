@@ -1,5 +1,5 @@
 //! Errors of VM networking: running `ip` and `nft`, writing the kernel's network settings
-//! under `/proc/sys`, and parsing a bridge's gateway. File operations keep their
+//! under `/proc/sys`, and checking a bridge's gateway, interface names and MACs. File operations keep their
 //! `std::io::Error` as the source, so a caller can walk `std::error::Error::source()` to it.
 
 use std::fmt;
@@ -33,6 +33,12 @@ pub enum Error {
     /// A bridge's gateway is not an IPv4 address with a prefix (e.g. 192.168.137.1/24).
     #[error("gateway {gateway:?} is not an IPv4 address with a prefix")]
     InvalidGateway { gateway: String },
+    /// A bridge or TAP name that is no interface name (1-15 of `A-Z a-z 0-9 . _ -`).
+    #[error("{name:?} is not an interface name (1-15 letters, digits, '.', '_' or '-')")]
+    InvalidName { name: String },
+    /// A VM's MAC address is not six hex pairs separated by colons.
+    #[error("{mac:?} is not a MAC address")]
+    InvalidMac { mac: String },
 }
 
 impl Error {

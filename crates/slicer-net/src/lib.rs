@@ -11,10 +11,14 @@
 //! Bridge mode: one Linux bridge per host group with the gateway address, a TAP per VM in the
 //! host's namespace, forwarding and masquerade for the subnet (table `inet slicer-br-<group>`).
 //! The group's VMs reach each other on the bridge; nothing else may open a connection to them,
-//! and their traffic to the host and beyond is filtered as in isolated mode.
+//! and their traffic to the host and beyond is filtered as in isolated mode. A `bridge`
+//! family table of the same name pins each TAP's MAC, ARP sender and IPv4 source to its VM's
+//! ([`Port`]), so no VM can impersonate the gateway or a neighbour.
 //!
-//! Containment in both modes: the cloud metadata address (169.254.169.254, fd00:ec2::254) is
-//! dropped unless an allow entry names it ([`policy::guard_metadata`]); the host's addresses
+//! Containment in both modes: cloud metadata addresses and link-local 169.254.0.0/16
+//! ([`policy::GUARDED`]; fd00:ec2::254 with all IPv6) are dropped unless an allow entry names
+//! them ([`policy::guard_metadata`]); each VM has at most [`CONNTRACK_PER_VM`] connections in
+//! the host's connection tracking table; the host's addresses
 //! answer a VM only where an entry names the one address ([`policy::host_input`]); a VM's IPv6
 //! is dropped (there is no IPv6 configuration) and the host-side interfaces have IPv6 off; VM
 //! address ranges never include 169.254.169.0/24.
@@ -49,6 +53,39 @@ pub const METADATA_BLOCK: Net = Net {
     addr: Ipv4Addr::new(169, 254, 169, 0),
     prefix: 24,
 };
+
+/// Connections a VM may have in the host's connection tracking table at once (new ones to the
+/// host and through it: TCP, UDP, ICMP, ...; TCP connections already closed are not counted);
+/// a new connection past it is dropped. One guest's SYN or UDP spray thus cannot fill the
+/// table (`nf_conntrack_max`, 262,144 on a 24 GiB host) and break NAT for every other VM.
+pub const CONNTRACK_PER_VM: u32 = 4096;
+
+/// New connections a VM may open per second (the same burst on top); more are dropped before
+/// they are counted against [`CONNTRACK_PER_VM`]. The kernel walks a VM's whole list of
+/// connections for each new one it counts (about 100 µs at 4,096 on the project's machine), so
+/// without this a spray at the limit would cost the host a core per ~10,000 packets/s.
+pub const NEW_CONNECTIONS_PER_SEC: u32 = 1000;
+
+/// The sets of a VM table counting new connections (rate and total) per VM source address
+/// (one element per VM).
+const CT_SETS: &str = "    set vmrate {
+        type ipv4_addr; size 65536; flags dynamic;
+    }
+    set vmconns {
+        type ipv4_addr; size 65536; flags dynamic;
+    }
+";
+
+/// Rules dropping a new connection from `iif` past [`NEW_CONNECTIONS_PER_SEC`] or once its
+/// source address has [`CONNTRACK_PER_VM`] connections tracked (the source address is pinned
+/// before them).
+fn conntrack_limit(iif: &str) -> String {
+    let r = NEW_CONNECTIONS_PER_SEC;
+    format!(
+        "        {iif} ct state new add @vmrate {{ ip saddr limit rate over {r}/second burst {r} packets }} counter drop
+        {iif} ct state new add @vmconns {{ ip saddr ct count over {CONNTRACK_PER_VM} }} counter drop\n"
+    )
+}
 
 /// A short stable id for a name: 8 hex digits.
 pub fn short_id(name: &str) -> String {
@@ -258,12 +295,12 @@ impl Isolated {
         let iif = format!("iifname \"{v}\"");
         format!(
             "table inet {t} {{
-    chain forward {{
+{CT_SETS}    chain forward {{
         type filter hook forward priority filter; policy accept;
 {v6}        oifname \"{v}\" ct state established,related accept
         oifname \"{v}\" drop
         {iif} ip saddr != {ip} drop
-        {iif} ct state established,related accept
+{ct}        {iif} ct state established,related accept
         {iif} oifname \"{VETH_PREFIX}*\" drop
 {fwd}    }}
     chain input {{
@@ -277,8 +314,9 @@ impl Isolated {
 ",
             t = self.table,
             v6 = ipv6_drop(&iif),
+            ct = conntrack_limit(&iif),
             fwd = forward_rules(&iif, &self.allow, &self.drop),
-            input = input_rules(&iif, &self.allow, &self.drop),
+            input = input_rules(&iif, &format!("ip saddr != {ip} drop"), &self.allow, &self.drop),
         )
     }
 
@@ -341,16 +379,38 @@ fn forward_rules(iif: &str, allow: &[String], drop: &[String]) -> String {
         .collect()
 }
 
-/// The input chain's rules for traffic from `iif` to the host: no IPv6, replies pass, then
-/// entries naming one host address, then drop.
-fn input_rules(iif: &str, allow: &[String], drop: &[String]) -> String {
-    let mut s =
-        format!("        {iif} meta nfproto ipv6 counter drop\n        {iif} ct state established,related accept\n");
+/// The input chain's rules for traffic from `iif` to the host: no IPv6, `pin` (the source
+/// address check), the connection limit, replies pass, then entries naming one host address,
+/// then drop.
+fn input_rules(iif: &str, pin: &str, allow: &[String], drop: &[String]) -> String {
+    let mut s = format!(
+        "        {iif} meta nfproto ipv6 counter drop\n        {iif} {pin}\n{ct}        {iif} ct state established,related accept\n",
+        ct = conntrack_limit(iif)
+    );
     for r in policy::host_input(allow, drop) {
         s.push_str(&format!("        {iif} {}\n", r.nft()));
     }
     s.push_str(&format!("        {iif} drop\n"));
     s
+}
+
+/// Whether `name` is safe to write into an nft script between quotes and is a possible
+/// interface name: 1-15 of `A-Z a-z 0-9 . _ -`.
+fn valid_ifname(name: &str) -> bool {
+    (1..=IFNAMSIZ_MAX).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A MAC address in canonical form (`52:54:00:ab:cd:ef`, lowercase), if `mac` is one.
+fn canonical_mac(mac: &str) -> Option<String> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    let ok = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    ok.then(|| mac.to_ascii_lowercase())
 }
 
 /// Bridge mode of one host group.
@@ -361,10 +421,48 @@ pub struct Bridge {
     /// Gateway address and subnet, e.g. 192.168.137.1/24.
     pub gateway: Ipv4Addr,
     pub subnet: Net,
+    /// The name of both of the group's tables: `inet` (routing to the host and beyond) and
+    /// `bridge` (what a VM may put on the bridge).
     pub table: String,
     /// The group's allow and drop lists, enforced on traffic from the bridge.
     pub allow: Vec<String>,
     pub drop: Vec<String>,
+}
+
+/// A VM's port on its group's bridge: the TAP and the one MAC and IPv4 address the frames
+/// entering the bridge from it may carry (Ethernet source, ARP sender, IPv4 source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    /// The group's tables ([`Bridge::table`]).
+    pub table: String,
+    pub tap: String,
+    pub mac: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Port {
+    /// The port's elements of the bridge table's sets, in nft syntax.
+    fn elements(&self) -> [(&'static str, String); 3] {
+        let (t, m, a) = (&self.tap, &self.mac, self.ip);
+        [
+            ("vmports", format!("\"{t}\"")),
+            ("vmip", format!("\"{t}\" . {m} . {a}")),
+            ("vmarp", format!("\"{t}\" . {m} . {m} . {a}")),
+        ]
+    }
+
+    /// Removes the TAP and the port's pinning; missing pieces are fine.
+    pub async fn remove(&self) {
+        for (set, e) in self.elements() {
+            let _ = run(
+                "nft",
+                &["delete", "element", "bridge", &self.table, set, &format!("{{ {e} }}")],
+                None,
+            )
+            .await;
+        }
+        let _ = ip(&["link", "del", &self.tap]).await;
+    }
 }
 
 impl Bridge {
@@ -375,6 +473,9 @@ impl Bridge {
         };
         let gateway: Ipv4Addr = gw.parse().map_err(|_| invalid())?;
         let subnet = Net::parse(gateway_cidr).ok_or_else(invalid)?;
+        if !valid_ifname(bridge) {
+            return Err(Error::InvalidName { name: bridge.into() });
+        }
         Ok(Bridge {
             group: group.into(),
             bridge: bridge.into(),
@@ -386,22 +487,57 @@ impl Bridge {
         })
     }
 
-    /// The group's table. Forward: VMs of this bridge reach each other (frames between them
-    /// pass here only when br_netfilter hands bridged traffic to nftables); nothing else opens
-    /// a connection to them (other groups' VMs, bridge or isolated, included); their traffic
-    /// out is filtered like an isolated VM's, then accepted. Input: the host answers only
-    /// replies and entries naming one of its addresses.
-    pub fn ruleset(&self) -> String {
+    /// The port of a VM with `mac` and `ip` on TAP `tap`.
+    pub fn port(&self, tap: &str, mac: &str, ip: Ipv4Addr) -> Result<Port> {
+        if !valid_ifname(tap) {
+            return Err(Error::InvalidName { name: tap.into() });
+        }
+        let mac = canonical_mac(mac).ok_or_else(|| Error::InvalidMac { mac: mac.into() })?;
+        Ok(Port {
+            table: self.table.clone(),
+            tap: tap.into(),
+            mac,
+            ip,
+        })
+    }
+
+    /// The group's tables, with `ports` pinned.
+    ///
+    /// `inet`: forward — VMs of this bridge reach each other (frames between them pass here
+    /// only when br_netfilter hands bridged traffic to nftables); nothing else opens a
+    /// connection to them (other groups' VMs, bridge or isolated, included); their traffic out
+    /// is filtered like an isolated VM's, then accepted. Input: the host answers only replies
+    /// and entries naming one of its addresses. Both count each VM's connections
+    /// ([`CONNTRACK_PER_VM`]).
+    ///
+    /// `bridge`: a frame entering the bridge from a port passes only as IPv4 or ARP whose
+    /// Ethernet source, ARP sender (hardware and protocol) and IPv4 source are that port's VM's
+    /// (sets `vmip`, `vmarp`: one element each per [`Port`]); every other frame from a port of
+    /// this bridge is dropped (forged MACs, ARP claims for the gateway's or a neighbour's
+    /// address, IPv6, VLAN tags, other ether types; a port nobody registered).
+    pub fn ruleset(&self, ports: &[Port]) -> String {
         let b = &self.bridge;
         let iif = format!("iifname \"{b}\"");
+        let elements = |set: &str| -> String {
+            let e: Vec<String> = ports
+                .iter()
+                .flat_map(|p| p.elements())
+                .filter(|(s, _)| *s == set)
+                .map(|(_, e)| e)
+                .collect();
+            match e.is_empty() {
+                true => String::new(),
+                false => format!("        elements = {{ {} }}\n", e.join(", ")),
+            }
+        };
         format!(
             "table inet {t} {{
-    chain forward {{
+{CT_SETS}    chain forward {{
         type filter hook forward priority filter; policy accept;
-{v6}        {iif} oifname \"{b}\" accept
+{v6}        {iif} ip saddr != {s} drop
+{ct}        {iif} oifname \"{b}\" accept
         oifname \"{b}\" ct state established,related accept
         oifname \"{b}\" drop
-        {iif} ip saddr != {s} drop
         {iif} ct state established,related accept
 {fwd}        {iif} accept
     }}
@@ -413,16 +549,40 @@ impl Bridge {
         ip saddr {s} ip daddr != {s} masquerade
     }}
 }}
+table bridge {t} {{
+    set vmports {{
+        type ifname;
+{vmports}    }}
+    set vmip {{
+        type ifname . ether_addr . ipv4_addr;
+{vmip}    }}
+    set vmarp {{
+        type ifname . ether_addr . ether_addr . ipv4_addr;
+{vmarp}    }}
+    chain prerouting {{
+        type filter hook prerouting priority filter; policy accept;
+        iifname != @vmports accept
+        iifname . ether saddr . ip saddr @vmip accept
+        arp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . ether saddr . arp saddr ether . arp saddr ip @vmarp accept
+        counter drop
+    }}
+}}
 ",
             t = self.table,
             s = self.subnet,
             v6 = ipv6_drop(&iif),
+            ct = conntrack_limit(&iif),
             fwd = forward_rules(&iif, &self.allow, &self.drop),
-            input = input_rules(&iif, &self.allow, &self.drop),
+            input = input_rules(&iif, &format!("ip saddr != {} drop", self.subnet), &self.allow, &self.drop),
+            vmports = elements("vmports"),
+            vmip = elements("vmip"),
+            vmarp = elements("vmarp"),
         )
     }
 
-    pub async fn setup(&self) -> Result<()> {
+    /// Creates the bridge (if missing) and (again) the group's tables, with `ports` (those of
+    /// VMs that run on: adopted after a restart) pinned.
+    pub async fn setup(&self, ports: &[Port]) -> Result<()> {
         enable_forwarding().await?;
         let b = self.bridge.as_str();
         if ip(&["link", "show", b]).await.is_err() {
@@ -438,12 +598,36 @@ impl Bridge {
         ])
         .await;
         ip(&["link", "set", b, "up"]).await?;
-        let _ = run("nft", &["delete", "table", "inet", &self.table], None).await;
-        nft_script(&self.ruleset()).await
+        self.delete_tables().await;
+        nft_script(&self.ruleset(ports)).await
     }
 
-    pub async fn add_tap(&self, tap: &str) -> Result<()> {
-        let _ = ip(&["link", "del", tap]).await;
+    async fn delete_tables(&self) {
+        for family in ["inet", "bridge"] {
+            let _ = run("nft", &["delete", "table", family, &self.table], None).await;
+        }
+    }
+
+    /// Pins the port's addresses, then creates its TAP on the bridge. Undone by
+    /// [`Port::remove`], also after a partial failure.
+    pub async fn add_port(&self, port: &Port) -> Result<()> {
+        let r = self.add_port_inner(port).await;
+        if r.is_err() {
+            port.remove().await;
+        }
+        r
+    }
+
+    async fn add_port_inner(&self, port: &Port) -> Result<()> {
+        let tap = port.tap.as_str();
+        // A leftover TAP of this name goes, and so do its elements (they name the TAP).
+        port.remove().await;
+        let script: String = port
+            .elements()
+            .iter()
+            .map(|(set, e)| format!("add element bridge {} {set} {{ {e} }}\n", port.table))
+            .collect();
+        nft_script(&script).await?;
         ip(&["tuntap", "add", "dev", tap, "mode", "tap"]).await?;
         disable_ipv6(tap).await?;
         ip(&["link", "set", tap, "master", &self.bridge]).await?;
@@ -451,12 +635,8 @@ impl Bridge {
         Ok(())
     }
 
-    pub async fn del_tap(tap: &str) {
-        let _ = ip(&["link", "del", tap]).await;
-    }
-
     pub async fn teardown(&self) {
-        let _ = run("nft", &["delete", "table", "inet", &self.table], None).await;
+        self.delete_tables().await;
         let _ = ip(&["link", "del", &self.bridge]).await;
     }
 }
@@ -675,8 +855,20 @@ mod tests {
         assert_eq!(fwd[1], format!("{v} meta nfproto ipv6 counter drop"));
         let md = fwd
             .iter()
-            .position(|l| *l == format!("{v} ip daddr 169.254.169.254/32 drop"))
-            .expect("metadata drop");
+            .position(|l| *l == format!("{v} ip daddr 169.254.0.0/16 drop"))
+            .expect("link-local drop");
+        for (net, _) in policy::GUARDED {
+            assert!(fwd.contains(&format!("{v} ip daddr {net} drop").as_str()), "{net}: {r}");
+        }
+        // The source is pinned, then new connections are counted, before anything accepts.
+        let ct = format!("{v} ct state new add @vmconns {{ ip saddr ct count over {CONNTRACK_PER_VM} }} counter drop");
+        let rate = format!(
+            "{v} ct state new add @vmrate {{ ip saddr limit rate over {NEW_CONNECTIONS_PER_SEC}/second burst {NEW_CONNECTIONS_PER_SEC} packets }} counter drop"
+        );
+        assert_eq!(fwd[4], format!("{v} ip saddr != 169.254.8.2 drop"));
+        assert_eq!(fwd[5], rate);
+        assert_eq!(fwd[6], ct);
+        assert!(r.contains("set vmconns {"), "{r}");
         let first_allow = fwd
             .iter()
             .position(|l| l.ends_with("accept") && l.contains("ip daddr"))
@@ -688,6 +880,9 @@ mod tests {
             input,
             [
                 format!("{v} meta nfproto ipv6 counter drop"),
+                format!("{v} ip saddr != 169.254.8.2 drop"),
+                rate.clone(),
+                ct.clone(),
                 format!("{v} ct state established,related accept"),
                 format!("{v} ip daddr 10.1.2.4/32 meta l4proto {{ tcp, udp }} th dport 443 accept"),
                 format!("{v} ip daddr 10.1.2.3/32 accept"),
@@ -703,7 +898,7 @@ mod tests {
             .unwrap();
         let md = fwd
             .iter()
-            .position(|l| l.ends_with("ip daddr 169.254.169.254/32 drop"))
+            .position(|l| l.ends_with("ip daddr 169.254.0.0/16 drop"))
             .unwrap();
         assert!(allow < md, "{r}");
     }
@@ -719,7 +914,13 @@ mod tests {
             vec!["192.168.1.0/24".into()],
         );
         let b = Bridge::new("g", "brg0", "198.19.77.1/24", vec!["10.0.0.1/32".into()], vec![]).unwrap();
-        for r in [i.ruleset(), b.ruleset()] {
+        let ports = [
+            b.port("gtap2", "52:54:00:AA:bb:01", Ipv4Addr::new(198, 19, 77, 2))
+                .unwrap(),
+            b.port("gtap3", "52:54:00:aa:bb:02", Ipv4Addr::new(198, 19, 77, 3))
+                .unwrap(),
+        ];
+        for r in [i.ruleset(), b.ruleset(&[]), b.ruleset(&ports)] {
             run("nft", &["-c", "-f", "-"], Some(&r))
                 .await
                 .unwrap_or_else(|e| panic!("{e:#}\n{r}"));
@@ -737,32 +938,71 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b.gateway, Ipv4Addr::new(198, 19, 77, 1));
-        let r = b.ruleset();
+        let port = b
+            .port("gtap2", "52:54:00:AA:bb:01", Ipv4Addr::new(198, 19, 77, 2))
+            .unwrap();
+        assert_eq!(port.mac, "52:54:00:aa:bb:01");
+        let r = b.ruleset(std::slice::from_ref(&port));
         let i = "iifname \"brg0\"";
-        assert_eq!(
-            chain(&r, "forward"),
-            [
-                format!("{i} ip6 daddr fd00:ec2::254 counter drop"),
-                format!("{i} meta nfproto ipv6 counter drop"),
-                format!("{i} oifname \"brg0\" accept"),
-                "oifname \"brg0\" ct state established,related accept".to_string(),
-                "oifname \"brg0\" drop".to_string(),
-                format!("{i} ip saddr != 198.19.77.0/24 drop"),
-                format!("{i} ct state established,related accept"),
-                format!("{i} ip daddr 169.254.169.254/32 drop"),
-                format!("{i} ip daddr 192.168.1.0/24 drop"),
-                format!("{i} ip daddr 0.0.0.0/0 accept"),
-                format!("{i} accept"),
-            ]
+        let ct = format!("{i} ct state new add @vmconns {{ ip saddr ct count over {CONNTRACK_PER_VM} }} counter drop");
+        let rate = format!(
+            "{i} ct state new add @vmrate {{ ip saddr limit rate over {NEW_CONNECTIONS_PER_SEC}/second burst {NEW_CONNECTIONS_PER_SEC} packets }} counter drop"
         );
+        let guards: Vec<String> = policy::guard_metadata(vec![])
+            .iter()
+            .map(|r| format!("{i} {}", r.nft()))
+            .collect();
+        let mut want = vec![
+            format!("{i} ip6 daddr fd00:ec2::254 counter drop"),
+            format!("{i} meta nfproto ipv6 counter drop"),
+            format!("{i} ip saddr != 198.19.77.0/24 drop"),
+            rate.clone(),
+            ct.clone(),
+            format!("{i} oifname \"brg0\" accept"),
+            "oifname \"brg0\" ct state established,related accept".to_string(),
+            "oifname \"brg0\" drop".to_string(),
+            format!("{i} ct state established,related accept"),
+        ];
+        want.extend(guards);
+        want.extend([
+            format!("{i} ip daddr 192.168.1.0/24 drop"),
+            format!("{i} ip daddr 0.0.0.0/0 accept"),
+            format!("{i} accept"),
+        ]);
+        assert_eq!(chain(&r, "forward"), want);
         assert_eq!(
             chain(&r, "input"),
             [
                 format!("{i} meta nfproto ipv6 counter drop"),
+                format!("{i} ip saddr != 198.19.77.0/24 drop"),
+                rate,
+                ct,
                 format!("{i} ct state established,related accept"),
                 format!("{i} drop"),
             ]
         );
+        // The bridge table: only the port's own MAC and address pass, in IPv4 and ARP.
+        assert_eq!(
+            chain(&r, "prerouting"),
+            [
+                "iifname != @vmports accept",
+                "iifname . ether saddr . ip saddr @vmip accept",
+                "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . ether saddr . arp saddr ether . arp saddr ip @vmarp accept",
+                "counter drop",
+            ]
+        );
+        assert!(
+            r.contains("elements = { \"gtap2\" . 52:54:00:aa:bb:01 . 198.19.77.2 }"),
+            "{r}"
+        );
+        assert!(
+            r.contains("elements = { \"gtap2\" . 52:54:00:aa:bb:01 . 52:54:00:aa:bb:01 . 198.19.77.2 }"),
+            "{r}"
+        );
+        // Names and MACs that would not be safe in the script are refused.
+        assert!(b.port("tap\"; flush ruleset", "52:54:00:00:00:01", port.ip).is_err());
+        assert!(b.port("gtap3", "52:54:00:00:00:01 } ", port.ip).is_err());
+        assert!(Bridge::new("g", "br g", "198.19.77.1/24", vec![], vec![]).is_err());
         assert!(r.contains("ip saddr 198.19.77.0/24 ip daddr != 198.19.77.0/24 masquerade"));
     }
 }

@@ -5,11 +5,14 @@
 //! Traffic that matches nothing is allowed, except when only an allow list is given (then
 //! everything else is dropped), as SlicerVM documents.
 //!
-//! Two containment rules sit on top of the lists: the cloud metadata address is dropped unless
-//! an entry of /16 or longer names it ([`guard_metadata`]), and a host address is reachable only
-//! through an entry naming that one address ([`host_input`]).
+//! Two containment rules sit on top of the lists: cloud metadata addresses and link-local
+//! 169.254.0.0/16 ([`GUARDED`]) are dropped unless an entry of /16 or longer names them
+//! ([`guard_metadata`]), and a host address is reachable only through an entry naming that one
+//! address ([`host_input`]).
 
-use crate::{Net, METADATA_V4};
+use crate::Net;
+#[cfg(test)]
+use crate::METADATA_V4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -76,28 +79,53 @@ pub fn compile(allow: &[String], drop: &[String]) -> Vec<Rule> {
     rules
 }
 
-/// Whether an entry names the metadata address: a prefix of /16 or longer that contains it
-/// (`0.0.0.0/0` or `128.0.0.0/1` do not).
-fn names_metadata(net: &Net) -> bool {
-    net.prefix >= 16 && net.contains(METADATA_V4)
+/// Destinations no VM reaches unless an entry names them (see [`guard_metadata`]): cloud
+/// metadata services and the link-local range they live in. Shown in docs/ARCHITECTURE.md.
+pub const GUARDED: &[(&str, &str)] = &[
+    (
+        "169.254.0.0/16",
+        "link-local: metadata at 169.254.169.254 (AWS, GCP, Azure, OCI, OpenStack, DigitalOcean, ...), \
+         AWS ECS task metadata 169.254.170.2, EKS pod identity 169.254.170.23, Tencent 169.254.0.23, \
+         Scaleway 169.254.42.42, AWS DNS and NTP 169.254.169.253/.123",
+    ),
+    (
+        "100.100.100.200/32",
+        "Alibaba Cloud metadata (in the CGNAT range 100.64.0.0/10)",
+    ),
+    ("168.63.129.16/32", "Azure wire server (and Azure's DNS)"),
+    ("192.0.0.192/32", "Oracle Cloud's legacy metadata"),
+];
+
+/// The [`GUARDED`] networks.
+pub fn guarded() -> Vec<Net> {
+    GUARDED
+        .iter()
+        .map(|(n, _)| Net::parse(n).expect("a valid literal"))
+        .collect()
 }
 
-/// `rules` with a drop of the metadata address inserted right after the last rule that names it
-/// (see [`names_metadata`]): only such entries decide its fate, broad ones never open it. With no
-/// such entry, the drop comes first.
+/// Whether an entry names a guarded network: a prefix of /16 or longer that overlaps it
+/// (`0.0.0.0/0`, `100.64.0.0/10` or `169.0.0.0/8` do not).
+fn names(entry: &Net, guarded: &Net) -> bool {
+    entry.prefix >= 16 && entry.overlaps(guarded)
+}
+
+/// `rules` with a drop of each [`GUARDED`] network (the metadata addresses and link-local
+/// 169.254.0.0/16) inserted right after the last rule that names it (see [`names`]): only such
+/// entries decide its fate, broad ones never open it; an entry naming one address of it opens
+/// that address only. With no such entry, the drop comes first.
 pub fn guard_metadata(mut rules: Vec<Rule>) -> Vec<Rule> {
-    let at = rules.iter().rposition(|r| names_metadata(&r.net)).map_or(0, |i| i + 1);
-    rules.insert(
-        at,
-        Rule {
-            net: Net {
-                addr: METADATA_V4,
-                prefix: 32,
+    for net in guarded() {
+        let at = rules.iter().rposition(|r| names(&r.net, &net)).map_or(0, |i| i + 1);
+        rules.insert(
+            at,
+            Rule {
+                net,
+                port: None,
+                verdict: Verdict::Drop,
             },
-            port: None,
-            verdict: Verdict::Drop,
-        },
-    );
+        );
+    }
     rules
 }
 
@@ -157,10 +185,36 @@ mod tests {
             assert_eq!(decide(&r, md, 80), Verdict::Drop, "{allow:?}");
         }
         let r = guard_metadata(compile(&v(&["0.0.0.0/0"]), &v(&["192.168.1.0/24"])));
-        assert_eq!(r[0].net.to_string(), "169.254.169.254/32");
+        let mut firsts: Vec<String> = r[..GUARDED.len()].iter().map(|r| r.net.to_string()).collect();
+        let mut all: Vec<&str> = GUARDED.iter().map(|(n, _)| *n).collect();
+        firsts.sort();
+        all.sort();
+        assert_eq!(firsts, all);
+        assert!(r[..GUARDED.len()].iter().all(|r| r.verdict == Verdict::Drop));
         assert_eq!(decide(&r, "8.8.8.8".parse().unwrap(), 53), Verdict::Accept);
         assert_eq!(decide(&r, "192.168.1.1".parse().unwrap(), 53), Verdict::Drop);
-        assert_eq!(decide(&r, "169.254.169.253".parse().unwrap(), 80), Verdict::Accept);
+        // Every cloud's metadata and the rest of link-local too.
+        for a in [
+            "169.254.169.253",
+            "169.254.0.23",
+            "169.254.170.2",
+            "169.254.8.1",
+            "100.100.100.200",
+            "168.63.129.16",
+            "192.0.0.192",
+        ] {
+            assert_eq!(decide(&r, a.parse().unwrap(), 80), Verdict::Drop, "{a}");
+        }
+        // Their neighbours are not guarded: CGNAT space and the rest stay the lists' business.
+        for a in ["100.100.100.100", "100.64.0.1", "168.63.129.17", "192.0.0.193"] {
+            assert_eq!(decide(&r, a.parse().unwrap(), 80), Verdict::Accept, "{a}");
+        }
+        // A broad CGNAT allow does not open Alibaba's address; a /16 does.
+        let r = guard_metadata(compile(&v(&["100.64.0.0/10"]), &[]));
+        assert_eq!(decide(&r, "100.100.100.200".parse().unwrap(), 80), Verdict::Drop);
+        assert_eq!(decide(&r, "100.100.100.100".parse().unwrap(), 80), Verdict::Accept);
+        let r = guard_metadata(compile(&v(&["100.100.0.0/16"]), &[]));
+        assert_eq!(decide(&r, "100.100.100.200".parse().unwrap(), 80), Verdict::Accept);
         // No lists at all: still dropped.
         assert_eq!(decide(&guard_metadata(compile(&[], &[])), md, 80), Verdict::Drop);
         // Entries of /16 or longer that contain it open it.
@@ -176,6 +230,34 @@ mod tests {
         // A more specific drop still wins over the allow that names it.
         let r = guard_metadata(compile(&v(&["169.254.0.0/16"]), &v(&["169.254.169.0/24"])));
         assert_eq!(decide(&r, md, 80), Verdict::Drop);
+        assert_eq!(decide(&r, "169.254.0.23".parse().unwrap(), 80), Verdict::Accept);
+        // Naming one address of link-local opens that one, not the rest.
+        let r = guard_metadata(compile(&v(&["0.0.0.0/0", "169.254.170.2/32"]), &[]));
+        assert_eq!(decide(&r, "169.254.170.2".parse().unwrap(), 80), Verdict::Accept);
+        assert_eq!(decide(&r, md, 80), Verdict::Drop);
+        assert_eq!(decide(&r, "169.254.0.23".parse().unwrap(), 80), Verdict::Drop);
+        for allow in ["168.63.129.16/32", "192.0.0.192:80", "168.63.0.0/16"] {
+            let r = guard_metadata(compile(&v(&["0.0.0.0/0", allow]), &[]));
+            let (addr, _) = parse_entry(allow).unwrap();
+            let addr = if addr.prefix == 16 {
+                "168.63.129.16".parse().unwrap()
+            } else {
+                addr.addr
+            };
+            assert_eq!(decide(&r, addr, 80), Verdict::Accept, "{allow}");
+            assert_eq!(decide(&r, md, 80), Verdict::Drop, "{allow}");
+        }
+    }
+
+    #[test]
+    fn guarded_networks_do_not_overlap() {
+        let g = guarded();
+        for (i, a) in g.iter().enumerate() {
+            for b in &g[i + 1..] {
+                assert!(!a.overlaps(b), "{a} {b}");
+            }
+        }
+        assert!(g.iter().any(|n| n.contains(METADATA_V4)));
     }
 
     #[test]

@@ -7,7 +7,8 @@ use super::*;
 /// What a VM's network consists of on the host, to undo when it stops.
 pub enum NetHandle {
     Isolated(slicer_net::Isolated),
-    Tap(String),
+    /// A TAP on the group's bridge and the MAC and address pinned to it.
+    Tap(slicer_net::Port),
 }
 
 /// Where a host group's VMs get their addresses.
@@ -22,7 +23,7 @@ impl NetHandle {
     pub(super) async fn teardown(&self) {
         match self {
             NetHandle::Isolated(i) => i.teardown().await,
-            NetHandle::Tap(t) => slicer_net::Bridge::del_tap(t).await,
+            NetHandle::Tap(p) => p.remove().await,
         }
     }
 }
@@ -104,16 +105,19 @@ impl Manager {
                     tap.len() <= slicer_net::IFNAMSIZ_MAX,
                     "TAP name {tap} is longer than 15 characters"
                 );
-                b.add_tap(&tap).await?;
+                // The MAC pinned is the one the guest is given: on QEMU's NIC for a cold boot,
+                // set by the agent's identity call after a restore.
+                let port = b.port(&tap, &mac, ip)?;
+                b.add_port(&port).await?;
                 let net = slicer_vmm::VmNet {
                     netns: None,
-                    tap: tap.clone(),
+                    tap,
                     mac,
                     address: ip,
                     prefix: b.subnet.prefix,
                     gateway: b.gateway,
                 };
-                Ok(Some((NetHandle::Tap(tap), net)))
+                Ok(Some((NetHandle::Tap(port), net)))
             }
             None => Ok(None),
         }
@@ -151,7 +155,16 @@ impl Manager {
             .filter_map(|r| r.net.as_ref())
             .flat_map(|n| match n {
                 NetHandle::Isolated(i) => vec![i.netns.clone(), i.table.clone()],
-                NetHandle::Tap(t) => vec![t.clone()],
+                NetHandle::Tap(p) => vec![p.tap.clone()],
+            })
+            .collect();
+        // Their ports stay pinned when the bridge tables are made again.
+        let ports: Vec<slicer_net::Port> = self
+            .vms()
+            .values()
+            .filter_map(|r| match r.net.as_ref() {
+                Some(NetHandle::Tap(p)) => Some(p.clone()),
+                _ => None,
             })
             .collect();
         slicer_net::remove_leftovers(&groups, &taps, &keep).await;
@@ -168,7 +181,8 @@ impl Manager {
         }
         for n in self.nets.values() {
             if let GroupNet::Bridge(b) = n {
-                b.setup().await?;
+                let mine: Vec<slicer_net::Port> = ports.iter().filter(|p| p.table == b.table).cloned().collect();
+                b.setup(&mine).await?;
             }
         }
         Ok(())
@@ -198,11 +212,10 @@ impl Manager {
             }
             GroupNet::Bridge(b) => {
                 let g = self.group(&rec.host_group).ok()?;
-                Some(NetHandle::Tap(format!(
-                    "{}{}",
-                    g.tap_prefix,
-                    u32::from(ip) - u32::from(b.subnet.addr)
-                )))
+                let tap = format!("{}{}", g.tap_prefix, u32::from(ip) - u32::from(b.subnet.addr));
+                b.port(&tap, &slicer_net::mac_for(&rec.hostname), ip)
+                    .ok()
+                    .map(NetHandle::Tap)
             }
         }
     }
