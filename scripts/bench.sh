@@ -21,3 +21,6 @@ target/release/slicer-bench --suite livefork --image min --boots 5 "$@"
 target/release/slicer-bench --suite hold --image min --vms 600 "$@"
 # 20 minutes of four clients creating, using and deleting sandboxes; leaks, RSS, percentiles.
 target/release/slicer-bench --suite soak --image min --secs 1200 --clients 4 "$@"
+# Two builds side by side (before/after a change): build the old one's slicer binary first, e.g.
+#   git worktree add /tmp/old <commit> && (cd /tmp/old && cargo build --release -p slicer)
+#   target/release/slicer-bench --suite ab --old /tmp/old/target/release/slicer --new target/release/slicer
