@@ -467,7 +467,7 @@ impl AgentClient {
         Ok(Download {
             mode,
             body: resp.into_body(),
-            pending: LineBuf::default(),
+            pending: slicer_agent_proto::lines::LineBuf::default(),
         })
     }
 
@@ -611,7 +611,7 @@ impl AgentClient {
             Download {
                 mode: None,
                 body: resp.into_body(),
-                pending: LineBuf::default(),
+                pending: slicer_agent_proto::lines::LineBuf::default(),
             },
         ))
     }
@@ -730,7 +730,7 @@ impl AgentClient {
         Ok(Download {
             mode: None,
             body: resp.into_body(),
-            pending: LineBuf::default(),
+            pending: slicer_agent_proto::lines::LineBuf::default(),
         })
     }
 
@@ -885,53 +885,7 @@ pub struct Download {
     pub mode: Option<u32>,
     body: Incoming,
     /// Bytes read past the last line handed out by [`Download::next_line`].
-    pending: LineBuf,
-}
-
-/// Bytes read but not yet handed out as lines. A line is taken by moving a read offset (never
-/// by shifting the rest to the front, which made a chunk of N newlines cost N²/2 byte moves),
-/// the search for a newline resumes where it stopped, and the consumed front is dropped only
-/// once it is half the buffer: every byte a guest sends costs O(1) however it is cut.
-#[derive(Debug, Default)]
-struct LineBuf {
-    buf: Vec<u8>,
-    /// First byte not handed out yet.
-    start: usize,
-    /// `start..scanned` holds no newline.
-    scanned: usize,
-}
-
-impl LineBuf {
-    fn push(&mut self, chunk: &[u8]) {
-        if self.start > 0 && self.start >= self.buf.len() / 2 {
-            self.buf.drain(..self.start);
-            self.scanned -= self.start;
-            self.start = 0;
-        }
-        self.buf.extend_from_slice(chunk);
-    }
-
-    /// The next complete line (with its `\n`), copied out.
-    fn next_line(&mut self) -> Option<Vec<u8>> {
-        match self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
-            Some(p) => {
-                let end = self.scanned + p + 1;
-                let line = self.buf[self.start..end].to_vec();
-                self.start = end;
-                self.scanned = end;
-                Some(line)
-            }
-            None => {
-                self.scanned = self.buf.len();
-                None
-            }
-        }
-    }
-
-    /// Bytes of the incomplete line held.
-    fn pending(&self) -> usize {
-        self.buf.len() - self.start
-    }
+    pending: slicer_agent_proto::lines::LineBuf,
 }
 
 impl Download {
@@ -956,7 +910,7 @@ impl Download {
     pub async fn next_line(&mut self, max: usize) -> Result<Option<Vec<u8>>> {
         loop {
             if let Some(line) = self.pending.next_line() {
-                return Ok(Some(line));
+                return Ok(Some(line.to_vec()));
             }
             if self.pending.pending() > max {
                 return Err(AgentError::Protocol(format!(
@@ -1027,32 +981,6 @@ mod tests {
             }
         });
         path
-    }
-
-    /// 1 MiB of newlines in one chunk from a guest, then a 1 MiB line in 64-byte chunks: both
-    /// linear. The old reader drained the buffer from its front per line (512 GiB of byte moves
-    /// for the first: minutes of a daemon core) and rescanned the whole line per chunk (8 GiB).
-    #[test]
-    fn lines_from_a_guest_cost_linear_time() {
-        let t0 = std::time::Instant::now();
-        let mut l = LineBuf::default();
-        l.push(&vec![b'\n'; 1 << 20]);
-        let mut n = 0usize;
-        while let Some(line) = l.next_line() {
-            assert_eq!(line, b"\n");
-            n += 1;
-        }
-        assert_eq!((n, l.pending()), (1 << 20, 0));
-        for _ in 0..(16 << 10) {
-            l.push(&[b'x'; 64]);
-            assert_eq!(l.next_line(), None);
-        }
-        l.push(b"\nab");
-        assert_eq!(l.next_line().map(|v| v.len()), Some((1 << 20) + 1));
-        assert_eq!((l.next_line(), l.pending()), (None, 2));
-        l.push(b"c\n");
-        assert_eq!(l.next_line().as_deref(), Some(&b"abc\n"[..]));
-        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     }
 
     #[tokio::test]

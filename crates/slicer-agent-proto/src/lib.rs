@@ -28,6 +28,7 @@
 
 pub mod body;
 pub mod frame;
+pub mod lines;
 pub mod shell;
 pub mod sync;
 pub mod types;

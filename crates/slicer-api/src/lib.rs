@@ -1,7 +1,8 @@
 //! The daemon's REST API: the JSON shapes (compatible with SlicerVM's SDKs) and a client.
 
 pub mod client;
-pub mod lines;
+/// Line splitting for NDJSON answers (shared with the agent client, which reads guest lines).
+pub use slicer_agent_proto::lines;
 pub mod query;
 pub mod types;
 

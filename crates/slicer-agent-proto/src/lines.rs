@@ -95,4 +95,31 @@ mod tests {
         assert_eq!(l.next_line().map(<[u8]>::len), Some((1 << 20) + 1));
         assert!(t0.elapsed() < std::time::Duration::from_secs(2), "{:?}", t0.elapsed());
     }
+
+    /// 1 MiB of newlines in one chunk from a guest, then a 1 MiB line in 64-byte chunks: both
+    /// linear. The old reader drained the buffer from its front per line (512 GiB of byte moves
+    /// for the first: minutes of a daemon core) and rescanned the whole line per chunk (8 GiB).
+    #[test]
+    fn lines_from_a_guest_cost_linear_time() {
+        let t0 = std::time::Instant::now();
+        let mut l = LineBuf::default();
+        l.push(&vec![b'\n'; 1 << 20]);
+        let mut n = 0usize;
+        while let Some(line) = l.next_line() {
+            assert_eq!(line, b"\n");
+            n += 1;
+        }
+        assert_eq!((n, l.pending()), (1 << 20, 0));
+        for _ in 0..(16 << 10) {
+            l.push(&[b'x'; 64]);
+            assert_eq!(l.next_line(), None);
+        }
+        l.push(b"\nab");
+        assert_eq!(l.next_line().map(|v| v.len()), Some((1 << 20) + 1));
+        assert_eq!(l.next_line(), None);
+        assert_eq!(l.pending(), 2);
+        l.push(b"c\n");
+        assert_eq!(l.next_line(), Some(&b"abc\n"[..]));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
 }
