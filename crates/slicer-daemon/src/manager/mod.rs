@@ -119,6 +119,9 @@ pub struct Manager {
     fresh_ids: Mutex<HashSet<String>>,
     /// Forks of a live commit, by hostname, until launched: restored from its capture.
     live_forks: Mutex<HashMap<String, Arc<slicer_vmm::Template>>>,
+    /// Live forks restored and not yet ready: their memory is their source's, secrets included,
+    /// so their secrets are pruned to their own scope before they report ready.
+    restored_from_live: Mutex<HashSet<String>>,
     /// The shapes that get a template (at most `settings.templates.shapes`; the warm host
     /// groups' own first): other shapes boot cold.
     template_shapes: Mutex<Vec<Shape>>,
@@ -262,6 +265,7 @@ impl Manager {
             commits_dir: data_dir.join("commits"),
             fresh_ids: Mutex::new(HashSet::new()),
             live_forks: Mutex::new(HashMap::new()),
+            restored_from_live: Mutex::new(HashSet::new()),
             template_shapes: Mutex::new(Vec::new()),
             commit_lock: tokio::sync::Mutex::new(()),
         });
@@ -583,7 +587,13 @@ impl Manager {
         let started = match live {
             // A live fork continues its commit's guest; booting its disk cold instead would
             // lose what the commit holds, so it fails instead.
-            Some(capture) => self.restore_ready(&spec, &capture).await,
+            Some(capture) => {
+                self.restored_from_live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(rec.hostname.clone());
+                self.restore_ready(&spec, &capture).await
+            }
             None => {
                 let warm = match fresh && self.warm(&rec.host_group) {
                     true => self.start_warm(&spec).await,
@@ -598,6 +608,10 @@ impl Manager {
         let vm = match started {
             Ok(vm) => vm,
             Err(e) => {
+                self.restored_from_live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&rec.hostname);
                 if let Some(n) = &net {
                     n.teardown().await;
                 }
@@ -702,10 +716,16 @@ impl Manager {
             }
             if ok && r.vm.start_mode() != slicer_vmm::StartMode::Adopted {
                 // Before userdata, so that it can use them. A guest that continues from
-                // saved memory (a resume; a restore, whose memory may be a live commit's
-                // source's, its secrets included) keeps files its scope may not allow:
-                // pruned before it reports ready. A cold boot starts with an empty /run.
-                let prune = r.vm.start_mode() != slicer_vmm::StartMode::Cold;
+                // saved memory holding secrets (a resume; a live fork, whose memory is its
+                // source's) keeps files its scope may not allow: pruned before it reports
+                // ready. A cold boot starts with an empty /run, and a template's guest never
+                // had any (pruning it would cost every warm create an agent round trip).
+                let live = me
+                    .restored_from_live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&hostname);
+                let prune = live || r.vm.start_mode() == slicer_vmm::StartMode::Resume;
                 if let Err(e) = me.sync_secrets(&hostname, &r, prune).await {
                     tracing::warn!("VM {hostname}: syncing secrets: {:#}", GuestText(&e));
                 }
