@@ -51,6 +51,9 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     // python3 is 3.11; its venv module needs ensurepip from python3.11-venv)
     ("/usr/bin/python3", "python3"),
     ("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
+    // tests/hostile.rs acts as a VM's uid inside its QEMU's mount namespace and on the host
+    ("nsenter", "util-linux"),
+    ("setpriv", "util-linux"),
 ];
 
 /// Every list above.

@@ -5,7 +5,7 @@
 use slicer_image::tools;
 
 /// Packages every Debian system has (Essential: yes), which setup does not list.
-const ESSENTIAL: &[&str] = &["coreutils", "tar", "mount"];
+const ESSENTIAL: &[&str] = &["coreutils", "tar", "mount", "util-linux"];
 
 fn setup_packages() -> Vec<String> {
     let setup = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/setup.sh")).unwrap();
