@@ -199,17 +199,6 @@ fn legacy_chain(disk: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// The virtual size of an image: a qcow2's from its header, a raw file's length.
-fn image_size(path: &Path) -> Result<u64> {
-    if format_of(path)? == "qcow2" {
-        virtual_size(path)
-    } else {
-        std::fs::metadata(path)
-            .map(|m| m.len())
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))
-    }
-}
-
 /// Creates `overlay` as a qcow2 file backed by `base` (a raw base image, or a qcow2 such as a
 /// template's disk or a commit) and records its chain ([`chain_file`]): `base`, then `base`'s
 /// own. `size` (bytes) sets the virtual size the guest sees; `None` keeps the base's size.
@@ -232,12 +221,18 @@ pub async fn create_overlay(base: &Path, overlay: &Path, size: Option<u64>) -> R
             reason: format!("a chain of more than {MAX_CHAIN} files"),
         });
     }
+    // The base is read once for its format and, if needed, its size: a qcow2's from its
+    // header, a raw file's length.
+    let format = format_of(&base)?;
     let size = match size {
         Some(s) => s,
-        None => image_size(&base)?,
+        None if format == "qcow2" => virtual_size(&base)?,
+        None => std::fs::metadata(&base)
+            .map(|m| m.len())
+            .map_err(|e| Error::io(format!("reading {}", base.display()), e))?,
     };
     let mut cmd = tokio::process::Command::new("qemu-img");
-    cmd.args(["create", "-q", "-u", "-f", "qcow2", "-F", format_of(&base)?, "-b"])
+    cmd.args(["create", "-q", "-u", "-f", "qcow2", "-F", format, "-b"])
         .arg(&base)
         .arg(overlay)
         .arg(size.to_string());

@@ -120,9 +120,11 @@ impl JailConfig {
             .to_path_buf();
         root_only_dir(&dir)?;
         let mut rw_files = Vec::new();
+        let mut ro_files = vec![cfg.kernel.clone()];
         if cfg.disk.exists() {
             give_file(&cfg.disk, uid)?;
             rw_files.push(cfg.disk.clone());
+            ro_files.extend(slicer_storage::trusted_chain(&cfg.disk)?);
         }
         if let Some(slicer_hypervisor::qemu::RamBacking::SharedFile(ram)) = &cfg.ram {
             // A template build's RAM file: made here, so QEMU needs no writable directory.
@@ -135,10 +137,6 @@ impl JailConfig {
             private_file(&cfg.console_log)?;
             give_file(&cfg.console_log, uid)?;
             rw_files.push(cfg.console_log.clone());
-        }
-        let mut ro_files = vec![cfg.kernel.clone()];
-        if cfg.disk.exists() {
-            ro_files.extend(slicer_storage::trusted_chain(&cfg.disk)?);
         }
         for f in &ro_files {
             world_readable(f)?;
