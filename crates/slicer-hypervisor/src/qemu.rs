@@ -637,24 +637,18 @@ impl QemuProcess {
                 });
             }
         }
+        // What QEMU inherits: its listening sockets, the saved state it loads and the memory it
+        // maps. Only the child's copies lose close-on-exec, so processes spawned meanwhile by
+        // other threads do not inherit them.
+        let mut passed: Vec<i32> = vec![sockets.agent, sockets.qmp];
+        passed.extend(sockets.console);
+        passed.extend(cfg.ram.as_ref().and_then(RamBacking::inherited_fd));
         if incoming.is_some() {
-            // SAFETY: fcntl(2) is async-signal-safe; the file stays open in the parent until
-            // spawn returns. Only the child's copy loses close-on-exec, so QEMU inherits it and
-            // processes spawned meanwhile by other threads do not.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::fcntl(incoming_fd, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            passed.push(incoming_fd);
         }
-        let inherited: Vec<i32> = [Some(sockets.agent), Some(sockets.qmp), sockets.console]
-            .into_iter()
-            .flatten()
-            .collect();
-        // SAFETY: as for the state file above; the listeners stay open here until spawn returns.
+        let inherited = passed.clone();
+        // SAFETY: fcntl(2) is async-signal-safe; the listeners and the state file stay open here
+        // until spawn returns, and the caller keeps the memory's descriptor open.
         unsafe {
             cmd.pre_exec(move || {
                 for fd in &inherited {
@@ -664,17 +658,6 @@ impl QemuProcess {
                 }
                 Ok(())
             });
-        }
-        if let Some(ram_fd) = cfg.ram.as_ref().and_then(RamBacking::inherited_fd) {
-            // SAFETY: as for the state file above; the caller keeps the descriptor open.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::fcntl(ram_fd, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
         }
         let own_netns = cfg.jail.is_some() && cfg.net.as_ref().is_some_and(|n| n.own_netns && n.netns.is_none());
         if own_netns {
@@ -733,13 +716,9 @@ impl QemuProcess {
         }
         // Last: every descriptor QEMU is not meant to have closes at exec, whoever opened it
         // without close-on-exec (another thread, a library, the daemon's parent).
-        let mut keep: Vec<i32> = vec![0, 1, 2, sockets.agent, sockets.qmp];
-        keep.extend(sockets.console);
+        let mut keep: Vec<i32> = vec![0, 1, 2];
+        keep.extend(passed);
         keep.extend(tap_fd);
-        keep.extend(cfg.ram.as_ref().and_then(RamBacking::inherited_fd));
-        if incoming_fd >= 0 {
-            keep.push(incoming_fd);
-        }
         keep.sort_unstable();
         keep.dedup();
         // SAFETY: close_range/fcntl are async-signal-safe; `keep` was built before the fork.
