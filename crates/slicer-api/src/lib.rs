@@ -3,10 +3,12 @@
 pub mod client;
 /// Line splitting for NDJSON answers (shared with the agent client, which reads guest lines).
 pub use slicer_agent_proto::lines;
+pub mod proxy;
 pub mod query;
 pub mod types;
 
 pub use client::{ApiClient, ApiError};
+pub use proxy::*;
 pub use types::*;
 
 /// A VM's `arch` on the wire (create and relaunch answers, node lists, a VM's description): Go's
