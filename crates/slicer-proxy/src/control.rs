@@ -86,6 +86,9 @@ pub struct ProxyState {
     pub generation: u64,
     pub clients: Vec<StateClient>,
     pub secrets: Vec<StateSecret>,
+    /// Every host group's VM range (CIDR): the proxy never connects into one.
+    #[serde(default)]
+    pub vm_ranges: Vec<String>,
 }
 
 /// Daemon → proxy.

@@ -573,6 +573,7 @@ mod tests {
                 rules,
             }],
             secrets,
+            vm_ranges: vec![],
         };
         let p = Policy::compile(&state);
         let c = p.client("spt_x").unwrap();
