@@ -175,6 +175,14 @@ impl GroupCa {
     }
 }
 
+/// The TLS crypto provider every proxy connection uses: *ring* (rustls deprecates its ring
+/// provider for lacking post-quantum key exchange; aws-lc-rs would add a cmake/clang build to a
+/// fresh machine's setup, so until the proxy needs hybrid key exchange, ring it is).
+pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    #[allow(deprecated)]
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
 fn random_serial() -> rcgen::SerialNumber {
     let mut b: [u8; 16] = rand::random();
     b[0] &= 0x7f; // positive

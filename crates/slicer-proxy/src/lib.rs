@@ -11,6 +11,8 @@ pub mod mitm;
 pub mod plane;
 pub mod rules;
 pub mod suggest;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod upstream;
 
 pub use error::{Error, Result};
