@@ -83,7 +83,7 @@ if [ $RUN -eq 1 ]; then
   slicer run --image min -- sh -c 'echo "hello from $(hostname), kernel $(uname -r)"'
   # The daemon with a working default: one API-driven host group, token auth on 127.0.0.1:8080.
   if [ ! -f slicer.yaml ]; then
-    slicer new sandbox --count=0 --net=isolated --graceful-shutdown=false > slicer.yaml
+    slicer new sandbox --min --count=0 --net=isolated --graceful-shutdown=false > slicer.yaml
     echo "==> wrote slicer.yaml (edit it, or make another with: slicer new NAME [flags] > x.yaml)"
   fi
   echo "==> starting the daemon: slicer up ./slicer.yaml (Ctrl-C stops it)"

@@ -22,8 +22,8 @@ pub struct NewArgs {
     storage_size: String,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     persistent: bool,
-    /// min (agent as PID 1, fastest) or systemd.
-    #[arg(long, default_value = "min")]
+    /// systemd (the everyday image, Slicer's default) or min (agent as PID 1, fastest; = --min).
+    #[arg(long, default_value = "systemd")]
     image: String,
     /// The min image (= --image min).
     #[arg(long)]

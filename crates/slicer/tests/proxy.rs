@@ -1,7 +1,7 @@
 //! Slicer Proxy end to end, as a user runs it: `slicer up` with an isolated group that may reach
 //! nothing but the proxy's two ports, `slicer proxy up` beside it (same working directory), rules
 //! made with the CLI, and real guests (the systemd image: curl, python3) going through it to
-//! upstreams that live in a network namespace this test creates (198.18.61.0/24), with their
+//! upstreams that live in network namespaces these tests create (198.18.61.0/24, 198.18.62.0/24), with their
 //! own test CA (the proxy's extra bundle) and names the proxy resolves through its test-only
 //! hosts option. The proxy listens on 198.18.60.1, a dummy adapter it makes itself.
 
@@ -137,16 +137,7 @@ struct AdapterGuard;
 
 impl Drop for AdapterGuard {
     fn drop(&mut self) {
-        let out = Command::new("ip").args(["-o", "-4", "addr", "show"]).output();
-        if let Ok(out) = out {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                if line.contains(&format!("inet {BIND}/")) {
-                    if let Some(dev) = line.split_whitespace().nth(1) {
-                        let _ = Command::new("ip").args(["link", "del", dev]).output();
-                    }
-                }
-            }
-        }
+        remove_adapter_of(BIND);
     }
 }
 
@@ -158,8 +149,8 @@ struct Upstreams {
     pinned_ca: String,
 }
 
-fn upstreams(dir: &Path) -> Upstreams {
-    let mut net = TestNet::new("pxup", "198.18.61").unwrap();
+fn upstreams(dir: &Path, name: &str, prefix: &str) -> Upstreams {
+    let mut net = TestNet::new(name, prefix).unwrap();
     let ca = GroupCa::init(&dir.join("upstream-ca"), "upstream-test", false).unwrap();
     let names: Vec<String> = ["api.test", "basic.test", "other.test", "wikipedia.org", "echo.test"]
         .iter()
@@ -232,7 +223,7 @@ async fn egress_goes_only_through_the_proxys_rules() {
     let tmp = tempfile::Builder::new().prefix("slicer-proxy-").tempdir().unwrap();
     let dir = tmp.path();
     let _adapter = AdapterGuard;
-    let up_hosts = upstreams(dir);
+    let up_hosts = upstreams(dir, "pxup", "198.18.61");
     let upstream: IpAddr = up_hosts.net.addr;
     let port = free_port();
     std::fs::write(dir.join("slicer.yaml"), config(port)).unwrap();
@@ -651,4 +642,68 @@ impl HostListener {
     fn accepted(&self) -> u64 {
         self.count.load(std::sync::atomic::Ordering::SeqCst)
     }
+}
+
+/// Removes whatever link holds `addr` (the dummy adapter `slicer proxy up --bind` made).
+fn remove_adapter_of(addr: &str) {
+    let Ok(out) = Command::new("ip").args(["-o", "-4", "addr", "show"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.contains(&format!("inet {addr}/")) {
+            if let Some(dev) = line.split_whitespace().nth(1) {
+                let _ = Command::new("ip").args(["link", "del", dev]).output();
+            }
+        }
+    }
+}
+
+/// Removes the walk-through's adapter however the test ends.
+struct WalkthroughGuard;
+
+impl Drop for WalkthroughGuard {
+    fn drop(&mut self) {
+        remove_adapter_of("192.168.222.1");
+    }
+}
+
+#[test]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
+fn slicers_linux_walkthrough_runs_as_written() {
+    let tmp = tempfile::Builder::new().prefix("slicer-proxy-md-").tempdir().unwrap();
+    let dir = tmp.path();
+    let _guard = WalkthroughGuard;
+    // wikipedia.org is a test upstream here; `sudo` passes through (the tests run as root).
+    let net = upstreams(dir, "pxmd", "198.18.62");
+    testkit::write_hosts(&dir.join("hosts"), &[("wikipedia.org", net.net.addr)]).unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(common::SLICER, bin.join("slicer")).unwrap();
+    std::fs::write(bin.join("sudo"), "#!/bin/sh\nexec \"$@\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("sudo"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proxy/linux-md.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .current_dir(dir)
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()),
+        )
+        .env("SLICER_DATA_DIR", dir.join("data"))
+        .env("SLICER_IMAGES_DIR", common::images_dir())
+        .env_remove("SLICER_URL")
+        .env_remove("SLICER_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let log = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}\n{}\nproxy.log:\n{}\ndaemon.log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log("proxy.log"),
+        log("daemon.log")
+    );
 }
