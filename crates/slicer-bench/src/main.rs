@@ -18,6 +18,7 @@ mod images;
 mod jail;
 mod livefork;
 mod net;
+mod proxy;
 mod soak;
 mod warm;
 
@@ -30,7 +31,9 @@ pub struct Args {
     /// the template's RAM shared and not), `livefork` (live commit and fork against a template
     /// create), `hold` (idle VMs added until latency, memory or `--vms` stops it) or `soak`
     /// (clients creating, using and deleting sandboxes for `--secs`; leaks, RSS, percentiles),
-    /// `ab` (two `slicer` builds, `--old` and `--new`, side by side: creates and exec).
+    /// `ab` (two `slicer` builds, `--old` and `--new`, side by side: creates and exec), `proxy`
+    /// (Slicer Proxy against direct: downloads of `--transfer-mib`, `--execs` request
+    /// latencies, connection rate, RSS with 1,000 tunnels; the proxy is `--new`'s).
     #[arg(long, default_value = "boot")]
     suite: String,
     /// Concurrent creates in the daemon suite.
@@ -177,6 +180,10 @@ async fn main() -> Result<()> {
             record_to: (!args.no_record).then(|| args.record.clone()),
         })
         .await;
+    }
+    if args.suite == "proxy" {
+        let record_to = (!args.no_record).then_some(args.record.as_path());
+        return proxy::run(&args.new, args.transfer_mib, args.execs, record_to).await;
     }
     if args.suite == "net" {
         return net::run(
