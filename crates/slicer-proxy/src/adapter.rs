@@ -1,7 +1,8 @@
 //! The `--bind` address: an IP the host already owns is used as it is; otherwise a dummy link
 //! with a stable name per IP (`slp` + the IPv4 in hex) holds it (`/32`, or the prefix of a CIDR
 //! `--bind`) and is brought up. The link outlives the proxy (the next start finds it), as in
-//! Slicer. Uses the `ip` program, like `slicer-net`.
+//! Slicer. Uses the `ip` program, like `slicer-net`. (On a kernel without the dummy driver the
+//! link is an empty bridge.)
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
@@ -47,8 +48,11 @@ pub fn link_name(ip: Ipv4Addr) -> String {
     format!("slp{:08x}", u32::from(ip))
 }
 
-/// The interface that holds `ip`, if any.
+/// The interface that holds `ip`, if any (all of 127.0.0.0/8 is `lo`'s).
 pub fn owner_of(ip: IpAddr) -> Option<String> {
+    if ip.is_loopback() {
+        return Some("lo".into());
+    }
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
     for a in addrs {
         let Some(sa) = a.address else { continue };
@@ -111,7 +115,12 @@ pub fn ensure(bind: &Bind) -> Result<Adapter> {
         _ => {}
     }
     if ip_cmd(&["link", "show", "dev", &name]).is_err() {
-        ip_cmd(&["link", "add", &name, "type", "dummy"])?;
+        if let Err(e) = ip_cmd(&["link", "add", &name, "type", "dummy"]) {
+            // A kernel built without the dummy driver (no modules to load it from): an empty
+            // bridge holds a local address the same way.
+            ip_cmd(&["link", "add", &name, "type", "bridge"]).map_err(|_| e)?;
+            eprintln!("slicer-proxy: no dummy link type in this kernel; {name} is an empty bridge");
+        }
     }
     // Updating: the link holds exactly this address with this prefix.
     ip_cmd(&["addr", "flush", "dev", &name])?;

@@ -48,16 +48,38 @@ fn check(rc: libc::c_int, what: &str) -> Result<()> {
 /// Becomes `uid` (and gid `uid`) for good. Call with root, after every privileged step; the
 /// caller applies [`seccomp`] afterwards.
 pub fn drop_to(uid: u32, max_connections: usize) -> Result<()> {
-    let nofile = (max_connections.saturating_mul(2) + FD_SLACK) as libc::rlim_t;
+    let want = (max_connections.saturating_mul(2) + FD_SLACK) as libc::rlim_t;
     let lim = libc::rlimit {
-        rlim_cur: nofile,
-        rlim_max: nofile,
+        rlim_cur: want,
+        rlim_max: want,
     };
     // SAFETY: setrlimit with a valid struct.
-    check(
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
-        "setting RLIMIT_NOFILE",
-    )?;
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        // Raising the hard limit needs CAP_SYS_RESOURCE, which a container may not give root:
+        // use what the hard limit allows and say so.
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit into a valid struct.
+        check(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) },
+            "reading RLIMIT_NOFILE",
+        )?;
+        let lim = libc::rlimit {
+            rlim_cur: cur.rlim_max,
+            rlim_max: cur.rlim_max,
+        };
+        // SAFETY: as above.
+        check(
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
+            "setting RLIMIT_NOFILE",
+        )?;
+        eprintln!(
+            "slicer-proxy: cannot raise the descriptor limit to {want} (hard limit {}); fewer than {max_connections} connections fit",
+            cur.rlim_max
+        );
+    }
     let zero = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -252,6 +274,8 @@ fn allowed() -> Vec<i64> {
         libc::SYS_sendmmsg,
         libc::SYS_recvmmsg,
         libc::SYS_shutdown,
+        // tokio's signal driver (always built with the `process` feature) makes a socketpair
+        libc::SYS_socketpair,
     ];
     #[cfg(target_arch = "x86_64")]
     v.extend([
@@ -312,8 +336,9 @@ pub fn filters() -> Result<Vec<BpfProgram>> {
         arch,
     )
     .map_err(|e| seccomp_err(e.to_string()))?;
+    // The allowlist goes last: it forbids the prctl that installing another filter makes.
     let mut out = Vec::new();
-    for f in [main, clone3] {
+    for f in [clone3, main] {
         out.push(
             f.try_into()
                 .map_err(|e: seccompiler::BackendError| seccomp_err(e.to_string()))?,

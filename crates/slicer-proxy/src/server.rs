@@ -100,6 +100,13 @@ pub struct Prepared {
 pub fn run(opts: UpOptions) -> Result<()> {
     let prepared = prepare(&opts)?;
     let lease = privs::drop_privileges(&opts.group, opts.max_connections)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| Error::os("starting the runtime", e))?;
     eprintln!(
         "slicer-proxy: host group {} listening on {}:{HTTP_PORT} and {}:{HTTPS_PORT}, mode {}, uid {}",
         opts.group,
@@ -108,12 +115,6 @@ pub fn run(opts: UpOptions) -> Result<()> {
         opts.mode.as_str(),
         lease.uid
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(16)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::os("starting the runtime", e))?;
     let r = rt.block_on(serve(prepared));
     drop(lease);
     r
