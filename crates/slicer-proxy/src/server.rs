@@ -96,7 +96,9 @@ pub struct Prepared {
     pub _lock: std::fs::File,
 }
 
-/// Runs the proxy until it fails: the privileged setup, the drop, then the listeners.
+/// Runs the proxy until it fails: the privileged setup, the drop, then the listeners. Call it as
+/// root from the process's main thread, outside any tokio runtime and before other threads start
+/// (the uid change and the seccomp filter reach every thread; the bounding set is per thread).
 pub fn run(opts: UpOptions) -> Result<()> {
     let prepared = prepare(&opts)?;
     let lease = privs::drop_privileges(&opts.group, opts.max_connections)?;
