@@ -4,12 +4,16 @@
 //! authentication, CONNECT, SOCKS5, passthrough), `mitm` (TLS termination, per-request
 //! decisions, credential injection), `upstream` (resolving and refusing what the proxy may not
 //! reach), `plane` (what they share), `privs` (dropping root), `adapter` (the `--bind` address).
+pub mod adapter;
 pub mod ca;
 pub mod control;
+pub mod control_link;
 pub mod error;
 pub mod mitm;
 pub mod plane;
+pub mod privs;
 pub mod rules;
+pub mod server;
 pub mod suggest;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -1,0 +1,1278 @@
+//! `slicer proxy up`: the privileged setup, the drop to an unprivileged uid, and the listeners.
+//!
+//! Both ports (3128 and 3129) speak the same protocols, chosen by the first byte a client
+//! sends: `0x16` is a TLS handshake (the proxy's leaf, then an HTTP proxy inside), `0x05` is
+//! SOCKS5 (username/password, the password is the token; CONNECT only), anything else is an
+//! HTTP proxy request (`CONNECT host:port` or an absolute-form `GET http://...`).
+//!
+//! Memory per connection: a connection waiting for its first byte holds its task (a few hundred
+//! bytes: the head-reading state is boxed only once bytes arrive) and its socket, about 1 KiB of
+//! user memory; reading a head it holds a buffer that starts at 1 KiB and grows to at most 64
+//! KiB; a spliced tunnel holds two 8 KiB buffers. The kernel's socket buffers are not counted.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+
+use crate::ca::{self, GroupCa};
+use crate::control::{self, Decision, Mode, ProxyState};
+use crate::error::{Error, Result};
+use crate::mitm::Interceptor;
+use crate::plane::{now, Events, Plane, PolicyCell, Tunnel};
+use crate::rules::{self, ClientPolicy, ConnectDecision, Policy};
+use crate::upstream::{self, Upstream, UpstreamConfig, UpstreamError};
+use crate::{adapter, control_link, privs};
+
+/// The HTTP proxy port.
+pub const HTTP_PORT: u16 = 3128;
+/// The HTTPS proxy port.
+pub const HTTPS_PORT: u16 = 3129;
+/// Default cap on open client connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Largest `max_connections` accepted.
+pub const MAX_MAX_CONNECTIONS: usize = 1 << 20;
+/// A client has this long from accept to a complete request head (TLS handshake included).
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(10);
+/// Largest request head; more is answered 431.
+pub const MAX_HEAD: usize = 64 << 10;
+/// Most header lines in a head.
+pub const MAX_HEADERS: usize = 100;
+/// A spliced tunnel with no bytes either way for this long is closed.
+pub const TUNNEL_IDLE: Duration = Duration::from_secs(600);
+/// How long a short answer (407, 403, ...) may take to write.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Splice buffer per direction.
+const SPLICE_BUF: usize = 8 << 10;
+/// Largest hosts file.
+const MAX_HOSTS_FILE: u64 = 1 << 20;
+
+/// `slicer proxy up`'s options.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct UpOptions {
+    /// `--hostgroup`.
+    pub group: String,
+    /// `--bind`: an IP, or a CIDR whose prefix the dummy adapter gets.
+    pub bind: String,
+    /// `--deny-cidr`.
+    pub deny_cidrs: Vec<String>,
+    /// `--mode`.
+    pub mode: Mode,
+    /// The daemon's data directory (control socket and state file under `proxy/`).
+    pub data_dir: PathBuf,
+    /// The working folder: the CA at `ca::ca_dir(base_dir, group)`, `proxy.cert`/`proxy.key`.
+    pub base_dir: PathBuf,
+    /// Test only: lines `NAME IP` answered without DNS.
+    pub hosts_file: Option<PathBuf>,
+    /// Extra PEM bundle trusted for upstreams.
+    pub upstream_ca: Option<PathBuf>,
+    /// Cap on open client connections (a quarter of it per source address).
+    pub max_connections: usize,
+}
+
+/// Everything the privileged setup produced.
+pub struct Prepared {
+    pub plane: Arc<Plane>,
+    pub events: tokio::sync::mpsc::Receiver<Decision>,
+    pub interceptor: Arc<Interceptor>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub listeners: Vec<std::net::TcpListener>,
+    pub control: std::os::unix::net::UnixListener,
+    pub hello: control::FromProxy,
+    pub max_connections: usize,
+    /// The flock on `<group>.lock`, held while the proxy runs.
+    pub _lock: std::fs::File,
+}
+
+/// Runs the proxy until it fails: the privileged setup, the drop, then the listeners. Call it as
+/// root from the process's main thread, outside any tokio runtime and before other threads start
+/// (the uid change and the seccomp filter reach every thread; the bounding set is per thread).
+pub fn run(opts: UpOptions) -> Result<()> {
+    let prepared = prepare(&opts)?;
+    let lease = privs::drop_privileges(&opts.group, opts.max_connections)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| Error::os("starting the runtime", e))?;
+    eprintln!(
+        "slicer-proxy: host group {} listening on {}:{HTTP_PORT} and {}:{HTTPS_PORT}, mode {}, uid {}",
+        opts.group,
+        prepared.hello_bind(),
+        prepared.hello_bind(),
+        opts.mode.as_str(),
+        lease.uid
+    );
+    let r = rt.block_on(serve(prepared));
+    drop(lease);
+    r
+}
+
+impl Prepared {
+    fn hello_bind(&self) -> String {
+        match &self.hello {
+            control::FromProxy::Hello { bind, .. } => bind.clone(),
+            _ => String::new(),
+        }
+    }
+}
+
+/// The checked options.
+struct Checked {
+    bind: adapter::Bind,
+    deny: Vec<(IpAddr, u8)>,
+}
+
+fn validate(opts: &UpOptions) -> Result<Checked> {
+    rules::check_name("--hostgroup", &opts.group)?;
+    let bind = adapter::Bind::parse(&opts.bind)?;
+    let mut deny = Vec::with_capacity(opts.deny_cidrs.len());
+    for c in &opts.deny_cidrs {
+        deny.push(
+            upstream::parse_cidr(c)
+                .ok_or_else(|| Error::invalid("--deny-cidr", format!("{c:?} is not an IP address or CIDR")))?,
+        );
+    }
+    if opts.max_connections == 0 || opts.max_connections > MAX_MAX_CONNECTIONS {
+        return Err(Error::invalid(
+            "--max-connections",
+            format!("must be 1 to {MAX_MAX_CONNECTIONS}"),
+        ));
+    }
+    Ok(Checked { bind, deny })
+}
+
+/// Everything that needs root, in order (see the module comment of `privs` for what follows).
+pub fn prepare(opts: &UpOptions) -> Result<Prepared> {
+    let checked = validate(opts)?;
+    let bind_ip = checked.bind.ip;
+    match adapter::ensure(&checked.bind)? {
+        adapter::Adapter::Dummy(name) => eprintln!("slicer-proxy: {bind_ip} is on dummy link {name}"),
+        adapter::Adapter::Existing(name) => eprintln!("slicer-proxy: {bind_ip} is on {name}"),
+    }
+    let ca_dir = ca::ca_dir(&opts.base_dir, &opts.group);
+    let ca = Arc::new(GroupCa::load(&ca_dir).map_err(|e| match e {
+        Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => Error::Cert(format!(
+            "no CA for host group {g} in {d}: run `slicer ca init --hostgroup {g}` or set `ca: {{generate: true}}` on the host group",
+            g = opts.group,
+            d = ca_dir.display()
+        )),
+        e => e,
+    })?);
+    let tls = Arc::new(proxy_tls(&opts.base_dir, &ca, bind_ip)?);
+    let mut hosts: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    if let Some(p) = &opts.hosts_file {
+        hosts = read_hosts(p)?;
+    }
+    let mut extra_roots = Vec::new();
+    if let Some(p) = &opts.upstream_ca {
+        extra_roots = ca::pem_certs(&ca::read_pem(p)?);
+        if extra_roots.is_empty() {
+            return Err(Error::invalid(
+                "--upstream-ca",
+                format!("{} holds no CERTIFICATE block", p.display()),
+            ));
+        }
+    }
+    // The interceptor reads the host's roots (rustls-native-certs) now, while files are readable.
+    let interceptor = Arc::new(Interceptor::new(ca.clone(), extra_roots)?);
+
+    let mut listeners = Vec::new();
+    for port in [HTTP_PORT, HTTPS_PORT] {
+        listeners.push(listen_tcp(SocketAddr::new(bind_ip, port))?);
+    }
+    let (control, lock) = bind_control(&opts.data_dir, &opts.group)?;
+    let state = read_state(&control::state_file(&opts.data_dir))?;
+
+    let upstream = Upstream::new(UpstreamConfig {
+        deny_cidrs: checked.deny,
+        hosts,
+        allow_loopback_for_tests: false,
+    });
+    upstream.set_vm_ranges(&state.vm_ranges);
+    let policy = PolicyCell::default();
+    let compiled = Policy::compile(&state);
+    control_link::report_rejected(&compiled);
+    policy.set(compiled);
+    let (events, rx) = Events::new();
+    let plane = Arc::new(Plane {
+        policy,
+        events,
+        upstream,
+        mode: opts.mode,
+    });
+    Ok(Prepared {
+        plane,
+        events: rx,
+        interceptor,
+        tls,
+        listeners,
+        control,
+        hello: control::FromProxy::Hello {
+            group: opts.group.clone(),
+            bind: bind_ip.to_string(),
+            mode: opts.mode,
+            pid: std::process::id(),
+        },
+        max_connections: opts.max_connections,
+        _lock: lock,
+    })
+}
+
+/// A TCP listener with SO_REUSEADDR and a backlog sized for bursts.
+fn listen_tcp(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+    let what = || format!("listening on {addr}");
+    let errno = |e: nix::Error| Error::os(what(), std::io::Error::from(e));
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(errno)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(errno)?;
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(errno)?;
+    socket::listen(&fd, Backlog::new(1024).map_err(errno)?).map_err(errno)?;
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true).map_err(|e| Error::os(what(), e))?;
+    Ok(l)
+}
+
+/// Binds the control socket in root's 0700 `<data dir>/proxy`, after taking the group's lock
+/// (so a second proxy of the group refuses instead of stealing the socket).
+pub fn bind_control(data_dir: &Path, group: &str) -> Result<(std::os::unix::net::UnixListener, std::fs::File)> {
+    let dir = control::proxy_dir(data_dir);
+    ca::make_private_dir(&dir)?;
+    let lock_path = dir.join(format!("{group}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&lock_path)
+        .map_err(|e| Error::io(&lock_path, e))?;
+    // SAFETY: flock on a descriptor we own; never blocks.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Control(format!(
+            "another slicer proxy for host group {group} is running (it holds {})",
+            lock_path.display()
+        )));
+    }
+    let sock = control::control_socket(data_dir, group);
+    match std::fs::symlink_metadata(&sock) {
+        Ok(m) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                return Err(Error::Control(format!("{} exists and is not a socket", sock.display())));
+            }
+            std::fs::remove_file(&sock).map_err(|e| Error::io(&sock, e))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&sock, e)),
+    }
+    let l = std::os::unix::net::UnixListener::bind(&sock).map_err(|e| Error::io(&sock, e))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::io(&sock, e))?;
+    l.set_nonblocking(true).map_err(|e| Error::io(&sock, e))?;
+    Ok((l, lock))
+}
+
+/// Reads the daemon's last state: root's regular file, not a link, not writable by others,
+/// at most [`control::MAX_STATE_LINE`] bytes. No file is an empty state (everything denied).
+pub fn read_state(path: &Path) -> Result<ProxyState> {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ProxyState::default()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    let bad = |r: &str| Error::Control(format!("{}: {r}", path.display()));
+    if !meta.is_file() {
+        return Err(bad("not a regular file"));
+    }
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(bad("must be root's and writable only by root"));
+    }
+    if meta.len() > control::MAX_STATE_LINE as u64 {
+        return Err(bad("too large"));
+    }
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, control::MAX_STATE_LINE as u64 + 1),
+        &mut text,
+    )
+    .map_err(|e| Error::io(path, e))?;
+    if text.len() > control::MAX_STATE_LINE {
+        return Err(bad("too large"));
+    }
+    if let Ok(s) = serde_json::from_slice::<ProxyState>(&text) {
+        return Ok(s);
+    }
+    match serde_json::from_slice::<control::ToProxy>(&text) {
+        Ok(control::ToProxy::State { state }) => Ok(state),
+        Err(e) => Err(bad(&format!("not a proxy state: {e}"))),
+    }
+}
+
+/// The hosts option: `NAME IP` per line, `#` comments; a name may have several lines.
+pub fn read_hosts(path: &Path) -> Result<HashMap<String, Vec<IpAddr>>> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_HOSTS_FILE + 1), &mut text)
+        .map_err(|e| Error::io(path, e))?;
+    if text.len() as u64 > MAX_HOSTS_FILE {
+        return Err(Error::invalid(
+            "hosts_file",
+            format!("{} is larger than 1 MiB", path.display()),
+        ));
+    }
+    let text = String::from_utf8(text).map_err(|_| Error::invalid("hosts_file", "not UTF-8"))?;
+    let mut out: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(ip), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(Error::invalid(
+                "hosts_file",
+                format!("line {}: expected NAME IP", n + 1),
+            ));
+        };
+        let name =
+            rules::normalize_host(name).map_err(|r| Error::invalid("hosts_file", format!("line {}: {r}", n + 1)))?;
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| Error::invalid("hosts_file", format!("line {}: {ip:?} is not an IP address", n + 1)))?;
+        out.entry(name).or_default().push(ip);
+    }
+    Ok(out)
+}
+
+/// The TLS configuration of the proxy's own port: `proxy.cert`/`proxy.key` in `base` when
+/// they are the CA's, name `ip` and have a week left; otherwise a new leaf is minted and written.
+pub fn proxy_tls(base: &Path, ca: &GroupCa, ip: IpAddr) -> Result<rustls::ServerConfig> {
+    let cert_path = base.join("proxy.cert");
+    let key_path = base.join("proxy.key");
+    if let (Ok(cert), Ok(key)) = (ca::read_pem(&cert_path), ca::read_pem(&key_path)) {
+        if let Some(der) = ca::pem_certs(&cert).into_iter().next() {
+            if leaf_usable(&der, ca, ip) {
+                if let Ok(cfg) = tls_config(der, &key, ca) {
+                    return Ok(cfg);
+                }
+            }
+        }
+    }
+    let leaf = ca.issue(&[ip.to_string()])?;
+    ca::write_new(&key_path, leaf.key_pem.as_bytes(), 0o600, true)?;
+    ca::write_new(&cert_path, leaf.cert_pem.as_bytes(), 0o644, true)?;
+    tls_config(leaf.cert_der, &leaf.key_pem, ca)
+}
+
+fn leaf_usable(der: &[u8], ca: &GroupCa, ip: IpAddr) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let Ok((_, ca_cert)) = x509_parser::parse_x509_certificate(ca.cert_der()) else {
+        return false;
+    };
+    if cert.issuer().as_raw() != ca_cert.subject().as_raw() {
+        return false;
+    }
+    if cert.validity().not_after.timestamp() - now() < 7 * 24 * 3600 {
+        return false;
+    }
+    let names_ip = cert.subject_alternative_name().ok().flatten().is_some_and(|san| {
+        san.value.general_names.iter().any(|n| match n {
+            x509_parser::extensions::GeneralName::IPAddress(b) => match ip {
+                IpAddr::V4(v4) => *b == v4.octets().as_slice(),
+                IpAddr::V6(v6) => *b == v6.octets().as_slice(),
+            },
+            _ => false,
+        })
+    });
+    // Made by this CA's key (not only one with its name: a re-made CA keeps the name): the
+    // leaf's authority key identifier is the CA's subject key identifier.
+    names_ip && key_id(&cert, true).is_some_and(|k| Some(k) == key_id(&ca_cert, false))
+}
+
+fn key_id<'a>(cert: &'a x509_parser::certificate::X509Certificate<'_>, authority: bool) -> Option<&'a [u8]> {
+    use x509_parser::extensions::ParsedExtension;
+    cert.extensions().iter().find_map(|e| match e.parsed_extension() {
+        ParsedExtension::AuthorityKeyIdentifier(a) if authority => a.key_identifier.as_ref().map(|k| k.0),
+        ParsedExtension::SubjectKeyIdentifier(k) if !authority => Some(k.0),
+        _ => None,
+    })
+}
+
+fn tls_config(leaf_der: Vec<u8>, key_pem: &str, ca: &GroupCa) -> Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| Error::Cert(format!("proxy.key: {e}")))?;
+    let chain = vec![
+        CertificateDer::from(leaf_der),
+        CertificateDer::from(ca.cert_der().to_vec()),
+    ];
+    // ring is the workspace's provider (its post-quantum successor is not in this rustls build).
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Cert(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| Error::Cert(format!("proxy.cert/proxy.key: {e}")))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Open connections in total and per source address.
+pub struct ConnTable {
+    max: usize,
+    per_ip: usize,
+    total: AtomicUsize,
+    by_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One admitted connection; leaving drops its count.
+pub struct ConnGuard {
+    table: Arc<ConnTable>,
+    plane: Arc<Plane>,
+    ip: IpAddr,
+}
+
+impl ConnTable {
+    pub fn new(max: usize) -> Arc<ConnTable> {
+        Arc::new(ConnTable {
+            max,
+            per_ip: (max / 4).max(1),
+            total: AtomicUsize::new(0),
+            by_ip: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Admits a connection from `ip`, or `None` when a cap is reached (counted as refused).
+    pub fn admit(self: &Arc<ConnTable>, plane: &Arc<Plane>, ip: IpAddr) -> Option<ConnGuard> {
+        let counters = &plane.events.counters;
+        let mut by_ip = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = by_ip.get(&ip).copied().unwrap_or(0);
+        if self.total.load(Ordering::Relaxed) >= self.max || n >= self.per_ip {
+            counters.refused_connections.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        by_ip.insert(ip, n + 1);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        counters.open_connections.fetch_add(1, Ordering::Relaxed);
+        Some(ConnGuard {
+            table: self.clone(),
+            plane: plane.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let mut by_ip = self.table.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
+        self.table.total.fetch_sub(1, Ordering::Relaxed);
+        self.plane
+            .events
+            .counters
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What connection handlers share.
+pub struct Ctx {
+    pub plane: Arc<Plane>,
+    pub interceptor: Arc<Interceptor>,
+    pub tls: tokio_rustls::TlsAcceptor,
+    pub conns: Arc<ConnTable>,
+}
+
+/// Serves the listeners and the control socket (inside a runtime).
+pub async fn serve(p: Prepared) -> Result<()> {
+    let ctx = Arc::new(Ctx {
+        plane: p.plane.clone(),
+        interceptor: p.interceptor,
+        tls: tokio_rustls::TlsAcceptor::from(p.tls),
+        conns: ConnTable::new(p.max_connections),
+    });
+    let control = tokio::net::UnixListener::from_std(p.control).map_err(|e| Error::os("control socket", e))?;
+    let link = tokio::spawn(control_link::serve(control, p.plane.clone(), p.events, p.hello));
+    let mut tasks = vec![link];
+    for l in p.listeners {
+        let l = tokio::net::TcpListener::from_std(l).map_err(|e| Error::os("listener", e))?;
+        tasks.push(tokio::spawn(accept_loop(ctx.clone(), l)));
+    }
+    // None of these ends on its own.
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+async fn accept_loop(ctx: Arc<Ctx>, l: tokio::net::TcpListener) {
+    let mut last_err_log: Option<Instant> = None;
+    loop {
+        match l.accept().await {
+            Ok((s, peer)) => {
+                let Some(guard) = ctx.conns.admit(&ctx.plane, peer.ip()) else {
+                    drop(s);
+                    continue;
+                };
+                tokio::spawn(handle(ctx.clone(), s, peer, guard));
+            }
+            Err(e) => {
+                // Out of descriptors or memory: say so now and then, and give what holds them a
+                // moment instead of spinning on the same error.
+                if last_err_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    eprintln!("slicer-proxy: accept: {e}");
+                    last_err_log = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(ctx: Arc<Ctx>, s: TcpStream, peer: SocketAddr, _guard: ConnGuard) {
+    let deadline = Instant::now() + HEAD_DEADLINE;
+    let _ = s.set_nodelay(true);
+    let mut first = [0u8; 1];
+    match timeout_at(deadline, s.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    match first[0] {
+        0x16 => {
+            let accepted = Box::pin(timeout_at(deadline, ctx.tls.accept(s))).await;
+            if let Ok(Ok(tls)) = accepted {
+                Box::pin(http_conn(ctx, tls, peer, deadline)).await
+            }
+        }
+        0x05 => Box::pin(socks(ctx, s, deadline)).await,
+        _ => Box::pin(http_conn(ctx, s, peer, deadline)).await,
+    }
+}
+
+/// A stream that first yields bytes already read from it.
+pub struct Replay<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Replay<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Replay<S> {
+        Replay { prefix, pos: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = buf.remaining().min(self.prefix.len() - self.pos);
+            let pos = self.pos;
+            buf.put_slice(&self.prefix[pos..pos + n]);
+            self.pos += n;
+            if self.pos == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+enum HeadError {
+    TooLarge,
+    Closed,
+}
+
+/// Where the head ends (after its blank line), searching from `from`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(3);
+    let mut i = start;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            if buf.get(i + 1) == Some(&b'\n') {
+                return Some(i + 2);
+            }
+            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Reads until the end of a request head (returned with any bytes after it).
+async fn read_head<S: AsyncRead + Unpin>(s: &mut S, deadline: Instant) -> Result<(Vec<u8>, usize), HeadError> {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut scanned = 0;
+    loop {
+        if let Some(end) = head_end(&buf, scanned) {
+            if end > MAX_HEAD {
+                return Err(HeadError::TooLarge);
+            }
+            return Ok((buf, end));
+        }
+        scanned = buf.len();
+        if buf.len() >= MAX_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+        if buf.len() == buf.capacity() {
+            buf.reserve_exact(buf.len().min(MAX_HEAD - buf.len()).max(1024));
+        }
+        match timeout_at(deadline, s.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Err(HeadError::Closed),
+        }
+    }
+}
+
+/// The parts of a head the listener uses.
+struct Head {
+    method: String,
+    target: String,
+    proxy_authorization: Option<Vec<u8>>,
+}
+
+enum ParseError {
+    TooManyHeaders,
+    Malformed,
+}
+
+fn parse_head(head: &[u8]) -> Result<Head, ParseError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(httparse::Error::TooManyHeaders) => return Err(ParseError::TooManyHeaders),
+        _ => return Err(ParseError::Malformed),
+    }
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Err(ParseError::Malformed);
+    };
+    let mut auth = None;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("proxy-authorization") {
+            if auth.is_some() {
+                // Two credentials: which one would count is ambiguous.
+                return Err(ParseError::Malformed);
+            }
+            auth = Some(h.value.to_vec());
+        }
+    }
+    Ok(Head {
+        method: method.to_string(),
+        target: target.to_string(),
+        proxy_authorization: auth,
+    })
+}
+
+/// The token of a `Basic base64(user:token)` credential.
+pub fn basic_token(value: &[u8]) -> Option<String> {
+    let v = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (_, token) = text.split_once(':')?;
+    Some(token.to_string())
+}
+
+/// `host:port` of a CONNECT (`[v6]:port` too), the host normalized.
+pub fn parse_authority(target: &str) -> Option<(String, u16)> {
+    let (host, port) = target.rsplit_once(':')?;
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return None;
+    }
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let host = rules::normalize_host(host).ok()?;
+    Some((host, port))
+}
+
+fn scheme_for(port: u16) -> &'static str {
+    match port {
+        80 => "http",
+        443 => "https",
+        _ => "tcp",
+    }
+}
+
+/// Writes a short answer with a deadline and closes the write side.
+async fn answer<S: AsyncWrite + Unpin>(s: &mut S, text: &[u8]) {
+    let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
+        s.write_all(text).await?;
+        s.flush().await?;
+        s.shutdown().await
+    })
+    .await;
+}
+
+/// After answering an oversized head, reads (and drops) a little more so the client sees the
+/// answer instead of a reset.
+async fn drain<S: AsyncRead + Unpin>(s: &mut S) {
+    let mut left = 4usize << 20;
+    let mut buf = vec![0u8; 16 << 10];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while left > 0 {
+            match s.read(&mut buf).await {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
+const R400: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+const R403: &[u8] = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+const R407: &[u8] = b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"slicer-proxy\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+const R431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+const R502: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+const R200: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+
+async fn http_conn<S>(ctx: Arc<Ctx>, mut s: S, _peer: SocketAddr, deadline: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (buf, end) = match read_head(&mut s, deadline).await {
+        Ok(h) => h,
+        Err(HeadError::TooLarge) => {
+            answer(&mut s, R431).await;
+            drain(&mut s).await;
+            return;
+        }
+        Err(HeadError::Closed) => return,
+    };
+    let head = match parse_head(&buf[..end]) {
+        Ok(h) => h,
+        Err(ParseError::TooManyHeaders) => {
+            answer(&mut s, R431).await;
+            return;
+        }
+        Err(ParseError::Malformed) => {
+            answer(&mut s, R400).await;
+            return;
+        }
+    };
+    let plane = &ctx.plane;
+    let is_connect = head.method == "CONNECT";
+    let authority = if is_connect {
+        parse_authority(&head.target)
+    } else {
+        absolute_authority(&head.target)
+    };
+    let policy = plane.policy.get();
+    let token = head.proxy_authorization.as_deref().and_then(basic_token);
+    let client = token.as_deref().and_then(|t| policy.client(t));
+    let Some(client) = client else {
+        let (host, port) = authority.clone().unwrap_or_default();
+        plane.events.record(Decision {
+            at: now(),
+            method: crate::control::escape(&head.method),
+            scheme: if is_connect { scheme_for(port) } else { "http" }.into(),
+            host,
+            port,
+            allow: false,
+            mode: Some(plane.mode),
+            reason: if head.proxy_authorization.is_none() {
+                "no-token"
+            } else {
+                "bad-token"
+            }
+            .into(),
+            status: 407,
+            ..Default::default()
+        });
+        answer(&mut s, R407).await;
+        return;
+    };
+    let Some((host, port)) = authority else {
+        answer(&mut s, R400).await;
+        return;
+    };
+    let rest = buf[end..].to_vec();
+    if !is_connect {
+        // The interceptor reads the whole head again and decides each request itself.
+        drop(rest);
+        ctx.interceptor.serve_forward(plane.clone(), Replay::new(buf, s)).await;
+        return;
+    }
+    drop(buf);
+    tunnel(ctx, Proto::Http, s, rest, client, host, port).await;
+}
+
+/// `http://host[:port]/...` → host and port; anything else (origin form, https) is `None`.
+fn absolute_authority(target: &str) -> Option<(String, u16)> {
+    let rest = target
+        .get(..7)
+        .filter(|p| p.eq_ignore_ascii_case("http://"))
+        .map(|_| &target[7..])?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let auth = &rest[..end];
+    if auth.contains('@') {
+        return None;
+    }
+    match parse_authority(auth) {
+        Some(hp) => Some(hp),
+        None if !auth.ends_with(']') && auth.contains(':') => None,
+        None => Some((rules::normalize_host(auth).ok()?, 80)),
+    }
+}
+
+/// How a tunnel's outcome is told to the client.
+#[derive(Clone, Copy)]
+enum Proto {
+    Http,
+    Socks,
+}
+
+enum Outcome {
+    Established,
+    Denied,
+    Unreachable,
+}
+
+fn socks_reply(rep: u8) -> [u8; 10] {
+    [5, rep, 0, 1, 0, 0, 0, 0, 0, 0]
+}
+
+impl Proto {
+    async fn tell<S: AsyncWrite + Unpin>(self, s: &mut S, o: Outcome) -> bool {
+        let bytes: Vec<u8> = match (self, &o) {
+            (Proto::Http, Outcome::Established) => R200.to_vec(),
+            (Proto::Http, Outcome::Denied) => R403.to_vec(),
+            (Proto::Http, Outcome::Unreachable) => R502.to_vec(),
+            (Proto::Socks, Outcome::Established) => socks_reply(0).to_vec(),
+            (Proto::Socks, Outcome::Denied) => socks_reply(2).to_vec(),
+            (Proto::Socks, Outcome::Unreachable) => socks_reply(4).to_vec(),
+        };
+        if matches!(o, Outcome::Established) {
+            matches!(
+                tokio::time::timeout(ANSWER_TIMEOUT, async {
+                    s.write_all(&bytes).await?;
+                    s.flush().await
+                })
+                .await,
+                Ok(Ok(()))
+            )
+        } else {
+            answer(s, &bytes).await;
+            false
+        }
+    }
+}
+
+/// Decides and carries out a CONNECT (HTTP or SOCKS) of an authenticated client.
+async fn tunnel<S>(
+    ctx: Arc<Ctx>,
+    proto: Proto,
+    mut s: S,
+    rest: Vec<u8>,
+    client: Arc<ClientPolicy>,
+    host: String,
+    port: u16,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let plane = ctx.plane.clone();
+    let decision = plane.policy.get().connect(&client, &host, port, now());
+    let base = Decision {
+        client: client.name.clone(),
+        method: "CONNECT".into(),
+        scheme: scheme_for(port).into(),
+        host: host.clone(),
+        port,
+        ..Default::default()
+    };
+    match decision {
+        ConnectDecision::Passthrough(_) => passthrough(plane, proto, s, rest, base).await,
+        ConnectDecision::Intercept => {
+            if proto.tell(&mut s, Outcome::Established).await {
+                let t = Tunnel {
+                    client,
+                    host,
+                    port,
+                    audit_only: false,
+                };
+                ctx.interceptor.serve(plane, t, Replay::new(rest, s)).await;
+            }
+        }
+        ConnectDecision::Deny(reason) => match plane.mode {
+            Mode::Strict => {
+                plane.events.record(Decision {
+                    at: now(),
+                    mode: Some(Mode::Strict),
+                    reason: reason.as_str().into(),
+                    status: match proto {
+                        Proto::Http => 403,
+                        Proto::Socks => 0,
+                    },
+                    ..base
+                });
+                proto.tell(&mut s, Outcome::Denied).await;
+            }
+            Mode::Audit => {
+                if proto.tell(&mut s, Outcome::Established).await {
+                    let t = Tunnel {
+                        client,
+                        host,
+                        port,
+                        audit_only: true,
+                    };
+                    ctx.interceptor.serve(plane, t, Replay::new(rest, s)).await;
+                }
+            }
+        },
+    }
+}
+
+async fn passthrough<S>(plane: Arc<Plane>, proto: Proto, mut s: S, rest: Vec<u8>, base: Decision)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let started = std::time::Instant::now();
+    let (mut up, _addr) = match plane.upstream.connect(&base.host, base.port).await {
+        Ok(c) => c,
+        Err(e) => {
+            let (reason, outcome, status) = match e {
+                UpstreamError::Refused { .. } => ("upstream-refused", Outcome::Denied, 403),
+                _ => ("upstream-unreachable", Outcome::Unreachable, 502),
+            };
+            eprintln!("slicer-proxy: {}", control::escape(&e.to_string()));
+            plane.events.record(Decision {
+                at: now(),
+                mode: Some(plane.mode),
+                reason: reason.into(),
+                status: match proto {
+                    Proto::Http => status,
+                    Proto::Socks => 0,
+                },
+                ..base
+            });
+            proto.tell(&mut s, outcome).await;
+            return;
+        }
+    };
+    let mut up_bytes = 0u64;
+    let mut down_bytes = 0u64;
+    if proto.tell(&mut s, Outcome::Established).await {
+        let early = if rest.is_empty() {
+            Ok(())
+        } else {
+            up.write_all(&rest).await
+        };
+        up_bytes = rest.len() as u64;
+        drop(rest);
+        if early.is_ok() {
+            let (u, d) = splice(s, up, TUNNEL_IDLE).await;
+            up_bytes += u;
+            down_bytes = d;
+        }
+    }
+    plane.events.record(Decision {
+        at: now(),
+        scheme: "tcp".into(),
+        allow: true,
+        mode: Some(plane.mode),
+        bytes_up: up_bytes,
+        bytes_down: down_bytes,
+        duration_ms: (started.elapsed().as_millis() as u64).max(1),
+        ..base
+    });
+}
+
+/// Copies both ways until both sides finished (a half-close is passed on), either side fails,
+/// or nothing moved for `idle`. Returns the bytes client→upstream and upstream→client.
+pub async fn splice<A, B>(a: A, b: B, idle: Duration) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    let both = async { tokio::try_join!(pump(ar, bw, &up, &last, start), pump(br, aw, &down, &last, start)) };
+    let watch = async {
+        loop {
+            let seen = Duration::from_millis(last.load(Ordering::Relaxed));
+            let until = start + seen + idle;
+            if Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep_until(until).await;
+        }
+    };
+    tokio::select! {
+        _ = both => {}
+        _ = watch => {}
+    }
+    (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
+}
+
+async fn pump<R, W>(mut r: R, mut w: W, count: &AtomicU64, last: &AtomicU64, start: Instant) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; SPLICE_BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// SOCKS5 (RFC 1928) with username/password (RFC 1929; the password is the token), CONNECT only.
+async fn socks(ctx: Arc<Ctx>, mut s: TcpStream, deadline: Instant) {
+    let plane = ctx.plane.clone();
+    let unauth = |reason: &str| {
+        plane.events.record(Decision {
+            at: now(),
+            method: "CONNECT".into(),
+            scheme: "tcp".into(),
+            allow: false,
+            mode: Some(plane.mode),
+            reason: reason.into(),
+            ..Default::default()
+        })
+    };
+    let hs = timeout_at(deadline, async {
+        let mut two = [0u8; 2];
+        s.read_exact(&mut two).await.ok()?;
+        if two[0] != 5 {
+            return None;
+        }
+        let mut methods = vec![0u8; usize::from(two[1])];
+        s.read_exact(&mut methods).await.ok()?;
+        if !methods.contains(&2) {
+            let _ = s.write_all(&[5, 0xff]).await;
+            unauth("no-token");
+            return None;
+        }
+        s.write_all(&[5, 2]).await.ok()?;
+        s.read_exact(&mut two).await.ok()?;
+        if two[0] != 1 {
+            return None;
+        }
+        let mut user = vec![0u8; usize::from(two[1])];
+        s.read_exact(&mut user).await.ok()?;
+        let mut plen = [0u8; 1];
+        s.read_exact(&mut plen).await.ok()?;
+        let mut pass = vec![0u8; usize::from(plen[0])];
+        s.read_exact(&mut pass).await.ok()?;
+        let client = std::str::from_utf8(&pass)
+            .ok()
+            .and_then(|t| plane.policy.get().client(t));
+        let Some(client) = client else {
+            let _ = s.write_all(&[1, 1]).await;
+            unauth(if pass.is_empty() { "no-token" } else { "bad-token" });
+            return None;
+        };
+        s.write_all(&[1, 0]).await.ok()?;
+        let mut req = [0u8; 4];
+        s.read_exact(&mut req).await.ok()?;
+        if req[0] != 5 {
+            return None;
+        }
+        let host = match req[3] {
+            1 => {
+                let mut a = [0u8; 4];
+                s.read_exact(&mut a).await.ok()?;
+                Some(std::net::Ipv4Addr::from(a).to_string())
+            }
+            3 => {
+                let mut l = [0u8; 1];
+                s.read_exact(&mut l).await.ok()?;
+                let mut name = vec![0u8; usize::from(l[0])];
+                s.read_exact(&mut name).await.ok()?;
+                String::from_utf8(name)
+                    .ok()
+                    .and_then(|n| rules::normalize_host(&n).ok())
+            }
+            4 => {
+                let mut a = [0u8; 16];
+                s.read_exact(&mut a).await.ok()?;
+                Some(format!("[{}]", std::net::Ipv6Addr::from(a)))
+            }
+            _ => {
+                let _ = s.write_all(&socks_reply(8)).await;
+                return None;
+            }
+        };
+        let mut p = [0u8; 2];
+        s.read_exact(&mut p).await.ok()?;
+        let port = u16::from_be_bytes(p);
+        if req[1] != 1 {
+            let _ = s.write_all(&socks_reply(7)).await;
+            return None;
+        }
+        let (Some(host), true) = (host, port != 0) else {
+            let _ = s.write_all(&socks_reply(1)).await;
+            return None;
+        };
+        Some((client, host, port))
+    })
+    .await;
+    if let Ok(Some((client, host, port))) = hs {
+        tunnel(ctx, Proto::Socks, s, Vec::new(), client, host, port).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_and_tokens() {
+        assert_eq!(parse_authority("Example.com:443"), Some(("example.com".into(), 443)));
+        assert_eq!(parse_authority("[::1]:22"), Some(("[::1]".into(), 22)));
+        for bad in [
+            "example.com",
+            ":443",
+            "a:0",
+            "a:65536",
+            "a:+1",
+            "::1:22",
+            "a b:1",
+            "a:1x",
+            "[zz]:1",
+            "a:",
+        ] {
+            assert_eq!(parse_authority(bad), None, "{bad}");
+        }
+        let v = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("proxy:spt_x:y")
+        );
+        assert_eq!(basic_token(v.as_bytes()).as_deref(), Some("spt_x:y"));
+        assert_eq!(basic_token(b"Bearer abc"), None);
+        assert_eq!(basic_token(b"Basic !!!"), None);
+        assert_eq!(
+            absolute_authority("http://Example.com/x"),
+            Some(("example.com".into(), 80))
+        );
+        assert_eq!(
+            absolute_authority("http://example.com:8080?q"),
+            Some(("example.com".into(), 8080))
+        );
+        assert_eq!(absolute_authority("https://example.com/"), None);
+        assert_eq!(absolute_authority("http://u@example.com/"), None);
+        assert_eq!(absolute_authority("/x"), None);
+    }
+
+    #[test]
+    fn head_end_found_across_reads() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nrest", 0), Some(18));
+        assert_eq!(head_end(b"GET / HTTP/1.1\n\nrest", 0), Some(16));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\n", 0), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\n", 16), Some(18));
+    }
+
+    #[tokio::test]
+    async fn replay_yields_prefix_then_inner() {
+        let inner: &[u8] = b" world";
+        let mut r = Replay::new(b"hello".to_vec(), tokio::io::join(inner, tokio::io::sink()));
+        let mut out = String::new();
+        r.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
+
+    #[tokio::test]
+    async fn splice_counts_and_passes_half_close() {
+        let (a, mut a_peer) = tokio::io::duplex(64);
+        let (b, mut b_peer) = tokio::io::duplex(64);
+        let t = tokio::spawn(splice(a, b, Duration::from_secs(5)));
+        a_peer.write_all(b"ping").await.unwrap();
+        a_peer.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        b_peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping");
+        b_peer.write_all(b"pong!").await.unwrap();
+        b_peer.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        a_peer.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong!");
+        assert_eq!(t.await.unwrap(), (4, 5));
+    }
+
+    #[tokio::test]
+    async fn splice_ends_when_idle() {
+        let (a, _a_peer) = tokio::io::duplex(64);
+        let (b, _b_peer) = tokio::io::duplex(64);
+        let r = tokio::time::timeout(Duration::from_secs(5), splice(a, b, Duration::from_millis(100))).await;
+        assert_eq!(r.unwrap(), (0, 0));
+    }
+}
