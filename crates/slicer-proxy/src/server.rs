@@ -436,10 +436,7 @@ fn tls_config(leaf_der: Vec<u8>, key_pem: &str, ca: &GroupCa) -> Result<rustls::
         CertificateDer::from(leaf_der),
         CertificateDer::from(ca.cert_der().to_vec()),
     ];
-    // ring is the workspace's provider (its post-quantum successor is not in this rustls build).
-    #[allow(deprecated)]
-    let provider = rustls::crypto::ring::default_provider();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::ca::crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Cert(e.to_string()))?
         .with_no_client_auth()
