@@ -269,14 +269,17 @@ impl Interceptor {
 
 /// Host → its TLS configuration, least recently used evicted. Hand-written: a map with a use
 /// counter; eviction scans at most `LEAF_CACHE` entries, far cheaper than the mint it follows.
+type LeafCell = Arc<OnceCell<Arc<rustls::ServerConfig>>>;
+
 #[derive(Default)]
 struct LeafCache {
-    map: HashMap<String, (Arc<OnceCell<Arc<rustls::ServerConfig>>>, u64)>,
+    /// Host → (its configuration once minted, when last used).
+    map: HashMap<String, (LeafCell, u64)>,
     tick: u64,
 }
 
 impl LeafCache {
-    fn entry(&mut self, host: &str) -> Arc<OnceCell<Arc<rustls::ServerConfig>>> {
+    fn entry(&mut self, host: &str) -> LeafCell {
         self.tick += 1;
         let tick = self.tick;
         if let Some((cell, used)) = self.map.get_mut(host) {
@@ -702,7 +705,7 @@ impl ConnCtx {
                     match s.send(req).await {
                         Ok(resp) => return Ok((resp, s.keep(&self.pool, key))),
                         // Not sent (the connection closed meanwhile): try a new connection.
-                        Err(SendErr::Retry(r)) => req = r,
+                        Err(SendErr::Retry(r)) => req = *r,
                         Err(SendErr::Failed(e)) => return Err(upstream_error(e)),
                     }
                 }
@@ -849,7 +852,7 @@ enum Sender {
 
 enum SendErr {
     /// Not sent; the request is back.
-    Retry(Request<ReqBody>),
+    Retry(Box<Request<ReqBody>>),
     Failed(hyper::Error),
 }
 
@@ -860,7 +863,7 @@ impl Sender {
             Sender::H2(s) => s.try_send_request(req).await,
         };
         r.map_err(|mut e| match e.take_message() {
-            Some(req) => SendErr::Retry(req),
+            Some(req) => SendErr::Retry(Box::new(req)),
             None => SendErr::Failed(e.into_error()),
         })
     }
@@ -923,14 +926,18 @@ impl Pool {
 async fn splice(guest: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, finish: Finish) {
     let (g, u) = tokio::join!(guest, up);
     if let (Ok(g), Ok(u)) = (g, u) {
-        let mut g = TokioIo::new(g);
-        let mut u = TokioIo::new(u);
-        match tokio::io::copy_bidirectional(&mut g, &mut u).await {
-            Ok((up, down)) => {
-                finish.meter.up.fetch_add(up, Ordering::Relaxed);
-                finish.meter.down.fetch_add(down, Ordering::Relaxed);
-            }
-            Err(e) => tracing::debug!("upgraded connection: {e}"),
+        let mut g = Metered {
+            inner: TokioIo::new(g),
+            meter: finish.meter.clone(),
+            down: false,
+        };
+        let mut u = Metered {
+            inner: TokioIo::new(u),
+            meter: finish.meter.clone(),
+            down: true,
+        };
+        if let Err(e) = tokio::io::copy_bidirectional(&mut g, &mut u).await {
+            tracing::debug!("upgraded connection: {e}");
         }
     }
     finish.done(false);
@@ -943,6 +950,48 @@ async fn splice(guest: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade,
 struct Meter {
     up: AtomicU64,
     down: AtomicU64,
+}
+
+impl Meter {
+    fn add(&self, down: bool, n: u64) {
+        if down {
+            self.down.fetch_add(n, Ordering::Relaxed);
+        } else {
+            self.up.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An upgraded stream counting the bytes read from it (guest side: up, upstream side: down),
+/// so a splice that ends with a reset still reports what it moved.
+struct Metered<T> {
+    inner: T,
+    meter: Arc<Meter>,
+    down: bool,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.meter.add(self.down, n);
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// What is recorded when a forwarded request's response ends.
@@ -1003,11 +1052,12 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(data) = f.data_ref() {
-                    let n = data.len() as u64;
-                    if self.down {
-                        self.meter.down.fetch_add(n, Ordering::Relaxed);
-                    } else {
-                        self.meter.up.fetch_add(n, Ordering::Relaxed);
+                    self.meter.add(self.down, data.len() as u64);
+                }
+                // hyper stops polling a body that says it ended (a known length read whole).
+                if self.inner.is_end_stream() {
+                    if let Some(f) = self.finish.take() {
+                        f.done(true);
                     }
                 }
             }
