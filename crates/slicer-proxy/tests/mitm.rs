@@ -414,3 +414,54 @@ async fn latency_added_by_interception() {
     );
     let _ = Bytes::new();
 }
+
+#[tokio::test]
+async fn idle_connections_close_and_huge_heads_are_refused() {
+    use slicer_proxy::mitm::{Interceptor, Limits};
+    let up_ca = TestCa::new();
+    let up = TestUpstream::start(Some(up_ca.server_config("api.test", BOTH))).await;
+    let mut f = fixture(
+        policy(vec![rule("api.test", up.port)], vec![]),
+        Mode::Strict,
+        vec![up_ca.der.clone()],
+    );
+    let limits = Limits {
+        idle: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    f.ix = std::sync::Arc::new(
+        Interceptor::new(f.ca.clone(), vec![up_ca.der.clone()])
+            .unwrap()
+            .with_limits(limits),
+    );
+    for alpn in [H1, H2] {
+        let mut g = f.guest(f.tunnel("api.test", up.port, false), alpn).await;
+        assert_eq!(g.get(&format!("https://api.test:{}/", up.port)).await.0, StatusCode::OK);
+        f.decision().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let closed = match &g {
+                Guest::H1(s) => s.is_closed(),
+                Guest::H2(s) => s.is_closed(),
+            };
+            if closed {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{alpn:?}: idle connection still open");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A 100 KiB header: HTTP/1.1 answers 431 (or closes), HTTP/2 refuses the stream.
+    for alpn in [H1, H2] {
+        let mut g = f.guest(f.tunnel("api.test", up.port, false), alpn).await;
+        let req = Request::get(format!("https://api.test:{}/", up.port))
+            .header("x-big", "a".repeat(100 << 10))
+            .body(body(b""))
+            .unwrap();
+        if let Ok(r) = g.send(req).await {
+            assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "{alpn:?}");
+        }
+    }
+    f.no_decision(Duration::from_millis(200)).await;
+    assert_eq!(up.seen().len(), 2);
+}
