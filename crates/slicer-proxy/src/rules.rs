@@ -441,6 +441,7 @@ impl DenyReason {
 pub struct Policy {
     pub generation: u64,
     by_token: HashMap<[u8; 32], Arc<ClientPolicy>>,
+    by_name: HashMap<String, Arc<ClientPolicy>>,
     secrets: HashMap<String, StateSecret>,
     /// Rules that did not validate when compiled (client, error): logged, never applied.
     pub rejected: Vec<(String, String)>,
@@ -469,6 +470,7 @@ impl Policy {
                 name: c.name.clone(),
                 rules,
             });
+            p.by_name.insert(c.name.clone(), cp.clone());
             for h in &c.token_sha256 {
                 if let Ok(bytes) = hex::decode(h) {
                     if let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice()) {
@@ -484,6 +486,12 @@ impl Policy {
     pub fn client(&self, token: &str) -> Option<Arc<ClientPolicy>> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         self.by_token.get(&key).cloned()
+    }
+
+    /// A client by name: a tunnel decides each inner request against the policy in force now,
+    /// so a rule removed (or a client deleted) stops the next request of an open tunnel.
+    pub fn client_by_name(&self, name: &str) -> Option<Arc<ClientPolicy>> {
+        self.by_name.get(name).cloned()
     }
 
     /// Whether rule `r` can act for `host`: not expired, its port, and (with a secret) the secret
@@ -729,6 +737,8 @@ mod tests {
         r.secret = "gone".into();
         let (p, c) = policy(vec![r], vec![]);
         assert!(p.client("spt_y").is_none());
+        assert_eq!(p.client_by_name("c1").map(|c| c.name.clone()).as_deref(), Some("c1"));
+        assert!(p.client_by_name("c2").is_none());
         assert_eq!(
             p.connect(&c, "x.org", 443, 0),
             ConnectDecision::Deny(DenyReason::NoRule)

@@ -133,9 +133,7 @@ fn tls_client(p: &Proxy) -> rustls::StreamOwned<rustls::ClientConnection, std::n
     for der in slicer_proxy::ca::pem_certs(&ca_pem) {
         roots.add(der.into()).unwrap();
     }
-    #[allow(deprecated)]
-    let provider = rustls::crypto::ring::default_provider();
-    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+    let cfg = rustls::ClientConfig::builder_with_provider(slicer_proxy::ca::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
