@@ -11,6 +11,7 @@ use common::*;
 use slicer_proxy::control::Mode;
 
 #[test]
+#[ignore = "full tier: needs root (network namespaces, an adapter, a uid of its own for the proxy)"]
 fn drops_root_and_answers_407() {
     let p = Setup::new(&loopback_bind().to_string()).start();
     // Every thread: no uid 0, no capabilities (bounding set too), no new privileges, filtered.
@@ -97,6 +98,7 @@ fn slicer_jail_start() -> u32 {
 }
 
 #[test]
+#[ignore = "full tier: needs root (network namespaces, an adapter, a uid of its own for the proxy)"]
 fn tokens_and_strict_deny() {
     let mut s = Setup::new(&loopback_bind().to_string());
     s.state = Some(state(1, vec![rule("allowed.example.com", &[], false)]));
@@ -173,6 +175,7 @@ fn socks_connect(addr: SocketAddr, token: &str, target: SocketAddr) -> Result<st
 }
 
 #[test]
+#[ignore = "full tier: needs root (network namespaces, an adapter, a uid of its own for the proxy)"]
 fn passthrough_through_a_dummy_bind_address() {
     let ns = Netns::new();
     let echo = ns.echo_server();
@@ -227,6 +230,7 @@ fn passthrough_through_a_dummy_bind_address() {
 }
 
 #[test]
+#[ignore = "full tier: needs root (network namespaces, an adapter, a uid of its own for the proxy)"]
 fn upstream_safety_even_with_a_star_rule() {
     let ns = Netns::new();
     let echo = ns.echo_server();
@@ -285,6 +289,7 @@ fn upstream_safety_even_with_a_star_rule() {
 }
 
 #[test]
+#[ignore = "full tier: needs root (network namespaces, an adapter, a uid of its own for the proxy)"]
 fn hostile_heads() {
     let mut s = Setup::new(&loopback_bind().to_string());
     s.state = Some(state(1, vec![]));
@@ -350,6 +355,7 @@ fn raise_nofile(n: u64) {
 }
 
 #[test]
+#[ignore = "full tier: needs root (network namespaces, an adapter, a uid of its own for the proxy)"]
 fn a_thousand_idle_connections() {
     raise_nofile(8192);
     let p = Setup::new(&loopback_bind().to_string()).start();
@@ -369,6 +375,7 @@ fn a_thousand_idle_connections() {
 }
 
 #[test]
+#[ignore = "full tier: needs root (network namespaces, an adapter, a uid of its own for the proxy)"]
 fn caps_and_the_head_deadline() {
     let mut s = Setup::new(&loopback_bind().to_string());
     s.opts.max_connections = 8; // two per source address
@@ -399,6 +406,7 @@ fn caps_and_the_head_deadline() {
 }
 
 #[test]
+#[ignore = "full tier: needs root (network namespaces, an adapter, a uid of its own for the proxy)"]
 fn a_client_that_stops_reading_blocks_nobody() {
     let ns = Netns::new();
     let echo = ns.echo_server();
@@ -428,6 +436,7 @@ fn a_client_that_stops_reading_blocks_nobody() {
 }
 
 #[test]
+#[ignore = "full tier: needs root (network namespaces, an adapter, a uid of its own for the proxy)"]
 fn rules_change_over_the_control_socket() {
     let ns = Netns::new();
     let echo = ns.echo_server();
@@ -490,6 +499,7 @@ fn rules_change_over_the_control_socket() {
 }
 
 #[test]
+#[ignore = "full tier: needs root (network namespaces, an adapter, a uid of its own for the proxy)"]
 fn options_are_checked_and_name_the_flag() {
     let mut s = Setup::new("not-an-ip");
     s.opts.mode = Mode::Audit;
