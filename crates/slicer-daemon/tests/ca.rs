@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use common::{no_qemu_for, TestDaemon};
 use http::Method;
 use serde_json::json;
+use slicer_api::client::empty;
 use slicer_proxy::ca::{ca_dir, GroupCa};
 
 /// Removes `<cwd>/.slicer/ca/<group>` (what the daemon made for `generate: true`) and the
@@ -245,6 +246,34 @@ async fn group_cas_are_trusted_in_cold_and_restored_guests() {
             .trim(),
         "1"
     );
+
+    // A resume installs again: the removed CA (still in the config) is back, and nothing is
+    // there twice.
+    let (s, b) = d
+        .raw(&d.client(), Method::POST, &format!("/vm/{min}/suspend"), None, empty())
+        .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let (s, b) = d
+        .raw(
+            &d.client(),
+            Method::POST,
+            &format!("/vm/{min}/restore?wait=agent&timeout=120s"),
+            None,
+            empty(),
+        )
+        .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let (_, info) = d.get(&format!("/vm/{min}")).await;
+    assert_eq!(info["start_mode"], "resume", "{info}");
+    assert_eq!(
+        stdout(&d, &min, "grep -c 'BEGIN CERTIFICATE' /runner/ca.crt")
+            .await
+            .trim(),
+        "2"
+    );
+    let bundle = stdout(&d, &min, "cat /etc/ssl/certs/ca-certificates.crt").await;
+    assert_eq!(bundle.matches(extra.cert_pem().trim()).count(), 1);
+    assert_eq!(bundle.matches(min_ca.cert_pem().trim()).count(), 1);
 
     for (g, h) in [("catsys", &sys), ("catmin", &min)] {
         let (s, v) = d
