@@ -23,12 +23,18 @@ pub(super) async fn exec_within(
 /// agent keeps what it has: a guest that has them already (a restart, a fork, a template's
 /// guest) changes nothing.
 pub(super) async fn install_ca(vm: &dyn Machine, pem: &str) -> anyhow::Result<()> {
-    let done = tokio::time::timeout(GUEST_CALL_DEADLINE, vm.agent().install_ca(pem))
+    let done = match tokio::time::timeout(GUEST_CALL_DEADLINE, vm.agent().install_ca(pem))
         .await
         .unwrap_or(Err(AgentError::Deadline {
             what: "the CA installation",
             after: GUEST_CALL_DEADLINE,
-        }))?;
+        })) {
+        Ok(done) => done,
+        Err(AgentError::Remote { status: 404, kind, .. }) if kind == "not_found" => anyhow::bail!(
+            "the image's slicer-agent is older than this daemon and cannot install CAs: rebuild the image (`slicer image build`) or pull it again"
+        ),
+        Err(e) => return Err(e.into()),
+    };
     if !done.added.is_empty() {
         tracing::debug!("VM {}: CA certificates {:?} installed", vm.name(), done.added);
     }
