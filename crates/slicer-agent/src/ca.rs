@@ -36,6 +36,10 @@ const SYSTEM_BUNDLES: [&str; 3] = [
     "/etc/pki/tls/certs/ca-bundle.crt",
     "/etc/ssl/ca-bundle.pem",
 ];
+/// Where Fedora/RHEL's `update-ca-trust` and SUSE's `update-ca-certificates` take local CAs
+/// from: a copy there (`slicer-<short>.crt`, when the directory exists) keeps a CA in the
+/// bundle those tools regenerate. (Debian's and Alpine's read the files in [`CA_DIR`].)
+const ANCHOR_DIRS: [&str; 2] = ["/etc/pki/ca-trust/source/anchors", "/etc/pki/trust/anchors"];
 const ENVIRONMENT: &str = "/etc/environment";
 const PROFILE: &str = "/etc/profile.d/slicer-ca.sh";
 const ENV_KEYS: [&str; 3] = ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"];
@@ -322,6 +326,15 @@ fn system_bundle(root: &Root, name: &str) -> Option<PathBuf> {
     (target.starts_with(&etc) && md.is_file()).then_some(target)
 }
 
+/// The anchor directories the image has (directories, not links).
+fn anchor_dirs(root: &Root) -> Vec<PathBuf> {
+    ANCHOR_DIRS
+        .iter()
+        .map(|d| root.at_path(d))
+        .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()))
+        .collect()
+}
+
 /// The system bundles the image has: `(name, file)`.
 fn system_bundles(root: &Root) -> Vec<(&'static str, PathBuf)> {
     SYSTEM_BUNDLES
@@ -362,7 +375,8 @@ pub fn list(root: &Root) -> std::io::Result<Vec<Cert>> {
         let Some(short) = name.strip_suffix(".crt").filter(|s| valid_short(s)) else {
             continue;
         };
-        let Some((bytes, _)) = read_file(&e.path(), MAX_CA_BUNDLE as u64)? else {
+        // Not a regular file (a link, say): not ours, skipped; writing its name is refused.
+        let Ok(Some((bytes, _))) = read_file(&e.path(), MAX_CA_BUNDLE as u64) else {
             continue;
         };
         // A file edited into something else is skipped, not fatal.
@@ -508,6 +522,11 @@ pub fn install(root: &Root, certs: &[Cert]) -> std::io::Result<CaInstalled> {
             added.push(c.info.short.clone());
         }
     }
+    for dir in anchor_dirs(root) {
+        for c in certs {
+            write_if_changed(&dir.join(format!("slicer-{}.crt", c.info.short)), &c.pem())?;
+        }
+    }
     let bundles = system_bundles(root);
     for (_, file) in &bundles {
         rewrite(file, |t| appended(t, certs))?;
@@ -526,8 +545,11 @@ fn remove_shorts(root: &Root, shorts: &[String]) -> std::io::Result<()> {
         rewrite(&file, |t| without(t, shorts))?;
     }
     let dir = root.at_path(CA_DIR);
-    for s in shorts {
-        let p = dir.join(format!("{s}.crt"));
+    let mut files: Vec<PathBuf> = shorts.iter().map(|s| dir.join(format!("{s}.crt"))).collect();
+    for a in anchor_dirs(root) {
+        files.extend(shorts.iter().map(|s| a.join(format!("slicer-{s}.crt"))));
+    }
+    for p in files {
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -766,9 +788,17 @@ mod tests {
         std::fs::write(t.path().join("outside.pem"), OS_ROOT).unwrap();
         std::fs::create_dir_all(t.path().join("etc/ssl")).unwrap();
         std::os::unix::fs::symlink("../../outside.pem", t.path().join("etc/ssl/ca-bundle.pem")).unwrap();
+        let anchors = t.path().join("etc/pki/ca-trust/source/anchors");
+        std::fs::create_dir_all(&anchors).unwrap();
         let a = test_cert("a");
         let done = install(&root, std::slice::from_ref(&a)).unwrap();
         assert_eq!(done.bundles, vec!["/etc/pki/tls/certs/ca-bundle.crt"]);
+        let anchor = anchors.join(format!("slicer-{}.crt", a.info.short));
+        assert_eq!(
+            std::fs::read_to_string(&anchor).unwrap(),
+            a.pem(),
+            "update-ca-trust keeps it"
+        );
         assert!(std::fs::read_to_string(real.join("tls-ca-bundle.pem"))
             .unwrap()
             .contains(&a.pem()));
@@ -780,6 +810,12 @@ mod tests {
         );
         assert_eq!(std::fs::read_to_string(t.path().join("outside.pem")).unwrap(), OS_ROOT);
         assert!(read(&t, ENVIRONMENT).contains("SSL_CERT_FILE=/etc/pki/tls/certs/ca-bundle.crt"));
+        remove(&root, &a.info.short).unwrap();
+        assert!(!anchor.exists());
+        assert_eq!(
+            std::fs::read_to_string(real.join("tls-ca-bundle.pem")).unwrap(),
+            OS_ROOT
+        );
 
         // An image with no bundle at all: the files and /runner/ca.crt, which the env names.
         let bare = tempfile::tempdir().unwrap();
