@@ -734,6 +734,33 @@ impl AgentClient {
         })
     }
 
+    /// Adds the CA certificates of `pem` (CERTIFICATE blocks) to the guest's trust stores;
+    /// idempotent. Answers what the guest has installed.
+    pub async fn install_ca(&self, pem: &str) -> Result<slicer_agent_proto::CaInstalled> {
+        let req = Request::builder()
+            .method(Method::PUT)
+            .uri(uri("/v1/ca", None))
+            .body(full(pem.as_bytes().to_vec()))
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        within("a CA installation", CALL_DEADLINE, async {
+            let resp = check(self.send(req).await?).await?;
+            parse_json(resp.into_body()).await
+        })
+        .await
+    }
+
+    /// The CA certificates slicer installed in the guest.
+    pub async fn list_ca(&self) -> Result<slicer_agent_proto::CaInstalled> {
+        let req = Request::get(uri("/v1/ca", None))
+            .body(empty())
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        within("a CA listing", CALL_DEADLINE, async {
+            let resp = check(self.send(req).await?).await?;
+            parse_json(resp.into_body()).await
+        })
+        .await
+    }
+
     /// Gives a restored guest its own identity (see [`Identity`]); answers what was applied.
     pub async fn set_identity(&self, id: &Identity) -> Result<Identity> {
         self.post_json("an identity request", "/v1/identity", id).await

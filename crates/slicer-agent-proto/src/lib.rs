@@ -23,6 +23,8 @@
 //! - `/v1/bg…`: background execs ([`BgStart`], [`BgInfo`], [`BgFrame`], [`BgKill`], [`BgWait`])
 //! - `POST /v1/identity` body = [`Identity`]: hostname, machine-id, address, DNS, RNG seed and
 //!   clock of a VM restored from a snapshot → [`Identity`] as applied
+//! - `PUT  /v1/ca` body = PEM text of CA certificates (at most [`MAX_CA_BUNDLE`]): each is
+//!   added to the guest's trust stores → [`CaInstalled`]; `GET /v1/ca` → [`CaInstalled`]
 //!
 //! Errors are non-2xx responses with an [`ErrorBody`] JSON body.
 

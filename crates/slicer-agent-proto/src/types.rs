@@ -395,6 +395,30 @@ pub struct PowerRequest {
     pub action: PowerAction,
 }
 
+/// Largest CA bundle `PUT /v1/ca` takes (PEM text).
+pub const MAX_CA_BUNDLE: usize = 1 << 20;
+/// Most certificates one bundle may hold.
+pub const MAX_CA_CERTS: usize = 64;
+
+/// One CA certificate slicer installed in a guest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CaCert {
+    /// The first 12 hex digits of the SHA-256 of its DER (its file is `<short>.crt`).
+    pub short: String,
+    pub subject: String,
+    /// `YYYY-MM-DD` (UTC).
+    pub not_after: String,
+}
+
+/// `PUT /v1/ca`'s answer: every CA slicer installed in the guest (sorted by `short`), which of
+/// them this request added, and the system bundles that hold them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CaInstalled {
+    pub certs: Vec<CaCert>,
+    pub added: Vec<String>,
+    pub bundles: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

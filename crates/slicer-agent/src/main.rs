@@ -7,6 +7,7 @@
 //! (used by tests on the host).
 
 mod bg;
+mod ca;
 mod exec;
 mod files;
 mod fs;
@@ -25,6 +26,7 @@ use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!("usage: slicer-agent [--port-name NAME | --port-path PATH | --listen-unix PATH]");
+    eprintln!("       slicer-agent ca list [--json] | ca show SHORT | ca remove SHORT | ca wipe");
     std::process::exit(2)
 }
 
@@ -37,6 +39,11 @@ enum Listen {
 fn main() {
     let started = Instant::now();
     let pid1 = std::process::id() == 1;
+    // `slicer-agent ca …`: a command run in the guest, not the agent.
+    let argv: Vec<String> = std::env::args().collect();
+    if !pid1 && argv.get(1).map(String::as_str) == Some("ca") {
+        std::process::exit(ca::cli(&argv[2..]));
+    }
     if pid1 {
         init::early_setup();
     } else {

@@ -173,6 +173,8 @@ async fn route(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         (Method::GET, "/v1/tar") => crate::files::get_tar(req).await,
         (Method::POST, "/v1/power") => power(req, state).await,
         (Method::POST, "/v1/identity") => crate::identity::handle(req, state).await,
+        (Method::PUT, "/v1/ca") => crate::ca::put(req).await,
+        (Method::GET, "/v1/ca") => crate::ca::get().await,
         (Method::GET, "/v1/stats") => crate::stats::handle().await,
         (Method::POST, "/v1/forward") => crate::stream::forward(req).await,
         (Method::POST, "/v1/shell") => crate::stream::shell(req, state).await,

@@ -121,6 +121,8 @@ impl Account {
             env.push(("USER".into(), n.clone()));
             env.push(("LOGNAME".into(), n.clone()));
         }
+        // What /etc/environment gives a login while slicer's CAs are installed.
+        env.extend(crate::ca::env_vars(&crate::ca::Root::system()));
         env
     }
 

@@ -159,6 +159,23 @@ pub struct HostGroup {
     /// Start new VMs from a template snapshot (slicer extension; default on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_start: Option<bool>,
+    /// CA certificates the group's VMs trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaConfig>,
+}
+
+/// `host_groups[].ca`: the CAs a group's VMs trust, installed in each guest before it reports
+/// ready.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// The group's own CA, `./.slicer/ca/<group>/` of the daemon's working directory (made
+    /// when missing or within a week of its end).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub generate: bool,
+    /// PEM files of more CAs: absolute, or relative to the daemon's working directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -215,6 +232,89 @@ pub struct Group {
     pub range: Option<String>,
     /// New VMs start from a template snapshot (falling back to a cold boot).
     pub warm_start: bool,
+    /// `ca.generate`: the group's own CA is made or loaded when the daemon starts
+    /// ([`Settings::load_group_cas`]) and comes first in `ca_certs`.
+    pub ca_generate: bool,
+    /// The CA certificates (DER, each once) guests of the group trust: `ca.files`' at
+    /// validation, the generated one added when the daemon starts.
+    pub ca_certs: Vec<Vec<u8>>,
+}
+
+impl Group {
+    /// The PEM bundle installed in the group's guests; `None` when it trusts no extra CA.
+    pub fn ca_bundle(&self) -> Option<String> {
+        use base64::Engine;
+        if self.ca_certs.is_empty() {
+            return None;
+        }
+        let mut out = String::new();
+        for der in &self.ca_certs {
+            out.push_str("-----BEGIN CERTIFICATE-----\n");
+            let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+            for chunk in b64.as_bytes().chunks(64) {
+                out.push_str(&String::from_utf8_lossy(chunk));
+                out.push('\n');
+            }
+            out.push_str("-----END CERTIFICATE-----\n");
+        }
+        Some(out)
+    }
+}
+
+/// `{at}.ca.files`: every file's certificates (DER, each once, in order). A path is absolute
+/// or relative to `cwd`; each file is a regular file (a link is refused) of at most
+/// `slicer_proxy::ca::MAX_PEM_BYTES` with at least one CERTIFICATE block, each an X.509
+/// certificate.
+pub fn ca_file_certs(at: &str, files: &[String], cwd: &Path) -> Result<Vec<Vec<u8>>> {
+    /// More files than any use needs; each is read at every start.
+    const MAX_FILES: usize = 32;
+    if files.len() > MAX_FILES {
+        bail!("{at}.ca.files: at most {MAX_FILES} files, got {}", files.len());
+    }
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let field = format!("{at}.ca.files[{i}]");
+        if f.is_empty() || f.contains('\0') {
+            bail!("{field}: an empty path");
+        }
+        let path = cwd.join(f);
+        let text = slicer_proxy::ca::read_pem(&path).map_err(|e| match e {
+            slicer_proxy::Error::Io { source, .. } if source.raw_os_error() == Some(libc::ELOOP) => {
+                anyhow::anyhow!(
+                    "{field}: {} is a symbolic link; name the file it points to",
+                    path.display()
+                )
+            }
+            e => anyhow::anyhow!("{field}: {e}"),
+        })?;
+        let certs = slicer_proxy::ca::pem_certs(&text);
+        if certs.is_empty() {
+            bail!(
+                "{field}: {} has no CERTIFICATE block (a PEM file of CA certificates is needed)",
+                path.display()
+            );
+        }
+        for (n, der) in certs.into_iter().enumerate() {
+            if x509_parser::parse_x509_certificate(&der).is_err() {
+                bail!(
+                    "{field}: {}: certificate {} is not a valid X.509 certificate",
+                    path.display(),
+                    n + 1
+                );
+            }
+            if !out.contains(&der) {
+                out.push(der);
+            }
+        }
+    }
+    if out.len() > slicer_agent_proto::MAX_CA_CERTS {
+        bail!(
+            "{at}.ca.files: {} certificates, more than the {} a guest takes",
+            out.len(),
+            slicer_agent_proto::MAX_CA_CERTS
+        );
+    }
+    Ok(out)
 }
 
 /// The whole validated configuration.
@@ -241,6 +341,27 @@ pub struct Settings {
     pub templates: TemplateBounds,
     /// `config.ssh_keys`: authorized in every VM.
     pub ssh_keys: Vec<String>,
+}
+
+impl Settings {
+    /// The CAs of groups with `ca.generate`: loaded from `<cwd>/.slicer/ca/<group>/`, or made
+    /// there (key 0600 in a 0700 directory) when missing or about to end. Each comes first in
+    /// its group's `ca_certs`.
+    pub fn load_group_cas(&mut self, cwd: &Path) -> Result<()> {
+        for (i, g) in self.groups.iter_mut().enumerate() {
+            if !g.ca_generate {
+                continue;
+            }
+            let dir = slicer_proxy::ca::ca_dir(cwd, &g.name);
+            let ca = slicer_proxy::ca::GroupCa::load_or_create(&dir, &g.name).map_err(|e| {
+                anyhow::anyhow!("config.host_groups[{i}].ca.generate: the CA in {}: {e}", dir.display())
+            })?;
+            let der = ca.cert_der().to_vec();
+            g.ca_certs.retain(|c| c != &der);
+            g.ca_certs.insert(0, der);
+        }
+        Ok(())
+    }
 }
 
 /// The host's budget for running VMs (validated, defaults applied).
@@ -677,7 +798,15 @@ fn group_settings(at: &str, g: &HostGroup, default_image: &str, base_dir: &Path)
             }
         }
     }
+    let ca = g.ca.clone().unwrap_or_default();
+    let cwd = std::env::current_dir().with_context(|| format!("{at}.ca.files: the working directory"))?;
+    let ca_certs = match ca.files.is_empty() {
+        true => Vec::new(),
+        false => ca_file_certs(at, &ca.files, &cwd)?,
+    };
     Ok(Group {
+        ca_generate: ca.generate,
+        ca_certs,
         name: g.name.clone(),
         count: g.count,
         cpus: g.vcpu,
@@ -828,6 +957,8 @@ pub struct NewOptions {
     pub api_auth: Option<bool>,
     pub graceful_shutdown: bool,
     pub hypervisor: String,
+    /// `ca: {generate: true}`: the group gets its own CA.
+    pub ca: bool,
 }
 
 /// Renders the YAML `slicer new` prints.
@@ -877,6 +1008,10 @@ pub fn render_new(o: &NewOptions) -> Result<String> {
                 image: None,
                 network: Some(network),
                 warm_start: None,
+                ca: o.ca.then(|| CaConfig {
+                    generate: true,
+                    files: Vec::new(),
+                }),
             }],
             image: Some(o.image.clone()),
             kernel_image: None,
@@ -1166,5 +1301,141 @@ config:
             Some("min")
         );
         assert_eq!(slicer_fallback("docker.io/library/debian:12"), None);
+    }
+
+    /// A config of one group `g` with `ca_yaml` as its `ca:`.
+    fn with_ca(ca_yaml: &str) -> String {
+        format!("config:\n  host_groups:\n  - name: g\n    count: 0\n    network: {{mode: none}}\n    ca: {ca_yaml}\n  capacity: {{ram_bytes: 8589934592}}\n")
+    }
+
+    #[test]
+    fn ca_files_are_checked_and_their_certificates_kept_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = slicer_proxy::ca::GroupCa::init(&dir.path().join("a"), "a", false).unwrap();
+        let other = slicer_proxy::ca::GroupCa::init(&dir.path().join("b"), "b", false).unwrap();
+        let two = dir.path().join("two.pem");
+        std::fs::write(&two, format!("{}{}", ca.cert_pem(), other.cert_pem())).unwrap();
+        let one = dir.path().join("one.pem");
+        std::fs::write(&one, ca.cert_pem()).unwrap();
+        // Relative to the working directory given, or absolute; a certificate is kept once.
+        let certs = ca_file_certs(
+            "config.host_groups[0]",
+            &["two.pem".into(), one.to_string_lossy().into_owned()],
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(certs, vec![ca.cert_der().to_vec(), other.cert_der().to_vec()]);
+
+        let err = |name: &str| {
+            let files = vec!["one.pem".to_string(), name.to_string()];
+            format!(
+                "{:#}",
+                ca_file_certs("config.host_groups[0]", &files, dir.path()).unwrap_err()
+            )
+        };
+        std::fs::write(
+            dir.path().join("key.pem"),
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = err("key.pem");
+        assert!(
+            e.starts_with("config.host_groups[0].ca.files[1]: ") && e.contains("no CERTIFICATE block"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("text.pem"), "hello").unwrap();
+        assert!(err("text.pem").contains("no CERTIFICATE block"));
+        std::fs::write(
+            dir.path().join("junk.pem"),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = err("junk.pem");
+        assert!(e.contains("ca.files[1]") && e.contains("not a valid X.509"), "{e}");
+        let e = err("missing.pem");
+        assert!(e.contains("ca.files[1]") && e.contains("No such file"), "{e}");
+        std::os::unix::fs::symlink(&one, dir.path().join("link.pem")).unwrap();
+        let e = err("link.pem");
+        assert!(e.contains("ca.files[1]") && e.contains("symbolic link"), "{e}");
+        let big = std::fs::File::create(dir.path().join("big.pem")).unwrap();
+        big.set_len(slicer_proxy::ca::MAX_PEM_BYTES + 1).unwrap();
+        let e = err("big.pem");
+        assert!(e.contains("ca.files[1]") && e.contains("larger than"), "{e}");
+        let e = err(dir.path().to_str().unwrap());
+        assert!(e.contains("ca.files[1]"), "{e}");
+        let fifo = std::ffi::CString::new(dir.path().join("fifo.pem").to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = err("fifo.pem");
+        assert!(e.contains("ca.files[1]") && e.contains("not a regular file"), "{e}");
+        assert!(err("").contains("ca.files[1]: an empty path"));
+    }
+
+    #[test]
+    fn ca_config_parses_generate_and_rejects_unknown_keys() {
+        let s = File::parse(&with_ca("{generate: true}"))
+            .unwrap()
+            .settings(Path::new("."))
+            .unwrap();
+        assert!(s.groups[0].ca_generate && s.groups[0].ca_certs.is_empty());
+        assert_eq!(s.groups[0].ca_bundle(), None);
+        let e = format!("{:#}", File::parse(&with_ca("{generate: true, path: x}")).unwrap_err());
+        assert!(
+            e.contains("host_groups[0].ca") && e.contains("unknown field `path`"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            File::parse(&with_ca("{files: [/nonexistent/slicer-ca.pem]}"))
+                .and_then(|f| f.settings(Path::new(".")))
+                .unwrap_err()
+        );
+        assert!(
+            e.contains("config.host_groups[0].ca.files[0]: /nonexistent/slicer-ca.pem"),
+            "{e}"
+        );
+
+        // The generated CA is made in <cwd>/.slicer/ca/<group>/, comes first, and is kept.
+        let dir = tempfile::tempdir().unwrap();
+        let extra = slicer_proxy::ca::GroupCa::init(&dir.path().join("x"), "x", false).unwrap();
+        let pem = dir.path().join("extra.pem");
+        std::fs::write(&pem, extra.cert_pem()).unwrap();
+        let yaml = with_ca(&format!("{{generate: true, files: [{}]}}", pem.display()));
+        let mut s = File::parse(&yaml).unwrap().settings(Path::new(".")).unwrap();
+        s.load_group_cas(dir.path()).unwrap();
+        let made = slicer_proxy::ca::GroupCa::load(&slicer_proxy::ca::ca_dir(dir.path(), "g")).unwrap();
+        assert_eq!(
+            s.groups[0].ca_certs,
+            vec![made.cert_der().to_vec(), extra.cert_der().to_vec()]
+        );
+        let bundle = s.groups[0].ca_bundle().unwrap();
+        assert_eq!(slicer_proxy::ca::pem_certs(&bundle), s.groups[0].ca_certs);
+        use std::os::unix::fs::PermissionsExt;
+        let key = slicer_proxy::ca::ca_dir(dir.path(), "g").join("ca.key");
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        let mut again = File::parse(&yaml).unwrap().settings(Path::new(".")).unwrap();
+        again.load_group_cas(dir.path()).unwrap();
+        assert_eq!(again.groups[0].ca_certs, s.groups[0].ca_certs, "a restart keeps the CA");
+    }
+
+    #[test]
+    fn slicer_new_with_ca_generates() {
+        let text = render_new(&NewOptions {
+            name: "demo".into(),
+            count: 0,
+            vcpu: 1,
+            ram_gb: 1,
+            storage: "image".into(),
+            storage_size: "5G".into(),
+            image: "min".into(),
+            net: "isolated".into(),
+            api_bind: "127.0.0.1".into(),
+            api_port: 8080,
+            hypervisor: "qemu".into(),
+            ca: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(text.contains("ca:\n      generate: true\n"), "{text}");
     }
 }

@@ -73,6 +73,10 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
         .with_context(|| format!("making {} private (0700)", opts.data_dir.display()))?;
     let images = ImageStore::at(&opts.images_dir.clone().unwrap_or_else(|| opts.data_dir.join("images")));
     let mut settings = settings;
+    // Slicer keeps a group's generated CA in `./.slicer/ca/<group>/` of `slicer up`'s
+    // working directory (`slicer ca init|issue` and `slicer proxy up` find it there).
+    let cwd = std::env::current_dir().context("the working directory (for the host groups' CAs)")?;
+    settings.load_group_cas(&cwd)?;
     prepare_images(&images, &mut settings, opts.agent.as_deref()).await?;
     let mut host = Host::with_images(images, &opts.data_dir, &opts.data_dir.join("vms"));
     host.accel_choice = settings.acceleration;

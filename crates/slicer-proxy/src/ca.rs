@@ -206,11 +206,15 @@ fn not_after(der: &[u8]) -> Option<OffsetDateTime> {
 /// Reads a PEM file of at most [`MAX_PEM_BYTES`] without following a link.
 pub fn read_pem(path: &Path) -> Result<String> {
     use std::io::Read;
+    // O_NONBLOCK: a FIFO in the file's place must not hang the reader (it is refused below).
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
+    if !file.metadata().map_err(|e| Error::io(path, e))?.is_file() {
+        return Err(Error::Cert(format!("{}: not a regular file", path.display())));
+    }
     let mut text = String::new();
     file.take(MAX_PEM_BYTES + 1)
         .read_to_string(&mut text)

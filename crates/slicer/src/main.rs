@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod ca;
 mod guest;
 mod image;
 mod new;
@@ -34,7 +35,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "run `slicer up ./slicer.yaml` under your own systemd unit; `service generate` is not available",
     ),
     ("pci", "PCI passthrough is not available on this host"),
-    ("ca", "CA issuance is not available; install certificates with userdata"),
     ("proxy", "slicer-proxy is not available"),
     (
         "workspace",
@@ -105,6 +105,11 @@ enum Cmd {
     },
     /// Boot a throwaway sandbox, run one command in it, print its output and delete it.
     Run(run::RunArgs),
+    /// A host group's CA (`ca: {generate: true}`): `ca init`, `ca issue` (run where `slicer up` runs).
+    Ca {
+        #[command(subcommand)]
+        cmd: ca::CaCmd,
+    },
     /// Build and list guest images.
     Image {
         #[command(subcommand)]
@@ -161,6 +166,7 @@ fn main() {
     let cli = Cli::parse_from(args);
     let result = match cli.cmd {
         Cmd::Image { cmd } => image::run(cmd),
+        Cmd::Ca { cmd } => ca::run(cmd),
         Cmd::Run(args) => run::run(args),
         Cmd::New(args) => new::run(args),
         Cmd::Up(args) => up::run(args),

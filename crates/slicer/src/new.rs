@@ -79,9 +79,10 @@ pub struct NewArgs {
     /// Slicer's SOS SSH console port: only 0 (none) here.
     #[arg(long, default_value_t = 0)]
     ssh_port: u16,
-    /// A CA to install in the guests: not supported yet.
+    /// Give the group its own CA (`ca: {generate: true}`), trusted by its VMs; `slicer up`
+    /// keeps it in ./.slicer/ca/NAME/.
     #[arg(long)]
-    ca: Option<String>,
+    ca: bool,
     #[arg(long, default_value_t = 8080)]
     api_port: u16,
     /// Bearer-token auth (default: on for TCP, off for a UNIX socket).
@@ -133,9 +134,6 @@ pub fn run(a: NewArgs) -> Result<()> {
     if a.ssh_port != 0 {
         bail!("--ssh-port: Slicer's SSH console is not available here; reach VMs with `slicer vm shell` or `slicer vm forward -L PORT:127.0.0.1:22`");
     }
-    if a.ca.is_some() {
-        bail!("--ca: installing a CA in the guests is not supported yet; copy it in with userdata");
-    }
     let image = if a.min { "min".to_string() } else { a.image };
     let api_bind = a.socket.unwrap_or(a.api_bind);
     let ssh_keys = ssh_keys(&a.ssh_keys, a.find_ssh_keys)?;
@@ -163,6 +161,7 @@ pub fn run(a: NewArgs) -> Result<()> {
         api_auth: a.api_auth,
         graceful_shutdown: a.graceful_shutdown,
         hypervisor: a.hypervisor,
+        ca: a.ca,
     })?;
     print!("{yaml}");
     Ok(())

@@ -1,4 +1,5 @@
-//! What the manager does inside a new guest through its agent: SSH keys and userdata.
+//! What the manager does inside a new guest through its agent: CA certificates, SSH keys and
+//! userdata.
 
 use slicer_agent_client::{AgentError, Output};
 
@@ -16,6 +17,28 @@ pub(super) async fn exec_within(
     tokio::time::timeout(deadline, vm.agent().exec_output(req, stdin))
         .await
         .unwrap_or(Err(AgentError::Deadline { what, after: deadline }))
+}
+
+/// Installs the host group's CA bundle (`Group::ca_bundle`) in the guest's trust stores. The
+/// agent keeps what it has: a guest that has them already (a restart, a fork, a template's
+/// guest) changes nothing.
+pub(super) async fn install_ca(vm: &dyn Machine, pem: &str) -> anyhow::Result<()> {
+    let done = match tokio::time::timeout(GUEST_CALL_DEADLINE, vm.agent().install_ca(pem))
+        .await
+        .unwrap_or(Err(AgentError::Deadline {
+            what: "the CA installation",
+            after: GUEST_CALL_DEADLINE,
+        })) {
+        Ok(done) => done,
+        Err(AgentError::Remote { status: 404, kind, .. }) if kind == "not_found" => anyhow::bail!(
+            "the image's slicer-agent is older than this daemon and cannot install CAs: rebuild the image (`slicer image build`) or pull it again"
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    if !done.added.is_empty() {
+        tracing::debug!("VM {}: CA certificates {:?} installed", vm.name(), done.added);
+    }
+    Ok(())
 }
 
 /// Adds `keys` (checked by `config::check_ssh_keys`) to the default user's

@@ -697,14 +697,35 @@ impl Manager {
 
         let (me, r, hostname) = (self.clone(), running.clone(), rec.hostname.clone());
         let userdata = if rec.userdata_ran { None } else { rec.userdata.clone() };
+        let ca_bundle = self
+            .settings
+            .groups
+            .iter()
+            .find(|g| g.name == rec.host_group)
+            .and_then(Group::ca_bundle);
         tokio::spawn(async move {
             // Taken whatever happens, so that a VM that never boots leaves nothing behind.
             let request_keys = me.pending_keys().remove(&hostname).unwrap_or_default();
-            let result = if r.paused.load(Ordering::SeqCst) || r.vm.is_ready() {
+            let mut result = if r.paused.load(Ordering::SeqCst) || r.vm.is_ready() {
                 Ok(())
             } else {
                 r.vm.wait_ready(BOOT_TIMEOUT).await.map_err(|e| format!("{e:#}"))
             };
+            // The group's CAs, before the VM reports ready, on every start (the agent keeps
+            // what a guest has). A new guest that cannot take them fails its start; an
+            // adopted one (the daemon restarted) keeps running with a warning.
+            if let (Ok(()), Some(pem), false) = (&result, &ca_bundle, r.paused.load(Ordering::SeqCst)) {
+                if let Err(e) = install_ca(r.vm.as_ref(), pem).await {
+                    let e = GuestText(&e);
+                    if r.vm.start_mode() == slicer_vmm::StartMode::Adopted {
+                        tracing::warn!("VM {hostname}: installing the host group's CA certificates: {e:#}");
+                    } else {
+                        result = Err(format!(
+                            "installing the host group's CA certificates (host_groups[].ca) in the guest: {e:#}"
+                        ));
+                    }
+                }
+            }
             let ok = result.is_ok();
             if ok && r.vm.is_ready() && r.vm.start_mode() != slicer_vmm::StartMode::Adopted {
                 me.metrics

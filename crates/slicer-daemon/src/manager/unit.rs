@@ -534,3 +534,35 @@ async fn a_stuck_guest_cannot_hold_its_userdata_for_ever() {
 fn e_host(f: &Fixture) -> String {
     f.manager.records().expect("records")[0].hostname.clone()
 }
+
+/// A group trusting a CA: a guest whose agent cannot install it (here it answers nonsense)
+/// fails the create with a clear error, and nothing of the VM is left.
+#[tokio::test]
+async fn a_guest_that_cannot_take_the_groups_ca_fails_its_create() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let ca = slicer_proxy::ca::GroupCa::init(&dir.path().join("ca"), "t", false).expect("a CA");
+    let pem = dir.path().join("ca.pem");
+    std::fs::write(&pem, ca.cert_pem()).expect("the CA file");
+    let yaml = format!(
+        "config:\n  host_groups:\n  - name: t\n    count: 0\n    vcpu: 2\n    ram_mb: 512\n    warm_start: false\n    network: {{mode: none}}\n    ca: {{files: [{}]}}\n  capacity:\n    vms: 4\n    ram_bytes: 17179869184\n",
+        pem.display()
+    );
+    let settings = crate::config::File::parse(&yaml)
+        .and_then(|f| f.settings(dir.path()))
+        .expect("the test config is valid");
+    assert!(settings.groups[0].ca_bundle().is_some());
+    std::fs::create_dir_all(dir.path().join("data")).expect("the data directory");
+    let backend = Arc::new(FakeBackend::default());
+    *backend.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(stuck_agent(dir.path()));
+    let m = manager_on(dir.path(), settings, backend.clone()).await;
+    let e = m
+        .create("t", request(false, &[]), Some(Wait::Agent), T)
+        .await
+        .expect_err("the create fails");
+    assert!(
+        e.to_string().contains("installing the host group's CA certificates"),
+        "{e}"
+    );
+    assert!(m.records().expect("records").is_empty());
+    eventually("the share is released", || m.capacity().0.vms == 0).await;
+}
