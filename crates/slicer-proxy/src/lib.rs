@@ -10,6 +10,7 @@ pub mod error;
 pub mod mitm;
 pub mod plane;
 pub mod rules;
+pub mod server;
 pub mod suggest;
 pub mod upstream;
 
