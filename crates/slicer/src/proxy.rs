@@ -72,9 +72,10 @@ pub enum ClientCmd {
     /// Create a client and print its token (shown only now): `PROXY_TOKEN=$(slicer proxy client create NAME)`.
     Create {
         name: String,
-        /// Register this token instead of minting one (at least 16 characters).
-        #[arg(long)]
-        token: Option<String>,
+        /// Register this token instead of minting one (at least 16 characters; the SDK's
+        /// `setToken`). `--token` stays the API's token, as in every command.
+        #[arg(long = "set-token", value_name = "TOKEN")]
+        set_token: Option<String>,
     },
     #[command(alias = "ls")]
     List,
@@ -317,8 +318,8 @@ async fn admin(c: &ApiClient, cmd: ProxyCmd, json: bool) -> Result<()> {
     match cmd {
         ProxyCmd::Up(_) => unreachable!("handled by run"),
         ProxyCmd::Client { cmd } => match cmd {
-            ClientCmd::Create { name, token } => {
-                let body = serde_json::to_value(CreateProxyClientRequest { name, token })?;
+            ClientCmd::Create { name, set_token } => {
+                let body = serde_json::to_value(CreateProxyClientRequest { name, token: set_token })?;
                 let out: ProxyClientCreated = c.json(Method::POST, "/proxy/v1/clients", Some(&body)).await?;
                 if json {
                     print_json(&out)?;
