@@ -8,7 +8,7 @@
 //! said hello acknowledged it (at most [`ACK_WAIT`]; a dead proxy does not fail the call). A
 //! task looks for proxies' sockets every second, garbage-collects expired rules and pushes
 //! again when per-VM tokens went with their VMs. Decisions proxies report are counted in
-//! `/metrics` and the last of each client kept (bounded) for `suggest`.
+//! `/metrics`, and the last denials of each client kept (bounded) for `suggest`.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -112,6 +112,8 @@ pub struct ProxyAdmin {
     /// (count, sum of rowids) of the tokens at the last push: per-VM tokens go with their VM
     /// (a cascade in SQLite), which the housekeeping notices by this.
     tokens_seen: Mutex<(i64, i64)>,
+    /// Ends the scan loop and every link (the daemon is stopping).
+    closing: tokio_util::sync::CancellationToken,
 }
 
 fn now() -> i64 {
@@ -341,6 +343,7 @@ impl ProxyAdmin {
             next_link: AtomicU64::new(1),
             metrics,
             tokens_seen: Mutex::new((0, 0)),
+            closing: tokio_util::sync::CancellationToken::new(),
         });
         {
             let mut conn = admin.db.conn();
@@ -356,11 +359,15 @@ impl ProxyAdmin {
     /// Starts looking for proxies (every [`SCAN_EVERY`]) and the housekeeping.
     pub fn start(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
+        let closing = self.closing.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SCAN_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = closing.cancelled() => return,
+                }
                 let Some(me) = Weak::upgrade(&weak) else { return };
                 me.scan();
                 if let Err(e) = me.housekeeping().await {
@@ -368,6 +375,12 @@ impl ProxyAdmin {
                 }
             }
         });
+    }
+
+    /// Stops looking for proxies and closes the links (the proxies keep enforcing the last
+    /// state; they reconnect to the next daemon).
+    pub fn stop(&self) {
+        self.closing.cancel();
     }
 
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<String, Link>> {
@@ -1012,9 +1025,15 @@ impl ProxyAdmin {
                 },
             );
             let (me2, group) = (self.clone(), group.clone());
+            let closing = self.closing.clone();
             tokio::spawn(async move {
-                if let Err(e) = me2.link(&group, &path, acked_tx, &hello).await {
-                    tracing::info!(group, "proxy control link ended: {e:#}");
+                tokio::select! {
+                    r = me2.link(&group, &path, acked_tx, &hello) => {
+                        if let Err(e) = r {
+                            tracing::info!(group, "proxy control link ended: {e:#}");
+                        }
+                    }
+                    _ = closing.cancelled() => {}
                 }
                 let mut links = me2.links();
                 if links.get(&group).is_some_and(|l| l.id == id) {
@@ -1106,7 +1125,7 @@ impl ProxyAdmin {
                                 .decisions
                                 .get_or_create(&ProxyDecisionLabels { group: group.into(), decision: decision.into() })
                                 .inc();
-                            if rules::check_name("client", &d.client).is_ok() {
+                            if keep_for_suggest(&d) {
                                 pending.push(d);
                             }
                             if pending.len() >= DECISION_BATCH {
@@ -1143,6 +1162,19 @@ impl ProxyAdmin {
             tracing::warn!("keeping proxy decisions: {e}");
         }
     }
+}
+
+/// Whether a decision is kept for `suggest`: a denial of a named client, every field within
+/// the bounds a rule has (so the kept decisions stay small: a few KiB each at most).
+fn keep_for_suggest(d: &Decision) -> bool {
+    !d.allow
+        && rules::check_name("client", &d.client).is_ok()
+        && d.host.len() <= rules::MAX_HOST_LEN
+        && d.path.len() <= rules::MAX_PATH_LEN
+        && d.method.len() <= 32
+        && d.scheme.len() <= 16
+        && d.reason.len() <= 64
+        && d.secret.len() <= rules::MAX_NAME_LEN
 }
 
 async fn send_state(wr: &mut tokio::net::unix::OwnedWriteHalf, state: &ProxyState) -> anyhow::Result<()> {

@@ -462,3 +462,66 @@ async fn admin_api_control_channel_and_restart() {
     assert!(!log.contains(SECRET), "a secret value was logged");
     assert!(!answers.contains(SECRET), "a secret value was answered");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
+async fn a_proxy_bound_vm_gets_its_own_token_in_its_login_environment() {
+    let mut d = TestDaemon::start(|port| config_yaml("pv", "", port)).await;
+    let data = d.dir.path().join("data");
+    let (s, v) = d
+        .send_json(Method::POST, "/proxy/v1/clients", r#"{"name": "agent"}"#)
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let fake = FakeProxy::start(&data, "pv");
+    wait_until("the daemon links to the proxy", Duration::from_secs(5), || async {
+        fake.last().is_some()
+    })
+    .await;
+    let tokens = |f: &FakeProxy| {
+        f.last()
+            .and_then(|s| s.clients.into_iter().find(|c| c.name == "agent"))
+            .map(|c| c.token_sha256)
+            .unwrap_or_default()
+    };
+    assert_eq!(tokens(&fake).len(), 1);
+
+    let v = d.create_vm("pv", json!({"proxy": {"client": "agent"}})).await;
+    let h = v["hostname"].as_str().unwrap().to_string();
+    // A login shell (profile.d) and PAM sessions (/etc/environment) see the proxy.
+    let (s, v) = d
+        .sh(
+            &h,
+            ". /etc/profile.d/slicer-proxy.sh; echo \"P=$HTTPS_PROXY\"; echo \"N=$no_proxy\"; grep -c PROXY= /etc/environment",
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let out = v["stdout"].as_str().unwrap().to_string();
+    let url = out
+        .lines()
+        .find_map(|l| l.strip_prefix("P="))
+        .unwrap_or_else(|| panic!("{out}"));
+    let token = url
+        .strip_prefix("http://proxy:")
+        .and_then(|r| r.strip_suffix("@192.168.222.1:3128"))
+        .unwrap_or_else(|| panic!("{url}"));
+    assert!(out.contains("N=localhost,127.0.0.1\n"), "{out}");
+    assert!(
+        out.ends_with("3\n"),
+        "HTTP_PROXY, HTTPS_PROXY, NO_PROXY in /etc/environment: {out}"
+    );
+    let hashes = tokens(&fake);
+    assert_eq!(hashes.len(), 2, "the client's token and the VM's");
+    assert!(hashes.contains(&sha(token)));
+
+    // The VM's token goes with the VM.
+    let (s, v) = d
+        .send_json(Method::DELETE, &format!("/hostgroup/pv/nodes/{h}"), "")
+        .await;
+    assert_eq!(s, 200, "{v}");
+    wait_until("the VM's token is withdrawn", Duration::from_secs(10), || async {
+        tokens(&fake).len() == 1
+    })
+    .await;
+    assert!(!tokens(&fake).contains(&sha(token)));
+    d.stop().await;
+}

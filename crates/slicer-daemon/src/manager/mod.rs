@@ -1225,6 +1225,7 @@ impl Manager {
     /// finish first; no VM starts afterwards.
     pub async fn shutdown_all(&self) {
         self.closing.store(true, Ordering::SeqCst);
+        self.proxy.stop();
         let mut names: HashSet<String> = self.vms().keys().cloned().collect();
         names.extend(self.op_map().keys().cloned());
         let graceful = if self.settings.graceful_shutdown {
