@@ -1221,6 +1221,33 @@ impl Lines {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_proxy_line_past_the_bound_ends_the_link() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (rd, w) = a.into_split();
+        let mut lines = Lines {
+            rd,
+            buf: slicer_agent_proto::lines::LineBuf::new(),
+        };
+        let (_r, mut wr) = b.into_split();
+        let writer = tokio::spawn(async move {
+            wr.write_all(b"{\"type\":\"ack\",\"generation\":1}\n").await.unwrap();
+            // Endless bytes without a newline.
+            let junk = vec![b'x'; 1 << 16];
+            while wr.write_all(&junk).await.is_ok() {}
+        });
+        assert_eq!(lines.next().await.unwrap(), b"{\"type\":\"ack\",\"generation\":1}\n");
+        let e = lines.next().await.unwrap_err();
+        assert!(e.to_string().contains("longer than"), "{e}");
+        // Closing our end ends the writer.
+        drop(lines);
+        drop(w);
+        tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
     #[test]
     fn env_and_hosts() {
         assert_eq!(proxy_host("192.168.222.1/24").as_deref(), Some("192.168.222.1"));

@@ -52,6 +52,11 @@ struct FakeProxy {
 
 impl FakeProxy {
     fn start(data_dir: &std::path::Path, group: &str) -> FakeProxy {
+        FakeProxy::start_acking(data_dir, group, true)
+    }
+
+    /// As [`FakeProxy::start`]; `ack: false` is a proxy that never acknowledges.
+    fn start_acking(data_dir: &std::path::Path, group: &str, ack: bool) -> FakeProxy {
         let path = control::control_socket(data_dir, group);
         let _ = std::fs::remove_file(&path);
         let l = tokio::net::UnixListener::bind(&path).unwrap();
@@ -77,6 +82,9 @@ impl FakeProxy {
                         let ToProxy::State { state } = serde_json::from_str(&l).unwrap();
                         let g = state.generation;
                         st.lock().unwrap().push(state);
+                        if !ack {
+                            continue;
+                        }
                         tokio::time::sleep(ACK_DELAY).await;
                         if wr.write_all(line(&FromProxy::Ack { generation: g }).as_bytes()).await.is_err() {
                             return;
@@ -443,9 +451,24 @@ async fn admin_api_control_channel_and_restart() {
         "generations grow across restarts"
     );
 
-    // Deletes.
+    // A proxy that never acknowledges holds a change up for at most 2 s, and does not fail it.
+    let mute = FakeProxy::start_acking(&data, "sb", false);
+    wait_until("the daemon links to the mute proxy", Duration::from_secs(5), || async {
+        mute.last().is_some()
+    })
+    .await;
+    let t0 = Instant::now();
     let (s, _) = call!(Method::DELETE, "/proxy/v1/secrets/gh", "");
     assert_eq!(s, 204);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(mute.last().unwrap().secrets.iter().all(|s| s.name != "gh"));
+    drop(mute);
+
+    // Deletes.
     let (s, _) = call!(Method::DELETE, "/proxy/v1/secrets/gh", "");
     assert_eq!(s, 404);
     let (s, _) = call!(Method::DELETE, "/proxy/v1/clients/reviewfn", "");
