@@ -122,3 +122,10 @@ pub struct RemoveProxyAllowByTupleRequest {
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
+
+/// `proxy` of a create request (a slicer extension): the proxy client a VM acts as.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyBinding {
+    pub client: String,
+}

@@ -167,6 +167,10 @@ pub struct CreateNodeRequest {
     pub secrets: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkOverride>,
+    /// Slicer extension: a proxy-bound VM. The daemon mints a token of this proxy client for the
+    /// VM and sets HTTP(S)_PROXY in its login environment to its host group's proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<crate::ProxyBinding>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
 }

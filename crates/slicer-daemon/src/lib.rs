@@ -6,6 +6,7 @@ pub mod config;
 pub mod log;
 pub mod manager;
 pub mod metrics;
+pub mod proxy;
 pub mod secrets;
 pub mod serve;
 pub mod state;
@@ -88,6 +89,7 @@ pub async fn start(opts: &UpOptions) -> Result<Daemon> {
     let listen = settings.listen.clone();
     let manager = Manager::new(settings, host, &opts.data_dir).await?;
     manager.start_accounting(std::time::Duration::from_secs(2));
+    manager.proxy().start();
     manager.recover().await?;
     manager.setup_networks().await?;
     let app = api::router(Arc::new(api::AppState {

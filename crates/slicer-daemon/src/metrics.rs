@@ -56,6 +56,20 @@ impl KindLabels {
     }
 }
 
+/// A proxy decision: the proxy's host group and `allow` or `deny`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyDecisionLabels {
+    pub group: String,
+    pub decision: String,
+}
+
+/// Bytes a proxy carried: `up` (client to upstream) or `down`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyBytesLabels {
+    pub group: String,
+    pub direction: String,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn request_buckets() -> Histogram {
@@ -82,6 +96,10 @@ pub struct Metrics {
     pub template_memory: Family<KindLabels, Gauge>,
     pub template_shapes: Family<KindLabels, Gauge>,
     pub template_shapes_refused: Counter,
+    pub proxy_decisions: Family<ProxyDecisionLabels, Counter>,
+    pub proxy_bytes: Family<ProxyBytesLabels, Gauge>,
+    pub proxy_open_connections: Family<GroupLabels, Gauge>,
+    pub proxy_connected: Gauge,
 }
 
 impl Default for Metrics {
@@ -149,8 +167,36 @@ impl Metrics {
             "VMs booted cold because their shape found no free template slot",
             template_shapes_refused.clone(),
         );
+        let proxy_decisions = Family::<ProxyDecisionLabels, Counter>::default();
+        registry.register(
+            "proxy_decisions",
+            "Slicer Proxy decisions reported to the daemon, by host group and allow or deny",
+            proxy_decisions.clone(),
+        );
+        let proxy_bytes = Family::<ProxyBytesLabels, Gauge>::default();
+        registry.register(
+            "proxy_bytes",
+            "Bytes a proxy carried since it started (up: towards upstreams), as it last reported",
+            proxy_bytes.clone(),
+        );
+        let proxy_open_connections = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "proxy_open_connections",
+            "Client connections a proxy holds open, as it last reported",
+            proxy_open_connections.clone(),
+        );
+        let proxy_connected = Gauge::default();
+        registry.register(
+            "proxies_connected",
+            "Proxies connected to the daemon's control channel",
+            proxy_connected.clone(),
+        );
         Metrics {
             registry,
+            proxy_decisions,
+            proxy_bytes,
+            proxy_open_connections,
+            proxy_connected,
             requests,
             request_seconds,
             launches,

@@ -93,6 +93,47 @@ CREATE TABLE IF NOT EXISTS allocations (
     host_group TEXT PRIMARY KEY,
     next INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS proxy_clients (
+    name TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS proxy_tokens (
+    sha256 TEXT PRIMARY KEY,
+    client TEXT NOT NULL REFERENCES proxy_clients(name) ON DELETE CASCADE,
+    vm TEXT REFERENCES vms(hostname) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS proxy_secrets (
+    name TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT
+);
+CREATE TABLE IF NOT EXISTS proxy_rules (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    client TEXT NOT NULL REFERENCES proxy_clients(name) ON DELETE CASCADE,
+    rule TEXT NOT NULL,
+    expires INTEGER
+);
+CREATE INDEX IF NOT EXISTS proxy_rules_by_client ON proxy_rules(client, id);
+CREATE TABLE IF NOT EXISTS proxy_hellos (
+    host_group TEXT PRIMARY KEY,
+    bind TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS proxy_decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    client TEXT NOT NULL REFERENCES proxy_clients(name) ON DELETE CASCADE,
+    decision TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS proxy_decisions_by_client ON proxy_decisions(client, id);
+CREATE TABLE IF NOT EXISTS proxy_meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 ";
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
@@ -259,7 +300,7 @@ impl Db {
         Ok(Db { conn: Mutex::new(conn) })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 

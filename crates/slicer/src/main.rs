@@ -9,6 +9,7 @@ mod ca;
 mod guest;
 mod image;
 mod new;
+mod proxy;
 mod run;
 mod term;
 mod untar;
@@ -35,7 +36,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "run `slicer up ./slicer.yaml` under your own systemd unit; `service generate` is not available",
     ),
     ("pci", "PCI passthrough is not available on this host"),
-    ("proxy", "slicer-proxy is not available"),
     (
         "workspace",
         "the agent workspace wrappers are not available; use `slicer vm add` and `slicer vm shell`",
@@ -120,6 +120,14 @@ enum Cmd {
         #[command(flatten)]
         conn: vm::Conn,
     },
+    /// Slicer Proxy: `up` runs a host group's egress proxy; clients, secrets and allow rules
+    /// are kept by the daemon.
+    Proxy {
+        #[command(flatten)]
+        conn: vm::Conn,
+        #[command(subcommand)]
+        cmd: proxy::ProxyCmd,
+    },
     /// Print the client's version.
     Version,
     /// The client's and the daemon's versions (`GET /info`).
@@ -181,6 +189,7 @@ fn main() {
             Ok(())
         }
         Cmd::Info { conn } => vm::run_info(conn),
+        Cmd::Proxy { conn, cmd } => proxy::run(cmd, conn),
         Cmd::Mcp { conn } => vm::run_mcp(conn),
         Cmd::Ls { conn } => vm::run(
             vm::VmCmd::List {

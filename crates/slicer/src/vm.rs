@@ -37,7 +37,12 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn client(&self) -> Result<ApiClient> {
+    /// `--json`.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    pub fn client(&self) -> Result<ApiClient> {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(f)) => {

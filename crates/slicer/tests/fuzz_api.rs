@@ -246,7 +246,9 @@ not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"
             .replace("{hostname}", &vm)
             .replace("{group}", "fz")
             .replace("{id}", "0")
-            .replace("{name}", "fuzz");
+            .replace("{name}", "fuzz")
+            .replace("{client}", "fuzz")
+            .replace("{host}", "fuzz.example");
         let auth = format!("Authorization: Bearer {token}\r\n");
         let req = |path: &str, headers: &str, body: &[u8]| {
             format!(

@@ -7,6 +7,7 @@ pub mod error;
 mod exec;
 mod fs;
 mod mcp;
+mod proxy;
 mod secrets;
 mod stats;
 mod watch;
@@ -157,7 +158,18 @@ fn routes() -> (Routes, Routes) {
         .delete("/vm/commits/{id}", commits::delete)
         .post("/vm/commits/{id}/fork", commits::fork)
         .post("/vm/{hostname}/suspend", suspend)
-        .post("/vm/{hostname}/restore", restore);
+        .post("/vm/{hostname}/restore", restore)
+        .get("/proxy/v1/clients", proxy::list_clients)
+        .post("/proxy/v1/clients", proxy::create_client)
+        .get("/proxy/v1/clients/{name}", proxy::client_rules)
+        .delete("/proxy/v1/clients/{name}", proxy::delete_client)
+        .get("/proxy/v1/clients/{name}/suggest", proxy::suggest)
+        .get("/proxy/v1/secrets", proxy::list_secrets)
+        .post("/proxy/v1/secrets", proxy::create_secret)
+        .delete("/proxy/v1/secrets/{name}", proxy::delete_secret)
+        .post("/proxy/v1/allows", proxy::add_allow)
+        .post("/proxy/v1/allows/revoke", proxy::revoke)
+        .delete("/proxy/v1/allows/{client}/{host}", proxy::remove_host);
     (public, authed)
 }
 

@@ -71,6 +71,37 @@ while IFS= read -r k; do grep -qxF -- "$k" "$f" || printf '%s\n' "$k" >> "$f"; d
     Ok(())
 }
 
+/// Writes a proxy-bound VM's login environment (`KEY=value` lines: the proxy URL with its
+/// token) to /etc/slicer/proxy.env, /etc/profile.d/slicer-proxy.sh (login shells) and
+/// /etc/environment (PAM sessions: SSH, systemd's logins), replacing earlier proxy lines.
+pub(super) async fn write_proxy_env(vm: &dyn Machine, env: &str) -> anyhow::Result<()> {
+    let script = r#"set -e; umask 022; mkdir -p /etc/slicer /etc/profile.d
+cat > /etc/slicer/proxy.env.new; mv /etc/slicer/proxy.env.new /etc/slicer/proxy.env
+{ echo '# Written by slicer: this VM reaches the internet through Slicer Proxy.'
+  sed "s/^\([A-Za-z_]*\)=\(.*\)$/export \1='\2'/" /etc/slicer/proxy.env; } > /etc/profile.d/slicer-proxy.sh.new
+mv /etc/profile.d/slicer-proxy.sh.new /etc/profile.d/slicer-proxy.sh
+touch /etc/environment
+{ grep -v -E '^(HTTP_PROXY|HTTPS_PROXY|http_proxy|https_proxy|NO_PROXY|no_proxy)=' /etc/environment || true
+  cat /etc/slicer/proxy.env; } > /etc/environment.slicer-new
+mv /etc/environment.slicer-new /etc/environment"#;
+    let req = ExecRequest::argv(["/bin/sh", "-c", script]);
+    let out = exec_within(
+        vm,
+        "writing the proxy environment",
+        &req,
+        Some(env.to_string().into()),
+        GUEST_CALL_DEADLINE,
+    )
+    .await?;
+    anyhow::ensure!(
+        out.status.code == Some(0),
+        "exit {:?}: {}",
+        out.status.code,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 pub(super) const USERDATA_LOG: &str = "/var/log/slicer-userdata.log";
 
 /// Runs userdata as root, once per disk: /etc/slicer/userdata-ran holds its exit code, and a

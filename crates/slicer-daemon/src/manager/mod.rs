@@ -127,6 +127,10 @@ pub struct Manager {
     template_shapes: Mutex<Vec<Shape>>,
     /// One commit change at a time (see `commits`).
     commit_lock: tokio::sync::Mutex<()>,
+    /// Slicer Proxy's clients, secrets and rules, and the links to running proxies.
+    proxy: Arc<crate::proxy::ProxyAdmin>,
+    /// The login environment of proxy-bound VMs, until their first boot has written it.
+    pending_proxy_env: Mutex<HashMap<String, String>>,
 }
 
 /// The answer to a create (or relaunch) of `rec`.
@@ -243,6 +247,23 @@ impl Manager {
             }
         }
         host.template_memory.set_limit(settings.templates.memory_bytes);
+        let metrics = crate::metrics::Metrics::new();
+        let mut vm_ranges: Vec<String> = nets
+            .values()
+            .map(|n| match n {
+                GroupNet::Isolated(range) => range.to_string(),
+                GroupNet::Bridge(b) => b.subnet.to_string(),
+            })
+            .collect();
+        vm_ranges.sort();
+        let proxy = crate::proxy::ProxyAdmin::open(
+            &data_dir.join("state.db"),
+            data_dir,
+            settings.groups.iter().map(|g| g.name.clone()).collect(),
+            vm_ranges,
+            crate::proxy::ProxyMetrics::of(&metrics),
+        )
+        .context("opening the proxy state")?;
         let m = Arc::new(Manager {
             ledger: Mutex::new(Ledger::new(
                 settings.capacity,
@@ -252,7 +273,9 @@ impl Manager {
             host,
             backend,
             db,
-            metrics: crate::metrics::Metrics::new(),
+            metrics,
+            proxy,
+            pending_proxy_env: Mutex::new(HashMap::new()),
             secrets: crate::secrets::SecretStore::open(data_dir)?,
             secrets_lock: tokio::sync::Mutex::new(()),
             vms: Mutex::new(HashMap::new()),
@@ -319,6 +342,15 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    fn proxy_env(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.pending_proxy_env.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Slicer Proxy's control plane.
+    pub fn proxy(&self) -> &Arc<crate::proxy::ProxyAdmin> {
+        &self.proxy
     }
 
     fn pending_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
@@ -432,9 +464,16 @@ impl Manager {
         if let Some(name) = vm_name(&req.tags) {
             self.check_name(name, None)?;
         }
+        let proxy = match &req.proxy {
+            Some(p) => Some((p.client.clone(), self.proxy.check_binding(&g.name, &p.client)?)),
+            None => None,
+        };
         let me = self.clone();
-        let (rec, running) =
-            detached(async move { me.record_and_launch(rec, req.secrets, req.ssh_keys, None).await }).await?;
+        let (rec, running) = detached(async move {
+            me.record_and_launch_bound(rec, req.secrets, req.ssh_keys, None, proxy)
+                .await
+        })
+        .await?;
         if let Some(w) = wait {
             let waited = tokio::time::timeout(timeout, self.wait_for(&running, w)).await;
             let failure = match waited {
@@ -470,10 +509,24 @@ impl Manager {
     /// (before anything exists), records the VM and starts it under its operation lock.
     async fn record_and_launch(
         self: &Arc<Self>,
+        rec: VmRecord,
+        secrets: Option<Vec<String>>,
+        ssh_keys: Vec<String>,
+        fork: Option<commits::ForkFrom>,
+    ) -> Result<(VmRecord, Arc<Running>), Error> {
+        self.record_and_launch_bound(rec, secrets, ssh_keys, fork, None).await
+    }
+
+    /// [`Manager::record_and_launch`] of a VM bound to a proxy (client, the proxy's host): a
+    /// token of the client is minted for the VM once its record exists (it goes with the
+    /// record), and its login environment written before it reports ready.
+    async fn record_and_launch_bound(
+        self: &Arc<Self>,
         mut rec: VmRecord,
         secrets: Option<Vec<String>>,
         ssh_keys: Vec<String>,
         fork: Option<commits::ForkFrom>,
+        proxy: Option<(String, String)>,
     ) -> Result<(VmRecord, Arc<Running>), Error> {
         let claim = format!("#new-{}", self.claims.fetch_add(1, Ordering::Relaxed));
         self.reserve(&claim, &rec)?;
@@ -505,6 +558,17 @@ impl Manager {
             Some(names) => self.db.set_secret_scope(&hostname, names).map_err(Error::host),
             None => Ok(()),
         };
+        let scoped = match (scoped, &proxy) {
+            (Ok(()), Some((client, host))) => match self.proxy.mint_vm_token(client, &hostname).await {
+                Ok(token) => {
+                    self.proxy_env()
+                        .insert(hostname.clone(), crate::proxy::proxy_env(host, &token));
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            (r, _) => r,
+        };
         if !ssh_keys.is_empty() {
             self.pending_keys().insert(hostname.clone(), ssh_keys);
         }
@@ -520,6 +584,7 @@ impl Manager {
             Ok(r) => Ok((rec, r)),
             Err(e) => {
                 self.pending_keys().remove(&hostname);
+                self.proxy_env().remove(&hostname);
                 self.abandon(&hostname);
                 Err(e)
             }
@@ -706,6 +771,7 @@ impl Manager {
         tokio::spawn(async move {
             // Taken whatever happens, so that a VM that never boots leaves nothing behind.
             let request_keys = me.pending_keys().remove(&hostname).unwrap_or_default();
+            let proxy_env = me.proxy_env().remove(&hostname);
             let mut result = if r.paused.load(Ordering::SeqCst) || r.vm.is_ready() {
                 Ok(())
             } else {
@@ -724,6 +790,12 @@ impl Manager {
                             "installing the host group's CA certificates (host_groups[].ca) in the guest: {e:#}"
                         ));
                     }
+                }
+            }
+            // A proxy-bound VM is not ready until its environment names the proxy.
+            if let (Ok(()), Some(env)) = (&result, proxy_env) {
+                if let Err(e) = write_proxy_env(r.vm.as_ref(), &env).await {
+                    result = Err(format!("writing the proxy environment: {:#}", GuestText(&e)));
                 }
             }
             let ok = result.is_ok();
@@ -1174,6 +1246,7 @@ impl Manager {
     /// finish first; no VM starts afterwards.
     pub async fn shutdown_all(&self) {
         self.closing.store(true, Ordering::SeqCst);
+        self.proxy.stop();
         let mut names: HashSet<String> = self.vms().keys().cloned().collect();
         names.extend(self.op_map().keys().cloned());
         let graceful = if self.settings.graceful_shutdown {
