@@ -107,6 +107,35 @@ pub fn resolve(uid: Option<u32>, gid: Option<u32>) -> Account {
     resolve_in(&passwd, &group, uid, gid)
 }
 
+/// Where the daemon writes a proxy-bound VM's proxy settings (`KEY=VALUE` lines).
+const PROXY_ENV: &str = "/etc/slicer/proxy.env";
+/// The keys taken from it; anything else in the file is ignored.
+const PROXY_KEYS: [&str; 6] = [
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+/// The proxy variables in `path` (at most 16 KiB read; a missing file gives none).
+fn proxy_env(path: &str) -> Vec<(String, String)> {
+    use std::io::Read;
+    let mut text = String::new();
+    let Ok(f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    if f.take(16 << 10).read_to_string(&mut text).is_err() {
+        return Vec::new();
+    }
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, v)| PROXY_KEYS.contains(k) && !v.bytes().any(|b| b.is_ascii_control()))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 impl Account {
     /// The environment of a login shell of this account.
     pub fn login_env(&self) -> Vec<(String, String)> {
@@ -123,6 +152,8 @@ impl Account {
         }
         // What /etc/environment gives a login while slicer's CAs are installed.
         env.extend(crate::ca::env_vars(&crate::ca::Root::system()));
+        // A proxy-bound VM: the proxy the daemon wrote for it.
+        env.extend(proxy_env(PROXY_ENV));
         env
     }
 
@@ -205,6 +236,26 @@ mod tests {
         assert_eq!(unknown.groups, vec![7]);
         // nologin shells are no use for a shell session.
         assert_eq!(resolve_in(PASSWD, GROUP, Some(1), None).shell, "/bin/sh");
+    }
+
+    #[test]
+    fn proxy_environment_takes_only_proxy_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("proxy.env");
+        std::fs::write(
+            &p,
+            "HTTPS_PROXY=http://proxy:t@10.0.0.1:3128\nLD_PRELOAD=/x.so\nno_proxy=localhost\nbroken\n",
+        )
+        .unwrap();
+        let env = proxy_env(p.to_str().unwrap());
+        assert_eq!(
+            env,
+            vec![
+                ("HTTPS_PROXY".to_string(), "http://proxy:t@10.0.0.1:3128".to_string()),
+                ("no_proxy".to_string(), "localhost".to_string())
+            ]
+        );
+        assert!(proxy_env("/nonexistent/proxy.env").is_empty());
     }
 
     #[test]

@@ -247,7 +247,9 @@ fn up(a: UpArgs) -> Result<()> {
     let mode = match a.mode.as_str() {
         "audit" => slicer_proxy::control::Mode::Audit,
         "strict" => slicer_proxy::control::Mode::Strict,
-        other => bail!("--mode {other:?}: use strict (deny unknown CONNECTs at once) or audit (log the first request, then deny)"),
+        other => bail!(
+            "--mode {other:?}: use strict (deny unknown CONNECTs at once) or audit (log the first request, then deny)"
+        ),
     };
     let opts = slicer_proxy::server::UpOptions {
         group: a.hostgroup,

@@ -561,7 +561,7 @@ async fn egress_goes_only_through_the_proxys_rules() {
         .await
         .unwrap();
     let vm_c = c["hostname"].as_str().unwrap().to_string();
-    let (code, out, err) = sh(&api, &vm_c, "bash -lc 'curl -sS --max-time 20 https://basic.test/env'").await;
+    let (code, out, err) = sh(&api, &vm_c, "curl -sS --max-time 20 https://basic.test/env").await;
     assert_eq!((code, out.trim()), (0, "GET /env"), "{err}");
 
     drop(proxy);
