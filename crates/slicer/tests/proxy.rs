@@ -75,8 +75,23 @@ impl Proxy {
         p
     }
 
+    /// Waits until the proxy accepts and has given up root (it binds its ports while still root).
     fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let status = format!("/proc/{}/status", self.pid());
+        while !std::fs::read_to_string(&status)
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:") && l.ends_with('2')))
+        {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("slicer proxy up exited ({st}): {}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not drop root: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let addr = format!("{BIND}:3128").parse().unwrap();
         loop {
             if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
@@ -531,6 +546,7 @@ async fn egress_goes_only_through_the_proxys_rules() {
 
     // Audit mode: a denied request is logged with its method and path, the upstream untouched;
     // `slicer proxy suggest` turns what it saw into rules.
+    proxy_cli(dir, &url, &["revoke", "c1", "--host", "*"]);
     let proxy = Proxy::start(dir, "audit");
     let before = up_hosts.seen.count.load(std::sync::atomic::Ordering::Relaxed);
     let r = curl(&api, &a, Some(&token), "", "https://other.test/v1/models").await;
@@ -545,11 +561,23 @@ async fn egress_goes_only_through_the_proxys_rules() {
         "reason=no-rule",
     ]);
     assert_eq!(up_hosts.seen.count.load(std::sync::atomic::Ordering::Relaxed), before);
-    let suggestion = proxy_cli(dir, &url, &["suggest", "c1"]);
-    assert!(
-        suggestion.contains("--host other.test") && suggestion.contains("/v1/models"),
-        "{suggestion}"
-    );
+    // The decision reaches the daemon over the proxy's control socket, which the daemon
+    // reconnects to after the restart: polled.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let suggestion = proxy_cli(dir, &url, &["suggest", "c1"]);
+        if suggestion
+            .lines()
+            .any(|l| l.contains("--host other.test") && l.contains("/v1/models"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no suggestion for other.test /v1/models: {suggestion}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // A VM bound to a client gets the proxy in its login environment: no token typed anywhere.
     let c: Value = api
