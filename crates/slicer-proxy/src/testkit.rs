@@ -171,6 +171,8 @@ pub async fn serve_http(l: tokio::net::TcpListener, tls: Option<Arc<rustls::Serv
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let Ok((s, _)) = l.accept().await else { continue };
+        // As servers on the internet do: without it, HTTP/2's small frames wait for delayed ACKs.
+        let _ = s.set_nodelay(true);
         let acceptor = acceptor.clone();
         let seen = seen.clone();
         tokio::spawn(async move {
