@@ -17,6 +17,8 @@ target/release/slicer-bench --suite images "$@"
 target/release/slicer-bench --suite density --image min --vms 20 "$@"
 target/release/slicer-bench --suite density --image systemd --memory 512 --vms 20 "$@"
 target/release/slicer-bench --suite livefork --image min --boots 5 "$@"
+# Slicer Proxy against direct, on the host (downloads, request latency, connection rate, RSS).
+target/release/slicer-bench --suite proxy --transfer-mib 256 --execs 500 "$@"
 # Adds idle VMs until create latency doubles, memory runs short or 600 are held (minutes).
 target/release/slicer-bench --suite hold --image min --vms 600 "$@"
 # 20 minutes of four clients creating, using and deleting sandboxes; leaks, RSS, percentiles.
