@@ -16,8 +16,13 @@ pub struct ProxyClient {
 #[serde(deny_unknown_fields)]
 pub struct CreateProxyClientRequest {
     pub name: String,
-    /// A literal token to register; when absent the daemon mints `spt_…`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A literal token to register; when absent the daemon mints `spt_…` (`null` is refused:
+    /// the schema says string).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "string_not_null"
+    )]
     pub token: Option<String>,
 }
 
@@ -119,8 +124,27 @@ pub struct RemoveProxyAllowByTupleRequest {
     pub passthrough: bool,
 }
 
+/// A field that may be absent but, when present, must be a string (not `null`).
+fn string_not_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_null_token_is_refused_an_absent_one_minted() {
+        assert!(serde_json::from_str::<CreateProxyClientRequest>(r#"{"name":"a","token":null}"#).is_err());
+        let r: CreateProxyClientRequest = serde_json::from_str(r#"{"name":"a"}"#).unwrap();
+        assert_eq!(r.token, None);
+        let r: CreateProxyClientRequest = serde_json::from_str(r#"{"name":"a","token":"spt_x"}"#).unwrap();
+        assert_eq!(r.token.as_deref(), Some("spt_x"));
+    }
 }
 
 /// `proxy` of a create request (a slicer extension): the proxy client a VM acts as.

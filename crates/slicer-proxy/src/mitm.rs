@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -1187,17 +1186,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// The token of `Proxy-Authorization: Basic base64(user:token)`.
+/// The token of `Proxy-Authorization: Basic base64(user:token)` (parsed as the listener does).
 pub fn proxy_token(h: &HeaderMap) -> Option<String> {
-    let v = h.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, rest) = v.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let raw = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (_user, token) = text.split_once(':')?;
-    (!token.is_empty()).then(|| token.to_string())
+    crate::server::basic_token(h.get(header::PROXY_AUTHORIZATION)?.as_bytes())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1351,7 +1342,7 @@ mod tests {
         assert_eq!(proxy_token(&h), None);
         let v = format!(
             "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode("proxy:spt_abc")
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "proxy:spt_abc")
         );
         h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_str(&v).unwrap());
         assert_eq!(proxy_token(&h).as_deref(), Some("spt_abc"));

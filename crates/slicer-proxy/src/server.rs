@@ -15,17 +15,18 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
+
+// A stream that first yields bytes already read from it (the agent protocol's, shared).
+use slicer_agent_proto::sync::Rewind as Replay;
 
 use crate::ca::{self, GroupCa};
 use crate::control::{self, Decision, Mode, ProxyState};
@@ -585,58 +586,6 @@ async fn handle(ctx: Arc<Ctx>, s: TcpStream, peer: SocketAddr, _guard: ConnGuard
     }
 }
 
-/// A stream that first yields bytes already read from it.
-pub struct Replay<S> {
-    prefix: Vec<u8>,
-    pos: usize,
-    inner: S,
-}
-
-impl<S> Replay<S> {
-    pub fn new(prefix: Vec<u8>, inner: S) -> Replay<S> {
-        Replay { prefix, pos: 0, inner }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        if self.pos < self.prefix.len() {
-            let n = buf.remaining().min(self.prefix.len() - self.pos);
-            let pos = self.pos;
-            buf.put_slice(&self.prefix[pos..pos + n]);
-            self.pos += n;
-            if self.pos == self.prefix.len() {
-                self.prefix = Vec::new();
-                self.pos = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
 enum HeadError {
     TooLarge,
     Closed,
@@ -725,7 +674,8 @@ fn parse_head(head: &[u8]) -> Result<Head, ParseError> {
     })
 }
 
-/// The token of a `Basic base64(user:token)` credential.
+/// The token of a `Basic base64(user:token)` credential (the user is ignored; Slicer's is
+/// `proxy`); none when it is empty.
 pub fn basic_token(value: &[u8]) -> Option<String> {
     let v = std::str::from_utf8(value).ok()?.trim();
     let (scheme, rest) = v.split_once(' ')?;
@@ -735,7 +685,7 @@ pub fn basic_token(value: &[u8]) -> Option<String> {
     let raw = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
     let text = String::from_utf8(raw).ok()?;
     let (_, token) = text.split_once(':')?;
-    Some(token.to_string())
+    (!token.is_empty()).then(|| token.to_string())
 }
 
 /// `host:port` of a CONNECT (`[v6]:port` too), the host normalized.
@@ -857,7 +807,7 @@ where
     if !is_connect {
         // The interceptor reads the whole head again and decides each request itself.
         drop(rest);
-        ctx.interceptor.serve_forward(plane.clone(), Replay::new(buf, s)).await;
+        ctx.interceptor.serve_forward(plane.clone(), Replay::new(s, buf)).await;
         return;
     }
     drop(buf);
@@ -957,7 +907,7 @@ async fn tunnel<S>(
                     port,
                     audit_only: false,
                 };
-                ctx.interceptor.serve(plane, t, Replay::new(rest, s)).await;
+                ctx.interceptor.serve(plane, t, Replay::new(s, rest)).await;
             }
         }
         ConnectDecision::Deny(reason) => match plane.mode {
@@ -982,7 +932,7 @@ async fn tunnel<S>(
                         port,
                         audit_only: true,
                     };
-                    ctx.interceptor.serve(plane, t, Replay::new(rest, s)).await;
+                    ctx.interceptor.serve(plane, t, Replay::new(s, rest)).await;
                 }
             }
         },
@@ -1243,15 +1193,6 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\n\nrest", 0), Some(16));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\n", 0), None);
         assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\n", 16), Some(18));
-    }
-
-    #[tokio::test]
-    async fn replay_yields_prefix_then_inner() {
-        let inner: &[u8] = b" world";
-        let mut r = Replay::new(b"hello".to_vec(), tokio::io::join(inner, tokio::io::sink()));
-        let mut out = String::new();
-        r.read_to_string(&mut out).await.unwrap();
-        assert_eq!(out, "hello world");
     }
 
     #[tokio::test]
