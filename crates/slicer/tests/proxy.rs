@@ -75,37 +75,32 @@ impl Proxy {
         p
     }
 
-    /// Waits until the proxy accepts and has given up root (it binds its ports while still root).
+    /// Waits until the proxy has given up root and accepts (it binds its ports while still root).
     fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = format!("/proc/{}/status", self.pid());
-        while !std::fs::read_to_string(&status)
-            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:") && l.ends_with('2')))
-        {
+        self.poll(deadline, "drop root", || {
+            std::fs::read_to_string(&status)
+                .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:") && l.ends_with('2')))
+        });
+        let addr = format!("{BIND}:3128").parse().unwrap();
+        self.poll(deadline, "listen", || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        });
+    }
+
+    /// Polls `ready` until `deadline`, failing at once if the proxy exits.
+    fn poll(&mut self, deadline: Instant, what: &str, mut ready: impl FnMut() -> bool) {
+        while !ready() {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("slicer proxy up exited ({st}): {}", self.log_text());
             }
             assert!(
                 Instant::now() < deadline,
-                "the proxy did not drop root: {}",
+                "the proxy did not {what}: {}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
-        }
-        let addr = format!("{BIND}:3128").parse().unwrap();
-        loop {
-            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("slicer proxy up exited ({st}): {}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the proxy did not listen: {}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
