@@ -20,6 +20,19 @@ const H1: &[&[u8]] = &[b"http/1.1"];
 const H2: &[&[u8]] = &[b"h2"];
 const BOTH: &[&[u8]] = &[b"h2", b"http/1.1"];
 
+/// An HTTPS upstream for api.test (h2 and HTTP/1.1, its own CA) and a strict plane whose one
+/// rule allows it.
+async fn api_test_allowed() -> (TestCa, TestUpstream, Fixture) {
+    let up_ca = TestCa::new();
+    let up = TestUpstream::start(Some(up_ca.server_config("api.test", BOTH))).await;
+    let f = fixture(
+        policy(vec![rule("api.test", up.port)], vec![]),
+        Mode::Strict,
+        vec![up_ca.der.clone()],
+    );
+    (up_ca, up, f)
+}
+
 #[tokio::test]
 async fn bearer_injected_over_every_protocol_pair() {
     let up_ca = TestCa::new();
@@ -117,13 +130,7 @@ async fn basic_secret_and_filters() {
 
 #[tokio::test]
 async fn removed_rule_stops_the_next_request_of_an_open_tunnel() {
-    let up_ca = TestCa::new();
-    let up = TestUpstream::start(Some(up_ca.server_config("api.test", BOTH))).await;
-    let mut f = fixture(
-        policy(vec![rule("api.test", up.port)], vec![]),
-        Mode::Strict,
-        vec![up_ca.der.clone()],
-    );
+    let (_up_ca, up, mut f) = api_test_allowed().await;
     for alpn in [H1, H2] {
         f.plane.policy.set(policy(vec![rule("api.test", up.port)], vec![]));
         let mut g = f.guest(f.tunnel("api.test", up.port, false), alpn).await;
@@ -179,13 +186,7 @@ async fn upstream_with_an_untrusted_certificate_is_502() {
 
 #[tokio::test]
 async fn websocket_style_upgrade_is_spliced() {
-    let up_ca = TestCa::new();
-    let up = TestUpstream::start(Some(up_ca.server_config("api.test", BOTH))).await;
-    let mut f = fixture(
-        policy(vec![rule("api.test", up.port)], vec![]),
-        Mode::Strict,
-        vec![up_ca.der.clone()],
-    );
+    let (_up_ca, up, mut f) = api_test_allowed().await;
     let mut g = f.guest(f.tunnel("api.test", up.port, false), H1).await;
     let req = Request::get(format!("https://api.test:{}/ws", up.port))
         .header("connection", "Upgrade")
@@ -210,13 +211,7 @@ async fn websocket_style_upgrade_is_spliced() {
 
 #[tokio::test]
 async fn request_bodies_stream_up() {
-    let up_ca = TestCa::new();
-    let up = TestUpstream::start(Some(up_ca.server_config("api.test", BOTH))).await;
-    let mut f = fixture(
-        policy(vec![rule("api.test", up.port)], vec![]),
-        Mode::Strict,
-        vec![up_ca.der.clone()],
-    );
+    let (_up_ca, up, mut f) = api_test_allowed().await;
     for alpn in [H1, H2] {
         let mut g = f.guest(f.tunnel("api.test", up.port, false), alpn).await;
         let req = Request::post(format!("https://api.test:{}/echo", up.port))
@@ -419,13 +414,7 @@ async fn latency_added_by_interception() {
 #[tokio::test]
 async fn idle_connections_close_and_huge_heads_are_refused() {
     use slicer_proxy::mitm::{Interceptor, Limits};
-    let up_ca = TestCa::new();
-    let up = TestUpstream::start(Some(up_ca.server_config("api.test", BOTH))).await;
-    let mut f = fixture(
-        policy(vec![rule("api.test", up.port)], vec![]),
-        Mode::Strict,
-        vec![up_ca.der.clone()],
-    );
+    let (up_ca, up, mut f) = api_test_allowed().await;
     let limits = Limits {
         idle: Duration::from_millis(300),
         ..Limits::default()

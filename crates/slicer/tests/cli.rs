@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fails, free_port, ok, up, SLICER};
+use common::{fails, ok, SLICER};
 
 fn run(dir: &Path, url: &str, args: &[&str]) -> Output {
     common::slicer(dir, args, url)
@@ -19,12 +19,7 @@ fn run(dir: &Path, url: &str, args: &[&str]) -> Output {
 async fn a_session_with_slicers_forms() {
     let dir = tempfile::Builder::new().prefix("slicer-cli-").tempdir().unwrap();
     let d = dir.path();
-    let port = free_port();
-    let yaml = format!(
-        "config:\n  host_groups:\n  - name: box\n    count: 0\n    vcpu: 1\n    ram_gb: 1\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
-    );
-    std::fs::write(d.join("box.yaml"), yaml).unwrap();
-    let (_daemon, url) = up(d, "./box.yaml", port).await;
+    let (_daemon, url) = common::up_box(d).await;
     let url = url.as_str();
 
     // slicer new: Slicer's flags; what cannot work here says so

@@ -4,19 +4,14 @@
 
 mod common;
 
-use common::{fails, free_port, ok, up};
+use common::{fails, ok};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full tier: needs root and built images (scripts/test.sh runs it)"]
 async fn proxy_admin_session() {
     let dir = tempfile::Builder::new().prefix("slicer-proxy-cli-").tempdir().unwrap();
     let d = dir.path();
-    let port = free_port();
-    let yaml = format!(
-        "config:\n  host_groups:\n  - name: box\n    count: 0\n    vcpu: 1\n    ram_gb: 1\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
-    );
-    std::fs::write(d.join("box.yaml"), yaml).unwrap();
-    let (_daemon, url) = up(d, "./box.yaml", port).await;
+    let (_daemon, url) = common::up_box(d).await;
     let url = url.as_str();
 
     // PROXY_TOKEN=$(slicer proxy client create reviewfn)

@@ -118,6 +118,16 @@ pub async fn up_with(dir: &Path, config: &str, port: u16, env: &[(&str, &str)]) 
     (daemon, url)
 }
 
+/// A daemon in `dir` with one host group `box` (1 vCPU, 1 GiB, no network, no VMs yet).
+pub async fn up_box(dir: &Path) -> (Daemon, String) {
+    let port = free_port();
+    let yaml = format!(
+        "config:\n  host_groups:\n  - name: box\n    count: 0\n    vcpu: 1\n    ram_gb: 1\n    network: {{mode: none}}\n  graceful_shutdown: false\n  api:\n    port: {port}\n    bind_address: 127.0.0.1\n"
+    );
+    std::fs::write(dir.join("box.yaml"), yaml).unwrap();
+    up(dir, "./box.yaml", port).await
+}
+
 /// Waits (60 s at most) until the daemon at `url` answers /healthz.
 pub async fn wait_healthy(url: &str) {
     let anon = ApiClient::new(url, None).unwrap();
