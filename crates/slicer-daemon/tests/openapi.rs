@@ -1,6 +1,6 @@
 //! docs/openapi.yaml and the typed client (`slicer_api::routes`) know exactly the routes the router
-//! serves: the list is read back from
-//! the code that builds the router (`slicer_daemon::api::methods`), not kept by hand.
+//! serves: the list is read back from the code that builds the router
+//! (`slicer_daemon::api::methods`), not kept by hand.
 
 use std::collections::BTreeSet;
 
