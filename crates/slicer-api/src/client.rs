@@ -11,13 +11,17 @@ use hyper_util::rt::TokioIo;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
+/// Why a call to the daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The daemon answered with an error status.
     #[error("{status}: {message}")]
     Status { status: StatusCode, message: String },
-    #[error("cannot reach the slicer API at {url}: {source}")]
-    Connect { url: String, source: std::io::Error },
+    /// No connection to the daemon. The I/O error is part of the message and not a
+    /// `source()`: an error chain printer would otherwise print it twice.
+    #[error("cannot reach the slicer API at {url}: {cause}")]
+    Connect { url: String, cause: std::io::Error },
+    /// Anything else (a malformed request or answer, a broken connection).
     #[error("{0}")]
     Other(String),
 }
@@ -109,9 +113,9 @@ impl ApiClient {
 
     /// A fresh connection to the daemon (for protocols other than plain HTTP, e.g. WebSockets).
     pub async fn connect(&self) -> Result<Box<dyn Io>, ApiError> {
-        let err = |source| ApiError::Connect {
+        let err = |cause| ApiError::Connect {
             url: self.url.clone(),
-            source,
+            cause,
         };
         Ok(match &self.endpoint {
             Endpoint::Tcp(addr) => {

@@ -1,12 +1,16 @@
-//! The daemon's REST API: the JSON shapes (compatible with SlicerVM's SDKs) and a client.
+//! The daemon's REST API: the JSON shapes (compatible with SlicerVM's SDKs), its routes
+//! ([`routes`]) and a typed client ([`ApiClient`], one method per route).
 
+mod calls;
 pub mod client;
 /// Line splitting for NDJSON answers (shared with the agent client, which reads guest lines).
 pub use slicer_agent_proto::lines;
 pub mod proxy;
 pub mod query;
+pub mod routes;
 pub mod types;
 
+pub use calls::{NodeFilter, Pairs, Streamed};
 pub use client::{ApiClient, ApiError};
 pub use proxy::*;
 pub use types::*;

@@ -2,6 +2,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
@@ -70,27 +71,31 @@ async fn every_route_succeeds_and_fails_as_documented() {
 
     // Creating: failures first, nothing is created by them.
     for (path, body, status) in [
-        ("/hostgroup/nope/nodes", "{}", 404),
-        ("/hostgroup/sb/nodes", "{\"cpus\": 3}", 400),
-        ("/hostgroup/sb/nodes", "{\"ram_bytes\": 9999999999999}", 400),
-        ("/hostgroup/sb/nodes", "{\"tags\": [", 400),
-        ("/hostgroup/sb/nodes", "{\"cpu\": 1}", 400),
-        ("/hostgroup/sb/nodes?wait=forever", "{}", 400),
-        ("/hostgroup/sb/nodes?wait=agent&timeout=soon", "{}", 400),
+        (&routes::group_nodes("nope"), "{}", 404),
+        (&routes::group_nodes("sb"), "{\"cpus\": 3}", 400),
+        (&routes::group_nodes("sb"), "{\"ram_bytes\": 9999999999999}", 400),
+        (&routes::group_nodes("sb"), "{\"tags\": [", 400),
+        (&routes::group_nodes("sb"), "{\"cpu\": 1}", 400),
+        (&format!("{}?wait=forever", routes::group_nodes("sb")), "{}", 400),
+        (
+            &format!("{}?wait=agent&timeout=soon", routes::group_nodes("sb")),
+            "{}",
+            400,
+        ),
     ] {
         let (s, v) = d.send_json(Method::POST, path, body).await;
         assert_eq!(s, status, "{path} {body}: {v}");
         assert!(v["error"].is_string(), "{v}");
     }
     let big = format!("{{\"userdata\": \"{}\"}}", "x".repeat(2 << 20));
-    let (s, _) = d.send_json(Method::POST, "/hostgroup/sb/nodes", &big).await;
+    let (s, _) = d.send_json(Method::POST, &routes::group_nodes("sb"), &big).await;
     assert_eq!(s, 413);
     assert_eq!(d.get("/nodes").await, (200, json!([])));
 
     let (s, v) = d
         .send_json(
             Method::POST,
-            "/hostgroup/sb/nodes?wait=agent&timeout=3m",
+            &format!("{}?wait=agent&timeout=3m", routes::group_nodes("sb")),
             r#"{"tags":["user=alice","job=convert-video-123"],"cpus":1,"ram_bytes":536870912}"#,
         )
         .await;
@@ -124,39 +129,41 @@ async fn every_route_succeeds_and_fails_as_documented() {
     assert_eq!(d.get("/nodes?tag=user=bob").await.1, json!([]));
     assert_eq!(d.get("/nodes?tag_prefix=job=").await.1.as_array().unwrap().len(), 1);
     assert_eq!(d.get("/nodes?tag=a&tag_prefix=b").await.0, 400);
-    assert_eq!(d.get("/hostgroup/sb/nodes").await.1.as_array().unwrap().len(), 1);
-    assert_eq!(d.get("/hostgroup/nope/nodes").await.0, 404);
+    assert_eq!(d.get(&routes::group_nodes("sb")).await.1.as_array().unwrap().len(), 1);
+    assert_eq!(d.get(&routes::group_nodes("nope")).await.0, 404);
 
-    let (s, v) = d.get(&format!("/vm/{h}")).await;
+    let (s, v) = d.get(&routes::vm(&h)).await;
     assert_eq!(s, 200);
     assert!(keys(&v).iter().any(|k| k == "network") && v["hostname"] == h.as_str());
-    assert_eq!(d.get("/vm/sb-99").await.0, 404);
+    assert_eq!(d.get(&routes::vm("sb-99")).await.0, 404);
 
     // Tags.
     assert_eq!(
-        d.get(&format!("/vm/{h}/tags")).await.1,
+        d.get(&routes::vm_tags(&h)).await.1,
         json!({"hostname": h, "tags": ["user=alice", "job=convert-video-123"]})
     );
     let (s, v) = d
         .send_json(
             Method::PATCH,
-            &format!("/vm/{h}/tags"),
+            &routes::vm_tags(&h),
             r#"{"add":["x=1"],"remove":["user=alice"]}"#,
         )
         .await;
     assert_eq!((s, v["tags"].clone()), (200, json!(["job=convert-video-123", "x=1"])));
     let (s, v) = d
-        .send_json(Method::PATCH, &format!("/vm/{h}/tags"), r#"{"replace":["only=1"]}"#)
+        .send_json(Method::PATCH, &routes::vm_tags(&h), r#"{"replace":["only=1"]}"#)
         .await;
     assert_eq!((s, v["tags"].clone()), (200, json!(["only=1"])));
     assert_eq!(
-        d.send_json(Method::PATCH, &format!("/vm/{h}/tags"), r#"{"replace":[],"add":["a"]}"#)
+        d.send_json(Method::PATCH, &routes::vm_tags(&h), r#"{"replace":[],"add":["a"]}"#)
             .await
             .0,
         400
     );
     assert_eq!(
-        d.send_json(Method::PATCH, "/vm/sb-99/tags", r#"{"add":["a"]}"#).await.0,
+        d.send_json(Method::PATCH, &routes::vm_tags("sb-99"), r#"{"add":["a"]}"#)
+            .await
+            .0,
         404
     );
 
@@ -165,7 +172,10 @@ async fn every_route_succeeds_and_fails_as_documented() {
         .raw(
             &c,
             Method::POST,
-            &format!("/vm/{h}/exec?cmd=sh&args=-c&args=echo%20out;%20echo%20err%20%3E%262;%20exit%203&shell="),
+            &format!(
+                "{}?cmd=sh&args=-c&args=echo%20out;%20echo%20err%20%3E%262;%20exit%203&shell=",
+                routes::vm_exec(&h)
+            ),
             None,
             empty(),
         )
@@ -196,7 +206,7 @@ async fn every_route_succeeds_and_fails_as_documented() {
     let (s, v) = d
         .send_json(
             Method::POST,
-            &format!("/vm/{h}/exec?cmd=echo%20hi%20$HOME&buffered=true"),
+            &format!("{}?cmd=echo%20hi%20$HOME&buffered=true", routes::vm_exec(&h)),
             "",
         )
         .await;
@@ -208,7 +218,7 @@ async fn every_route_succeeds_and_fails_as_documented() {
         .raw(
             &c,
             Method::POST,
-            &format!("/vm/{h}/exec?cmd=wc&args=-c&stdin=true&shell=&stdio=base64"),
+            &format!("{}?cmd=wc&args=-c&stdin=true&shell=&stdio=base64", routes::vm_exec(&h)),
             None,
             full("12345"),
         )
@@ -223,7 +233,7 @@ async fn every_route_succeeds_and_fails_as_documented() {
         .raw(
             &c,
             Method::POST,
-            &format!("/vm/{h}/exec?cmd=/nope&shell="),
+            &format!("{}?cmd=/nope&shell=", routes::vm_exec(&h)),
             None,
             empty(),
         )
@@ -232,14 +242,19 @@ async fn every_route_succeeds_and_fails_as_documented() {
     let v: Value = serde_json::from_slice(b.split(|x| *x == b'\n').next().unwrap()).unwrap();
     assert!(v["error"].as_str().unwrap().contains("executable not found"), "{v}");
     assert_eq!(v["exit_code"], 1);
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/exec"), "").await.0, 400);
+    assert_eq!(d.send_json(Method::POST, &routes::vm_exec(&h), "").await.0, 400);
     assert_eq!(
-        d.send_json(Method::POST, &format!("/vm/{h}/exec?cmd=true&stdio=hex"), "")
+        d.send_json(Method::POST, &format!("{}?cmd=true&stdio=hex", routes::vm_exec(&h)), "")
             .await
             .0,
         400
     );
-    assert_eq!(d.send_json(Method::POST, "/vm/sb-99/exec?cmd=true", "").await.0, 404);
+    assert_eq!(
+        d.send_json(Method::POST, &format!("{}?cmd=true", routes::vm_exec("sb-99")), "")
+            .await
+            .0,
+        404
+    );
 
     // cp: 32 MiB both ways, tar for a directory, failures.
     let data: Vec<u8> = (0..32 << 20).map(|_| rand::random::<u8>()).collect();
@@ -247,14 +262,19 @@ async fn every_route_succeeds_and_fails_as_documented() {
         .raw(
             &c,
             Method::POST,
-            &format!("/vm/{h}/cp?path=/root/big.bin&permissions=0640"),
+            &format!("{}?path=/root/big.bin&permissions=0640", routes::vm_cp(&h)),
             Some("application/octet-stream"),
             full(data.clone()),
         )
         .await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&v));
     let resp = c
-        .send(Method::GET, &format!("/vm/{h}/cp?path=/root/big.bin"), None, empty())
+        .send(
+            Method::GET,
+            &format!("{}?path=/root/big.bin", routes::vm_cp(&h)),
+            None,
+            empty(),
+        )
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
@@ -272,7 +292,7 @@ async fn every_route_succeeds_and_fails_as_documented() {
         .raw(
             &c,
             Method::POST,
-            &format!("/vm/{h}/cp?path=/opt/app&mode=tar"),
+            &format!("{}?path=/opt/app&mode=tar", routes::vm_cp(&h)),
             Some("application/x-tar"),
             full(tar_in),
         )
@@ -282,7 +302,7 @@ async fn every_route_succeeds_and_fails_as_documented() {
         .raw(
             &c,
             Method::GET,
-            &format!("/vm/{h}/cp?path=/opt/app&mode=tar"),
+            &format!("{}?path=/opt/app&mode=tar", routes::vm_cp(&h)),
             None,
             empty(),
         )
@@ -301,29 +321,27 @@ async fn every_route_succeeds_and_fails_as_documented() {
         .collect();
     names.sort();
     assert_eq!(names.last().unwrap(), &("bin/tool".to_string(), 0o755));
-    assert_eq!(d.get(&format!("/vm/{h}/cp?path=/nope")).await.0, 404);
-    assert_eq!(d.get(&format!("/vm/{h}/cp")).await.0, 400);
-    assert_eq!(d.get(&format!("/vm/{h}/cp?path=/tmp&mode=zip")).await.0, 400);
+    assert_eq!(d.get(&format!("{}?path=/nope", routes::vm_cp(&h))).await.0, 404);
+    assert_eq!(d.get(&routes::vm_cp(&h)).await.0, 400);
+    assert_eq!(d.get(&format!("{}?path=/tmp&mode=zip", routes::vm_cp(&h))).await.0, 400);
 
     // Logs and health.
-    let (s, v) = d.get(&format!("/vm/{h}/logs?lines=5")).await;
+    let (s, v) = d.get(&format!("{}?lines=5", routes::vm_logs(&h))).await;
     assert_eq!(s, 200);
     assert_eq!(keys(&v), sorted(&["hostname", "lines", "content"]));
     assert!(v["content"].as_str().unwrap().contains("slicer-agent"), "{v}");
-    assert_eq!(d.get(&format!("/vm/{h}/logs?lines=many")).await.0, 400);
-    let (s, v) = d.get(&format!("/vm/{h}/health")).await;
+    assert_eq!(d.get(&format!("{}?lines=many", routes::vm_logs(&h))).await.0, 400);
+    let (s, v) = d.get(&routes::vm_health(&h)).await;
     assert_eq!(s, 200);
     assert!(
         v["agent_uptime"].as_i64().unwrap() > 0 && v["userdata_ran"] == true,
         "{v}"
     );
     assert_eq!(
-        d.raw(&c, Method::HEAD, &format!("/vm/{h}/health"), None, empty())
-            .await
-            .0,
+        d.raw(&c, Method::HEAD, &routes::vm_health(&h), None, empty()).await.0,
         200
     );
-    assert_eq!(d.get("/vm/sb-99/health").await.0, 404);
+    assert_eq!(d.get(&routes::vm_health("sb-99")).await.0, 404);
 
     // Every route but /healthz needs the token.
     for (m, p) in slicer_daemon::api::methods() {
@@ -344,21 +362,22 @@ async fn every_route_succeeds_and_fails_as_documented() {
 
     // Shutdown and delete.
     assert_eq!(
-        d.send_json(Method::POST, &format!("/vm/{h}/shutdown?action=halt"), "")
+        d.send_json(Method::POST, &format!("{}?action=halt", routes::vm_shutdown(&h)), "")
             .await
             .0,
         400
     );
-    assert_eq!(d.send_json(Method::POST, "/vm/sb-99/shutdown", "").await.0, 404);
     assert_eq!(
-        d.send_json(Method::DELETE, &format!("/hostgroup/other/nodes/{h}"), "")
+        d.send_json(Method::POST, &routes::vm_shutdown("sb-99"), "").await.0,
+        404
+    );
+    assert_eq!(
+        d.send_json(Method::DELETE, &routes::group_node("other", &h), "")
             .await
             .0,
         404
     );
-    let (s, v) = d
-        .send_json(Method::DELETE, &format!("/hostgroup/sb/nodes/{h}"), "")
-        .await;
+    let (s, v) = d.send_json(Method::DELETE, &routes::group_node("sb", &h), "").await;
     assert_eq!(
         (s, v.clone()),
         (
@@ -367,20 +386,24 @@ async fn every_route_succeeds_and_fails_as_documented() {
         )
     );
     assert_eq!(
-        d.send_json(Method::DELETE, &format!("/hostgroup/sb/nodes/{h}"), "")
-            .await
-            .0,
+        d.send_json(Method::DELETE, &routes::group_node("sb", &h), "").await.0,
         404
     );
     assert!(no_qemu_for(&h));
     assert!(!d.dir.path().join("data/vms").join(&h).exists());
 
     // An ephemeral VM shut down from the API is gone.
-    let (_, v) = d.send_json(Method::POST, "/hostgroup/sb/nodes?wait=agent", "{}").await;
+    let (_, v) = d
+        .send_json(Method::POST, &format!("{}?wait=agent", routes::group_nodes("sb")), "{}")
+        .await;
     let h2 = v["hostname"].as_str().unwrap().to_string();
     assert_eq!(h2, "sb-2", "hostnames are never reused");
     let (s, _) = d
-        .send_json(Method::POST, &format!("/vm/{h2}/shutdown?action=shutdown"), "")
+        .send_json(
+            Method::POST,
+            &format!("{}?action=shutdown", routes::vm_shutdown(&h2)),
+            "",
+        )
         .await;
     assert_eq!(s, 200);
     assert_eq!(d.get("/nodes").await.1, json!([]));
@@ -399,7 +422,7 @@ async fn ten_concurrent_creates_get_distinct_hostnames() {
             let v: Value = c
                 .json(
                     Method::POST,
-                    "/hostgroup/burst/nodes?wait=agent&timeout=5m",
+                    &format!("{}?wait=agent&timeout=5m", routes::group_nodes("burst")),
                     Some(&json!({"tags": [format!("n={i}")], "ram_bytes": 268435456, "cpus": 1})),
                 )
                 .await
@@ -420,9 +443,7 @@ async fn ten_concurrent_creates_get_distinct_hostnames() {
     assert_eq!(nodes.len(), 10);
     assert!(nodes.iter().all(|n| n["status"] == "Running"));
     for n in &names {
-        let (s, v) = d
-            .send_json(Method::DELETE, &format!("/hostgroup/burst/nodes/{n}"), "")
-            .await;
+        let (s, v) = d.send_json(Method::DELETE, &routes::group_node("burst", n), "").await;
         assert_eq!((s, v["disk_removed"].as_str()), (200, Some("true")));
         assert!(no_qemu_for(n));
     }
@@ -435,12 +456,22 @@ async fn ten_concurrent_creates_get_distinct_hostnames() {
 #[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 async fn exec_output_streams_before_the_exit() {
     let mut d = TestDaemon::start(|port| config_yaml("st", "", port)).await;
-    let (_, v) = d.send_json(Method::POST, "/hostgroup/st/nodes?wait=agent", "{}").await;
+    let (_, v) = d
+        .send_json(Method::POST, &format!("{}?wait=agent", routes::group_nodes("st")), "{}")
+        .await;
     let h = v["hostname"].as_str().unwrap().to_string();
     let c = d.client();
     let t0 = Instant::now();
     let resp = c
-        .send(Method::POST, &format!("/vm/{h}/exec?cmd=for%20i%20in%201%202%203%204%205%206%207%208%209%2010;%20do%20echo%20$i;%20sleep%200.2;%20done"), None, empty())
+        .send(
+            Method::POST,
+            &format!(
+                "{}?cmd=for%20i%20in%201%202%203%204%205%206%207%208%209%2010;%20do%20echo%20$i;%20sleep%200.2;%20done",
+                routes::vm_exec(&h)
+            ),
+            None,
+            empty(),
+        )
         .await
         .unwrap();
     let mut body = resp.into_body();
@@ -480,19 +511,25 @@ async fn restart_keeps_persistent_vms_and_tags() {
     })
     .await;
     // The count VM is protected.
-    let (s, _) = d.send_json(Method::DELETE, "/hostgroup/keep/nodes/keep-1", "").await;
+    let (s, _) = d
+        .send_json(Method::DELETE, &routes::group_node("keep", "keep-1"), "")
+        .await;
     assert_eq!(s, 403);
     let (s, v) = d
         .send_json(
             Method::POST,
-            "/hostgroup/keep/nodes?wait=agent",
+            &format!("{}?wait=agent", routes::group_nodes("keep")),
             r#"{"persistent":true,"tags":["owner=team-a"]}"#,
         )
         .await;
     assert_eq!(s, 201, "{v}");
     let p = v["hostname"].as_str().unwrap().to_string();
     let (_, v) = d
-        .send_json(Method::POST, "/hostgroup/keep/nodes?wait=agent", r#"{"tags":["tmp"]}"#)
+        .send_json(
+            Method::POST,
+            &format!("{}?wait=agent", routes::group_nodes("keep")),
+            r#"{"tags":["tmp"]}"#,
+        )
         .await;
     let e = v["hostname"].as_str().unwrap().to_string();
     let c = d.client();
@@ -500,7 +537,7 @@ async fn restart_keeps_persistent_vms_and_tags() {
         .raw(
             &c,
             Method::POST,
-            &format!("/vm/{p}/cp?path=/root/note"),
+            &format!("{}?path=/root/note", routes::vm_cp(&p)),
             None,
             full("kept"),
         )
@@ -540,9 +577,7 @@ async fn restart_keeps_persistent_vms_and_tags() {
         .find(|n| n["hostname"] == "keep-1")
         .unwrap();
     assert_eq!(kv["status"], "Running");
-    let (s, v) = d
-        .send_json(Method::DELETE, &format!("/hostgroup/keep/nodes/{p}"), "")
-        .await;
+    let (s, v) = d.send_json(Method::DELETE, &routes::group_node("keep", &p), "").await;
     assert_eq!((s, v["disk_removed"].as_str()), (200, Some("true")));
     d.stop().await;
     assert!(no_qemu_for("keep-1"));

@@ -6,6 +6,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::time::{Duration, Instant};
 
 use common::{no_qemu_for, TestDaemon};
@@ -52,9 +53,7 @@ fn accel_of(hostname: &str) -> String {
 
 /// Deletes the VM, asserting its QEMU is gone.
 async fn delete(d: &TestDaemon, group: &str, h: &str) {
-    let (s, v) = d
-        .send_json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), "")
-        .await;
+    let (s, v) = d.send_json(Method::DELETE, &routes::group_node(group, h), "").await;
     assert_eq!(s, 200, "{v}");
     assert!(no_qemu_for(h), "QEMU of {h} still runs");
 }
@@ -86,7 +85,7 @@ async fn buffered_exec_of_endless_output_is_cut_and_killed() {
     let q = query(&[("cmd", "yes".into()), ("buffered", "true".into())]);
     let resp = d
         .client()
-        .send(Method::POST, &format!("/vm/{h}/exec?{q}"), None, empty())
+        .send(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), None, empty())
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
@@ -214,7 +213,7 @@ async fn ten_buffered_execs_of_zeros_at_once_stay_within_the_budget() {
         async move {
             let q = query(&[("cmd", line.into()), ("buffered", "true".into()), ("uid", "0".into())]);
             let resp = c
-                .send(Method::POST, &format!("/vm/{h}/exec?{q}"), None, empty())
+                .send(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), None, empty())
                 .await
                 .unwrap();
             read_buffered(resp).await
@@ -375,7 +374,7 @@ async fn a_stopped_agent_fails_health_and_fs_calls_within_their_deadlines() {
         .as_str()
         .unwrap()
         .to_string();
-    let (s, v) = d.get(&format!("/vm/{h}/health")).await;
+    let (s, v) = d.get(&routes::vm_health(&h)).await;
     assert_eq!(s, 200, "{v}");
 
     // The agent is a systemd unit here: stop it from a process of its own that outlives the
@@ -392,7 +391,7 @@ async fn a_stopped_agent_fails_health_and_fs_calls_within_their_deadlines() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let (status, err, took) = loop {
         let t0 = Instant::now();
-        let (s, v) = d.get(&format!("/vm/{h}/health")).await;
+        let (s, v) = d.get(&routes::vm_health(&h)).await;
         if s != 200 {
             break (s, v, t0.elapsed());
         }
@@ -418,7 +417,7 @@ async fn a_stopped_agent_fails_health_and_fs_calls_within_their_deadlines() {
 
     // A filesystem call fails within its 30 s deadline.
     let t0 = Instant::now();
-    let (s, v) = d.get(&format!("/vm/{h}/fs/readdir?path=/")).await;
+    let (s, v) = d.get(&format!("{}?path=/", routes::vm_fs_readdir(&h))).await;
     let took = t0.elapsed();
     eprintln!("readdir of a stopped agent: {s} after {took:?}: {v}");
     assert!(s >= 500, "{s} {v}");

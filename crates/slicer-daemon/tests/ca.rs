@@ -4,6 +4,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::path::{Path, PathBuf};
 
 use common::{no_qemu_for, TestDaemon};
@@ -188,7 +189,7 @@ async fn group_cas_are_trusted_in_cold_and_restored_guests() {
     // A warm start (restored from the template): both of catmin's CAs, before it reports ready.
     let v = d.create_vm("catmin", json!({})).await;
     let min = v["hostname"].as_str().unwrap().to_string();
-    let (_, info) = d.get(&format!("/vm/{min}")).await;
+    let (_, info) = d.get(&routes::vm(&min)).await;
     assert_eq!(info["start_mode"], "template", "{info}");
     let bundle = stdout(&d, &min, "cat /etc/ssl/certs/ca-certificates.crt").await;
     assert!(bundle.contains(min_ca.cert_pem().trim()) && bundle.contains(extra.cert_pem().trim()));
@@ -250,20 +251,20 @@ async fn group_cas_are_trusted_in_cold_and_restored_guests() {
     // A resume installs again: the removed CA (still in the config) is back, and nothing is
     // there twice.
     let (s, b) = d
-        .raw(&d.client(), Method::POST, &format!("/vm/{min}/suspend"), None, empty())
+        .raw(&d.client(), Method::POST, &routes::vm_suspend(&min), None, empty())
         .await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     let (s, b) = d
         .raw(
             &d.client(),
             Method::POST,
-            &format!("/vm/{min}/restore?wait=agent&timeout=120s"),
+            &format!("{}?wait=agent&timeout=120s", routes::vm_restore(&min)),
             None,
             empty(),
         )
         .await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
-    let (_, info) = d.get(&format!("/vm/{min}")).await;
+    let (_, info) = d.get(&routes::vm(&min)).await;
     assert_eq!(info["start_mode"], "resume", "{info}");
     assert_eq!(
         stdout(&d, &min, "grep -c 'BEGIN CERTIFICATE' /runner/ca.crt")
@@ -276,9 +277,7 @@ async fn group_cas_are_trusted_in_cold_and_restored_guests() {
     assert_eq!(bundle.matches(min_ca.cert_pem().trim()).count(), 1);
 
     for (g, h) in [("catsys", &sys), ("catmin", &min)] {
-        let (s, v) = d
-            .send_json(Method::DELETE, &format!("/hostgroup/{g}/nodes/{h}"), "")
-            .await;
+        let (s, v) = d.send_json(Method::DELETE, &routes::group_node(g, h), "").await;
         assert_eq!(s, 200, "{v}");
         assert!(no_qemu_for(h));
     }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -73,7 +74,7 @@ async fn left_of(d: &TestDaemon, group: &str, hostname: &str) -> Vec<String> {
     if d.dir.path().join("data/vms").join(hostname).exists() {
         left.push("VM directory".into());
     }
-    let (s, v) = d.get(&format!("/vm/{hostname}")).await;
+    let (s, v) = d.get(&routes::vm(hostname)).await;
     if s != 404 {
         left.push(format!("record ({s} {v})"));
     }
@@ -111,7 +112,7 @@ fn sample(text: &str, name: &str) -> Option<u64> {
 async fn create(d: &TestDaemon, group: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
     d.send_json(
         Method::POST,
-        &format!("/hostgroup/{group}/nodes?wait=agent"),
+        &format!("{}?wait=agent", routes::group_nodes(group)),
         &body.to_string(),
     )
     .await
@@ -159,9 +160,7 @@ async fn measured_vms_leave_room_for_more() {
     made.push(v["hostname"].as_str().unwrap().to_string());
     for h in &made {
         echo_ok(&d, h).await;
-        let (s, _) = d
-            .send_json(Method::DELETE, &format!("/hostgroup/mea/nodes/{h}"), "")
-            .await;
+        let (s, _) = d.send_json(Method::DELETE, &routes::group_node("mea", h), "").await;
         assert_eq!(s, 200);
         assert_gone(&d, "mea", h).await;
     }
@@ -226,7 +225,9 @@ async fn creates_past_the_budget_get_503_and_leave_nothing() {
     echo_ok(&d, b).await;
 
     // After a delete there is room for a 256 MiB VM, not for a 512 MiB one.
-    let (s, _) = d.send_json(Method::DELETE, "/hostgroup/cap/nodes/cap-1", "").await;
+    let (s, _) = d
+        .send_json(Method::DELETE, &routes::group_node("cap", "cap-1"), "")
+        .await;
     assert_eq!(s, 200);
     assert_gone(&d, "cap", "cap-1").await;
     let text = metrics(&d).await;
@@ -259,9 +260,7 @@ async fn creates_past_the_budget_get_503_and_leave_nothing() {
     );
 
     for h in [b, "cap-3"] {
-        let (s, _) = d
-            .send_json(Method::DELETE, &format!("/hostgroup/cap/nodes/{h}"), "")
-            .await;
+        let (s, _) = d.send_json(Method::DELETE, &routes::group_node("cap", h), "").await;
         assert_eq!(s, 200);
         assert_gone(&d, "cap", h).await;
     }
@@ -281,15 +280,14 @@ async fn a_delete_racing_a_launch_leaves_nothing() {
     let mut d = TestDaemon::start(|p| cfg("race", "169.254.240.0/22", "", "", p)).await;
     // Hostnames are allocated in order: the n-th create of the group is race-n. The delete
     // is sent as soon as the record exists (it answers 404 before).
+    let nodes = routes::group_nodes("race");
     for n in 1..=3 {
         let h = format!("race-{n}");
-        let create = d.send_json(Method::POST, "/hostgroup/race/nodes", "{}");
+        let create = d.send_json(Method::POST, &nodes, "{}");
         let delete = async {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                let (s, v) = d
-                    .send_json(Method::DELETE, &format!("/hostgroup/race/nodes/{h}"), "")
-                    .await;
+                let (s, v) = d.send_json(Method::DELETE, &routes::group_node("race", &h), "").await;
                 if s != 404 {
                     return (s, v);
                 }
@@ -340,20 +338,20 @@ async fn racing_relaunches_start_one_qemu_with_a_working_network() {
     let (_, v) = d.sh(h, &reaches_host).await;
     assert_eq!(v["stdout"], "hello\n", "before: {v}");
     let (s, _) = d
-        .send_json(Method::POST, &format!("/vm/{h}/shutdown?action=shutdown"), "")
+        .send_json(Method::POST, &format!("{}?action=shutdown", routes::vm_shutdown(h)), "")
         .await;
     assert_eq!(s, 200);
-    assert_eq!(d.get(&format!("/vm/{h}")).await.1["status"], "Stopped");
+    assert_eq!(d.get(&routes::vm(h)).await.1["status"], "Stopped");
     assert_eq!(qemus_of(h), 0);
 
-    let path = format!("/vm/{h}/relaunch");
+    let path = routes::vm_relaunch(h);
     let relaunch = || d.send_json(Method::POST, &path, "");
     let ((s1, v1), (s2, v2)) = tokio::join!(relaunch(), relaunch());
     let mut codes = [s1, s2];
     codes.sort();
     assert_eq!(codes, [200, 409], "{v1} {v2}");
     assert_eq!(qemus_of(h), 1, "one QEMU for {h}");
-    assert_eq!(d.get(&format!("/vm/{h}")).await.1["status"], "Running");
+    assert_eq!(d.get(&routes::vm(h)).await.1["status"], "Running");
     let nets = net_objects("rel");
     assert_eq!(nets, vec![format!("netns slicer-{h}"), format!("table slicer-{h}")]);
     echo_ok(&d, h).await;
@@ -366,9 +364,7 @@ async fn racing_relaunches_start_one_qemu_with_a_working_network() {
         "{text}"
     );
 
-    let (s, _) = d
-        .send_json(Method::DELETE, &format!("/hostgroup/rel/nodes/{h}"), "")
-        .await;
+    let (s, _) = d.send_json(Method::DELETE, &routes::group_node("rel", h), "").await;
     assert_eq!(s, 200);
     assert_gone(&d, "rel", h).await;
     assert_eq!(qemus_of(h), 0);
@@ -444,7 +440,7 @@ async fn a_stuck_guest_does_not_hold_up_secrets() {
         let (s, v) = d
             .send_json(
                 Method::PATCH,
-                "/secrets/token",
+                &routes::secret("token"),
                 &json!({"data": b64(value)}).to_string(),
             )
             .await;
@@ -453,7 +449,7 @@ async fn a_stuck_guest_does_not_hold_up_secrets() {
         sees(value).await;
     }
     let t0 = Instant::now();
-    assert_eq!(d.send_json(Method::DELETE, "/secrets/token", "").await.0, 200);
+    assert_eq!(d.send_json(Method::DELETE, &routes::secret("token"), "").await.0, 200);
     assert!(t0.elapsed() < Duration::from_secs(2), "delete took {:?}", t0.elapsed());
     let deadline = Instant::now() + Duration::from_secs(5);
     while d.sh(&b, show).await.1["exit_code"] == 0 {
@@ -463,7 +459,7 @@ async fn a_stuck_guest_does_not_hold_up_secrets() {
     // A stuck guest is still deleted at once.
     let t0 = Instant::now();
     assert_eq!(
-        d.send_json(Method::DELETE, &format!("/hostgroup/stuck/nodes/{a}"), "")
+        d.send_json(Method::DELETE, &routes::group_node("stuck", &a), "")
             .await
             .0,
         200

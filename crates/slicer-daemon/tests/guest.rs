@@ -7,6 +7,7 @@ use common::{config_yaml, TestDaemon};
 use http::Method;
 use serde_json::json;
 use slicer_api::client::full;
+use slicer_api::routes;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
@@ -20,7 +21,7 @@ async fn filesystem_routes() {
     let (s, v) = d
         .send_json(
             Method::POST,
-            &format!("/vm/{h}/fs/mkdir"),
+            &routes::vm_fs_mkdir(&h),
             r#"{"path": "/srv/a/b", "recursive": true, "mode": "0750"}"#,
         )
         .await;
@@ -30,17 +31,17 @@ async fn filesystem_routes() {
         (Some("b"), Some("directory"), Some("0750"))
     );
     let (s, v) = d
-        .send_json(Method::POST, &format!("/vm/{h}/fs/mkdir"), r#"{"path": "/srv/a/b"}"#)
+        .send_json(Method::POST, &routes::vm_fs_mkdir(&h), r#"{"path": "/srv/a/b"}"#)
         .await;
     assert_eq!(s, 409, "exists: {v}");
     let (s, _) = d
-        .send_json(Method::POST, &format!("/vm/{h}/fs/mkdir"), r#"{"path": "/srv/x/y"}"#)
+        .send_json(Method::POST, &routes::vm_fs_mkdir(&h), r#"{"path": "/srv/x/y"}"#)
         .await;
     assert_eq!(s, 404, "missing parent without recursive");
     let (s, v) = d
         .send_json(
             Method::POST,
-            &format!("/vm/{h}/fs/mkdir"),
+            &routes::vm_fs_mkdir(&h),
             r#"{"path": "/srv/z", "mode": "99"}"#,
         )
         .await;
@@ -48,7 +49,7 @@ async fn filesystem_routes() {
     let (s, v) = d
         .send_json(
             Method::POST,
-            &format!("/vm/{h}/fs/mkdir"),
+            &routes::vm_fs_mkdir(&h),
             r#"{"path": "/srv/z", "bogus": 1}"#,
         )
         .await;
@@ -58,13 +59,13 @@ async fn filesystem_routes() {
         .raw(
             &d.client(),
             Method::POST,
-            &format!("/vm/{h}/cp?path=/srv/a/b/f.txt"),
+            &format!("{}?path=/srv/a/b/f.txt", routes::vm_cp(&h)),
             Some("application/octet-stream"),
             full("hello"),
         )
         .await;
     assert_eq!(s, 200);
-    let (s, v) = d.get(&format!("/vm/{h}/fs/readdir?path=/srv/a/b")).await;
+    let (s, v) = d.get(&format!("{}?path=/srv/a/b", routes::vm_fs_readdir(&h))).await;
     assert_eq!(s, 200, "{v}");
     let list = v.as_array().unwrap();
     assert_eq!(list.len(), 1, "{v}");
@@ -78,23 +79,34 @@ async fn filesystem_routes() {
         "{mtime}"
     );
 
-    let (s, v) = d.get(&format!("/vm/{h}/fs/stat?path=/srv/a")).await;
+    let (s, v) = d.get(&format!("{}?path=/srv/a", routes::vm_fs_stat(&h))).await;
     assert_eq!((s, v["type"].as_str()), (200, Some("directory")), "{v}");
-    assert_eq!(d.get(&format!("/vm/{h}/fs/stat?path=/srv/nope")).await.0, 404);
-    assert_eq!(d.get(&format!("/vm/{h}/fs/stat?path=relative")).await.0, 400);
-    assert_eq!(d.get(&format!("/vm/{h}/fs/readdir")).await.0, 400);
-    assert_eq!(d.get(&format!("/vm/{h}/fs/readdir?path=/srv/a/b/f.txt")).await.0, 400);
-    assert_eq!(d.get("/vm/nope-9/fs/readdir?path=/").await.0, 404);
+    assert_eq!(
+        d.get(&format!("{}?path=/srv/nope", routes::vm_fs_stat(&h))).await.0,
+        404
+    );
+    assert_eq!(d.get(&format!("{}?path=relative", routes::vm_fs_stat(&h))).await.0, 400);
+    assert_eq!(d.get(&routes::vm_fs_readdir(&h)).await.0, 400);
+    assert_eq!(
+        d.get(&format!("{}?path=/srv/a/b/f.txt", routes::vm_fs_readdir(&h)))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        d.get(&format!("{}?path=/", routes::vm_fs_readdir("nope-9"))).await.0,
+        404
+    );
 
     let (s, v) = d
-        .send_json(Method::DELETE, &format!("/vm/{h}/fs/remove?path=/srv/a"), "")
+        .send_json(Method::DELETE, &format!("{}?path=/srv/a", routes::vm_fs_remove(&h)), "")
         .await;
     assert_eq!(s, 409, "not empty: {v}");
     assert!(v["error"].as_str().unwrap().contains("recursive"), "{v}");
     assert_eq!(
         d.send_json(
             Method::DELETE,
-            &format!("/vm/{h}/fs/remove?path=/srv/a&recursive=yes"),
+            &format!("{}?path=/srv/a&recursive=yes", routes::vm_fs_remove(&h)),
             ""
         )
         .await
@@ -102,7 +114,7 @@ async fn filesystem_routes() {
         400
     );
     assert_eq!(
-        d.send_json(Method::DELETE, &format!("/vm/{h}/fs/remove?path=/"), "")
+        d.send_json(Method::DELETE, &format!("{}?path=/", routes::vm_fs_remove(&h)), "")
             .await
             .0,
         400
@@ -110,24 +122,24 @@ async fn filesystem_routes() {
     let (s, v) = d
         .send_json(
             Method::DELETE,
-            &format!("/vm/{h}/fs/remove?path=/srv/a&recursive=true"),
+            &format!("{}?path=/srv/a&recursive=true", routes::vm_fs_remove(&h)),
             "",
         )
         .await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(d.get(&format!("/vm/{h}/fs/stat?path=/srv/a")).await.0, 404);
+    assert_eq!(d.get(&format!("{}?path=/srv/a", routes::vm_fs_stat(&h))).await.0, 404);
     assert_eq!(
-        d.send_json(Method::DELETE, &format!("/vm/{h}/fs/remove?path=/srv/a"), "")
+        d.send_json(Method::DELETE, &format!("{}?path=/srv/a", routes::vm_fs_remove(&h)), "")
             .await
             .0,
         404
     );
 
     // Paused: 409 until resumed.
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/pause"), "").await.0, 200);
-    assert_eq!(d.get(&format!("/vm/{h}/fs/readdir?path=/")).await.0, 409);
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/resume"), "").await.0, 200);
-    assert_eq!(d.get(&format!("/vm/{h}/fs/readdir?path=/")).await.0, 200);
+    assert_eq!(d.send_json(Method::POST, &routes::vm_pause(&h), "").await.0, 200);
+    assert_eq!(d.get(&format!("{}?path=/", routes::vm_fs_readdir(&h))).await.0, 409);
+    assert_eq!(d.send_json(Method::POST, &routes::vm_resume(&h), "").await.0, 200);
+    assert_eq!(d.get(&format!("{}?path=/", routes::vm_fs_readdir(&h))).await.0, 200);
 }
 
 /// The value of the sample `name` (with its labels, as exposed) in a metrics text.
@@ -188,9 +200,7 @@ async fn metrics_move_when_vms_are_created() {
     // The route template is the label, never the path.
     assert!(!after.contains(&h), "{after}");
     assert_eq!(
-        d.send_json(Method::DELETE, &format!("/hostgroup/mtr/nodes/{h}"), "")
-            .await
-            .0,
+        d.send_json(Method::DELETE, &routes::group_node("mtr", &h), "").await.0,
         200
     );
     let gone = text(&d).await;
@@ -219,7 +229,7 @@ async fn stats_are_measured_in_the_guest() {
         .as_str()
         .unwrap()
         .to_string();
-    let (s, v) = d.get(&format!("/node/{h}/stats")).await;
+    let (s, v) = d.get(&routes::node_stats(&h)).await;
     assert_eq!(s, 200, "{v}");
     let one = &v.as_array().expect("an array")[0];
     assert_eq!(one["hostname"], h.as_str());
@@ -251,17 +261,17 @@ async fn stats_are_measured_in_the_guest() {
         .unwrap()
         .iter()
         .any(|n| n["hostname"] == h.as_str() && n["snapshot"].is_object()));
-    assert_eq!(d.get("/node/Bad_Name/stats").await.0, 400);
-    assert_eq!(d.get("/node/nope-1/stats").await.0, 404);
+    assert_eq!(d.get(&routes::node_stats("Bad_Name")).await.0, 400);
+    assert_eq!(d.get(&routes::node_stats("nope-1")).await.0, 404);
 
     // A paused VM reports why it has no snapshot.
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/pause"), "").await.0, 200);
-    let (_, v) = d.get(&format!("/node/{h}/stats")).await;
+    assert_eq!(d.send_json(Method::POST, &routes::vm_pause(&h), "").await.0, 200);
+    let (_, v) = d.get(&routes::node_stats(&h)).await;
     assert!(
         v[0]["snapshot"].is_null() && v[0]["error"].as_str().unwrap().contains("paused"),
         "{v}"
     );
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/resume"), "").await.0, 200);
+    assert_eq!(d.send_json(Method::POST, &routes::vm_resume(&h), "").await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,7 +332,7 @@ async fn secrets_reach_the_guests_allowed_to_have_them() {
     let (s, v) = d
         .send_json(
             Method::PATCH,
-            "/secrets/db-pass",
+            &routes::secret("db-pass"),
             &json!({"data": b64("n3w"), "permissions": "0600"}).to_string(),
         )
         .await;
@@ -330,13 +340,15 @@ async fn secrets_reach_the_guests_allowed_to_have_them() {
     assert_eq!(out(d.sh(&all, show).await.1), "600 1000 1000\nn3w");
     assert_ne!(d.sh(&none, show).await.1["exit_code"], 0);
     assert_eq!(
-        d.send_json(Method::PATCH, "/secrets/nope", r#"{"data": ""}"#).await.0,
+        d.send_json(Method::PATCH, &routes::secret("nope"), r#"{"data": ""}"#)
+            .await
+            .0,
         404
     );
 
-    assert_eq!(d.send_json(Method::DELETE, "/secrets/db-pass", "").await.0, 200);
+    assert_eq!(d.send_json(Method::DELETE, &routes::secret("db-pass"), "").await.0, 200);
     assert_ne!(d.sh(&all, show).await.1["exit_code"], 0, "deleted from the guest");
-    assert_eq!(d.send_json(Method::DELETE, "/secrets/db-pass", "").await.0, 404);
+    assert_eq!(d.send_json(Method::DELETE, &routes::secret("db-pass"), "").await.0, 404);
     assert_eq!(d.get("/secrets").await.1.as_array().unwrap().len(), 0);
 }
 
@@ -362,7 +374,7 @@ async fn a_live_fork_keeps_only_the_secrets_of_its_scope() {
     let listed = |v: serde_json::Value| v["stdout"].as_str().unwrap_or_default().trim().to_string();
     assert_eq!(listed(d.sh(&src, list).await.1), "a-key b-key");
     let (s, c) = d
-        .send_json(Method::POST, &format!("/vm/{src}/commit"), r#"{"live": true}"#)
+        .send_json(Method::POST, &routes::vm_commit(&src), r#"{"live": true}"#)
         .await;
     assert_eq!(s, 201, "{c}");
     let id = c["commit_id"].as_str().unwrap().to_string();
@@ -372,7 +384,7 @@ async fn a_live_fork_keeps_only_the_secrets_of_its_scope() {
         let (s, f) = d
             .send_json(
                 Method::POST,
-                &format!("/vm/commits/{id}/fork?wait=agent&timeout=120s"),
+                &format!("{}?wait=agent&timeout=120s", routes::commit_fork(&id)),
                 &body,
             )
             .await;
@@ -389,12 +401,10 @@ async fn a_live_fork_keeps_only_the_secrets_of_its_scope() {
         "the source keeps its own"
     );
     for h in forks.iter().chain([&src]) {
-        let (s, v) = d
-            .send_json(Method::DELETE, &format!("/hostgroup/lfsec/nodes/{h}"), "")
-            .await;
+        let (s, v) = d.send_json(Method::DELETE, &routes::group_node("lfsec", h), "").await;
         assert_eq!(s, 200, "{v}");
     }
-    let (s, v) = d.send_json(Method::DELETE, &format!("/vm/commits/{id}"), "").await;
+    let (s, v) = d.send_json(Method::DELETE, &routes::commit(&id), "").await;
     assert_eq!(s, 200, "{v}");
 }
 
@@ -427,7 +437,9 @@ async fn background_exec_outlives_its_clients() {
         ("background", "true".into()),
         ("shell", "/bin/bash".into()),
     ]);
-    let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+    let (s, v) = d
+        .send_json(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), "")
+        .await;
     assert_eq!(s, 201, "{v}");
     let id = v["exec_id"].as_str().unwrap().to_string();
     assert!(id.starts_with("ex_") && v["pid"].as_u64().unwrap() > 0, "{v}");
@@ -438,7 +450,7 @@ async fn background_exec_outlives_its_clients() {
         .client()
         .send(
             Method::GET,
-            &format!("/vm/{h}/exec/{id}/logs?follow=true"),
+            &format!("{}?follow=true", routes::vm_exec_logs(&h, &id)),
             None,
             slicer_api::client::empty(),
         )
@@ -449,10 +461,12 @@ async fn background_exec_outlives_its_clients() {
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("line1"), "{first:?}");
     drop(body);
-    let (_, info) = d.get(&format!("/vm/{h}/exec/{id}")).await;
+    let (_, info) = d.get(&routes::vm_exec_id(&h, &id)).await;
     assert_eq!(info["running"], true, "{info}");
 
-    let (s, w) = d.get(&format!("/vm/{h}/exec/{id}/wait-exit?timeout=30")).await;
+    let (s, w) = d
+        .get(&format!("{}?timeout=30", routes::vm_exec_wait_exit(&h, &id)))
+        .await;
     assert_eq!(s, 200);
     assert_eq!(
         (
@@ -465,7 +479,7 @@ async fn background_exec_outlives_its_clients() {
     );
 
     // Replay from an id: the rest of the output, then the exit.
-    let (s, frames) = ndjson(&d, &format!("/vm/{h}/exec/{id}/logs?from_id=2")).await;
+    let (s, frames) = ndjson(&d, &format!("{}?from_id=2", routes::vm_exec_logs(&h, &id))).await;
     assert_eq!(s, 200);
     assert_eq!(frames.first().unwrap()["id"], 2);
     let text: String = frames
@@ -481,25 +495,25 @@ async fn background_exec_outlives_its_clients() {
         (Some("exit"), Some(3)),
         "{last}"
     );
-    let (_, b64) = ndjson(&d, &format!("/vm/{h}/exec/{id}/logs?stdio=base64")).await;
+    let (_, b64) = ndjson(&d, &format!("{}?stdio=base64", routes::vm_exec_logs(&h, &id))).await;
     assert_eq!(b64[0]["encoding"], "base64");
     assert_eq!(b64[0]["data"], "bGluZTEK");
 
-    let (_, list) = d.get(&format!("/vm/{h}/exec")).await;
+    let (_, list) = d.get(&routes::vm_exec(&h)).await;
     assert!(list.as_array().unwrap().iter().any(|e| e["exec_id"] == id.as_str()));
 
     // Reaped: 410 from then on.
-    let (s, v) = d.send_json(Method::DELETE, &format!("/vm/{h}/exec/{id}"), "").await;
+    let (s, v) = d.send_json(Method::DELETE, &routes::vm_exec_id(&h, &id), "").await;
     assert_eq!((s, v["reaped"].as_bool()), (200, Some(true)), "{v}");
-    assert_eq!(d.get(&format!("/vm/{h}/exec/{id}")).await.0, 410);
-    assert_eq!(d.get(&format!("/vm/{h}/exec/{id}/logs")).await.0, 410);
-    assert_eq!(d.get(&format!("/vm/{h}/exec/ex_0000/wait-exit")).await.0, 404);
+    assert_eq!(d.get(&routes::vm_exec_id(&h, &id)).await.0, 410);
+    assert_eq!(d.get(&routes::vm_exec_logs(&h, &id)).await.0, 410);
+    assert_eq!(d.get(&routes::vm_exec_wait_exit(&h, "ex_0000")).await.0, 404);
     assert_eq!(
-        d.send_json(Method::DELETE, &format!("/vm/{h}/exec/{id}"), "").await.0,
+        d.send_json(Method::DELETE, &routes::vm_exec_id(&h, &id), "").await.0,
         410
     );
-    assert_eq!(d.get("/vm/nope-1/exec").await.0, 404);
-    assert_eq!(d.get(&format!("/vm/{h}/exec/..%2Fx")).await.0, 404);
+    assert_eq!(d.get(&routes::vm_exec("nope-1")).await.0, 404);
+    assert_eq!(d.get(&routes::vm_exec_id(&h, "../x")).await.0, 404);
 
     // Kill: TERM reaches the process group.
     let q = slicer_api::client::query(&[
@@ -507,20 +521,18 @@ async fn background_exec_outlives_its_clients() {
         ("args", "300".into()),
         ("background", "true".into()),
     ]);
-    let (_, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+    let (_, v) = d
+        .send_json(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), "")
+        .await;
     let id = v["exec_id"].as_str().unwrap().to_string();
     let (s, _) = d
-        .send_json(
-            Method::POST,
-            &format!("/vm/{h}/exec/{id}/kill"),
-            r#"{"signal": "BOGUS"}"#,
-        )
+        .send_json(Method::POST, &routes::vm_exec_kill(&h, &id), r#"{"signal": "BOGUS"}"#)
         .await;
     assert_eq!(s, 400);
     let (s, k) = d
         .send_json(
             Method::POST,
-            &format!("/vm/{h}/exec/{id}/kill"),
+            &routes::vm_exec_kill(&h, &id),
             r#"{"signal": "TERM", "grace_ms": 2000}"#,
         )
         .await;
@@ -529,7 +541,9 @@ async fn background_exec_outlives_its_clients() {
         (200, Some("TERM"), Some(true)),
         "{k}"
     );
-    let (_, w) = d.get(&format!("/vm/{h}/exec/{id}/wait-exit?timeout=10")).await;
+    let (_, w) = d
+        .get(&format!("{}?timeout=10", routes::vm_exec_wait_exit(&h, &id)))
+        .await;
     assert_eq!(
         (w["running"].as_bool(), w["signal"].as_str()),
         (Some(false), Some("SIGTERM")),
@@ -543,11 +557,14 @@ async fn background_exec_outlives_its_clients() {
         ("shell", "/bin/sh".into()),
         ("ring_bytes", "4096".into()),
     ]);
-    let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+    let (s, v) = d
+        .send_json(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), "")
+        .await;
     assert_eq!(s, 201, "{v}");
     let id = v["exec_id"].as_str().unwrap().to_string();
-    d.get(&format!("/vm/{h}/exec/{id}/wait-exit?timeout=30")).await;
-    let (_, frames) = ndjson(&d, &format!("/vm/{h}/exec/{id}/logs")).await;
+    d.get(&format!("{}?timeout=30", routes::vm_exec_wait_exit(&h, &id)))
+        .await;
+    let (_, frames) = ndjson(&d, &routes::vm_exec_logs(&h, &id)).await;
     assert_eq!(frames[0]["type"], "gap", "{:?}", frames.first());
     assert!(frames[0]["dropped_frames"].as_u64().unwrap() > 0);
     assert_eq!(frames.last().unwrap()["type"], "exit");
@@ -558,13 +575,23 @@ async fn background_exec_outlives_its_clients() {
         ("background", "true".into()),
         ("buffered", "true".into()),
     ]);
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await.0, 400);
+    assert_eq!(
+        d.send_json(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), "")
+            .await
+            .0,
+        400
+    );
     let q = slicer_api::client::query(&[
         ("cmd", "true".to_string()),
         ("background", "true".into()),
         ("ring_bytes", "1".into()),
     ]);
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await.0, 400);
+    assert_eq!(
+        d.send_json(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), "")
+            .await
+            .0,
+        400
+    );
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -627,7 +654,7 @@ async fn shell_is_a_real_pty_and_forward_reaches_guest_sockets() {
 
     // Shell: a PTY, resizable, ends with a close frame. (Markers are computed so that the
     // terminal's echo of the typed line does not match them.)
-    let mut s = ws(&d, &format!("/vm/{h}/shell"), &[]).await.expect("shell upgrade");
+    let mut s = ws(&d, &routes::vm_shell(&h), &[]).await.expect("shell upgrade");
     let size = |c: u32, r: u32| {
         let mut p = c.to_be_bytes().to_vec();
         p.extend_from_slice(&r.to_be_bytes());
@@ -648,8 +675,11 @@ async fn shell_is_a_real_pty_and_forward_reaches_guest_sockets() {
     assert!(out.contains("43 132"), "{out}");
     s.send(shell_frame(0x01, b"exit 7\n")).await.unwrap();
     shell_until(&mut s, "<closed>").await;
-    assert_eq!(ws(&d, "/vm/nope-1/shell", &[]).await.err(), Some(404));
-    assert_eq!(ws(&d, &format!("/vm/{h}/shell?shell=bash"), &[]).await.err(), Some(400));
+    assert_eq!(ws(&d, &routes::vm_shell("nope-1"), &[]).await.err(), Some(404));
+    assert_eq!(
+        ws(&d, &format!("{}?shell=bash", routes::vm_shell(&h)), &[]).await.err(),
+        Some(400)
+    );
 
     // Forward: an echo server on TCP and one on a UNIX socket in the guest.
     let server = |listen: &str| {
@@ -672,12 +702,14 @@ async fn shell_is_a_real_pty_and_forward_reaches_guest_sockets() {
             ("background", "true".into()),
             ("shell", "/bin/sh".into()),
         ]);
-        let (st, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+        let (st, v) = d
+            .send_json(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), "")
+            .await;
         assert_eq!(st, 201, "{v}");
         // Until the server listens the agent answers 502.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let mut sock = loop {
-            match ws(&d, &format!("/vm/{h}/forward"), &[("x-inlets-upstream", target)]).await {
+            match ws(&d, &routes::vm_forward(&h), &[("x-inlets-upstream", target)]).await {
                 Ok(s) => break s,
                 Err(502) if std::time::Instant::now() < deadline => {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await
@@ -701,9 +733,9 @@ async fn shell_is_a_real_pty_and_forward_reaches_guest_sockets() {
         }
         assert_eq!(got, b"echo:hello\n", "{target}");
     }
-    assert_eq!(ws(&d, &format!("/vm/{h}/forward"), &[]).await.err(), Some(400));
+    assert_eq!(ws(&d, &routes::vm_forward(&h), &[]).await.err(), Some(400));
     assert_eq!(
-        ws(&d, &format!("/vm/{h}/forward"), &[("x-inlets-upstream", "127.0.0.1:1")])
+        ws(&d, &routes::vm_forward(&h), &[("x-inlets-upstream", "127.0.0.1:1")])
             .await
             .err(),
         Some(502)
@@ -720,18 +752,23 @@ async fn watch_reports_changes_as_server_sent_events() {
         .unwrap()
         .to_string();
     assert_eq!(d.sh(&h, "mkdir -p /tmp/w/sub").await.0, 200);
-    assert_eq!(d.get(&format!("/vm/{h}/fs/watch")).await.0, 400, "paths is required");
+    assert_eq!(d.get(&routes::vm_fs_watch(&h)).await.0, 400, "paths is required");
     assert_eq!(
-        d.get(&format!("/vm/{h}/fs/watch?paths=/tmp/w&events=bogus")).await.0,
+        d.get(&format!("{}?paths=/tmp/w&events=bogus", routes::vm_fs_watch(&h)))
+            .await
+            .0,
         400
     );
-    assert_eq!(d.get(&format!("/vm/{h}/fs/watch?paths=/tmp/nope")).await.0, 404);
+    assert_eq!(
+        d.get(&format!("{}?paths=/tmp/nope", routes::vm_fs_watch(&h))).await.0,
+        404
+    );
     // A timeout past what the clock holds is no deadline (it overflowed a handler once).
     let far = d
         .client()
         .send(
             Method::GET,
-            &format!("/vm/{h}/fs/watch?paths=/tmp/w&timeout=9000000000000000000s"),
+            &format!("{}?paths=/tmp/w&timeout=9000000000000000000s", routes::vm_fs_watch(&h)),
             None,
             slicer_api::client::empty(),
         )
@@ -746,7 +783,10 @@ async fn watch_reports_changes_as_server_sent_events() {
             Method::GET,
             // A 5 s debounce: `: >` (close) and `echo >` (truncate, write, close) each report
             // writes, which the default 200 ms merges only when the guest is not slowed down.
-            &format!("/vm/{h}/fs/watch?paths=/tmp/w&recursive=true&patterns=*.txt&max_events=3&debounce=5s"),
+            &format!(
+                "{}?paths=/tmp/w&recursive=true&patterns=*.txt&max_events=3&debounce=5s",
+                routes::vm_fs_watch(&h)
+            ),
             None,
             slicer_api::client::empty(),
         )

@@ -4,6 +4,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
@@ -89,7 +90,7 @@ fn assert_jailed(hostname: &str, ram_bytes: u64) {
 
 async fn delete(d: &TestDaemon, group: &str, h: &str) {
     let (s, v) = d
-        .send_json(http::Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), "")
+        .send_json(http::Method::DELETE, &routes::group_node(group, h), "")
         .await;
     assert_eq!(s, 200, "deleting {h}: {v}");
 }
@@ -266,7 +267,7 @@ async fn every_file_the_daemon_writes_is_private() {
         .to_string();
     let (s, _) = d.sh(&h, "echo hello > /dev/ttyS0").await;
     assert_eq!(s, 200);
-    let (s, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/suspend"), "").await;
+    let (s, v) = d.send_json(http::Method::POST, &routes::vm_suspend(&h), "").await;
     assert_eq!(s, 200, "{v}");
     let vm_dir = data.join("vms").join(&h);
     assert!(vm_dir.join("suspend.state").is_file());
@@ -456,17 +457,21 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
         .raw(
             &d.client(),
             http::Method::GET,
-            &format!("/vm/{h}/logs?lines=0"),
+            &format!("{}?lines=0", routes::vm_logs(&h)),
             None,
             slicer_api::client::empty(),
         )
         .await;
     assert_eq!(s, 200);
     no_token("the console log", &logs);
-    let (s, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/suspend"), "").await;
+    let (s, v) = d.send_json(http::Method::POST, &routes::vm_suspend(&h), "").await;
     assert_eq!(s, 200, "{v}");
     let (s, v) = d
-        .send_json(http::Method::POST, &format!("/vm/{h}/restore?wait=agent"), "")
+        .send_json(
+            http::Method::POST,
+            &format!("{}?wait=agent", routes::vm_restore(&h)),
+            "",
+        )
         .await;
     assert_eq!(s, 200, "{v}");
     let (s, out) = d.sh(&h, "echo back").await;
@@ -487,7 +492,7 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
     // SAFETY: kill(2) of the VM's QEMU.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while d.get(&format!("/vm/{h}")).await.1["status"] != "Stopped" {
+    while d.get(&routes::vm(&h)).await.1["status"] != "Stopped" {
         assert!(Instant::now() < deadline, "the killed VM was not marked Stopped");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -497,25 +502,25 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
         .raw(
             &d.client(),
             http::Method::GET,
-            &format!("/vm/{h}/disk"),
+            &routes::vm_disk(&h),
             None,
             slicer_api::client::empty(),
         )
         .await;
     no_token(&format!("the exported disk ({s})"), &body);
     assert_eq!(token_mode(), 0o600, "the token was made readable");
-    let (_, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/relaunch"), "").await;
+    let (_, v) = d.send_json(http::Method::POST, &routes::vm_relaunch(&h), "").await;
     no_token("the relaunch answer", v.to_string().as_bytes());
     assert_eq!(token_mode(), 0o600, "the token was made readable");
-    if d.get(&format!("/vm/{h}")).await.1["status"] == "Running" {
-        let (_, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/shutdown"), "").await;
+    if d.get(&routes::vm(&h)).await.1["status"] == "Running" {
+        let (_, v) = d.send_json(http::Method::POST, &routes::vm_shutdown(&h), "").await;
         no_token("the shutdown answer", v.to_string().as_bytes());
     }
-    let (s, c) = d.send_json(http::Method::POST, &format!("/vm/{h}/commit"), "{}").await;
+    let (s, c) = d.send_json(http::Method::POST, &routes::vm_commit(&h), "{}").await;
     assert_eq!(s, 201, "{c}");
     let commit = c["commit_id"].as_str().unwrap().to_string();
     let (_, f) = d
-        .send_json(http::Method::POST, &format!("/vm/commits/{commit}/fork"), "{}")
+        .send_json(http::Method::POST, &routes::commit_fork(&commit), "{}")
         .await;
     no_token("the fork answer", f.to_string().as_bytes());
     assert_eq!(token_mode(), 0o600, "the token was made readable");
@@ -532,7 +537,7 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
         .raw(
             &d.client(),
             http::Method::GET,
-            &format!("/vm/{h}/disk"),
+            &routes::vm_disk(&h),
             None,
             slicer_api::client::empty(),
         )
@@ -540,9 +545,7 @@ async fn a_compromised_qemu_cannot_make_the_daemon_follow_its_files() {
     no_token(&format!("the exported disk after the commit ({s})"), &body);
     assert!(!sink_file.exists(), "a file appeared where a planted link pointed");
     delete(&d, "esc", &h).await;
-    let (s, v) = d
-        .send_json(http::Method::DELETE, &format!("/vm/commits/{commit}"), "")
-        .await;
+    let (s, v) = d.send_json(http::Method::DELETE, &routes::commit(&commit), "").await;
     assert_eq!(s, 200, "{v}");
     assert!(common::no_qemu_for(&h));
 }
@@ -570,10 +573,14 @@ async fn a_guest_cannot_forge_lines_in_the_daemons_log() {
         .await;
     assert_eq!((s, v["exit_code"].as_i64()), (200, Some(0)), "{v}");
     // A restored VM gets the keys again: the installation fails and the daemon logs why.
-    let (s, v) = d.send_json(http::Method::POST, &format!("/vm/{h}/suspend"), "").await;
+    let (s, v) = d.send_json(http::Method::POST, &routes::vm_suspend(&h), "").await;
     assert_eq!(s, 200, "{v}");
     let (s, v) = d
-        .send_json(http::Method::POST, &format!("/vm/{h}/restore?wait=agent"), "")
+        .send_json(
+            http::Method::POST,
+            &format!("{}?wait=agent", routes::vm_restore(&h)),
+            "",
+        )
         .await;
     assert_eq!(s, 200, "{v}");
     let log = common::daemon_log();

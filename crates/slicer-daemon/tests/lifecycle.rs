@@ -2,6 +2,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -51,7 +52,7 @@ async fn a_killed_vm_is_noticed_within_two_seconds() {
         let vm_dir = d.dir.path().join("data/vms").join(h);
         let deadline = t0 + Duration::from_secs(2);
         loop {
-            let (s, v) = d.get(&format!("/vm/{h}")).await;
+            let (s, v) = d.get(&routes::vm(h)).await;
             let done = if persistent {
                 s == 200 && v["status"] == "Stopped" && !netns_exists(&format!("slicer-{h}"))
             } else {
@@ -69,7 +70,7 @@ async fn a_killed_vm_is_noticed_within_two_seconds() {
         }
     }
     let (s, _) = d
-        .send_json(Method::DELETE, &format!("/hostgroup/crash/nodes/{per}"), "")
+        .send_json(Method::DELETE, &routes::group_node("crash", &per), "")
         .await;
     assert_eq!(s, 200);
     d.stop().await;
@@ -97,17 +98,21 @@ async fn persistent_disk_survives_shutdown_and_relaunch_and_has_its_size() {
     let (s, v) = d.sh(&h, "echo kept > /root/marker && sync").await;
     assert_eq!((s, v["exit_code"].as_i64()), (200, Some(0)));
     assert_eq!(
-        d.send_json(Method::POST, &format!("/vm/{h}/relaunch"), "").await.0,
+        d.send_json(Method::POST, &routes::vm_relaunch(&h), "").await.0,
         409,
         "running VMs do not relaunch"
     );
     let (s, _) = d
-        .send_json(Method::POST, &format!("/vm/{h}/shutdown?action=shutdown"), "")
+        .send_json(
+            Method::POST,
+            &format!("{}?action=shutdown", routes::vm_shutdown(&h)),
+            "",
+        )
         .await;
     assert_eq!(s, 200);
-    assert_eq!(d.get(&format!("/vm/{h}")).await.1["status"], "Stopped");
+    assert_eq!(d.get(&routes::vm(&h)).await.1["status"], "Stopped");
     assert!(no_qemu_for(&h));
-    let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/relaunch"), "").await;
+    let (s, v) = d.send_json(Method::POST, &routes::vm_relaunch(&h), "").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["hostname"], h.as_str());
     let (_, v) = d.sh(&h, "cat /root/marker").await;
@@ -117,8 +122,11 @@ async fn persistent_disk_survives_shutdown_and_relaunch_and_has_its_size() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{e}/relaunch"), "").await.0, 409);
-    assert_eq!(d.send_json(Method::POST, "/vm/keep-99/relaunch", "").await.0, 404);
+    assert_eq!(d.send_json(Method::POST, &routes::vm_relaunch(&e), "").await.0, 409);
+    assert_eq!(
+        d.send_json(Method::POST, &routes::vm_relaunch("keep-99"), "").await.0,
+        404
+    );
     d.stop().await;
 }
 
@@ -130,17 +138,17 @@ async fn pause_blocks_guest_operations_until_resume() {
         .as_str()
         .unwrap()
         .to_string();
-    let (s, _) = d.send_json(Method::POST, &format!("/vm/{h}/pause"), "").await;
+    let (s, _) = d.send_json(Method::POST, &routes::vm_pause(&h), "").await;
     assert_eq!(s, 200);
-    assert_eq!(d.get(&format!("/vm/{h}")).await.1["status"], "Paused");
+    assert_eq!(d.get(&routes::vm(&h)).await.1["status"], "Paused");
     let (s, v) = d.sh(&h, "true").await;
     assert_eq!(s, 409, "{v}");
-    assert_eq!(d.get(&format!("/vm/{h}/cp?path=/etc/hostname")).await.0, 409);
-    let (s, _) = d.send_json(Method::POST, &format!("/vm/{h}/resume"), "").await;
+    assert_eq!(d.get(&format!("{}?path=/etc/hostname", routes::vm_cp(&h))).await.0, 409);
+    let (s, _) = d.send_json(Method::POST, &routes::vm_resume(&h), "").await;
     assert_eq!(s, 200);
     let (s, v) = d.sh(&h, "hostname").await;
     assert_eq!((s, v["stdout"].as_str()), (200, Some(format!("{h}\n").as_str())));
-    assert_eq!(d.send_json(Method::POST, "/vm/pz-99/pause", "").await.0, 404);
+    assert_eq!(d.send_json(Method::POST, &routes::vm_pause("pz-99"), "").await.0, 404);
     d.stop().await;
 }
 
@@ -191,9 +199,7 @@ async fn fifty_create_delete_cycles_leak_nothing() {
         let h = v["hostname"].as_str().unwrap().to_string();
         let (s, out) = d.sh(&h, "echo ok").await;
         assert_eq!((s, out["stdout"].as_str()), (200, Some("ok\n")));
-        let (s, v) = d
-            .send_json(Method::DELETE, &format!("/hostgroup/cyc/nodes/{h}"), "")
-            .await;
+        let (s, v) = d.send_json(Method::DELETE, &routes::group_node("cyc", &h), "").await;
         assert_eq!((s, v["disk_removed"].as_str()), (200, Some("true")));
     }
     let after = count_ours();

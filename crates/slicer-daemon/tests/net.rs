@@ -4,6 +4,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -205,7 +206,7 @@ async fn create(d: &TestDaemon, group: &str, body: Value) -> (String, String) {
     let v = d.create_vm(group, body).await;
     let ip = v["ip"].as_str().unwrap().split('/').next().unwrap().to_string();
     let hostname = v["hostname"].as_str().unwrap().to_string();
-    let (_, desc) = d.get(&format!("/vm/{hostname}")).await;
+    let (_, desc) = d.get(&routes::vm(&hostname)).await;
     assert_eq!(desc["start_mode"], "template", "{hostname} was not restored: {desc}");
     (hostname, ip)
 }
@@ -287,7 +288,7 @@ async fn isolated_mode_enforces_drop_and_allow_outside_the_guest() {
     assert_ne!(code, 0, "VM opened a TCP connection to the host");
 
     // The description reports mode and effective lists.
-    let (_, v) = d.get(&format!("/vm/{a}")).await;
+    let (_, v) = d.get(&routes::vm(&a)).await;
     assert_eq!(v["network"]["mode"], "isolated");
     assert_eq!(
         v["network"]["effective"],
@@ -307,7 +308,7 @@ async fn isolated_mode_enforces_drop_and_allow_outside_the_guest() {
     );
     assert!(!reaches(&d, &c, "198.18.2.2", 8081).await, "another port answered");
     assert!(!reaches(&d, &c, "198.18.1.2", 8080).await);
-    let (_, v) = d.get(&format!("/vm/{c}")).await;
+    let (_, v) = d.get(&routes::vm(&c)).await;
     assert_eq!(v["network"]["policy_source"], "override");
     assert_eq!(
         v["network"]["effective"],
@@ -322,16 +323,14 @@ async fn isolated_mode_enforces_drop_and_allow_outside_the_guest() {
     let (s, _) = d
         .send_json(
             Method::POST,
-            "/hostgroup/iso/nodes",
+            &routes::group_nodes("iso"),
             r#"{"network":{"drop":["10.0.0.0/99"]}}"#,
         )
         .await;
     assert_eq!(s, 400);
 
     for h in [&a, &b, &c, &e] {
-        let (s, _) = d
-            .send_json(Method::DELETE, &format!("/hostgroup/iso/nodes/{h}"), "")
-            .await;
+        let (s, _) = d.send_json(Method::DELETE, &routes::group_node("iso", h), "").await;
         assert_eq!(s, 200);
     }
     d.stop().await;
@@ -409,9 +408,7 @@ fn gateway_of(guest_ip: &str) -> String {
 /// Deletes the VMs (each answer 200).
 async fn delete_all(d: &TestDaemon, vms: &[(&str, &str)]) {
     for (group, h) in vms {
-        let (s, v) = d
-            .send_json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), "")
-            .await;
+        let (s, v) = d.send_json(Method::DELETE, &routes::group_node(group, h), "").await;
         assert_eq!(s, 200, "deleting {h}: {v}");
     }
 }

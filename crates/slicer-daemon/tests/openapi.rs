@@ -1,5 +1,6 @@
-//! docs/openapi.yaml documents exactly the routes the router serves: the list is read back from
-//! the code that builds the router (`slicer_daemon::api::methods`), not kept by hand.
+//! docs/openapi.yaml and the typed client (`slicer_api::routes`) know exactly the routes the router
+//! serves: the list is read back from the code that builds the router
+//! (`slicer_daemon::api::methods`), not kept by hand.
 
 use std::collections::BTreeSet;
 
@@ -39,5 +40,28 @@ fn openapi_matches_the_routes() {
         "docs/openapi.yaml and the router differ.\nserved but not in docs/openapi.yaml:{}\nin docs/openapi.yaml but not served:{}",
         if undocumented.is_empty() { " none" } else { &undocumented },
         if unserved.is_empty() { " none" } else { &unserved },
+    );
+}
+
+/// The typed client (`slicer_api::routes`) knows every route the router serves and every route
+/// docs/openapi.yaml documents, and no other: a route added to both but not to the client fails.
+#[test]
+fn the_client_has_every_route() {
+    let client: BTreeSet<(String, String)> = slicer_api::routes::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    let served: BTreeSet<(String, String)> = slicer_daemon::api::methods()
+        .into_iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    let doc = documented();
+    let missing = lines(served.union(&doc).filter(|r| !client.contains(*r)));
+    let extra = lines(client.difference(&served));
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "slicer_api::routes::ROUTES and the router differ.\nserved or documented but not in the client:{}\nin the client but not served:{}",
+        if missing.is_empty() { " none" } else { &missing },
+        if extra.is_empty() { " none" } else { &extra },
     );
 }

@@ -6,6 +6,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -189,13 +190,13 @@ async fn admin_api_control_channel_and_restart() {
     // A proxy-bound VM needs a known client, and a proxy of its group that said hello.
     let (s, v) = call!(
         Method::POST,
-        "/hostgroup/sb/nodes",
+        &routes::group_nodes("sb"),
         json!({"proxy": {"client": "nobody"}})
     );
     assert_eq!(s, 400, "{v}");
     let (s, v) = call!(
         Method::POST,
-        "/hostgroup/sb/nodes",
+        &routes::group_nodes("sb"),
         json!({"proxy": {"client": "reviewfn"}})
     );
     assert_eq!(s, 409, "{v}");
@@ -332,7 +333,7 @@ async fn admin_api_control_channel_and_restart() {
         json!({"client": "reviewfn", "host": "db.internal", "ports": [5432], "passthrough": true})
     );
     assert_eq!(s, 201);
-    let (s, v) = d.get("/proxy/v1/clients/reviewfn").await;
+    let (s, v) = d.get(&routes::proxy_client("reviewfn")).await;
     assert_eq!(s, 200);
     let hosts: Vec<&str> = v
         .as_array()
@@ -346,26 +347,34 @@ async fn admin_api_control_channel_and_restart() {
         "declaration order"
     );
     assert_eq!(fake.last().unwrap().clients[1].rules.len(), 3, "{:?}", fake.last());
-    assert_eq!(d.get("/proxy/v1/clients/nobody").await.0, 404);
+    assert_eq!(d.get(&routes::proxy_client("nobody")).await.0, 404);
 
     // Removal by host and by tuple.
-    let (s, _) = call!(Method::DELETE, "/proxy/v1/allows/reviewfn/db.internal", "");
+    let (s, _) = call!(Method::DELETE, &routes::proxy_allow("reviewfn", "db.internal"), "");
     assert_eq!(s, 204);
-    let (s, _) = call!(Method::DELETE, "/proxy/v1/allows/reviewfn/db.internal", "");
+    let (s, _) = call!(Method::DELETE, &routes::proxy_allow("reviewfn", "db.internal"), "");
     assert_eq!(s, 404);
     let (s, _) = call!(
         Method::POST,
-        "/proxy/v1/allows/revoke",
+        &routes::proxy_allows_revoke(),
         json!({"client": "reviewfn", "host": "*.github.com", "methods": ["GET"]})
     );
     assert_eq!(s, 404, "no rule with that identity");
     let (s, _) = call!(
         Method::POST,
-        "/proxy/v1/allows/revoke",
+        &routes::proxy_allows_revoke(),
         json!({"client": "reviewfn", "host": "*.github.com"})
     );
     assert_eq!(s, 204);
-    assert_eq!(d.get("/proxy/v1/clients/reviewfn").await.1.as_array().unwrap().len(), 1);
+    assert_eq!(
+        d.get(&routes::proxy_client("reviewfn"))
+            .await
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     // Decisions become suggestions (what the rules still deny), and metrics.
     let deny = |method: &str, host: &str, path: &str| {
@@ -390,7 +399,7 @@ async fn admin_api_control_channel_and_restart() {
     }
     let t = Instant::now();
     let got: Value = loop {
-        let v = d.get("/proxy/v1/clients/reviewfn/suggest").await.1;
+        let v = d.get(&routes::proxy_client_suggest("reviewfn")).await.1;
         if v.as_array().is_some_and(|a| a.len() == 2) {
             break v;
         }
@@ -434,10 +443,18 @@ async fn admin_api_control_channel_and_restart() {
     assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o600);
     let (_, v) = d.get("/proxy/v1/clients").await;
     assert_eq!(v.as_array().unwrap().len(), 2);
-    assert_eq!(d.get("/proxy/v1/clients/reviewfn").await.1.as_array().unwrap().len(), 1);
+    assert_eq!(
+        d.get(&routes::proxy_client("reviewfn"))
+            .await
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(d.get("/proxy/v1/secrets").await.1.as_array().unwrap().len(), 2);
     assert_eq!(
-        d.get("/proxy/v1/clients/reviewfn/suggest")
+        d.get(&routes::proxy_client_suggest("reviewfn"))
             .await
             .1
             .as_array()
@@ -458,7 +475,7 @@ async fn admin_api_control_channel_and_restart() {
     })
     .await;
     let t0 = Instant::now();
-    let (s, _) = call!(Method::DELETE, "/proxy/v1/secrets/gh", "");
+    let (s, _) = call!(Method::DELETE, &routes::proxy_secret("gh"), "");
     assert_eq!(s, 204);
     let took = t0.elapsed();
     assert!(
@@ -469,13 +486,13 @@ async fn admin_api_control_channel_and_restart() {
     drop(mute);
 
     // Deletes.
-    let (s, _) = call!(Method::DELETE, "/proxy/v1/secrets/gh", "");
+    let (s, _) = call!(Method::DELETE, &routes::proxy_secret("gh"), "");
     assert_eq!(s, 404);
-    let (s, _) = call!(Method::DELETE, "/proxy/v1/clients/reviewfn", "");
+    let (s, _) = call!(Method::DELETE, &routes::proxy_client("reviewfn"), "");
     assert_eq!(s, 204);
-    let (s, _) = call!(Method::DELETE, "/proxy/v1/clients/reviewfn", "");
+    let (s, _) = call!(Method::DELETE, &routes::proxy_client("reviewfn"), "");
     assert_eq!(s, 404);
-    assert_eq!(d.get("/proxy/v1/clients/reviewfn").await.0, 404);
+    assert_eq!(d.get(&routes::proxy_client("reviewfn")).await.0, 404);
     let after: ProxyState = serde_json::from_slice(&std::fs::read(&sf).unwrap()).unwrap();
     assert!(after.clients.iter().all(|c| c.name != "reviewfn"));
 
@@ -537,9 +554,7 @@ async fn a_proxy_bound_vm_gets_its_own_token_in_its_login_environment() {
     assert!(hashes.contains(&sha(token)));
 
     // The VM's token goes with the VM.
-    let (s, v) = d
-        .send_json(Method::DELETE, &format!("/hostgroup/pv/nodes/{h}"), "")
-        .await;
+    let (s, v) = d.send_json(Method::DELETE, &routes::group_node("pv", &h), "").await;
     assert_eq!(s, 200, "{v}");
     wait_until("the VM's token is withdrawn", Duration::from_secs(10), || async {
         tokens(&fake).len() == 1

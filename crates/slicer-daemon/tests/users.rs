@@ -5,6 +5,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::time::{Duration, Instant};
 
 use common::{config_yaml, TestDaemon};
@@ -57,7 +58,7 @@ async fn the_default_user_in_both_images() {
             .raw(
                 &d.client(),
                 Method::POST,
-                &format!("/vm/{h}/cp?path=~/new/dir/f.txt"),
+                &format!("{}?path=~/new/dir/f.txt", routes::vm_cp(&h)),
                 Some("application/octet-stream"),
                 full("data"),
             )
@@ -72,7 +73,7 @@ async fn the_default_user_in_both_images() {
             .raw(
                 &d.client(),
                 Method::POST,
-                &format!("/vm/{h}/cp?path=/tmp/root.txt&uid=0"),
+                &format!("{}?path=/tmp/root.txt&uid=0", routes::vm_cp(&h)),
                 Some("application/octet-stream"),
                 full("data"),
             )
@@ -83,7 +84,7 @@ async fn the_default_user_in_both_images() {
             .raw(
                 &d.client(),
                 Method::GET,
-                &format!("/vm/{h}/cp?path=~/new/dir/f.txt"),
+                &format!("{}?path=~/new/dir/f.txt", routes::vm_cp(&h)),
                 None,
                 empty(),
             )
@@ -96,15 +97,19 @@ async fn the_default_user_in_both_images() {
             ("cwd", "~/new".into()),
             ("buffered", "true".into()),
         ]);
-        let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+        let (s, v) = d
+            .send_json(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), "")
+            .await;
         assert_eq!((s, stdout(&v).as_str()), (200, "/home/ubuntu/new\n"), "{v}");
         for bad in ["../..", "~/../../etc", "/tmp/../etc"] {
             let q = query(&[("cmd", "pwd".into()), ("cwd", bad.into()), ("buffered", "true".into())]);
-            let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+            let (s, v) = d
+                .send_json(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), "")
+                .await;
             assert_eq!(s, 400, "{bad}: {v}");
             assert!(v["error"].as_str().unwrap().contains(".."), "{v}");
         }
-        let (s, _) = d.get(&format!("/vm/{h}/cp?path=~/../../etc/shadow")).await;
+        let (s, _) = d.get(&format!("{}?path=~/../../etc/shadow", routes::vm_cp(&h))).await;
         assert_eq!(s, 400);
         d.stop().await;
     }
@@ -123,10 +128,12 @@ async fn background_execs_run_directly_unless_a_shell_is_given() {
         ("args", "600".into()),
         ("background", "true".into()),
     ]);
-    let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+    let (s, v) = d
+        .send_json(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), "")
+        .await;
     assert_eq!(s, 201, "{v}");
     let id = v["exec_id"].as_str().unwrap();
-    let (_, info) = d.get(&format!("/vm/{h}/exec/{id}")).await;
+    let (_, info) = d.get(&routes::vm_exec_id(&h, id)).await;
     assert_eq!(
         (info["command"].as_str(), &info["args"]),
         (Some("sleep"), &json!(["600"])),
@@ -138,7 +145,7 @@ async fn background_execs_run_directly_unless_a_shell_is_given() {
         "{info}"
     );
     let (s, _) = d
-        .send_json(Method::POST, &format!("/vm/{h}/exec/{id}/kill"), r#"{"signal":"KILL"}"#)
+        .send_json(Method::POST, &routes::vm_exec_kill(&h, id), r#"{"signal":"KILL"}"#)
         .await;
     assert_eq!(s, 200);
 
@@ -147,19 +154,17 @@ async fn background_execs_run_directly_unless_a_shell_is_given() {
         ("background", "true".into()),
         ("shell", "/bin/bash".into()),
     ]);
-    let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/exec?{q}"), "").await;
+    let (s, v) = d
+        .send_json(Method::POST, &format!("{}?{q}", routes::vm_exec(&h)), "")
+        .await;
     assert_eq!(s, 201, "{v}");
     let id = v["exec_id"].as_str().unwrap();
-    let (_, w) = d.get(&format!("/vm/{h}/exec/{id}/wait-exit?timeout=30")).await;
+    let (_, w) = d
+        .get(&format!("{}?timeout=30", routes::vm_exec_wait_exit(&h, id)))
+        .await;
     assert_eq!(w["exit_code"].as_i64(), Some(0), "{w}");
     let (_, b) = d
-        .raw(
-            &d.client(),
-            Method::GET,
-            &format!("/vm/{h}/exec/{id}/logs"),
-            None,
-            empty(),
-        )
+        .raw(&d.client(), Method::GET, &routes::vm_exec_logs(&h, id), None, empty())
         .await;
     let text = String::from_utf8_lossy(&b);
     assert!(text.contains("/home/ubuntu-3"), "{text}");
@@ -176,7 +181,7 @@ async fn userdata_runs_as_root_once_and_reports_its_exit_code() {
     let (s, v) = d
         .send_json(
             Method::POST,
-            "/hostgroup/ud/nodes?wait=userdata&timeout=3m",
+            &format!("{}?wait=userdata&timeout=3m", routes::group_nodes("ud")),
             &json!({ "userdata": userdata }).to_string(),
         )
         .await;
@@ -190,7 +195,10 @@ async fn userdata_runs_as_root_once_and_reports_its_exit_code() {
         .client()
         .send(
             Method::GET,
-            &format!("/vm/{h}/fs/watch?paths=/tmp/build-out&events=create&max_events=2"),
+            &format!(
+                "{}?paths=/tmp/build-out&events=create&max_events=2",
+                routes::vm_fs_watch(&h)
+            ),
             None,
             empty(),
         )
@@ -212,23 +220,27 @@ async fn userdata_runs_as_root_once_and_reports_its_exit_code() {
     // Once per disk: a restart of the persistent VM does not run it again.
     ok(&d, &h, "rm /root/ran", Some(0)).await;
     let (s, v) = d
-        .send_json(Method::POST, &format!("/vm/{h}/shutdown?action=shutdown"), "")
+        .send_json(
+            Method::POST,
+            &format!("{}?action=shutdown", routes::vm_shutdown(&h)),
+            "",
+        )
         .await;
     assert_eq!(s, 200, "{v}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (_, v) = d.get(&format!("/vm/{h}")).await;
+        let (_, v) = d.get(&routes::vm(&h)).await;
         if v["status"] == "Stopped" {
             break;
         }
         assert!(Instant::now() < deadline, "not stopped: {v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (s, v) = d.send_json(Method::POST, &format!("/vm/{h}/relaunch"), "").await;
+    let (s, v) = d.send_json(Method::POST, &routes::vm_relaunch(&h), "").await;
     assert!(s == 200 || s == 201, "{v}");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let (s, v) = d.get(&format!("/vm/{h}/health")).await;
+        let (s, v) = d.get(&routes::vm_health(&h)).await;
         if s == 200 && v["userdata_ran"] == true {
             assert_eq!(v["userdata_exit_code"], 0, "{v}");
             break;
@@ -245,7 +257,7 @@ async fn userdata_runs_as_root_once_and_reports_its_exit_code() {
     let (s, v) = d
         .send_json(
             Method::POST,
-            "/hostgroup/ud/nodes?wait=userdata&timeout=3m",
+            &format!("{}?wait=userdata&timeout=3m", routes::group_nodes("ud")),
             &json!({ "userdata": "#!/bin/sh\necho about to fail\nexit 3\n" }).to_string(),
         )
         .await;
@@ -266,7 +278,7 @@ async fn userdata_runs_as_root_once_and_reports_its_exit_code() {
         .find(|n| *n != h)
         .expect("the VM is kept");
     assert!(msg.contains(&bad), "{msg}");
-    let (s, v) = d.get(&format!("/vm/{bad}/health")).await;
+    let (s, v) = d.get(&routes::vm_health(&bad)).await;
     assert_eq!(
         (s, v["userdata_ran"].as_bool(), v["userdata_exit_code"].as_i64()),
         (200, Some(true), Some(3)),

@@ -3,6 +3,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ async fn stdout(d: &TestDaemon, vm: &str, line: &str) -> String {
 }
 
 async fn start_mode(d: &TestDaemon, vm: &str) -> String {
-    let (_, v) = d.get(&format!("/vm/{vm}")).await;
+    let (_, v) = d.get(&routes::vm(vm)).await;
     v["start_mode"].as_str().unwrap_or_default().to_string()
 }
 
@@ -71,7 +72,7 @@ async fn ten_restored_sandboxes_have_their_own_identity() {
             .raw(
                 &c,
                 Method::POST,
-                &format!("/vm/{h}/cp?path=/root/in.bin"),
+                &format!("{}?path=/root/in.bin", routes::vm_cp(h)),
                 Some("application/octet-stream"),
                 full(data.clone()),
             )
@@ -79,7 +80,12 @@ async fn ten_restored_sandboxes_have_their_own_identity() {
         assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
         assert_eq!(stdout(&d, h, "wc -c < /root/in.bin").await.trim(), "200000");
         let resp = c
-            .send(Method::GET, &format!("/vm/{h}/cp?path=/root/in.bin"), None, empty())
+            .send(
+                Method::GET,
+                &format!("{}?path=/root/in.bin", routes::vm_cp(h)),
+                None,
+                empty(),
+            )
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
@@ -87,9 +93,7 @@ async fn ten_restored_sandboxes_have_their_own_identity() {
     }
     for (h, _) in &vms {
         assert_eq!(
-            d.send_json(Method::DELETE, &format!("/hostgroup/ten/nodes/{h}"), "")
-                .await
-                .0,
+            d.send_json(Method::DELETE, &routes::group_node("ten", h), "").await.0,
             200
         );
         assert!(no_qemu_for(h));
@@ -161,11 +165,17 @@ async fn suspend_then_restore_keeps_processes_and_tmp() {
     let pid = pid.trim().to_string();
 
     // Failures first: nothing to restore yet, unknown VMs, bad query.
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/restore"), "").await.0, 409);
-    assert_eq!(d.send_json(Method::POST, "/vm/nope-1/suspend", "").await.0, 404);
-    assert_eq!(d.send_json(Method::POST, "/vm/nope-1/restore", "").await.0, 404);
+    assert_eq!(d.send_json(Method::POST, &routes::vm_restore(&h), "").await.0, 409);
     assert_eq!(
-        d.send_json(Method::POST, &format!("/vm/{h}/restore?wait=bogus"), "")
+        d.send_json(Method::POST, &routes::vm_suspend("nope-1"), "").await.0,
+        404
+    );
+    assert_eq!(
+        d.send_json(Method::POST, &routes::vm_restore("nope-1"), "").await.0,
+        404
+    );
+    assert_eq!(
+        d.send_json(Method::POST, &format!("{}?wait=bogus", routes::vm_restore(&h)), "")
             .await
             .0,
         400
@@ -173,23 +183,23 @@ async fn suspend_then_restore_keeps_processes_and_tmp() {
 
     let t0 = Instant::now();
     let (s, b) = d
-        .raw(&d.client(), Method::POST, &format!("/vm/{h}/suspend"), None, empty())
+        .raw(&d.client(), Method::POST, &routes::vm_suspend(&h), None, empty())
         .await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     let suspended = t0.elapsed();
     assert!(no_qemu_for(&h), "QEMU ends on suspend");
-    let (_, node) = d.get(&format!("/vm/{h}")).await;
+    let (_, node) = d.get(&routes::vm(&h)).await;
     assert_eq!(node["status"], "Suspended");
     assert_eq!(d.sh(&h, "true").await.0, 409, "a suspended VM runs nothing");
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/suspend"), "").await.0, 409);
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/relaunch"), "").await.0, 409);
+    assert_eq!(d.send_json(Method::POST, &routes::vm_suspend(&h), "").await.0, 409);
+    assert_eq!(d.send_json(Method::POST, &routes::vm_relaunch(&h), "").await.0, 409);
 
     let t0 = Instant::now();
     let (s, b) = d
         .raw(
             &d.client(),
             Method::POST,
-            &format!("/vm/{h}/restore?wait=agent&timeout=60s"),
+            &format!("{}?wait=agent&timeout=60s", routes::vm_restore(&h)),
             None,
             empty(),
         )
@@ -197,7 +207,7 @@ async fn suspend_then_restore_keeps_processes_and_tmp() {
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     eprintln!("suspend {suspended:?}, restore {:?}", t0.elapsed());
     assert_eq!(start_mode(&d, &h).await, "resume");
-    let (_, node) = d.get(&format!("/vm/{h}")).await;
+    let (_, node) = d.get(&routes::vm(&h)).await;
     assert_eq!(node["status"], "Running");
     assert_eq!(stdout(&d, &h, "cat /tmp/marker").await.trim(), "still-here");
     assert_eq!(stdout(&d, &h, &format!("cat /proc/{pid}/comm")).await.trim(), "sleep");
@@ -216,14 +226,12 @@ async fn suspend_then_restore_keeps_processes_and_tmp() {
             .trim(),
         format!("{ip}/30")
     );
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/restore"), "").await.0, 409);
+    assert_eq!(d.send_json(Method::POST, &routes::vm_restore(&h), "").await.0, 409);
 
     // A suspended VM can be deleted outright.
-    assert_eq!(d.send_json(Method::POST, &format!("/vm/{h}/suspend"), "").await.0, 200);
+    assert_eq!(d.send_json(Method::POST, &routes::vm_suspend(&h), "").await.0, 200);
     assert_eq!(
-        d.send_json(Method::DELETE, &format!("/hostgroup/susp/nodes/{h}"), "")
-            .await
-            .0,
+        d.send_json(Method::DELETE, &routes::group_node("susp", &h), "").await.0,
         200
     );
     assert!(!d.dir.path().join("data/vms").join(&h).exists());
@@ -310,9 +318,7 @@ async fn template_memory_and_shapes_stay_within_their_bounds() {
                 .parse()
                 .unwrap();
             assert!(mem * 1024 <= mib.unwrap_or(264) * MIB, "{h}: MemTotal {mem} kB");
-            let (s, v) = d
-                .send_json(Method::DELETE, &format!("/hostgroup/tmem/nodes/{h}"), "")
-                .await;
+            let (s, v) = d.send_json(Method::DELETE, &routes::group_node("tmem", &h), "").await;
             assert_eq!(s, 200, "{v}");
             mode
         }

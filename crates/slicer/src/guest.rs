@@ -6,12 +6,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use clap::Subcommand;
-use http::Method;
-use slicer_api::client::query;
-use slicer_api::{
-    ApiClient, CreateSecretRequest, ExecFrame, ExecInfo, ExecKillRequest, ExecKilled, ExecReaped, ExecStarted,
-    ExecWaitExit, NodeStats, SecretDeleted, SecretInfo, UpdateSecretRequest,
-};
+use slicer_api::{ApiClient, CreateSecretRequest, ExecFrame, ExecKillRequest, UpdateSecretRequest};
 
 #[derive(Subcommand)]
 pub enum BgCmd {
@@ -150,9 +145,7 @@ pub async fn secret(c: &ApiClient, cmd: SecretCmd, json: bool) -> Result<i32> {
                 uid: Some(uid),
                 gid: Some(gid),
             };
-            let v: SecretInfo = c
-                .json(Method::POST, "/secrets", Some(&serde_json::to_value(&body)?))
-                .await?;
+            let v = c.create_secret(&body).await?;
             print_or(json, &v, &format!("secret {name} created"))?;
         }
         SecretCmd::Update {
@@ -171,21 +164,15 @@ pub async fn secret(c: &ApiClient, cmd: SecretCmd, json: bool) -> Result<i32> {
                 uid,
                 gid,
             };
-            let v: SecretInfo = c
-                .json(
-                    Method::PATCH,
-                    &format!("/secrets/{name}"),
-                    Some(&serde_json::to_value(&body)?),
-                )
-                .await?;
+            let v = c.update_secret(&name, &body).await?;
             print_or(json, &v, &format!("secret {name} updated"))?;
         }
         SecretCmd::Delete { name } => {
-            let v: SecretDeleted = c.json(Method::DELETE, &format!("/secrets/{name}"), None).await?;
+            let v = c.delete_secret(&name).await?;
             print_or(json, &v, &format!("secret {name} deleted"))?;
         }
         SecretCmd::List => {
-            let v: Vec<SecretInfo> = c.json(Method::GET, "/secrets", None).await?;
+            let v = c.list_secrets().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -252,19 +239,15 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
                 (None, Some(_)) => bail!("-a goes with -c: `-c prog -a arg`, or put the arguments after --"),
                 (None, None) => bail!("no command: `vm bg exec NAME -- prog args` (or -c prog -a arg)"),
             };
-            let q = run_as
-                .apply(slicer_api::query::ExecQuery {
-                    cmd: program,
-                    args,
-                    shell,
-                    background: true,
-                    ring_bytes: ring_bytes.as_deref().map(parse_size).transpose()?,
-                    ..Default::default()
-                })
-                .to_pairs();
-            let v: ExecStarted = c
-                .json(Method::POST, &format!("/vm/{name}/exec?{}", query(&q)), None)
-                .await?;
+            let q = run_as.apply(slicer_api::query::ExecQuery {
+                cmd: program,
+                args,
+                shell,
+                background: true,
+                ring_bytes: ring_bytes.as_deref().map(parse_size).transpose()?,
+                ..Default::default()
+            });
+            let v = c.vm_exec_background(&name, &q).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -272,7 +255,7 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
             }
         }
         BgCmd::Info { name, id } => {
-            let v: ExecInfo = c.json(Method::GET, &format!("/vm/{name}/exec/{id}"), None).await?;
+            let v = c.exec_info(&name, &id).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         BgCmd::List { name } => bg_list(c, &name, json).await?,
@@ -290,7 +273,7 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
         } => bg_kill(c, &name, &id, signal, &grace, json).await?,
         BgCmd::Wait { name, id, timeout } => return bg_wait(c, &name, &id, &timeout, json).await,
         BgCmd::Remove { name, id } => {
-            let v: ExecReaped = c.json(Method::DELETE, &format!("/vm/{name}/exec/{id}"), None).await?;
+            let v = c.reap_exec(&name, &id).await?;
             print_or(json, &v, &format!("{id} reaped"))?;
         }
     }
@@ -299,7 +282,7 @@ pub async fn bg(c: &ApiClient, cmd: BgCmd, json: bool) -> Result<i32> {
 
 /// `vm bg list`.
 async fn bg_list(c: &ApiClient, name: &str, json: bool) -> Result<()> {
-    let v: Vec<ExecInfo> = c.json(Method::GET, &format!("/vm/{name}/exec"), None).await?;
+    let v = c.list_execs(name).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -326,15 +309,8 @@ async fn bg_list(c: &ApiClient, name: &str, json: bool) -> Result<()> {
 /// `vm bg logs`: the exec's output to stdout and stderr (its frames with --json); the exit
 /// code when the log reached its end.
 async fn bg_logs(c: &ApiClient, name: &str, id: &str, follow: bool, from_id: u64, json: bool) -> Result<i32> {
-    let q = query(&[("follow", follow.to_string()), ("from_id", from_id.to_string())]);
-    let resp = c
-        .call(
-            Method::GET,
-            &format!("/vm/{name}/exec/{id}/logs?{q}"),
-            None,
-            slicer_api::client::empty(),
-        )
-        .await?;
+    let q = [("follow", follow.to_string()), ("from_id", from_id.to_string())];
+    let resp = c.exec_logs(name, id, &q).await?;
     let mut body = resp.into_body();
     let mut buf = slicer_api::lines::LineBuf::new();
     let mut code = 0;
@@ -386,13 +362,7 @@ async fn bg_kill(c: &ApiClient, name: &str, id: &str, signal: String, grace: &st
         signal: Some(signal),
         grace_ms: Some(grace_ms),
     };
-    let v: ExecKilled = c
-        .json(
-            Method::POST,
-            &format!("/vm/{name}/exec/{id}/kill"),
-            Some(&serde_json::to_value(&body)?),
-        )
-        .await?;
+    let v = c.kill_exec(name, id, &body).await?;
     print_or(
         json,
         &v,
@@ -410,13 +380,7 @@ async fn bg_kill(c: &ApiClient, name: &str, id: &str, signal: String, grace: &st
 /// `vm bg wait`: the exec's exit code, or 124 when it still runs after the timeout.
 async fn bg_wait(c: &ApiClient, name: &str, id: &str, timeout: &str, json: bool) -> Result<i32> {
     let timeout = duration(timeout, "--timeout")?.as_secs().clamp(1, 600);
-    let v: ExecWaitExit = c
-        .json(
-            Method::GET,
-            &format!("/vm/{name}/exec/{id}/wait-exit?timeout={timeout}"),
-            None,
-        )
-        .await?;
+    let v = c.wait_exec(name, id, timeout).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
@@ -457,7 +421,7 @@ fn mib(b: u64) -> String {
 
 /// `vm top`: one line of guest-measured numbers per VM.
 pub async fn top(c: &ApiClient, only: Option<&str>, json: bool) -> Result<i32> {
-    let mut v: Vec<NodeStats> = c.json(Method::GET, "/nodes/stats", None).await?;
+    let mut v = c.nodes_stats().await?;
     if let Some(h) = only {
         v.retain(|n| n.hostname == h);
     }

@@ -5,10 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use http::Method;
 use slicer_api::{
-    AddProxyAllowRequest, ApiClient, CreateProxyClientRequest, CreateProxySecretRequest, ProxyAllowRule, ProxyClient,
-    ProxyClientCreated, ProxySecret, RemoveProxyAllowByTupleRequest,
+    AddProxyAllowRequest, ApiClient, CreateProxyClientRequest, CreateProxySecretRequest, RemoveProxyAllowByTupleRequest,
 };
 
 use crate::vm::Conn;
@@ -288,194 +286,28 @@ fn revoke_request(r: RevokeArgs) -> (bool, RemoveProxyAllowByTupleRequest) {
     )
 }
 
-/// A path segment, percent-encoded.
-fn seg(s: &str) -> String {
-    form_urlencoded::byte_serialize(s.as_bytes())
-        .collect::<String>()
-        .replace('+', "%20")
-}
-
 async fn revoke(c: &ApiClient, r: RevokeArgs) -> Result<()> {
     let (tuple, req) = revoke_request(r);
     if tuple {
-        c.call(
-            Method::POST,
-            "/proxy/v1/allows/revoke",
-            Some("application/json"),
-            slicer_api::client::full(serde_json::to_vec(&req)?),
-        )
-        .await?;
+        c.revoke_proxy_allow(&req).await?;
     } else {
-        c.call(
-            Method::DELETE,
-            &format!("/proxy/v1/allows/{}/{}", seg(&req.client), seg(&req.host)),
-            None,
-            slicer_api::client::empty(),
-        )
-        .await?;
+        c.remove_proxy_allow(&req.client, &req.host).await?;
     }
     eprintln!("revoked: {} {}", req.client, req.host);
     Ok(())
 }
 
+/// `slicer proxy …` but `up`: calls to the daemon's proxy API.
 async fn admin(c: &ApiClient, cmd: ProxyCmd, json: bool) -> Result<()> {
     match cmd {
         ProxyCmd::Up(_) => unreachable!("handled by run"),
-        ProxyCmd::Client { cmd } => match cmd {
-            ClientCmd::Create { name, set_token } => {
-                let body = serde_json::to_value(CreateProxyClientRequest { name, token: set_token })?;
-                let out: ProxyClientCreated = c.json(Method::POST, "/proxy/v1/clients", Some(&body)).await?;
-                if json {
-                    print_json(&out)?;
-                } else {
-                    println!("{}", out.token);
-                }
-            }
-            ClientCmd::List => {
-                let list: Vec<ProxyClient> = c.json(Method::GET, "/proxy/v1/clients", None).await?;
-                if json {
-                    return print_json(&list);
-                }
-                println!("{:<32} CREATED", "NAME");
-                for cl in list {
-                    println!("{:<32} {}", cl.name, cl.created_at);
-                }
-            }
-            ClientCmd::Delete { name } => {
-                c.call(
-                    Method::DELETE,
-                    &format!("/proxy/v1/clients/{}", seg(&name)),
-                    None,
-                    slicer_api::client::empty(),
-                )
-                .await?;
-                eprintln!("deleted proxy client {name}");
-            }
-            ClientCmd::Revoke(r) => revoke(c, r).await?,
-        },
+        ProxyCmd::Client { cmd } => client_cmd(c, cmd, json).await?,
         ProxyCmd::Revoke(r) => revoke(c, r).await?,
-        ProxyCmd::Secret { cmd } => match cmd {
-            SecretCmd::Create {
-                name,
-                host,
-                kind,
-                value,
-                value_file,
-                force,
-            } => {
-                let (value, source_file) = match (value, value_file) {
-                    (Some(v), None) => (v, String::new()),
-                    (None, Some(f)) => (read_value_file(&f)?, f.display().to_string()),
-                    _ => bail!("give the secret's value with --value V or --value-file FILE"),
-                };
-                let req = CreateProxySecretRequest {
-                    name,
-                    host,
-                    kind,
-                    value,
-                    source_file,
-                    force,
-                };
-                let out: ProxySecret = c
-                    .json(Method::POST, "/proxy/v1/secrets", Some(&serde_json::to_value(&req)?))
-                    .await?;
-                if json {
-                    print_json(&out)?;
-                } else {
-                    eprintln!("stored proxy secret {} for {} ({})", out.name, out.host, out.kind);
-                }
-            }
-            SecretCmd::List => {
-                let list: Vec<ProxySecret> = c.json(Method::GET, "/proxy/v1/secrets", None).await?;
-                if json {
-                    return print_json(&list);
-                }
-                println!("{:<24} {:<32} {:<7} UPDATED", "NAME", "HOST", "TYPE");
-                for s in list {
-                    println!(
-                        "{:<24} {:<32} {:<7} {}",
-                        s.name,
-                        s.host,
-                        s.kind,
-                        s.updated_at.unwrap_or(s.created_at)
-                    );
-                }
-            }
-            SecretCmd::Delete { name } => {
-                c.call(
-                    Method::DELETE,
-                    &format!("/proxy/v1/secrets/{}", seg(&name)),
-                    None,
-                    slicer_api::client::empty(),
-                )
-                .await?;
-                eprintln!("deleted proxy secret {name}");
-            }
-        },
-        ProxyCmd::Allow(a) => {
-            let req = AddProxyAllowRequest {
-                client: a.client,
-                host: a.host,
-                secret: a.secret.unwrap_or_default(),
-                methods: a.methods,
-                paths: a.paths,
-                ports: a.ports,
-                ttl_seconds: a.ttl.as_deref().map(parse_ttl).transpose()?.unwrap_or(0),
-                passthrough: a.passthrough,
-            };
-            let out: ProxyAllowRule = c
-                .json(Method::POST, "/proxy/v1/allows", Some(&serde_json::to_value(&req)?))
-                .await?;
-            if json {
-                print_json(&out)?;
-            } else {
-                eprintln!(
-                    "allowed {} to {}{}",
-                    req.client,
-                    out.host,
-                    out.expires.map(|e| format!(" until {e}")).unwrap_or_default()
-                );
-            }
-        }
-        ProxyCmd::Rules { client } => {
-            let rules: Vec<ProxyAllowRule> = c
-                .json(Method::GET, &format!("/proxy/v1/clients/{}", seg(&client)), None)
-                .await?;
-            if json {
-                return print_json(&rules);
-            }
-            let or_any = |v: Vec<String>| if v.is_empty() { "*".to_string() } else { v.join(",") };
-            println!(
-                "{:<3} {:<32} {:<12} {:<24} {:<10} {:<12} {:<20} PASSTHROUGH",
-                "#", "HOST", "METHODS", "PATHS", "PORTS", "SECRET", "EXPIRES"
-            );
-            for (i, r) in rules.into_iter().enumerate() {
-                let ports = if r.ports.is_empty() {
-                    "80,443".to_string()
-                } else {
-                    r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
-                };
-                println!(
-                    "{:<3} {:<32} {:<12} {:<24} {:<10} {:<12} {:<20} {}",
-                    i + 1,
-                    r.host,
-                    or_any(r.methods),
-                    or_any(r.paths),
-                    ports,
-                    if r.secret.is_empty() { "-" } else { &r.secret },
-                    r.expires.as_deref().unwrap_or("never"),
-                    if r.passthrough { "yes" } else { "no" }
-                );
-            }
-        }
+        ProxyCmd::Secret { cmd } => secret_cmd(c, cmd, json).await?,
+        ProxyCmd::Allow(a) => allow(c, a, json).await?,
+        ProxyCmd::Rules { client } => rules(c, &client, json).await?,
         ProxyCmd::Suggest { client } => {
-            let rules: Vec<AddProxyAllowRequest> = c
-                .json(
-                    Method::GET,
-                    &format!("/proxy/v1/clients/{}/suggest", seg(&client)),
-                    None,
-                )
-                .await?;
+            let rules = c.suggest_proxy_allows(&client).await?;
             if json {
                 return print_json(&rules);
             }
@@ -486,6 +318,151 @@ async fn admin(c: &ApiClient, cmd: ProxyCmd, json: bool) -> Result<()> {
                 println!("{}", allow_line(r));
             }
         }
+    }
+    Ok(())
+}
+
+/// `slicer proxy client …`.
+async fn client_cmd(c: &ApiClient, cmd: ClientCmd, json: bool) -> Result<()> {
+    match cmd {
+        ClientCmd::Create { name, set_token } => {
+            let out = c
+                .create_proxy_client(&CreateProxyClientRequest { name, token: set_token })
+                .await?;
+            if json {
+                print_json(&out)?;
+            } else {
+                println!("{}", out.token);
+            }
+        }
+        ClientCmd::List => {
+            let list = c.list_proxy_clients().await?;
+            if json {
+                return print_json(&list);
+            }
+            println!("{:<32} CREATED", "NAME");
+            for cl in list {
+                println!("{:<32} {}", cl.name, cl.created_at);
+            }
+        }
+        ClientCmd::Delete { name } => {
+            c.delete_proxy_client(&name).await?;
+            eprintln!("deleted proxy client {name}");
+        }
+        ClientCmd::Revoke(r) => revoke(c, r).await?,
+    }
+    Ok(())
+}
+
+/// `slicer proxy secret …`.
+async fn secret_cmd(c: &ApiClient, cmd: SecretCmd, json: bool) -> Result<()> {
+    match cmd {
+        SecretCmd::Create {
+            name,
+            host,
+            kind,
+            value,
+            value_file,
+            force,
+        } => {
+            let (value, source_file) = match (value, value_file) {
+                (Some(v), None) => (v, String::new()),
+                (None, Some(f)) => (read_value_file(&f)?, f.display().to_string()),
+                _ => bail!("give the secret's value with --value V or --value-file FILE"),
+            };
+            let req = CreateProxySecretRequest {
+                name,
+                host,
+                kind,
+                value,
+                source_file,
+                force,
+            };
+            let out = c.create_proxy_secret(&req).await?;
+            if json {
+                print_json(&out)?;
+            } else {
+                eprintln!("stored proxy secret {} for {} ({})", out.name, out.host, out.kind);
+            }
+        }
+        SecretCmd::List => {
+            let list = c.list_proxy_secrets().await?;
+            if json {
+                return print_json(&list);
+            }
+            println!("{:<24} {:<32} {:<7} UPDATED", "NAME", "HOST", "TYPE");
+            for s in list {
+                println!(
+                    "{:<24} {:<32} {:<7} {}",
+                    s.name,
+                    s.host,
+                    s.kind,
+                    s.updated_at.unwrap_or(s.created_at)
+                );
+            }
+        }
+        SecretCmd::Delete { name } => {
+            c.delete_proxy_secret(&name).await?;
+            eprintln!("deleted proxy secret {name}");
+        }
+    }
+    Ok(())
+}
+
+/// `slicer proxy allow`.
+async fn allow(c: &ApiClient, a: AllowArgs, json: bool) -> Result<()> {
+    let req = AddProxyAllowRequest {
+        client: a.client,
+        host: a.host,
+        secret: a.secret.unwrap_or_default(),
+        methods: a.methods,
+        paths: a.paths,
+        ports: a.ports,
+        ttl_seconds: a.ttl.as_deref().map(parse_ttl).transpose()?.unwrap_or(0),
+        passthrough: a.passthrough,
+    };
+    let out = c.add_proxy_allow(&req).await?;
+    if json {
+        print_json(&out)
+    } else {
+        eprintln!(
+            "allowed {} to {}{}",
+            req.client,
+            out.host,
+            out.expires.map(|e| format!(" until {e}")).unwrap_or_default()
+        );
+        Ok(())
+    }
+}
+
+/// `slicer proxy rules CLIENT`: the client's allow rules, one a line.
+async fn rules(c: &ApiClient, client: &str, json: bool) -> Result<()> {
+    let rules = c.proxy_client_rules(client).await?;
+    if json {
+        return print_json(&rules);
+    }
+    let or_any = |v: Vec<String>| if v.is_empty() { "*".to_string() } else { v.join(",") };
+    println!(
+        "{:<3} {:<32} {:<12} {:<24} {:<10} {:<12} {:<20} PASSTHROUGH",
+        "#", "HOST", "METHODS", "PATHS", "PORTS", "SECRET", "EXPIRES"
+    );
+    for (i, r) in rules.into_iter().enumerate() {
+        let ports = if r.ports.is_empty() {
+            "80,443".to_string()
+        } else {
+            r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+        };
+        println!(
+            "{:<3} {:<32} {:<12} {:<24} {:<10} {:<12} {:<20} {}",
+            i + 1,
+            r.host,
+            or_any(r.methods),
+            or_any(r.paths),
+            ports,
+            if r.secret.is_empty() { "-" } else { &r.secret },
+            r.expires.as_deref().unwrap_or("never"),
+            if r.passthrough { "yes" } else { "no" }
+        );
     }
     Ok(())
 }

@@ -81,8 +81,9 @@ impl Drop for RawMode {
 const DETACH: u8 = 0x1d;
 
 /// An interactive shell; `bootstrap` is typed into it first (a line, e.g. `cd /app && ls`).
-pub async fn shell(c: &ApiClient, name: &str, query: &str, bootstrap: Option<&str>) -> Result<i32> {
-    let mut ws = open(c, &format!("/vm/{name}/shell?{query}"), &[]).await?;
+pub async fn shell(c: &ApiClient, name: &str, query: slicer_api::Pairs<'_>, bootstrap: Option<&str>) -> Result<i32> {
+    let path = slicer_api::routes::with_query(slicer_api::routes::vm_shell(name), query);
+    let mut ws = open(c, &path, &[]).await?;
     let raw = RawMode::enable();
     if let Some((cols, rows)) = window_size() {
         ws.send(Message::Binary(shell::window_size(cols, rows))).await?;
@@ -279,7 +280,7 @@ pub async fn forward(c: &ApiClient, name: &str, specs: Vec<Spec>) -> Result<i32>
             ("x-inlets-client-id", client_id.clone()),
             ("user-agent", "slicer-forward/1.0".to_string()),
         ];
-        let path = format!("/vm/{name}/forward");
+        let path = slicer_api::routes::vm_forward(name);
         let c = c.clone();
         let (listener, shown) = Listener::bind(&spec.listen).await?;
         eprintln!("forwarding {shown} -> {name}:{}", spec.target);

@@ -7,6 +7,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -184,7 +185,7 @@ async fn sh(api: &ApiClient, vm: &str, line: &str) -> String {
         ("uid", "0".into()),
     ]);
     let v: serde_json::Value = api
-        .json(Method::POST, &format!("/vm/{vm}/exec?{q}"), None)
+        .json(Method::POST, &format!("{}?{q}", routes::vm_exec(vm)), None)
         .await
         .unwrap_or_else(|e| panic!("{vm}: {line}: {e:#}"));
     assert_eq!(v["exit_code"], 0, "{vm}: {line}: {v}");
@@ -292,13 +293,13 @@ async fn qemu_killed_during_suspend_restore_and_template_build() {
         "two template builds (shared RAM, then the fallback) were killed"
     );
     let v = create_vm(&api, "fqt", serde_json::json!({})).await;
-    let d = get(&api, &format!("/vm/{v}")).await;
+    let d = get(&api, &routes::vm(&v)).await;
     assert_eq!(d["start_mode"], "cold", "no template: the VM boots cold: {d}");
     assert_eq!(sh(&api, &v, "echo ok").await, "ok\n");
     let ours = scratch_dirs(daemon.0.id());
     assert!(ours.is_empty(), "scratch directories left: {ours:?}");
     let _: serde_json::Value = api
-        .json(Method::DELETE, &format!("/hostgroup/fqt/nodes/{v}"), None)
+        .json(Method::DELETE, &routes::group_node("fqt", &v), None)
         .await
         .unwrap();
 
@@ -310,7 +311,7 @@ async fn qemu_killed_during_suspend_restore_and_template_build() {
     let mut landed = false;
     for _ in 0..3 {
         let (a, h) = (api.clone(), vm.clone());
-        let req = tokio::spawn(async move { call(&a, Method::POST, &format!("/vm/{h}/suspend"), None).await });
+        let req = tokio::spawn(async move { call(&a, Method::POST, &routes::vm_suspend(&h), None).await });
         let tmp = vm_dir.join("suspend.state.tmp");
         let pid = qemus(&format!("slicer-{vm}"))[0];
         let seen = poll("the suspend to start", 60, || {
@@ -323,7 +324,13 @@ async fn qemu_killed_during_suspend_restore_and_template_build() {
         let (s, v) = req.await.unwrap();
         if s == 200 {
             // Finished before the kill landed: restore and try again.
-            let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/restore?wait=agent"), None).await;
+            let (s, v) = call(
+                &api,
+                Method::POST,
+                &format!("{}?wait=agent", routes::vm_restore(&vm)),
+                None,
+            )
+            .await;
             assert_eq!(s, 200, "{v}");
             continue;
         }
@@ -336,14 +343,14 @@ async fn qemu_killed_during_suspend_restore_and_template_build() {
     assert!(landed, "QEMU was never killed while suspending");
     // The suspend may answer before the VM's exit watcher has seen QEMU go.
     wait_stopped(&api, &vm).await;
-    let d = get(&api, &format!("/vm/{vm}")).await;
+    let d = get(&api, &routes::vm(&vm)).await;
     assert_eq!(
         d["status"], "Stopped",
         "a persistent VM whose QEMU died is stopped, not lost: {d}"
     );
     assert!(!vm_dir.join("suspend.state").exists() && !vm_dir.join("suspend.state.tmp").exists());
     converged(&api, &data, G, true).await;
-    let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/relaunch"), None).await;
+    let (s, v) = call(&api, Method::POST, &routes::vm_relaunch(&vm), None).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(sh(&api, &vm, "cat /root/mark").await, "disk\n");
 
@@ -351,11 +358,18 @@ async fn qemu_killed_during_suspend_restore_and_template_build() {
     sh(&api, &vm, "echo mem > /dev/shm/mark").await;
     let mut landed = false;
     for _ in 0..3 {
-        let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/suspend"), None).await;
+        let (s, v) = call(&api, Method::POST, &routes::vm_suspend(&vm), None).await;
         assert_eq!(s, 200, "{v}");
         let (a, h) = (api.clone(), vm.clone());
-        let req =
-            tokio::spawn(async move { call(&a, Method::POST, &format!("/vm/{h}/restore?wait=agent"), None).await });
+        let req = tokio::spawn(async move {
+            call(
+                &a,
+                Method::POST,
+                &format!("{}?wait=agent", routes::vm_restore(&h)),
+                None,
+            )
+            .await
+        });
         let pid = poll("the restore's QEMU", 60, || {
             qemus(&format!("slicer-{vm}")).first().copied()
         })
@@ -365,7 +379,7 @@ async fn qemu_killed_during_suspend_restore_and_template_build() {
         if s == 200 {
             // Restored before the kill landed: the VM died running; bring it back and retry.
             wait_stopped(&api, &vm).await;
-            let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/relaunch"), None).await;
+            let (s, v) = call(&api, Method::POST, &routes::vm_relaunch(&vm), None).await;
             assert_eq!(s, 200, "{v}");
             sh(&api, &vm, "echo mem > /dev/shm/mark").await;
             continue;
@@ -376,11 +390,17 @@ async fn qemu_killed_during_suspend_restore_and_template_build() {
         break;
     }
     assert!(landed, "QEMU was never killed while restoring");
-    let d = get(&api, &format!("/vm/{vm}")).await;
+    let d = get(&api, &routes::vm(&vm)).await;
     assert_eq!(d["status"], "Suspended", "{d}");
     assert!(vm_dir.join("suspend.state").exists(), "the saved state is kept");
     converged(&api, &data, G, true).await;
-    let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/restore?wait=agent"), None).await;
+    let (s, v) = call(
+        &api,
+        Method::POST,
+        &format!("{}?wait=agent", routes::vm_restore(&vm)),
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(sh(&api, &vm, "cat /dev/shm/mark /root/mark").await, "mem\ndisk\n");
     converged(&api, &data, G, true).await;
@@ -417,7 +437,7 @@ async fn daemon_killed_during_create_delete_and_template_build() {
         call(
             &a,
             Method::POST,
-            &format!("/hostgroup/{G}/nodes?wait=agent"),
+            &format!("{}?wait=agent", routes::group_nodes(G)),
             Some(serde_json::json!({})),
         )
         .await
@@ -437,7 +457,7 @@ async fn daemon_killed_during_create_delete_and_template_build() {
     let vm = create_vm(&api, G, serde_json::json!({})).await;
     let pid = qemus(&format!("slicer-{vm}"))[0];
     let (a, h) = (api.clone(), vm.clone());
-    let req = tokio::spawn(async move { call(&a, Method::DELETE, &format!("/hostgroup/{G}/nodes/{h}"), None).await });
+    let req = tokio::spawn(async move { call(&a, Method::DELETE, &routes::group_node(G, &h), None).await });
     poll("the VM's QEMU to end", 60, || {
         (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
     })
@@ -447,7 +467,7 @@ async fn daemon_killed_during_create_delete_and_template_build() {
     let (d, _) = up(dir.path(), "slicer.yaml", port).await;
     daemon = d;
     converged(&api, &data, G, true).await;
-    let (s, _) = call(&api, Method::GET, &format!("/vm/{vm}"), None).await;
+    let (s, _) = call(&api, Method::GET, &routes::vm(&vm), None).await;
     assert_eq!(s, 404, "the deleted VM is gone after the restart");
 
     // During a template build: a group of a new shape builds one at start.
@@ -471,9 +491,9 @@ async fn daemon_killed_during_create_delete_and_template_build() {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let v = create_vm(&api, "fdt", serde_json::json!({})).await;
-        let d = get(&api, &format!("/vm/{v}")).await;
+        let d = get(&api, &routes::vm(&v)).await;
         let _: serde_json::Value = api
-            .json(Method::DELETE, &format!("/hostgroup/fdt/nodes/{v}"), None)
+            .json(Method::DELETE, &routes::group_node("fdt", &v), None)
             .await
             .unwrap();
         if d["start_mode"] == "template" {
@@ -487,8 +507,8 @@ async fn daemon_killed_during_create_delete_and_template_build() {
     converged(&api, &data, G, true).await;
     // The persistent VM was stopped with the daemon before the config changed: it relaunches
     // with its disk.
-    assert_eq!(get(&api, &format!("/vm/{keep}")).await["status"], "Stopped");
-    let (s, v) = call(&api, Method::POST, &format!("/vm/{keep}/relaunch"), None).await;
+    assert_eq!(get(&api, &routes::vm(&keep)).await["status"], "Stopped");
+    let (s, v) = call(&api, Method::POST, &routes::vm_relaunch(&keep), None).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(sh(&api, &keep, "cat /root/mark").await, "kept\n");
     drop(daemon);
@@ -549,7 +569,7 @@ async fn a_full_data_disk_fails_cleanly_and_recovers() {
     let (s, v) = call(
         &api,
         Method::POST,
-        &format!("/hostgroup/{G}/nodes?wait=agent"),
+        &format!("{}?wait=agent", routes::group_nodes(G)),
         Some(serde_json::json!({})),
     )
     .await;
@@ -576,7 +596,7 @@ async fn a_full_data_disk_fails_cleanly_and_recovers() {
     let r = api
         .send(
             Method::POST,
-            &format!("/vm/{vm}/cp?{q}"),
+            &format!("{}?{q}", routes::vm_cp(&vm)),
             Some("application/octet-stream"),
             slicer_api::client::full(blob.clone()),
         )
@@ -592,7 +612,7 @@ async fn a_full_data_disk_fails_cleanly_and_recovers() {
         ("uid", "0".into()),
     ]);
     let synced: serde_json::Value = api
-        .json(Method::POST, &format!("/vm/{vm}/exec?{q}"), None)
+        .json(Method::POST, &format!("{}?{q}", routes::vm_exec(&vm)), None)
         .await
         .unwrap();
     eprintln!(
@@ -603,34 +623,40 @@ async fn a_full_data_disk_fails_cleanly_and_recovers() {
         cp_status >= 400 || synced["exit_code"] != 0,
         "a 32 MiB copy onto a full disk neither failed nor failed to sync: {synced}"
     );
-    let d = get(&api, &format!("/vm/{vm}")).await;
+    let d = get(&api, &routes::vm(&vm)).await;
     assert_eq!(d["status"], "Running", "the guest is not paused by the full disk: {d}");
 
     // Suspend: a clear error; the VM keeps running.
-    let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/suspend"), None).await;
+    let (s, v) = call(&api, Method::POST, &routes::vm_suspend(&vm), None).await;
     eprintln!("fault: suspend on a full data disk -> {s} {v}");
     assert!(s >= 500, "{s} {v}");
-    assert_eq!(get(&api, &format!("/vm/{vm}")).await["status"], "Running");
+    assert_eq!(get(&api, &routes::vm(&vm)).await["status"], "Running");
     assert_eq!(sh(&api, &vm, "cat /root/mark").await, "before\n");
 
     // Room again: everything works, and nothing was lost.
     std::fs::remove_file(&filler).unwrap();
     let v2 = create_vm(&api, G, serde_json::json!({})).await;
     let _: serde_json::Value = api
-        .json(Method::DELETE, &format!("/hostgroup/{G}/nodes/{v2}"), None)
+        .json(Method::DELETE, &routes::group_node(G, &v2), None)
         .await
         .unwrap();
     // The guest met write errors (reported to it, not a paused VM): its ext4 may have gone
     // read-only (errors=remount-ro). A restart of the guest brings it back with what it synced.
-    let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/shutdown"), None).await;
+    let (s, v) = call(&api, Method::POST, &routes::vm_shutdown(&vm), None).await;
     assert_eq!(s, 200, "{v}");
     wait_stopped(&api, &vm).await;
-    let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/relaunch"), None).await;
+    let (s, v) = call(&api, Method::POST, &routes::vm_relaunch(&vm), None).await;
     assert_eq!(s, 200, "{v}");
     sh(&api, &vm, "rm -f /root/blob; echo after > /root/mark2 && sync").await;
-    let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/suspend"), None).await;
+    let (s, v) = call(&api, Method::POST, &routes::vm_suspend(&vm), None).await;
     assert_eq!(s, 200, "{v}");
-    let (s, v) = call(&api, Method::POST, &format!("/vm/{vm}/restore?wait=agent"), None).await;
+    let (s, v) = call(
+        &api,
+        Method::POST,
+        &format!("{}?wait=agent", routes::vm_restore(&vm)),
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(sh(&api, &vm, "cat /root/mark /root/mark2").await, "before\nafter\n");
     converged(&api, &data, G, false).await;
@@ -666,7 +692,7 @@ async fn a_read_only_image_store_and_a_busy_database() {
     .await;
     let api = client(dir.path(), &url);
     let vm = create_vm(&api, G, serde_json::json!({"persistent": true})).await;
-    assert_eq!(get(&api, &format!("/vm/{vm}")).await["start_mode"], "cold");
+    assert_eq!(get(&api, &routes::vm(&vm)).await["start_mode"], "cold");
     assert_eq!(sh(&api, &vm, "echo ok").await, "ok\n");
 
     // The state database locked by another process: a clear error within the busy timeout,
@@ -679,7 +705,7 @@ async fn a_read_only_image_store_and_a_busy_database() {
     let (s, v) = call(
         &api,
         Method::POST,
-        &format!("/hostgroup/{G}/nodes?wait=agent"),
+        &format!("{}?wait=agent", routes::group_nodes(G)),
         Some(serde_json::json!({})),
     )
     .await;
@@ -693,7 +719,7 @@ async fn a_read_only_image_store_and_a_busy_database() {
     let (s, v) = call(
         &api,
         Method::PATCH,
-        &format!("/vm/{vm}/tags"),
+        &routes::vm_tags(&vm),
         Some(serde_json::json!({"add": ["x"]})),
     )
     .await;
@@ -704,7 +730,7 @@ async fn a_read_only_image_store_and_a_busy_database() {
     assert_eq!(qemus(&format!("slicer-{G}-")).len(), 1);
     let v2 = create_vm(&api, G, serde_json::json!({})).await;
     let _: serde_json::Value = api
-        .json(Method::DELETE, &format!("/hostgroup/{G}/nodes/{v2}"), None)
+        .json(Method::DELETE, &routes::group_node(G, &v2), None)
         .await
         .unwrap();
     converged(&api, &data, G, false).await;

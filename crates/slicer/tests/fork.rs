@@ -4,6 +4,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::path::Path;
 
 use common::*;
@@ -99,12 +100,15 @@ async fn commit_fork_and_export_like_slicer() {
         assert_eq!(lines[0], "toolchain", "{out}");
         assert_eq!(lines[1], f.as_str());
         assert!(ids.insert(lines[2].to_string()), "machine ids repeat: {out}");
-        let v: serde_json::Value = api.json(Method::GET, &format!("/vm/{f}"), None).await.unwrap();
+        let v: serde_json::Value = api.json(Method::GET, &routes::vm(f), None).await.unwrap();
         assert!(ips.insert(v["ip"].as_str().unwrap().to_string()), "{v}");
         assert_eq!(v["parent_commit_id"], commit.as_str());
         assert!(v["tags"].as_array().unwrap().iter().any(|t| t == "kind=runner"), "{v}");
     }
-    let first: serde_json::Value = api.json(Method::GET, &format!("/vm/{}", forks[0]), None).await.unwrap();
+    let first: serde_json::Value = api
+        .json(Method::GET, &routes::vm(forks[0].as_str()), None)
+        .await
+        .unwrap();
     assert_eq!(first["network"]["override"]["drop"][0], "10.0.0.0/8", "{first}");
     assert_eq!(
         first["network"]["effective"]["allow"].as_array().map(Vec::len),

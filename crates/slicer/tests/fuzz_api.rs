@@ -111,10 +111,13 @@ async fn fuzzed_and_malformed_requests_get_clear_answers() {
     // The config's VM runs before the fuzzing starts, so routes reach a real guest.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let v: serde_json::Value = api.json(Method::GET, "/vm/fz-1", None).await.unwrap();
+        let v: serde_json::Value = api
+            .json(Method::GET, &slicer_api::routes::vm("fz-1"), None)
+            .await
+            .unwrap();
         if v["status"] == "Running"
             && api
-                .json::<serde_json::Value>(Method::GET, "/vm/fz-1/health", None)
+                .json::<serde_json::Value>(Method::GET, &slicer_api::routes::vm_health("fz-1"), None)
                 .await
                 .is_ok()
         {
@@ -229,7 +232,7 @@ not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"
     for n in nodes.iter().filter(|n| n["hostname"] != "fz-1") {
         let h = n["hostname"].as_str().unwrap();
         let _: serde_json::Value = api
-            .json(Method::DELETE, &format!("/hostgroup/fz/nodes/{h}"), None)
+            .json(Method::DELETE, &slicer_api::routes::group_node("fz", h), None)
             .await
             .unwrap_or_else(|e| panic!("deleting {h}: {e:#}"));
     }
@@ -344,7 +347,10 @@ not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"
         .await
         .unwrap();
     assert_eq!(h["status"], "ok");
-    let _: serde_json::Value = api.json(Method::GET, "/vm/fz-1", None).await.unwrap();
+    let _: serde_json::Value = api
+        .json(Method::GET, &slicer_api::routes::vm("fz-1"), None)
+        .await
+        .unwrap();
     drop(daemon);
     assert!(!qemu_running("slicer-fz-"), "a QEMU of the test is left running");
 }

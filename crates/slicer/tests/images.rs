@@ -4,6 +4,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -315,7 +316,7 @@ async fn pulled_images_boot_with_their_layers_and_systemd() {
     let api = client(dir, &url);
     for group in ["plain", "sd"] {
         let vm = create_vm(&api, group, serde_json::json!({})).await;
-        let desc: serde_json::Value = api.json(Method::GET, &format!("/vm/{vm}"), None).await.unwrap();
+        let desc: serde_json::Value = api.json(Method::GET, &routes::vm(&vm), None).await.unwrap();
         if group == "plain" {
             assert_eq!(desc["start_mode"], "template", "pulled images start warm too: {desc}");
         }
@@ -347,7 +348,7 @@ async fn pulled_images_boot_with_their_layers_and_systemd() {
         let err = failed(&image_cmd(dir, &data, &["remove", r]));
         assert!(err.contains("in use"), "{err}");
         let _: serde_json::Value = api
-            .json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{vm}"), None)
+            .json(Method::DELETE, &routes::group_node(group, &vm), None)
             .await
             .unwrap();
     }
@@ -506,7 +507,7 @@ async fn slicer_image_names_fall_back_to_ours() {
     let (_daemon, url) = up(dir, "c.yaml", port).await;
     let api = client(dir, &url);
     let vm = &create_vm(&api, "fb", serde_json::json!({})).await;
-    let desc: serde_json::Value = api.json(Method::GET, &format!("/vm/{vm}"), None).await.unwrap();
+    let desc: serde_json::Value = api.json(Method::GET, &routes::vm(vm), None).await.unwrap();
     assert_eq!(desc["image"], "min", "{desc}");
     assert_eq!(exec(dir, &url, vm, "cat /proc/1/comm"), "slicer-agent\n");
 }

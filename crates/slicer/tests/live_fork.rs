@@ -4,6 +4,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -135,7 +136,7 @@ async fn live_forks_continue_the_running_source() {
                 );
             }
             if group == "lf" {
-                let rec: serde_json::Value = api.json(Method::GET, &format!("/vm/{vm}"), None).await.unwrap();
+                let rec: serde_json::Value = api.json(Method::GET, &routes::vm(vm), None).await.unwrap();
                 let addr = l[6].split('/').next().unwrap_or_default();
                 assert_eq!(addr, rec["ip"].as_str().unwrap(), "{vm}: eth0 has the VM's own address");
                 assert!(ips.insert(l[6].clone()), "{vm} repeats address {}", l[6]);
@@ -181,7 +182,7 @@ async fn live_forks_continue_the_running_source() {
         let e = api
             .json::<serde_json::Value>(
                 Method::POST,
-                &format!("/vm/commits/{commit}/fork"),
+                &routes::commit_fork(&commit),
                 Some(&serde_json::json!({"vcpu": 2})),
             )
             .await

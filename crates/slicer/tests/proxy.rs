@@ -7,6 +7,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -195,7 +196,7 @@ async fn sh(api: &ApiClient, vm: &str, line: &str) -> (i64, String, String) {
         ("uid", "0".into()),
     ]);
     let v: Value = api
-        .json(Method::POST, &format!("/vm/{vm}/exec?{q}"), None)
+        .json(Method::POST, &format!("{}?{q}", routes::vm_exec(vm)), None)
         .await
         .unwrap_or_else(|e| panic!("exec {line:?}: {e:#}"));
     (
@@ -431,7 +432,7 @@ async fn egress_goes_only_through_the_proxys_rules() {
     }
     // ... and not in its memory: a live capture searched on the host.
     let c: Value = api
-        .json(Method::POST, &format!("/vm/{a}/commit"), Some(&json!({"live": true})))
+        .json(Method::POST, &routes::vm_commit(&a), Some(&json!({"live": true})))
         .await
         .unwrap();
     let commit = c["commit_id"].as_str().unwrap_or_else(|| panic!("{c}")).to_string();
@@ -532,7 +533,7 @@ async fn egress_goes_only_through_the_proxys_rules() {
     proxy.kill9();
     let (code, _, _) = sh(&api, &a, "true").await;
     assert_eq!(code, 0);
-    let v: Value = api.json(Method::GET, &format!("/vm/{a}"), None).await.unwrap();
+    let v: Value = api.json(Method::GET, &routes::vm(&a), None).await.unwrap();
     assert_eq!(v["status"], "Running");
     let mut proxy = Proxy::start(dir, "strict");
     let r = curl(&api, &a, Some(&token), "", "https://basic.test/again").await;
@@ -578,7 +579,7 @@ async fn egress_goes_only_through_the_proxys_rules() {
     let c: Value = api
         .json(
             Method::POST,
-            &format!("/hostgroup/{GROUP}/nodes?wait=agent"),
+            &format!("{}?wait=agent", routes::group_nodes(GROUP)),
             Some(&json!({"proxy": {"client": "c1"}})),
         )
         .await
@@ -595,7 +596,7 @@ async fn create_vm(api: &ApiClient) -> String {
 }
 
 async fn vm_ip(api: &ApiClient, vm: &str) -> IpAddr {
-    let v: Value = api.json(Method::GET, &format!("/vm/{vm}"), None).await.unwrap();
+    let v: Value = api.json(Method::GET, &routes::vm(vm), None).await.unwrap();
     v["ip"]
         .as_str()
         .and_then(|s| s.split('/').next())

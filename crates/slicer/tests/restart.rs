@@ -1,5 +1,6 @@
 //! kill -9 of the daemon: the VMs keep running and the next daemon adopts them.
 
+use slicer_api::routes;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -114,7 +115,7 @@ async fn kill_9_of_the_daemon_loses_nothing() {
         let v: serde_json::Value = c
             .json(
                 Method::POST,
-                &format!("/hostgroup/{GROUP}/nodes?wait=agent"),
+                &format!("{}?wait=agent", routes::group_nodes(GROUP)),
                 Some(&serde_json::json!({"tags": [format!("job={i}")]})),
             )
             .await
@@ -128,7 +129,10 @@ async fn kill_9_of_the_daemon_loses_nothing() {
     let resp = c
         .send(
             Method::POST,
-            &format!("/vm/{h0}/exec?cmd=for%20i%20in%20$(seq%20100);%20do%20echo%20$i;%20sleep%200.1;%20done"),
+            &format!(
+                "{}?cmd=for%20i%20in%20$(seq%20100);%20do%20echo%20$i;%20sleep%200.1;%20done",
+                routes::vm_exec(&h0)
+            ),
             None,
             empty(),
         )
@@ -169,7 +173,10 @@ async fn kill_9_of_the_daemon_loses_nothing() {
     for v in &before {
         let h = v["hostname"].as_str().unwrap();
         let q = slicer_api::client::query(&[("cmd", "hostname".to_string()), ("buffered", "true".into())]);
-        let out: serde_json::Value = c.json(Method::POST, &format!("/vm/{h}/exec?{q}"), None).await.unwrap();
+        let out: serde_json::Value = c
+            .json(Method::POST, &format!("{}?{q}", routes::vm_exec(h)), None)
+            .await
+            .unwrap();
         assert_eq!(out["stdout"], format!("{h}\n"));
     }
     let pids = qemu_pids(&format!("{GROUP}-"));

@@ -1,6 +1,7 @@
 //! The seed workflow, as a user runs it: `slicer new`, `slicer up`, then curl-style calls and
 //! the `slicer` client, against the real binary, real guests and a temporary data directory.
 
+use slicer_api::routes;
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -57,7 +58,7 @@ async fn seed_workflow() {
     let resp = c
         .send(
             Method::POST,
-            "/hostgroup/sandbox/nodes",
+            &routes::group_nodes("sandbox"),
             Some("application/json"),
             full(r#"{"tags":["user=alice","job=convert-video-123"]}"#),
         )

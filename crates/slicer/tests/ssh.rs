@@ -3,6 +3,7 @@
 
 mod common;
 
+use slicer_api::routes;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,7 +81,7 @@ async fn ssh_with_a_key_through_a_forward() {
     let err = c
         .json::<serde_json::Value>(
             Method::POST,
-            "/hostgroup/ssh/nodes",
+            &routes::group_nodes("ssh"),
             Some(&serde_json::json!({"import_user": "alice"})),
         )
         .await
@@ -89,7 +90,7 @@ async fn ssh_with_a_key_through_a_forward() {
     let err = c
         .json::<serde_json::Value>(
             Method::POST,
-            "/hostgroup/ssh/nodes",
+            &routes::group_nodes("ssh"),
             Some(&serde_json::json!({"ssh_keys": ["command=\"sh\" ssh-ed25519 AAAA"]})),
         )
         .await
@@ -101,7 +102,7 @@ async fn ssh_with_a_key_through_a_forward() {
     let created: serde_json::Value = c
         .json(
             Method::POST,
-            "/hostgroup/ssh/nodes?wait=agent",
+            &format!("{}?wait=agent", routes::group_nodes("ssh")),
             Some(&serde_json::json!({"ssh_keys": [request_key]})),
         )
         .await

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use slicer_api::routes;
 use std::path::PathBuf;
 
 use http::Method;
@@ -125,7 +126,7 @@ impl TestDaemon {
 impl TestDaemon {
     /// Creates a VM with `wait=agent`, asserting 201; returns the answer.
     pub async fn create_vm(&self, group: &str, body: serde_json::Value) -> serde_json::Value {
-        let path = format!("/hostgroup/{group}/nodes?wait=agent");
+        let path = format!("{}?wait=agent", routes::group_nodes(group));
         let (s, v) = self.send_json(Method::POST, &path, &body.to_string()).await;
         assert_eq!(s, 201, "{v}");
         v
@@ -141,7 +142,8 @@ impl TestDaemon {
         let mut q = vec![("cmd", line.to_string()), ("buffered", "true".into())];
         q.extend(uid.map(|u| ("uid", u.to_string())));
         let q = slicer_api::client::query(&q);
-        self.send_json(Method::POST, &format!("/vm/{vm}/exec?{q}"), "").await
+        self.send_json(Method::POST, &format!("{}?{q}", routes::vm_exec(vm)), "")
+            .await
     }
 }
 

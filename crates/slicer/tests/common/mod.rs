@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use slicer_api::routes;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -154,7 +155,7 @@ pub async fn create_vm(api: &ApiClient, group: &str, body: serde_json::Value) ->
     let v: serde_json::Value = api
         .json(
             Method::POST,
-            &format!("/hostgroup/{group}/nodes?wait=agent"),
+            &format!("{}?wait=agent", routes::group_nodes(group)),
             Some(&body),
         )
         .await
@@ -169,7 +170,7 @@ pub async fn create_vm(api: &ApiClient, group: &str, body: serde_json::Value) ->
 pub async fn wait_stopped(api: &ApiClient, vm: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let v: serde_json::Value = api.json(Method::GET, &format!("/vm/{vm}"), None).await.unwrap();
+        let v: serde_json::Value = api.json(Method::GET, &routes::vm(vm), None).await.unwrap();
         if v["status"] == "Stopped" {
             return;
         }
