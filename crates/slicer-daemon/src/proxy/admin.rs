@@ -222,7 +222,7 @@ impl ProxyAdmin {
                 tx.execute(
                     "INSERT OR REPLACE INTO proxy_secrets (name, host, kind, value, created_at, updated_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![name, host, kind.as_str(), value, created, updated],
+                    params![name, host, Text(kind), value, created, updated],
                 )
                 .map_err(db_err)?;
                 Ok(ProxySecret {

@@ -125,7 +125,7 @@ impl ProxyAdmin {
             .conn()
             .execute(
                 "INSERT OR REPLACE INTO proxy_hellos (host_group, bind, mode, pid, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![group, bind, mode.as_str(), pid, now()],
+                params![group, bind, Text(mode), pid, now()],
             )
             .context("recording the proxy's hello")?;
         tracing::info!(group, bind, mode = mode.as_str(), pid, "proxy connected");

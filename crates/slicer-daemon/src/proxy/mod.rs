@@ -30,6 +30,7 @@ use tokio::sync::watch;
 
 use crate::manager::Error;
 use crate::metrics::{GroupLabels, ProxyBytesLabels, ProxyDecisionLabels};
+use crate::state::column::Text;
 use crate::state::Db;
 
 mod admin;
@@ -315,17 +316,14 @@ impl ProxyAdmin {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
+                    // A word this code does not know reads as bearer (as it always has).
+                    r.get::<_, Text<SecretKind>>(2).map_or(SecretKind::Bearer, |k| k.0),
                     r.get::<_, String>(3)?,
                 ))
             })
             .map_err(db_err)?
         {
             let (name, host, kind, value) = row.map_err(db_err)?;
-            let kind = match kind.as_str() {
-                "basic" => SecretKind::Basic,
-                _ => SecretKind::Bearer,
-            };
             secrets.push(StateSecret {
                 name,
                 host,

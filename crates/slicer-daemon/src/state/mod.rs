@@ -8,7 +8,10 @@ use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use slicer_api::VmStatus;
 
+pub mod column;
 pub mod migrations;
+
+use column::Text;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmRecord {
@@ -48,16 +51,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         ram_bytes: r.get::<_, i64>(3)? as u64,
         persistent: r.get(4)?,
         protected: r.get(5)?,
-        status: {
-            let text: String = r.get(6)?;
-            VmStatus::parse(&text).ok_or_else(|| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    6,
-                    rusqlite::types::Type::Text,
-                    format!("unknown VM status {text:?} in the state database").into(),
-                )
-            })?
-        },
+        status: r.get::<_, Text<VmStatus>>(6)?.0,
         created_at: r.get(7)?,
         ip: r.get(8)?,
         pid: r.get(9)?,
@@ -254,7 +248,7 @@ impl Db {
                 rec.ram_bytes as i64,
                 rec.persistent,
                 rec.protected,
-                rec.status.as_str(),
+                Text(rec.status),
                 rec.created_at,
                 rec.ip,
                 rec.pid,
@@ -329,7 +323,7 @@ impl Db {
             "UPDATE vms SET status = ?2, pid = ?3, pid_start = ?4 WHERE hostname = ?1",
             params![
                 hostname,
-                status.as_str(),
+                Text(status),
                 process.map(|p| p.0),
                 process.map(|p| p.1 as i64)
             ],
