@@ -1,9 +1,11 @@
 //! Writes `tests/fixtures/state-v0.db`: a state database as the release before schema
 //! versions wrote it (`user_version` 0), with VMs, tags, lineage, commits, a secret scope and
-//! proxy clients, rules and secrets. Run with
-//! `SLICER_STATE_FIXTURE=crates/slicer-daemon/tests/fixtures/state-v0.db cargo test -p slicer-daemon --lib write_state_fixture -- --ignored`.
-//! Migration 1 is that release's schema exactly, so a database written through today's code and
-//! set back to `user_version` 0 is the same database.
+//! proxy clients, rules and secrets. The checked-in file was written by that release's code
+//! (commit aca883f, `Db::open` with `CREATE TABLE IF NOT EXISTS` only). Run with
+//! `SLICER_STATE_FIXTURE=$PWD/crates/slicer-daemon/tests/fixtures/state-v0.db cargo test -p slicer-daemon --lib write_state_fixture -- --ignored`.
+//! While migration 1 is the only one, it is that release's schema exactly, so a database
+//! written through today's code and set back to `user_version` 0 is the same database. Once a
+//! migration 2 exists, keep this file as it is and add a fixture per version instead.
 
 use std::collections::BTreeMap;
 use std::path::Path;
