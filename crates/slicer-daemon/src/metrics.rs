@@ -108,95 +108,76 @@ impl Default for Metrics {
     }
 }
 
+/// Registers `metric` in `registry` and answers it (a handle to the same metric).
+fn reg<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
+    /// Every family, registered under `slicer_` in the order `/metrics` shows them.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("slicer");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("http_requests", "API requests answered", requests.clone());
-        let request_seconds = Histograms::<RouteLabels>::new_with_constructor(request_buckets as fn() -> Histogram);
-        registry.register(
+        let mut r = Registry::with_prefix("slicer");
+        let r = &mut r;
+        let requests = reg(r, "http_requests", "API requests answered", Family::default());
+        let request_seconds = reg(
+            r,
             "http_request_duration_seconds",
             "Time to answer an API request (streamed answers: until the headers)",
-            request_seconds.clone(),
+            Histograms::<RouteLabels>::new_with_constructor(request_buckets as fn() -> Histogram),
         );
-        let launches = Family::<LaunchLabels, Counter>::default();
-        registry.register("vm_launches", "VMs started, by how they started", launches.clone());
-        let launch_failures = Family::<GroupLabels, Counter>::default();
-        registry.register("vm_launch_failures", "VM starts that failed", launch_failures.clone());
-        let ready_seconds = Histograms::<ModeLabels>::new_with_constructor(start_buckets as fn() -> Histogram);
-        registry.register(
+        let launches = reg(r, "vm_launches", "VMs started, by how they started", Family::default());
+        let launch_failures = reg(r, "vm_launch_failures", "VM starts that failed", Family::default());
+        let ready_seconds = reg(
+            r,
             "vm_ready_duration_seconds",
             "From starting QEMU to the agent's first answer",
-            ready_seconds.clone(),
+            Histograms::<ModeLabels>::new_with_constructor(start_buckets as fn() -> Histogram),
         );
-        let running = Family::<GroupLabels, Gauge>::default();
-        registry.register("vms_running", "VMs whose QEMU runs", running.clone());
-        let capacity_ram = Family::<KindLabels, Gauge>::default();
-        registry.register(
+        let running = reg(r, "vms_running", "VMs whose QEMU runs", Family::default());
+        let capacity_ram = reg(
+            r,
             "capacity_ram_bytes",
             "Host memory reserved by running and starting VMs (RAM plus QEMU overhead), and the budget",
-            capacity_ram.clone(),
+            Family::default(),
         );
-        let capacity_vcpus = Family::<KindLabels, Gauge>::default();
-        registry.register(
+        let capacity_vcpus = reg(
+            r,
             "capacity_vcpus",
             "vCPUs reserved by running and starting VMs, and the budget",
-            capacity_vcpus.clone(),
+            Family::default(),
         );
-        let capacity_vms = Family::<KindLabels, Gauge>::default();
-        registry.register(
+        let capacity_vms = reg(
+            r,
             "capacity_vms",
             "VMs running or starting, and the budget",
-            capacity_vms.clone(),
+            Family::default(),
         );
-        let template_memory = Family::<KindLabels, Gauge>::default();
-        registry.register(
+        let template_memory = reg(
+            r,
             "template_memory_bytes",
             "Template and live-commit memory: loaded (kept for restores), pinned (loaded or mapped by running clones; counted in the RAM budget), limit (on loaded)",
-            template_memory.clone(),
+            Family::default(),
         );
-        let template_shapes = Family::<KindLabels, Gauge>::default();
-        registry.register(
+        let template_shapes = reg(
+            r,
             "template_shapes",
             "Distinct VM shapes with a template (used), and the bound (limit)",
-            template_shapes.clone(),
+            Family::default(),
         );
-        let template_shapes_refused = Counter::default();
-        registry.register(
+        let template_shapes_refused = reg(
+            r,
             "template_shapes_refused",
             "VMs booted cold because their shape found no free template slot",
-            template_shapes_refused.clone(),
+            Counter::default(),
         );
-        let proxy_decisions = Family::<ProxyDecisionLabels, Counter>::default();
-        registry.register(
-            "proxy_decisions",
-            "Slicer Proxy decisions reported to the daemon, by host group and allow or deny",
-            proxy_decisions.clone(),
-        );
-        let proxy_bytes = Family::<ProxyBytesLabels, Gauge>::default();
-        registry.register(
-            "proxy_bytes",
-            "Bytes a proxy carried since it started (up: towards upstreams), as it last reported",
-            proxy_bytes.clone(),
-        );
-        let proxy_open_connections = Family::<GroupLabels, Gauge>::default();
-        registry.register(
-            "proxy_open_connections",
-            "Client connections a proxy holds open, as it last reported",
-            proxy_open_connections.clone(),
-        );
-        let proxy_connected = Gauge::default();
-        registry.register(
-            "proxies_connected",
-            "Proxies connected to the daemon's control channel",
-            proxy_connected.clone(),
-        );
-        Metrics {
-            registry,
-            proxy_decisions,
-            proxy_bytes,
-            proxy_open_connections,
-            proxy_connected,
+        let mut m = Metrics {
+            registry: Registry::default(),
             requests,
             request_seconds,
             launches,
@@ -209,7 +190,42 @@ impl Metrics {
             template_memory,
             template_shapes,
             template_shapes_refused,
-        }
+            proxy_decisions: Family::default(),
+            proxy_bytes: Family::default(),
+            proxy_open_connections: Family::default(),
+            proxy_connected: Gauge::default(),
+        };
+        m.register_proxy(r);
+        m.registry = std::mem::take(r);
+        m
+    }
+
+    /// Registers the proxy families (the control plane updates them).
+    fn register_proxy(&mut self, r: &mut Registry) {
+        reg(
+            r,
+            "proxy_decisions",
+            "Slicer Proxy decisions reported to the daemon, by host group and allow or deny",
+            self.proxy_decisions.clone(),
+        );
+        reg(
+            r,
+            "proxy_bytes",
+            "Bytes a proxy carried since it started (up: towards upstreams), as it last reported",
+            self.proxy_bytes.clone(),
+        );
+        reg(
+            r,
+            "proxy_open_connections",
+            "Client connections a proxy holds open, as it last reported",
+            self.proxy_open_connections.clone(),
+        );
+        reg(
+            r,
+            "proxies_connected",
+            "Proxies connected to the daemon's control channel",
+            self.proxy_connected.clone(),
+        );
     }
 
     /// Sets the template gauges.

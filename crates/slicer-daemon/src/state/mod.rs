@@ -8,6 +8,11 @@ use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use slicer_api::VmStatus;
 
+pub mod column;
+pub mod migrations;
+
+use column::Text;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmRecord {
     pub hostname: String,
@@ -38,104 +43,6 @@ pub struct Db {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA: &str = "
-PRAGMA journal_mode = WAL;
-PRAGMA foreign_keys = ON;
-CREATE TABLE IF NOT EXISTS vms (
-    hostname TEXT PRIMARY KEY,
-    host_group TEXT NOT NULL,
-    cpus INTEGER NOT NULL,
-    ram_bytes INTEGER NOT NULL,
-    persistent INTEGER NOT NULL,
-    protected INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    ip TEXT NOT NULL DEFAULT '',
-    pid INTEGER,
-    image TEXT NOT NULL,
-    storage_size INTEGER,
-    userdata TEXT,
-    userdata_ran INTEGER NOT NULL DEFAULT 0,
-    userdata_exit_code INTEGER,
-    net_allow TEXT,
-    net_drop TEXT,
-    pid_start INTEGER
-);
-CREATE TABLE IF NOT EXISTS tags (
-    hostname TEXT NOT NULL REFERENCES vms(hostname) ON DELETE CASCADE,
-    pos INTEGER NOT NULL,
-    tag TEXT NOT NULL,
-    PRIMARY KEY (hostname, pos)
-);
-CREATE TABLE IF NOT EXISTS secret_scopes (
-    hostname TEXT PRIMARY KEY REFERENCES vms(hostname) ON DELETE CASCADE,
-    names TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS commits (
-    commit_id TEXT PRIMARY KEY,
-    source_hostname TEXT NOT NULL,
-    source_host_group TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    cache_key TEXT,
-    tags TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    image TEXT NOT NULL,
-    storage_size INTEGER,
-    base_commit TEXT
-);
-CREATE INDEX IF NOT EXISTS commits_by_key ON commits(cache_key);
-CREATE TABLE IF NOT EXISTS lineage (
-    hostname TEXT PRIMARY KEY REFERENCES vms(hostname) ON DELETE CASCADE,
-    commit_id TEXT,
-    parent_commit_id TEXT
-);
-CREATE TABLE IF NOT EXISTS allocations (
-    host_group TEXT PRIMARY KEY,
-    next INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS proxy_clients (
-    name TEXT PRIMARY KEY,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS proxy_tokens (
-    sha256 TEXT PRIMARY KEY,
-    client TEXT NOT NULL REFERENCES proxy_clients(name) ON DELETE CASCADE,
-    vm TEXT REFERENCES vms(hostname) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS proxy_secrets (
-    name TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    value TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    updated_at TEXT
-);
-CREATE TABLE IF NOT EXISTS proxy_rules (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    client TEXT NOT NULL REFERENCES proxy_clients(name) ON DELETE CASCADE,
-    rule TEXT NOT NULL,
-    expires INTEGER
-);
-CREATE INDEX IF NOT EXISTS proxy_rules_by_client ON proxy_rules(client, id);
-CREATE TABLE IF NOT EXISTS proxy_hellos (
-    host_group TEXT PRIMARY KEY,
-    bind TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS proxy_decisions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    client TEXT NOT NULL REFERENCES proxy_clients(name) ON DELETE CASCADE,
-    decision TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS proxy_decisions_by_client ON proxy_decisions(client, id);
-CREATE TABLE IF NOT EXISTS proxy_meta (
-    key TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-";
-
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
     Ok(VmRecord {
         hostname: r.get(0)?,
@@ -144,16 +51,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         ram_bytes: r.get::<_, i64>(3)? as u64,
         persistent: r.get(4)?,
         protected: r.get(5)?,
-        status: {
-            let text: String = r.get(6)?;
-            VmStatus::parse(&text).ok_or_else(|| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    6,
-                    rusqlite::types::Type::Text,
-                    format!("unknown VM status {text:?} in the state database").into(),
-                )
-            })?
-        },
+        status: r.get::<_, Text<VmStatus>>(6)?.0,
         created_at: r.get(7)?,
         ip: r.get(8)?,
         pid: r.get(9)?,
@@ -294,9 +192,11 @@ impl Db {
     }
 
     pub fn open(path: &Path) -> Result<Db> {
-        let conn = Connection::open(path).with_context(|| format!("opening state database {}", path.display()))?;
-        conn.execute_batch(SCHEMA).context("creating the state schema")?;
+        let mut conn = Connection::open(path).with_context(|| format!("opening state database {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON;")
+            .context("setting up the state database")?;
+        migrations::migrate(&mut conn).with_context(|| format!("opening state database {}", path.display()))?;
         Ok(Db { conn: Mutex::new(conn) })
     }
 
@@ -348,7 +248,7 @@ impl Db {
                 rec.ram_bytes as i64,
                 rec.persistent,
                 rec.protected,
-                rec.status.as_str(),
+                Text(rec.status),
                 rec.created_at,
                 rec.ip,
                 rec.pid,
@@ -423,7 +323,7 @@ impl Db {
             "UPDATE vms SET status = ?2, pid = ?3, pid_start = ?4 WHERE hostname = ?1",
             params![
                 hostname,
-                status.as_str(),
+                Text(status),
                 process.map(|p| p.0),
                 process.map(|p| p.1 as i64)
             ],
@@ -482,6 +382,9 @@ impl Db {
         Ok(n > 0)
     }
 }
+
+#[cfg(test)]
+mod fixture;
 
 #[cfg(test)]
 mod tests {
