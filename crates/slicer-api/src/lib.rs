@@ -20,6 +20,20 @@ pub use types::*;
 /// and in `/info`. (Host groups' `arch` is `x86_64`, as in SlicerVM's `GET /hostgroup`.)
 pub const VM_ARCH: &str = "amd64";
 
+/// A size for people: whole GiB as `20 GiB`, other sizes of a GiB or more with one decimal
+/// (`1.5 GiB`), smaller ones in whole MiB (`512 MiB`). The daemon's config errors and the
+/// CLI's tables both print sizes with it.
+pub fn human_bytes(b: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    if b >= GIB && b.is_multiple_of(GIB) {
+        format!("{} GiB", b / GIB)
+    } else if b >= GIB {
+        format!("{:.1} GiB", b as f64 / GIB as f64)
+    } else {
+        format!("{} MiB", b >> 20)
+    }
+}
+
 /// Parses a Go duration such as `5m`, `1m30s`, `250ms`.
 pub fn parse_go_duration(s: &str) -> Option<std::time::Duration> {
     let mut total = 0f64;

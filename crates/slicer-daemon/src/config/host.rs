@@ -1,18 +1,8 @@
-//! What the configuration asks of the host: its memory and cores, and sizes for people.
+//! What the configuration asks of the host: its memory and cores.
 
 use super::*;
 
-/// A size for people: `512 MiB`, `20 GiB`, `21.3 GiB`.
-pub fn human_bytes(b: u64) -> String {
-    const GIB: u64 = 1 << 30;
-    if b >= GIB && b.is_multiple_of(GIB) {
-        format!("{} GiB", b / GIB)
-    } else if b >= GIB {
-        format!("{:.1} GiB", b as f64 / GIB as f64)
-    } else {
-        format!("{} MiB", b >> 20)
-    }
-}
+pub use slicer_api::human_bytes;
 
 /// The host's memory (MemTotal of /proc/meminfo) in bytes.
 pub fn host_memory_bytes() -> Result<u64> {

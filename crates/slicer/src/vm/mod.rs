@@ -82,13 +82,7 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
-fn human_bytes(b: u64) -> String {
-    if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
-        format!("{}GiB", b >> 30)
-    } else {
-        format!("{}MiB", b >> 20)
-    }
-}
+pub(crate) use slicer_api::human_bytes;
 
 pub fn print_nodes(nodes: &[Node]) {
     println!(
