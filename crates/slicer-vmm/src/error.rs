@@ -85,16 +85,7 @@ impl Error {
 
     /// Whether a file system was full somewhere down the chain.
     pub fn is_no_space(&self) -> bool {
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(e) = cur {
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
-            {
-                return true;
-            }
-            cur = e.source();
-        }
-        false
+        slicer_error::is_no_space(self)
     }
 }
 
