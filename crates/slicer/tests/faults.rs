@@ -84,7 +84,7 @@ fn cmdline(pid: &str) -> Vec<String> {
 
 /// QEMUs whose `-name` starts with `prefix` (`slicer-<hostname>`).
 fn qemus(prefix: &str) -> Vec<u32> {
-    slicer_hypervisor::qemu::processes_where(|args| slicer_hypervisor::qemu::args_name(args, prefix, true))
+    slicer_testkit::qemu::named_like(prefix)
 }
 
 /// QEMUs building a template of `mib` MiB guests (their files are in a `.build-` scratch

@@ -351,7 +351,7 @@ not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"
 
 /// A QEMU whose `-name` starts with `prefix` runs.
 fn qemu_running(prefix: &str) -> bool {
-    !slicer_hypervisor::qemu::processes_where(|args| slicer_hypervisor::qemu::args_name(args, prefix, true)).is_empty()
+    !slicer_testkit::qemu::named_like(prefix).is_empty()
 }
 
 fn rand_seed() -> u64 {
