@@ -1,7 +1,7 @@
 //! Errors of the hypervisor backend: starting, adopting and jailing QEMU, talking QMP to it
 //! (commands, saving and loading VM state), and choosing the accelerator (the KVM probe).
 //! File and descriptor operations keep their `std::io::Error` as the source, so a caller can
-//! walk `std::error::Error::source()` down to it (for example to find ENOSPC).
+//! walk `std::error::Error::source()` down to it (for example with `slicer_error::is_no_space`).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -121,11 +121,6 @@ impl Error {
             e => e,
         }
     }
-
-    /// Whether the host's disk is full (ENOSPC anywhere in the source chain).
-    pub fn is_no_space(&self) -> bool {
-        slicer_error::is_no_space(self)
-    }
 }
 
 fn fmt_io(context: &str, source: &std::io::Error, f: &mut fmt::Formatter) -> fmt::Result {
@@ -164,7 +159,7 @@ mod tests {
         let full = Error::io("writing the state", std::io::Error::from_raw_os_error(libc::ENOSPC));
         let e = full.context("suspending");
         assert!(matches!(e.root(), Error::Io { .. }));
-        assert!(e.is_no_space());
+        assert!(slicer_error::is_no_space(&e));
         assert_eq!(e.to_string(), "suspending");
         let text = format!("{e:#}");
         assert!(text.starts_with("suspending: writing the state: "), "{text}");

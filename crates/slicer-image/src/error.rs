@@ -1,7 +1,7 @@
 //! Errors of the image store: building images (kernel, root file systems), importing disk
 //! files, looking images up, and pulling them from registries ([`PullError`], wrapped as
 //! [`Error::Pull`]). File operations keep their `std::io::Error` as the source, so a caller
-//! can walk `std::error::Error::source()` down to it (for example to find ENOSPC).
+//! can walk `std::error::Error::source()` down to it (for example with `slicer_error::is_no_space`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -125,11 +125,6 @@ impl Error {
             Error::Context { source, .. } => source.root(),
             e => e,
         }
-    }
-
-    /// Whether the host's disk is full (ENOSPC anywhere in the source chain).
-    pub fn is_no_space(&self) -> bool {
-        slicer_error::is_no_space(self)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Errors of per-VM disk handling: reading image headers, and creating qcow2 overlays with
 //! `qemu-img`. File operations keep their `std::io::Error` as the source, so a caller can walk
-//! `std::error::Error::source()` down to it (for example to find ENOSPC).
+//! `std::error::Error::source()` down to it (for example with `slicer_error::is_no_space`).
 
 use std::path::PathBuf;
 
