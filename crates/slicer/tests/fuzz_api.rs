@@ -97,16 +97,14 @@ async fn fuzzed_and_malformed_requests_get_clear_answers() {
         st.display()
     );
     let dir = tempfile::Builder::new().prefix("slicer-fuzz-").tempdir().unwrap();
-    let port = free_port();
-    std::fs::write(
-        dir.path().join("slicer.yaml"),
-        CONFIG.replace("PORT", &port.to_string()),
-    )
-    .unwrap();
-    let (daemon, url) = up(dir.path(), "slicer.yaml", port).await;
+    let Up {
+        daemon,
+        port,
+        url,
+        token,
+    } = up_config(dir.path(), CONFIG).await;
     let api = client(dir.path(), &url);
-    let token = std::fs::read_to_string(dir.path().join("data/auth/token")).unwrap();
-    let token = token.trim();
+    let token = token.as_str();
 
     // The config's VM runs before the fuzzing starts, so routes reach a real guest.
     let deadline = Instant::now() + Duration::from_secs(120);
