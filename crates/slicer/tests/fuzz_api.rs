@@ -97,12 +97,7 @@ async fn fuzzed_and_malformed_requests_get_clear_answers() {
         st.display()
     );
     let dir = tempfile::Builder::new().prefix("slicer-fuzz-").tempdir().unwrap();
-    let Up {
-        daemon,
-        port,
-        url,
-        token,
-    } = up_config(dir.path(), CONFIG).await;
+    let (daemon, port, url, token) = up_config(dir.path(), CONFIG).await;
     let api = client(dir.path(), &url);
     let token = token.as_str();
 

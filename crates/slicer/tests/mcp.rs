@@ -125,12 +125,7 @@ fn raw_status(port: u16, method: &str, content_type: &str, token: &str, body: &s
 async fn the_official_mcp_client_uses_sandboxes_over_stdio_and_http() {
     let venv = venv();
     let dir = tempfile::Builder::new().prefix("slicer-mcp-").tempdir().unwrap();
-    let Up {
-        daemon,
-        port,
-        url,
-        token,
-    } = up_config(dir.path(), CONFIG).await;
+    let (daemon, port, url, token) = up_config(dir.path(), CONFIG).await;
     let api = common::client(dir.path(), &url);
     let token_file = dir.path().join("data/auth/token");
     let mcp_url = format!("{url}/mcp");

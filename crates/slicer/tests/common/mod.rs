@@ -68,27 +68,14 @@ pub async fn up_with(dir: &Path, config: &str, port: u16, env: &[(&str, &str)]) 
     (daemon, url)
 }
 
-/// A daemon [`up_config`] started.
-pub struct Up {
-    pub daemon: Daemon,
-    pub port: u16,
-    pub url: String,
-    /// The token it wrote.
-    pub token: String,
-}
-
-/// `slicer up` in `dir` with `config` (its `PORT` replaced by a free port) as `slicer.yaml`.
-pub async fn up_config(dir: &Path, config: &str) -> Up {
+/// `slicer up` in `dir` with `config` (its `PORT` replaced by a free port) as `slicer.yaml`:
+/// the daemon, its port, its URL and the token it wrote.
+pub async fn up_config(dir: &Path, config: &str) -> (Daemon, u16, String, String) {
     let port = free_port();
     std::fs::write(dir.join("slicer.yaml"), config.replace("PORT", &port.to_string())).expect("writing slicer.yaml");
     let (daemon, url) = up(dir, "slicer.yaml", port).await;
     let token = std::fs::read_to_string(dir.join("data/auth/token")).expect("the daemon's token");
-    Up {
-        daemon,
-        port,
-        url,
-        token: token.trim().to_string(),
-    }
+    (daemon, port, url, token.trim().to_string())
 }
 
 /// A daemon in `dir` with one host group `box` (1 vCPU, 1 GiB, no network, no VMs yet).
