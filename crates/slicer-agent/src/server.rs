@@ -85,12 +85,7 @@ impl ApiError {
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         // Include the causes (tar wraps the OS error it hit).
-        let mut message = format!("{what}: {e}");
-        let mut src = std::error::Error::source(e);
-        while let Some(s) = src {
-            message.push_str(&format!(": {s}"));
-            src = s.source();
-        }
+        let message = format!("{what}: {}", slicer_error::chain_string(e));
         ApiError { status, kind, message }
     }
 

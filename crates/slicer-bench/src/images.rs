@@ -3,7 +3,6 @@
 //! fork of a commit against a create from a template, side by side through the REST API.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -19,47 +18,6 @@ pub struct ImagesArgs {
     pub images_dir: PathBuf,
     pub agent: PathBuf,
     pub record_to: Option<PathBuf>,
-}
-
-struct Kill(std::process::Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn registry(dir: &Path) -> Result<(Kill, String)> {
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let cfg = dir.join("registry.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.join("registry").display()
-        ),
-    )?;
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("docker-registry (apt-get install docker-registry; scripts/setup.sh does)")?;
-    let k = Kill(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        if Instant::now() > deadline {
-            bail!("docker-registry did not listen on {addr}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok((k, addr))
 }
 
 /// Our `min` package tree (gzip) plus 32 MiB that does not compress: about 100 MB to pull.
@@ -106,7 +64,8 @@ fn empty_store(images: &Path, at: &Path) -> Result<slicer_image::ImageStore> {
 
 pub async fn run(a: ImagesArgs) -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("slicer-bench-images-").tempdir()?;
-    let (_reg, addr) = registry(tmp.path())?;
+    let reg = slicer_testkit::Registry::start(tmp.path(), None)?;
+    let addr = reg.addr.clone();
     let reference = format!("{addr}/bench/min:v1");
     let layers = layers(&a.images_dir)?;
     let bytes: usize = layers.iter().map(|l| l.data.len()).sum();

@@ -78,21 +78,8 @@ async fn burst(c: &ApiClient, group: &str, n: usize) -> Result<Duration> {
 
 /// Resident memory of the VM's QEMU in MiB.
 fn rss_mib(hostname: &str) -> Option<f64> {
-    let needle = format!("slicer-{hostname}");
-    let pid = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let c = std::fs::read(e.path().join("cmdline")).ok()?;
-        c.split(|b| *b == 0).any(|a| a == needle.as_bytes()).then_some(pid)
-    })?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+    let pid = slicer_testkit::qemu::pid_of(hostname)?;
+    Some(slicer_testkit::qemu::rss_kib(pid)? as f64 / 1024.0)
 }
 
 pub async fn run(a: WarmArgs) -> Result<()> {

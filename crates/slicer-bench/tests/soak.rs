@@ -7,8 +7,8 @@
 #[ignore = "full tier: needs root, QEMU and built images (scripts/test.sh runs it)"]
 fn a_short_soak_leaks_nothing() {
     let secs = std::env::var("SLICER_SOAK_SECS").unwrap_or_else(|_| "120".into());
-    let images = std::env::var("SLICER_IMAGES_DIR").unwrap_or_else(|_| "/var/lib/slicer/images".into());
-    let data = std::path::Path::new(&images)
+    let images = slicer_testkit::images_dir();
+    let data = images
         .parent()
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();

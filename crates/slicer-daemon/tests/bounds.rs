@@ -35,18 +35,8 @@ fn rss() -> u64 {
 
 /// The `-accel` argument of the QEMU running `hostname` (for the numbers printed).
 fn accel_of(hostname: &str) -> String {
-    let needle = format!("slicer-{hostname}");
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| {
-            c.split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect::<Vec<_>>()
-        })
-        .find(|args| args.contains(&needle))
+    common::qemu_pid_of(hostname)
+        .map(slicer_testkit::qemu::args_of)
         .and_then(|args| args.iter().skip_while(|a| *a != "-accel").nth(1).cloned())
         .unwrap_or_else(|| "?".into())
 }

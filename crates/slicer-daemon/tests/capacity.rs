@@ -44,19 +44,7 @@ fn net_objects(group: &str) -> Vec<String> {
 
 /// QEMU processes of VM `hostname` (by `-name slicer-<hostname>`).
 fn qemus_of(hostname: &str) -> usize {
-    let needle = format!("slicer-{hostname}");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| {
-                    let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-                    args.windows(2).any(|w| w[0] == b"-name" && w[1] == needle.as_bytes())
-                })
-                .unwrap_or(false)
-        })
-        .count()
+    slicer_testkit::qemu::of(hostname).len()
 }
 
 /// What is left of VM `hostname` in `group`: its QEMU, namespace, table, directory, record.

@@ -17,12 +17,7 @@ fn cfg(group: &str, extra: &str, port: u16) -> String {
 }
 
 fn qemu_pid(hostname: &str) -> Option<u32> {
-    let needle = format!("slicer-{hostname}");
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let c = std::fs::read(e.path().join("cmdline")).ok()?;
-        c.split(|b| *b == 0).any(|a| a == needle.as_bytes()).then_some(pid)
-    })
+    common::qemu_pid_of(hostname)
 }
 
 fn netns_exists(name: &str) -> bool {
@@ -164,15 +159,7 @@ fn count_ours() -> (usize, usize, usize, usize) {
     let out = |args: &[&str]| {
         String::from_utf8_lossy(&Command::new(args[0]).args(&args[1..]).output().unwrap().stdout).into_owned()
     };
-    let qemus = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| c.split(|b| *b == 0).any(|a| a.starts_with(b"slicer-cyc-")))
-                .unwrap_or(false)
-        })
-        .count();
+    let qemus = slicer_testkit::qemu::named_like("slicer-cyc-").len();
     let netns = out(&["ip", "netns", "list"])
         .lines()
         .filter(|l| l.starts_with("slicer-cyc-"))

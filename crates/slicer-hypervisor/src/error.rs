@@ -1,9 +1,8 @@
 //! Errors of the hypervisor backend: starting, adopting and jailing QEMU, talking QMP to it
 //! (commands, saving and loading VM state), and choosing the accelerator (the KVM probe).
 //! File and descriptor operations keep their `std::io::Error` as the source, so a caller can
-//! walk `std::error::Error::source()` down to it (for example to find ENOSPC).
+//! walk `std::error::Error::source()` down to it (for example with `slicer_error::is_no_space`).
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -122,60 +121,30 @@ impl Error {
             e => e,
         }
     }
-
-    /// Whether the host's disk is full (ENOSPC anywhere in the source chain).
-    pub fn is_no_space(&self) -> bool {
-        let mut cur: Option<&(dyn StdError + 'static)> = Some(self);
-        while let Some(e) = cur {
-            if e.downcast_ref::<std::io::Error>()
-                .and_then(std::io::Error::raw_os_error)
-                == Some(libc::ENOSPC)
-            {
-                return true;
-            }
-            cur = e.source();
-        }
-        false
-    }
-}
-
-/// Writes `message`, and with `{:#}` the source chain after it, the way anyhow prints one:
-/// code that formats this error alone with `{:#}` still sees the cause (e.g. "No space left on
-/// device"), and anyhow's own `{:#}` (which shows each cause with `{}`) does not repeat it.
-fn chain(message: fmt::Arguments, source: &(dyn StdError + 'static), f: &mut fmt::Formatter) -> fmt::Result {
-    f.write_fmt(message)?;
-    if f.alternate() {
-        let mut cur = Some(source);
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-    }
-    Ok(())
 }
 
 fn fmt_io(context: &str, source: &std::io::Error, f: &mut fmt::Formatter) -> fmt::Result {
-    chain(format_args!("{context}"), source, f)
+    slicer_error::write_chain(f, format_args!("{context}"), source)
 }
 
 fn fmt_spawn(binary: &std::path::Path, source: &std::io::Error, f: &mut fmt::Formatter) -> fmt::Result {
-    chain(format_args!("starting {}", binary.display()), source, f)
+    slicer_error::write_chain(f, format_args!("starting {}", binary.display()), source)
 }
 
 fn fmt_jail(source: &slicer_jail::Error, f: &mut fmt::Formatter) -> fmt::Result {
-    chain(format_args!("preparing the VM's jail"), source, f)
+    slicer_error::write_chain(f, format_args!("preparing the VM's jail"), source)
 }
 
 fn fmt_cgroup(source: &std::io::Error, f: &mut fmt::Formatter) -> fmt::Result {
-    chain(format_args!("moving QEMU into its cgroup"), source, f)
+    slicer_error::write_chain(f, format_args!("moving QEMU into its cgroup"), source)
 }
 
 fn fmt_json(context: &str, source: &serde_json::Error, f: &mut fmt::Formatter) -> fmt::Result {
-    chain(format_args!("{context}"), source, f)
+    slicer_error::write_chain(f, format_args!("{context}"), source)
 }
 
 fn fmt_context(context: &str, source: &Error, f: &mut fmt::Formatter) -> fmt::Result {
-    chain(format_args!("{context}"), source, f)
+    slicer_error::write_chain(f, format_args!("{context}"), source)
 }
 
 /// `Result` of this crate.
@@ -190,7 +159,7 @@ mod tests {
         let full = Error::io("writing the state", std::io::Error::from_raw_os_error(libc::ENOSPC));
         let e = full.context("suspending");
         assert!(matches!(e.root(), Error::Io { .. }));
-        assert!(e.is_no_space());
+        assert!(slicer_error::is_no_space(&e));
         assert_eq!(e.to_string(), "suspending");
         let text = format!("{e:#}");
         assert!(text.starts_with("suspending: writing the state: "), "{text}");

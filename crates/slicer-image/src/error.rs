@@ -1,9 +1,8 @@
 //! Errors of the image store: building images (kernel, root file systems), importing disk
 //! files, looking images up, and pulling them from registries ([`PullError`], wrapped as
 //! [`Error::Pull`]). File operations keep their `std::io::Error` as the source, so a caller
-//! can walk `std::error::Error::source()` down to it (for example to find ENOSPC).
+//! can walk `std::error::Error::source()` down to it (for example with `slicer_error::is_no_space`).
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -127,21 +126,6 @@ impl Error {
             e => e,
         }
     }
-
-    /// Whether the host's disk is full (ENOSPC anywhere in the source chain).
-    pub fn is_no_space(&self) -> bool {
-        let mut cur: Option<&(dyn StdError + 'static)> = Some(self);
-        while let Some(e) = cur {
-            if e.downcast_ref::<std::io::Error>()
-                .and_then(std::io::Error::raw_os_error)
-                == Some(libc::ENOSPC)
-            {
-                return true;
-            }
-            cur = e.source();
-        }
-        false
-    }
 }
 
 /// `.io_context(|| ...)` on io results: [`Error::Io`] with that context.
@@ -212,41 +196,26 @@ pub(crate) mod fs {
     }
 }
 
-/// Writes `message`, and with `{:#}` the source chain after it, the way anyhow prints one:
-/// code that formats this error alone with `{:#}` still sees the cause (e.g. "No space left on
-/// device"), and anyhow's own `{:#}` (which shows each cause with `{}`) does not repeat it.
-fn chain(message: fmt::Arguments, source: &(dyn StdError + 'static), f: &mut fmt::Formatter) -> fmt::Result {
-    f.write_fmt(message)?;
-    if f.alternate() {
-        let mut cur = Some(source);
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-    }
-    Ok(())
-}
-
 fn fmt_io(context: &str, source: &std::io::Error, f: &mut fmt::Formatter) -> fmt::Result {
-    chain(format_args!("{context}"), source, f)
+    slicer_error::write_chain(f, format_args!("{context}"), source)
 }
 
 fn fmt_json(context: &str, source: &serde_json::Error, f: &mut fmt::Formatter) -> fmt::Result {
-    chain(format_args!("{context}"), source, f)
+    slicer_error::write_chain(f, format_args!("{context}"), source)
 }
 
 fn fmt_spawn(command: &str, source: &std::io::Error, f: &mut fmt::Formatter) -> fmt::Result {
-    chain(format_args!("starting {command}"), source, f)
+    slicer_error::write_chain(f, format_args!("starting {command}"), source)
 }
 
 fn fmt_not_built(name: &str, manifest: &Path, source: &std::io::Error, f: &mut fmt::Formatter) -> fmt::Result {
-    chain(
+    slicer_error::write_chain(
+        f,
         format_args!(
             "image {name:?} is not built (no {}): run `slicer image build --variant {name}`",
             manifest.display()
         ),
         source,
-        f,
     )
 }
 
@@ -259,7 +228,7 @@ fn fmt_not_in_store(image: &str, reference: &Option<String>, f: &mut fmt::Format
 }
 
 fn fmt_context(context: &str, source: &Error, f: &mut fmt::Formatter) -> fmt::Result {
-    chain(format_args!("{context}"), source, f)
+    slicer_error::write_chain(f, format_args!("{context}"), source)
 }
 
 /// `Result` of this crate.

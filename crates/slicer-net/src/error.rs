@@ -56,15 +56,9 @@ impl Error {
     }
 }
 
-/// Shows `context`, and with `{:#}` the io error after it, the way anyhow prints a chain: code
-/// that formats this error alone with `{:#}` still sees the cause, and anyhow's own `{:#}`
-/// (which shows each cause with `{}`) does not repeat it.
+/// Shows `context`, and with `{:#}` the io error after it (see [`slicer_error::write_chain`]).
 fn fmt_io(context: &str, source: &std::io::Error, f: &mut fmt::Formatter) -> fmt::Result {
-    f.write_str(context)?;
-    if f.alternate() {
-        write!(f, ": {source}")?;
-    }
-    Ok(())
+    slicer_error::write_chain(f, format_args!("{context}"), source)
 }
 
 fn fmt_spawn(program: &str, package: &str, source: &std::io::Error, f: &mut fmt::Formatter) -> fmt::Result {

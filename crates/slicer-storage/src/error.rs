@@ -1,6 +1,6 @@
 //! Errors of per-VM disk handling: reading image headers, and creating qcow2 overlays with
 //! `qemu-img`. File operations keep their `std::io::Error` as the source, so a caller can walk
-//! `std::error::Error::source()` down to it (for example to find ENOSPC).
+//! `std::error::Error::source()` down to it (for example with `slicer_error::is_no_space`).
 
 use std::path::PathBuf;
 
@@ -53,36 +53,18 @@ impl Error {
         if let Error::QemuImg { stderr, .. } = self {
             return stderr.contains("No space left on device");
         }
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(e) = cur {
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                if io.raw_os_error() == Some(ENOSPC) {
-                    return true;
-                }
-            }
-            cur = e.source();
-        }
-        false
+        slicer_error::is_no_space(self)
     }
 }
 
-/// Shows `context`, and with `{:#}` the io error after it, the way anyhow prints a chain: code
-/// that formats this error alone with `{:#}` still sees the cause (e.g. "No space left on
-/// device"), and anyhow's own `{:#}` (which shows each cause with `{}`) does not repeat it.
+/// Shows `context`, and with `{:#}` the io error after it (see [`slicer_error::write_chain`]).
 fn fmt_io(context: &str, source: &std::io::Error, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-    f.write_str(context)?;
-    if f.alternate() {
-        write!(f, ": {source}")?;
-    }
-    Ok(())
+    slicer_error::write_chain(f, format_args!("{context}"), source)
 }
 
 fn fmt_spawn(source: &std::io::Error, f: &mut std::fmt::Formatter) -> std::fmt::Result {
     fmt_io("running qemu-img", source, f)
 }
-
-/// ENOSPC on Linux (one constant is not worth a libc dependency).
-const ENOSPC: i32 = 28;
 
 /// `Result` of this crate.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -82,20 +82,6 @@ impl Error {
             e => e,
         }
     }
-
-    /// Whether a file system was full somewhere down the chain.
-    pub fn is_no_space(&self) -> bool {
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(e) = cur {
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
-            {
-                return true;
-            }
-            cur = e.source();
-        }
-        false
-    }
 }
 
 /// `.context()` for this crate's results, in the manner of anyhow's: the error becomes the
@@ -169,7 +155,7 @@ mod tests {
     fn the_chain_reaches_the_io_error() {
         let e: Result<()> = Err(std::io::Error::from_raw_os_error(libc::ENOSPC)).context("writing the state");
         let e = e.unwrap_err();
-        assert!(e.is_no_space());
+        assert!(slicer_error::is_no_space(&e));
         assert!(matches!(e.root(), Error::Os(_)));
         assert_eq!(
             format!("{:#}", anyhow::Error::from(e)),

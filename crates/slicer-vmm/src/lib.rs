@@ -308,16 +308,22 @@ impl StartMode {
     }
 }
 
+/// Whether `name` is a lowercase DNS label: 1-63 of `a-z 0-9 -`, not starting or ending with
+/// `-`. The one check for VM names (hostnames, `name=` tags).
+pub fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
 /// Checks a VM name: a DNS label, since it becomes the hostname and part of paths.
 pub fn validate_name(name: &str) -> Result<()> {
     check!(
-        !name.is_empty()
-            && name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !name.starts_with('-')
-            && !name.ends_with('-'),
+        is_dns_label(name),
         InvalidSpec,
         "invalid VM name {name:?}: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
     );

@@ -278,16 +278,7 @@ async fn live_captures_continue_in_every_fork() {
     for (n, src) in [warm, cold].into_iter().enumerate() {
         // A counter in a shell's memory, a file on tmpfs held open by a sleep and then
         // unlinked (it lives on only through that descriptor), a write on disk.
-        sh(
-            &src,
-            "echo held > /dev/shm/held; \
-             setsid sh -c 'echo $$ > /dev/shm/holder; exec sleep 100000 3</dev/shm/held' </dev/null >/dev/null 2>&1 & \
-             setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count.new; mv /dev/shm/count.new /dev/shm/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & \
-             echo disk > /root/on-disk; sync; \
-             for i in $(seq 500); do p=$(cat /dev/shm/holder 2>/dev/null) && [ -e /proc/$p/fd/3 ] && [ -e /dev/shm/count ] && break; sleep 0.01; done; \
-             rm /dev/shm/held",
-        )
-        .await;
+        sh(&src, slicer_testkit::guest::LIVE_STATE).await;
         let sleep_pid = sh(&src, "cat /dev/shm/holder").await.trim().to_string();
         assert!(!sleep_pid.is_empty());
         let dest = f.tmp.path().join(format!("capture-{n}"));

@@ -73,19 +73,9 @@ fn kill9(pid: u32) {
     }
 }
 
-fn cmdline(pid: &str) -> Vec<String> {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| {
-            c.split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// QEMUs whose `-name` starts with `prefix` (`slicer-<hostname>`).
 fn qemus(prefix: &str) -> Vec<u32> {
-    slicer_hypervisor::qemu::processes_where(|args| slicer_hypervisor::qemu::args_name(args, prefix, true))
+    slicer_testkit::qemu::named_like(prefix)
 }
 
 /// QEMUs building a template of `mib` MiB guests (their files are in a `.build-` scratch
@@ -223,12 +213,7 @@ async fn converged(api: &ApiClient, data: &Path, group: &str, isolated: bool) {
         }
     }
     let prefix = format!("slicer-{group}-");
-    for pid in qemus(&prefix) {
-        let name = cmdline(&pid.to_string())
-            .windows(2)
-            .find(|w| w[0] == "-name")
-            .map(|w| w[1].trim_start_matches("slicer-").to_string())
-            .unwrap_or_default();
+    for (_, name) in slicer_testkit::qemu::hostnames_like(&format!("{group}-")) {
         assert!(
             running.contains(&name),
             "a QEMU for {name} runs without a running record"

@@ -97,16 +97,9 @@ async fn fuzzed_and_malformed_requests_get_clear_answers() {
         st.display()
     );
     let dir = tempfile::Builder::new().prefix("slicer-fuzz-").tempdir().unwrap();
-    let port = free_port();
-    std::fs::write(
-        dir.path().join("slicer.yaml"),
-        CONFIG.replace("PORT", &port.to_string()),
-    )
-    .unwrap();
-    let (daemon, url) = up(dir.path(), "slicer.yaml", port).await;
+    let (daemon, port, url, token) = up_config(dir.path(), CONFIG).await;
     let api = client(dir.path(), &url);
-    let token = std::fs::read_to_string(dir.path().join("data/auth/token")).unwrap();
-    let token = token.trim();
+    let token = token.as_str();
 
     // The config's VM runs before the fuzzing starts, so routes reach a real guest.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -357,7 +350,7 @@ not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"
 
 /// A QEMU whose `-name` starts with `prefix` runs.
 fn qemu_running(prefix: &str) -> bool {
-    !slicer_hypervisor::qemu::processes_where(|args| slicer_hypervisor::qemu::args_name(args, prefix, true)).is_empty()
+    !slicer_testkit::qemu::named_like(prefix).is_empty()
 }
 
 fn rand_seed() -> u64 {

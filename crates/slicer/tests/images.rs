@@ -7,8 +7,7 @@ mod common;
 use slicer_api::routes;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
 use http::Method;
@@ -17,56 +16,13 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 
-/// A `docker-registry` process on a free loopback port, storage in its own directory.
-struct Registry {
-    _child: ChildGuard,
-    addr: String,
-    storage: PathBuf,
-}
+use slicer_testkit::Registry;
 
+/// A `docker-registry` on a free loopback port, its storage in `dir`; with `htpasswd` (user,
+/// password) it asks for basic auth.
 fn start_registry(dir: &Path, htpasswd: Option<(&str, &str)>) -> Registry {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let storage = dir.join(format!("registry-{port}"));
-    std::fs::create_dir_all(&storage).unwrap();
-    let mut auth = String::new();
-    if let Some((user, pass)) = htpasswd {
-        let hash = bcrypt::hash(pass, 4).unwrap();
-        let file = storage.join("htpasswd");
-        std::fs::write(&file, format!("{user}:{hash}\n")).unwrap();
-        auth = format!(
-            "auth:\n  htpasswd:\n    realm: slicer-test\n    path: {}\n",
-            file.display()
-        );
-    }
-    let cfg = storage.join("config.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{auth}",
-            storage.join("data").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry (Debian package docker-registry, installed by scripts/setup.sh)");
-    let guard = ChildGuard(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "docker-registry did not listen on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Registry {
-        _child: guard,
-        addr,
-        storage: storage.join("data"),
-    }
+    let lines = htpasswd.map(|(user, pass)| format!("{user}:{}\n", bcrypt::hash(pass, 4).unwrap()));
+    Registry::start(dir, lines.as_deref()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The newest complete package tree of one of our variants (no agent in it).

@@ -25,22 +25,7 @@ fn values(out: &str) -> Vec<serde_json::Value> {
 /// 50 ms, a `sleep` holding a tmpfs file open that is then unlinked, a file on disk. Returns
 /// the sleep's pid.
 fn start_work(d: &Path, url: &str, vm: &str) -> String {
-    ok(
-        d,
-        url,
-        &[
-            "vm",
-            "exec",
-            vm,
-            "--",
-            "echo held > /dev/shm/held; \
-             setsid sh -c 'echo $$ > /dev/shm/holder; exec sleep 100000 3</dev/shm/held' </dev/null >/dev/null 2>&1 & \
-             setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count.new; mv /dev/shm/count.new /dev/shm/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & \
-             echo disk > /root/on-disk; sync; \
-             for i in $(seq 500); do p=$(cat /dev/shm/holder 2>/dev/null) && [ -e /proc/$p/fd/3 ] && [ -e /dev/shm/count ] && break; sleep 0.01; done; \
-             rm /dev/shm/held",
-        ],
-    );
+    ok(d, url, &["vm", "exec", vm, "--", slicer_testkit::guest::LIVE_STATE]);
     let pid = ok(d, url, &["vm", "exec", vm, "--", "cat /dev/shm/holder"])
         .trim()
         .to_string();

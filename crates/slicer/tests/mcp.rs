@@ -125,16 +125,9 @@ fn raw_status(port: u16, method: &str, content_type: &str, token: &str, body: &s
 async fn the_official_mcp_client_uses_sandboxes_over_stdio_and_http() {
     let venv = venv();
     let dir = tempfile::Builder::new().prefix("slicer-mcp-").tempdir().unwrap();
-    let port = free_port();
-    std::fs::write(
-        dir.path().join("slicer.yaml"),
-        CONFIG.replace("PORT", &port.to_string()),
-    )
-    .unwrap();
-    let (daemon, url) = up(dir.path(), "slicer.yaml", port).await;
+    let (daemon, port, url, token) = up_config(dir.path(), CONFIG).await;
     let api = common::client(dir.path(), &url);
     let token_file = dir.path().join("data/auth/token");
-    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
     let mcp_url = format!("{url}/mcp");
     let limit = Duration::from_secs(600);
     let dir_path = dir.path().to_path_buf();

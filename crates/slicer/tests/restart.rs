@@ -15,31 +15,8 @@ mod common;
 const SLICER: &str = env!("CARGO_BIN_EXE_slicer");
 const GROUP: &str = "adopt";
 
-fn images_dir() -> String {
-    std::env::var("SLICER_IMAGES_DIR")
-        .or_else(|_| std::env::var("SLICER_DATA_DIR").map(|d| format!("{d}/images")))
-        .unwrap_or_else(|_| "/var/lib/slicer/images".into())
-}
-
-fn qemu_pids(hostname_prefix: &str) -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(c) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        for a in c.split(|b| *b == 0) {
-            if let Some(name) = std::str::from_utf8(a).ok().and_then(|a| a.strip_prefix("slicer-")) {
-                if name.starts_with(hostname_prefix) {
-                    out.push((pid, name.to_string()));
-                }
-            }
-        }
-    }
-    out
-}
+use common::images_dir;
+use slicer_testkit::qemu::hostnames_like as qemu_pids;
 
 /// Whatever happens, nothing of this test outlives it.
 struct Cleanup;

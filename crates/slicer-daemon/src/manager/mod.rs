@@ -311,14 +311,7 @@ impl Manager {
     /// not in a host group's `<group>-<n>` namespace and no other VM's name. `own` is the VM
     /// the name is for, when it exists.
     pub fn check_name(&self, name: &str, own: Option<&str>) -> Result<(), Error> {
-        let label = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !name.starts_with('-')
-            && !name.ends_with('-');
-        if !label {
+        if !slicer_vmm::is_dns_label(name) {
             return Err(Error::invalid(format!(
                 "name {name:?}: use a lowercase DNS label (a-z, 0-9 and '-', at most 63, not starting or ending with '-')"
             )));

@@ -124,7 +124,7 @@ fn classify(reference: &Reference, opts: &PullOptions, e: OciDistributionError) 
     match e {
         OciDistributionError::RequestError(ref re) if re.is_connect() || re.is_timeout() => PullError::Unreachable {
             registry,
-            message: error_chain(re),
+            message: slicer_error::chain_string(re),
         },
         OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } => {
             PullError::Unauthorized {
@@ -191,17 +191,6 @@ fn classify(reference: &Reference, opts: &PullOptions, e: OciDistributionError) 
             message: msg,
         },
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn client(opts: &PullOptions) -> Client {

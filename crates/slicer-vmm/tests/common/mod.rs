@@ -1,9 +1,8 @@
 //! Test fixture: a host whose images come from the store built by `scripts/setup.sh` and
 //! whose VM directories live in a temporary directory removed afterwards.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use slicer_vmm::{Host, Vm, VmSpec};
@@ -13,11 +12,8 @@ pub struct Fixture {
     pub tmp: tempfile::TempDir,
 }
 
-pub fn data_dir() -> PathBuf {
-    std::env::var_os("SLICER_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/slicer"))
-}
+pub use slicer_testkit::data_dir;
+pub use slicer_testkit::qemu::pid_alive;
 
 pub fn fixture() -> Fixture {
     let tmp = tempfile::Builder::new()
@@ -35,9 +31,4 @@ pub async fn boot(f: &Fixture, name: &str, image: &str) -> Vm {
         Ok(vm) => vm,
         Err(e) => panic!("booting {name} from image {image}: {e:#}"),
     }
-}
-
-/// True while a process with this pid exists.
-pub fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }

@@ -1,62 +1,23 @@
 //! The real `slicer` binary as a user runs it: a daemon (`slicer up`) in a temporary
 //! directory, killed however a test ends, and the client against it.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use slicer_api::routes;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http::Method;
-use slicer_api::client::empty;
 use slicer_api::ApiClient;
 
 pub const SLICER: &str = env!("CARGO_BIN_EXE_slicer");
 
-/// A `slicer up` process: SIGTERM (the daemon stops its VMs), then SIGKILL after 30 s.
-pub struct Daemon(pub Child);
+pub use slicer_testkit::{free_port, wait_healthy, ChildGuard, DaemonProcess as Daemon};
 
-/// A client process killed when the test ends, however it ends.
-pub struct ChildGuard(pub Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// The image store, as text (for arguments and `Path::new`).
 pub fn images_dir() -> String {
-    std::env::var("SLICER_IMAGES_DIR")
-        .or_else(|_| std::env::var("SLICER_DATA_DIR").map(|d| format!("{d}/images")))
-        .unwrap_or_else(|_| "/var/lib/slicer/images".into())
+    slicer_testkit::images_dir().to_string_lossy().into_owned()
 }
 
 /// Runs the client in `dir` against `url` with the daemon's token.
@@ -103,20 +64,19 @@ pub async fn up(dir: &Path, config: &str, port: u16) -> (Daemon, String) {
 
 /// As [`up`], with extra environment (e.g. another `SLICER_IMAGES_DIR`).
 pub async fn up_with(dir: &Path, config: &str, port: u16, env: &[(&str, &str)]) -> (Daemon, String) {
-    let mut cmd = Command::new(SLICER);
-    cmd.args(["up", config, "--data-dir"])
-        .arg(dir.join("data"))
-        .current_dir(dir)
-        .env("SLICER_IMAGES_DIR", images_dir())
-        .stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().unwrap();
-    let daemon = Daemon(child);
     let url = format!("http://127.0.0.1:{port}");
-    wait_healthy(&url).await;
+    let daemon = Daemon::up(Path::new(SLICER), dir, config, &url, env).await;
     (daemon, url)
+}
+
+/// `slicer up` in `dir` with `config` (its `PORT` replaced by a free port) as `slicer.yaml`:
+/// the daemon, its port, its URL and the token it wrote.
+pub async fn up_config(dir: &Path, config: &str) -> (Daemon, u16, String, String) {
+    let port = free_port();
+    std::fs::write(dir.join("slicer.yaml"), config.replace("PORT", &port.to_string())).expect("writing slicer.yaml");
+    let (daemon, url) = up(dir, "slicer.yaml", port).await;
+    let token = std::fs::read_to_string(dir.join("data/auth/token")).expect("the daemon's token");
+    (daemon, port, url, token.trim().to_string())
 }
 
 /// A daemon in `dir` with one host group `box` (1 vCPU, 1 GiB, no network, no VMs yet).
@@ -127,21 +87,6 @@ pub async fn up_box(dir: &Path) -> (Daemon, String) {
     );
     std::fs::write(dir.join("box.yaml"), yaml).unwrap();
     up(dir, "./box.yaml", port).await
-}
-
-/// Waits (60 s at most) until the daemon at `url` answers /healthz.
-pub async fn wait_healthy(url: &str) {
-    let anon = ApiClient::new(url, None).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = anon.send(Method::GET, "/healthz", None, empty()).await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "daemon did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The API client with the token `slicer up` wrote.
