@@ -209,12 +209,7 @@ pub async fn watch(
     }
     let limit = if one_shot { Some(1) } else { max_events };
 
-    let r = st.manager.active(&hostname)?;
-    let mut events =
-        r.vm.agent()
-            .watch(&WatchRequest { paths, recursive })
-            .await
-            .map_err(ApiErr::agent)?;
+    let mut events = st.manager.watch(&hostname, &WatchRequest { paths, recursive }).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         // A timeout past what the clock can represent is no deadline.

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use slicer_agent_client::AgentClient;
+use super::guest::Guest;
 use slicer_vmm::{Host, Shape, StartMode, Template, Vm, VmSpec};
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -16,8 +16,8 @@ pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A started VM.
 pub trait Machine: Send + Sync {
     fn name(&self) -> &str;
-    /// The guest agent's client (every guest operation goes through it).
-    fn agent(&self) -> &AgentClient;
+    /// Its guest: every guest operation goes through it.
+    fn guest(&self) -> &dyn Guest;
     fn start_mode(&self) -> StartMode;
     /// Whether its process still runs.
     fn is_running(&self) -> bool;
@@ -90,7 +90,7 @@ impl Machine for Vm {
     fn name(&self) -> &str {
         &self.name
     }
-    fn agent(&self) -> &AgentClient {
+    fn guest(&self) -> &dyn Guest {
         Vm::agent(self)
     }
     fn start_mode(&self) -> StartMode {

@@ -33,6 +33,7 @@ mod templates;
 mod unit;
 
 pub use backend::{Backend, BoxFut, Machine, QemuBackend};
+pub use guest::{Duplex, ExecStart, Guest, GuestInput, GuestStream, Process, Upload};
 
 use capacity::Ledger;
 pub use commits::{valid_commit_id, CommitFilter};

@@ -1,9 +1,16 @@
-//! What the manager does inside a new guest through its agent: CA certificates, SSH keys and
-//! userdata.
+//! The guest side of the manager: the [`Guest`] capability of a machine (`port`), the
+//! manager's guest operations for the API (`ops`), and what the manager does inside a new
+//! guest itself (here): CA certificates, SSH keys, the proxy environment and userdata.
 
 use slicer_agent_client::{AgentError, Output};
 
 use super::*;
+
+mod ops;
+pub mod port;
+
+pub use ops::ExecStart;
+pub use port::{Chunks, Duplex, Events, Guest, GuestInput, GuestStream, Process, Upload};
 
 /// The whole of exec `req` (start to exit, its output buffered) within `deadline`. Past it the
 /// exec's stream is dropped, which makes the agent kill the command's process group.
@@ -14,7 +21,7 @@ pub(super) async fn exec_within(
     stdin: Option<bytes::Bytes>,
     deadline: Duration,
 ) -> Result<Output, AgentError> {
-    tokio::time::timeout(deadline, vm.agent().exec_output(req, stdin))
+    tokio::time::timeout(deadline, vm.guest().exec_output(req, stdin))
         .await
         .unwrap_or(Err(AgentError::Deadline { what, after: deadline }))
 }
@@ -23,7 +30,7 @@ pub(super) async fn exec_within(
 /// agent keeps what it has: a guest that has them already (a restart, a fork, a template's
 /// guest) changes nothing.
 pub(super) async fn install_ca(vm: &dyn Machine, pem: &str) -> anyhow::Result<()> {
-    let done = match tokio::time::timeout(GUEST_CALL_DEADLINE, vm.agent().install_ca(pem))
+    let done = match tokio::time::timeout(GUEST_CALL_DEADLINE, vm.guest().install_ca(pem))
         .await
         .unwrap_or(Err(AgentError::Deadline {
             what: "the CA installation",
@@ -108,7 +115,6 @@ pub(super) const USERDATA_LOG: &str = "/var/log/slicer-userdata.log";
 /// disk that has it (a restarted, committed or forked VM) reports that code without running it
 /// again. `TARGET_USER` names the image's default user, as on SlicerVM.
 pub(super) async fn run_userdata(vm: &dyn Machine, script: &str) -> i32 {
-    let agent = vm.agent();
     let path = "/etc/slicer/userdata.sh";
     let guard = "/etc/slicer/userdata-ran";
     let cmd = format!(
@@ -124,12 +130,16 @@ pub(super) async fn run_userdata(vm: &dyn Machine, script: &str) -> i32 {
         Ok(out) if out.status.code == Some(0) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
         _ => "root".to_string(),
     };
-    let upload = agent.upload_file(
-        path,
-        Some(0o700),
-        None,
-        std::io::Cursor::new(script.as_bytes().to_vec()),
-    );
+    let up = Upload {
+        tar: false,
+        path: path.to_string(),
+        placed: None,
+        mode: Some(0o700),
+        owner: None,
+    };
+    let upload = vm
+        .guest()
+        .upload(&up, Box::pin(std::io::Cursor::new(script.as_bytes().to_vec())));
     let uploaded = tokio::time::timeout(GUEST_CALL_DEADLINE, upload)
         .await
         .unwrap_or(Err(AgentError::Deadline {
