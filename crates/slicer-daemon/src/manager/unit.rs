@@ -10,12 +10,22 @@ use slicer_api::{CreateNodeRequest, VmStatus};
 use slicer_vmm::{Host, Shape, StartMode, Template, Vm, VmSpec};
 use tokio::sync::watch;
 
-use super::{Backend, BoxFut, Error, Machine, Manager, Wait};
+use super::{Backend, BoxFut, Error, Guest, Machine, Manager, Wait};
 
-/// One fake VM: no process, an agent socket nobody listens on, an exit the test can cause.
+mod guest_ops;
+mod mem_guest;
+use mem_guest::MemGuest;
+
+/// A fake VM's guest: in memory, or a real agent client on a socket the test serves.
+enum FakeGuest {
+    Mem(Arc<MemGuest>),
+    Agent(AgentClient),
+}
+
+/// One fake VM: no process, a guest in memory (or an agent socket), an exit the test can cause.
 struct FakeVm {
     name: String,
-    agent: AgentClient,
+    guest: FakeGuest,
     mode: StartMode,
     running: AtomicBool,
     exited: watch::Sender<bool>,
@@ -35,8 +45,11 @@ impl Machine for FakeMachine {
     fn name(&self) -> &str {
         &self.0.name
     }
-    fn agent(&self) -> &AgentClient {
-        &self.0.agent
+    fn guest(&self) -> &dyn Guest {
+        match &self.0.guest {
+            FakeGuest::Mem(g) => g.as_ref(),
+            FakeGuest::Agent(a) => a,
+        }
     }
     fn start_mode(&self) -> StartMode {
         self.0.mode
@@ -94,7 +107,7 @@ struct FakeBackend {
     fail_next: AtomicBool,
     /// The shapes templates were asked for, in order.
     templates_asked: Mutex<Vec<Shape>>,
-    /// The agent socket of the VMs started from now on (none answers by default).
+    /// The agent socket of the VMs started from now on (by default their guests are in memory).
     agent: Mutex<Option<std::path::PathBuf>>,
 }
 
@@ -105,13 +118,10 @@ impl FakeBackend {
         }
         let vm = Arc::new(FakeVm {
             name: spec.name.clone(),
-            agent: AgentClient::new(
-                self.agent
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-                    .unwrap_or_else(|| "/nonexistent/agent.sock".into()),
-            ),
+            guest: match self.agent.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                Some(socket) => FakeGuest::Agent(AgentClient::new(socket)),
+                None => FakeGuest::Mem(Arc::new(MemGuest::new())),
+            },
             mode,
             running: AtomicBool::new(true),
             exited: watch::channel(false).0,
@@ -128,6 +138,14 @@ impl FakeBackend {
             .find(|v| v.name == name)
             .cloned()
             .expect("a fake VM of that name")
+    }
+
+    /// The in-memory guest of the newest fake VM of that name.
+    fn guest(&self, name: &str) -> Arc<MemGuest> {
+        match &self.vm(name).guest {
+            FakeGuest::Mem(g) => g.clone(),
+            FakeGuest::Agent(_) => panic!("VM {name} has an agent socket, not an in-memory guest"),
+        }
     }
 }
 

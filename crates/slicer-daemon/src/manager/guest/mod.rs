@@ -10,7 +10,7 @@ mod ops;
 pub mod port;
 
 pub use ops::ExecStart;
-pub use port::{Chunks, Duplex, Events, Guest, GuestInput, GuestStream, Process, Upload};
+pub use port::{Duplex, Guest, GuestInput, GuestStream, Process, Upload};
 
 /// The whole of exec `req` (start to exit, its output buffered) within `deadline`. Past it the
 /// exec's stream is dropped, which makes the agent kill the command's process group.
