@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::config::{human_bytes, Capacity, Group, Settings};
 use crate::state::{Db, VmRecord};
-pub use error::{Error, HostFault};
+pub use error::{Error, HostCause, HostFault};
 
 mod backend;
 mod capacity;
@@ -667,7 +667,7 @@ impl Manager {
                 };
                 match warm {
                     Some(vm) => Ok(vm),
-                    None => self.backend.start(&spec).await,
+                    None => self.backend.start(&spec).await.map_err(anyhow::Error::from),
                 }
             }
         };
@@ -1111,7 +1111,7 @@ impl Manager {
                 .db
                 .set_status(&rec.hostname, VmStatus::Running, vm.process())
                 .map(|()| vm),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         let vm = match recorded {
             Ok(vm) => vm,

@@ -66,7 +66,7 @@ impl Machine for FakeMachine {
     fn boot_time(&self) -> Duration {
         Duration::ZERO
     }
-    fn wait_ready(&self, _timeout: Duration) -> BoxFut<'_, anyhow::Result<()>> {
+    fn wait_ready(&self, _timeout: Duration) -> BoxFut<'_, slicer_vmm::Result<()>> {
         Box::pin(async { Ok(()) })
     }
     fn wait_exit(&self) -> BoxFut<'_, ()> {
@@ -75,7 +75,7 @@ impl Machine for FakeMachine {
             let _ = rx.wait_for(|e| *e).await;
         })
     }
-    fn stop(&self, _graceful: Duration) -> BoxFut<'_, anyhow::Result<()>> {
+    fn stop(&self, _graceful: Duration) -> BoxFut<'_, slicer_vmm::Result<()>> {
         self.0.exit();
         Box::pin(async { Ok(()) })
     }
@@ -83,11 +83,11 @@ impl Machine for FakeMachine {
         self.0.exit();
         Box::pin(async {})
     }
-    fn suspend(&self) -> BoxFut<'_, anyhow::Result<()>> {
+    fn suspend(&self) -> BoxFut<'_, slicer_vmm::Result<()>> {
         self.0.exit();
         Box::pin(async { Ok(()) })
     }
-    fn set_paused(&self, _paused: bool) -> BoxFut<'_, anyhow::Result<()>> {
+    fn set_paused(&self, _paused: bool) -> BoxFut<'_, slicer_vmm::Result<()>> {
         Box::pin(async { Ok(()) })
     }
     fn cleanup(&self) {}
@@ -112,9 +112,9 @@ struct FakeBackend {
 }
 
 impl FakeBackend {
-    fn make(&self, spec: &VmSpec, mode: StartMode) -> anyhow::Result<Box<dyn Machine>> {
+    fn make(&self, spec: &VmSpec, mode: StartMode) -> slicer_vmm::Result<Box<dyn Machine>> {
         if self.fail_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            anyhow::bail!("fake: QEMU did not start");
+            return Err(slicer_vmm::Error::QemuExited("fake: QEMU did not start".into()));
         }
         let vm = Arc::new(FakeVm {
             name: spec.name.clone(),
@@ -150,24 +150,29 @@ impl FakeBackend {
 }
 
 impl Backend for FakeBackend {
-    fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { self.make(spec, StartMode::Cold) })
     }
-    fn restore<'a>(&'a self, spec: &'a VmSpec, _t: &'a Template) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn restore<'a>(&'a self, spec: &'a VmSpec, _t: &'a Template) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { self.make(spec, StartMode::Template) })
     }
-    fn resume<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn resume<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { self.make(spec, StartMode::Resume) })
     }
-    fn adopt<'a>(&'a self, spec: &'a VmSpec, _pid: u32, _start: u64) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn adopt<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        _pid: u32,
+        _start: u64,
+    ) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { self.make(spec, StartMode::Adopted) })
     }
-    fn template<'a>(&'a self, shape: &'a Shape) -> BoxFut<'a, anyhow::Result<Arc<Template>>> {
+    fn template<'a>(&'a self, shape: &'a Shape) -> BoxFut<'a, slicer_vmm::Result<Arc<Template>>> {
         self.templates_asked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(shape.clone());
-        Box::pin(async { anyhow::bail!("fake: no templates") })
+        Box::pin(async { Err(slicer_vmm::Error::Template("fake: no templates".into())) })
     }
 }
 
@@ -332,8 +337,16 @@ async fn a_start_that_fails_leaves_no_record_and_no_share() {
         .await
         .expect_err("the start fails");
     assert!(
-        matches!(&e, Error::Host { fault: super::HostFault::Other, message } if message.contains("QEMU did not start")),
+        matches!(&e, Error::Host { fault: super::HostFault::Other, .. } if e.to_string().contains("QEMU did not start")),
         "{e:?}"
+    );
+    // The backend's error is kept, by type, under the manager's.
+    assert!(
+        matches!(
+            e.host_cause().and_then(|c| c.find::<slicer_vmm::Error>()),
+            Some(slicer_vmm::Error::QemuExited(_))
+        ),
+        "no slicer_vmm::Error::QemuExited in {e:?}"
     );
     assert!(f.manager.records().expect("records").is_empty());
     assert_eq!(f.manager.capacity().0.vms, 0);
