@@ -10,6 +10,33 @@ mod ops;
 pub mod port;
 
 pub use ops::ExecStart;
+
+/// Why a step the manager takes inside a new guest (CA certificates, SSH keys, the proxy
+/// environment) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The guest's agent predates CA installation.
+    #[error(
+        "the image's slicer-agent is older than this daemon and cannot install CAs: rebuild the image (`slicer image build`) or pull it again"
+    )]
+    OldAgent,
+    /// The step's script failed in the guest (its stderr as the guest wrote it).
+    #[error("exit {code:?}: {stderr}")]
+    Script { code: Option<i32>, stderr: String },
+}
+
+/// A setup script's output as success or [`SetupError::Script`].
+fn script_result(out: Output) -> Result<(), SetupError> {
+    match out.status.code {
+        Some(0) => Ok(()),
+        code => Err(SetupError::Script {
+            code,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }),
+    }
+}
 pub use port::{Duplex, Guest, GuestInput, GuestStream, Process, Upload};
 
 /// The whole of exec `req` (start to exit, its output buffered) within `deadline`. Past it the
@@ -29,7 +56,7 @@ pub(super) async fn exec_within(
 /// Installs the host group's CA bundle (`Group::ca_bundle`) in the guest's trust stores. The
 /// agent keeps what it has: a guest that has them already (a restart, a fork, a template's
 /// guest) changes nothing.
-pub(super) async fn install_ca(vm: &dyn Machine, pem: &str) -> anyhow::Result<()> {
+pub(super) async fn install_ca(vm: &dyn Machine, pem: &str) -> Result<(), SetupError> {
     let done = match tokio::time::timeout(GUEST_CALL_DEADLINE, vm.guest().install_ca(pem))
         .await
         .unwrap_or(Err(AgentError::Deadline {
@@ -37,9 +64,7 @@ pub(super) async fn install_ca(vm: &dyn Machine, pem: &str) -> anyhow::Result<()
             after: GUEST_CALL_DEADLINE,
         })) {
         Ok(done) => done,
-        Err(AgentError::Remote { status: 404, kind, .. }) if kind == "not_found" => anyhow::bail!(
-            "the image's slicer-agent is older than this daemon and cannot install CAs: rebuild the image (`slicer image build`) or pull it again"
-        ),
+        Err(AgentError::Remote { status: 404, kind, .. }) if kind == "not_found" => return Err(SetupError::OldAgent),
         Err(e) => return Err(e.into()),
     };
     if !done.added.is_empty() {
@@ -52,7 +77,7 @@ pub(super) async fn install_ca(vm: &dyn Machine, pem: &str) -> anyhow::Result<()
 /// ~/.ssh/authorized_keys, keeping the lines already there: a restart re-adds the config's
 /// keys without duplicating them, and keys the user added stay. It runs as that user (the
 /// agent resolves who that is), so what it makes is theirs.
-pub(super) async fn authorize_ssh_keys(vm: &dyn Machine, keys: &[String]) -> anyhow::Result<()> {
+pub(super) async fn authorize_ssh_keys(vm: &dyn Machine, keys: &[String]) -> Result<(), SetupError> {
     let script = r#"set -e; umask 077; mkdir -p "$HOME/.ssh"; f="$HOME/.ssh/authorized_keys"; touch "$f"
 while IFS= read -r k; do grep -qxF -- "$k" "$f" || printf '%s\n' "$k" >> "$f"; done"#;
     let mut input = keys.join("\n");
@@ -69,19 +94,13 @@ while IFS= read -r k; do grep -qxF -- "$k" "$f" || printf '%s\n' "$k" >> "$f"; d
         GUEST_CALL_DEADLINE,
     )
     .await?;
-    anyhow::ensure!(
-        out.status.code == Some(0),
-        "exit {:?}: {}",
-        out.status.code,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    script_result(out)
 }
 
 /// Writes a proxy-bound VM's login environment (`KEY=value` lines: the proxy URL with its
 /// token) to /etc/slicer/proxy.env, /etc/profile.d/slicer-proxy.sh (login shells) and
 /// /etc/environment (PAM sessions: SSH, systemd's logins), replacing earlier proxy lines.
-pub(super) async fn write_proxy_env(vm: &dyn Machine, env: &str) -> anyhow::Result<()> {
+pub(super) async fn write_proxy_env(vm: &dyn Machine, env: &str) -> Result<(), SetupError> {
     let script = r#"set -e; umask 022; mkdir -p /etc/slicer /etc/profile.d
 cat > /etc/slicer/proxy.env.new; mv /etc/slicer/proxy.env.new /etc/slicer/proxy.env
 { echo '# Written by slicer: this VM reaches the internet through Slicer Proxy.'
@@ -100,13 +119,7 @@ mv /etc/environment.slicer-new /etc/environment"#;
         GUEST_CALL_DEADLINE,
     )
     .await?;
-    anyhow::ensure!(
-        out.status.code == Some(0),
-        "exit {:?}: {}",
-        out.status.code,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    script_result(out)
 }
 
 pub(super) const USERDATA_LOG: &str = "/var/log/slicer-userdata.log";
