@@ -3,7 +3,6 @@
 //! (a PTY session in 5-byte frames). Both ride one full-duplex agent stream; the target is
 //! dialled (and errors answered as HTTP) before the upgrade.
 
-use crate::manager::{GuestInput, GuestStream};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
@@ -14,6 +13,7 @@ use slicer_agent_proto::shell as sh;
 
 use super::{query_one, query_pairs, Shared};
 use crate::api::error::ApiErr;
+use crate::manager::{GuestInput, GuestStream};
 
 /// A request that is not a WebSocket handshake gets our JSON error (axum's is plain text),
 /// after the VM was checked, before anything is dialled in the guest.
