@@ -53,12 +53,10 @@ pub async fn start(st: &Shared, hostname: &str, pairs: &[(String, String)]) -> R
                 .map_err(|_| ApiErr::bad_request(format!("query ring_bytes: {v:?} is not a number")))?,
         ),
     };
-    let r = st.manager.active(hostname)?;
-    let started =
-        r.vm.agent()
-            .bg_start(&BgStart { spec, ring_bytes })
-            .await
-            .map_err(agent_err)?;
+    let started = st
+        .manager
+        .exec_background(hostname, &BgStart { spec, ring_bytes })
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(ExecStarted {
@@ -71,19 +69,8 @@ pub async fn start(st: &Shared, hostname: &str, pairs: &[(String, String)]) -> R
         .into_response())
 }
 
-/// The agent's 410 (reaped) and 503 (ring budget) pass through as such.
-fn agent_err(e: slicer_agent_client::AgentError) -> ApiErr {
-    match &e {
-        slicer_agent_client::AgentError::Remote {
-            status: 503, message, ..
-        } => ApiErr::new(StatusCode::SERVICE_UNAVAILABLE, message.clone()),
-        _ => ApiErr::agent(e),
-    }
-}
-
 pub async fn list(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Json<Vec<Info>>, ApiErr> {
-    let r = st.manager.active(&hostname)?;
-    let list = r.vm.agent().bg_list().await.map_err(agent_err)?;
+    let list = st.manager.bg_list(&hostname).await?;
     Ok(Json(list.into_iter().map(info_of).collect()))
 }
 
@@ -91,16 +78,14 @@ pub async fn info(
     State(st): State<Shared>,
     Path((hostname, id)): Path<(String, String)>,
 ) -> Result<Json<Info>, ApiErr> {
-    let r = st.manager.active(&hostname)?;
-    Ok(Json(info_of(r.vm.agent().bg_info(&id).await.map_err(agent_err)?)))
+    Ok(Json(info_of(st.manager.bg_info(&hostname, &id).await?)))
 }
 
 pub async fn reap(
     State(st): State<Shared>,
     Path((hostname, id)): Path<(String, String)>,
 ) -> Result<Json<ExecReaped>, ApiErr> {
-    let r = st.manager.active(&hostname)?;
-    r.vm.agent().bg_reap(&id).await.map_err(agent_err)?;
+    st.manager.bg_reap(&hostname, &id).await?;
     // The answer is ours, not the guest's.
     Ok(Json(ExecReaped {
         exec_id: id,
@@ -113,12 +98,11 @@ pub async fn kill(
     Path((hostname, id)): Path<(String, String)>,
     JsonBody(k): JsonBody<ExecKillRequest>,
 ) -> Result<Json<ExecKilled>, ApiErr> {
-    let r = st.manager.active(&hostname)?;
     let k = BgKill {
         signal: k.signal,
         grace_ms: k.grace_ms,
     };
-    let done = r.vm.agent().bg_kill(&id, &k).await.map_err(agent_err)?;
+    let done = st.manager.bg_kill(&hostname, &id, &k).await?;
     Ok(Json(ExecKilled {
         exec_id: done.exec_id,
         pid: done.pid,
@@ -142,8 +126,7 @@ pub async fn wait_exit(
             .filter(|t| *t <= 600)
             .ok_or_else(|| ApiErr::bad_request(format!("query timeout: {v:?} is not 0-600 seconds")))?,
     };
-    let r = st.manager.active(&hostname)?;
-    let w = r.vm.agent().bg_wait(&id, timeout).await.map_err(agent_err)?;
+    let w = st.manager.bg_wait(&hostname, &id, timeout).await?;
     Ok(Json(ExecWaitExit {
         exec_id: w.exec_id,
         running: w.running,
@@ -212,12 +195,10 @@ pub async fn logs(
         Some("base64") => true,
         Some(o) => return Err(ApiErr::bad_request(format!("query stdio: {o:?} is not text or base64"))),
     };
-    let r = st.manager.active(&hostname)?;
-    let mut dl =
-        r.vm.agent()
-            .bg_logs(&id, &BgLogsQuery { follow, from_id })
-            .await
-            .map_err(agent_err)?;
+    let mut dl = st
+        .manager
+        .bg_logs(&hostname, &id, &BgLogsQuery { follow, from_id })
+        .await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
         let mut skipped = 0u32;

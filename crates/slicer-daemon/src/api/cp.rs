@@ -12,6 +12,7 @@ use slicer_api::query::CopyQuery;
 
 use super::{query_one, query_pairs, Shared};
 use crate::api::error::ApiErr;
+use crate::manager::Upload;
 
 pub(super) fn guest_path(pairs: &[(String, String)]) -> Result<String, ApiErr> {
     let p = query_one(pairs, "path")
@@ -88,30 +89,16 @@ pub async fn upload(
         (Some(u), g) => Some((u, g)),
         (None, _) => None,
     };
-    let running = st.manager.active(&hostname)?;
     let reader = tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
-    let agent = running.vm.agent();
-    let tar = mode == Mode::Tar;
-    let (bytes, path) = match placed {
-        Some((name, contents)) => {
-            let w = agent
-                .upload_placed(tar, &path, &name, contents, perms, owner, reader)
-                .await
-                .map_err(ApiErr::agent)?;
-            (w.bytes, w.path)
-        }
-        None if tar => (
-            agent.upload_tar(&path, owner, reader).await.map_err(ApiErr::agent)?,
-            path,
-        ),
-        None => (
-            agent
-                .upload_file(&path, perms, owner, reader)
-                .await
-                .map_err(ApiErr::agent)?,
-            path,
-        ),
+    let up = Upload {
+        tar: mode == Mode::Tar,
+        path,
+        placed,
+        mode: perms,
+        owner,
     };
+    let written = st.manager.copy_in(&hostname, &up, Box::pin(reader)).await?;
+    let (bytes, path) = (written.bytes, written.path);
     Ok(Json(slicer_api::CopyResponse { hostname, path, bytes }).into_response())
 }
 
@@ -120,23 +107,17 @@ pub async fn download(State(st): State<Shared>, Path(hostname): Path<String>, q:
     let path = guest_path(&pairs)?;
     let q = CopyQuery::from_pairs(&pairs).map_err(ApiErr::bad_request)?;
     let (mut mode, _) = mode(&q, false)?;
-    let running = st.manager.active(&hostname)?;
-    let agent = running.vm.agent();
     if mode == Mode::Recursive {
-        let e = agent.stat(&path).await.map_err(ApiErr::agent)?;
+        let e = st.manager.fs_stat(&hostname, &path).await?;
         mode = if e.kind == "directory" { Mode::Tar } else { Mode::Binary };
     }
-    let dl = match mode {
-        Mode::Tar => agent.download_tar(&path).await,
-        _ => agent.download_file(&path).await,
-    }
-    .map_err(ApiErr::agent)?;
+    let dl = st.manager.copy_out(&hostname, &path, mode == Mode::Tar).await?;
     let file_mode = dl.mode;
-    let stream = futures_util::stream::unfold((dl, running), |(mut dl, r)| async move {
+    let stream = futures_util::stream::unfold(dl, |mut dl| async move {
         match dl.chunk().await {
-            Ok(Some(b)) => Some((Ok::<_, std::io::Error>(b), (dl, r))),
+            Ok(Some(b)) => Some((Ok::<_, std::io::Error>(b), dl)),
             Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e.to_string())), (dl, r))),
+            Err(e) => Some((Err(std::io::Error::other(e.to_string())), dl)),
         }
     });
     let mut resp = (StatusCode::OK, Body::from_stream(stream)).into_response();

@@ -56,6 +56,7 @@ impl ApiErr {
 impl From<crate::manager::Error> for ApiErr {
     fn from(e: crate::manager::Error) -> ApiErr {
         use crate::manager::{Error, HostFault};
+        let text = e.to_string();
         match e {
             Error::Invalid(m) => ApiErr::bad_request(m),
             Error::NotFound(m) => ApiErr::not_found(m),
@@ -67,21 +68,21 @@ impl From<crate::manager::Error> for ApiErr {
             Error::Guest(e) => ApiErr::agent(e),
             Error::Host {
                 fault: HostFault::DiskFull,
-                message,
+                ..
             } => ApiErr::new(
                 StatusCode::INSUFFICIENT_STORAGE,
-                format!("the host's data disk is full; nothing was changed: {message}"),
+                format!("the host's data disk is full; nothing was changed: {text}"),
             ),
             Error::Host {
                 fault: HostFault::StateBusy,
-                message,
+                ..
             } => ApiErr::unavailable(format!(
-                "the state database is busy (locked by another process); try again: {message}"
+                "the state database is busy (locked by another process); try again: {text}"
             )),
             Error::Host {
                 fault: HostFault::Other,
-                message,
-            } => ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, message),
+                ..
+            } => ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, text),
         }
     }
 }

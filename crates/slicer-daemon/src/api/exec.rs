@@ -8,7 +8,7 @@ use axum::Json;
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use slicer_agent_client::ExecEvent;
+use slicer_agent_client::{AgentError, ExecEvent};
 use slicer_agent_proto::ExecRequest;
 use slicer_api::{BufferedExec, ExecFrame};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use super::{query_bool, query_one, query_pairs, Shared};
 use crate::api::error::ApiErr;
-use crate::manager::now_rfc3339;
+use crate::manager::{now_rfc3339, ExecStart, Process};
 
 /// Quotes a word for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {
@@ -470,7 +470,7 @@ impl axum::body::HttpBody for BufferedBody {
 
 /// Runs a buffered exec's command to its end (or its cut) and answers SlicerVM's shape.
 async fn collect(
-    mut proc: slicer_agent_client::ExecProcess,
+    mut proc: Process,
     mut c: Collector,
     mut answer: BufferedExec,
     hostname: &str,
@@ -511,6 +511,66 @@ async fn collect(
     Ok(([(header::CONTENT_TYPE, "application/json")], Body::new(body)).into_response())
 }
 
+/// The `type` of an exec frame (its serde name is the wire's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrameKind {
+    Started,
+    Stdout,
+    Stderr,
+    Exit,
+    Error,
+}
+
+impl FrameKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            FrameKind::Started => "started",
+            FrameKind::Stdout => "stdout",
+            FrameKind::Stderr => "stderr",
+            FrameKind::Exit => "exit",
+            FrameKind::Error => "error",
+        }
+    }
+
+    /// A frame of this kind, stamped now.
+    fn frame(self) -> ExecFrame {
+        ExecFrame {
+            r#type: self.as_str().into(),
+            timestamp: now_rfc3339(),
+            ..Default::default()
+        }
+    }
+}
+
+/// How an exec's stdout and stderr are written into frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stdio {
+    Text,
+    Base64,
+}
+
+impl Stdio {
+    fn parse(pairs: &[(String, String)]) -> Result<Stdio, ApiErr> {
+        match query_one(pairs, "stdio") {
+            None | Some("") | Some("text") => Ok(Stdio::Text),
+            Some("base64") => Ok(Stdio::Base64),
+            Some(o) => Err(ApiErr::bad_request(format!("query stdio: {o:?} is not text or base64"))),
+        }
+    }
+
+    fn is_base64(self) -> bool {
+        self == Stdio::Base64
+    }
+
+    /// The frames' `encoding`: empty for text.
+    fn encoding(self) -> String {
+        match self {
+            Stdio::Text => String::new(),
+            Stdio::Base64 => "base64".to_string(),
+        }
+    }
+}
+
 pub async fn exec(
     State(st): State<Shared>,
     Path(hostname): Path<String>,
@@ -523,15 +583,11 @@ pub async fn exec(
     if buffered && spec.stdin {
         return Err(ApiErr::bad_request("stdin cannot be combined with buffered"));
     }
-    let b64 = match query_one(&pairs, "stdio") {
-        None | Some("") | Some("text") => false,
-        Some("base64") => true,
-        Some(o) => return Err(ApiErr::bad_request(format!("query stdio: {o:?} is not text or base64"))),
-    };
+    let stdio = Stdio::parse(&pairs)?;
     if query_bool(&pairs, "background")? {
         return super::bg::start(&st, &hostname, &pairs).await;
     }
-    let running = st.manager.active(&hostname)?;
+    st.manager.active(&hostname)?;
     if buffered && BUDGET.free() < MIN_FREE {
         return Err(ApiErr::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -541,33 +597,26 @@ pub async fn exec(
             ),
         ));
     }
-    let enc = if b64 { "base64".to_string() } else { String::new() };
-
-    let mut proc = match running.vm.agent().exec(&spec).await {
-        Ok(p) => p,
-        Err(e) => {
-            let msg = e.to_string();
-            if let slicer_agent_client::AgentError::Remote { status, .. } = &e {
-                if *status == 404 || *status == 403 {
-                    // Could not start the program: one error frame, as SlicerVM answers.
-                    if buffered {
-                        return Ok(Json(BufferedExec {
-                            exit_code: 1,
-                            error: msg,
-                            ..Default::default()
-                        })
-                        .into_response());
-                    }
-                    let frame = ExecFrame {
-                        timestamp: now_rfc3339(),
-                        error: msg,
-                        exit_code: Some(1),
-                        ..Default::default()
-                    };
-                    return Ok(ndjson(Body::from(line(&frame))));
-                }
-            }
-            return Err(ApiErr::agent(e));
+    let mut proc = match st.manager.exec(&hostname, &spec).await? {
+        ExecStart::Running(p) => p,
+        // Could not start the program: one error frame, as SlicerVM answers.
+        ExecStart::NotStarted(msg) if buffered => {
+            return Ok(Json(BufferedExec {
+                exit_code: 1,
+                error: msg,
+                ..Default::default()
+            })
+            .into_response())
+        }
+        ExecStart::NotStarted(msg) => {
+            // A frame without a type, as SlicerVM's.
+            let frame = ExecFrame {
+                timestamp: now_rfc3339(),
+                error: msg,
+                exit_code: Some(1),
+                ..Default::default()
+            };
+            return Ok(ndjson(Body::from(line(&frame))));
         }
     };
     let started_at = now_rfc3339();
@@ -581,85 +630,86 @@ pub async fn exec(
             }
         });
     }
-
     if buffered {
         let answer = BufferedExec {
-            encoding: enc,
+            encoding: stdio.encoding(),
             pid: Some(proc.pid),
             started_at,
             ..Default::default()
         };
-        return collect(proc, Collector::new(b64, &BUDGET, MAX_BUFFERED_JSON), answer, &hostname).await;
+        let c = Collector::new(stdio.is_base64(), &BUDGET, MAX_BUFFERED_JSON);
+        return collect(proc, c, answer, &hostname).await;
     }
+    Ok(ndjson(Body::new(stream(proc, started_at, stdio))))
+}
 
+/// The frame of one process event, and whether it ends the stream.
+fn event_frame(ev: Result<Option<ExecEvent>, AgentError>, pid: u32, stdio: Stdio) -> Option<(ExecFrame, bool)> {
+    let output = |kind: FrameKind, b: &[u8]| {
+        let data = encode(b, stdio.is_base64());
+        let mut f = ExecFrame {
+            encoding: stdio.encoding(),
+            data: data.clone(),
+            ..kind.frame()
+        };
+        match kind {
+            FrameKind::Stdout => f.stdout = data,
+            _ => f.stderr = data,
+        }
+        f
+    };
+    Some(match ev {
+        Ok(Some(ExecEvent::Stdout(b))) => (output(FrameKind::Stdout, &b), false),
+        Ok(Some(ExecEvent::Stderr(b))) => (output(FrameKind::Stderr, &b), false),
+        Ok(Some(ExecEvent::Exit(st))) => (
+            ExecFrame {
+                ended_at: now_rfc3339(),
+                pid: Some(pid),
+                exit_code: Some(st.shell_code()),
+                signal: st.signal.map(signal_name).unwrap_or_default(),
+                ..FrameKind::Exit.frame()
+            },
+            true,
+        ),
+        Ok(None) => return None,
+        // The agent stream broke.
+        Err(e) => (
+            ExecFrame {
+                error: e.to_string(),
+                exit_code: Some(1),
+                ..FrameKind::Error.frame()
+            },
+            true,
+        ),
+    })
+}
+
+/// A streaming exec's NDJSON frames: `started`, the output, then `exit` (or `error`).
+fn stream(mut proc: Process, started_at: String, stdio: Stdio) -> slicer_agent_proto::body::ChannelBody {
     let (tx, rx) = slicer_agent_proto::body::channel(16);
     let pid = proc.pid;
     tokio::spawn(async move {
         let first = ExecFrame {
-            r#type: "started".into(),
             timestamp: started_at.clone(),
             pid: Some(pid),
             started_at,
-            ..Default::default()
+            ..FrameKind::Started.frame()
         };
         if tx.send(Ok(line(&first))).await.is_err() {
             return;
         }
         loop {
-            let frame = match proc.next_event().await {
-                Ok(Some(ExecEvent::Stdout(b))) => {
-                    let data = encode(&b, b64);
-                    ExecFrame {
-                        r#type: "stdout".into(),
-                        timestamp: now_rfc3339(),
-                        encoding: enc.clone(),
-                        stdout: data.clone(),
-                        data,
-                        ..Default::default()
-                    }
-                }
-                Ok(Some(ExecEvent::Stderr(b))) => {
-                    let data = encode(&b, b64);
-                    ExecFrame {
-                        r#type: "stderr".into(),
-                        timestamp: now_rfc3339(),
-                        encoding: enc.clone(),
-                        stderr: data.clone(),
-                        data,
-                        ..Default::default()
-                    }
-                }
-                Ok(Some(ExecEvent::Exit(st))) => {
-                    let f = ExecFrame {
-                        r#type: "exit".into(),
-                        timestamp: now_rfc3339(),
-                        ended_at: now_rfc3339(),
-                        pid: Some(pid),
-                        exit_code: Some(st.shell_code()),
-                        signal: st.signal.map(signal_name).unwrap_or_default(),
-                        ..Default::default()
-                    };
-                    let _ = tx.send(Ok(line(&f))).await;
-                    return;
-                }
-                Ok(None) => return,
-                Err(e) => ExecFrame {
-                    r#type: "error".into(),
-                    timestamp: now_rfc3339(),
-                    error: e.to_string(),
-                    exit_code: Some(1),
-                    ..Default::default()
-                },
+            let Some((frame, last)) = event_frame(proc.next_event().await, pid, stdio) else {
+                return;
             };
-            let is_error = frame.r#type == "error";
-            if tx.send(Ok(line(&frame))).await.is_err() || is_error {
-                // The client went away (dropping the process kills it in the guest), or the
-                // agent stream broke.
+            // The client went away (dropping the process kills it in the guest), or the
+            // stream ended.
+            if tx.send(Ok(line(&frame))).await.is_err() || last {
                 return;
             }
         }
     });
-    Ok(ndjson(Body::new(rx)))
+    rx
 }
 
 fn ndjson(body: Body) -> Response {

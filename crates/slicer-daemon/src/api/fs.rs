@@ -27,15 +27,13 @@ pub async fn readdir(
     q: RawQuery,
 ) -> Result<Json<Vec<Entry>>, ApiErr> {
     let path = guest_path(&query_pairs(&q.0))?;
-    let r = st.manager.active(&hostname)?;
-    let list = r.vm.agent().readdir(&path).await.map_err(ApiErr::agent)?;
+    let list = st.manager.fs_readdir(&hostname, &path).await?;
     Ok(Json(list.into_iter().map(entry).collect()))
 }
 
 pub async fn stat(State(st): State<Shared>, Path(hostname): Path<String>, q: RawQuery) -> Result<Json<Entry>, ApiErr> {
     let path = guest_path(&query_pairs(&q.0))?;
-    let r = st.manager.active(&hostname)?;
-    Ok(Json(entry(r.vm.agent().stat(&path).await.map_err(ApiErr::agent)?)))
+    Ok(Json(entry(st.manager.fs_stat(&hostname, &path).await?)))
 }
 
 pub async fn mkdir(
@@ -47,13 +45,12 @@ pub async fn mkdir(
         return Err(ApiErr::bad_request("body: path is required"));
     }
     let path = guest_path(&[("path".to_string(), b.path)])?;
-    let r = st.manager.active(&hostname)?;
     let req = slicer_agent_proto::MkdirRequest {
         path,
         recursive: b.recursive,
         mode: b.mode,
     };
-    Ok(Json(entry(r.vm.agent().mkdir(&req).await.map_err(ApiErr::agent)?)))
+    Ok(Json(entry(st.manager.fs_mkdir(&hostname, &req).await?)))
 }
 
 pub async fn remove(
@@ -72,7 +69,6 @@ pub async fn remove(
             )))
         }
     };
-    let r = st.manager.active(&hostname)?;
-    r.vm.agent().remove(&path, recursive).await.map_err(ApiErr::agent)?;
+    st.manager.fs_remove(&hostname, &path, recursive).await?;
     Ok(Json(serde_json::json!({ "path": path, "removed": true })))
 }

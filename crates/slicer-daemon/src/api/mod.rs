@@ -583,8 +583,7 @@ async fn logs(
 
 async fn health(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Json<HealthResponse>, ApiErr> {
     let rec = st.manager.record(&hostname)?;
-    let r = st.manager.active(&hostname)?;
-    let h = r.vm.agent().health().await.map_err(ApiErr::agent)?;
+    let h = st.manager.guest_health(&hostname).await?;
     Ok(Json(HealthResponse {
         hostname,
         agent_uptime: h.agent_uptime_ns as i64,
@@ -597,8 +596,7 @@ async fn health(State(st): State<Shared>, Path(hostname): Path<String>) -> Resul
 }
 
 async fn health_head(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<StatusCode, ApiErr> {
-    let r = st.manager.active(&hostname)?;
-    r.vm.agent().health().await.map_err(ApiErr::agent)?;
+    st.manager.guest_health(&hostname).await?;
     Ok(StatusCode::OK)
 }
 

@@ -1,8 +1,6 @@
 //! `GET /nodes/stats` and `GET /node/{h}/stats`: resource snapshots measured in the guests,
 //! in SlicerVM's camelCase shape. Both answer arrays (the SDK decodes one for a single node).
 
-use std::time::Duration;
-
 use axum::extract::{Path, State};
 use axum::Json;
 use slicer_agent_proto::GuestStats;
@@ -10,9 +8,6 @@ use slicer_agent_proto::GuestStats;
 use super::Shared;
 use crate::api::error::ApiErr;
 use crate::state::VmRecord;
-
-/// Longest one guest gets to answer.
-const STATS_TIMEOUT: Duration = Duration::from_secs(5);
 
 use slicer_api::{NodeStats, StatsSnapshot as Snapshot};
 
@@ -68,12 +63,8 @@ fn snapshot(hostname: &str, g: GuestStats) -> Snapshot {
 }
 
 async fn node_stats(st: &Shared, rec: &VmRecord) -> NodeStats {
-    let measured = match st.manager.active(&rec.hostname) {
-        Ok(r) => match tokio::time::timeout(STATS_TIMEOUT, r.vm.agent().stats()).await {
-            Ok(Ok(g)) => Ok(snapshot(&rec.hostname, g)),
-            Ok(Err(e)) => Err(format!("guest agent: {e}")),
-            Err(_) => Err(format!("the guest did not answer within {STATS_TIMEOUT:?}")),
-        },
+    let measured = match st.manager.guest_stats(&rec.hostname).await {
+        Ok(g) => Ok(snapshot(&rec.hostname, g)),
         Err(e) => Err(e.to_string()),
     };
     let (snapshot, error) = match measured {

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use super::{parse_go_duration, query_bool, query_one, query_pairs, Shared};
 use crate::api::error::ApiErr;
+use crate::manager::GuestStream;
 
 /// Longest event line accepted from the guest.
 const MAX_LINE: usize = 1 << 20;
@@ -137,6 +138,98 @@ fn matches(patterns: &[Glob], path: &str) -> bool {
             .any(|g| g.is_match(path.as_bytes()) || g.is_match(base.as_bytes()))
 }
 
+/// Which guest events a watch passes on, how it coalesces them, and when it ends.
+struct Filter {
+    kinds: Vec<String>,
+    patterns: Vec<Glob>,
+    debounce: Duration,
+    /// Events to send before ending (`one_shot` is 1).
+    limit: Option<u64>,
+    timeout: Option<Duration>,
+}
+
+/// The values of query `k`, repeated or comma-separated.
+fn list(pairs: &[(String, String)], k: &str) -> Vec<String> {
+    pairs
+        .iter()
+        .filter(|(key, _)| key == k)
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// Query `k` as a Go duration (`200ms`, `1m`), `default` when absent.
+fn duration(pairs: &[(String, String)], k: &str, default: Option<Duration>) -> Result<Option<Duration>, ApiErr> {
+    match query_one(pairs, k) {
+        None | Some("") => Ok(default),
+        Some(v) => parse_go_duration(v)
+            .map(Some)
+            .ok_or_else(|| ApiErr::bad_request(format!("query {k}: {v:?} is not a duration such as 200ms or 1m"))),
+    }
+}
+
+/// The watched paths, each checked as a guest path.
+fn paths(pairs: &[(String, String)]) -> Result<Vec<String>, ApiErr> {
+    let paths = list(pairs, "paths");
+    if paths.is_empty() {
+        return Err(ApiErr::bad_request("query paths is required (repeat it for more)"));
+    }
+    paths
+        .into_iter()
+        .map(|p| super::cp::guest_path(&[("path".to_string(), p)]))
+        .collect()
+}
+
+impl Filter {
+    fn parse(pairs: &[(String, String)]) -> Result<Filter, ApiErr> {
+        let patterns = list(pairs, "patterns");
+        if patterns.len() > MAX_PATTERNS {
+            return Err(ApiErr::bad_request(format!(
+                "query patterns: at most {MAX_PATTERNS} patterns"
+            )));
+        }
+        let patterns: Vec<Glob> = patterns
+            .iter()
+            .map(|p| Glob::new(p).map_err(|e| ApiErr::bad_request(format!("query patterns: {e}"))))
+            .collect::<Result<_, _>>()?;
+        let mut kinds = list(pairs, "events");
+        if kinds.is_empty() || kinds.iter().any(|k| k == "all") {
+            kinds = KINDS.iter().map(|k| k.to_string()).collect();
+        }
+        if let Some(bad) = kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
+            return Err(ApiErr::bad_request(format!(
+                "query events: {bad:?} is not create, write, remove, rename, chmod or all"
+            )));
+        }
+        let debounce = duration(pairs, "debounce", Some(Duration::from_millis(200)))?.unwrap_or_default();
+        let timeout = duration(pairs, "timeout", None)?;
+        let max_events = match query_one(pairs, "max_events") {
+            None | Some("") => None,
+            Some(v) => Some(
+                v.parse::<u64>()
+                    .map_err(|_| ApiErr::bad_request(format!("query max_events: {v:?} is not a number")))?,
+            ),
+        };
+        let one_shot = query_bool(pairs, "one_shot")?;
+        Ok(Filter {
+            kinds,
+            patterns,
+            debounce,
+            limit: if one_shot { Some(1) } else { max_events },
+            timeout,
+        })
+    }
+
+    /// Whether `e` passes the kind and pattern filters (an overflow always does).
+    fn wants(&self, e: &WatchEvent) -> bool {
+        e.kind == "overflow" || (self.kinds.contains(&e.kind) && matches(&self.patterns, &e.path))
+    }
+}
+
 pub async fn watch(
     State(st): State<Shared>,
     Path(hostname): Path<String>,
@@ -144,143 +237,83 @@ pub async fn watch(
     q: RawQuery,
 ) -> Result<Response, ApiErr> {
     let pairs = query_pairs(&q.0);
-    let all = |k: &str| -> Vec<String> {
-        pairs
-            .iter()
-            .filter(|(key, _)| key == k)
-            .flat_map(|(_, v)| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-            })
-            .collect()
-    };
-    let paths = all("paths");
-    if paths.is_empty() {
-        return Err(ApiErr::bad_request("query paths is required (repeat it for more)"));
-    }
-    let paths: Vec<String> = paths
-        .into_iter()
-        .map(|p| super::cp::guest_path(&[("path".to_string(), p)]))
-        .collect::<Result<_, _>>()?;
-    let patterns = all("patterns");
-    if patterns.len() > MAX_PATTERNS {
-        return Err(ApiErr::bad_request(format!(
-            "query patterns: at most {MAX_PATTERNS} patterns"
-        )));
-    }
-    let patterns: Vec<Glob> = patterns
-        .iter()
-        .map(|p| Glob::new(p).map_err(|e| ApiErr::bad_request(format!("query patterns: {e}"))))
-        .collect::<Result<_, _>>()?;
-    let mut kinds = all("events");
-    if kinds.is_empty() || kinds.iter().any(|k| k == "all") {
-        kinds = KINDS.iter().map(|k| k.to_string()).collect();
-    }
-    if let Some(bad) = kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
-        return Err(ApiErr::bad_request(format!(
-            "query events: {bad:?} is not create, write, remove, rename, chmod or all"
-        )));
-    }
-    let duration = |k: &str, default: Option<Duration>| -> Result<Option<Duration>, ApiErr> {
-        match query_one(&pairs, k) {
-            None | Some("") => Ok(default),
-            Some(v) => parse_go_duration(v)
-                .map(Some)
-                .ok_or_else(|| ApiErr::bad_request(format!("query {k}: {v:?} is not a duration such as 200ms or 1m"))),
-        }
-    };
-    let debounce = duration("debounce", Some(Duration::from_millis(200)))?.unwrap_or_default();
-    let timeout = duration("timeout", None)?;
-    let max_events = match query_one(&pairs, "max_events") {
-        None | Some("") => None,
-        Some(v) => Some(
-            v.parse::<u64>()
-                .map_err(|_| ApiErr::bad_request(format!("query max_events: {v:?} is not a number")))?,
-        ),
-    };
-    let one_shot = query_bool(&pairs, "one_shot")?;
+    let paths = paths(&pairs)?;
+    let filter = Filter::parse(&pairs)?;
     let recursive = query_bool(&pairs, "recursive")?;
     if let Some(v) = headers.get("last-event-id") {
         if v.to_str().ok().and_then(|s| s.parse::<u64>().ok()).is_none() {
             return Err(ApiErr::bad_request("header Last-Event-ID is not a number"));
         }
     }
-    let limit = if one_shot { Some(1) } else { max_events };
-
-    let r = st.manager.active(&hostname)?;
-    let mut events =
-        r.vm.agent()
-            .watch(&WatchRequest { paths, recursive })
-            .await
-            .map_err(ApiErr::agent)?;
+    let events = st.manager.watch(&hostname, &WatchRequest { paths, recursive }).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(async move {
-        // A timeout past what the clock can represent is no deadline.
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let mut last: HashMap<(String, String), Instant> = HashMap::new();
-        let mut sent = 0u64;
-        let mut lines = 0u32;
-        loop {
-            // Lines already read come back without an await: give the worker back now and
-            // then, however many of them get dropped.
-            lines = lines.wrapping_add(1);
-            if lines.is_multiple_of(super::YIELD_EVERY) {
-                tokio::task::yield_now().await;
-            }
-            let line = tokio::select! {
-                l = events.next_line(MAX_LINE) => l,
-                _ = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                } => return,
-                _ = tx.closed() => return,
-            };
-            let Ok(Some(line)) = line else { return };
-            let Ok(e) = serde_json::from_slice::<WatchEvent>(&line) else {
-                continue;
-            };
-            if e.kind != "overflow" && (!kinds.contains(&e.kind) || !matches(&patterns, &e.path)) {
-                continue;
-            }
-            let key = (e.kind.clone(), e.path.clone());
-            let now = Instant::now();
-            if last.get(&key).is_some_and(|t| now.duration_since(*t) < debounce) {
-                continue;
-            }
-            last.insert(key, now);
-            last.retain(|_, t| now.duration_since(*t) < debounce.max(Duration::from_secs(1)));
-            sent += 1;
-            let mut data = serde_json::json!({
-                "id": sent,
-                "type": e.kind,
-                "path": e.path,
-                "timestamp": crate::manager::rfc3339_ms(e.timestamp_ms),
-                "size": e.size,
-                "isDir": e.is_dir,
-            });
-            if e.kind == "overflow" {
-                data["message"] = "the guest kernel dropped events".into();
-            }
-            let ev = Event::default()
-                .id(sent.to_string())
-                .event("watch")
-                .data(data.to_string());
-            if tx.send(Ok(ev)).await.is_err() {
-                return;
-            }
-            if limit.is_some_and(|l| sent >= l) {
-                return;
-            }
-        }
-    });
+    tokio::spawn(relay(events, filter, tx));
     let stream = super::receiver_stream(rx);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
+}
+
+/// The SSE event of the `n`th guest event sent.
+fn sse_event(n: u64, e: &WatchEvent) -> Event {
+    let mut data = serde_json::json!({
+        "id": n,
+        "type": e.kind,
+        "path": e.path,
+        "timestamp": crate::manager::rfc3339_ms(e.timestamp_ms),
+        "size": e.size,
+        "isDir": e.is_dir,
+    });
+    if e.kind == "overflow" {
+        data["message"] = "the guest kernel dropped events".into();
+    }
+    Event::default().id(n.to_string()).event("watch").data(data.to_string())
+}
+
+/// Passes the guest's events that `f` wants on to `tx`, until the guest's stream, the
+/// client, the timeout or the event limit ends it.
+async fn relay(mut events: GuestStream, f: Filter, tx: tokio::sync::mpsc::Sender<Result<Event, Infallible>>) {
+    // A timeout past what the clock can represent is no deadline.
+    let deadline = f.timeout.and_then(|t| Instant::now().checked_add(t));
+    let mut last: HashMap<(String, String), Instant> = HashMap::new();
+    let mut sent = 0u64;
+    let mut lines = 0u32;
+    loop {
+        // Lines already read come back without an await: give the worker back now and
+        // then, however many of them get dropped.
+        lines = lines.wrapping_add(1);
+        if lines.is_multiple_of(super::YIELD_EVERY) {
+            tokio::task::yield_now().await;
+        }
+        let line = tokio::select! {
+            l = events.next_line(MAX_LINE) => l,
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => return,
+            _ = tx.closed() => return,
+        };
+        let Ok(Some(line)) = line else { return };
+        let Ok(e) = serde_json::from_slice::<WatchEvent>(&line) else {
+            continue;
+        };
+        if !f.wants(&e) {
+            continue;
+        }
+        let key = (e.kind.clone(), e.path.clone());
+        let now = Instant::now();
+        if last.get(&key).is_some_and(|t| now.duration_since(*t) < f.debounce) {
+            continue;
+        }
+        last.insert(key, now);
+        last.retain(|_, t| now.duration_since(*t) < f.debounce.max(Duration::from_secs(1)));
+        sent += 1;
+        if tx.send(Ok(sse_event(sent, &e))).await.is_err() || f.limit.is_some_and(|l| sent >= l) {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,11 +9,11 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use slicer_agent_client::{Download, StdinWriter};
 use slicer_agent_proto::shell as sh;
 
 use super::{query_one, query_pairs, Shared};
 use crate::api::error::ApiErr;
+use crate::manager::{GuestInput, GuestStream};
 
 /// A request that is not a WebSocket handshake gets our JSON error (axum's is plain text),
 /// after the VM was checked, before anything is dialled in the guest.
@@ -56,14 +56,14 @@ pub async fn forward(
             "header X-Inlets-Upstream: {target:?} is not host:port or unix:/path"
         )));
     }
-    let r = st.manager.active(&hostname)?;
+    st.manager.active(&hostname)?;
     let ws = upgrade(ws)?;
-    let (tx, rx) = r.vm.agent().forward(&target).await.map_err(ApiErr::agent)?;
+    let (tx, rx) = st.manager.forward(&hostname, &target).await?;
     Ok(ws.on_upgrade(move |socket| bridge_raw(socket, tx, rx)))
 }
 
 /// Raw bytes both ways until either side ends.
-async fn bridge_raw(mut socket: WebSocket, tx: StdinWriter, mut rx: Download) {
+async fn bridge_raw(mut socket: WebSocket, tx: Box<dyn GuestInput>, mut rx: GuestStream) {
     loop {
         tokio::select! {
             msg = socket.recv() => match msg {
@@ -111,15 +111,15 @@ pub async fn shell(
             )));
         }
     }
-    let r = st.manager.active(&hostname)?;
+    st.manager.active(&hostname)?;
     let ws = upgrade(ws)?;
-    let (tx, rx) = r.vm.agent().shell(&sq).await.map_err(ApiErr::agent)?;
+    let (tx, rx) = st.manager.shell(&hostname, &sq).await?;
     Ok(ws.on_upgrade(move |socket| bridge_shell(socket, tx, rx)))
 }
 
 /// Client frames go to the agent as they are (it checks them); the agent's byte stream is cut
 /// back into frames, one per message. The session-close frame ends the WebSocket.
-async fn bridge_shell(mut socket: WebSocket, tx: StdinWriter, mut rx: Download) {
+async fn bridge_shell(mut socket: WebSocket, tx: Box<dyn GuestInput>, mut rx: GuestStream) {
     let mut pending = BytesMut::new();
     'session: loop {
         tokio::select! {

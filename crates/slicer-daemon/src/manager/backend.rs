@@ -1,14 +1,15 @@
 //! The seam between the manager and the VMs it runs. The manager asks a [`Backend`] to start
 //! VMs and holds what it gets as a [`Machine`]; `QemuBackend` (slicer-vmm's QEMU VMs) is the
 //! one the daemon uses, and the manager's unit tests use a fake that needs no QEMU, root or
-//! images. Futures are boxed so that both traits can be used as trait objects.
+//! images. Futures are boxed so that both traits can be used as trait objects. Both fail with
+//! the VM library's [`slicer_vmm::Error`], its causes kept for the manager to classify.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use slicer_agent_client::AgentClient;
+use super::guest::Guest;
 use slicer_vmm::{Host, Shape, StartMode, Template, Vm, VmSpec};
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -16,8 +17,8 @@ pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A started VM.
 pub trait Machine: Send + Sync {
     fn name(&self) -> &str;
-    /// The guest agent's client (every guest operation goes through it).
-    fn agent(&self) -> &AgentClient;
+    /// Its guest: every guest operation goes through it.
+    fn guest(&self) -> &dyn Guest;
     fn start_mode(&self) -> StartMode;
     /// Whether its process still runs.
     fn is_running(&self) -> bool;
@@ -28,17 +29,17 @@ pub trait Machine: Send + Sync {
     /// From its start to its agent's first answer.
     fn boot_time(&self) -> Duration;
     /// Until its agent answers, or `timeout`.
-    fn wait_ready(&self, timeout: Duration) -> BoxFut<'_, anyhow::Result<()>>;
+    fn wait_ready(&self, timeout: Duration) -> BoxFut<'_, slicer_vmm::Result<()>>;
     /// Until its process has exited.
     fn wait_exit(&self) -> BoxFut<'_, ()>;
     /// Stops it (power-off within `graceful`, then harder) and removes its files but the disk.
-    fn stop(&self, graceful: Duration) -> BoxFut<'_, anyhow::Result<()>>;
+    fn stop(&self, graceful: Duration) -> BoxFut<'_, slicer_vmm::Result<()>>;
     /// Stops its process only (power-off within `graceful`, then harder).
     fn stop_process(&self, graceful: Duration) -> BoxFut<'_, ()>;
     /// Saves its memory and devices beside its disk and ends it.
-    fn suspend(&self) -> BoxFut<'_, anyhow::Result<()>>;
+    fn suspend(&self) -> BoxFut<'_, slicer_vmm::Result<()>>;
     /// Stops (`true`) or continues its vCPUs.
-    fn set_paused(&self, paused: bool) -> BoxFut<'_, anyhow::Result<()>>;
+    fn set_paused(&self, paused: bool) -> BoxFut<'_, slicer_vmm::Result<()>>;
     /// Removes its runtime files (sockets, pid) after it stopped.
     fn cleanup(&self);
     /// Stops it and removes everything of it, its disk included (a start that failed).
@@ -50,15 +51,19 @@ pub trait Machine: Send + Sync {
 /// What starts VMs.
 pub trait Backend: Send + Sync {
     /// Boots a VM's disk (made from its image when new).
-    fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>>;
+    fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>>;
     /// A new VM continuing `template`'s guest.
-    fn restore<'a>(&'a self, spec: &'a VmSpec, template: &'a Template) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>>;
+    fn restore<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        template: &'a Template,
+    ) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>>;
     /// A suspended VM, from its saved state.
-    fn resume<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>>;
+    fn resume<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>>;
     /// A VM still running from an earlier daemon (same pid and start time).
-    fn adopt<'a>(&'a self, spec: &'a VmSpec, pid: u32, start: u64) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>>;
+    fn adopt<'a>(&'a self, spec: &'a VmSpec, pid: u32, start: u64) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>>;
     /// The template of `shape`, built when missing.
-    fn template<'a>(&'a self, shape: &'a Shape) -> BoxFut<'a, anyhow::Result<Arc<Template>>>;
+    fn template<'a>(&'a self, shape: &'a Shape) -> BoxFut<'a, slicer_vmm::Result<Arc<Template>>>;
 }
 
 /// QEMU VMs of slicer-vmm on a [`Host`].
@@ -69,20 +74,24 @@ fn boxed(vm: Vm) -> Box<dyn Machine> {
 }
 
 impl Backend for QemuBackend {
-    fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { Ok(boxed(Vm::start(&self.0, spec).await?)) })
     }
-    fn restore<'a>(&'a self, spec: &'a VmSpec, template: &'a Template) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn restore<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        template: &'a Template,
+    ) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { Ok(boxed(Vm::restore(&self.0, spec, template).await?)) })
     }
-    fn resume<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn resume<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { Ok(boxed(Vm::resume(&self.0, spec).await?)) })
     }
-    fn adopt<'a>(&'a self, spec: &'a VmSpec, pid: u32, start: u64) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn adopt<'a>(&'a self, spec: &'a VmSpec, pid: u32, start: u64) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { Ok(boxed(Vm::adopt(&self.0, spec, pid, start).await?)) })
     }
-    fn template<'a>(&'a self, shape: &'a Shape) -> BoxFut<'a, anyhow::Result<Arc<Template>>> {
-        Box::pin(async move { Ok(self.0.template(shape).await?) })
+    fn template<'a>(&'a self, shape: &'a Shape) -> BoxFut<'a, slicer_vmm::Result<Arc<Template>>> {
+        Box::pin(self.0.template(shape))
     }
 }
 
@@ -90,7 +99,7 @@ impl Machine for Vm {
     fn name(&self) -> &str {
         &self.name
     }
-    fn agent(&self) -> &AgentClient {
+    fn guest(&self) -> &dyn Guest {
         Vm::agent(self)
     }
     fn start_mode(&self) -> StartMode {
@@ -108,13 +117,13 @@ impl Machine for Vm {
     fn boot_time(&self) -> Duration {
         Vm::boot_time(self)
     }
-    fn wait_ready(&self, timeout: Duration) -> BoxFut<'_, anyhow::Result<()>> {
-        Box::pin(async move { Ok(Vm::wait_ready(self, timeout).await?) })
+    fn wait_ready(&self, timeout: Duration) -> BoxFut<'_, slicer_vmm::Result<()>> {
+        Box::pin(Vm::wait_ready(self, timeout))
     }
     fn wait_exit(&self) -> BoxFut<'_, ()> {
         Box::pin(Vm::wait_exit(self))
     }
-    fn stop(&self, graceful: Duration) -> BoxFut<'_, anyhow::Result<()>> {
+    fn stop(&self, graceful: Duration) -> BoxFut<'_, slicer_vmm::Result<()>> {
         Box::pin(async move {
             Vm::stop(self, graceful).await?;
             Ok(())
@@ -125,14 +134,14 @@ impl Machine for Vm {
             Vm::stop_process(self, graceful).await;
         })
     }
-    fn suspend(&self) -> BoxFut<'_, anyhow::Result<()>> {
-        Box::pin(async move { Ok(Vm::suspend(self).await?) })
+    fn suspend(&self) -> BoxFut<'_, slicer_vmm::Result<()>> {
+        Box::pin(Vm::suspend(self))
     }
-    fn set_paused(&self, paused: bool) -> BoxFut<'_, anyhow::Result<()>> {
+    fn set_paused(&self, paused: bool) -> BoxFut<'_, slicer_vmm::Result<()>> {
         Box::pin(async move {
             let qmp = self.qmp().await?;
             qmp.execute(if paused { "stop" } else { "cont" }, None).await?;
-            Ok(())
+            Ok::<(), slicer_vmm::Error>(())
         })
     }
     fn cleanup(&self) {

@@ -39,9 +39,40 @@ pub enum Error {
     /// The guest agent failed or refused (its own 4xx keep their status).
     #[error("guest agent: {0}")]
     Guest(#[from] slicer_agent_client::AgentError),
-    /// A failure of the host side, with its whole chain of causes as text.
-    #[error("{message}")]
-    Host { fault: HostFault, message: String },
+    /// A failure of the host side. Printed as its whole chain of causes (`cause: its cause:
+    /// …`); `cause` is not this error's `source()`, so that a chain-aware formatter does not
+    /// print the chain twice. [`Error::host_cause`] hands it out.
+    #[error("{cause}")]
+    Host { fault: HostFault, cause: HostCause },
+}
+
+/// What a host failure came from: the error with its chain of causes, each link its own
+/// type (`find` one by type).
+pub struct HostCause(anyhow::Error);
+
+impl HostCause {
+    /// The error, then its causes, outermost first.
+    pub fn chain(&self) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+        self.0.chain()
+    }
+
+    /// The first link of the chain that is a `T`.
+    pub fn find<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        self.chain().find_map(|l| l.downcast_ref::<T>())
+    }
+}
+
+/// The whole chain, as anyhow's `{:#}` prints it: `error: cause: cause's cause`.
+impl std::fmt::Display for HostCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::fmt::Debug for HostCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
 }
 
 impl Error {
@@ -65,33 +96,33 @@ impl Error {
     }
 
     /// A host-side failure, classified by walking its chain of causes for the I/O and SQLite
-    /// errors that are the host's state rather than a bug.
+    /// errors that are the host's state rather than a bug. Its text decides only what no
+    /// type tells: a child program's stderr (qemu-img, mkfs) carried as a message.
     pub fn host(e: impl Into<anyhow::Error>) -> Error {
-        let e: anyhow::Error = e.into();
-        let mut fault = HostFault::Other;
-        for cause in e.chain() {
-            if let Some(f) = fault_of(cause) {
-                fault = f;
-                break;
-            }
-        }
-        let message = format!("{e:#}");
-        if fault == HostFault::Other {
-            fault = fault_of_text(&message);
-        }
-        Error::Host { fault, message }
+        let cause = HostCause(e.into());
+        let fault = match cause.chain().find_map(fault_of) {
+            Some(f) => f,
+            None => fault_of_text(&cause.to_string()),
+        };
+        Error::Host { fault, cause }
     }
 
     /// A host-side failure known only by its text (a wait that ended with a reason).
     pub fn host_msg(m: impl Into<String>) -> Error {
-        let message = m.into();
-        Error::Host {
-            fault: fault_of_text(&message),
-            message,
+        Error::host(anyhow::Error::msg(m.into()))
+    }
+
+    /// What a host failure came from (its chain of causes below it), for a caller to match
+    /// a lower crate's error.
+    pub fn host_cause(&self) -> Option<&HostCause> {
+        match self {
+            Error::Host { cause, .. } => Some(cause),
+            _ => None,
         }
     }
 }
 
+/// The fault a link of a chain is, by its type.
 fn fault_of(cause: &(dyn std::error::Error + 'static)) -> Option<HostFault> {
     if let Some(io) = cause.downcast_ref::<std::io::Error>() {
         return (io.raw_os_error() == Some(libc::ENOSPC)).then_some(HostFault::DiskFull);

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::config::{human_bytes, Capacity, Group, Settings};
 use crate::state::{Db, VmRecord};
-pub use error::{Error, HostFault};
+pub use error::{Error, HostCause, HostFault};
 
 mod backend;
 mod capacity;
@@ -33,6 +33,7 @@ mod templates;
 mod unit;
 
 pub use backend::{Backend, BoxFut, Machine, QemuBackend};
+pub use guest::{Duplex, ExecStart, Guest, GuestInput, GuestStream, Process, Upload};
 
 use capacity::Ledger;
 pub use commits::{valid_commit_id, CommitFilter};
@@ -659,7 +660,7 @@ impl Manager {
                 };
                 match warm {
                     Some(vm) => Ok(vm),
-                    None => self.backend.start(&spec).await,
+                    None => self.backend.start(&spec).await.map_err(anyhow::Error::from),
                 }
             }
         };
@@ -1103,7 +1104,7 @@ impl Manager {
                 .db
                 .set_status(&rec.hostname, VmStatus::Running, vm.process())
                 .map(|()| vm),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         let vm = match recorded {
             Ok(vm) => vm,

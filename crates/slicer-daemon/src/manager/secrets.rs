@@ -26,23 +26,23 @@ impl Manager {
         info: &crate::secrets::SecretInfo,
         value: Vec<u8>,
     ) -> anyhow::Result<()> {
-        let agent = vm.agent();
+        let guest = vm.guest();
         // A recursive mkdir of an existing directory succeeds.
-        agent
+        guest
             .mkdir(&slicer_agent_proto::MkdirRequest {
                 path: crate::secrets::GUEST_DIR.into(),
                 recursive: true,
                 mode: Some("0711".into()),
             })
             .await?;
-        agent
-            .upload_file(
-                &format!("{}/{}", crate::secrets::GUEST_DIR, info.name),
-                Some(info.mode()),
-                Some((info.uid, Some(info.gid))),
-                std::io::Cursor::new(value),
-            )
-            .await?;
+        let up = guest::Upload {
+            tar: false,
+            path: format!("{}/{}", crate::secrets::GUEST_DIR, info.name),
+            placed: None,
+            mode: Some(info.mode()),
+            owner: Some((info.uid, Some(info.gid))),
+        };
+        guest.upload(&up, Box::pin(std::io::Cursor::new(value))).await?;
         Ok(())
     }
 
@@ -56,7 +56,7 @@ impl Manager {
         match info {
             Some(info) => Self::push_secret(vm, &info, self.secrets.value(name)?).await,
             None => vm
-                .agent()
+                .guest()
                 .remove(&format!("{}/{name}", crate::secrets::GUEST_DIR), false)
                 .await
                 .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) })
@@ -78,7 +78,7 @@ impl Manager {
             .filter(|n| self.secret_allowed(hostname, n))
             .collect();
         if prune {
-            let listed = tokio::time::timeout(SECRET_PUSH_TIMEOUT, r.vm.agent().readdir(crate::secrets::GUEST_DIR))
+            let listed = tokio::time::timeout(SECRET_PUSH_TIMEOUT, r.vm.guest().readdir(crate::secrets::GUEST_DIR))
                 .await
                 .context("the guest did not list its secrets in time")?;
             let extra: Vec<String> = match listed {

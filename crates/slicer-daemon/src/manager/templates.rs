@@ -124,7 +124,7 @@ impl Manager {
         let vm = self.backend.restore(spec, template).await?;
         if let Err(e) = vm.wait_ready(RESTORE_TIMEOUT).await {
             vm.discard().await;
-            return Err(e);
+            return Err(e.into());
         }
         Ok(vm)
     }
@@ -133,6 +133,6 @@ impl Manager {
 impl Manager {
     /// The template of `shape`, built now when the image store has none.
     pub async fn template(&self, shape: &Shape) -> anyhow::Result<Arc<slicer_vmm::Template>> {
-        self.backend.template(shape).await
+        Ok(self.backend.template(shape).await?)
     }
 }

@@ -10,12 +10,22 @@ use slicer_api::{CreateNodeRequest, VmStatus};
 use slicer_vmm::{Host, Shape, StartMode, Template, Vm, VmSpec};
 use tokio::sync::watch;
 
-use super::{Backend, BoxFut, Error, Machine, Manager, Wait};
+use super::{Backend, BoxFut, Error, Guest, Machine, Manager, Wait};
 
-/// One fake VM: no process, an agent socket nobody listens on, an exit the test can cause.
+mod guest_ops;
+mod mem_guest;
+use mem_guest::MemGuest;
+
+/// A fake VM's guest: in memory, or a real agent client on a socket the test serves.
+enum FakeGuest {
+    Mem(Arc<MemGuest>),
+    Agent(AgentClient),
+}
+
+/// One fake VM: no process, a guest in memory (or an agent socket), an exit the test can cause.
 struct FakeVm {
     name: String,
-    agent: AgentClient,
+    guest: FakeGuest,
     mode: StartMode,
     running: AtomicBool,
     exited: watch::Sender<bool>,
@@ -35,8 +45,11 @@ impl Machine for FakeMachine {
     fn name(&self) -> &str {
         &self.0.name
     }
-    fn agent(&self) -> &AgentClient {
-        &self.0.agent
+    fn guest(&self) -> &dyn Guest {
+        match &self.0.guest {
+            FakeGuest::Mem(g) => g.as_ref(),
+            FakeGuest::Agent(a) => a,
+        }
     }
     fn start_mode(&self) -> StartMode {
         self.0.mode
@@ -53,7 +66,7 @@ impl Machine for FakeMachine {
     fn boot_time(&self) -> Duration {
         Duration::ZERO
     }
-    fn wait_ready(&self, _timeout: Duration) -> BoxFut<'_, anyhow::Result<()>> {
+    fn wait_ready(&self, _timeout: Duration) -> BoxFut<'_, slicer_vmm::Result<()>> {
         Box::pin(async { Ok(()) })
     }
     fn wait_exit(&self) -> BoxFut<'_, ()> {
@@ -62,7 +75,7 @@ impl Machine for FakeMachine {
             let _ = rx.wait_for(|e| *e).await;
         })
     }
-    fn stop(&self, _graceful: Duration) -> BoxFut<'_, anyhow::Result<()>> {
+    fn stop(&self, _graceful: Duration) -> BoxFut<'_, slicer_vmm::Result<()>> {
         self.0.exit();
         Box::pin(async { Ok(()) })
     }
@@ -70,11 +83,11 @@ impl Machine for FakeMachine {
         self.0.exit();
         Box::pin(async {})
     }
-    fn suspend(&self) -> BoxFut<'_, anyhow::Result<()>> {
+    fn suspend(&self) -> BoxFut<'_, slicer_vmm::Result<()>> {
         self.0.exit();
         Box::pin(async { Ok(()) })
     }
-    fn set_paused(&self, _paused: bool) -> BoxFut<'_, anyhow::Result<()>> {
+    fn set_paused(&self, _paused: bool) -> BoxFut<'_, slicer_vmm::Result<()>> {
         Box::pin(async { Ok(()) })
     }
     fn cleanup(&self) {}
@@ -94,24 +107,21 @@ struct FakeBackend {
     fail_next: AtomicBool,
     /// The shapes templates were asked for, in order.
     templates_asked: Mutex<Vec<Shape>>,
-    /// The agent socket of the VMs started from now on (none answers by default).
+    /// The agent socket of the VMs started from now on (by default their guests are in memory).
     agent: Mutex<Option<std::path::PathBuf>>,
 }
 
 impl FakeBackend {
-    fn make(&self, spec: &VmSpec, mode: StartMode) -> anyhow::Result<Box<dyn Machine>> {
+    fn make(&self, spec: &VmSpec, mode: StartMode) -> slicer_vmm::Result<Box<dyn Machine>> {
         if self.fail_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            anyhow::bail!("fake: QEMU did not start");
+            return Err(slicer_vmm::Error::QemuExited("fake: QEMU did not start".into()));
         }
         let vm = Arc::new(FakeVm {
             name: spec.name.clone(),
-            agent: AgentClient::new(
-                self.agent
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-                    .unwrap_or_else(|| "/nonexistent/agent.sock".into()),
-            ),
+            guest: match self.agent.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                Some(socket) => FakeGuest::Agent(AgentClient::new(socket)),
+                None => FakeGuest::Mem(Arc::new(MemGuest::new())),
+            },
             mode,
             running: AtomicBool::new(true),
             exited: watch::channel(false).0,
@@ -129,27 +139,40 @@ impl FakeBackend {
             .cloned()
             .expect("a fake VM of that name")
     }
+
+    /// The in-memory guest of the newest fake VM of that name.
+    fn guest(&self, name: &str) -> Arc<MemGuest> {
+        match &self.vm(name).guest {
+            FakeGuest::Mem(g) => g.clone(),
+            FakeGuest::Agent(_) => panic!("VM {name} has an agent socket, not an in-memory guest"),
+        }
+    }
 }
 
 impl Backend for FakeBackend {
-    fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { self.make(spec, StartMode::Cold) })
     }
-    fn restore<'a>(&'a self, spec: &'a VmSpec, _t: &'a Template) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn restore<'a>(&'a self, spec: &'a VmSpec, _t: &'a Template) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { self.make(spec, StartMode::Template) })
     }
-    fn resume<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn resume<'a>(&'a self, spec: &'a VmSpec) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { self.make(spec, StartMode::Resume) })
     }
-    fn adopt<'a>(&'a self, spec: &'a VmSpec, _pid: u32, _start: u64) -> BoxFut<'a, anyhow::Result<Box<dyn Machine>>> {
+    fn adopt<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        _pid: u32,
+        _start: u64,
+    ) -> BoxFut<'a, slicer_vmm::Result<Box<dyn Machine>>> {
         Box::pin(async move { self.make(spec, StartMode::Adopted) })
     }
-    fn template<'a>(&'a self, shape: &'a Shape) -> BoxFut<'a, anyhow::Result<Arc<Template>>> {
+    fn template<'a>(&'a self, shape: &'a Shape) -> BoxFut<'a, slicer_vmm::Result<Arc<Template>>> {
         self.templates_asked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(shape.clone());
-        Box::pin(async { anyhow::bail!("fake: no templates") })
+        Box::pin(async { Err(slicer_vmm::Error::Template("fake: no templates".into())) })
     }
 }
 
@@ -314,8 +337,16 @@ async fn a_start_that_fails_leaves_no_record_and_no_share() {
         .await
         .expect_err("the start fails");
     assert!(
-        matches!(&e, Error::Host { fault: super::HostFault::Other, message } if message.contains("QEMU did not start")),
+        matches!(&e, Error::Host { fault: super::HostFault::Other, .. } if e.to_string().contains("QEMU did not start")),
         "{e:?}"
+    );
+    // The backend's error is kept, by type, under the manager's.
+    assert!(
+        matches!(
+            e.host_cause().and_then(|c| c.find::<slicer_vmm::Error>()),
+            Some(slicer_vmm::Error::QemuExited(_))
+        ),
+        "no slicer_vmm::Error::QemuExited in {e:?}"
     );
     assert!(f.manager.records().expect("records").is_empty());
     assert_eq!(f.manager.capacity().0.vms, 0);

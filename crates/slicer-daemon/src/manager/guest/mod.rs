@@ -1,9 +1,43 @@
-//! What the manager does inside a new guest through its agent: CA certificates, SSH keys and
-//! userdata.
+//! The guest side of the manager: the [`Guest`] capability of a machine (`port`), the
+//! manager's guest operations for the API (`ops`), and what the manager does inside a new
+//! guest itself (here): CA certificates, SSH keys, the proxy environment and userdata.
 
 use slicer_agent_client::{AgentError, Output};
 
 use super::*;
+
+mod ops;
+pub mod port;
+
+pub use ops::ExecStart;
+
+/// Why a step the manager takes inside a new guest (CA certificates, SSH keys, the proxy
+/// environment) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The guest's agent predates CA installation.
+    #[error(
+        "the image's slicer-agent is older than this daemon and cannot install CAs: rebuild the image (`slicer image build`) or pull it again"
+    )]
+    OldAgent,
+    /// The step's script failed in the guest (its stderr as the guest wrote it).
+    #[error("exit {code:?}: {stderr}")]
+    Script { code: Option<i32>, stderr: String },
+}
+
+/// A setup script's output as success or [`SetupError::Script`].
+fn script_result(out: Output) -> Result<(), SetupError> {
+    match out.status.code {
+        Some(0) => Ok(()),
+        code => Err(SetupError::Script {
+            code,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }),
+    }
+}
+pub use port::{Duplex, Guest, GuestInput, GuestStream, Process, Upload};
 
 /// The whole of exec `req` (start to exit, its output buffered) within `deadline`. Past it the
 /// exec's stream is dropped, which makes the agent kill the command's process group.
@@ -14,7 +48,7 @@ pub(super) async fn exec_within(
     stdin: Option<bytes::Bytes>,
     deadline: Duration,
 ) -> Result<Output, AgentError> {
-    tokio::time::timeout(deadline, vm.agent().exec_output(req, stdin))
+    tokio::time::timeout(deadline, vm.guest().exec_output(req, stdin))
         .await
         .unwrap_or(Err(AgentError::Deadline { what, after: deadline }))
 }
@@ -22,17 +56,15 @@ pub(super) async fn exec_within(
 /// Installs the host group's CA bundle (`Group::ca_bundle`) in the guest's trust stores. The
 /// agent keeps what it has: a guest that has them already (a restart, a fork, a template's
 /// guest) changes nothing.
-pub(super) async fn install_ca(vm: &dyn Machine, pem: &str) -> anyhow::Result<()> {
-    let done = match tokio::time::timeout(GUEST_CALL_DEADLINE, vm.agent().install_ca(pem))
+pub(super) async fn install_ca(vm: &dyn Machine, pem: &str) -> Result<(), SetupError> {
+    let done = match tokio::time::timeout(GUEST_CALL_DEADLINE, vm.guest().install_ca(pem))
         .await
         .unwrap_or(Err(AgentError::Deadline {
             what: "the CA installation",
             after: GUEST_CALL_DEADLINE,
         })) {
         Ok(done) => done,
-        Err(AgentError::Remote { status: 404, kind, .. }) if kind == "not_found" => anyhow::bail!(
-            "the image's slicer-agent is older than this daemon and cannot install CAs: rebuild the image (`slicer image build`) or pull it again"
-        ),
+        Err(AgentError::Remote { status: 404, kind, .. }) if kind == "not_found" => return Err(SetupError::OldAgent),
         Err(e) => return Err(e.into()),
     };
     if !done.added.is_empty() {
@@ -45,7 +77,7 @@ pub(super) async fn install_ca(vm: &dyn Machine, pem: &str) -> anyhow::Result<()
 /// ~/.ssh/authorized_keys, keeping the lines already there: a restart re-adds the config's
 /// keys without duplicating them, and keys the user added stay. It runs as that user (the
 /// agent resolves who that is), so what it makes is theirs.
-pub(super) async fn authorize_ssh_keys(vm: &dyn Machine, keys: &[String]) -> anyhow::Result<()> {
+pub(super) async fn authorize_ssh_keys(vm: &dyn Machine, keys: &[String]) -> Result<(), SetupError> {
     let script = r#"set -e; umask 077; mkdir -p "$HOME/.ssh"; f="$HOME/.ssh/authorized_keys"; touch "$f"
 while IFS= read -r k; do grep -qxF -- "$k" "$f" || printf '%s\n' "$k" >> "$f"; done"#;
     let mut input = keys.join("\n");
@@ -62,19 +94,13 @@ while IFS= read -r k; do grep -qxF -- "$k" "$f" || printf '%s\n' "$k" >> "$f"; d
         GUEST_CALL_DEADLINE,
     )
     .await?;
-    anyhow::ensure!(
-        out.status.code == Some(0),
-        "exit {:?}: {}",
-        out.status.code,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    script_result(out)
 }
 
 /// Writes a proxy-bound VM's login environment (`KEY=value` lines: the proxy URL with its
 /// token) to /etc/slicer/proxy.env, /etc/profile.d/slicer-proxy.sh (login shells) and
 /// /etc/environment (PAM sessions: SSH, systemd's logins), replacing earlier proxy lines.
-pub(super) async fn write_proxy_env(vm: &dyn Machine, env: &str) -> anyhow::Result<()> {
+pub(super) async fn write_proxy_env(vm: &dyn Machine, env: &str) -> Result<(), SetupError> {
     let script = r#"set -e; umask 022; mkdir -p /etc/slicer /etc/profile.d
 cat > /etc/slicer/proxy.env.new; mv /etc/slicer/proxy.env.new /etc/slicer/proxy.env
 { echo '# Written by slicer: this VM reaches the internet through Slicer Proxy.'
@@ -93,13 +119,7 @@ mv /etc/environment.slicer-new /etc/environment"#;
         GUEST_CALL_DEADLINE,
     )
     .await?;
-    anyhow::ensure!(
-        out.status.code == Some(0),
-        "exit {:?}: {}",
-        out.status.code,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    script_result(out)
 }
 
 pub(super) const USERDATA_LOG: &str = "/var/log/slicer-userdata.log";
@@ -108,7 +128,6 @@ pub(super) const USERDATA_LOG: &str = "/var/log/slicer-userdata.log";
 /// disk that has it (a restarted, committed or forked VM) reports that code without running it
 /// again. `TARGET_USER` names the image's default user, as on SlicerVM.
 pub(super) async fn run_userdata(vm: &dyn Machine, script: &str) -> i32 {
-    let agent = vm.agent();
     let path = "/etc/slicer/userdata.sh";
     let guard = "/etc/slicer/userdata-ran";
     let cmd = format!(
@@ -124,12 +143,16 @@ pub(super) async fn run_userdata(vm: &dyn Machine, script: &str) -> i32 {
         Ok(out) if out.status.code == Some(0) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
         _ => "root".to_string(),
     };
-    let upload = agent.upload_file(
-        path,
-        Some(0o700),
-        None,
-        std::io::Cursor::new(script.as_bytes().to_vec()),
-    );
+    let up = Upload {
+        tar: false,
+        path: path.to_string(),
+        placed: None,
+        mode: Some(0o700),
+        owner: None,
+    };
+    let upload = vm
+        .guest()
+        .upload(&up, Box::pin(std::io::Cursor::new(script.as_bytes().to_vec())));
     let uploaded = tokio::time::timeout(GUEST_CALL_DEADLINE, upload)
         .await
         .unwrap_or(Err(AgentError::Deadline {
