@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use http::Method;
 use slicer_vmm::Host;
 
-use crate::{median, raw_boot, record};
+use crate::boot::raw_boot;
+use crate::{median, record};
 
 pub struct DaemonArgs {
     pub image: String,
