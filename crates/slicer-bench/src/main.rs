@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use http_body_util::BodyExt;
+use slicer_api::query::ExecQuery;
+use slicer_api::{ApiClient, CreateNodeRequest};
 
 mod ab;
 mod boot;
@@ -299,6 +302,38 @@ pub async fn bench_daemon(
     .await?;
     let c = slicer_api::ApiClient::new(&format!("http://127.0.0.1:{port}"), d.token.clone())?;
     Ok((d, c))
+}
+
+/// The query of a create that answers once the VM's agent is up (within `timeout`, e.g. "5m",
+/// when given).
+pub fn wait_agent(timeout: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut q = vec![("wait", "agent".to_string())];
+    q.extend(timeout.map(|t| ("timeout", t.to_string())));
+    q
+}
+
+/// Creates a VM in `group` (the group's defaults) and waits for its agent: its hostname.
+pub async fn create_vm(c: &ApiClient, group: &str, timeout: Option<&str>) -> Result<String> {
+    let r = c
+        .create_node(group, &CreateNodeRequest::default(), &wait_agent(timeout))
+        .await?;
+    Ok(r.hostname)
+}
+
+/// Runs `q` on `h` buffered (`buffered=true`): the daemon's JSON answer (exit code and output).
+pub async fn exec_buffered(c: &ApiClient, h: &str, q: ExecQuery) -> Result<serde_json::Value> {
+    let q = ExecQuery { buffered: true, ..q };
+    let r = c.vm_exec(h, &q, slicer_api::client::empty()).await?;
+    let body = r.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// The exec query of a command line `cmd` (run as the daemon runs a bare `cmd`).
+pub fn cmd(cmd: &str) -> ExecQuery {
+    ExecQuery {
+        cmd: cmd.to_string(),
+        ..Default::default()
+    }
 }
 
 /// What the in-process daemon `d` runs `image`'s VMs with, `kvm` or `tcg` (resolved once per
