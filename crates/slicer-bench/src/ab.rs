@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use http::Method;
+use slicer_api::routes::{self, with_query};
 use slicer_api::ApiClient;
 
 use crate::{median, record};
@@ -82,7 +83,7 @@ async fn up(bin: &Path, dir: &Path, tag: &'static str, image: &str, images_dir: 
         if let Ok(token) = std::fs::read_to_string(&token_file) {
             let api = ApiClient::new(&url, Some(token.trim().to_string()))?;
             if api
-                .json::<serde_json::Value>(Method::GET, "/hostgroup", None)
+                .json::<serde_json::Value>(Method::GET, &routes::hostgroups(), None)
                 .await
                 .is_ok()
             {
@@ -110,7 +111,7 @@ async fn create(api: &ApiClient, group: &str) -> Result<(String, f64)> {
     let v: serde_json::Value = api
         .json(
             Method::POST,
-            &format!("/hostgroup/{group}/nodes?wait=agent&timeout=5m"),
+            &with_query(routes::group_nodes(group), &crate::wait_agent(Some("5m"))),
             Some(&serde_json::json!({})),
         )
         .await
@@ -120,9 +121,7 @@ async fn create(api: &ApiClient, group: &str) -> Result<(String, f64)> {
 }
 
 async fn delete(api: &ApiClient, group: &str, h: &str) -> Result<()> {
-    let _: serde_json::Value = api
-        .json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), None)
-        .await?;
+    let _: serde_json::Value = api.json(Method::DELETE, &routes::group_node(group, h), None).await?;
     Ok(())
 }
 
@@ -134,7 +133,10 @@ async fn execs(api: &ApiClient, h: &str, n: usize) -> Result<Vec<f64>> {
         let r: serde_json::Value = api
             .json(
                 Method::POST,
-                &format!("/vm/{h}/exec?cmd=true&buffered=true&uid=0"),
+                &with_query(
+                    routes::vm_exec(h),
+                    &[("cmd", "true".into()), ("buffered", "true".into()), ("uid", "0".into())],
+                ),
                 None,
             )
             .await?;

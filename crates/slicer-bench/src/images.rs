@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use http::Method;
+use http_body_util::BodyExt;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::secrets::RegistryAuth;
-use slicer_api::ApiClient;
+use slicer_api::{ApiClient, CommitRequest, ForkRequest, VmStatus};
 
-use crate::{median, record};
+use crate::{cmd, create_vm, median, record};
 
 pub struct ImagesArgs {
     pub runs: usize,
@@ -67,109 +67,14 @@ pub async fn run(a: ImagesArgs) -> Result<()> {
     let reg = slicer_testkit::Registry::start(tmp.path(), None)?;
     let addr = reg.addr.clone();
     let reference = format!("{addr}/bench/min:v1");
-    let layers = layers(&a.images_dir)?;
-    let bytes: usize = layers.iter().map(|l| l.data.len()).sum();
-    let client = oci_client::Client::new(ClientConfig {
-        protocol: ClientProtocol::Http,
-        ..Default::default()
-    });
-    let config = Config::oci_v1(
-        br#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec(),
-        None,
-    );
-    client
-        .push(&reference.parse()?, &layers, config, &RegistryAuth::Anonymous, None)
-        .await
-        .context("pushing the image")?;
-
-    let mut opts = slicer_image::oci::PullOptions::new(a.agent.clone());
-    opts.insecure = vec![addr.clone()];
-    let (mut first, mut again) = (Vec::new(), Vec::new());
-    for i in 0..a.runs {
-        let store = empty_store(&a.images_dir, &tmp.path().join(format!("store-{i}")))?;
-        let t = Instant::now();
-        slicer_image::oci::pull(&store, &reference, &opts).await?;
-        first.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        slicer_image::oci::pull(&store, &reference, &opts).await?;
-        again.push(t.elapsed().as_secs_f64() * 1e3);
-        eprintln!("pull {i}: first {:.1} s, again {:.0} ms", first[i], again[i]);
-    }
+    let bytes = push(&a.images_dir, &reference).await?;
+    let (first, again) = pulls(&a, tmp.path(), &reference, &addr).await?;
 
     // Fork against template create, interleaved, through one daemon.
     let groups = "  - name: bench\n    count: 0\n    vcpu: 1\n    ram_mb: 256\n    image: min\n    persistent: true\n    network: {mode: none}\n";
     let (d, c) = crate::bench_daemon(tmp.path(), groups, &a.images_dir).await?;
-    let create = |c: &ApiClient| {
-        let c = c.clone();
-        async move {
-            let v: serde_json::Value = c
-                .json(
-                    Method::POST,
-                    "/hostgroup/bench/nodes?wait=agent",
-                    Some(&serde_json::json!({})),
-                )
-                .await?;
-            anyhow::Ok(v["hostname"].as_str().context("hostname")?.to_string())
-        }
-    };
-    let builder = create(&c).await?;
-    let _: serde_json::Value = c
-        .json(Method::POST, &format!("/vm/{builder}/exec?cmd=sync"), None)
-        .await
-        .unwrap_or_default();
-    c.call(
-        Method::POST,
-        &format!("/vm/{builder}/shutdown?action=shutdown"),
-        None,
-        slicer_api::client::empty(),
-    )
-    .await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v: serde_json::Value = c.json(Method::GET, &format!("/vm/{builder}"), None).await?;
-        if v["status"] == "Stopped" {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the builder did not stop");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let commit: serde_json::Value = c
-        .json(
-            Method::POST,
-            &format!("/vm/{builder}/commit"),
-            Some(&serde_json::json!({})),
-        )
-        .await?;
-    let commit = commit["commit_id"].as_str().context("commit_id")?.to_string();
-    let (mut warm, mut fork) = (Vec::new(), Vec::new());
-    let delete = |c: &ApiClient, h: String| {
-        let c = c.clone();
-        async move {
-            let _: serde_json::Value = c
-                .json(Method::DELETE, &format!("/hostgroup/bench/nodes/{h}"), None)
-                .await?;
-            anyhow::Ok(())
-        }
-    };
-    for i in 0..a.runs.max(5) {
-        let t = Instant::now();
-        let h = create(&c).await?;
-        warm.push(t.elapsed().as_secs_f64() * 1e3);
-        delete(&c, h).await?;
-        let t = Instant::now();
-        let v: serde_json::Value = c
-            .json(
-                Method::POST,
-                &format!("/vm/commits/{commit}/fork"),
-                Some(&serde_json::json!({})),
-            )
-            .await?;
-        fork.push(t.elapsed().as_secs_f64() * 1e3);
-        delete(&c, v["hostname"].as_str().context("hostname")?.to_string()).await?;
-        eprintln!("create {i}: template {:.0} ms, fork {:.0} ms", warm[i], fork[i]);
-    }
+    let commit = committed_builder(&c).await?;
+    let (warm, fork) = creates_and_forks(&c, &commit, a.runs.max(5)).await?;
     d.stop().await;
 
     let (f, g) = (median(first), median(again));
@@ -191,4 +96,82 @@ pub async fn run(a: ImagesArgs) -> Result<()> {
         record(p, "images-min", &table)?;
     }
     Ok(())
+}
+
+/// Pushes the benchmark's image (the `min` tree and noise) as `reference`: its compressed bytes.
+async fn push(images_dir: &Path, reference: &str) -> Result<usize> {
+    let layers = layers(images_dir)?;
+    let bytes: usize = layers.iter().map(|l| l.data.len()).sum();
+    let client = oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let config = Config::oci_v1(
+        br#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec(),
+        None,
+    );
+    client
+        .push(&reference.parse()?, &layers, config, &RegistryAuth::Anonymous, None)
+        .await
+        .context("pushing the image")?;
+    Ok(bytes)
+}
+
+/// `a.runs` pulls into an empty store, each followed by a pull of the same digest: (first
+/// pulls in s, second pulls in ms).
+async fn pulls(a: &ImagesArgs, tmp: &Path, reference: &str, addr: &str) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut opts = slicer_image::oci::PullOptions::new(a.agent.clone());
+    opts.insecure = vec![addr.to_string()];
+    let (mut first, mut again) = (Vec::new(), Vec::new());
+    for i in 0..a.runs {
+        let store = empty_store(&a.images_dir, &tmp.join(format!("store-{i}")))?;
+        let t = Instant::now();
+        slicer_image::oci::pull(&store, reference, &opts).await?;
+        first.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        slicer_image::oci::pull(&store, reference, &opts).await?;
+        again.push(t.elapsed().as_secs_f64() * 1e3);
+        eprintln!("pull {i}: first {:.1} s, again {:.0} ms", first[i], again[i]);
+    }
+    Ok((first, again))
+}
+
+/// A VM created, synced, shut down and committed: the commit's id.
+async fn committed_builder(c: &ApiClient) -> Result<String> {
+    let builder = create_vm(c, "bench", None).await?;
+    // The answer (NDJSON frames) is read to its end, and whatever it says is ignored.
+    if let Ok(r) = c.vm_exec(&builder, &cmd("sync"), slicer_api::client::empty()).await {
+        let _ = r.into_body().collect().await;
+    }
+    c.shutdown_vm(&builder, false).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if c.describe_vm(&builder).await?.node.status == VmStatus::Stopped {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the builder did not stop");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(c.commit_vm(&builder, &CommitRequest::default()).await?.commit_id)
+}
+
+/// `runs` creates from the template and forks of `commit`, interleaved, each deleted: their
+/// times in ms.
+async fn creates_and_forks(c: &ApiClient, commit: &str, runs: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut warm, mut fork) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let t = Instant::now();
+        let h = create_vm(c, "bench", None).await?;
+        warm.push(t.elapsed().as_secs_f64() * 1e3);
+        c.delete_node("bench", &h).await?;
+        let t = Instant::now();
+        let forks = c.fork_commit(commit, &ForkRequest::default(), &[]).await?;
+        fork.push(t.elapsed().as_secs_f64() * 1e3);
+        let h = &forks.first().context("hostname")?.hostname;
+        c.delete_node("bench", h).await?;
+        eprintln!("create {i}: template {:.0} ms, fork {:.0} ms", warm[i], fork[i]);
+    }
+    Ok((warm, fork))
 }

@@ -5,9 +5,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use http::Method;
 
-use crate::{median, record};
+use crate::{cmd, create_vm, exec_buffered, median, record};
 
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).output()?;
@@ -69,15 +68,8 @@ pub async fn run(
         let c = c.clone();
         async move {
             let t = Instant::now();
-            let v: serde_json::Value = c
-                .json(
-                    Method::POST,
-                    &format!("/hostgroup/{group}/nodes?wait=agent"),
-                    Some(&serde_json::json!({})),
-                )
-                .await?;
+            let h = create_vm(&c, group, None).await?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
-            let h = v["hostname"].as_str().context("hostname")?.to_string();
             Ok::<_, anyhow::Error>((ms, h))
         }
     };
@@ -86,20 +78,14 @@ pub async fn run(
         for (group, out) in [("plain", &mut plain), ("iso", &mut iso)] {
             let (ms, h) = create(group).await?;
             out.push(ms);
-            let _: serde_json::Value = c
-                .json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), None)
-                .await?;
+            c.delete_node(group, &h).await?;
         }
         eprintln!("create {i}: none {:.0} ms, isolated {:.0} ms", plain[i], iso[i]);
     }
 
     let host = TestHost::new()?;
     let (_, h) = create("iso").await?;
-    let q = slicer_api::client::query(&[
-        ("cmd", "ping -q -c 20 -i 0.2 198.18.9.2".to_string()),
-        ("buffered", "true".to_string()),
-    ]);
-    let v: serde_json::Value = c.json(Method::POST, &format!("/vm/{h}/exec?{q}"), None).await?;
+    let v = exec_buffered(&c, &h, cmd("ping -q -c 20 -i 0.2 198.18.9.2")).await?;
     let out = v["stdout"].as_str().unwrap_or_default();
     // rtt min/avg/max/mdev = 0.512/0.873/1.900/0.300 ms
     let avg: f64 = out
@@ -109,9 +95,7 @@ pub async fn run(
         .and_then(|v| v.trim().split('/').nth(1))
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("ping output: {out}"))?;
-    let _: serde_json::Value = c
-        .json(Method::DELETE, &format!("/hostgroup/iso/nodes/{h}"), None)
-        .await?;
+    c.delete_node("iso", &h).await?;
     drop(host);
     let accel = crate::daemon_accel(&d, image).await?;
     d.stop().await;

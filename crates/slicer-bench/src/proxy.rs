@@ -170,10 +170,74 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// What the suite measured, for its table.
+struct Measures {
+    mib: usize,
+    requests: usize,
+    /// Download rates (MiB/s), direct, passthrough, injected: one per run.
+    rates: [Vec<f64>; 3],
+    /// The proxy's MiB moved per CPU second, same order.
+    per_cpu: [Vec<f64>; 3],
+    /// Keep-alive request latencies (ms), direct and through the injecting tunnel.
+    direct_ms: Vec<f64>,
+    proxied_ms: Vec<f64>,
+    /// New connections per second: direct, TLS terminated, passthrough.
+    cps: (f64, f64, f64),
+    /// The proxy's RSS (KiB) idle and with 1,000 open tunnels.
+    rss: (u64, u64),
+}
+
 pub async fn run(slicer: &Path, mib: usize, requests: usize, record_to: Option<&Path>) -> Result<()> {
     // The proxy runs in a directory of its own: the binary's path must not be relative.
     let slicer = &std::fs::canonicalize(slicer).with_context(|| format!("{}", slicer.display()))?;
-    // 1,000 tunnels and their upstream sides need more than the usual 1,024 descriptors.
+    raise_nofile()?;
+    let tmp = tempfile::Builder::new().prefix("slicer-bench-proxy-").tempdir()?;
+    let dir = tmp.path();
+    let (net, upstream_ca) = upstreams(dir)?;
+    let group_ca = GroupCa::init(&slicer_proxy::ca::ca_dir(dir, "bench"), "bench", false)?;
+    testkit::write_hosts(
+        &dir.join("hosts"),
+        &[("pt.test", net.addr), ("inj.test", net.addr), ("echo.test", net.addr)],
+    )?;
+    let data = dir.join("data");
+    write_state(&data)?;
+    remove_adapter();
+    let proxy_child = start_proxy(slicer, dir, &data)?;
+    let pid = proxy_child.0.id();
+    let rig = Rig {
+        upstream: SocketAddr::new(net.addr, 443),
+        proxy: format!("{BIND}:3128").parse()?,
+        direct_tls: connector(&[upstream_ca.cert_pem()])?,
+        proxied_tls: connector(&[group_ca.cert_pem()])?,
+    };
+    wait_listening(rig.proxy).await?;
+
+    let (rates, per_cpu) = downloads(&rig, pid, mib).await?;
+    let (direct_ms, proxied_ms) = latencies(&rig, requests).await?;
+    let cps = connection_rates(&rig, requests).await?;
+    let rss = tunnels_rss(&rig, pid).await?;
+    drop(proxy_child);
+    drop(net);
+
+    let t = table(Measures {
+        mib,
+        requests,
+        rates,
+        per_cpu,
+        direct_ms,
+        proxied_ms,
+        cps,
+        rss,
+    });
+    println!("{t}");
+    if let Some(p) = record_to {
+        record(p, "proxy", &t)?;
+    }
+    Ok(())
+}
+
+/// 1,000 tunnels and their upstream sides need more than the usual 1,024 descriptors.
+fn raise_nofile() -> Result<()> {
     let lim = libc::rlimit {
         rlim_cur: 8192,
         rlim_max: 8192,
@@ -182,8 +246,11 @@ pub async fn run(slicer: &Path, mib: usize, requests: usize, record_to: Option<&
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
         bail!("raising RLIMIT_NOFILE: {}", std::io::Error::last_os_error());
     }
-    let tmp = tempfile::Builder::new().prefix("slicer-bench-proxy-").tempdir()?;
-    let dir = tmp.path();
+    Ok(())
+}
+
+/// The namespace with the HTTPS upstream (its CA made in `dir`) and the TCP echo.
+fn upstreams(dir: &Path) -> Result<(TestNet, GroupCa)> {
     let mut net = TestNet::new("pxbench", "198.18.63")?;
     let upstream_ca = GroupCa::init(&dir.join("upstream-ca"), "bench-upstream", false)?;
     let names: Vec<String> = ["direct.test", "pt.test", "inj.test"]
@@ -194,12 +261,11 @@ pub async fn run(slicer: &Path, mib: usize, requests: usize, record_to: Option<&
     let seen = Arc::new(Seen::default());
     net.spawn(443, move |l, _| testkit::serve_http(l, Some(tls), seen))?;
     net.spawn(5432, |l, _| testkit::serve_echo(l))?;
-    let group_ca = GroupCa::init(&slicer_proxy::ca::ca_dir(dir, "bench"), "bench", false)?;
-    testkit::write_hosts(
-        &dir.join("hosts"),
-        &[("pt.test", net.addr), ("inj.test", net.addr), ("echo.test", net.addr)],
-    )?;
-    // The rules, as the daemon would have left them for a restarting proxy.
+    Ok((net, upstream_ca))
+}
+
+/// The rules, as the daemon would have left them for a restarting proxy, in `data`.
+fn write_state(data: &Path) -> Result<()> {
     let rule = |host: &str, ports: Vec<u16>, passthrough: bool, secret: &str| slicer_api::ProxyAllowRule {
         host: host.into(),
         ports,
@@ -226,18 +292,21 @@ pub async fn run(slicer: &Path, mib: usize, requests: usize, record_to: Option<&
         }],
         vm_ranges: vec![],
     };
-    let data = dir.join("data");
-    slicer_proxy::ca::make_private_dir(&slicer_proxy::control::proxy_dir(&data))?;
+    slicer_proxy::ca::make_private_dir(&slicer_proxy::control::proxy_dir(data))?;
     slicer_proxy::ca::write_new(
-        &slicer_proxy::control::state_file(&data),
+        &slicer_proxy::control::state_file(data),
         &serde_json::to_vec(&state)?,
         0o600,
         true,
     )?;
-    remove_adapter();
+    Ok(())
+}
+
+/// `slicer proxy up` of the `slicer` binary, on [`BIND`], with its state in `data`.
+fn start_proxy(slicer: &Path, dir: &Path, data: &Path) -> Result<ProxyChild> {
     let child = Command::new(slicer)
         .args(["proxy", "up", "--hostgroup", "bench", "--bind", BIND, "--data-dir"])
-        .arg(&data)
+        .arg(data)
         .arg("--hosts-file")
         .arg(dir.join("hosts"))
         .arg("--upstream-ca")
@@ -250,28 +319,28 @@ pub async fn run(slicer: &Path, mib: usize, requests: usize, record_to: Option<&
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {} proxy up", slicer.display()))?;
-    let proxy_child = ProxyChild(child);
-    let pid = proxy_child.0.id();
-    let rig = Rig {
-        upstream: SocketAddr::new(net.addr, 443),
-        proxy: format!("{BIND}:3128").parse()?,
-        direct_tls: connector(&[upstream_ca.cert_pem()])?,
-        proxied_tls: connector(&[group_ca.cert_pem()])?,
-    };
+    Ok(ProxyChild(child))
+}
+
+/// Waits (up to 30 s) until the proxy accepts connections.
+async fn wait_listening(proxy: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(rig.proxy).await.is_err() {
+    while TcpStream::connect(proxy).await.is_err() {
         if Instant::now() > deadline {
-            bail!("the proxy did not listen on {}", rig.proxy);
+            bail!("the proxy did not listen on {proxy}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
+}
 
-    // Downloads, interleaved, three each: MiB/s (median).
+/// Downloads of `mib` MiB, interleaved, three each (direct, passthrough, injected): MiB/s, and
+/// the proxy's own cost: MiB it moves per CPU second it spends (what bounds it on a host whose
+/// clients and upstreams are elsewhere; here all three share two cores).
+async fn downloads(rig: &Rig, pid: u32, mib: usize) -> Result<([Vec<f64>; 3], [Vec<f64>; 3])> {
     let bytes = (mib as u64) << 20;
     let path = format!("/bytes/{bytes}");
     let mut rates: [Vec<f64>; 3] = Default::default();
-    // The proxy's own cost: MiB it moves per CPU second it spends (what bounds it on a host
-    // whose clients and upstreams are elsewhere; here all three share two cores).
     let mut per_cpu: [Vec<f64>; 3] = Default::default();
     for _ in 0..3 {
         for (i, (host, via)) in [("direct.test", false), ("pt.test", true), ("inj.test", true)]
@@ -290,10 +359,11 @@ pub async fn run(slicer: &Path, mib: usize, requests: usize, record_to: Option<&
             per_cpu[i].push(mib / (cpu_secs(pid)? - cpu).max(0.001));
         }
     }
-    let rate = |i: usize| crate::median(rates[i].clone());
-    let capacity = |i: usize| crate::median(per_cpu[i].clone());
+    Ok((rates, per_cpu))
+}
 
-    // Keep-alive request latency, interleaved in blocks.
+/// Keep-alive request latency (ms), direct and through the injecting tunnel, interleaved.
+async fn latencies(rig: &Rig, requests: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut direct = rig.http("direct.test", false).await?;
     let mut proxied = rig.http("inj.test", true).await?;
     let (mut ld, mut lp) = (Vec::new(), Vec::new());
@@ -305,26 +375,29 @@ pub async fn run(slicer: &Path, mib: usize, requests: usize, record_to: Option<&
         get(&mut proxied, "inj.test", "/small").await?;
         lp.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    drop((direct, proxied));
+    Ok((ld, lp))
+}
 
-    // New connections per second: connect, TLS, one request, close.
-    let per_second = |via: bool, host: &'static str| {
-        let rig = &rig;
-        async move {
-            let n = (requests / 4).max(20);
-            let t = Instant::now();
-            for _ in 0..n {
-                let mut c = rig.http(host, via).await?;
-                get(&mut c, host, "/c").await?;
-            }
-            Ok::<f64, anyhow::Error>(n as f64 / t.elapsed().as_secs_f64())
+/// New connections per second (connect, TLS, one request, close): direct, TLS terminated,
+/// passthrough.
+async fn connection_rates(rig: &Rig, requests: usize) -> Result<(f64, f64, f64)> {
+    let per_second = |via: bool, host: &'static str| async move {
+        let n = (requests / 4).max(20);
+        let t = Instant::now();
+        for _ in 0..n {
+            let mut c = rig.http(host, via).await?;
+            get(&mut c, host, "/c").await?;
         }
+        Ok::<f64, anyhow::Error>(n as f64 / t.elapsed().as_secs_f64())
     };
-    let cps_direct = per_second(false, "direct.test").await?;
-    let cps_proxy = per_second(true, "inj.test").await?;
-    let cps_pt = per_second(true, "pt.test").await?;
+    let direct = per_second(false, "direct.test").await?;
+    let proxied = per_second(true, "inj.test").await?;
+    let passthrough = per_second(true, "pt.test").await?;
+    Ok((direct, proxied, passthrough))
+}
 
-    // RSS idle, then with 1,000 open passthrough tunnels (each echoed once).
+/// The proxy's RSS (KiB) idle, then with 1,000 open passthrough tunnels (each echoed once).
+async fn tunnels_rss(rig: &Rig, pid: u32) -> Result<(u64, u64)> {
     let idle = rss_kib(pid)?;
     let mut tunnels = Vec::with_capacity(1000);
     for _ in 0..1000 {
@@ -336,9 +409,14 @@ pub async fn run(slicer: &Path, mib: usize, requests: usize, record_to: Option<&
     }
     let open = rss_kib(pid)?;
     drop(tunnels);
-    drop(proxy_child);
-    drop(net);
+    Ok((idle, open))
+}
 
+/// The suite's table.
+fn table(mut m: Measures) -> String {
+    let (mib, requests) = (m.mib, m.requests);
+    let rate = |i: usize| crate::median(m.rates[i].clone());
+    let capacity = |i: usize| crate::median(m.per_cpu[i].clone());
     let mut t = String::new();
     t.push_str("| measure | direct | through the proxy | ratio |\n|---|---|---|---|\n");
     t.push_str(&format!(
@@ -359,10 +437,10 @@ pub async fn run(slicer: &Path, mib: usize, requests: usize, record_to: Option<&
         capacity(2)
     ));
     let (d50, d99, p50, p99) = (
-        pct(&mut ld, 0.5),
-        pct(&mut ld, 0.99),
-        pct(&mut lp, 0.5),
-        pct(&mut lp, 0.99),
+        pct(&mut m.direct_ms, 0.5),
+        pct(&mut m.direct_ms, 0.99),
+        pct(&mut m.proxied_ms, 0.5),
+        pct(&mut m.proxied_ms, 0.99),
     );
     t.push_str(&format!(
         "| keep-alive HTTPS request p50 (ms, {requests} each) | {d50:.2} | {p50:.2} | +{:.2} ms |\n",
@@ -372,6 +450,7 @@ pub async fn run(slicer: &Path, mib: usize, requests: usize, record_to: Option<&
         "| keep-alive HTTPS request p99 (ms) | {d99:.2} | {p99:.2} | +{:.2} ms |\n",
         p99 - d99
     ));
+    let (cps_direct, cps_proxy, cps_pt) = m.cps;
     t.push_str(&format!(
         "| new connections/s, TLS terminated (connect, TLS, 1 request) | {cps_direct:.0} | {cps_proxy:.0} | {:.2}x |\n",
         cps_proxy / cps_direct
@@ -380,15 +459,12 @@ pub async fn run(slicer: &Path, mib: usize, requests: usize, record_to: Option<&
         "| new connections/s, passthrough | {cps_direct:.0} | {cps_pt:.0} | {:.2}x |\n",
         cps_pt / cps_direct
     ));
+    let (idle, open) = m.rss;
     t.push_str(&format!(
         "| proxy RSS idle / with 1,000 open tunnels (MiB) | | {:.1} / {:.1} | {:.1} KiB per tunnel |\n",
         idle as f64 / 1024.0,
         open as f64 / 1024.0,
         (open.saturating_sub(idle)) as f64 / 1000.0
     ));
-    println!("{t}");
-    if let Some(p) = record_to {
-        record(p, "proxy", &t)?;
-    }
-    Ok(())
+    t
 }

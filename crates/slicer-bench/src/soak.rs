@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use futures_util::StreamExt;
-use http::Method;
 use http_body_util::BodyExt;
 use rand::Rng;
-use slicer_api::client::{empty, full, query};
-use slicer_api::ApiClient;
+use slicer_api::client::full;
+use slicer_api::query::CopyQuery;
+use slicer_api::{ApiClient, CreateNodeRequest, NodeFilter};
 
-use crate::record;
+use crate::{cmd, exec_buffered, record, wait_agent};
 
 pub struct SoakArgs {
     pub image: String,
@@ -68,100 +68,95 @@ async fn cycle(c: &ApiClient, n: usize, s: &mut Samples) -> Result<()> {
             r.gen_range(16usize..512) << 10,
         )
     };
-    let v: serde_json::Value = timed(s, "create", async {
-        Ok(c.json(
-            Method::POST,
-            &format!("/hostgroup/{GROUP}/nodes?wait=agent&timeout=5m"),
-            Some(&serde_json::json!({"tags": [tag, format!("job={n}")], "ram_bytes": ram_mb << 20})),
-        )
-        .await?)
+    let body = CreateNodeRequest {
+        tags: vec![tag, format!("job={n}")],
+        ram_bytes: Some(ram_mb << 20),
+        ..Default::default()
+    };
+    let h = timed(s, "create", async {
+        Ok(c.create_node(GROUP, &body, &wait_agent(Some("5m"))).await?.hostname)
     })
     .await?;
-    let h = v["hostname"].as_str().context("hostname")?.to_string();
-    let work = async {
-        let q = query(&[
-            ("cmd", "uname -r; echo $((6*7))".to_string()),
-            ("buffered", "true".into()),
-        ]);
-        let out: serde_json::Value = timed(s, "exec", async {
-            Ok(c.json(Method::POST, &format!("/vm/{h}/exec?{q}"), None).await?)
-        })
-        .await?;
-        ensure!(
-            out["exit_code"] == 0 && out["stdout"].as_str().unwrap_or_default().ends_with("42\n"),
-            "exec: {out}"
-        );
-
-        let blob: Vec<u8> = {
-            let mut r = rand::thread_rng();
-            (0..size).map(|_| r.gen::<u8>()).collect()
-        };
-        let q = query(&[("path", "/tmp/soak.bin".to_string()), ("mode", "binary".into())]);
-        timed(s, "cp in", async {
-            let r = c
-                .send(
-                    Method::POST,
-                    &format!("/vm/{h}/cp?{q}"),
-                    Some("application/octet-stream"),
-                    full(blob.clone()),
-                )
-                .await?;
-            ensure!(r.status() == 200, "cp in: {}", r.status());
-            r.into_body().collect().await?;
-            Ok(())
-        })
-        .await?;
-        let back = timed(s, "cp out", async {
-            let r = c.send(Method::GET, &format!("/vm/{h}/cp?{q}"), None, empty()).await?;
-            ensure!(r.status() == 200, "cp out: {}", r.status());
-            Ok(r.into_body().collect().await?.to_bytes())
-        })
-        .await?;
-        ensure!(
-            back.as_ref() == blob.as_slice(),
-            "cp out: {} bytes differ from the {} sent",
-            back.len(),
-            blob.len()
-        );
-
-        // A watch sees a file the guest writes.
-        let wq = query(&[
-            ("paths", "/tmp".to_string()),
-            ("one_shot", "true".into()),
-            ("timeout", "20s".into()),
-            ("patterns", "soak-w".into()),
-        ]);
-        timed(s, "watch", async {
-            let r = c
-                .send(Method::GET, &format!("/vm/{h}/fs/watch?{wq}"), None, empty())
-                .await?;
-            ensure!(r.status() == 200, "watch: {}", r.status());
-            let mut body = r.into_body().into_data_stream();
-            let q = query(&[("cmd", "touch /tmp/soak-w".to_string()), ("buffered", "true".into())]);
-            let _: serde_json::Value = c.json(Method::POST, &format!("/vm/{h}/exec?{q}"), None).await?;
-            let mut seen = String::new();
-            while let Some(chunk) = body.next().await {
-                seen.push_str(&String::from_utf8_lossy(&chunk?));
-                if seen.contains("soak-w") {
-                    return Ok(());
-                }
-            }
-            bail!("watch ended without the event: {seen:?}")
-        })
-        .await?;
-        Ok::<(), anyhow::Error>(())
-    }
-    .await;
+    let work = use_sandbox(c, &h, size, s).await;
     // The sandbox goes whatever happened to it.
     let deleted = timed(s, "delete", async {
-        let _: serde_json::Value = c
-            .json(Method::DELETE, &format!("/hostgroup/{GROUP}/nodes/{h}"), None)
-            .await?;
+        c.delete_node(GROUP, &h).await?;
         Ok(())
     })
     .await;
     work.with_context(|| format!("VM {h}"))?;
     deleted
+}
+
+/// Exec, a copy of `size` random bytes in and back out, and a watch, on `h`.
+async fn use_sandbox(c: &ApiClient, h: &str, size: usize, s: &mut Samples) -> Result<()> {
+    let out = timed(s, "exec", exec_buffered(c, h, cmd("uname -r; echo $((6*7))"))).await?;
+    ensure!(
+        out["exit_code"] == 0 && out["stdout"].as_str().unwrap_or_default().ends_with("42\n"),
+        "exec: {out}"
+    );
+    copies(c, h, size, s).await?;
+    watch(c, h, s).await
+}
+
+/// `size` random bytes copied into the guest and back: what comes back is what went in.
+async fn copies(c: &ApiClient, h: &str, size: usize, s: &mut Samples) -> Result<()> {
+    let blob: Vec<u8> = {
+        let mut r = rand::thread_rng();
+        (0..size).map(|_| r.gen::<u8>()).collect()
+    };
+    let q = CopyQuery {
+        path: "/tmp/soak.bin".into(),
+        mode: Some("binary".into()),
+        ..Default::default()
+    };
+    timed(s, "cp in", async {
+        let r = c
+            .cp_upload(h, &q, "application/octet-stream", full(blob.clone()))
+            .await?;
+        ensure!(r.status() == 200, "cp in: {}", r.status());
+        r.into_body().collect().await?;
+        Ok(())
+    })
+    .await?;
+    let back = timed(s, "cp out", async {
+        let r = c.cp_download(h, &q).await?;
+        ensure!(r.status() == 200, "cp out: {}", r.status());
+        Ok(r.into_body().collect().await?.to_bytes())
+    })
+    .await?;
+    ensure!(
+        back.as_ref() == blob.as_slice(),
+        "cp out: {} bytes differ from the {} sent",
+        back.len(),
+        blob.len()
+    );
+    Ok(())
+}
+
+/// A watch sees a file the guest writes.
+async fn watch(c: &ApiClient, h: &str, s: &mut Samples) -> Result<()> {
+    let wq = [
+        ("paths", "/tmp".to_string()),
+        ("one_shot", "true".into()),
+        ("timeout", "20s".into()),
+        ("patterns", "soak-w".into()),
+    ];
+    timed(s, "watch", async {
+        let r = c.fs_watch(h, &wq).await?;
+        ensure!(r.status() == 200, "watch: {}", r.status());
+        let mut body = r.into_body().into_data_stream();
+        exec_buffered(c, h, cmd("touch /tmp/soak-w")).await?;
+        let mut seen = String::new();
+        while let Some(chunk) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk?));
+            if seen.contains("soak-w") {
+                return Ok(());
+            }
+        }
+        bail!("watch ended without the event: {seen:?}")
+    })
+    .await
 }
 
 /// What of the soak is left on the host: a list of leaks.
@@ -215,49 +210,12 @@ pub async fn run(a: SoakArgs) -> Result<()> {
 
     // A first round of every client (templates of both sizes built, pools and caches warm),
     // then the clock and the baseline.
-    let mut warm = Vec::new();
-    for i in 0..a.clients {
-        let c = c.clone();
-        warm.push(tokio::spawn(async move {
-            let mut s = Samples::new();
-            cycle(&c, i, &mut s).await
-        }));
-    }
-    for w in warm {
-        w.await??;
-    }
+    first_round(&c, a.clients).await?;
     let (rss0, fds0) = (rss_kib(), open_fds());
     let t0 = Instant::now();
-    let deadline = t0 + Duration::from_secs(a.secs);
-    let mut tasks = Vec::new();
-    for i in 0..a.clients {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut s = Samples::new();
-            let mut n = 0usize;
-            while Instant::now() < deadline {
-                cycle(&c, i * 100_000 + n, &mut s).await?;
-                n += 1;
-            }
-            Ok::<_, anyhow::Error>((s, n))
-        }));
-    }
-    let mut all = Samples::new();
-    let mut cycles = 0;
-    let mut errors = Vec::new();
-    for t in tasks {
-        match t.await? {
-            Ok((s, n)) => {
-                cycles += n;
-                for (k, v) in s {
-                    all.entry(k).or_default().extend(v);
-                }
-            }
-            Err(e) => errors.push(format!("{e:#}")),
-        }
-    }
+    let mut r = soak(&c, a.clients, t0 + Duration::from_secs(a.secs)).await?;
     let took = t0.elapsed();
-    let nodes: Vec<serde_json::Value> = c.json(Method::GET, "/nodes", None).await?;
+    let nodes = c.list_nodes(&NodeFilter::default()).await?;
     let (rss1, fds1) = (rss_kib(), open_fds());
     let accel = crate::daemon_accel(&d, &a.image).await?;
     d.stop().await;
@@ -272,7 +230,7 @@ pub async fn run(a: SoakArgs) -> Result<()> {
         a.clients,
         took.as_secs_f64()
     );
-    for (k, v) in all.iter_mut() {
+    for (k, v) in r.samples.iter_mut() {
         let n = v.len();
         table.push_str(&format!(
             "| {k} | {:.0} ms | {:.0} ms | {n} |\n",
@@ -281,11 +239,12 @@ pub async fn run(a: SoakArgs) -> Result<()> {
         ));
     }
     table.push_str(&format!(
-        "| sandboxes through their whole life | {cycles} | | |\n\
+        "| sandboxes through their whole life | {} | | |\n\
          | daemon RSS after the first round → at the end | {} → {} MiB | | |\n\
          | daemon open files after the first round → at the end | {fds0} → {fds1} | | |\n\
          | left on the host afterwards (QEMU, netns, nftables, cgroups, VM dirs, records) | {} | | |\n\
          | errors | {} | | |\n",
+        r.cycles,
         rss0 >> 10,
         rss1 >> 10,
         if leaks.is_empty() {
@@ -293,12 +252,80 @@ pub async fn run(a: SoakArgs) -> Result<()> {
         } else {
             leaks.join(", ")
         },
-        errors.len()
+        r.errors.len()
     ));
     println!("{table}");
-    ensure!(errors.is_empty(), "soak errors: {errors:?}");
+    check(&a, &r, &leaks, (rss0, rss1), (fds0, fds1))?;
+    if let Some(path) = a.record_to {
+        record(&path, &format!("soak-{}", a.image), &table)?;
+    }
+    Ok(())
+}
+
+/// One cycle of each of `clients` clients, at once.
+async fn first_round(c: &ApiClient, clients: usize) -> Result<()> {
+    let mut warm = Vec::new();
+    for i in 0..clients {
+        let c = c.clone();
+        warm.push(tokio::spawn(async move {
+            let mut s = Samples::new();
+            cycle(&c, i, &mut s).await
+        }));
+    }
+    for w in warm {
+        w.await??;
+    }
+    Ok(())
+}
+
+/// What the soak's clients did: every operation's times, the cycles finished, the errors.
+struct Soaked {
+    samples: Samples,
+    cycles: usize,
+    errors: Vec<String>,
+}
+
+/// `clients` clients cycling sandboxes until `deadline`.
+async fn soak(c: &ApiClient, clients: usize, deadline: Instant) -> Result<Soaked> {
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = Samples::new();
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                cycle(&c, i * 100_000 + n, &mut s).await?;
+                n += 1;
+            }
+            Ok::<_, anyhow::Error>((s, n))
+        }));
+    }
+    let mut r = Soaked {
+        samples: Samples::new(),
+        cycles: 0,
+        errors: Vec::new(),
+    };
+    for t in tasks {
+        match t.await? {
+            Ok((s, n)) => {
+                r.cycles += n;
+                for (k, v) in s {
+                    r.samples.entry(k).or_default().extend(v);
+                }
+            }
+            Err(e) => r.errors.push(format!("{e:#}")),
+        }
+    }
+    Ok(r)
+}
+
+/// Fails the soak on an error, a leak, no finished cycle, or growth of open files or RSS
+/// (`rss` and `fds`: after the first round, at the end).
+fn check(a: &SoakArgs, r: &Soaked, leaks: &[String], rss: (u64, u64), fds: (usize, usize)) -> Result<()> {
+    let ((rss0, rss1), (fds0, fds1)) = (rss, fds);
+    ensure!(r.errors.is_empty(), "soak errors: {:?}", r.errors);
     ensure!(leaks.is_empty(), "left on the host: {leaks:?}");
-    ensure!(cycles > 0, "no sandbox finished within {} s", a.secs);
+    ensure!(r.cycles > 0, "no sandbox finished within {} s", a.secs);
     // Flat: file descriptors back where they were; RSS within 32 MiB or 25% of the baseline.
     // (The clients' pooled connections are in this process too: a few either way.)
     ensure!(fds1 <= fds0 + 16, "open files grew from {fds0} to {fds1}");
@@ -308,8 +335,5 @@ pub async fn run(a: SoakArgs) -> Result<()> {
         rss0 >> 10,
         rss1 >> 10
     );
-    if let Some(path) = a.record_to {
-        record(&path, &format!("soak-{}", a.image), &table)?;
-    }
     Ok(())
 }

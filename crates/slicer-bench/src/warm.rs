@@ -5,11 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use http::Method;
+use anyhow::Result;
 use slicer_api::ApiClient;
 
-use crate::{median, record};
+use crate::{create_vm, median, record};
 
 pub struct WarmArgs {
     pub image: String,
@@ -22,22 +21,11 @@ pub struct WarmArgs {
 
 async fn create(c: &ApiClient, group: &str) -> Result<(String, Duration)> {
     let t = Instant::now();
-    let v: serde_json::Value = c
-        .json(
-            Method::POST,
-            &format!("/hostgroup/{group}/nodes?wait=agent&timeout=10m"),
-            Some(&serde_json::json!({})),
-        )
-        .await?;
+    let h = create_vm(c, group, Some("10m")).await?;
     let took = t.elapsed();
-    let h = v["hostname"].as_str().context("hostname")?.to_string();
-    let d: serde_json::Value = c.json(Method::GET, &format!("/vm/{h}"), None).await?;
+    let start_mode = serde_json::to_value(c.describe_vm(&h).await?.start_mode)?;
     let want = if group == "warm" { "template" } else { "cold" };
-    anyhow::ensure!(
-        d["start_mode"] == want,
-        "{h} started {} instead of {want}",
-        d["start_mode"]
-    );
+    anyhow::ensure!(start_mode == want, "{h} started {start_mode} instead of {want}");
     Ok((h, took))
 }
 
@@ -50,9 +38,7 @@ fn image_sizes(images_dir: &std::path::Path, image: &str) -> Result<(u64, u64)> 
 }
 
 async fn delete(c: &ApiClient, group: &str, h: &str) -> Result<()> {
-    let _: serde_json::Value = c
-        .json(Method::DELETE, &format!("/hostgroup/{group}/nodes/{h}"), None)
-        .await?;
+    c.delete_node(group, h).await?;
     Ok(())
 }
 
