@@ -73,6 +73,11 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// a name can never add a segment, a query or a fragment to the path.
 pub fn seg(s: &str) -> String {
     use std::fmt::Write;
+    // A whole `.` or `..` would be a dot segment, which a proxy or server between us may
+    // resolve: its dots are escaped too, so it stays a name.
+    if s == "." || s == ".." {
+        return s.replace('.', "%2E");
+    }
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -419,6 +424,9 @@ mod tests {
             "/proxy/v1/allows/c/api.example.com"
         );
         assert_eq!(seg("é"), "%C3%A9");
+        assert_eq!(vm(".."), "/vm/%2E%2E");
+        assert_eq!(vm_exec_id("vm-1", "."), "/vm/vm-1/exec/%2E");
+        assert_eq!(seg("a..b"), "a..b");
         assert_eq!(with_query(nodes(), &[]), "/nodes");
         assert_eq!(
             with_query(nodes(), &[("tag", "name=a b".into())]),
