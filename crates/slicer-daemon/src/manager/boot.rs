@@ -11,6 +11,7 @@ impl Manager {
         vm: Box<dyn Machine>,
         net: Option<NetHandle>,
         paused: bool,
+        plan: BootPlan,
     ) -> Arc<Running> {
         let (ready_tx, ready_rx) = watch::channel(None);
         let (ud_tx, ud_rx) = watch::channel(if rec.userdata.is_none() || rec.userdata_ran {
@@ -40,67 +41,8 @@ impl Manager {
             .find(|g| g.name == rec.host_group)
             .and_then(Group::ca_bundle);
         tokio::spawn(async move {
-            // Taken whatever happens, so that a VM that never boots leaves nothing behind.
-            let request_keys = me.pending_keys().remove(&hostname).unwrap_or_default();
-            let proxy_env = me.proxy_env().remove(&hostname);
-            let mut result = if r.paused.load(Ordering::SeqCst) || r.vm.is_ready() {
-                Ok(())
-            } else {
-                r.vm.wait_ready(BOOT_TIMEOUT).await.map_err(|e| format!("{e:#}"))
-            };
-            // The group's CAs, before the VM reports ready, on every start (the agent keeps
-            // what a guest has). A new guest that cannot take them fails its start; an
-            // adopted one (the daemon restarted) keeps running with a warning.
-            if let (Ok(()), Some(pem), false) = (&result, &ca_bundle, r.paused.load(Ordering::SeqCst)) {
-                if let Err(e) = install_ca(r.vm.as_ref(), pem).await {
-                    let e = GuestText(&e);
-                    if r.vm.start_mode() == slicer_vmm::StartMode::Adopted {
-                        tracing::warn!("VM {hostname}: installing the host group's CA certificates: {e:#}");
-                    } else {
-                        result = Err(format!(
-                            "installing the host group's CA certificates (host_groups[].ca) in the guest: {e:#}"
-                        ));
-                    }
-                }
-            }
-            // A proxy-bound VM is not ready until its environment names the proxy.
-            if let (Ok(()), Some(env)) = (&result, proxy_env) {
-                if let Err(e) = write_proxy_env(r.vm.as_ref(), &env).await {
-                    result = Err(format!("writing the proxy environment: {:#}", GuestText(&e)));
-                }
-            }
+            let result = me.boot(&hostname, &r, ca_bundle, plan).await;
             let ok = result.is_ok();
-            if ok && r.vm.is_ready() && r.vm.start_mode() != slicer_vmm::StartMode::Adopted {
-                me.metrics
-                    .ready_seconds
-                    .get_or_create(&crate::metrics::ModeLabels {
-                        mode: r.vm.start_mode().as_str().to_string(),
-                    })
-                    .observe(r.vm.boot_time().as_secs_f64());
-            }
-            if ok && r.vm.start_mode() != slicer_vmm::StartMode::Adopted {
-                // Before userdata, so that it can use them. A guest that continues from
-                // saved memory holding secrets (a resume; a live fork, whose memory is its
-                // source's) keeps files its scope may not allow: pruned before it reports
-                // ready. A cold boot starts with an empty /run, and a template's guest never
-                // had any (pruning it would cost every warm create an agent round trip).
-                let live = me
-                    .restored_from_live
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&hostname);
-                let prune = live || r.vm.start_mode() == slicer_vmm::StartMode::Resume;
-                if let Err(e) = me.sync_secrets(&hostname, &r, prune).await {
-                    tracing::warn!("VM {hostname}: syncing secrets: {:#}", GuestText(&e));
-                }
-                let mut keys = me.settings.ssh_keys.clone();
-                keys.extend(request_keys);
-                if !keys.is_empty() {
-                    if let Err(e) = authorize_ssh_keys(r.vm.as_ref(), &keys).await {
-                        tracing::warn!("VM {hostname}: installing SSH keys: {:#}", GuestText(&e));
-                    }
-                }
-            }
             let _ = ready_tx.send(Some(result));
             if let (true, Some(script)) = (ok, userdata) {
                 let code = run_userdata(r.vm.as_ref(), &script).await;
@@ -108,8 +50,77 @@ impl Manager {
                 let _ = ud_tx.send(Some(code));
             }
         });
+        self.watch_exit(&rec.hostname, &running);
+        running
+    }
 
-        let (me, r, hostname) = (self.clone(), running.clone(), rec.hostname.clone());
+    /// A started VM's way to ready: its agent answers, the group's CAs and a proxy-bound VM's
+    /// environment are in; then (not for an adopted VM) its secrets and SSH keys, before
+    /// userdata so that it can use them. The error is the reason its start failed.
+    async fn boot(&self, hostname: &str, r: &Running, ca_bundle: Option<String>, plan: BootPlan) -> Result<(), String> {
+        let mut result = if r.paused.load(Ordering::SeqCst) || r.vm.is_ready() {
+            Ok(())
+        } else {
+            r.vm.wait_ready(BOOT_TIMEOUT).await.map_err(|e| format!("{e:#}"))
+        };
+        let adopted = r.vm.start_mode() == slicer_vmm::StartMode::Adopted;
+        // The group's CAs, before the VM reports ready, on every start (the agent keeps
+        // what a guest has). A new guest that cannot take them fails its start; an
+        // adopted one (the daemon restarted) keeps running with a warning.
+        if let (Ok(()), Some(pem), false) = (&result, &ca_bundle, r.paused.load(Ordering::SeqCst)) {
+            if let Err(e) = install_ca(r.vm.as_ref(), pem).await {
+                let e = GuestText(&e);
+                if adopted {
+                    tracing::warn!("VM {hostname}: installing the host group's CA certificates: {e:#}");
+                } else {
+                    result = Err(format!(
+                        "installing the host group's CA certificates (host_groups[].ca) in the guest: {e:#}"
+                    ));
+                }
+            }
+        }
+        // A proxy-bound VM is not ready until its environment names the proxy.
+        if let (Ok(()), Some(env)) = (&result, &plan.proxy_env) {
+            if let Err(e) = write_proxy_env(r.vm.as_ref(), env).await {
+                result = Err(format!("writing the proxy environment: {:#}", GuestText(&e)));
+            }
+        }
+        if result.is_ok() && r.vm.is_ready() && !adopted {
+            self.metrics
+                .ready_seconds
+                .get_or_create(&crate::metrics::ModeLabels {
+                    mode: r.vm.start_mode().as_str().to_string(),
+                })
+                .observe(r.vm.boot_time().as_secs_f64());
+        }
+        if result.is_ok() && !adopted {
+            self.provision(hostname, r, plan).await;
+        }
+        result
+    }
+
+    /// A new start's secrets and SSH keys (failures are logged: the VM runs without them).
+    async fn provision(&self, hostname: &str, r: &Running, plan: BootPlan) {
+        // A guest that continues from saved memory holding secrets (a resume; a live fork,
+        // whose memory is its source's) keeps files its scope may not allow: pruned before it
+        // reports ready. A cold boot starts with an empty /run, and a template's guest never
+        // had any (pruning it would cost every warm create an agent round trip).
+        let prune = plan.restored_live || r.vm.start_mode() == slicer_vmm::StartMode::Resume;
+        if let Err(e) = self.sync_secrets(hostname, r, prune).await {
+            tracing::warn!("VM {hostname}: syncing secrets: {:#}", GuestText(&e));
+        }
+        let mut keys = self.settings.ssh_keys.clone();
+        keys.extend(plan.ssh_keys);
+        if !keys.is_empty() {
+            if let Err(e) = authorize_ssh_keys(r.vm.as_ref(), &keys).await {
+                tracing::warn!("VM {hostname}: installing SSH keys: {:#}", GuestText(&e));
+            }
+        }
+    }
+
+    /// The task that reaps a VM whose QEMU exits when no operation stopped it.
+    fn watch_exit(self: &Arc<Self>, hostname: &str, running: &Arc<Running>) {
+        let (me, r, hostname) = (self.clone(), running.clone(), hostname.to_string());
         tokio::spawn(async move {
             r.vm.wait_exit().await;
             if r.stopping.load(Ordering::SeqCst) {
@@ -124,7 +135,6 @@ impl Manager {
             tracing::warn!("VM {hostname} exited unexpectedly");
             me.reap(&hostname, &r).await;
         });
-        running
     }
 
     /// After a VM stopped: its files, network objects and share of the capacity budget go;

@@ -346,15 +346,11 @@ impl Manager {
         if self.db.commit(&f.commit_id).map_err(Error::host)?.is_none() {
             return Err(Error::not_found(format!("commit {} was deleted", f.commit_id)));
         }
-        if let Some(capture) = &f.live {
+        if f.live.is_some() {
             // Restored from the capture, which makes the VM's directory and overlay.
             self.db
                 .set_lineage(&rec.hostname, None, Some(&f.commit_id))
                 .map_err(Error::host)?;
-            self.live_forks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(rec.hostname.clone(), capture.clone());
             return Ok(());
         }
         let dir = self.vm_dir(&rec.hostname);
@@ -369,12 +365,6 @@ impl Manager {
         self.db
             .set_lineage(&rec.hostname, None, Some(&f.commit_id))
             .map_err(Error::host)?;
-        if f.new_machine_id {
-            self.fresh_ids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(rec.hostname.clone());
-        }
         Ok(())
     }
 
@@ -508,10 +498,14 @@ impl Manager {
             new_machine_id: fixups.iter().any(|f| f == "machine-id"),
             live,
         };
+        let new = super::NewVm {
+            secrets: create.secrets.clone(),
+            ssh_keys: Vec::new(),
+            fork: Some(from),
+            proxy: None,
+        };
         let me = self.clone();
-        let secrets = create.secrets.clone();
-        let (rec, running) =
-            detached(async move { me.record_and_launch(rec, secrets, Vec::new(), Some(from)).await }).await?;
+        let (rec, running) = detached(async move { me.record_and_launch(rec, new).await }).await?;
         let host_keys = fixups.iter().any(|f| f == "ssh-host-keys");
         let finish = {
             let me = self.clone();

@@ -138,15 +138,20 @@ impl Manager {
             self.check_name(name, None)?;
         }
         let proxy = match &req.proxy {
-            Some(p) => Some((p.client.clone(), self.proxy.check_binding(&g.name, &p.client)?)),
+            Some(p) => Some(ProxyBinding {
+                client: p.client.clone(),
+                host: self.proxy.check_binding(&g.name, &p.client)?,
+            }),
             None => None,
         };
+        let new = NewVm {
+            secrets: req.secrets,
+            ssh_keys: req.ssh_keys,
+            fork: None,
+            proxy,
+        };
         let me = self.clone();
-        let (rec, running) = detached(async move {
-            me.record_and_launch_bound(rec, req.secrets, req.ssh_keys, None, proxy)
-                .await
-        })
-        .await?;
+        let (rec, running) = detached(async move { me.record_and_launch(rec, new).await }).await?;
         if let Some(w) = wait {
             let waited = tokio::time::timeout(timeout, self.wait_for(&running, w)).await;
             let failure = match waited {
@@ -178,37 +183,20 @@ impl Manager {
         Ok(created(&rec))
     }
 
-    /// The part of a create that runs to its end: takes the VM's share of the capacity budget
-    /// (before anything exists), records the VM and starts it under its operation lock.
+    /// The part of a create (or fork) that runs to its end: takes the VM's share of the
+    /// capacity budget (before anything exists), records the VM and starts it under its
+    /// operation lock. A proxy-bound VM gets a token of its client once its record exists (it
+    /// goes with the record), and its login environment is written before it reports ready.
     pub(super) async fn record_and_launch(
         self: &Arc<Self>,
-        rec: VmRecord,
-        secrets: Option<Vec<String>>,
-        ssh_keys: Vec<String>,
-        fork: Option<commits::ForkFrom>,
-    ) -> Result<(VmRecord, Arc<Running>), Error> {
-        self.record_and_launch_bound(rec, secrets, ssh_keys, fork, None).await
-    }
-
-    /// [`Manager::record_and_launch`] of a VM bound to a proxy (client, the proxy's host): a
-    /// token of the client is minted for the VM once its record exists (it goes with the
-    /// record), and its login environment written before it reports ready.
-    pub(super) async fn record_and_launch_bound(
-        self: &Arc<Self>,
         mut rec: VmRecord,
-        secrets: Option<Vec<String>>,
-        ssh_keys: Vec<String>,
-        fork: Option<commits::ForkFrom>,
-        proxy: Option<(String, String)>,
+        new: NewVm,
     ) -> Result<(VmRecord, Arc<Running>), Error> {
         let claim = format!("#new-{}", self.claims.fetch_add(1, Ordering::Relaxed));
         self.reserve(&claim, &rec)?;
         if let Err(e) = self.allocate_and_record(&mut rec, None).await {
             self.release(&claim);
-            return Err(match e.downcast::<Error>() {
-                Ok(api) => api,
-                Err(e) => Error::host(e),
-            });
+            return Err(e);
         }
         let hostname = rec.hostname.clone();
         self.move_share(&claim, &hostname);
@@ -227,41 +215,43 @@ impl Manager {
                 return Err(Error::host(e));
             }
         }
-        let scoped = match &secrets {
-            Some(names) => self.db.set_secret_scope(&hostname, names).map_err(Error::host),
-            None => Ok(()),
-        };
-        let scoped = match (scoped, &proxy) {
-            (Ok(()), Some((client, host))) => match self.proxy.mint_vm_token(client, &hostname).await {
-                Ok(token) => {
-                    self.proxy_env()
-                        .insert(hostname.clone(), crate::proxy::proxy_env(host, &token));
-                    Ok(())
+        match self.prepare_launch(&rec, new).await {
+            Ok(plan) => match self.launch(&rec, plan).await {
+                Ok(r) => Ok((rec, r)),
+                Err(e) => {
+                    self.abandon(&hostname);
+                    Err(e)
                 }
-                Err(e) => Err(e),
             },
-            (r, _) => r,
-        };
-        if !ssh_keys.is_empty() {
-            self.pending_keys().insert(hostname.clone(), ssh_keys);
-        }
-        let prepared = match (scoped, &fork) {
-            (Ok(()), Some(f)) => self.prepare_fork(&rec, f).await,
-            (r, _) => r,
-        };
-        let launched = match prepared {
-            Ok(()) => self.launch(&rec).await.map_err(Error::host),
-            Err(e) => Err(e),
-        };
-        match launched {
-            Ok(r) => Ok((rec, r)),
             Err(e) => {
-                self.pending_keys().remove(&hostname);
-                self.proxy_env().remove(&hostname);
                 self.abandon(&hostname);
                 Err(e)
             }
         }
+    }
+
+    /// What a recorded new VM needs before its start: its secrets' scope, its proxy token and
+    /// environment, its fork's disk; gathered into its [`LaunchPlan`].
+    async fn prepare_launch(&self, rec: &VmRecord, new: NewVm) -> Result<LaunchPlan, Error> {
+        let hostname = &rec.hostname;
+        if let Some(names) = &new.secrets {
+            self.db.set_secret_scope(hostname, names).map_err(Error::host)?;
+        }
+        let mut plan = LaunchPlan {
+            ssh_keys: new.ssh_keys,
+            ..LaunchPlan::default()
+        };
+        if let Some(p) = &new.proxy {
+            let token = self.proxy.mint_vm_token(&p.client, hostname).await?;
+            plan.proxy_env = Some(crate::proxy::proxy_env(&p.host, &token));
+        }
+        if let Some(f) = new.fork {
+            self.prepare_fork(rec, &f).await?;
+            // A live fork is restored from its commit's capture; a disk fork boots its overlay.
+            plan.new_identity = f.live.is_none() && f.new_machine_id;
+            plan.live = f.live;
+        }
+        Ok(plan)
     }
 
     /// Undoes a create that did not start: the record, the directory and the share go.
@@ -301,37 +291,26 @@ impl Manager {
         spec
     }
 
-    /// Starts the VM of a record, and the tasks that follow its boot and its exit. A new VM
-    /// of a warm-starting group is restored from its template; any other start boots its disk.
-    pub(super) async fn launch(self: &Arc<Self>, rec: &VmRecord) -> anyhow::Result<Arc<Running>> {
-        anyhow::ensure!(!self.closing.load(Ordering::SeqCst), "the daemon is stopping");
+    /// Starts the VM of a record, and the tasks that follow its boot and its exit. A live fork
+    /// is restored from its commit's capture; a new VM of a warm-starting group from its
+    /// template; any other start boots its disk.
+    pub(super) async fn launch(self: &Arc<Self>, rec: &VmRecord, plan: LaunchPlan) -> Result<Arc<Running>, Error> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Error::host_msg("the daemon is stopping"));
+        }
         let mut spec = self.spec(rec);
-        spec.new_identity = self
-            .fresh_ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&rec.hostname);
+        spec.new_identity = plan.new_identity;
         let (net, vmnet) = match self.setup_net(rec).await? {
             Some((h, n)) => (Some(h), Some(n)),
             None => (None, None),
         };
         spec.net = vmnet;
-        let live = self
-            .live_forks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&rec.hostname);
         let fresh = !self.vm_dir(&rec.hostname).exists();
-        let started = match live {
+        let restored_live = plan.live.is_some();
+        let started = match &plan.live {
             // A live fork continues its commit's guest; booting its disk cold instead would
             // lose what the commit holds, so it fails instead.
-            Some(capture) => {
-                self.restored_from_live
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(rec.hostname.clone());
-                self.restore_ready(&spec, &capture).await
-            }
+            Some(capture) => self.restore_ready(&spec, capture).await,
             None => {
                 let warm = match fresh && self.warm(&rec.host_group) {
                     true => self.start_warm(&spec).await,
@@ -346,19 +325,66 @@ impl Manager {
         let vm = match started {
             Ok(vm) => vm,
             Err(e) => {
-                self.restored_from_live
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&rec.hostname);
                 if let Some(n) = &net {
                     n.teardown().await;
                 }
                 self.count_launch(&rec.host_group, None);
-                return Err(e);
+                return Err(Error::host(e));
             }
         };
         self.count_launch(&rec.host_group, Some(vm.start_mode()));
-        self.db.set_status(&rec.hostname, VmStatus::Running, vm.process())?;
-        Ok(self.track(rec, vm, net, false))
+        self.db
+            .set_status(&rec.hostname, VmStatus::Running, vm.process())
+            .map_err(Error::host)?;
+        let boot = BootPlan {
+            ssh_keys: plan.ssh_keys,
+            proxy_env: plan.proxy_env,
+            restored_live,
+        };
+        Ok(self.track(rec, vm, net, false, boot))
     }
+}
+
+/// What a new VM's start needs beyond its record, handed from create (or fork) to launch; a
+/// relaunch, a reboot or a count VM's start needs none of it.
+#[derive(Default)]
+pub(super) struct LaunchPlan {
+    /// SSH keys of the create request, installed by the first boot.
+    pub ssh_keys: Vec<String>,
+    /// The login environment of a proxy-bound VM, written before it reports ready.
+    pub proxy_env: Option<String>,
+    /// A disk fork whose first boot gives it a new machine id.
+    pub new_identity: bool,
+    /// A live fork: restored from its commit's capture.
+    pub live: Option<Arc<slicer_vmm::Template>>,
+}
+
+/// What the boot task of a started VM does beyond what every start does.
+#[derive(Default)]
+pub(super) struct BootPlan {
+    /// SSH keys of the create request, installed beside the config's.
+    pub ssh_keys: Vec<String>,
+    /// The login environment of a proxy-bound VM.
+    pub proxy_env: Option<String>,
+    /// Restored from a live commit's capture: its memory is its source's, secrets included,
+    /// so its secrets are pruned to its own scope before it reports ready.
+    pub restored_live: bool,
+}
+
+/// A new VM as a create or fork asks for it, beyond its record.
+pub(super) struct NewVm {
+    /// The secrets it may read (`None`: all).
+    pub secrets: Option<Vec<String>>,
+    /// SSH keys for its default user, beside the config's.
+    pub ssh_keys: Vec<String>,
+    /// The commit its disk comes from.
+    pub fork: Option<commits::ForkFrom>,
+    /// The proxy it is bound to.
+    pub proxy: Option<ProxyBinding>,
+}
+
+/// A VM's binding to Slicer Proxy: its client, and the proxy's host as the VM reaches it.
+pub(super) struct ProxyBinding {
+    pub client: String,
+    pub host: String,
 }

@@ -98,7 +98,7 @@ impl Manager {
             return Err(Error::unavailable("the daemon is stopping"));
         }
         let mut spec = self.spec(rec);
-        let net = match self.setup_net(rec).await.map_err(Error::host)? {
+        let net = match self.setup_net(rec).await? {
             Some((h, n)) => {
                 spec.net = Some(n);
                 Some(h)
@@ -122,7 +122,7 @@ impl Manager {
             }
         };
         self.count_launch(&rec.host_group, Some(vm.start_mode()));
-        Ok(self.track(rec, vm, net, false))
+        Ok(self.track(rec, vm, net, false, BootPlan::default()))
     }
 
     /// `POST /vm/{h}/relaunch`: boots a stopped persistent VM again from its disk. Of two at
@@ -145,11 +145,11 @@ impl Manager {
             }
             me.reap_exited(&h).await;
             me.reserve(&h, &rec)?;
-            match me.launch(&rec).await {
+            match me.launch(&rec, LaunchPlan::default()).await {
                 Ok(r) => Ok((rec, r)),
                 Err(e) => {
                     me.release(&h);
-                    Err(Error::host(e))
+                    Err(e)
                 }
             }
         })
@@ -219,7 +219,7 @@ impl Manager {
                 n.teardown().await;
             }
             let relaunched = match me.record(&h) {
-                Ok(rec) => me.launch(&rec).await.map(drop).map_err(Error::host),
+                Ok(rec) => me.launch(&rec, LaunchPlan::default()).await.map(drop),
                 Err(e) => Err(e),
             };
             if relaunched.is_err() {

@@ -41,6 +41,7 @@ pub use backend::{Backend, BoxFut, Machine, QemuBackend};
 
 use capacity::Ledger;
 pub use commits::{valid_commit_id, CommitFilter};
+use create::{BootPlan, LaunchPlan, NewVm};
 use guest::*;
 use locks::OpMap;
 pub use locks::VmOp;
@@ -114,19 +115,10 @@ pub struct Manager {
     ledger: Mutex<Ledger>,
     /// Claims of new VMs that have no hostname yet.
     claims: AtomicU64,
-    /// SSH keys of a create request, until the VM's first boot has installed them.
-    pending_ssh_keys: Mutex<HashMap<String, Vec<String>>>,
     /// Set by [`Manager::shutdown_all`]: no VM starts any more.
     closing: AtomicBool,
     /// Where commits keep their disks: `<data_dir>/commits/<id>/disk.qcow2`.
     commits_dir: PathBuf,
-    /// Forks whose first boot gives them a new machine id.
-    fresh_ids: Mutex<HashSet<String>>,
-    /// Forks of a live commit, by hostname, until launched: restored from its capture.
-    live_forks: Mutex<HashMap<String, Arc<slicer_vmm::Template>>>,
-    /// Live forks restored and not yet ready: their memory is their source's, secrets included,
-    /// so their secrets are pruned to their own scope before they report ready.
-    restored_from_live: Mutex<HashSet<String>>,
     /// The shapes that get a template (at most `settings.templates.shapes`; the warm host
     /// groups' own first): other shapes boot cold.
     template_shapes: Mutex<Vec<Shape>>,
@@ -134,8 +126,6 @@ pub struct Manager {
     commit_lock: tokio::sync::Mutex<()>,
     /// Slicer Proxy's clients, secrets and rules, and the links to running proxies.
     proxy: Arc<crate::proxy::ProxyAdmin>,
-    /// The login environment of proxy-bound VMs, until their first boot has written it.
-    pending_proxy_env: Mutex<HashMap<String, String>>,
 }
 
 /// The answer to a create (or relaunch) of `rec`.
@@ -280,7 +270,6 @@ impl Manager {
             db,
             metrics,
             proxy,
-            pending_proxy_env: Mutex::new(HashMap::new()),
             secrets: crate::secrets::SecretStore::open(data_dir)?,
             secrets_lock: tokio::sync::Mutex::new(()),
             vms: Mutex::new(HashMap::new()),
@@ -288,12 +277,8 @@ impl Manager {
             alloc: tokio::sync::Mutex::new(()),
             ops: OpMap::default(),
             claims: AtomicU64::new(0),
-            pending_ssh_keys: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             commits_dir: data_dir.join("commits"),
-            fresh_ids: Mutex::new(HashSet::new()),
-            live_forks: Mutex::new(HashMap::new()),
-            restored_from_live: Mutex::new(HashSet::new()),
             template_shapes: Mutex::new(Vec::new()),
             commit_lock: tokio::sync::Mutex::new(()),
         });
@@ -312,17 +297,9 @@ impl Manager {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn proxy_env(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.pending_proxy_env.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Slicer Proxy's control plane.
     pub fn proxy(&self) -> &Arc<crate::proxy::ProxyAdmin> {
         &self.proxy
-    }
-
-    fn pending_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
-        self.pending_ssh_keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn group(&self, name: &str) -> Result<&Group, Error> {
