@@ -258,7 +258,7 @@ pub async fn watch(
                 "id": sent,
                 "type": e.kind,
                 "path": e.path,
-                "timestamp": crate::manager::rfc3339_ms(e.timestamp_ms),
+                "timestamp": crate::api::time::rfc3339_ms(e.timestamp_ms),
                 "size": e.size,
                 "isDir": e.is_dir,
             });

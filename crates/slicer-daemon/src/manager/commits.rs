@@ -23,7 +23,7 @@ use slicer_api::{
     CommitDeleted, CommitInfo, CommitRequest, CommitResponse, CreateNodeRequest, ForkRequest, ForkResponse, VmStatus,
 };
 
-use super::{detached, now_rfc3339, vm_name, Error, GuestText, Machine, Manager, Wait};
+use super::{detached, stamp, vm_name, Error, GuestText, Machine, Manager, Wait};
 
 use crate::state::{CommitRecord, VmRecord};
 
@@ -90,7 +90,7 @@ fn commit_record(id: &str, rec: &VmRecord, req: &CommitRequest, base_commit: Opt
         commit_id: id.to_string(),
         source_hostname: rec.hostname.clone(),
         source_host_group: rec.host_group.clone(),
-        created_at: now_rfc3339(),
+        created_at: stamp(),
         cache_key: req.cache_key.clone(),
         tags: req.tags.clone(),
         labels: req.labels.clone(),

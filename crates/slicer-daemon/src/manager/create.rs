@@ -90,7 +90,7 @@ impl Manager {
             persistent: req.persistent.unwrap_or(g.persistent),
             protected: false,
             status: VmStatus::Running,
-            created_at: now_rfc3339(),
+            created_at: stamp(),
             ip: String::new(),
             pid: None,
             image: g.image.clone(),
@@ -112,7 +112,7 @@ impl Manager {
         req: CreateNodeRequest,
         wait: Option<Wait>,
         timeout: Duration,
-    ) -> Result<CreateNodeResponse, Error> {
+    ) -> Result<Created, Error> {
         let g = self.group(group)?.clone();
         let mut rec = self.new_record(&g, &req)?;
         if let Some(n) = &req.network {
@@ -180,7 +180,7 @@ impl Manager {
                 }
             }
         }
-        Ok(created(&rec))
+        Ok(Created::of(&rec))
     }
 
     /// The part of a create (or fork) that runs to its end: takes the VM's share of the

@@ -1,6 +1,81 @@
 //! What the manager tells about VMs: records, running VMs and their domain views.
 
+use std::net::Ipv4Addr;
+
 use super::*;
+
+/// A VM's address on its host group's network, with its subnet's prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmAddr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl VmAddr {
+    /// The address of `rec` (its record keeps `addr/prefix`, or nothing when the VM has no
+    /// network).
+    pub fn of(rec: &VmRecord) -> Option<VmAddr> {
+        let (addr, prefix) = rec.ip.split_once('/')?;
+        Some(VmAddr {
+            addr: addr.parse().ok()?,
+            prefix: prefix.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for VmAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A VM as the manager tells of it: its record and its state now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmInfo {
+    pub hostname: String,
+    pub group: String,
+    /// `None`: the VM has no network.
+    pub ip: Option<VmAddr>,
+    pub ram_bytes: u64,
+    pub cpus: u32,
+    /// When it was created, as its record keeps it (RFC 3339, UTC).
+    pub created_at: String,
+    pub tags: Vec<String>,
+    pub status: VmStatus,
+    pub persistent: bool,
+}
+
+/// A VM a create (or relaunch) started.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Created {
+    pub hostname: String,
+    pub group: String,
+    /// `None`: the VM has no network.
+    pub ip: Option<VmAddr>,
+    /// When it was created, as its record keeps it (RFC 3339, UTC).
+    pub created_at: String,
+    pub persistent: bool,
+}
+
+impl Created {
+    /// The VM of `rec`, as created.
+    pub(super) fn of(rec: &VmRecord) -> Created {
+        Created {
+            hostname: rec.hostname.clone(),
+            group: rec.host_group.clone(),
+            ip: VmAddr::of(rec),
+            created_at: rec.created_at.clone(),
+            persistent: rec.persistent,
+        }
+    }
+}
+
+/// What a delete removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    /// The VM's directory (its disk) is gone; `false`: it could not be removed (logged).
+    pub disk_removed: bool,
+}
 
 impl Manager {
     /// Every VM's record.
@@ -41,33 +116,34 @@ impl Manager {
             .ok_or_else(|| Error::not_found(format!("VM {hostname:?} not found")))
     }
 
-    pub fn node(&self, rec: &VmRecord) -> Node {
+    /// What the VM of `rec` is now: its record and whether it runs (paused or not).
+    pub fn vm_info(&self, rec: &VmRecord) -> VmInfo {
         let status = match self.vms().get(&rec.hostname) {
             Some(r) if r.vm.is_running() && r.paused.load(Ordering::SeqCst) => VmStatus::Paused,
             Some(r) if r.vm.is_running() => VmStatus::Running,
             _ if rec.status == VmStatus::Suspended => VmStatus::Suspended,
             _ => VmStatus::Stopped,
         };
-        Node {
+        VmInfo {
             hostname: rec.hostname.clone(),
-            hostgroup: rec.host_group.clone(),
-            ip: rec.ip.split('/').next().unwrap_or_default().to_string(),
+            group: rec.host_group.clone(),
+            ip: VmAddr::of(rec),
             ram_bytes: rec.ram_bytes,
             cpus: rec.cpus,
             created_at: rec.created_at.clone(),
-            arch: slicer_api::VM_ARCH.into(),
             tags: rec.tags.clone(),
             status,
             persistent: rec.persistent,
         }
     }
 
-    pub fn list(&self, group: Option<&str>) -> Result<Vec<Node>, Error> {
+    /// Every VM (of `group`, if given), as [`Manager::vm_info`] tells it.
+    pub fn list(&self, group: Option<&str>) -> Result<Vec<VmInfo>, Error> {
         let recs = self.db.list().map_err(Error::host)?;
         Ok(recs
             .iter()
             .filter(|r| group.is_none_or(|g| r.host_group == g))
-            .map(|r| self.node(r))
+            .map(|r| self.vm_info(r))
             .collect())
     }
 
@@ -92,12 +168,7 @@ impl Manager {
     }
 
     /// How the running VM started.
-    pub fn start_mode(&self, hostname: &str) -> Option<slicer_api::StartMode> {
-        self.vms().get(hostname).map(|r| match r.vm.start_mode() {
-            slicer_vmm::StartMode::Cold => slicer_api::StartMode::Cold,
-            slicer_vmm::StartMode::Template => slicer_api::StartMode::Template,
-            slicer_vmm::StartMode::Resume => slicer_api::StartMode::Resume,
-            slicer_vmm::StartMode::Adopted => slicer_api::StartMode::Adopted,
-        })
+    pub fn start_mode(&self, hostname: &str) -> Option<slicer_vmm::StartMode> {
+        self.vms().get(hostname).map(|r| r.vm.start_mode())
     }
 }

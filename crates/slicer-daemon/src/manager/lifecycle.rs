@@ -127,7 +127,7 @@ impl Manager {
 
     /// `POST /vm/{h}/relaunch`: boots a stopped persistent VM again from its disk. Of two at
     /// once, the second finds it running (409).
-    pub async fn relaunch(self: &Arc<Self>, hostname: &str) -> Result<CreateNodeResponse, Error> {
+    pub async fn relaunch(self: &Arc<Self>, hostname: &str) -> Result<Created, Error> {
         let (me, h) = (self.clone(), hostname.to_string());
         let (rec, r) = detached(async move {
             let _op = me.lock_vm(&h).await;
@@ -155,17 +155,17 @@ impl Manager {
         })
         .await?;
         self.wait_for(&r, Wait::Agent).await.map_err(Error::host_msg)?;
-        Ok(created(&rec))
+        Ok(Created::of(&rec))
     }
 
     /// Stops and removes a VM with its disk. `force` skips the protection of count VMs. Waits
     /// for an operation in progress on the VM (a launch) and then removes what it made.
-    pub async fn delete(self: &Arc<Self>, hostname: &str, force: bool) -> Result<DeleteResponse, Error> {
+    pub async fn delete(self: &Arc<Self>, hostname: &str, force: bool) -> Result<Deleted, Error> {
         let (me, h) = (self.clone(), hostname.to_string());
         detached(async move { me.delete_locked(&h, force).await }).await
     }
 
-    pub(super) async fn delete_locked(&self, hostname: &str, force: bool) -> Result<DeleteResponse, Error> {
+    pub(super) async fn delete_locked(&self, hostname: &str, force: bool) -> Result<Deleted, Error> {
         let _op = self.lock_vm(hostname).await;
         let rec = self.record(hostname)?;
         if rec.protected && !force {
@@ -193,11 +193,7 @@ impl Manager {
             }
         };
         self.db.delete(hostname).map_err(Error::host)?;
-        Ok(DeleteResponse {
-            message: "VM deleted successfully".into(),
-            disk_removed: disk_removed.to_string(),
-            error: String::new(),
-        })
+        Ok(Deleted { disk_removed })
     }
 
     /// `POST /vm/{h}/shutdown`: power off (ephemeral VMs are then removed) or reboot. A reboot

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use slicer_agent_client::GuestText;
-use slicer_api::{CreateNodeRequest, CreateNodeResponse, DeleteResponse, NetworkMode, Node, VmStatus};
+use slicer_api::{CreateNodeRequest, NetworkMode, VmStatus};
 use slicer_vmm::{ExecRequest, Host, Shape, VmSpec};
 use tokio::sync::watch;
 
@@ -43,6 +43,7 @@ use capacity::Ledger;
 pub use commits::{valid_commit_id, CommitFilter};
 use create::{BootPlan, LaunchPlan, NewVm};
 use guest::*;
+pub use info::{Created, Deleted, VmAddr, VmInfo};
 use locks::OpMap;
 pub use locks::VmOp;
 pub use net::{GroupNet, NetHandle};
@@ -128,33 +129,9 @@ pub struct Manager {
     proxy: Arc<crate::proxy::ProxyAdmin>,
 }
 
-/// The answer to a create (or relaunch) of `rec`.
-fn created(rec: &VmRecord) -> CreateNodeResponse {
-    CreateNodeResponse {
-        hostname: rec.hostname.clone(),
-        hostgroup: rec.host_group.clone(),
-        ip: rec.ip.clone(),
-        created_at: rec.created_at.clone(),
-        arch: slicer_api::VM_ARCH.into(),
-        persistent: rec.persistent,
-    }
-}
-
-/// A time given in ns since the Unix epoch (as guests report it), in RFC 3339; empty when out
-/// of range.
-pub fn rfc3339_ns(ns: i128) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ns)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
-}
-
-/// [`rfc3339_ns`] of a time in ms.
-pub fn rfc3339_ms(ms: u64) -> String {
-    rfc3339_ns(i128::from(ms) * 1_000_000)
-}
-
-pub fn now_rfc3339() -> String {
+/// The time now as the manager's records keep it (the state database, the secret store):
+/// RFC 3339 in UTC. Answers format their times in `api`.
+pub(crate) fn stamp() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()

@@ -213,7 +213,7 @@ impl Manager {
         }
         info.uid = change.uid.unwrap_or(info.uid);
         info.gid = change.gid.unwrap_or(info.gid);
-        info.modified_at = now_rfc3339();
+        info.modified_at = stamp();
         self.secrets.put(&info, &value).map_err(Error::host)?;
         let pushes = self.spread_secret(name);
         Ok((info, pushes))

@@ -1,0 +1,57 @@
+//! The manager's domain types as the API's wire types (slicer-api's).
+
+use slicer_api::{CreateNodeResponse, DeleteResponse, Node};
+
+use crate::manager::{Created, Deleted, VmInfo};
+
+impl From<VmInfo> for Node {
+    /// A listed VM: its bare address (no prefix), empty when it has none.
+    fn from(v: VmInfo) -> Node {
+        Node {
+            hostname: v.hostname,
+            hostgroup: v.group,
+            ip: v.ip.map(|a| a.addr.to_string()).unwrap_or_default(),
+            ram_bytes: v.ram_bytes,
+            cpus: v.cpus,
+            created_at: v.created_at,
+            arch: slicer_api::VM_ARCH.into(),
+            tags: v.tags,
+            status: v.status,
+            persistent: v.persistent,
+        }
+    }
+}
+
+impl From<Created> for CreateNodeResponse {
+    /// A created VM: its address with its prefix, empty when it has none.
+    fn from(c: Created) -> CreateNodeResponse {
+        CreateNodeResponse {
+            hostname: c.hostname,
+            hostgroup: c.group,
+            ip: c.ip.map(|a| a.to_string()).unwrap_or_default(),
+            created_at: c.created_at,
+            arch: slicer_api::VM_ARCH.into(),
+            persistent: c.persistent,
+        }
+    }
+}
+
+impl From<Deleted> for DeleteResponse {
+    fn from(d: Deleted) -> DeleteResponse {
+        DeleteResponse {
+            message: "VM deleted successfully".into(),
+            disk_removed: d.disk_removed.to_string(),
+            error: String::new(),
+        }
+    }
+}
+
+/// How a VM's current run started, on the wire.
+pub fn start_mode(m: slicer_vmm::StartMode) -> slicer_api::StartMode {
+    match m {
+        slicer_vmm::StartMode::Cold => slicer_api::StartMode::Cold,
+        slicer_vmm::StartMode::Template => slicer_api::StartMode::Template,
+        slicer_vmm::StartMode::Resume => slicer_api::StartMode::Resume,
+        slicer_vmm::StartMode::Adopted => slicer_api::StartMode::Adopted,
+    }
+}
