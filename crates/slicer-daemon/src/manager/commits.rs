@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use slicer_agent_proto::ExecRequest;
 use slicer_api::{
-    CommitDeleted, CommitInfo, CommitRequest, CommitResponse, CreateNodeRequest, ForkRequest, ForkResponse, VmStatus,
+    ChildStatus, CommitDeleted, CommitInfo, CommitMode, CommitRequest, CommitResponse, CreateNodeRequest, Fixup,
+    ForkRequest, ForkResponse, ParentStatus, TagMode, VmStatus,
 };
 
 use super::{detached, stamp, vm_name, Error, GuestText, Machine, Manager, Wait};
@@ -43,8 +44,6 @@ pub struct CommitFilter {
     pub source: Option<String>,
     pub mode: Option<String>,
 }
-
-const FIXUPS: &[&str] = &["hostname", "machine-id", "ssh-host-keys"];
 
 /// Most disks a VM's backing chain may hold below its overlay (each commit adds one; the jail
 /// reads at most 16 and QEMU slows down with every level).
@@ -71,13 +70,13 @@ fn check_tags(tags: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-fn info(c: &CommitRecord, mode: &str) -> CommitInfo {
+fn info(c: &CommitRecord, mode: CommitMode) -> CommitInfo {
     CommitInfo {
         commit_id: c.commit_id.clone(),
         source_hostname: c.source_hostname.clone(),
         source_host_group: c.source_host_group.clone(),
         created_at: c.created_at.clone(),
-        mode: mode.into(),
+        mode,
         tags: c.tags.clone(),
         labels: c.labels.clone(),
         cache_key: c.cache_key.clone(),
@@ -101,13 +100,16 @@ fn commit_record(id: &str, rec: &VmRecord, req: &CommitRequest, base_commit: Opt
 }
 
 /// The answer to a commit: `disk` (the source stopped) or `live` (it runs on).
-fn committed(c: CommitRecord, mode: &str) -> CommitResponse {
+fn committed(c: CommitRecord, mode: CommitMode) -> CommitResponse {
     CommitResponse {
         hostname: c.source_hostname,
         commit_id: c.commit_id,
         status: "committed".into(),
-        parent_status: Some(if mode == "live" { "running" } else { "stopped" }.into()),
-        mode: mode.into(),
+        parent_status: Some(match mode {
+            CommitMode::Live => ParentStatus::Running,
+            CommitMode::Disk => ParentStatus::Stopped,
+        }),
+        mode,
         tags: c.tags,
         labels: c.labels,
         cache_key: c.cache_key,
@@ -119,11 +121,12 @@ impl Manager {
         self.commits_dir.join(id).join("disk.qcow2")
     }
 
-    /// `live` when the commit holds a capture (memory and devices), else `disk`.
-    fn commit_mode(&self, id: &str) -> &'static str {
+    /// `Live` when the commit holds a capture (memory and devices), else `Disk`. The commit's
+    /// record does not keep its mode: its directory tells, here alone.
+    fn commit_mode(&self, id: &str) -> CommitMode {
         match self.commits_dir.join(id).join("state").is_file() {
-            true => "live",
-            false => "disk",
+            true => CommitMode::Live,
+            false => CommitMode::Disk,
         }
     }
 
@@ -199,7 +202,7 @@ impl Manager {
                 .set_lineage(&h, Some(&id), parent.as_deref())
                 .map_err(Error::host)?;
             tracing::info!(vm = %h, commit = %id, cache_key = ?req.cache_key, "committed");
-            Ok(committed(c, "disk"))
+            Ok(committed(c, CommitMode::Disk))
         })
         .await
     }
@@ -284,7 +287,7 @@ impl Manager {
             return Err(Error::host(e));
         }
         tracing::info!(vm = %h, commit = %id, paused_ms = times.paused.as_millis() as u64, "committed live");
-        Ok(committed(c, "live"))
+        Ok(committed(c, CommitMode::Live))
     }
 
     /// `GET /vm/commits`.
@@ -298,7 +301,7 @@ impl Manager {
             .filter(|c| f.source.as_ref().is_none_or(|s| &c.source_hostname == s))
             .filter(|c| f.tags.iter().all(|t| c.tags.contains(t)))
             .map(|c| info(c, self.commit_mode(&c.commit_id)))
-            .filter(|c| f.mode.as_ref().is_none_or(|m| &c.mode == m))
+            .filter(|c| f.mode.as_ref().is_none_or(|m| c.mode.as_str() == m))
             .collect())
     }
 
@@ -368,9 +371,9 @@ impl Manager {
         Ok(())
     }
 
-    /// `POST /vm/commits/{id}/fork`: new allocator-named VMs (one, or `count`) of the
-    /// commit's host group on the commit's disk; from a live commit, restored from its
-    /// capture. Several are made concurrently, all or none: if one fails, the others go.
+    /// Forks of commit `id`: new allocator-named VMs (one, or `count`) of the commit's host
+    /// group on the commit's disk; from a live commit, restored from its capture. Several are
+    /// made concurrently, all or none: if one fails, the others go.
     pub async fn fork(
         self: &Arc<Self>,
         id: &str,
@@ -378,6 +381,21 @@ impl Manager {
         wait: bool,
         timeout: Duration,
     ) -> Result<Vec<ForkResponse>, Error> {
+        let plan = self.fork_plan(id, &req)?;
+        let results =
+            futures_util::future::join_all((0..plan.count).map(|_| self.fork_one(&plan, wait, timeout))).await;
+        if results.iter().any(Result::is_err) {
+            for made in results.iter().flatten() {
+                let _ = self.delete(&made.hostname, true).await;
+            }
+            let first = results.into_iter().find_map(Result::err);
+            return Err(first.unwrap_or_else(|| Error::host_msg("fork failed")));
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    /// A fork request checked against its commit, once for all its forks.
+    fn fork_plan(&self, id: &str, req: &ForkRequest) -> Result<ForkPlan, Error> {
         if !valid_commit_id(id) {
             return Err(Error::invalid(format!("{id:?} is not a commit id")));
         }
@@ -390,7 +408,7 @@ impl Manager {
             .commit(id)
             .map_err(Error::host)?
             .ok_or_else(|| Error::not_found(format!("no commit {id}")))?;
-        let g = self
+        let group = self
             .group(&c.source_host_group)
             .map_err(|_| {
                 Error::conflict(format!(
@@ -399,24 +417,15 @@ impl Manager {
                 ))
             })?
             .clone();
-        let fixups = req
-            .fixups
-            .clone()
-            .unwrap_or_else(|| FIXUPS.iter().map(|s| s.to_string()).collect());
-        if let Some(bad) = fixups.iter().find(|f| !FIXUPS.contains(&f.as_str())) {
-            return Err(Error::invalid(format!(
-                "fixups: unknown {bad:?}; use {}",
-                FIXUPS.join(", ")
-            )));
-        }
-        let tags: Vec<String> = match req.tag_mode.as_deref() {
-            None | Some("append") => c.tags.iter().chain(req.tags.iter()).cloned().collect(),
-            Some("replace") => req.tags.clone(),
-            Some(other) => return Err(Error::invalid(format!("tag_mode: {other:?}; use append or replace"))),
+        let fixups = fixups(req.fixups.as_deref())?;
+        let tags: Vec<String> = match req.tag_mode.as_deref().map(|m| (m, TagMode::parse(m))) {
+            None | Some((_, Some(TagMode::Append))) => c.tags.iter().chain(req.tags.iter()).cloned().collect(),
+            Some((_, Some(TagMode::Replace))) => req.tags.clone(),
+            Some((other, None)) => return Err(Error::invalid(format!("tag_mode: {other:?}; use append or replace"))),
         };
         let live = match self.commit_mode(id) {
-            "live" => Some(self.capture_of(id)?),
-            _ => None,
+            CommitMode::Live => Some(self.capture_of(id)?),
+            CommitMode::Disk => None,
         };
         // A live fork continues the captured guest: same vCPUs and RAM.
         let shape = live
@@ -438,10 +447,22 @@ impl Manager {
             secrets: req.secrets.clone(),
             ..Default::default()
         };
-        // Checked once for all: what each fork's record would refuse.
-        self.new_record(&g, &create)?;
+        self.check_fork_create(&group, &create, count)?;
+        Ok(ForkPlan {
+            group,
+            create,
+            commit: c,
+            fixups,
+            live,
+            count,
+        })
+    }
+
+    /// What each fork's record would refuse, checked once for all.
+    fn check_fork_create(&self, g: &crate::config::Group, create: &CreateNodeRequest, count: u32) -> Result<(), Error> {
+        self.new_record(g, create)?;
         if let Some(n) = &create.network {
-            self.check_override(&g, n)?;
+            self.check_override(g, n)?;
         }
         if let Some(names) = &create.secrets {
             if let Some(bad) = names.iter().find(|n| !crate::secrets::valid_name(n)) {
@@ -457,33 +478,13 @@ impl Manager {
             }
             self.check_name(name, None)?;
         }
-        let results = futures_util::future::join_all(
-            (0..count).map(|_| self.fork_one(&g, create.clone(), &c, &fixups, live.clone(), wait, timeout)),
-        )
-        .await;
-        if results.iter().any(Result::is_err) {
-            for made in results.iter().flatten() {
-                let _ = self.delete(&made.hostname, true).await;
-            }
-            let first = results.into_iter().find_map(Result::err);
-            return Err(first.unwrap_or_else(|| Error::host_msg("fork failed")));
-        }
-        Ok(results.into_iter().flatten().collect())
+        Ok(())
     }
 
-    /// One fork of `c` (see [`Manager::fork`]).
-    #[allow(clippy::too_many_arguments)]
-    async fn fork_one(
-        self: &Arc<Self>,
-        g: &crate::config::Group,
-        create: CreateNodeRequest,
-        c: &CommitRecord,
-        fixups: &[String],
-        live: Option<Arc<slicer_vmm::Template>>,
-        wait: bool,
-        timeout: Duration,
-    ) -> Result<ForkResponse, Error> {
-        let mut rec = self.new_record(g, &create)?;
+    /// One fork of the plan's commit (see [`Manager::fork`]).
+    async fn fork_one(self: &Arc<Self>, plan: &ForkPlan, wait: bool, timeout: Duration) -> Result<ForkResponse, Error> {
+        let (c, create) = (&plan.commit, &plan.create);
+        let mut rec = self.new_record(&plan.group, create)?;
         rec.image = c.image.clone();
         rec.storage_size = c.storage_size;
         // The builder's userdata ran on the committed disk; a fork does not run it again.
@@ -492,11 +493,15 @@ impl Manager {
             rec.net_allow = n.allow.clone();
             rec.net_drop = n.drop.clone();
         }
-        let mode = if live.is_some() { "live" } else { "disk" };
+        let mode = if plan.live.is_some() {
+            CommitMode::Live
+        } else {
+            CommitMode::Disk
+        };
         let from = ForkFrom {
             commit_id: c.commit_id.clone(),
-            new_machine_id: fixups.iter().any(|f| f == "machine-id"),
-            live,
+            new_machine_id: plan.fixups.contains(&Fixup::MachineId),
+            live: plan.live.clone(),
         };
         let new = super::NewVm {
             secrets: create.secrets.clone(),
@@ -506,7 +511,7 @@ impl Manager {
         };
         let me = self.clone();
         let (rec, running) = detached(async move { me.record_and_launch(rec, new).await }).await?;
-        let host_keys = fixups.iter().any(|f| f == "ssh-host-keys");
+        let host_keys = plan.fixups.contains(&Fixup::SshHostKeys);
         let finish = {
             let me = self.clone();
             let hostname = rec.hostname.clone();
@@ -528,10 +533,10 @@ impl Manager {
         };
         let child_status = if wait {
             finish.await.map_err(Error::host_msg)?;
-            "running"
+            ChildStatus::Running
         } else {
             tokio::spawn(finish);
-            "starting"
+            ChildStatus::Starting
         };
         Ok(ForkResponse {
             hostname: rec.hostname.clone(),
@@ -539,12 +544,40 @@ impl Manager {
             commit_id: Some(c.commit_id.clone()),
             status: "forked".into(),
             parent_status: None,
-            child_status: Some(child_status.into()),
-            mode: mode.into(),
+            child_status: Some(child_status),
+            mode,
             persistent: rec.persistent,
             ip: rec.ip.clone(),
         })
     }
+}
+
+/// A fork request checked: what each of its forks is made from.
+struct ForkPlan {
+    group: crate::config::Group,
+    /// Each fork's create, as its record is made from it.
+    create: CreateNodeRequest,
+    commit: CommitRecord,
+    fixups: Vec<Fixup>,
+    /// A live commit's capture.
+    live: Option<Arc<slicer_vmm::Template>>,
+    count: u32,
+}
+
+/// The fixups a request names (absent: all of them).
+fn fixups(named: Option<&[String]>) -> Result<Vec<Fixup>, Error> {
+    let Some(named) = named else {
+        return Ok(Fixup::ALL.to_vec());
+    };
+    named
+        .iter()
+        .map(|f| {
+            Fixup::parse(f).ok_or_else(|| {
+                let all: Vec<&str> = Fixup::ALL.iter().map(|f| f.as_str()).collect();
+                Error::invalid(format!("fixups: unknown {f:?}; use {}", all.join(", ")))
+            })
+        })
+        .collect()
 }
 
 /// The builder's SSH host keys are not the fork's: they go, and the socket-activated sshd of
