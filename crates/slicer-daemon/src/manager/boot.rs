@@ -57,11 +57,19 @@ impl Manager {
     /// A started VM's way to ready: its agent answers, the group's CAs and a proxy-bound VM's
     /// environment are in; then (not for an adopted VM) its secrets and SSH keys, before
     /// userdata so that it can use them. The error is the reason its start failed.
-    async fn boot(&self, hostname: &str, r: &Running, ca_bundle: Option<String>, plan: BootPlan) -> Result<(), String> {
+    async fn boot(
+        &self,
+        hostname: &str,
+        r: &Running,
+        ca_bundle: Option<String>,
+        plan: BootPlan,
+    ) -> Result<(), NotReady> {
         let mut result = if r.paused.load(Ordering::SeqCst) || r.vm.is_ready() {
             Ok(())
         } else {
-            r.vm.wait_ready(BOOT_TIMEOUT).await.map_err(|e| format!("{e:#}"))
+            r.vm.wait_ready(BOOT_TIMEOUT)
+                .await
+                .map_err(|e| NotReady(format!("{e:#}")))
         };
         let adopted = r.vm.start_mode() == slicer_vmm::StartMode::Adopted;
         // The group's CAs, before the VM reports ready, on every start (the agent keeps
@@ -73,16 +81,16 @@ impl Manager {
                 if adopted {
                     tracing::warn!("VM {hostname}: installing the host group's CA certificates: {e:#}");
                 } else {
-                    result = Err(format!(
+                    result = Err(NotReady(format!(
                         "installing the host group's CA certificates (host_groups[].ca) in the guest: {e:#}"
-                    ));
+                    )));
                 }
             }
         }
         // A proxy-bound VM is not ready until its environment names the proxy.
         if let (Ok(()), Some(env)) = (&result, &plan.proxy_env) {
             if let Err(e) = write_proxy_env(r.vm.as_ref(), env).await {
-                result = Err(format!("writing the proxy environment: {:#}", GuestText(&e)));
+                result = Err(NotReady(format!("writing the proxy environment: {:#}", GuestText(&e))));
             }
         }
         if result.is_ok() && r.vm.is_ready() && !adopted {

@@ -24,7 +24,7 @@ use slicer_api::{
     ForkRequest, ForkResponse, ParentStatus, TagMode, VmStatus,
 };
 
-use super::{detached, stamp, vm_name, Error, GuestText, Machine, Manager, Wait};
+use super::{detached, stamp, vm_name, Error, GuestText, Machine, Manager, NotReady, Wait};
 
 use crate::state::{CommitRecord, VmRecord};
 
@@ -520,9 +520,9 @@ impl Manager {
                 let result = match ready {
                     Ok(Ok(())) if host_keys => forget_host_keys(running.vm.as_ref()).await,
                     Ok(r) => r,
-                    Err(_) => Err(format!(
+                    Err(_) => Err(NotReady(format!(
                         "VM {hostname} was not ready within {timeout:?}; it was deleted"
-                    )),
+                    ))),
                 };
                 if let Err(e) = &result {
                     tracing::warn!("fork {hostname}: {}; deleting it", GuestText(e));
@@ -532,7 +532,7 @@ impl Manager {
             }
         };
         let child_status = if wait {
-            finish.await.map_err(Error::host_msg)?;
+            finish.await?;
             ChildStatus::Running
         } else {
             tokio::spawn(finish);
@@ -582,7 +582,7 @@ fn fixups(named: Option<&[String]>) -> Result<Vec<Fixup>, Error> {
 
 /// The builder's SSH host keys are not the fork's: they go, and the socket-activated sshd of
 /// our images makes new ones on the first connection.
-async fn forget_host_keys(vm: &dyn Machine) -> Result<(), String> {
+async fn forget_host_keys(vm: &dyn Machine) -> Result<(), NotReady> {
     let req = ExecRequest::argv([
         "/bin/sh",
         "-c",
@@ -598,8 +598,11 @@ async fn forget_host_keys(vm: &dyn Machine) -> Result<(), String> {
     .await;
     match removed {
         Ok(o) if o.status.code == Some(0) => Ok(()),
-        Ok(o) => Err(format!("removing the SSH host keys: exit {:?}", o.status.code)),
-        Err(e @ slicer_agent_client::AgentError::Deadline { .. }) => Err(e.to_string()),
+        Ok(o) => Err(NotReady(format!(
+            "removing the SSH host keys: exit {:?}",
+            o.status.code
+        ))),
+        Err(e @ slicer_agent_client::AgentError::Deadline { .. }) => Err(NotReady(e.to_string())),
         // An image without /bin/sh has no sshd either.
         Err(e) => {
             tracing::debug!("removing the SSH host keys: {:#}", GuestText(&e));

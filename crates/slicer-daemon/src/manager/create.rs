@@ -156,7 +156,7 @@ impl Manager {
             let waited = tokio::time::timeout(timeout, self.wait_for(&running, w)).await;
             let failure = match waited {
                 Ok(Ok(())) => None,
-                Ok(Err(msg)) => Some(Error::host_msg(msg)),
+                Ok(Err(e)) => Some(e.into()),
                 Err(_) => Some(Error::timeout(format!(
                     "VM {} was not ready within {timeout:?}; it was deleted",
                     rec.hostname
@@ -261,19 +261,20 @@ impl Manager {
         self.release(hostname);
     }
 
-    pub(super) async fn wait_for(&self, r: &Running, w: Wait) -> Result<(), String> {
+    /// Waits until `r` is ready (and with [`Wait::Userdata`], its userdata ran).
+    pub(super) async fn wait_for(&self, r: &Running, w: Wait) -> Result<(), NotReady> {
         let mut ready = r.ready.clone();
         let state = ready
             .wait_for(|s| s.is_some())
             .await
-            .map_err(|_| "VM stopped while booting".to_string())?
+            .map_err(|_| NotReady("VM stopped while booting".into()))?
             .clone();
         state.unwrap_or(Ok(()))?;
         if let Wait::Userdata = w {
             let mut ud = r.userdata.clone();
             ud.wait_for(|s| s.is_some())
                 .await
-                .map_err(|_| "VM stopped while running userdata".to_string())?;
+                .map_err(|_| NotReady("VM stopped while running userdata".into()))?;
         }
         Ok(())
     }
@@ -318,7 +319,7 @@ impl Manager {
                 };
                 match warm {
                     Some(vm) => Ok(vm),
-                    None => self.backend.start(&spec).await,
+                    None => self.backend.start(&spec).await.map_err(Error::host),
                 }
             }
         };
@@ -329,7 +330,7 @@ impl Manager {
                     n.teardown().await;
                 }
                 self.count_launch(&rec.host_group, None);
-                return Err(Error::host(e));
+                return Err(e);
             }
         };
         self.count_launch(&rec.host_group, Some(vm.start_mode()));

@@ -99,9 +99,9 @@ impl Manager {
     }
 
     /// The accelerator VMs of `image` run with on this host (resolved once per host).
-    pub async fn accelerator(&self, image: &str) -> anyhow::Result<slicer_hypervisor::Accel> {
-        let kernel = self.host.images.get(image)?.kernel;
-        Ok(self.host.accel(&kernel).await?)
+    pub async fn accelerator(&self, image: &str) -> Result<slicer_hypervisor::Accel, Error> {
+        let kernel = self.host.images.get(image).map_err(Error::host)?.kernel;
+        self.host.accel(&kernel).await.map_err(Error::host)
     }
 
     /// Where a VM's serial console is logged (rotated to `console.log.1`).

@@ -60,7 +60,7 @@ impl Manager {
         if wait {
             match tokio::time::timeout(timeout, self.wait_for(&r, Wait::Agent)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(msg)) => return Err(Error::host_msg(msg)),
+                Ok(Err(e)) => return Err(e.into()),
                 Err(_) => {
                     return Err(Error::timeout(format!(
                         "VM {hostname} did not answer within {timeout:?} of its restore"
@@ -154,7 +154,7 @@ impl Manager {
             }
         })
         .await?;
-        self.wait_for(&r, Wait::Agent).await.map_err(Error::host_msg)?;
+        self.wait_for(&r, Wait::Agent).await?;
         Ok(Created::of(&rec))
     }
 

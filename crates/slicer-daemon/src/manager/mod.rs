@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use slicer_agent_client::GuestText;
 use slicer_api::{CreateNodeRequest, NetworkMode, VmStatus};
 use slicer_vmm::{ExecRequest, Host, Shape, VmSpec};
@@ -71,7 +70,18 @@ pub const USERDATA_DEADLINE: Duration = Duration::from_secs(3600);
 pub const USERDATA_TIMED_OUT: i32 = 124;
 
 /// Boot progress of a VM: `None` while booting, then ready or the reason it failed.
-pub type Ready = Option<Result<(), String>>;
+pub type Ready = Option<Result<(), NotReady>>;
+
+/// Why a VM did not become ready (or stopped while its caller waited), as its owner is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotReady(pub String);
+
+impl From<NotReady> for Error {
+    fn from(e: NotReady) -> Error {
+        Error::host_msg(e.0)
+    }
+}
 
 pub struct Running {
     pub vm: Box<dyn Machine>,
@@ -156,13 +166,13 @@ pub enum Wait {
 impl Manager {
     /// The daemon's manager: QEMU VMs on `host`, after checking that every host program it
     /// runs is installed.
-    pub async fn new(settings: Settings, host: Host, data_dir: &std::path::Path) -> anyhow::Result<Arc<Manager>> {
+    pub async fn new(settings: Settings, host: Host, data_dir: &std::path::Path) -> Result<Arc<Manager>, Error> {
         // Every host program the daemon runs, named with its package before anything starts.
         let mut tools = slicer_image::tools::RUNTIME_TOOLS.to_vec();
         if settings.groups.iter().any(|g| g.network_mode != NetworkMode::None) {
             tools.extend_from_slice(slicer_image::tools::NETWORK_TOOLS);
         }
-        slicer_image::tools::require(&tools)?;
+        slicer_image::tools::require(&tools).map_err(Error::host)?;
         let host = Arc::new(host);
         Manager::with_backend(settings, host.clone(), Arc::new(QemuBackend(host)), data_dir).await
     }
@@ -174,9 +184,9 @@ impl Manager {
         host: Arc<Host>,
         backend: Arc<dyn Backend>,
         data_dir: &std::path::Path,
-    ) -> anyhow::Result<Arc<Manager>> {
-        std::fs::create_dir_all(&host.vm_root)?;
-        let db = Db::open(&data_dir.join("state.db"))?;
+    ) -> Result<Arc<Manager>, Error> {
+        std::fs::create_dir_all(&host.vm_root).map_err(Error::host)?;
+        let db = Db::open(&data_dir.join("state.db")).map_err(Error::host)?;
         // Address plan: explicit ranges and bridge subnets, then ranges derived from group
         // names that avoid the host's addresses, those and each other (and never hold the
         // metadata address's block).
@@ -193,16 +203,13 @@ impl Manager {
         for g in &settings.groups {
             let n = match g.network_mode {
                 NetworkMode::Isolated => match &g.range {
-                    Some(r) => GroupNet::Isolated(slicer_net::Net::parse(r).context("range")?),
+                    Some(r) => GroupNet::Isolated(slicer_net::Net::parse(r).ok_or_else(|| Error::host_msg("range"))?),
                     None => continue,
                 },
-                NetworkMode::Bridge => GroupNet::Bridge(slicer_net::Bridge::new(
-                    &g.name,
-                    &g.bridge,
-                    &g.gateway,
-                    g.allow.clone(),
-                    g.drop.clone(),
-                )?),
+                NetworkMode::Bridge => GroupNet::Bridge(
+                    slicer_net::Bridge::new(&g.name, &g.bridge, &g.gateway, g.allow.clone(), g.drop.clone())
+                        .map_err(Error::host)?,
+                ),
                 NetworkMode::None => continue,
             };
             used.push(match &n {
@@ -235,7 +242,7 @@ impl Manager {
             vm_ranges,
             crate::proxy::ProxyMetrics::of(&metrics),
         )
-        .context("opening the proxy state")?;
+        .map_err(|e| Error::host(e.context("opening the proxy state")))?;
         let m = Arc::new(Manager {
             ledger: Mutex::new(Ledger::new(
                 settings.capacity,
@@ -247,7 +254,7 @@ impl Manager {
             db,
             metrics,
             proxy,
-            secrets: crate::secrets::SecretStore::open(data_dir)?,
+            secrets: crate::secrets::SecretStore::open(data_dir).map_err(Error::host)?,
             secrets_lock: tokio::sync::Mutex::new(()),
             vms: Mutex::new(HashMap::new()),
             nets,
