@@ -121,7 +121,7 @@ impl Manager {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a VM's share of the capacity budget under `key`, or answers 503 saying what is
+    /// Takes a VM's share of the capacity budget under `key`, or refuses (unavailable) saying what is
     /// short. Template memory no running VM maps is unloaded first when RAM is short.
     pub(super) fn reserve(&self, key: &str, rec: &VmRecord) -> Result<(), Error> {
         let hold = Hold::of(rec);

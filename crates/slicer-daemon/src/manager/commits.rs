@@ -36,7 +36,7 @@ pub(crate) struct ForkFrom {
     pub live: Option<Arc<slicer_vmm::Template>>,
 }
 
-/// `GET /vm/commits` filters.
+/// Which commits a listing shows (every given filter must match).
 #[derive(Debug, Default)]
 pub struct CommitFilter {
     pub tags: Vec<String>,
@@ -140,7 +140,8 @@ impl Manager {
         ))
     }
 
-    /// `POST /vm/{h}/commit`.
+    /// Commits a VM: a stopped persistent VM's disk, or (`live`) a running VM's disk, memory
+    /// and devices.
     pub async fn commit(self: &Arc<Self>, hostname: &str, req: CommitRequest) -> Result<CommitResponse, Error> {
         check_tags(&req.tags)?;
         if req.labels.len() > 64
@@ -290,7 +291,7 @@ impl Manager {
         Ok(committed(c, CommitMode::Live))
     }
 
-    /// `GET /vm/commits`.
+    /// The commits that match `f`.
     pub fn commits(&self, f: &CommitFilter) -> Result<Vec<CommitInfo>, Error> {
         Ok(self
             .db
@@ -305,7 +306,7 @@ impl Manager {
             .collect())
     }
 
-    /// `DELETE /vm/commits/{id}`: refused while a VM or another commit sits on it.
+    /// Removes a commit: refused while a VM or another commit sits on it.
     pub async fn delete_commit(self: &Arc<Self>, id: &str) -> Result<CommitDeleted, Error> {
         if !valid_commit_id(id) {
             return Err(Error::invalid(format!("{id:?} is not a commit id")));
@@ -612,7 +613,7 @@ async fn forget_host_keys(vm: &dyn Machine) -> Result<(), NotReady> {
 }
 
 impl Manager {
-    /// `GET /vm/{h}/disk`: the stopped VM's disk (its whole backing chain) as one standalone
+    /// Exports the stopped VM's disk (its whole backing chain) as one standalone
     /// qcow2 file, written beside it and handed back open (already unlinked, so it goes with
     /// the answer however that ends).
     pub async fn export_disk(self: &Arc<Self>, hostname: &str) -> Result<(std::fs::File, u64), Error> {

@@ -105,7 +105,8 @@ impl Manager {
         })
     }
 
-    /// `POST /hostgroup/{g}/nodes`.
+    /// Creates a VM in host group `group`; with `wait`, answers once it is ready (or its
+    /// userdata ran), deleting it if that does not happen within `timeout`.
     pub async fn create(
         self: &Arc<Self>,
         group: &str,

@@ -147,7 +147,7 @@ impl Manager {
             .collect())
     }
 
-    /// The running VM of `hostname`: 404 if unknown, 409 if it is not running.
+    /// The running VM of `hostname`: not found if unknown, a conflict if it is not running.
     pub fn running(&self, hostname: &str) -> Result<Arc<Running>, Error> {
         if let Some(r) = self.vms().get(hostname) {
             if r.vm.is_running() {
@@ -158,7 +158,7 @@ impl Manager {
         Err(Error::conflict(format!("VM {hostname} is not running")))
     }
 
-    /// The running, unpaused VM of `hostname`, for guest operations: 409 when paused.
+    /// The running, unpaused VM of `hostname`, for guest operations: a conflict when paused.
     pub fn active(&self, hostname: &str) -> Result<Arc<Running>, Error> {
         let r = self.running(hostname)?;
         if r.paused.load(Ordering::SeqCst) {

@@ -4,7 +4,7 @@
 use super::*;
 
 impl Manager {
-    /// `POST /vm/{h}/pause` and `/resume`: QMP stop and cont. A resumed VM gets its secrets
+    /// Pauses or resumes a VM's vCPUs (QMP stop and cont). A resumed VM gets its secrets
     /// again: changes made while it was paused passed it by.
     pub async fn set_paused(self: &Arc<Self>, hostname: &str, pause: bool) -> Result<(), Error> {
         let (me, h) = (self.clone(), hostname.to_string());
@@ -23,7 +23,7 @@ impl Manager {
         .await
     }
 
-    /// `POST /vm/{h}/suspend`: saves the VM's memory and devices beside its disk and ends its
+    /// Suspends a VM: saves its memory and devices beside its disk and ends its
     /// QEMU; the record stays (status Suspended) until it is restored or deleted. A suspended
     /// VM holds no share of the capacity budget.
     pub async fn suspend(self: &Arc<Self>, hostname: &str) -> Result<(), Error> {
@@ -52,7 +52,7 @@ impl Manager {
         .await
     }
 
-    /// `POST /vm/{h}/restore`: continues a suspended VM where it was, with its network set up
+    /// Restores a suspended VM: it continues where it was, with its network set up
     /// again; with `wait`, answers once its agent does (or after `timeout`).
     pub async fn restore(self: &Arc<Self>, hostname: &str, wait: bool, timeout: Duration) -> Result<(), Error> {
         let (me, h) = (self.clone(), hostname.to_string());
@@ -125,8 +125,8 @@ impl Manager {
         Ok(self.track(rec, vm, net, false, BootPlan::default()))
     }
 
-    /// `POST /vm/{h}/relaunch`: boots a stopped persistent VM again from its disk. Of two at
-    /// once, the second finds it running (409).
+    /// Relaunches a stopped persistent VM: boots it again from its disk. Of two at once, the
+    /// second finds it running (a conflict).
     pub async fn relaunch(self: &Arc<Self>, hostname: &str) -> Result<Created, Error> {
         let (me, h) = (self.clone(), hostname.to_string());
         let (rec, r) = detached(async move {
@@ -196,7 +196,7 @@ impl Manager {
         Ok(Deleted { disk_removed })
     }
 
-    /// `POST /vm/{h}/shutdown`: power off (ephemeral VMs are then removed) or reboot. A reboot
+    /// Shuts a VM down: power off (ephemeral VMs are then removed) or reboot. A reboot
     /// keeps the VM's share of the capacity budget.
     pub async fn shutdown(self: &Arc<Self>, hostname: &str, reboot: bool) -> Result<(), Error> {
         let (me, h) = (self.clone(), hostname.to_string());

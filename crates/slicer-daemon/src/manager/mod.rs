@@ -87,7 +87,7 @@ pub struct Running {
     pub vm: Box<dyn Machine>,
     pub group: String,
     net: Option<NetHandle>,
-    /// vCPUs stopped through QMP (`POST /vm/{h}/pause`).
+    /// vCPUs stopped through QMP (a pause).
     paused: AtomicBool,
     /// Set before an intentional stop, so the exit watcher does not treat it as a crash.
     stopping: AtomicBool,

@@ -182,7 +182,7 @@ pub enum SecretSyncError {
     PushTimeout(String),
 }
 
-/// What a change to a secret asks for (`PATCH /secrets/{name}`): `None` keeps what is stored.
+/// What a change to a secret asks for (an update): `None` keeps what is stored.
 #[derive(Debug, Default)]
 pub struct SecretChange {
     pub value: Option<Vec<u8>>,
@@ -199,7 +199,7 @@ impl Manager {
         self.secrets.list().map_err(Error::host)
     }
 
-    /// A new secret; 409 when one of that name exists.
+    /// A new secret; a conflict when one of that name exists.
     pub async fn create_secret(
         self: &Arc<Self>,
         info: SecretInfo,
