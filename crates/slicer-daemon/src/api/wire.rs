@@ -1,8 +1,10 @@
 //! The manager's domain types as the API's wire types (slicer-api's).
 
-use slicer_api::{CreateNodeResponse, DeleteResponse, Node};
+use slicer_api::{
+    CommitInfo, CommitMode, CommitResponse, CreateNodeResponse, DeleteResponse, ForkResponse, Node, ParentStatus,
+};
 
-use crate::manager::{Created, Deleted, VmInfo};
+use crate::manager::{Commit, Created, Deleted, Forked, VmInfo};
 
 impl From<VmInfo> for Node {
     /// A listed VM: its bare address (no prefix), empty when it has none.
@@ -53,5 +55,56 @@ pub fn start_mode(m: slicer_vmm::StartMode) -> slicer_api::StartMode {
         slicer_vmm::StartMode::Template => slicer_api::StartMode::Template,
         slicer_vmm::StartMode::Resume => slicer_api::StartMode::Resume,
         slicer_vmm::StartMode::Adopted => slicer_api::StartMode::Adopted,
+    }
+}
+
+impl From<Commit> for CommitInfo {
+    fn from(c: Commit) -> CommitInfo {
+        CommitInfo {
+            commit_id: c.commit_id,
+            source_hostname: c.source_hostname,
+            source_host_group: c.source_host_group,
+            created_at: c.created_at,
+            mode: c.mode,
+            tags: c.tags,
+            labels: c.labels,
+            cache_key: c.cache_key,
+        }
+    }
+}
+
+impl From<Commit> for CommitResponse {
+    /// A commit made: a disk commit's source was stopped, a live one's runs on.
+    fn from(c: Commit) -> CommitResponse {
+        CommitResponse {
+            hostname: c.source_hostname,
+            commit_id: c.commit_id,
+            status: "committed".into(),
+            parent_status: Some(match c.mode {
+                CommitMode::Live => ParentStatus::Running,
+                CommitMode::Disk => ParentStatus::Stopped,
+            }),
+            mode: c.mode,
+            tags: c.tags,
+            labels: c.labels,
+            cache_key: c.cache_key,
+        }
+    }
+}
+
+impl From<Forked> for ForkResponse {
+    /// A fork made: its address with its prefix, empty when it has none.
+    fn from(f: Forked) -> ForkResponse {
+        ForkResponse {
+            hostname: f.hostname,
+            source_hostname: f.source_hostname,
+            commit_id: Some(f.commit_id),
+            status: "forked".into(),
+            parent_status: None,
+            child_status: Some(f.child),
+            mode: f.mode,
+            persistent: f.persistent,
+            ip: f.ip.map(|a| a.to_string()).unwrap_or_default(),
+        }
     }
 }

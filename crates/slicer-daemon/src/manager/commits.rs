@@ -19,10 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use slicer_agent_proto::ExecRequest;
-use slicer_api::{
-    ChildStatus, CommitDeleted, CommitInfo, CommitMode, CommitRequest, CommitResponse, CreateNodeRequest, Fixup,
-    ForkRequest, ForkResponse, ParentStatus, TagMode, VmStatus,
-};
+use slicer_api::{ChildStatus, CommitMode, CommitRequest, CreateNodeRequest, Fixup, ForkRequest, TagMode, VmStatus};
 
 use super::{detached, stamp, vm_name, Error, GuestText, Machine, Manager, NotReady, Wait};
 
@@ -42,7 +39,7 @@ pub struct CommitFilter {
     pub tags: Vec<String>,
     pub cache_key: Option<String>,
     pub source: Option<String>,
-    pub mode: Option<String>,
+    pub mode: Option<CommitMode>,
 }
 
 /// Most disks a VM's backing chain may hold below its overlay (each commit adds one; the jail
@@ -70,17 +67,47 @@ fn check_tags(tags: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-fn info(c: &CommitRecord, mode: CommitMode) -> CommitInfo {
-    CommitInfo {
-        commit_id: c.commit_id.clone(),
-        source_hostname: c.source_hostname.clone(),
-        source_host_group: c.source_host_group.clone(),
-        created_at: c.created_at.clone(),
-        mode,
-        tags: c.tags.clone(),
-        labels: c.labels.clone(),
-        cache_key: c.cache_key.clone(),
+/// A commit as the manager tells of it: its record and what it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Commit {
+    pub commit_id: String,
+    pub source_hostname: String,
+    pub source_host_group: String,
+    /// When it was made, as its record keeps it (RFC 3339, UTC).
+    pub created_at: String,
+    pub mode: CommitMode,
+    pub tags: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub cache_key: Option<String>,
+}
+
+impl Commit {
+    fn of(c: CommitRecord, mode: CommitMode) -> Commit {
+        Commit {
+            commit_id: c.commit_id,
+            source_hostname: c.source_hostname,
+            source_host_group: c.source_host_group,
+            created_at: c.created_at,
+            mode,
+            tags: c.tags,
+            labels: c.labels,
+            cache_key: c.cache_key,
+        }
     }
+}
+
+/// A VM a fork made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forked {
+    pub hostname: String,
+    pub source_hostname: String,
+    pub commit_id: String,
+    /// Running (its agent answers) or starting (not waited for).
+    pub child: ChildStatus,
+    pub mode: CommitMode,
+    pub persistent: bool,
+    /// `None`: the VM has no network.
+    pub ip: Option<super::VmAddr>,
 }
 
 /// The record of a new commit `id` of VM `rec`, whose disk sits on `base_commit`.
@@ -96,23 +123,6 @@ fn commit_record(id: &str, rec: &VmRecord, req: &CommitRequest, base_commit: Opt
         image: rec.image.clone(),
         storage_size: rec.storage_size,
         base_commit,
-    }
-}
-
-/// The answer to a commit: `disk` (the source stopped) or `live` (it runs on).
-fn committed(c: CommitRecord, mode: CommitMode) -> CommitResponse {
-    CommitResponse {
-        hostname: c.source_hostname,
-        commit_id: c.commit_id,
-        status: "committed".into(),
-        parent_status: Some(match mode {
-            CommitMode::Live => ParentStatus::Running,
-            CommitMode::Disk => ParentStatus::Stopped,
-        }),
-        mode,
-        tags: c.tags,
-        labels: c.labels,
-        cache_key: c.cache_key,
     }
 }
 
@@ -142,7 +152,7 @@ impl Manager {
 
     /// Commits a VM: a stopped persistent VM's disk, or (`live`) a running VM's disk, memory
     /// and devices.
-    pub async fn commit(self: &Arc<Self>, hostname: &str, req: CommitRequest) -> Result<CommitResponse, Error> {
+    pub async fn commit(self: &Arc<Self>, hostname: &str, req: CommitRequest) -> Result<Commit, Error> {
         check_tags(&req.tags)?;
         if req.labels.len() > 64
             || req.labels.iter().any(|(k, v)| {
@@ -203,7 +213,7 @@ impl Manager {
                 .set_lineage(&h, Some(&id), parent.as_deref())
                 .map_err(Error::host)?;
             tracing::info!(vm = %h, commit = %id, cache_key = ?req.cache_key, "committed");
-            Ok(committed(c, CommitMode::Disk))
+            Ok(Commit::of(c, CommitMode::Disk))
         })
         .await
     }
@@ -242,7 +252,7 @@ impl Manager {
     }
 
     /// A live commit of the running VM `rec` (commit lock and the VM's lock held).
-    async fn commit_live(&self, rec: VmRecord, req: CommitRequest) -> Result<CommitResponse, Error> {
+    async fn commit_live(&self, rec: VmRecord, req: CommitRequest) -> Result<Commit, Error> {
         let h = rec.hostname.clone();
         let r = match self.vms().get(&h) {
             Some(r) if rec.status == VmStatus::Running => r.clone(),
@@ -288,26 +298,29 @@ impl Manager {
             return Err(Error::host(e));
         }
         tracing::info!(vm = %h, commit = %id, paused_ms = times.paused.as_millis() as u64, "committed live");
-        Ok(committed(c, CommitMode::Live))
+        Ok(Commit::of(c, CommitMode::Live))
     }
 
     /// The commits that match `f`.
-    pub fn commits(&self, f: &CommitFilter) -> Result<Vec<CommitInfo>, Error> {
+    pub fn commits(&self, f: &CommitFilter) -> Result<Vec<Commit>, Error> {
         Ok(self
             .db
             .commits()
             .map_err(Error::host)?
-            .iter()
+            .into_iter()
             .filter(|c| f.cache_key.as_ref().is_none_or(|k| c.cache_key.as_ref() == Some(k)))
             .filter(|c| f.source.as_ref().is_none_or(|s| &c.source_hostname == s))
             .filter(|c| f.tags.iter().all(|t| c.tags.contains(t)))
-            .map(|c| info(c, self.commit_mode(&c.commit_id)))
-            .filter(|c| f.mode.as_ref().is_none_or(|m| c.mode.as_str() == m))
+            .map(|c| {
+                let mode = self.commit_mode(&c.commit_id);
+                Commit::of(c, mode)
+            })
+            .filter(|c| f.mode.is_none_or(|m| c.mode == m))
             .collect())
     }
 
     /// Removes a commit: refused while a VM or another commit sits on it.
-    pub async fn delete_commit(self: &Arc<Self>, id: &str) -> Result<CommitDeleted, Error> {
+    pub async fn delete_commit(self: &Arc<Self>, id: &str) -> Result<(), Error> {
         if !valid_commit_id(id) {
             return Err(Error::invalid(format!("{id:?} is not a commit id")));
         }
@@ -337,10 +350,7 @@ impl Manager {
         }
         self.db.delete_commit(id).map_err(Error::host)?;
         self.host.template_memory.forget(&dir);
-        Ok(CommitDeleted {
-            commit_id: id.to_string(),
-            status: "deleted".into(),
-        })
+        Ok(())
     }
 
     /// The fork's disk: an overlay on the commit's, made under the commit lock (so the commit
@@ -381,7 +391,7 @@ impl Manager {
         req: ForkRequest,
         wait: bool,
         timeout: Duration,
-    ) -> Result<Vec<ForkResponse>, Error> {
+    ) -> Result<Vec<Forked>, Error> {
         let plan = self.fork_plan(id, &req)?;
         let results =
             futures_util::future::join_all((0..plan.count).map(|_| self.fork_one(&plan, wait, timeout))).await;
@@ -483,7 +493,7 @@ impl Manager {
     }
 
     /// One fork of the plan's commit (see [`Manager::fork`]).
-    async fn fork_one(self: &Arc<Self>, plan: &ForkPlan, wait: bool, timeout: Duration) -> Result<ForkResponse, Error> {
+    async fn fork_one(self: &Arc<Self>, plan: &ForkPlan, wait: bool, timeout: Duration) -> Result<Forked, Error> {
         let (c, create) = (&plan.commit, &plan.create);
         let mut rec = self.new_record(&plan.group, create)?;
         rec.image = c.image.clone();
@@ -539,16 +549,14 @@ impl Manager {
             tokio::spawn(finish);
             ChildStatus::Starting
         };
-        Ok(ForkResponse {
+        Ok(Forked {
             hostname: rec.hostname.clone(),
             source_hostname: c.source_hostname.clone(),
-            commit_id: Some(c.commit_id.clone()),
-            status: "forked".into(),
-            parent_status: None,
-            child_status: Some(child_status),
+            commit_id: c.commit_id.clone(),
+            child: child_status,
             mode,
             persistent: rec.persistent,
-            ip: rec.ip.clone(),
+            ip: super::VmAddr::of(&rec),
         })
     }
 }

@@ -39,7 +39,7 @@ mod unit;
 pub use backend::{Backend, BoxFut, Machine, QemuBackend};
 
 use capacity::Ledger;
-pub use commits::{valid_commit_id, CommitFilter};
+pub use commits::{valid_commit_id, Commit, CommitFilter, Forked};
 use create::{BootPlan, LaunchPlan, NewVm};
 use guest::*;
 pub use info::{Created, Deleted, VmAddr, VmInfo};
