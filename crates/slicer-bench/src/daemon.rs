@@ -96,7 +96,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             persistent: true,
             protected: false,
             status: slicer_api::VmStatus::Stopped,
-            created_at: slicer_daemon::manager::now_rfc3339(),
+            created_at: slicer_daemon::manager::stamp(),
             ip: String::new(),
             pid: None,
             image: a.image.clone(),

@@ -141,7 +141,7 @@ pub struct Manager {
 
 /// The time now as the manager's records keep it (the state database, the secret store):
 /// RFC 3339 in UTC. Answers format their times in `api`.
-pub(crate) fn stamp() -> String {
+pub fn stamp() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
