@@ -109,6 +109,7 @@ impl Manager {
         self.vm_dir(hostname).join("console.log")
     }
 
+    /// The record of VM `hostname`.
     pub fn record(&self, hostname: &str) -> Result<VmRecord, Error> {
         self.db
             .get(hostname)

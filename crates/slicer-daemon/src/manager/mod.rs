@@ -1,5 +1,9 @@
 //! The VM manager: creates, tracks and removes VMs, keeping SQLite in step.
 //!
+//! It is the daemon's service: operations in, domain types out ([`VmInfo`], [`Created`],
+//! [`Deleted`], [`Commit`], [`Forked`]; failures as [`Error`]). It knows nothing of HTTP: `api`
+//! turns its answers into slicer-api's wire types, times into RFC 3339, errors into statuses.
+//!
 //! Every VM is started with a disk the VM library never removes (`persistent` at that
 //! level); the manager decides when a disk goes: on delete, or when an ephemeral VM stops.
 
@@ -83,6 +87,7 @@ impl From<NotReady> for Error {
     }
 }
 
+/// A VM whose QEMU the manager started or adopted, with what follows its boot.
 pub struct Running {
     pub vm: Box<dyn Machine>,
     pub group: String,
@@ -106,6 +111,7 @@ impl Running {
     }
 }
 
+/// The service the API calls: VM operations in, domain types out (see the module docs).
 pub struct Manager {
     settings: Settings,
     host: Arc<Host>,
@@ -157,9 +163,12 @@ async fn detached<T: Send + 'static>(
         .unwrap_or_else(|e| Err(Error::host_msg(format!("the VM operation failed: {e}"))))
 }
 
+/// What a create waits for before it answers.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Wait {
+    /// The guest agent answers (the VM is ready).
     Agent,
+    /// Its userdata ran too.
     Userdata,
 }
 
@@ -286,6 +295,7 @@ impl Manager {
         &self.proxy
     }
 
+    /// The config's host group `name`.
     pub fn group(&self, name: &str) -> Result<&Group, Error> {
         self.settings
             .groups
