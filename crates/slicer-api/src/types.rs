@@ -616,6 +616,101 @@ pub struct CommitRequest {
     pub live: Option<bool>,
 }
 
+/// What a commit holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitMode {
+    /// The stopped VM's disk.
+    Disk,
+    /// A running VM's disk, memory and devices (slicer extension).
+    Live,
+}
+
+impl CommitMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommitMode::Disk => "disk",
+            CommitMode::Live => "live",
+        }
+    }
+}
+
+impl std::fmt::Display for CommitMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The state of a commit's source VM after the commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParentStatus {
+    /// A live commit's source runs on.
+    Running,
+    /// A disk commit's source was stopped.
+    Stopped,
+}
+
+/// A fork's state in the answer to its fork.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChildStatus {
+    /// Its agent answers.
+    Running,
+    /// Not waited for (`wait=none`).
+    Starting,
+}
+
+/// How a fork's tags come from its commit's (`ForkRequest::tag_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TagMode {
+    /// The commit's tags, then the request's.
+    #[default]
+    Append,
+    /// The request's tags only.
+    Replace,
+}
+
+impl TagMode {
+    /// The mode a request names (`None`: no such mode).
+    pub fn parse(s: &str) -> Option<TagMode> {
+        match s {
+            "append" => Some(TagMode::Append),
+            "replace" => Some(TagMode::Replace),
+            _ => None,
+        }
+    }
+}
+
+/// What a fork's first boot changes so that it is not its commit's source
+/// (`ForkRequest::fixups`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fixup {
+    Hostname,
+    MachineId,
+    SshHostKeys,
+}
+
+impl Fixup {
+    /// Every fixup, in the order the API names them.
+    pub const ALL: [Fixup; 3] = [Fixup::Hostname, Fixup::MachineId, Fixup::SshHostKeys];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fixup::Hostname => "hostname",
+            Fixup::MachineId => "machine-id",
+            Fixup::SshHostKeys => "ssh-host-keys",
+        }
+    }
+
+    /// The fixup a request names (`None`: no such fixup).
+    pub fn parse(s: &str) -> Option<Fixup> {
+        Fixup::ALL.into_iter().find(|f| f.as_str() == s)
+    }
+}
+
 /// The answer to a commit.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CommitResponse {
@@ -624,9 +719,9 @@ pub struct CommitResponse {
     /// `committed`.
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent_status: Option<String>,
+    pub parent_status: Option<ParentStatus>,
     /// `disk`, or `live` (memory and devices too).
-    pub mode: String,
+    pub mode: CommitMode,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -642,7 +737,7 @@ pub struct CommitInfo {
     pub source_hostname: String,
     pub source_host_group: String,
     pub created_at: String,
-    pub mode: String,
+    pub mode: CommitMode,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -695,11 +790,11 @@ pub struct ForkResponse {
     /// `forked`.
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent_status: Option<String>,
+    pub parent_status: Option<ParentStatus>,
     /// `running` (the agent answers) or `starting` (`wait=none`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub child_status: Option<String>,
-    pub mode: String,
+    pub child_status: Option<ChildStatus>,
+    pub mode: CommitMode,
     pub persistent: bool,
     /// Address with prefix; empty without a network.
     #[serde(default)]

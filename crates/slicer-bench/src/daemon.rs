@@ -113,7 +113,7 @@ async fn list_100(c: &ApiClient, tmp: &Path, image: &str) -> Result<Vec<f64>> {
             persistent: true,
             protected: false,
             status: slicer_api::VmStatus::Stopped,
-            created_at: slicer_daemon::manager::now_rfc3339(),
+            created_at: slicer_daemon::manager::stamp(),
             ip: String::new(),
             pid: None,
             image: image.to_string(),

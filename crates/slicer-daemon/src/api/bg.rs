@@ -14,7 +14,7 @@ use slicer_agent_proto::{BgFrame, BgInfo, BgKill, BgLogsQuery, BgStart};
 use super::exec::signal_name;
 use super::{query_bool, query_one, JsonBody, Shared};
 use crate::api::error::ApiErr;
-use crate::manager::rfc3339_ms;
+use crate::api::time::rfc3339_ms;
 
 use slicer_api::{ExecInfo as Info, ExecKillRequest, ExecKilled, ExecReaped, ExecStarted, ExecWaitExit};
 

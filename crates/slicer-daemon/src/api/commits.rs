@@ -4,7 +4,7 @@
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::Json;
-use slicer_api::{CommitDeleted, CommitInfo, CommitRequest, CommitResponse, ForkRequest};
+use slicer_api::{CommitDeleted, CommitInfo, CommitMode, CommitRequest, CommitResponse, ForkRequest, ForkResponse};
 
 use super::{query_one, query_pairs, query_timeout, JsonBody, Shared};
 use crate::api::error::ApiErr;
@@ -16,7 +16,8 @@ pub async fn commit(
     JsonBody(req): JsonBody<CommitRequest>,
 ) -> Result<(StatusCode, Json<CommitResponse>), ApiErr> {
     let rec = st.manager.record(&hostname)?;
-    Ok((StatusCode::CREATED, Json(st.manager.commit(&rec.hostname, req).await?)))
+    let made = st.manager.commit(&rec.hostname, req).await?;
+    Ok((StatusCode::CREATED, Json(CommitResponse::from(made))))
 }
 
 pub async fn list(State(st): State<Shared>, q: RawQuery) -> Result<Json<Vec<CommitInfo>>, ApiErr> {
@@ -35,15 +36,22 @@ pub async fn list(State(st): State<Shared>, q: RawQuery) -> Result<Json<Vec<Comm
             .map(str::to_string),
         mode: match query_one(&pairs, "mode") {
             None | Some("") => None,
-            Some(m @ ("disk" | "live")) => Some(m.to_string()),
+            Some("disk") => Some(CommitMode::Disk),
+            Some("live") => Some(CommitMode::Live),
             Some(m) => return Err(ApiErr::bad_request(format!("query mode: {m:?} is not disk or live"))),
         },
     };
-    Ok(Json(st.manager.commits(&f)?))
+    Ok(Json(
+        st.manager.commits(&f)?.into_iter().map(CommitInfo::from).collect(),
+    ))
 }
 
 pub async fn delete(State(st): State<Shared>, Path(id): Path<String>) -> Result<Json<CommitDeleted>, ApiErr> {
-    Ok(Json(st.manager.delete_commit(&id).await?))
+    st.manager.delete_commit(&id).await?;
+    Ok(Json(CommitDeleted {
+        commit_id: id,
+        status: "deleted".into(),
+    }))
 }
 
 pub async fn fork(
@@ -60,7 +68,13 @@ pub async fn fork(
     };
     let timeout = query_timeout(&pairs)?;
     let many = req.count.is_some();
-    let forks = st.manager.fork(&id, req, wait, timeout).await?;
+    let forks: Vec<ForkResponse> = st
+        .manager
+        .fork(&id, req, wait, timeout)
+        .await?
+        .into_iter()
+        .map(ForkResponse::from)
+        .collect();
     // With `count` the answer is an array (also of one); without, Slicer's single object.
     let body = match forks.first() {
         Some(one) if !many => serde_json::to_value(one),

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use super::{query_bool, query_one, query_pairs, Shared};
 use crate::api::error::ApiErr;
-use crate::manager::{now_rfc3339, ExecStart, Process};
+use crate::api::time::now_rfc3339;
+use crate::manager::{ExecStart, Process};
 
 /// Quotes a word for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {

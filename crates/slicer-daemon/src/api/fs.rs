@@ -11,7 +11,7 @@ use crate::api::error::ApiErr;
 use slicer_api::{FsEntry as Entry, MkdirRequest as MkdirBody};
 
 fn entry(e: slicer_agent_proto::FsEntry) -> Entry {
-    let mtime = crate::manager::rfc3339_ns(i128::from(e.mtime_sec) * 1_000_000_000 + i128::from(e.mtime_nsec));
+    let mtime = crate::api::time::rfc3339_ns(i128::from(e.mtime_sec) * 1_000_000_000 + i128::from(e.mtime_nsec));
     Entry {
         name: e.name,
         kind: e.kind,

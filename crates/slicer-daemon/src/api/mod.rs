@@ -10,7 +10,9 @@ mod mcp;
 mod proxy;
 mod secrets;
 mod stats;
+pub mod time;
 mod watch;
+mod wire;
 mod ws;
 
 use std::sync::Arc;
@@ -391,6 +393,11 @@ async fn hostgroups(State(st): State<Shared>) -> Json<Vec<HostGroupInfo>> {
     )
 }
 
+/// VMs as listed on the wire.
+fn nodes_of(vms: Vec<crate::manager::VmInfo>) -> Vec<Node> {
+    vms.into_iter().map(Node::from).collect()
+}
+
 fn filter_nodes(nodes: Vec<Node>, q: &RawQuery) -> Result<Vec<Node>, ApiErr> {
     let pairs = query_pairs(&q.0);
     let tag = query_one(&pairs, "tag");
@@ -409,7 +416,7 @@ fn filter_nodes(nodes: Vec<Node>, q: &RawQuery) -> Result<Vec<Node>, ApiErr> {
 }
 
 async fn nodes(State(st): State<Shared>, q: RawQuery) -> Result<Json<Vec<Node>>, ApiErr> {
-    Ok(Json(filter_nodes(st.manager.list(None)?, &q)?))
+    Ok(Json(filter_nodes(nodes_of(st.manager.list(None)?), &q)?))
 }
 
 async fn group_nodes(
@@ -418,7 +425,7 @@ async fn group_nodes(
     q: RawQuery,
 ) -> Result<Json<Vec<Node>>, ApiErr> {
     st.manager.group(&group)?;
-    Ok(Json(filter_nodes(st.manager.list(Some(&group))?, &q)?))
+    Ok(Json(filter_nodes(nodes_of(st.manager.list(Some(&group))?), &q)?))
 }
 
 async fn create(
@@ -440,7 +447,7 @@ async fn create(
     };
     let timeout = query_timeout(&pairs)?;
     let resp = st.manager.create(&group, req, wait, timeout).await?;
-    Ok((StatusCode::CREATED, Json(resp)))
+    Ok((StatusCode::CREATED, Json(slicer_api::CreateNodeResponse::from(resp))))
 }
 
 async fn delete(
@@ -454,7 +461,7 @@ async fn delete(
             "VM {hostname:?} not found in host group {group:?}"
         )));
     }
-    Ok(Json(st.manager.delete(&hostname, false).await?))
+    Ok(Json(st.manager.delete(&hostname, false).await?.into()))
 }
 
 async fn describe(State(st): State<Shared>, Path(hostname): Path<String>) -> Result<Json<VmDescription>, ApiErr> {
@@ -468,11 +475,11 @@ async fn describe(State(st): State<Shared>, Path(hostname): Path<String>) -> Res
     let overridden = rec.net_allow.is_some() || rec.net_drop.is_some();
     let lineage = st.manager.lineage(&rec.hostname)?;
     Ok(Json(VmDescription {
-        node: st.manager.node(&rec),
+        node: st.manager.vm_info(&rec).into(),
         storage: "image".into(),
         storage_size: rec.storage_size.unwrap_or(0),
         image: rec.image.clone(),
-        start_mode: st.manager.start_mode(&hostname),
+        start_mode: st.manager.start_mode(&hostname).map(wire::start_mode),
         commit_id: lineage.0,
         parent_commit_id: lineage.1,
         network: NetworkInfo {
@@ -655,7 +662,7 @@ async fn relaunch(
     State(st): State<Shared>,
     Path(hostname): Path<String>,
 ) -> Result<Json<slicer_api::CreateNodeResponse>, ApiErr> {
-    Ok(Json(st.manager.relaunch(&hostname).await?))
+    Ok(Json(st.manager.relaunch(&hostname).await?.into()))
 }
 
 /// The items of a channel as a stream (for streamed response bodies).

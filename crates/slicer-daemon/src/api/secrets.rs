@@ -10,7 +10,8 @@ use base64::Engine;
 
 use super::{JsonBody, Shared};
 use crate::api::error::ApiErr;
-use crate::manager::{now_rfc3339, settle_pushes, SecretChange};
+use crate::api::time::now_rfc3339;
+use crate::manager::{settle_pushes, SecretChange};
 use crate::secrets::{parse_permissions, valid_name, SecretInfo, MAX_SECRET};
 
 use slicer_api::{CreateSecretRequest as CreateSecret, UpdateSecretRequest as UpdateSecret};

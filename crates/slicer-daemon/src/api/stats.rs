@@ -33,7 +33,7 @@ fn percent(part: u64, whole: u64) -> f64 {
 fn snapshot(hostname: &str, g: GuestStats) -> Snapshot {
     let memory_used = g.memory_total.saturating_sub(g.memory_available);
     let disk_used = g.disk_total.saturating_sub(g.disk_free);
-    let timestamp = crate::manager::rfc3339_ms(g.timestamp_ms);
+    let timestamp = crate::api::time::rfc3339_ms(g.timestamp_ms);
     Snapshot {
         hostname: hostname.to_string(),
         arch: g.arch.chars().take(32).collect(),

@@ -260,7 +260,7 @@ fn sse_event(n: u64, e: &WatchEvent) -> Event {
         "id": n,
         "type": e.kind,
         "path": e.path,
-        "timestamp": crate::manager::rfc3339_ms(e.timestamp_ms),
+        "timestamp": crate::api::time::rfc3339_ms(e.timestamp_ms),
         "size": e.size,
         "isDir": e.is_dir,
     });

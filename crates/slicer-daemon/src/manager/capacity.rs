@@ -78,15 +78,16 @@ impl Ledger {
         bytes.saturating_sub(self.free_ram(None))
     }
 
-    /// Takes `hold` for `key` when it fits every budget; else says what is short.
-    pub(super) fn reserve(&mut self, key: &str, hold: Hold) -> Result<(), String> {
+    /// Takes `hold` for `key` when it fits every budget; else says what is short
+    /// ([`Error::Unavailable`]).
+    pub(super) fn reserve(&mut self, key: &str, hold: Hold) -> Result<(), Error> {
         let used = self.held(Some(key));
         let b = self.budget;
         if used.vms >= b.vms {
-            return Err(format!(
+            return Err(Error::unavailable(format!(
                 "host capacity: no room for another VM: {} VMs are running or starting, the budget is {}",
                 used.vms, b.vms
-            ));
+            )));
         }
         let free_ram = self.free_ram(Some(key));
         if hold.host_ram > free_ram {
@@ -94,21 +95,21 @@ impl Ledger {
                 0 => String::new(),
                 t => format!(" ({} of it held by template memory)", human_bytes(t)),
             };
-            return Err(format!(
+            return Err(Error::unavailable(format!(
                 "host capacity: {} of RAM requested ({} for the guest, {} for QEMU), {} free of a {} budget{templates}",
                 human_bytes(hold.host_ram),
                 human_bytes(hold.ram),
                 human_bytes(hold.host_ram - hold.ram),
                 human_bytes(free_ram),
                 human_bytes(b.ram_bytes)
-            ));
+            )));
         }
         let free_vcpus = b.vcpus.saturating_sub(used.vcpus);
         if hold.vcpus > free_vcpus {
-            return Err(format!(
+            return Err(Error::unavailable(format!(
                 "host capacity: {} vCPUs requested, {free_vcpus} free of a budget of {}",
                 hold.vcpus, b.vcpus
-            ));
+            )));
         }
         self.holds.insert(key.to_string(), hold);
         Ok(())
@@ -120,7 +121,7 @@ impl Manager {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a VM's share of the capacity budget under `key`, or answers 503 saying what is
+    /// Takes a VM's share of the capacity budget under `key`, or refuses (unavailable) saying what is
     /// short. Template memory no running VM maps is unloaded first when RAM is short.
     pub(super) fn reserve(&self, key: &str, rec: &VmRecord) -> Result<(), Error> {
         let hold = Hold::of(rec);
@@ -128,7 +129,7 @@ impl Manager {
         if short > 0 && self.host.template_memory.evict_unused(short) > 0 {
             self.count_templates();
         }
-        self.ledger().reserve(key, hold).map_err(Error::unavailable)
+        self.ledger().reserve(key, hold)
     }
 
     /// Updates the ledger's figure of template memory from the host's.
@@ -259,7 +260,7 @@ mod tests {
         );
         l.reserve("a", Hold::of(&rec(256, 1))).unwrap();
         l.reserve("b", Hold::of(&rec(256, 1))).unwrap();
-        let e = l.reserve("c", Hold::of(&rec(256, 1))).unwrap_err();
+        let e = l.reserve("c", Hold::of(&rec(256, 1))).unwrap_err().to_string();
         assert!(
             e.starts_with("host capacity: ") && e.contains("of RAM requested") && e.contains("0 MiB free"),
             "{e}"
@@ -268,11 +269,11 @@ mod tests {
         l.reserve("a", Hold::of(&rec(256, 1))).unwrap();
         assert_eq!(l.held(None).vms, 2);
         l.holds.remove("b");
-        let e = l.reserve("c", Hold::of(&rec(128, 4))).unwrap_err();
+        let e = l.reserve("c", Hold::of(&rec(128, 4))).unwrap_err().to_string();
         assert!(e.contains("4 vCPUs requested, 3 free of a budget of 4"), "{e}");
         l.reserve("c", Hold::of(&rec(128, 3))).unwrap();
         l.budget.vms = 2;
-        let e = l.reserve("d", Hold::of(&rec(128, 0))).unwrap_err();
+        let e = l.reserve("d", Hold::of(&rec(128, 0))).unwrap_err().to_string();
         assert!(e.contains("2 VMs are running or starting, the budget is 2"), "{e}");
         assert_eq!(
             l.held(None),
@@ -299,7 +300,7 @@ mod tests {
         assert_eq!(l.ram_short_by(nominal), 0);
         l.templates = 300 << 20;
         assert_eq!(l.ram_short_by(nominal), 300 << 20);
-        let e = l.reserve("b", Hold::of(&rec(256, 1))).unwrap_err();
+        let e = l.reserve("b", Hold::of(&rec(256, 1))).unwrap_err().to_string();
         assert!(
             e.contains("of RAM requested") && e.contains("(300 MiB of it held by template memory)"),
             "{e}"

@@ -19,11 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use slicer_agent_proto::ExecRequest;
-use slicer_api::{
-    CommitDeleted, CommitInfo, CommitRequest, CommitResponse, CreateNodeRequest, ForkRequest, ForkResponse, VmStatus,
-};
+use slicer_api::{ChildStatus, CommitMode, CommitRequest, CreateNodeRequest, Fixup, ForkRequest, TagMode, VmStatus};
 
-use super::{detached, now_rfc3339, vm_name, Error, GuestText, Machine, Manager, Wait};
+use super::{detached, stamp, vm_name, Error, GuestText, Machine, Manager, NotReady, Wait};
 
 use crate::state::{CommitRecord, VmRecord};
 
@@ -35,16 +33,14 @@ pub(crate) struct ForkFrom {
     pub live: Option<Arc<slicer_vmm::Template>>,
 }
 
-/// `GET /vm/commits` filters.
+/// Which commits a listing shows (every given filter must match).
 #[derive(Debug, Default)]
 pub struct CommitFilter {
     pub tags: Vec<String>,
     pub cache_key: Option<String>,
     pub source: Option<String>,
-    pub mode: Option<String>,
+    pub mode: Option<CommitMode>,
 }
-
-const FIXUPS: &[&str] = &["hostname", "machine-id", "ssh-host-keys"];
 
 /// Most disks a VM's backing chain may hold below its overlay (each commit adds one; the jail
 /// reads at most 16 and QEMU slows down with every level).
@@ -71,17 +67,47 @@ fn check_tags(tags: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-fn info(c: &CommitRecord, mode: &str) -> CommitInfo {
-    CommitInfo {
-        commit_id: c.commit_id.clone(),
-        source_hostname: c.source_hostname.clone(),
-        source_host_group: c.source_host_group.clone(),
-        created_at: c.created_at.clone(),
-        mode: mode.into(),
-        tags: c.tags.clone(),
-        labels: c.labels.clone(),
-        cache_key: c.cache_key.clone(),
+/// A commit as the manager tells of it: its record and what it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Commit {
+    pub commit_id: String,
+    pub source_hostname: String,
+    pub source_host_group: String,
+    /// When it was made, as its record keeps it (RFC 3339, UTC).
+    pub created_at: String,
+    pub mode: CommitMode,
+    pub tags: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub cache_key: Option<String>,
+}
+
+impl Commit {
+    fn of(c: CommitRecord, mode: CommitMode) -> Commit {
+        Commit {
+            commit_id: c.commit_id,
+            source_hostname: c.source_hostname,
+            source_host_group: c.source_host_group,
+            created_at: c.created_at,
+            mode,
+            tags: c.tags,
+            labels: c.labels,
+            cache_key: c.cache_key,
+        }
     }
+}
+
+/// A VM a fork made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forked {
+    pub hostname: String,
+    pub source_hostname: String,
+    pub commit_id: String,
+    /// Running (its agent answers) or starting (not waited for).
+    pub child: ChildStatus,
+    pub mode: CommitMode,
+    pub persistent: bool,
+    /// `None`: the VM has no network.
+    pub ip: Option<super::VmAddr>,
 }
 
 /// The record of a new commit `id` of VM `rec`, whose disk sits on `base_commit`.
@@ -90,7 +116,7 @@ fn commit_record(id: &str, rec: &VmRecord, req: &CommitRequest, base_commit: Opt
         commit_id: id.to_string(),
         source_hostname: rec.hostname.clone(),
         source_host_group: rec.host_group.clone(),
-        created_at: now_rfc3339(),
+        created_at: stamp(),
         cache_key: req.cache_key.clone(),
         tags: req.tags.clone(),
         labels: req.labels.clone(),
@@ -100,30 +126,17 @@ fn commit_record(id: &str, rec: &VmRecord, req: &CommitRequest, base_commit: Opt
     }
 }
 
-/// The answer to a commit: `disk` (the source stopped) or `live` (it runs on).
-fn committed(c: CommitRecord, mode: &str) -> CommitResponse {
-    CommitResponse {
-        hostname: c.source_hostname,
-        commit_id: c.commit_id,
-        status: "committed".into(),
-        parent_status: Some(if mode == "live" { "running" } else { "stopped" }.into()),
-        mode: mode.into(),
-        tags: c.tags,
-        labels: c.labels,
-        cache_key: c.cache_key,
-    }
-}
-
 impl Manager {
     fn commit_disk(&self, id: &str) -> PathBuf {
         self.commits_dir.join(id).join("disk.qcow2")
     }
 
-    /// `live` when the commit holds a capture (memory and devices), else `disk`.
-    fn commit_mode(&self, id: &str) -> &'static str {
+    /// `Live` when the commit holds a capture (memory and devices), else `Disk`. The commit's
+    /// record does not keep its mode: its directory tells, here alone.
+    fn commit_mode(&self, id: &str) -> CommitMode {
         match self.commits_dir.join(id).join("state").is_file() {
-            true => "live",
-            false => "disk",
+            true => CommitMode::Live,
+            false => CommitMode::Disk,
         }
     }
 
@@ -137,8 +150,9 @@ impl Manager {
         ))
     }
 
-    /// `POST /vm/{h}/commit`.
-    pub async fn commit(self: &Arc<Self>, hostname: &str, req: CommitRequest) -> Result<CommitResponse, Error> {
+    /// Commits a VM: a stopped persistent VM's disk, or (`live`) a running VM's disk, memory
+    /// and devices.
+    pub async fn commit(self: &Arc<Self>, hostname: &str, req: CommitRequest) -> Result<Commit, Error> {
         check_tags(&req.tags)?;
         if req.labels.len() > 64
             || req.labels.iter().any(|(k, v)| {
@@ -199,7 +213,7 @@ impl Manager {
                 .set_lineage(&h, Some(&id), parent.as_deref())
                 .map_err(Error::host)?;
             tracing::info!(vm = %h, commit = %id, cache_key = ?req.cache_key, "committed");
-            Ok(committed(c, "disk"))
+            Ok(Commit::of(c, CommitMode::Disk))
         })
         .await
     }
@@ -238,7 +252,7 @@ impl Manager {
     }
 
     /// A live commit of the running VM `rec` (commit lock and the VM's lock held).
-    async fn commit_live(&self, rec: VmRecord, req: CommitRequest) -> Result<CommitResponse, Error> {
+    async fn commit_live(&self, rec: VmRecord, req: CommitRequest) -> Result<Commit, Error> {
         let h = rec.hostname.clone();
         let r = match self.vms().get(&h) {
             Some(r) if rec.status == VmStatus::Running => r.clone(),
@@ -284,26 +298,29 @@ impl Manager {
             return Err(Error::host(e));
         }
         tracing::info!(vm = %h, commit = %id, paused_ms = times.paused.as_millis() as u64, "committed live");
-        Ok(committed(c, "live"))
+        Ok(Commit::of(c, CommitMode::Live))
     }
 
-    /// `GET /vm/commits`.
-    pub fn commits(&self, f: &CommitFilter) -> Result<Vec<CommitInfo>, Error> {
+    /// The commits that match `f`.
+    pub fn commits(&self, f: &CommitFilter) -> Result<Vec<Commit>, Error> {
         Ok(self
             .db
             .commits()
             .map_err(Error::host)?
-            .iter()
+            .into_iter()
             .filter(|c| f.cache_key.as_ref().is_none_or(|k| c.cache_key.as_ref() == Some(k)))
             .filter(|c| f.source.as_ref().is_none_or(|s| &c.source_hostname == s))
             .filter(|c| f.tags.iter().all(|t| c.tags.contains(t)))
-            .map(|c| info(c, self.commit_mode(&c.commit_id)))
-            .filter(|c| f.mode.as_ref().is_none_or(|m| &c.mode == m))
+            .map(|c| {
+                let mode = self.commit_mode(&c.commit_id);
+                Commit::of(c, mode)
+            })
+            .filter(|c| f.mode.is_none_or(|m| c.mode == m))
             .collect())
     }
 
-    /// `DELETE /vm/commits/{id}`: refused while a VM or another commit sits on it.
-    pub async fn delete_commit(self: &Arc<Self>, id: &str) -> Result<CommitDeleted, Error> {
+    /// Removes a commit: refused while a VM or another commit sits on it.
+    pub async fn delete_commit(self: &Arc<Self>, id: &str) -> Result<(), Error> {
         if !valid_commit_id(id) {
             return Err(Error::invalid(format!("{id:?} is not a commit id")));
         }
@@ -333,10 +350,7 @@ impl Manager {
         }
         self.db.delete_commit(id).map_err(Error::host)?;
         self.host.template_memory.forget(&dir);
-        Ok(CommitDeleted {
-            commit_id: id.to_string(),
-            status: "deleted".into(),
-        })
+        Ok(())
     }
 
     /// The fork's disk: an overlay on the commit's, made under the commit lock (so the commit
@@ -346,15 +360,11 @@ impl Manager {
         if self.db.commit(&f.commit_id).map_err(Error::host)?.is_none() {
             return Err(Error::not_found(format!("commit {} was deleted", f.commit_id)));
         }
-        if let Some(capture) = &f.live {
+        if f.live.is_some() {
             // Restored from the capture, which makes the VM's directory and overlay.
             self.db
                 .set_lineage(&rec.hostname, None, Some(&f.commit_id))
                 .map_err(Error::host)?;
-            self.live_forks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(rec.hostname.clone(), capture.clone());
             return Ok(());
         }
         let dir = self.vm_dir(&rec.hostname);
@@ -369,25 +379,34 @@ impl Manager {
         self.db
             .set_lineage(&rec.hostname, None, Some(&f.commit_id))
             .map_err(Error::host)?;
-        if f.new_machine_id {
-            self.fresh_ids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(rec.hostname.clone());
-        }
         Ok(())
     }
 
-    /// `POST /vm/commits/{id}/fork`: new allocator-named VMs (one, or `count`) of the
-    /// commit's host group on the commit's disk; from a live commit, restored from its
-    /// capture. Several are made concurrently, all or none: if one fails, the others go.
+    /// Forks of commit `id`: new allocator-named VMs (one, or `count`) of the commit's host
+    /// group on the commit's disk; from a live commit, restored from its capture. Several are
+    /// made concurrently, all or none: if one fails, the others go.
     pub async fn fork(
         self: &Arc<Self>,
         id: &str,
         req: ForkRequest,
         wait: bool,
         timeout: Duration,
-    ) -> Result<Vec<ForkResponse>, Error> {
+    ) -> Result<Vec<Forked>, Error> {
+        let plan = self.fork_plan(id, &req)?;
+        let results =
+            futures_util::future::join_all((0..plan.count).map(|_| self.fork_one(&plan, wait, timeout))).await;
+        if results.iter().any(Result::is_err) {
+            for made in results.iter().flatten() {
+                let _ = self.delete(&made.hostname, true).await;
+            }
+            let first = results.into_iter().find_map(Result::err);
+            return Err(first.unwrap_or_else(|| Error::host_msg("fork failed")));
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    /// A fork request checked against its commit, once for all its forks.
+    fn fork_plan(&self, id: &str, req: &ForkRequest) -> Result<ForkPlan, Error> {
         if !valid_commit_id(id) {
             return Err(Error::invalid(format!("{id:?} is not a commit id")));
         }
@@ -400,7 +419,7 @@ impl Manager {
             .commit(id)
             .map_err(Error::host)?
             .ok_or_else(|| Error::not_found(format!("no commit {id}")))?;
-        let g = self
+        let group = self
             .group(&c.source_host_group)
             .map_err(|_| {
                 Error::conflict(format!(
@@ -409,24 +428,15 @@ impl Manager {
                 ))
             })?
             .clone();
-        let fixups = req
-            .fixups
-            .clone()
-            .unwrap_or_else(|| FIXUPS.iter().map(|s| s.to_string()).collect());
-        if let Some(bad) = fixups.iter().find(|f| !FIXUPS.contains(&f.as_str())) {
-            return Err(Error::invalid(format!(
-                "fixups: unknown {bad:?}; use {}",
-                FIXUPS.join(", ")
-            )));
-        }
-        let tags: Vec<String> = match req.tag_mode.as_deref() {
-            None | Some("append") => c.tags.iter().chain(req.tags.iter()).cloned().collect(),
-            Some("replace") => req.tags.clone(),
-            Some(other) => return Err(Error::invalid(format!("tag_mode: {other:?}; use append or replace"))),
+        let fixups = fixups(req.fixups.as_deref())?;
+        let tags: Vec<String> = match req.tag_mode.as_deref().map(|m| (m, TagMode::parse(m))) {
+            None | Some((_, Some(TagMode::Append))) => c.tags.iter().chain(req.tags.iter()).cloned().collect(),
+            Some((_, Some(TagMode::Replace))) => req.tags.clone(),
+            Some((other, None)) => return Err(Error::invalid(format!("tag_mode: {other:?}; use append or replace"))),
         };
         let live = match self.commit_mode(id) {
-            "live" => Some(self.capture_of(id)?),
-            _ => None,
+            CommitMode::Live => Some(self.capture_of(id)?),
+            CommitMode::Disk => None,
         };
         // A live fork continues the captured guest: same vCPUs and RAM.
         let shape = live
@@ -448,10 +458,22 @@ impl Manager {
             secrets: req.secrets.clone(),
             ..Default::default()
         };
-        // Checked once for all: what each fork's record would refuse.
-        self.new_record(&g, &create)?;
+        self.check_fork_create(&group, &create, count)?;
+        Ok(ForkPlan {
+            group,
+            create,
+            commit: c,
+            fixups,
+            live,
+            count,
+        })
+    }
+
+    /// What each fork's record would refuse, checked once for all.
+    fn check_fork_create(&self, g: &crate::config::Group, create: &CreateNodeRequest, count: u32) -> Result<(), Error> {
+        self.new_record(g, create)?;
         if let Some(n) = &create.network {
-            self.check_override(&g, n)?;
+            self.check_override(g, n)?;
         }
         if let Some(names) = &create.secrets {
             if let Some(bad) = names.iter().find(|n| !crate::secrets::valid_name(n)) {
@@ -467,33 +489,13 @@ impl Manager {
             }
             self.check_name(name, None)?;
         }
-        let results = futures_util::future::join_all(
-            (0..count).map(|_| self.fork_one(&g, create.clone(), &c, &fixups, live.clone(), wait, timeout)),
-        )
-        .await;
-        if results.iter().any(Result::is_err) {
-            for made in results.iter().flatten() {
-                let _ = self.delete(&made.hostname, true).await;
-            }
-            let first = results.into_iter().find_map(Result::err);
-            return Err(first.unwrap_or_else(|| Error::host_msg("fork failed")));
-        }
-        Ok(results.into_iter().flatten().collect())
+        Ok(())
     }
 
-    /// One fork of `c` (see [`Manager::fork`]).
-    #[allow(clippy::too_many_arguments)]
-    async fn fork_one(
-        self: &Arc<Self>,
-        g: &crate::config::Group,
-        create: CreateNodeRequest,
-        c: &CommitRecord,
-        fixups: &[String],
-        live: Option<Arc<slicer_vmm::Template>>,
-        wait: bool,
-        timeout: Duration,
-    ) -> Result<ForkResponse, Error> {
-        let mut rec = self.new_record(g, &create)?;
+    /// One fork of the plan's commit (see [`Manager::fork`]).
+    async fn fork_one(self: &Arc<Self>, plan: &ForkPlan, wait: bool, timeout: Duration) -> Result<Forked, Error> {
+        let (c, create) = (&plan.commit, &plan.create);
+        let mut rec = self.new_record(&plan.group, create)?;
         rec.image = c.image.clone();
         rec.storage_size = c.storage_size;
         // The builder's userdata ran on the committed disk; a fork does not run it again.
@@ -502,17 +504,25 @@ impl Manager {
             rec.net_allow = n.allow.clone();
             rec.net_drop = n.drop.clone();
         }
-        let mode = if live.is_some() { "live" } else { "disk" };
+        let mode = if plan.live.is_some() {
+            CommitMode::Live
+        } else {
+            CommitMode::Disk
+        };
         let from = ForkFrom {
             commit_id: c.commit_id.clone(),
-            new_machine_id: fixups.iter().any(|f| f == "machine-id"),
-            live,
+            new_machine_id: plan.fixups.contains(&Fixup::MachineId),
+            live: plan.live.clone(),
+        };
+        let new = super::NewVm {
+            secrets: create.secrets.clone(),
+            ssh_keys: Vec::new(),
+            fork: Some(from),
+            proxy: None,
         };
         let me = self.clone();
-        let secrets = create.secrets.clone();
-        let (rec, running) =
-            detached(async move { me.record_and_launch(rec, secrets, Vec::new(), Some(from)).await }).await?;
-        let host_keys = fixups.iter().any(|f| f == "ssh-host-keys");
+        let (rec, running) = detached(async move { me.record_and_launch(rec, new).await }).await?;
+        let host_keys = plan.fixups.contains(&Fixup::SshHostKeys);
         let finish = {
             let me = self.clone();
             let hostname = rec.hostname.clone();
@@ -521,9 +531,9 @@ impl Manager {
                 let result = match ready {
                     Ok(Ok(())) if host_keys => forget_host_keys(running.vm.as_ref()).await,
                     Ok(r) => r,
-                    Err(_) => Err(format!(
+                    Err(_) => Err(NotReady(format!(
                         "VM {hostname} was not ready within {timeout:?}; it was deleted"
-                    )),
+                    ))),
                 };
                 if let Err(e) = &result {
                     tracing::warn!("fork {hostname}: {}; deleting it", GuestText(e));
@@ -533,29 +543,55 @@ impl Manager {
             }
         };
         let child_status = if wait {
-            finish.await.map_err(Error::host_msg)?;
-            "running"
+            finish.await?;
+            ChildStatus::Running
         } else {
             tokio::spawn(finish);
-            "starting"
+            ChildStatus::Starting
         };
-        Ok(ForkResponse {
+        Ok(Forked {
             hostname: rec.hostname.clone(),
             source_hostname: c.source_hostname.clone(),
-            commit_id: Some(c.commit_id.clone()),
-            status: "forked".into(),
-            parent_status: None,
-            child_status: Some(child_status.into()),
-            mode: mode.into(),
+            commit_id: c.commit_id.clone(),
+            child: child_status,
+            mode,
             persistent: rec.persistent,
-            ip: rec.ip.clone(),
+            ip: super::VmAddr::of(&rec),
         })
     }
 }
 
+/// A fork request checked: what each of its forks is made from.
+struct ForkPlan {
+    group: crate::config::Group,
+    /// Each fork's create, as its record is made from it.
+    create: CreateNodeRequest,
+    commit: CommitRecord,
+    fixups: Vec<Fixup>,
+    /// A live commit's capture.
+    live: Option<Arc<slicer_vmm::Template>>,
+    count: u32,
+}
+
+/// The fixups a request names (absent: all of them).
+fn fixups(named: Option<&[String]>) -> Result<Vec<Fixup>, Error> {
+    let Some(named) = named else {
+        return Ok(Fixup::ALL.to_vec());
+    };
+    named
+        .iter()
+        .map(|f| {
+            Fixup::parse(f).ok_or_else(|| {
+                let all: Vec<&str> = Fixup::ALL.iter().map(|f| f.as_str()).collect();
+                Error::invalid(format!("fixups: unknown {f:?}; use {}", all.join(", ")))
+            })
+        })
+        .collect()
+}
+
 /// The builder's SSH host keys are not the fork's: they go, and the socket-activated sshd of
 /// our images makes new ones on the first connection.
-async fn forget_host_keys(vm: &dyn Machine) -> Result<(), String> {
+async fn forget_host_keys(vm: &dyn Machine) -> Result<(), NotReady> {
     let req = ExecRequest::argv([
         "/bin/sh",
         "-c",
@@ -571,8 +607,11 @@ async fn forget_host_keys(vm: &dyn Machine) -> Result<(), String> {
     .await;
     match removed {
         Ok(o) if o.status.code == Some(0) => Ok(()),
-        Ok(o) => Err(format!("removing the SSH host keys: exit {:?}", o.status.code)),
-        Err(e @ slicer_agent_client::AgentError::Deadline { .. }) => Err(e.to_string()),
+        Ok(o) => Err(NotReady(format!(
+            "removing the SSH host keys: exit {:?}",
+            o.status.code
+        ))),
+        Err(e @ slicer_agent_client::AgentError::Deadline { .. }) => Err(NotReady(e.to_string())),
         // An image without /bin/sh has no sshd either.
         Err(e) => {
             tracing::debug!("removing the SSH host keys: {:#}", GuestText(&e));
@@ -582,7 +621,7 @@ async fn forget_host_keys(vm: &dyn Machine) -> Result<(), String> {
 }
 
 impl Manager {
-    /// `GET /vm/{h}/disk`: the stopped VM's disk (its whole backing chain) as one standalone
+    /// Exports the stopped VM's disk (its whole backing chain) as one standalone
     /// qcow2 file, written beside it and handed back open (already unlinked, so it goes with
     /// the answer however that ends).
     pub async fn export_disk(self: &Arc<Self>, hostname: &str) -> Result<(std::fs::File, u64), Error> {

@@ -28,6 +28,11 @@ impl NetHandle {
     }
 }
 
+/// A VM's address (its record keeps it with its prefix; empty: it has none).
+pub fn address(rec: &VmRecord) -> Option<std::net::Ipv4Addr> {
+    rec.ip.split('/').next()?.parse().ok()
+}
+
 impl Manager {
     /// The network plan of a group.
     pub fn group_net(&self, group: &str) -> Option<&GroupNet> {
@@ -35,7 +40,7 @@ impl Manager {
     }
 
     /// Picks the VM's address (the lowest free one of its group) and records the VM.
-    pub(super) async fn allocate_and_record(&self, rec: &mut VmRecord, fixed: Option<u32>) -> anyhow::Result<()> {
+    pub(super) async fn allocate_and_record(&self, rec: &mut VmRecord, fixed: Option<u32>) -> Result<(), Error> {
         let _guard = self.alloc.lock().await;
         // Again under the lock: two creates may have asked for the same name at once.
         if let Some(name) = vm_name(&rec.tags) {
@@ -43,41 +48,42 @@ impl Manager {
         }
         let taken: Vec<std::net::Ipv4Addr> = self
             .db
-            .list()?
+            .list()
+            .map_err(Error::host)?
             .iter()
             .filter(|r| r.host_group == rec.host_group)
-            .filter_map(|r| r.ip.split('/').next()?.parse().ok())
+            .filter_map(address)
             .collect();
         rec.ip = match self.nets.get(&rec.host_group) {
             Some(GroupNet::Isolated(range)) => {
                 // The /30s in order, none inside 169.254.169.0/24 (the metadata address's).
                 let subnet = slicer_net::vm_subnets(*range)
                     .find(|n| !taken.contains(&n.nth(2)))
-                    .with_context(|| format!("no free /30 left in {range} for host group {}", rec.host_group))?;
+                    .ok_or_else(|| {
+                        Error::host_msg(format!("no free /30 left in {range} for host group {}", rec.host_group))
+                    })?;
                 format!("{}/30", subnet.nth(2))
             }
             Some(GroupNet::Bridge(b)) => {
                 let n = (1..(b.subnet.size() as u32 - 1))
                     .map(|i| b.subnet.nth(i))
                     .find(|a| *a != b.gateway && *a != slicer_net::METADATA_V4 && !taken.contains(a))
-                    .with_context(|| {
-                        format!("no free address left in {} for host group {}", b.subnet, rec.host_group)
+                    .ok_or_else(|| {
+                        Error::host_msg(format!(
+                            "no free address left in {} for host group {}",
+                            b.subnet, rec.host_group
+                        ))
                     })?;
                 format!("{n}/{}", b.subnet.prefix)
             }
             None => String::new(),
         };
-        self.db.create(rec, fixed)
+        self.db.create(rec, fixed).map_err(Error::host)
     }
 
     /// Host-side network objects for a VM, and the spec's NIC.
-    pub(super) async fn setup_net(&self, rec: &VmRecord) -> anyhow::Result<Option<(NetHandle, slicer_vmm::VmNet)>> {
-        let Some(ip) = rec
-            .ip
-            .split('/')
-            .next()
-            .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
-        else {
+    pub(super) async fn setup_net(&self, rec: &VmRecord) -> Result<Option<(NetHandle, slicer_vmm::VmNet)>, Error> {
+        let Some(ip) = address(rec) else {
             return Ok(None);
         };
         let mac = slicer_net::mac_for(&rec.hostname);
@@ -86,7 +92,7 @@ impl Manager {
                 let subnet = slicer_net::Net { addr: ip, prefix: 30 }.normalized();
                 let (allow, drop) = self.effective_policy(rec);
                 let iso = slicer_net::Isolated::new(&rec.hostname, subnet, allow, drop);
-                iso.setup().await?;
+                iso.setup().await.map_err(Error::host)?;
                 let net = slicer_vmm::VmNet {
                     netns: Some(iso.netns.clone()),
                     tap: iso.tap.clone(),
@@ -101,14 +107,13 @@ impl Manager {
                 let g = self.group(&rec.host_group)?;
                 let offset = u32::from(ip) - u32::from(b.subnet.addr);
                 let tap = format!("{}{offset}", g.tap_prefix);
-                anyhow::ensure!(
-                    tap.len() <= slicer_net::IFNAMSIZ_MAX,
-                    "TAP name {tap} is longer than 15 characters"
-                );
+                if tap.len() > slicer_net::IFNAMSIZ_MAX {
+                    return Err(Error::host_msg(format!("TAP name {tap} is longer than 15 characters")));
+                }
                 // The MAC pinned is the one the guest is given: on QEMU's NIC for a cold boot,
                 // set by the agent's identity call after a restore.
-                let port = b.port(&tap, &mac, ip)?;
-                b.add_port(&port).await?;
+                let port = b.port(&tap, &mac, ip).map_err(Error::host)?;
+                b.add_port(&port).await.map_err(Error::host)?;
                 let net = slicer_vmm::VmNet {
                     netns: None,
                     tap,
@@ -139,7 +144,7 @@ impl Manager {
 
     /// Network objects and cgroups for the daemon as a whole: leftovers of earlier runs go
     /// (only those named after this daemon's groups' VMs), group bridges come.
-    pub async fn setup_networks(&self) -> anyhow::Result<()> {
+    pub async fn setup_networks(&self) -> Result<(), Error> {
         let taps: Vec<String> = self
             .settings
             .groups
@@ -182,7 +187,7 @@ impl Manager {
         for n in self.nets.values() {
             if let GroupNet::Bridge(b) = n {
                 let mine: Vec<slicer_net::Port> = ports.iter().filter(|p| p.table == b.table).cloned().collect();
-                b.setup(&mine).await?;
+                b.setup(&mine).await.map_err(Error::host)?;
             }
         }
         Ok(())
@@ -198,7 +203,7 @@ impl Manager {
 
     /// The host-side network objects a VM has (for an adopted VM: they already exist).
     pub(super) fn net_handle(&self, rec: &VmRecord) -> Option<NetHandle> {
-        let ip: std::net::Ipv4Addr = rec.ip.split('/').next()?.parse().ok()?;
+        let ip = address(rec)?;
         match self.nets.get(&rec.host_group)? {
             GroupNet::Isolated(_) => {
                 let (allow, drop) = self.effective_policy(rec);

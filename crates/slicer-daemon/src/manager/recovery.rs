@@ -19,8 +19,8 @@ pub(super) fn qemus_named(hostname: &str) -> Vec<u32> {
 impl Manager {
     /// Brings the records in line with reality after a start: no VM process of an earlier run
     /// is left running, ephemeral VMs are gone, persistent ones are Stopped.
-    pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
-        for rec in self.db.list()? {
+    pub async fn recover(self: &Arc<Self>) -> Result<(), Error> {
+        for rec in self.db.list().map_err(Error::host)? {
             if let Some(pid) = rec.pid {
                 let ours = pid_is_our_qemu(pid, &rec.hostname);
                 let same = rec.pid_start.is_some() && slicer_hypervisor::qemu::process_start_time(pid) == rec.pid_start;
@@ -58,32 +58,34 @@ impl Manager {
                 continue; // waits for POST /vm/{h}/restore
             }
             if rec.persistent || rec.protected {
-                self.db.set_status(&rec.hostname, VmStatus::Stopped, None)?;
+                self.db
+                    .set_status(&rec.hostname, VmStatus::Stopped, None)
+                    .map_err(Error::host)?;
             } else {
                 let _ = std::fs::remove_dir_all(self.vm_dir(&rec.hostname));
-                self.db.delete(&rec.hostname)?;
+                self.db.delete(&rec.hostname).map_err(Error::host)?;
             }
         }
         Ok(())
     }
 
     /// Takes over a VM still running from an earlier daemon (same pid and start time).
-    pub(super) async fn adopt(self: &Arc<Self>, rec: &VmRecord, pid: u32, start: u64) -> anyhow::Result<()> {
+    pub(super) async fn adopt(self: &Arc<Self>, rec: &VmRecord, pid: u32, start: u64) -> Result<(), Error> {
         let spec = self.spec(rec);
-        let vm = self.backend.adopt(&spec, pid, start).await?;
+        let vm = self.backend.adopt(&spec, pid, start).await.map_err(Error::host)?;
         let net = self.net_handle(rec);
         let paused = rec.status == VmStatus::Paused;
         // Its share of the capacity budget, even if that is over budget now (before its exit
         // watcher may give it back).
         self.hold_share(&rec.hostname, rec);
-        self.track(rec, vm, net, paused);
+        self.track(rec, vm, net, paused, BootPlan::default());
         Ok(())
     }
 
     /// Starts (or restarts, with their disks) the `count` VMs of each host group. One that does
     /// not fit the capacity budget (VMs adopted from an earlier run may hold it) is not
     /// started, and the log says why.
-    pub async fn start_count_vms(self: &Arc<Self>) -> anyhow::Result<()> {
+    pub async fn start_count_vms(self: &Arc<Self>) -> Result<(), Error> {
         for g in self.settings.groups.clone() {
             for n in 1..=g.count {
                 let hostname = format!("{}-{n}", g.name);
@@ -91,13 +93,13 @@ impl Manager {
                 if self.running(&hostname).is_ok() {
                     continue; // adopted
                 }
-                let existing = self.db.get(&hostname)?;
+                let existing = self.db.get(&hostname).map_err(Error::host)?;
                 let mut rec = match &existing {
                     Some(r) => r.clone(),
                     None => {
                         let mut r = self
                             .new_record(&g, &CreateNodeRequest::default())
-                            .map_err(|e| anyhow::anyhow!("host group {}: {e}", g.name))?;
+                            .map_err(|e| Error::invalid(format!("host group {}: {e}", g.name)))?;
                         r.protected = true;
                         r.persistent = true;
                         r
@@ -116,7 +118,7 @@ impl Manager {
                     None => self.allocate_and_record(&mut rec, Some(n)).await,
                 };
                 let launched = match started {
-                    Ok(()) => self.launch(&rec).await.map(drop),
+                    Ok(()) => self.launch(&rec, LaunchPlan::default()).await.map(drop),
                     Err(e) => Err(e),
                 };
                 if let Err(e) = launched {

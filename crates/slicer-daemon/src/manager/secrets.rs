@@ -25,7 +25,7 @@ impl Manager {
         vm: &dyn Machine,
         info: &crate::secrets::SecretInfo,
         value: Vec<u8>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SecretSyncError> {
         let guest = vm.guest();
         // A recursive mkdir of an existing directory succeeds.
         guest
@@ -48,19 +48,27 @@ impl Manager {
 
     /// Makes the guest's copy of secret `name` what the store holds now: its value, or none
     /// when the secret is gone or the VM may not have it.
-    pub(super) async fn apply_secret(&self, hostname: &str, vm: &dyn Machine, name: &str) -> anyhow::Result<()> {
+    pub(super) async fn apply_secret(
+        &self,
+        hostname: &str,
+        vm: &dyn Machine,
+        name: &str,
+    ) -> Result<(), SecretSyncError> {
         let info = match self.secret_allowed(hostname, name) {
-            true => self.secrets.info(name)?,
+            true => self.secrets.info(name).map_err(SecretSyncError::Store)?,
             false => None,
         };
         match info {
-            Some(info) => Self::push_secret(vm, &info, self.secrets.value(name)?).await,
+            Some(info) => {
+                let value = self.secrets.value(name).map_err(SecretSyncError::Store)?;
+                Self::push_secret(vm, &info, value).await
+            }
             None => vm
                 .guest()
                 .remove(&format!("{}/{name}", crate::secrets::GUEST_DIR), false)
                 .await
                 .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) })
-                .map_err(anyhow::Error::from),
+                .map_err(SecretSyncError::from),
         }
     }
 
@@ -68,11 +76,12 @@ impl Manager {
     /// `prune`, also none it should no longer have (after a pause or a suspend; a live fork
     /// restored with its source's memory). Runs in the
     /// VM's secret queue, each step bounded by [`SECRET_PUSH_TIMEOUT`].
-    pub(super) async fn sync_secrets(&self, hostname: &str, r: &Running, prune: bool) -> anyhow::Result<()> {
+    pub(super) async fn sync_secrets(&self, hostname: &str, r: &Running, prune: bool) -> Result<(), SecretSyncError> {
         let _turn = r.secrets_turn.lock().await;
         let mut names: Vec<String> = self
             .secrets
-            .list()?
+            .list()
+            .map_err(SecretSyncError::Store)?
             .into_iter()
             .map(|i| i.name)
             .filter(|n| self.secret_allowed(hostname, n))
@@ -80,7 +89,7 @@ impl Manager {
         if prune {
             let listed = tokio::time::timeout(SECRET_PUSH_TIMEOUT, r.vm.guest().readdir(crate::secrets::GUEST_DIR))
                 .await
-                .context("the guest did not list its secrets in time")?;
+                .map_err(|_| SecretSyncError::ListTimeout)?;
             let extra: Vec<String> = match listed {
                 Ok(entries) => entries
                     .into_iter()
@@ -95,7 +104,7 @@ impl Manager {
         for name in names {
             tokio::time::timeout(SECRET_PUSH_TIMEOUT, self.apply_secret(hostname, r.vm.as_ref(), &name))
                 .await
-                .with_context(|| format!("secret {name}: the guest did not answer within {SECRET_PUSH_TIMEOUT:?}"))??;
+                .map_err(|_| SecretSyncError::PushTimeout(name.clone()))??;
         }
         Ok(())
     }
@@ -157,7 +166,23 @@ impl Manager {
     }
 }
 
-/// What a change to a secret asks for (`PATCH /secrets/{name}`): `None` keeps what is stored.
+/// Why a guest's secrets could not be brought in line with the store (logged: the next
+/// start syncs again).
+#[derive(Debug, thiserror::Error)]
+pub enum SecretSyncError {
+    /// The guest agent failed or refused.
+    #[error(transparent)]
+    Agent(#[from] slicer_agent_client::AgentError),
+    /// The secret store could not be read.
+    #[error(transparent)]
+    Store(anyhow::Error),
+    #[error("the guest did not list its secrets in time")]
+    ListTimeout,
+    #[error("secret {0}: the guest did not answer within {SECRET_PUSH_TIMEOUT:?}")]
+    PushTimeout(String),
+}
+
+/// What a change to a secret asks for (an update): `None` keeps what is stored.
 #[derive(Debug, Default)]
 pub struct SecretChange {
     pub value: Option<Vec<u8>>,
@@ -174,7 +199,7 @@ impl Manager {
         self.secrets.list().map_err(Error::host)
     }
 
-    /// A new secret; 409 when one of that name exists.
+    /// A new secret; a conflict when one of that name exists.
     pub async fn create_secret(
         self: &Arc<Self>,
         info: SecretInfo,
@@ -213,7 +238,7 @@ impl Manager {
         }
         info.uid = change.uid.unwrap_or(info.uid);
         info.gid = change.gid.unwrap_or(info.gid);
-        info.modified_at = now_rfc3339();
+        info.modified_at = stamp();
         self.secrets.put(&info, &value).map_err(Error::host)?;
         let pushes = self.spread_secret(name);
         Ok((info, pushes))

@@ -63,21 +63,15 @@ impl Manager {
     }
 
     /// Room in the capacity budget for `template`'s memory, when a restore would load it:
-    /// unused loaded memory goes first if needed. `Err` says what is short.
-    fn room_for_template_memory(&self, template: &slicer_vmm::Template) -> Result<(), String> {
+    /// unused loaded memory goes first if needed. `false`: its memory does not fit.
+    fn room_for_template_memory(&self, template: &slicer_vmm::Template) -> bool {
         let need = template.memory_bytes();
         let memory = &self.host.template_memory;
         if need == 0 || memory.contains(&template.dir) {
-            return Ok(());
+            return true;
         }
         let short = self.ram_short_by(need);
-        if short > 0 && memory.evict_unused(short) < short {
-            return Err(format!(
-                "its memory ({}) does not fit the capacity budget",
-                crate::config::human_bytes(need)
-            ));
-        }
-        Ok(())
+        !(short > 0 && memory.evict_unused(short) < short)
     }
 
     /// A new VM from its group's template, ready (agent answering, identity applied). `None`
@@ -116,15 +110,20 @@ impl Manager {
         &self,
         spec: &VmSpec,
         template: &slicer_vmm::Template,
-    ) -> anyhow::Result<Box<dyn Machine>> {
+    ) -> Result<Box<dyn Machine>, Error> {
         // Refused, a new VM boots cold; a live fork, which has no cold boot to fall back to,
         // fails.
-        self.room_for_template_memory(template)
-            .map_err(|e| anyhow::anyhow!("host capacity: template {}: {e}", template.id))?;
-        let vm = self.backend.restore(spec, template).await?;
+        if !self.room_for_template_memory(template) {
+            return Err(Error::host_msg(format!(
+                "host capacity: template {}: its memory ({}) does not fit the capacity budget",
+                template.id,
+                crate::config::human_bytes(template.memory_bytes())
+            )));
+        }
+        let vm = self.backend.restore(spec, template).await.map_err(Error::host)?;
         if let Err(e) = vm.wait_ready(RESTORE_TIMEOUT).await {
             vm.discard().await;
-            return Err(e.into());
+            return Err(Error::host(e));
         }
         Ok(vm)
     }
@@ -132,7 +131,7 @@ impl Manager {
 
 impl Manager {
     /// The template of `shape`, built now when the image store has none.
-    pub async fn template(&self, shape: &Shape) -> anyhow::Result<Arc<slicer_vmm::Template>> {
-        Ok(self.backend.template(shape).await?)
+    pub async fn template(&self, shape: &Shape) -> Result<Arc<slicer_vmm::Template>, Error> {
+        self.backend.template(shape).await.map_err(Error::host)
     }
 }

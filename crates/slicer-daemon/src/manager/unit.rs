@@ -213,7 +213,7 @@ async fn manager_on(
 
 impl Fixture {
     /// A VM of group `t`, its agent answering.
-    async fn ready_vm(&self, persistent: bool) -> slicer_api::CreateNodeResponse {
+    async fn ready_vm(&self, persistent: bool) -> super::Created {
         self.manager
             .create("t", request(persistent, &[]), Some(Wait::Agent), T)
             .await
@@ -248,13 +248,13 @@ async fn create_records_a_running_vm_and_delete_removes_it_all() {
         .create("t", request(false, &["user=a"]), Some(Wait::Agent), T)
         .await
         .expect("create");
-    assert_eq!(made.hostgroup, "t");
+    assert_eq!(made.group, "t");
     let nodes = m.list(None).expect("list");
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].status, VmStatus::Running);
     assert_eq!(nodes[0].tags, vec!["user=a".to_string()]);
     assert_eq!(m.capacity().0.vms, 1);
-    assert_eq!(m.start_mode(&made.hostname), Some(slicer_api::StartMode::Cold));
+    assert_eq!(m.start_mode(&made.hostname), Some(slicer_vmm::StartMode::Cold));
 
     m.delete(&made.hostname, false).await.expect("delete");
     assert!(m.records().expect("records").is_empty());
@@ -299,7 +299,7 @@ async fn shapes_past_the_template_bound_boot_cold_without_a_template() {
             ..request(false, &[])
         };
         let v = m.create("w", req, Some(Wait::Agent), T).await.expect("create");
-        assert_eq!(m.start_mode(&v.hostname), Some(slicer_api::StartMode::Cold));
+        assert_eq!(m.start_mode(&v.hostname), Some(slicer_vmm::StartMode::Cold));
         made.push(v.hostname);
     }
     let asked = backend
@@ -433,7 +433,7 @@ async fn suspend_gives_the_share_back_and_restore_takes_it_again() {
     assert!(matches!(m.relaunch(&vm.hostname).await, Err(Error::Conflict(_))));
     m.restore(&vm.hostname, true, T).await.expect("restore");
     assert_eq!(m.record(&vm.hostname).expect("record").status, VmStatus::Running);
-    assert_eq!(m.start_mode(&vm.hostname), Some(slicer_api::StartMode::Resume));
+    assert_eq!(m.start_mode(&vm.hostname), Some(slicer_vmm::StartMode::Resume));
     assert_eq!(m.capacity().0.vms, 1);
     assert!(matches!(
         m.restore(&vm.hostname, false, T).await,

@@ -31,7 +31,7 @@ impl ProxyAdmin {
             None => new_token(),
         };
         let hash = rules::token_hash(&token);
-        let created_at = crate::manager::now_rfc3339();
+        let created_at = crate::manager::stamp();
         let name = req.name.clone();
         let at = created_at.clone();
         self.change(move |tx| {
@@ -183,7 +183,7 @@ impl ProxyAdmin {
         if kind == SecretKind::Basic && !value.contains(':') {
             return Err(Error::invalid("value: a basic secret is user:password"));
         }
-        let t = crate::manager::now_rfc3339();
+        let t = crate::manager::stamp();
         let (name, host, force) = (req.name.clone(), req.host.clone(), req.force);
         let out = self
             .change(move |tx| {
