@@ -270,12 +270,36 @@ pub struct HealthResponse {
     pub ip: String,
 }
 
+/// The `type` of an exec or background-exec log frame. A frame without one (the legacy
+/// `stdout`/`stderr` fields only) has none; a type this build does not know reads as `Other`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameType {
+    Started,
+    Stdout,
+    Stderr,
+    Exit,
+    Error,
+    /// Background exec logs: output the ring dropped before this point.
+    Gap,
+    #[serde(other)]
+    Other,
+}
+
+impl FrameType {
+    /// The type a guest's background-exec frame names (its word as the guest wrote it):
+    /// anything but the known words is `Other`, never passed on as written.
+    pub fn from_word(word: &str) -> FrameType {
+        serde_json::from_value(serde_json::Value::String(word.to_string())).unwrap_or(FrameType::Other)
+    }
+}
+
 /// One NDJSON frame of `POST /vm/{h}/exec`. Typed frames (`type`) with the payload in both
 /// `data` and the legacy `stdout`/`stderr` field, so old and new clients read it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ExecFrame {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub r#type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r#type: Option<FrameType>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub timestamp: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -557,6 +581,20 @@ pub struct CopyResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frame_types_keep_their_wire_words() {
+        let f: ExecFrame = serde_json::from_str(r#"{"type":"stdout","data":"x"}"#).unwrap();
+        assert_eq!(f.r#type, Some(FrameType::Stdout));
+        assert_eq!(serde_json::to_value(&f).unwrap()["type"], "stdout");
+        let legacy: ExecFrame = serde_json::from_str(r#"{"stdout":"x"}"#).unwrap();
+        assert_eq!(legacy.r#type, None);
+        assert!(serde_json::to_value(&legacy).unwrap().get("type").is_none());
+        let odd: ExecFrame = serde_json::from_str(r#"{"type":"heartbeat"}"#).unwrap();
+        assert_eq!(odd.r#type, Some(FrameType::Other));
+        assert_eq!(FrameType::from_word("gap"), FrameType::Gap);
+        assert_eq!(FrameType::from_word("x\u0000\n"), FrameType::Other);
+    }
 
     #[test]
     fn a_frame_payload_is_data_or_a_legacy_field_decoded() {

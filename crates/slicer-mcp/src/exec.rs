@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use slicer_api::client::empty;
 use slicer_api::query::ExecQuery;
-use slicer_api::{ExecFrame, ExecKillRequest};
+use slicer_api::{ExecFrame, ExecKillRequest, FrameType};
 
 use crate::args::{ExecIdArgs, LogsArgs, RunArgs, StartArgs, StopArgs};
 use crate::{output, to_json, Fail, Sandboxes};
@@ -143,10 +143,10 @@ impl Sandboxes {
             if !f.error.is_empty() {
                 return Err(Fail(f.error));
             }
-            match f.r#type.as_str() {
-                "stdout" => o.out.push(&payload(&f)),
-                "stderr" => o.err.push(&payload(&f)),
-                "exit" => o.exit = Some((f.exit_code.unwrap_or(0), f.signal.clone())),
+            match f.r#type {
+                Some(FrameType::Stdout) => o.out.push(&payload(&f)),
+                Some(FrameType::Stderr) => o.err.push(&payload(&f)),
+                Some(FrameType::Exit) => o.exit = Some((f.exit_code.unwrap_or(0), f.signal.clone())),
                 _ => {}
             }
             Ok(())
@@ -177,11 +177,11 @@ impl Sandboxes {
             if let Some(id) = f.id {
                 next = Some(id + 1);
             }
-            match f.r#type.as_str() {
-                "stdout" => out.push(&payload(&f)),
-                "stderr" => err.push(&payload(&f)),
-                "gap" => dropped += f.dropped_bytes.unwrap_or(0),
-                "exit" => exit = f.exit_code,
+            match f.r#type {
+                Some(FrameType::Stdout) => out.push(&payload(&f)),
+                Some(FrameType::Stderr) => err.push(&payload(&f)),
+                Some(FrameType::Gap) => dropped += f.dropped_bytes.unwrap_or(0),
+                Some(FrameType::Exit) => exit = f.exit_code,
                 _ => {}
             }
             Ok(())

@@ -6,7 +6,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use clap::Subcommand;
-use slicer_api::{ApiClient, CreateSecretRequest, ExecFrame, ExecKillRequest, UpdateSecretRequest};
+use slicer_api::{ApiClient, CreateSecretRequest, ExecFrame, ExecKillRequest, FrameType, UpdateSecretRequest};
 
 #[derive(Subcommand)]
 pub enum BgCmd {
@@ -338,10 +338,10 @@ fn print_frame(line: &[u8]) -> Result<Option<i32>> {
         return Ok(None);
     };
     let data = f.data.as_str();
-    match f.r#type.as_str() {
-        "stdout" => std::io::stdout().write_all(data.as_bytes())?,
-        "stderr" => std::io::stderr().write_all(data.as_bytes())?,
-        "gap" => eprintln!(
+    match f.r#type {
+        Some(FrameType::Stdout) => std::io::stdout().write_all(data.as_bytes())?,
+        Some(FrameType::Stderr) => std::io::stderr().write_all(data.as_bytes())?,
+        Some(FrameType::Gap) => eprintln!(
             "[{}]",
             crate::term::stderr_text(if f.message.is_empty() {
                 "output dropped"
@@ -349,7 +349,7 @@ fn print_frame(line: &[u8]) -> Result<Option<i32>> {
                 &f.message
             })
         ),
-        "exit" => return Ok(Some(f.exit_code.unwrap_or(1))),
+        Some(FrameType::Exit) => return Ok(Some(f.exit_code.unwrap_or(1))),
         _ => {}
     }
     Ok(None)

@@ -166,7 +166,7 @@ fn frame_line(f: BgFrame, b64: bool) -> Bytes {
         dropped_frames: f.dropped_frames,
         dropped_bytes: f.dropped_bytes,
         message: f.message.unwrap_or_default(),
-        r#type: f.kind,
+        r#type: Some(slicer_api::FrameType::from_word(&f.kind)),
         ..Default::default()
     };
     let mut out = serde_json::to_vec(&v).unwrap_or_default();

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use slicer_agent_client::{AgentError, ExecEvent};
 use slicer_agent_proto::ExecRequest;
-use slicer_api::{BufferedExec, ExecFrame};
+use slicer_api::{BufferedExec, ExecFrame, FrameType};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -512,34 +512,12 @@ async fn collect(
     Ok(([(header::CONTENT_TYPE, "application/json")], Body::new(body)).into_response())
 }
 
-/// The `type` of an exec frame (its serde name is the wire's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FrameKind {
-    Started,
-    Stdout,
-    Stderr,
-    Exit,
-    Error,
-}
-
-impl FrameKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            FrameKind::Started => "started",
-            FrameKind::Stdout => "stdout",
-            FrameKind::Stderr => "stderr",
-            FrameKind::Exit => "exit",
-            FrameKind::Error => "error",
-        }
-    }
-
-    /// A frame of this kind, stamped now.
-    fn frame(self) -> ExecFrame {
-        ExecFrame {
-            r#type: self.as_str().into(),
-            timestamp: now_rfc3339(),
-            ..Default::default()
-        }
+/// A frame of this kind, stamped now.
+fn frame(kind: FrameType) -> ExecFrame {
+    ExecFrame {
+        r#type: Some(kind),
+        timestamp: now_rfc3339(),
+        ..Default::default()
     }
 }
 
@@ -646,29 +624,29 @@ pub async fn exec(
 
 /// The frame of one process event, and whether it ends the stream.
 fn event_frame(ev: Result<Option<ExecEvent>, AgentError>, pid: u32, stdio: Stdio) -> Option<(ExecFrame, bool)> {
-    let output = |kind: FrameKind, b: &[u8]| {
+    let output = |kind: FrameType, b: &[u8]| {
         let data = encode(b, stdio.is_base64());
         let mut f = ExecFrame {
             encoding: stdio.encoding(),
             data: data.clone(),
-            ..kind.frame()
+            ..frame(kind)
         };
         match kind {
-            FrameKind::Stdout => f.stdout = data,
+            FrameType::Stdout => f.stdout = data,
             _ => f.stderr = data,
         }
         f
     };
     Some(match ev {
-        Ok(Some(ExecEvent::Stdout(b))) => (output(FrameKind::Stdout, &b), false),
-        Ok(Some(ExecEvent::Stderr(b))) => (output(FrameKind::Stderr, &b), false),
+        Ok(Some(ExecEvent::Stdout(b))) => (output(FrameType::Stdout, &b), false),
+        Ok(Some(ExecEvent::Stderr(b))) => (output(FrameType::Stderr, &b), false),
         Ok(Some(ExecEvent::Exit(st))) => (
             ExecFrame {
                 ended_at: now_rfc3339(),
                 pid: Some(pid),
                 exit_code: Some(st.shell_code()),
                 signal: st.signal.map(signal_name).unwrap_or_default(),
-                ..FrameKind::Exit.frame()
+                ..frame(FrameType::Exit)
             },
             true,
         ),
@@ -678,7 +656,7 @@ fn event_frame(ev: Result<Option<ExecEvent>, AgentError>, pid: u32, stdio: Stdio
             ExecFrame {
                 error: e.to_string(),
                 exit_code: Some(1),
-                ..FrameKind::Error.frame()
+                ..frame(FrameType::Error)
             },
             true,
         ),
@@ -694,7 +672,7 @@ fn stream(mut proc: Process, started_at: String, stdio: Stdio) -> slicer_agent_p
             timestamp: started_at.clone(),
             pid: Some(pid),
             started_at,
-            ..FrameKind::Started.frame()
+            ..frame(FrameType::Started)
         };
         if tx.send(Ok(line(&first))).await.is_err() {
             return;

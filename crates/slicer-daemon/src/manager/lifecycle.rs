@@ -110,7 +110,7 @@ impl Manager {
                 .db
                 .set_status(&rec.hostname, VmStatus::Running, vm.process())
                 .map(|()| vm),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         let vm = match recorded {
             Ok(vm) => vm,

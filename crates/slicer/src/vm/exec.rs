@@ -7,7 +7,7 @@ use futures_util::TryStreamExt;
 use http_body_util::BodyExt;
 use slicer_api::client::{empty, Body};
 use slicer_api::query::ExecQuery;
-use slicer_api::{ApiClient, ExecFrame};
+use slicer_api::{ApiClient, ExecFrame, FrameType};
 
 use super::RunAs;
 
@@ -61,10 +61,10 @@ pub(super) async fn exec(
                 return Ok(f.exit_code.unwrap_or(1).max(1));
             }
             let data = f.payload().unwrap_or_default();
-            match f.r#type.as_str() {
-                "stdout" => std::io::stdout().write_all(&data)?,
-                "stderr" => std::io::stderr().write_all(&data)?,
-                "exit" => code = f.exit_code.unwrap_or(0),
+            match f.r#type {
+                Some(FrameType::Stdout) => std::io::stdout().write_all(&data)?,
+                Some(FrameType::Stderr) => std::io::stderr().write_all(&data)?,
+                Some(FrameType::Exit) => code = f.exit_code.unwrap_or(0),
                 _ => {}
             }
         }
