@@ -593,7 +593,7 @@ mod tests {
         let odd: ExecFrame = serde_json::from_str(r#"{"type":"heartbeat"}"#).unwrap();
         assert_eq!(odd.r#type, Some(FrameType::Other));
         assert_eq!(FrameType::from_word("gap"), FrameType::Gap);
-        assert_eq!(FrameType::from_word("x\u0000\n"), FrameType::Other);
+        assert_eq!(FrameType::from_word("x\u{0}\n"), FrameType::Other);
     }
 
     #[test]
