@@ -86,11 +86,7 @@ pub async fn handle(req: Request<Incoming>) -> Result<Response<Body>, ApiError> 
     for p in &w.paths {
         watches.add(&crate::files::target_path(p)?)?;
     }
-    let Watches {
-        ino,
-        dirs,
-        recursive,
-    } = watches;
+    let Watches { ino, dirs, recursive } = watches;
     // SAFETY: the AsyncFd owns the inotify instance for its whole life.
     let afd = unsafe { AsyncFd::register(Ino(ino)) }
         .map_err(|e| ApiError::io("inotify", &std::io::Error::other(e.to_string())))?;
