@@ -6,6 +6,10 @@
 //! output stops at [`MAX_BUFFERED_OUTPUT`], and every request that is not a user's stream has a
 //! deadline (see [`HEALTH_DEADLINE`], [`CALL_DEADLINE`]), so a guest whose agent stops
 //! answering cannot hold a caller for ever.
+//!
+//! Here: the connection and the small calls (health, power, stats, CA, identity). `exec`:
+//! commands and background execs; `files`: uploads, downloads and filesystem calls; `streams`:
+//! forwards, shells, watches and the stream halves ([`Download`], [`StdinWriter`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -17,17 +21,16 @@ use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use slicer_agent_proto::frame::{self, Decoder, Kind};
-use slicer_agent_proto::{
-    h2, sync, BgInfo, BgKill, BgKilled, BgLogsQuery, BgStart, BgStarted, BgWait, ErrorBody, ExecRequest, ExitStatus,
-    Exited, FileWritten, FsEntry, GuestStats, Health, Identity, MkdirRequest, PathQuery, PowerAction, PowerRequest,
-    RemoveQuery, Started, HEADER_MODE,
-};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use slicer_agent_proto::{h2, sync, ErrorBody, GuestStats, Health, Identity, PathQuery, PowerAction, PowerRequest};
+use tokio::sync::Mutex;
 
+mod exec;
+mod files;
 mod guest_text;
+mod streams;
+pub use exec::{ExecEvent, ExecProcess, Output};
 pub use guest_text::GuestText;
+pub use streams::{Download, StdinWriter};
 
 pub type ReqBody = BoxBody<Bytes, io::Error>;
 
@@ -113,32 +116,6 @@ fn full(b: impl Into<Bytes>) -> ReqBody {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-/// Streams an `AsyncRead` as a request body, 256 KiB at a time; `sent` is dropped once all of
-/// it is queued (or reading failed, or the request went away).
-fn reader_body<R: AsyncRead + Send + Unpin + 'static>(mut rd: R, sent: oneshot::Sender<()>) -> ReqBody {
-    let (tx, body) = slicer_agent_proto::body::channel(4);
-    tokio::spawn(async move {
-        let _sent = sent;
-        loop {
-            let mut buf = vec![0u8; UPLOAD_CHUNK];
-            match rd.read(&mut buf).await {
-                Ok(0) => return,
-                Ok(n) => {
-                    buf.truncate(n);
-                    if tx.send(Ok(Bytes::from(buf))).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            }
-        }
-    });
-    body.boxed()
-}
-
 async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes> {
     let b = http_body_util::Limited::new(body, limit)
         .collect()
@@ -168,19 +145,6 @@ async fn check(resp: http::Response<Incoming>) -> Result<http::Response<Incoming
         Err(_) => ("unknown".into(), format!("agent answered {status}")),
     };
     Err(AgentError::Remote { status, kind, message })
-}
-
-/// An exec id as a path segment: `ex_` and hex digits only.
-fn bg_id(id: &str) -> Result<&str> {
-    if id.len() <= 64 && id.starts_with("ex_") && id[3..].bytes().all(|b| b.is_ascii_alphanumeric()) {
-        Ok(id)
-    } else {
-        Err(AgentError::Remote {
-            status: 404,
-            kind: "not_found".into(),
-            message: format!("no exec {id:?}"),
-        })
-    }
 }
 
 fn uri(path: &str, q: Option<&PathQuery>) -> String {
@@ -319,188 +283,6 @@ impl AgentClient {
         .await
     }
 
-    /// Starts a process. With `spec.stdin`, write to [`ExecProcess::stdin`]; dropping it closes stdin.
-    pub async fn exec(&self, spec: &ExecRequest) -> Result<ExecProcess> {
-        let prefix = frame::encode_spec(spec);
-        let (stdin, body) = if spec.stdin {
-            let (tx, body) = slicer_agent_proto::body::channel(4);
-            let prefix_tx = tx.clone();
-            prefix_tx
-                .send(Ok(prefix))
-                .await
-                .map_err(|_| AgentError::Protocol("stdin channel closed".into()))?;
-            (Some(StdinWriter { tx }), body.boxed())
-        } else {
-            (None, full(prefix))
-        };
-        let req = Request::post(uri("/v1/exec", None))
-            .body(body)
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        // Only the start has a deadline: the process then runs as long as it likes.
-        within("an exec start", CALL_DEADLINE, async {
-            let resp = check(self.send(req).await?).await?;
-            let mut p = ExecProcess {
-                pid: 0,
-                started_at_ms: 0,
-                stdin,
-                body: resp.into_body(),
-                decoder: Decoder::default(),
-                done: false,
-            };
-            match p.next_frame().await? {
-                Some(f) if f.kind == Kind::Started => {
-                    let s: Started = serde_json::from_slice(&f.payload)
-                        .map_err(|e| AgentError::Protocol(format!("invalid started frame: {e}")))?;
-                    p.pid = s.pid;
-                    p.started_at_ms = s.started_at_ms;
-                    Ok(p)
-                }
-                other => Err(AgentError::Protocol(format!(
-                    "expected a started frame, got {:?}",
-                    other.map(|f| f.kind)
-                ))),
-            }
-        })
-        .await
-    }
-
-    /// Runs a process to completion with the given stdin, collecting its output (at most
-    /// [`MAX_BUFFERED_OUTPUT`]: see [`ExecProcess::output`]).
-    pub async fn exec_output(&self, spec: &ExecRequest, stdin: Option<Bytes>) -> Result<Output> {
-        let mut spec = spec.clone();
-        spec.stdin = stdin.is_some();
-        let mut p = self.exec(&spec).await?;
-        if let (Some(w), Some(data)) = (p.stdin.take(), stdin) {
-            tokio::spawn(async move {
-                let _ = w.write(data).await;
-            });
-        }
-        p.output().await
-    }
-
-    /// Writes `data` to the file `path` in the guest (atomically replaced).
-    pub async fn upload_file<R: AsyncRead + Send + Unpin + 'static>(
-        &self,
-        path: &str,
-        mode: Option<u32>,
-        owner: Option<(u32, Option<u32>)>,
-        data: R,
-    ) -> Result<u64> {
-        let q = PathQuery {
-            path: path.into(),
-            mode: mode.map(|m| format!("{m:o}")),
-            uid: owner.map(|o| o.0),
-            gid: owner.and_then(|o| o.1),
-            ..Default::default()
-        };
-        Ok(self.upload("/v1/file", &q, data).await?.bytes)
-    }
-
-    /// SlicerVM's cp-v1 upload: a file (`tar` false) or a directory's tar to `path`, placed
-    /// inside `path` as `source_name` when it is a directory (its contents merged into it with
-    /// `copy_contents`); a directory replaces its target whole. Answers where it went.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn upload_placed<R: AsyncRead + Send + Unpin + 'static>(
-        &self,
-        tar: bool,
-        path: &str,
-        source_name: &str,
-        copy_contents: bool,
-        mode: Option<u32>,
-        owner: Option<(u32, Option<u32>)>,
-        data: R,
-    ) -> Result<FileWritten> {
-        let q = PathQuery {
-            path: path.into(),
-            mode: mode.map(|m| format!("{m:o}")),
-            uid: owner.map(|o| o.0),
-            gid: owner.and_then(|o| o.1),
-            source_name: Some(source_name.into()),
-            copy_contents,
-        };
-        self.upload(if tar { "/v1/tar" } else { "/v1/file" }, &q, data).await
-    }
-
-    /// PUTs `data` to `route`. Sending the body takes as long as the source needs (cp streams
-    /// a user's upload); the answer after it has [`CALL_DEADLINE`].
-    async fn upload<R: AsyncRead + Send + Unpin + 'static>(
-        &self,
-        route: &str,
-        q: &PathQuery,
-        data: R,
-    ) -> Result<FileWritten> {
-        let (sent_tx, sent) = oneshot::channel();
-        let req = Request::put(uri(route, Some(q)))
-            .body(reader_body(data, sent_tx))
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let answer = async {
-            let resp = check(self.send(req).await?).await?;
-            let w: FileWritten = parse_json(resp.into_body()).await?;
-            Ok(w)
-        };
-        tokio::pin!(answer);
-        tokio::select! {
-            r = &mut answer => r,
-            _ = sent => within("an upload", CALL_DEADLINE, answer).await,
-        }
-    }
-
-    /// Reads the file `path` from the guest as a stream.
-    pub async fn download_file(&self, path: &str) -> Result<Download> {
-        let q = PathQuery {
-            path: path.into(),
-            ..Default::default()
-        };
-        let req = Request::get(uri("/v1/file", Some(&q)))
-            .body(empty())
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = within("a download's start", CALL_DEADLINE, async {
-            check(self.send(req).await?).await
-        })
-        .await?;
-        let mode = resp
-            .headers()
-            .get(HEADER_MODE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| u32::from_str_radix(v, 8).ok())
-            .map(|m| m & 0o7777);
-        Ok(Download {
-            mode,
-            body: resp.into_body(),
-            pending: slicer_agent_proto::lines::LineBuf::default(),
-        })
-    }
-
-    /// Unpacks a tar stream into directory `dir` in the guest.
-    pub async fn upload_tar<R: AsyncRead + Send + Unpin + 'static>(
-        &self,
-        dir: &str,
-        owner: Option<(u32, Option<u32>)>,
-        tar: R,
-    ) -> Result<u64> {
-        let q = PathQuery {
-            path: dir.into(),
-            mode: None,
-            uid: owner.map(|o| o.0),
-            gid: owner.and_then(|o| o.1),
-            ..Default::default()
-        };
-        Ok(self.upload("/v1/tar", &q, tar).await?.bytes)
-    }
-
-    /// Streams directory `dir` of the guest as a tar. The archive comes from the guest: never
-    /// unpack it on the host without path checks.
-    pub async fn download_tar(&self, dir: &str) -> Result<Download> {
-        let q = PathQuery {
-            path: dir.into(),
-            ..Default::default()
-        };
-        let req = Request::get(uri("/v1/tar", Some(&q)))
-            .body(empty())
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        self.stream(req).await
-    }
-
     /// Asks the guest to power off or reboot. Both end the VM process (no ACPI: see the agent).
     pub async fn power(&self, action: PowerAction) -> Result<()> {
         let body = serde_json::to_vec(&PowerRequest { action }).map_err(|e| AgentError::Protocol(e.to_string()))?;
@@ -519,124 +301,6 @@ impl AgentClient {
         .await
     }
 
-    async fn bg_call<T: serde::de::DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-        deadline: Duration,
-    ) -> Result<T> {
-        let req = Request::builder()
-            .method(method)
-            .uri(format!("http://agent/v1/bg{path}"))
-            .body(body.map(full).unwrap_or_else(empty))
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        within("a background exec request", deadline, async {
-            let resp = check(self.send(req).await?).await?;
-            parse_json_up_to(resp.into_body(), MAX_LISTING).await
-        })
-        .await
-    }
-
-    /// Starts a background exec.
-    pub async fn bg_start(&self, start: &BgStart) -> Result<BgStarted> {
-        let body = serde_json::to_vec(start).map_err(|e| AgentError::Protocol(e.to_string()))?;
-        self.bg_call(Method::POST, "", Some(body), CALL_DEADLINE).await
-    }
-
-    pub async fn bg_list(&self) -> Result<Vec<BgInfo>> {
-        self.bg_call(Method::GET, "", None, CALL_DEADLINE).await
-    }
-
-    pub async fn bg_info(&self, id: &str) -> Result<BgInfo> {
-        self.bg_call(Method::GET, &format!("/{}", bg_id(id)?), None, CALL_DEADLINE)
-            .await
-    }
-
-    pub async fn bg_kill(&self, id: &str, k: &BgKill) -> Result<BgKilled> {
-        let body = serde_json::to_vec(k).map_err(|e| AgentError::Protocol(e.to_string()))?;
-        self.bg_call(
-            Method::POST,
-            &format!("/{}/kill", bg_id(id)?),
-            Some(body),
-            CALL_DEADLINE,
-        )
-        .await
-    }
-
-    /// Waits up to `timeout_secs` (the agent caps it at 600) for the exec to exit; the call's
-    /// deadline is that plus [`CALL_DEADLINE`].
-    pub async fn bg_wait(&self, id: &str, timeout_secs: u64) -> Result<BgWait> {
-        let timeout_secs = timeout_secs.min(600);
-        self.bg_call(
-            Method::GET,
-            &format!("/{}/wait-exit?timeout={timeout_secs}", bg_id(id)?),
-            None,
-            Duration::from_secs(timeout_secs) + CALL_DEADLINE,
-        )
-        .await
-    }
-
-    /// Forgets a background exec (the process is not killed).
-    pub async fn bg_reap(&self, id: &str) -> Result<serde_json::Value> {
-        self.bg_call(Method::DELETE, &format!("/{}", bg_id(id)?), None, CALL_DEADLINE)
-            .await
-    }
-
-    /// The exec's output frames as NDJSON ([`slicer_agent_proto::BgFrame`] lines).
-    pub async fn bg_logs(&self, id: &str, q: &BgLogsQuery) -> Result<Download> {
-        let req = Request::get(format!(
-            "http://agent/v1/bg/{}/logs?{}",
-            bg_id(id)?,
-            serde_urlencoded::to_string(q).unwrap_or_default()
-        ))
-        .body(empty())
-        .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        self.stream(req).await
-    }
-
-    /// A full-duplex stream: what is written to the [`StdinWriter`] is the request body, the
-    /// [`Download`] is the response body. The first answer (or error) comes before it returns.
-    async fn duplex(&self, uri: String) -> Result<(StdinWriter, Download)> {
-        let (tx, body) = slicer_agent_proto::body::channel(8);
-        let req = Request::post(uri)
-            .body(body.boxed())
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = within("a stream's start", CALL_DEADLINE, async {
-            check(self.send(req).await?).await
-        })
-        .await?;
-        Ok((
-            StdinWriter { tx },
-            Download {
-                mode: None,
-                body: resp.into_body(),
-                pending: slicer_agent_proto::lines::LineBuf::default(),
-            },
-        ))
-    }
-
-    /// Connects to `target` inside the guest (`host:port` or `unix:/path`): bytes both ways.
-    pub async fn forward(&self, target: &str) -> Result<(StdinWriter, Download)> {
-        let q = serde_urlencoded::to_string([("target", target)]).unwrap_or_default();
-        self.duplex(format!("http://agent/v1/forward?{q}")).await
-    }
-
-    /// A login shell on a PTY; both directions carry [`slicer_agent_proto::shell`] frames.
-    pub async fn shell(&self, q: &slicer_agent_proto::shell::ShellQuery) -> Result<(StdinWriter, Download)> {
-        let q = serde_urlencoded::to_string(q).unwrap_or_default();
-        self.duplex(format!("http://agent/v1/shell?{q}")).await
-    }
-
-    /// Watches paths in the guest: NDJSON [`slicer_agent_proto::WatchEvent`] lines until dropped.
-    pub async fn watch(&self, w: &slicer_agent_proto::WatchRequest) -> Result<Download> {
-        let body = serde_json::to_vec(w).map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let req = Request::post(uri("/v1/fs/watch", None))
-            .body(full(body))
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        self.stream(req).await
-    }
-
     /// A resource snapshot measured in the guest.
     pub async fn stats(&self) -> Result<GuestStats> {
         let req = Request::get(uri("/v1/stats", None))
@@ -647,16 +311,6 @@ impl AgentClient {
             parse_json(resp.into_body()).await
         })
         .await
-    }
-
-    /// Lists directory `path` (entries sorted by name; symlinks not followed).
-    pub async fn readdir(&self, path: &str) -> Result<Vec<FsEntry>> {
-        self.get_json("/v1/fs/readdir", path, MAX_LISTING).await
-    }
-
-    /// Describes `path` (a symlink itself, not its target).
-    pub async fn stat(&self, path: &str) -> Result<FsEntry> {
-        self.get_json("/v1/fs/stat", path, MAX_JSON).await
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, route: &str, path: &str, limit: usize) -> Result<T> {
@@ -694,46 +348,6 @@ impl AgentClient {
         .await
     }
 
-    /// Makes a directory; answers its entry.
-    pub async fn mkdir(&self, r: &MkdirRequest) -> Result<FsEntry> {
-        self.post_json("a filesystem request", "/v1/fs/mkdir", r).await
-    }
-
-    /// Removes a file, a link or a directory (a non-empty one only with `recursive`).
-    pub async fn remove(&self, path: &str, recursive: bool) -> Result<()> {
-        let q = RemoveQuery {
-            path: path.into(),
-            recursive,
-        };
-        let req = Request::builder()
-            .method(Method::DELETE)
-            .uri(format!(
-                "http://agent/v1/fs/remove?{}",
-                serde_urlencoded::to_string(&q).unwrap_or_default()
-            ))
-            .body(empty())
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        within("a filesystem request", CALL_DEADLINE, async {
-            check(self.send(req).await?).await?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Sends `req` and hands back the answer's body as a stream; the answer's head has
-    /// [`CALL_DEADLINE`], the stream none.
-    async fn stream(&self, req: Request<ReqBody>) -> Result<Download> {
-        let resp = within("a stream's start", CALL_DEADLINE, async {
-            check(self.send(req).await?).await
-        })
-        .await?;
-        Ok(Download {
-            mode: None,
-            body: resp.into_body(),
-            pending: slicer_agent_proto::lines::LineBuf::default(),
-        })
-    }
-
     /// Adds the CA certificates of `pem` (CERTIFICATE blocks) to the guest's trust stores;
     /// idempotent. Answers what the guest has installed.
     pub async fn install_ca(&self, pem: &str) -> Result<slicer_agent_proto::CaInstalled> {
@@ -767,221 +381,14 @@ impl AgentClient {
     }
 }
 
-/// Writes stdin of a running process; dropping it closes the process's stdin.
-pub struct StdinWriter {
-    tx: mpsc::Sender<io::Result<Bytes>>,
-}
-
-impl StdinWriter {
-    pub async fn write(&self, data: Bytes) -> Result<()> {
-        self.tx
-            .send(Ok(data))
-            .await
-            .map_err(|_| AgentError::Protocol("the process's stdin is closed".into()))
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum ExecEvent {
-    Stdout(Bytes),
-    Stderr(Bytes),
-    Exit(ExitStatus),
-}
-
-/// Output of a finished process.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Output {
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub status: ExitStatus,
-}
-
-/// A running process in the guest.
-pub struct ExecProcess {
-    pub pid: u32,
-    pub started_at_ms: u64,
-    pub stdin: Option<StdinWriter>,
-    body: Incoming,
-    decoder: Decoder,
-    done: bool,
-}
-
-impl ExecProcess {
-    async fn next_frame(&mut self) -> Result<Option<frame::Frame>> {
-        loop {
-            if let Some(f) = self
-                .decoder
-                .next_frame()
-                .map_err(|e| AgentError::Protocol(e.to_string()))?
-            {
-                return Ok(Some(f));
-            }
-            match self.body.frame().await {
-                Some(Ok(f)) => {
-                    if let Ok(data) = f.into_data() {
-                        self.decoder.push(&data);
-                    }
-                }
-                Some(Err(e)) => return Err(e.into()),
-                None => {
-                    self.decoder.finish().map_err(|e| AgentError::Protocol(e.to_string()))?;
-                    return Ok(None);
-                }
-            }
-        }
-    }
-
-    /// The next output chunk or the exit status; `None` after the exit.
-    pub async fn next_event(&mut self) -> Result<Option<ExecEvent>> {
-        if self.done {
-            return Ok(None);
-        }
-        let Some(f) = self.next_frame().await? else {
-            return Err(AgentError::Protocol("exec stream ended without an exit status".into()));
-        };
-        Ok(Some(match f.kind {
-            Kind::Stdout => ExecEvent::Stdout(f.payload),
-            Kind::Stderr => ExecEvent::Stderr(f.payload),
-            Kind::Exit => {
-                let e: Exited = serde_json::from_slice(&f.payload)
-                    .map_err(|e| AgentError::Protocol(format!("invalid exit frame: {e}")))?;
-                self.done = true;
-                ExecEvent::Exit(e.status)
-            }
-            Kind::Error => {
-                let e: ErrorBody = serde_json::from_slice(&f.payload)
-                    .map_err(|e| AgentError::Protocol(format!("invalid error frame: {e}")))?;
-                return Err(AgentError::Remote {
-                    status: 500,
-                    kind: e.kind,
-                    message: e.error,
-                });
-            }
-            Kind::Started => return Err(AgentError::Protocol("second started frame".into())),
-        }))
-    }
-
-    /// Collects the output until the process exits, at most [`MAX_BUFFERED_OUTPUT`] bytes of
-    /// stdout and stderr together (see [`ExecProcess::output_up_to`]).
-    pub async fn output(self) -> Result<Output> {
-        self.output_up_to(MAX_BUFFERED_OUTPUT).await
-    }
-
-    /// Collects the output until the process exits. Past `limit` bytes (stdout and stderr
-    /// together) it stops reading and drops the stream, which makes the agent kill the
-    /// process group, and fails with [`AgentError::OutputLimit`] holding the first `limit`
-    /// bytes.
-    pub async fn output_up_to(mut self, limit: usize) -> Result<Output> {
-        self.stdin = None;
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        loop {
-            let (is_stdout, chunk) = match self.next_event().await? {
-                Some(ExecEvent::Stdout(b)) => (true, b),
-                Some(ExecEvent::Stderr(b)) => (false, b),
-                Some(ExecEvent::Exit(status)) => return Ok(Output { stdout, stderr, status }),
-                None => return Err(AgentError::Protocol("exec stream ended without an exit status".into())),
-            };
-            let room = limit.saturating_sub(stdout.len() + stderr.len());
-            let out = if is_stdout { &mut stdout } else { &mut stderr };
-            out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if chunk.len() > room {
-                // Dropping the response stream resets it: the agent kills the process group.
-                drop(self);
-                return Err(AgentError::OutputLimit {
-                    limit,
-                    output: Box::new(Output {
-                        stdout,
-                        stderr,
-                        status: ExitStatus {
-                            code: None,
-                            signal: Some(SIGKILL),
-                        },
-                    }),
-                });
-            }
-        }
-    }
-}
-
-/// SIGKILL's number on Linux: the status of a command killed for its output.
-const SIGKILL: i32 = 9;
-
-/// A file or tar stream coming from the guest.
-pub struct Download {
-    /// Mode bits of a downloaded file.
-    pub mode: Option<u32>,
-    body: Incoming,
-    /// Bytes read past the last line handed out by [`Download::next_line`].
-    pending: slicer_agent_proto::lines::LineBuf,
-}
-
-impl Download {
-    /// The next chunk; `None` at the end.
-    pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
-        loop {
-            match self.body.frame().await {
-                Some(Ok(f)) => {
-                    if let Ok(d) = f.into_data() {
-                        return Ok(Some(d));
-                    }
-                }
-                Some(Err(e)) => return Err(e.into()),
-                None => return Ok(None),
-            }
-        }
-    }
-
-    /// The next `\n`-terminated line of a line-oriented stream (NDJSON), `None` at its end. A
-    /// line longer than `max` (what a hostile guest could send) is an error. Cancelling the call
-    /// loses nothing: what was read stays for the next call.
-    pub async fn next_line(&mut self, max: usize) -> Result<Option<Vec<u8>>> {
-        loop {
-            if let Some(line) = self.pending.next_line() {
-                return Ok(Some(line.to_vec()));
-            }
-            if self.pending.pending() > max {
-                return Err(AgentError::Protocol(format!(
-                    "a line from the agent is over {max} bytes"
-                )));
-            }
-            match self.chunk().await? {
-                Some(c) => self.pending.push(&c),
-                None => return Ok(None),
-            }
-        }
-    }
-
-    /// Copies the whole stream into `w`, returning the byte count.
-    pub async fn copy_to<W: tokio::io::AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<u64> {
-        use tokio::io::AsyncWriteExt;
-        let mut n = 0u64;
-        while let Some(c) = self.chunk().await? {
-            w.write_all(&c).await?;
-            n += c.len() as u64;
-        }
-        w.flush().await?;
-        Ok(n)
-    }
-
-    /// Reads everything into memory, failing beyond `limit` bytes.
-    pub async fn bytes(mut self, limit: usize) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        while let Some(c) = self.chunk().await? {
-            if out.len() + c.len() > limit {
-                return Err(AgentError::Protocol(format!("download larger than {limit} bytes")));
-            }
-            out.extend_from_slice(&c);
-        }
-        Ok(out)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
     use super::*;
+    use slicer_agent_proto::frame::{self, Kind};
+    use slicer_agent_proto::{ExecRequest, Started};
 
     type Handler =
         Arc<dyn Fn(Request<Incoming>) -> http::Response<slicer_agent_proto::body::ChannelBody> + Send + Sync>;

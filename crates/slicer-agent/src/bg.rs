@@ -118,6 +118,20 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Takes `ring_bytes` from the budget of all rings, or refuses (the budget untouched).
+    fn reserve(&self, ring_bytes: u64) -> Result<(), ApiError> {
+        let used = self.budget.fetch_add(ring_bytes, Ordering::SeqCst);
+        if used + ring_bytes > RING_BUDGET {
+            self.budget.fetch_sub(ring_bytes, Ordering::SeqCst);
+            return Err(ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "unavailable",
+                message: format!("background exec rings would exceed {RING_BUDGET} bytes: reap finished execs"),
+            });
+        }
+        Ok(())
+    }
+
     fn get(&self, id: &str) -> Result<Arc<Bg>, ApiError> {
         if let Some(b) = self.execs.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
             return Ok(b.clone());
@@ -225,6 +239,7 @@ pub async fn route(req: Request<Incoming>, state: Arc<State>) -> Result<Response
     }
 }
 
+/// `POST /v1/bg`: starts a background exec whose output goes to a ring of its own.
 async fn start(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, ApiError> {
     let s: BgStart = body_json(req).await?;
     s.spec.validate().map_err(ApiError::bad_request)?;
@@ -238,15 +253,7 @@ async fn start(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         )));
     }
     let reg = &state.bg;
-    let used = reg.budget.fetch_add(ring_bytes, Ordering::SeqCst);
-    if used + ring_bytes > RING_BUDGET {
-        reg.budget.fetch_sub(ring_bytes, Ordering::SeqCst);
-        return Err(ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "unavailable",
-            message: format!("background exec rings would exceed {RING_BUDGET} bytes: reap finished execs"),
-        });
-    }
+    reg.reserve(ring_bytes)?;
     let child = match crate::exec::spawn(&s.spec) {
         Ok(c) => c,
         Err(e) => {
@@ -279,7 +286,27 @@ async fn start(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(b.id.clone(), b.clone());
-    let readers: Vec<_> = [(child.stdout, false), (child.stderr, true)]
+    follow(b.clone(), child.stdout, child.stderr, exit_rx);
+    Ok(json(
+        StatusCode::CREATED,
+        &BgStarted {
+            exec_id: b.id.clone(),
+            pid: b.pid,
+            started_at_ms: b.started_at_ms,
+            ring_bytes,
+        },
+    ))
+}
+
+/// Reads the exec's output into its ring and, once it has exited (and its output is read,
+/// or two seconds passed), records its status.
+fn follow(
+    b: Arc<Bg>,
+    stdout: std::os::fd::OwnedFd,
+    stderr: std::os::fd::OwnedFd,
+    exit_rx: tokio::sync::oneshot::Receiver<ExitStatus>,
+) {
+    let readers: Vec<_> = [(stdout, false), (stderr, true)]
         .into_iter()
         .map(|(fd, stderr)| {
             let b = b.clone();
@@ -309,15 +336,6 @@ async fn start(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         waiter.ring().exit = Some((status, now_ms()));
         waiter.changed.send_modify(|v| *v += 1);
     });
-    Ok(json(
-        StatusCode::CREATED,
-        &BgStarted {
-            exec_id: b.id.clone(),
-            pid: b.pid,
-            started_at_ms: b.started_at_ms,
-            ring_bytes,
-        },
-    ))
 }
 
 fn kill(b: Arc<Bg>, k: BgKill) -> Result<Response<Body>, ApiError> {

@@ -36,8 +36,9 @@ pub fn body_reader(body: Incoming) -> impl AsyncRead + Unpin + Send {
     tokio_util::io::StreamReader::new(Box::pin(body.into_data_stream().map_err(io::Error::other)))
 }
 
-pub async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, ApiError> {
-    let mut rd = body_reader(req.into_body());
+/// Reads the exec spec that leads the request body (a big-endian length, then that much
+/// JSON, at most `MAX_SPEC_LEN`) and validates it; the rest of the body is the stdin.
+async fn read_spec(rd: &mut (impl AsyncRead + Unpin)) -> Result<ExecRequest, ApiError> {
     let len = rd
         .read_u32()
         .await
@@ -54,6 +55,14 @@ pub async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Respons
     let spec: ExecRequest =
         serde_json::from_slice(&raw).map_err(|e| ApiError::bad_request(format!("invalid exec spec: {e}")))?;
     spec.validate().map_err(ApiError::bad_request)?;
+    Ok(spec)
+}
+
+/// `POST /v1/exec`: starts a process and streams its output frames, then its exit, until it
+/// ends (the host going away kills its process group).
+pub async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, ApiError> {
+    let mut rd = body_reader(req.into_body());
+    let spec = read_spec(&mut rd).await?;
 
     let child = spawn(&spec)?;
     let pid = child.pid;
@@ -276,6 +285,47 @@ fn cstr(s: &str) -> io::Result<std::ffi::CString> {
     std::ffi::CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "string contains NUL"))
 }
 
+/// The C strings a spawn hands to libc: the program's path, its argument and environment
+/// vectors, its working directory and `/dev/null` (a stdin that is not a pipe).
+struct CStrings {
+    path: std::ffi::CString,
+    argv_c: Vec<std::ffi::CString>,
+    env_c: Vec<std::ffi::CString>,
+    cwd: std::ffi::CString,
+    devnull: std::ffi::CString,
+}
+
+impl CStrings {
+    fn of(plan: &Plan) -> io::Result<CStrings> {
+        let path = cstr(&plan.resolved)?;
+        let mut argv_c = vec![cstr(&plan.program)?];
+        for a in &plan.args {
+            argv_c.push(cstr(a)?);
+        }
+        let env_c = plan
+            .env
+            .iter()
+            .map(|(k, v)| cstr(&format!("{k}={v}")))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(CStrings {
+            path,
+            argv_c,
+            env_c,
+            cwd: cstr(&plan.cwd)?,
+            devnull: cstr("/dev/null")?,
+        })
+    }
+}
+
+/// A posix_spawn* return code as a result (they return the error number, not -1).
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
 /// Starts the child with glibc's posix_spawn: new process group, default signal handling,
 /// empty signal mask, pipes on 0/1/2, working directory.
 fn posix_spawn(plan: &Plan) -> io::Result<Spawned> {
@@ -287,29 +337,17 @@ fn posix_spawn(plan: &Plan) -> io::Result<Spawned> {
     };
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let path = cstr(&plan.resolved)?;
-    let mut argv_c = vec![cstr(&plan.program)?];
-    for a in &plan.args {
-        argv_c.push(cstr(a)?);
-    }
-    let env_c = plan
-        .env
-        .iter()
-        .map(|(k, v)| cstr(&format!("{k}={v}")))
-        .collect::<io::Result<Vec<_>>>()?;
-    let cwd = cstr(&plan.cwd)?;
-    let devnull = cstr("/dev/null")?;
+    let CStrings {
+        path,
+        argv_c,
+        env_c,
+        cwd,
+        devnull,
+    } = CStrings::of(plan)?;
     let mut argv: Vec<*mut libc::c_char> = argv_c.iter().map(|c| c.as_ptr() as *mut _).collect();
     argv.push(std::ptr::null_mut());
     let mut envp: Vec<*mut libc::c_char> = env_c.iter().map(|c| c.as_ptr() as *mut _).collect();
     envp.push(std::ptr::null_mut());
-    let check = |rc: libc::c_int| {
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(rc))
-        }
-    };
     // SAFETY: every pointer handed to libc points into a live CString/Vec above; the
     // attribute and file-action objects are initialised before use and destroyed after.
     unsafe {

@@ -132,9 +132,37 @@ impl Master {
     }
 }
 
+/// `POST /v1/shell`: a login shell on a new PTY, its terminal streamed both ways in shell
+/// frames (see `slicer_agent_proto::shell`) until it exits.
 pub async fn shell(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, ApiError> {
     let q: ShellQuery = query(&req)?;
     let pty = nix::pty::openpty(None, None).map_err(|e| ApiError::io("opening a PTY", &e.into()))?;
+    let pid = spawn_shell(&q, pty.slave)?;
+    let exit_rx = state.reaper.register(pid as i32);
+
+    nix::fcntl::fcntl(
+        pty.master.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| ApiError::io("PTY", &e.into()))?;
+    // SAFETY: the AsyncFd owns the master descriptor for its whole life.
+    let master = Arc::new(Master(
+        unsafe { AsyncFd::register(pty.master) }
+            .map_err(|e| ApiError::io("PTY", &std::io::Error::other(e.to_string())))?,
+    ));
+    if let (Some(c), Some(r)) = (q.cols, q.rows) {
+        master.resize(c, r);
+    }
+    let (tx, body) = slicer_agent_proto::body::channel(8);
+    tokio::spawn(host_to_shell(master.clone(), req.into_body(), pid));
+    tokio::spawn(shell_to_host(master.clone(), tx, exit_rx, pid));
+    Ok(Response::new(BodyExt::boxed(body)))
+}
+
+/// Starts the login shell `q` asks for (the account's, else `/bin/sh`) as the account, in its
+/// own session with the PTY `slave` as its controlling terminal; returns its pid (the agent's
+/// reaper collects it).
+fn spawn_shell(q: &ShellQuery, slave: OwnedFd) -> Result<u32, ApiError> {
     let account = crate::user::resolve(q.uid, q.gid);
     let program = q.shell.clone().unwrap_or_else(|| {
         if std::path::Path::new(&account.shell).exists() {
@@ -153,7 +181,6 @@ pub async fn shell(req: Request<Incoming>, state: Arc<State>) -> Result<Response
         .envs(account.login_env())
         .env("TERM", q.term.as_deref().unwrap_or("xterm-256color"))
         .current_dir(&cwd);
-    let slave = pty.slave;
     let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| ApiError::io("PTY", &e));
     cmd.stdin(dup(&slave)?).stdout(dup(&slave)?).stderr(dup(&slave)?);
     let change = account.differs_from_self();
@@ -178,78 +205,64 @@ pub async fn shell(req: Request<Incoming>, state: Arc<State>) -> Result<Response
     let pid = child.id();
     // The agent's reaper collects the shell; the std handle must not wait for it.
     std::mem::forget(child);
-    let exit_rx = state.reaper.register(pid as i32);
+    Ok(pid)
+}
 
-    nix::fcntl::fcntl(
-        pty.master.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .map_err(|e| ApiError::io("PTY", &e.into()))?;
-    // SAFETY: the AsyncFd owns the master descriptor for its whole life.
-    let master = Arc::new(Master(
-        unsafe { AsyncFd::register(pty.master) }
-            .map_err(|e| ApiError::io("PTY", &std::io::Error::other(e.to_string())))?,
-    ));
-    if let (Some(c), Some(r)) = (q.cols, q.rows) {
-        master.resize(c, r);
+/// Host → shell: data and window sizes; shutdown (or the host leaving) hangs the shell up.
+async fn host_to_shell(input: Arc<Master>, mut req_body: Incoming, pid: u32) {
+    let mut buf = BytesMut::new();
+    'outer: while let Some(Ok(frame)) = req_body.frame().await {
+        let Ok(data) = frame.into_data() else { continue };
+        buf.extend_from_slice(&data);
+        while let Some((kind, payload)) = sh::take_frame(&mut buf) {
+            let go_on = match kind {
+                sh::DATA => input.write_all(&payload).await.is_ok(),
+                sh::WINDOW_SIZE => {
+                    if let Some((c, r)) = sh::parse_window_size(&payload) {
+                        input.resize(c, r);
+                    }
+                    true
+                }
+                sh::SHUTDOWN => false,
+                _ => true, // heartbeats
+            };
+            if !go_on {
+                break 'outer;
+            }
+        }
+        if buf.len() > sh::MAX_FRAME + 5 {
+            break;
+        }
     }
-    let (tx, body) = slicer_agent_proto::body::channel(8);
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGHUP);
+}
 
-    // Host → shell: data and window sizes; shutdown (or the host leaving) hangs the shell up.
-    let input = master.clone();
-    let mut req_body = req.into_body();
-    tokio::spawn(async move {
-        let mut buf = BytesMut::new();
-        'outer: while let Some(Ok(frame)) = req_body.frame().await {
-            let Ok(data) = frame.into_data() else { continue };
-            buf.extend_from_slice(&data);
-            while let Some((kind, payload)) = sh::take_frame(&mut buf) {
-                let go_on = match kind {
-                    sh::DATA => input.write_all(&payload).await.is_ok(),
-                    sh::WINDOW_SIZE => {
-                        if let Some((c, r)) = sh::parse_window_size(&payload) {
-                            input.resize(c, r);
-                        }
-                        true
-                    }
-                    sh::SHUTDOWN => false,
-                    _ => true, // heartbeats
-                };
-                if !go_on {
-                    break 'outer;
-                }
-            }
-            if buf.len() > sh::MAX_FRAME + 5 {
-                break;
-            }
-        }
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGHUP);
-    });
-
-    // Shell → host: output frames, then a close frame with the exit status.
-    let output = master.clone();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match output.read(&mut buf).await {
-                // EIO: the shell and everything on the terminal are gone.
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx.send(Ok(sh::frame(sh::DATA, &buf[..n]))).await.is_err() {
-                        let _ = nix::sys::signal::killpg(
-                            nix::unistd::Pid::from_raw(pid as i32),
-                            nix::sys::signal::Signal::SIGHUP,
-                        );
-                        break;
-                    }
+/// Shell → host: output frames, then a close frame with the exit status.
+async fn shell_to_host(
+    output: Arc<Master>,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    exit_rx: tokio::sync::oneshot::Receiver<slicer_agent_proto::ExitStatus>,
+    pid: u32,
+) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match output.read(&mut buf).await {
+            // EIO: the shell and everything on the terminal are gone.
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx.send(Ok(sh::frame(sh::DATA, &buf[..n]))).await.is_err() {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGHUP,
+                    );
+                    break;
                 }
             }
         }
-        let code = match exit_rx.await {
-            Ok(st) => st.code.unwrap_or(128 + st.signal.unwrap_or(0)),
-            Err(_) => -1,
-        };
-        let _ = tx.send(Ok(sh::frame(sh::SESSION_CLOSE, &code.to_be_bytes()))).await;
-    });
-    Ok(Response::new(BodyExt::boxed(body)))
+    }
+    let code = match exit_rx.await {
+        Ok(st) => st.code.unwrap_or(128 + st.signal.unwrap_or(0)),
+        Err(_) => -1,
+    };
+    let _ = tx.send(Ok(sh::frame(sh::SESSION_CLOSE, &code.to_be_bytes()))).await;
 }

@@ -69,6 +69,8 @@ impl Watches {
     }
 }
 
+/// `POST /v1/watch`: watches the paths asked for (directories below them too, with
+/// `recursive`) and streams one JSON line per change until the host goes away.
 pub async fn handle(req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let w: WatchRequest = json_body(req, 64 * 1024, "watch request").await?;
     if w.paths.is_empty() {
@@ -84,81 +86,93 @@ pub async fn handle(req: Request<Incoming>) -> Result<Response<Body>, ApiError> 
     for p in &w.paths {
         watches.add(&crate::files::target_path(p)?)?;
     }
-    let Watches {
-        ino,
-        mut dirs,
-        recursive,
-    } = watches;
+    let Watches { ino, dirs, recursive } = watches;
     // SAFETY: the AsyncFd owns the inotify instance for its whole life.
     let afd = unsafe { AsyncFd::register(Ino(ino)) }
         .map_err(|e| ApiError::io("inotify", &std::io::Error::other(e.to_string())))?;
     let (tx, body) = slicer_agent_proto::body::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let mut guard = tokio::select! {
-                g = afd.readable() => match g { Ok(g) => g, Err(_) => return },
-                _ = tx.closed() => return,
-            };
-            let events = match guard.try_io(|a| a.get_ref().0.read_events().map_err(std::io::Error::from)) {
-                Ok(Ok(ev)) => ev,
-                Ok(Err(_)) => return,
-                Err(_would_block) => continue,
-            };
-            for ev in events {
-                let flags = ev.mask;
-                if flags.contains(AddWatchFlags::IN_Q_OVERFLOW) {
-                    let e = WatchEvent {
-                        kind: "overflow".into(),
-                        timestamp_ms: crate::exec::now_ms(),
-                        ..Default::default()
-                    };
-                    if send(&tx, &e).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                let Some(dir) = dirs.get(&ev.wd).cloned() else { continue };
-                let path = match &ev.name {
-                    Some(n) => dir.join(n),
-                    None => dir.clone(),
-                };
-                let is_dir = flags.contains(AddWatchFlags::IN_ISDIR);
-                let kind = if flags.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO) {
-                    // A new directory in a watched tree is watched too.
-                    if is_dir && recursive && dirs.len() < MAX_WATCHES {
-                        if let Ok(wd) = afd.get_ref().0.add_watch(&path, mask()) {
-                            dirs.insert(wd, path.clone());
-                        }
-                    }
-                    "create"
-                } else if flags.intersects(AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CLOSE_WRITE) {
-                    "write"
-                } else if flags.contains(AddWatchFlags::IN_MOVED_FROM) {
-                    "rename"
-                } else if flags.intersects(AddWatchFlags::IN_DELETE | AddWatchFlags::IN_DELETE_SELF) {
-                    "remove"
-                } else if flags.contains(AddWatchFlags::IN_ATTRIB) {
-                    "chmod"
-                } else {
-                    continue;
-                };
-                let size = std::fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
+    tokio::spawn(forward_events(afd, dirs, recursive, tx));
+    let mut resp = Response::new(BodyExt::boxed(body));
+    *resp.status_mut() = StatusCode::OK;
+    Ok(resp)
+}
+
+/// Reads inotify events and sends them as [`WatchEvent`]s until the host goes away or the
+/// instance fails; new directories in a recursive watch are watched as they appear.
+async fn forward_events(
+    afd: AsyncFd<Ino>,
+    mut dirs: HashMap<WatchDescriptor, PathBuf>,
+    recursive: bool,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    loop {
+        let mut guard = tokio::select! {
+            g = afd.readable() => match g { Ok(g) => g, Err(_) => return },
+            _ = tx.closed() => return,
+        };
+        let events = match guard.try_io(|a| a.get_ref().0.read_events().map_err(std::io::Error::from)) {
+            Ok(Ok(ev)) => ev,
+            Ok(Err(_)) => return,
+            Err(_would_block) => continue,
+        };
+        for ev in events {
+            let flags = ev.mask;
+            if flags.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                 let e = WatchEvent {
-                    kind: kind.into(),
-                    path: path.to_string_lossy().into_owned(),
-                    is_dir,
-                    size,
+                    kind: "overflow".into(),
                     timestamp_ms: crate::exec::now_ms(),
+                    ..Default::default()
                 };
                 if send(&tx, &e).await.is_err() {
                     return;
                 }
+                continue;
+            }
+            let Some(dir) = dirs.get(&ev.wd).cloned() else { continue };
+            let path = match &ev.name {
+                Some(n) => dir.join(n),
+                None => dir.clone(),
+            };
+            let is_dir = flags.contains(AddWatchFlags::IN_ISDIR);
+            let Some(kind) = event_kind(flags) else { continue };
+            // A new directory in a watched tree is watched too.
+            if kind == "create" && is_dir && recursive && dirs.len() < MAX_WATCHES {
+                if let Ok(wd) = afd.get_ref().0.add_watch(&path, mask()) {
+                    dirs.insert(wd, path.clone());
+                }
+            }
+            let size = std::fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let e = WatchEvent {
+                kind: kind.into(),
+                path: path.to_string_lossy().into_owned(),
+                is_dir,
+                size,
+                timestamp_ms: crate::exec::now_ms(),
+            };
+            if send(&tx, &e).await.is_err() {
+                return;
             }
         }
-    });
-    let mut resp = Response::new(BodyExt::boxed(body));
-    *resp.status_mut() = StatusCode::OK;
-    Ok(resp)
+    }
+}
+
+/// What an inotify event means on the wire (`None`: not reported).
+fn event_kind(flags: AddWatchFlags) -> Option<&'static str> {
+    Some(
+        if flags.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO) {
+            "create"
+        } else if flags.intersects(AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CLOSE_WRITE) {
+            "write"
+        } else if flags.contains(AddWatchFlags::IN_MOVED_FROM) {
+            "rename"
+        } else if flags.intersects(AddWatchFlags::IN_DELETE | AddWatchFlags::IN_DELETE_SELF) {
+            "remove"
+        } else if flags.contains(AddWatchFlags::IN_ATTRIB) {
+            "chmod"
+        } else {
+            return None;
+        },
+    )
 }
 
 async fn send(tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>, e: &WatchEvent) -> Result<(), ()> {

@@ -105,104 +105,38 @@ impl JailSpec {
             )));
         }
         std::fs::create_dir_all(&self.root).map_err(io_err(format!("creating {}", self.root.display())))?;
-        let inside = |p: &Path| -> Result<PathBuf> {
-            if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-                return Err(Error::Invalid(format!(
-                    "jail path {} must be absolute without '..'",
-                    p.display()
-                )));
-            }
-            Ok(self.root.join(p.strip_prefix("/").unwrap_or(p)))
-        };
-        let mut ops = Vec::new();
-        let mut made: Vec<PathBuf> = Vec::new();
-        let mkdirs = |target: &Path, ops: &mut Vec<Op>, made: &mut Vec<PathBuf>| -> Result<()> {
-            let mut chain: Vec<&Path> = target.ancestors().take_while(|a| *a != self.root.as_path()).collect();
-            chain.reverse();
-            for d in chain {
-                if !made.iter().any(|m| m == d) {
-                    ops.push(Op::Mkdir(cstr(d)?));
-                    made.push(d.to_path_buf());
-                }
-            }
-            Ok(())
-        };
         const RO: libc::c_ulong = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-        for d in SYSTEM_DIRS {
-            let t = inside(Path::new(d))?;
-            mkdirs(&t, &mut ops, &mut made)?;
-            ops.push(Op::Bind(cstr(Path::new(d))?, cstr(&t)?, RO));
-        }
-        for l in USR_LINKS {
-            let host = Path::new(l);
-            match std::fs::symlink_metadata(host) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    let to = std::fs::read_link(host).map_err(io_err(format!("reading link {l}")))?;
-                    ops.push(Op::Symlink(cstr(&to)?, cstr(&inside(host)?)?));
-                }
-                Ok(m) if m.is_dir() => {
-                    let t = inside(host)?;
-                    mkdirs(&t, &mut ops, &mut made)?;
-                    ops.push(Op::Bind(cstr(host)?, cstr(&t)?, RO));
-                }
-                _ => {}
-            }
-        }
+        const RW: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        let mut l = Layout {
+            root: &self.root,
+            ops: Vec::new(),
+            made: Vec::new(),
+        };
+        l.system(RO)?;
         let files = SYSTEM_FILES
             .iter()
             .map(PathBuf::from)
             .filter(|f| f.is_file())
             .chain(self.ro_files.iter().cloned());
         for f in files {
-            let t = inside(&f)?;
-            if let Some(parent) = t.parent() {
-                mkdirs(parent, &mut ops, &mut made)?;
-            }
-            ops.push(Op::Touch(cstr(&t)?));
-            ops.push(Op::Bind(cstr(&f)?, cstr(&t)?, RO | libc::MS_NOEXEC));
+            l.bind_file(&f, RO | libc::MS_NOEXEC)?;
         }
         for f in &self.rw_files {
-            let t = inside(f)?;
-            if let Some(parent) = t.parent() {
-                mkdirs(parent, &mut ops, &mut made)?;
-            }
-            ops.push(Op::Touch(cstr(&t)?));
-            ops.push(Op::Bind(
-                cstr(f)?,
-                cstr(&t)?,
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            ));
+            l.bind_file(f, RW)?;
         }
         for d in &self.rw_dirs {
-            let t = inside(d)?;
-            mkdirs(&t, &mut ops, &mut made)?;
-            ops.push(Op::Bind(
-                cstr(d)?,
-                cstr(&t)?,
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            ));
+            l.bind_dir(d, RW)?;
         }
         for dev in &self.devices {
-            let t = inside(dev)?;
-            if let Some(parent) = t.parent() {
-                mkdirs(parent, &mut ops, &mut made)?;
-            }
-            ops.push(Op::Touch(cstr(&t)?));
-            ops.push(Op::Bind(cstr(dev)?, cstr(&t)?, libc::MS_NOSUID | libc::MS_NOEXEC));
+            l.bind_file(dev, libc::MS_NOSUID | libc::MS_NOEXEC)?;
         }
         if self.proc {
-            let t = inside(Path::new("/proc"))?;
-            mkdirs(&t, &mut ops, &mut made)?;
-            ops.push(Op::Proc(cstr(&t)?));
+            let t = l.inside(Path::new("/proc"))?;
+            l.mkdirs(&t)?;
+            l.ops.push(Op::Proc(cstr(&t)?));
         }
-        let mut cgroup_fds = Vec::new();
-        for f in &self.cgroup_procs {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(f)
-                .map_err(io_err(format!("opening {}", f.display())))?;
-            cgroup_fds.push(OwnedFd::from(file));
-        }
+        let ops = l.ops;
+        let cgroup_fds = self.open_cgroup_procs()?;
         let mut unshare_flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
         if self.new_netns {
             unshare_flags |= libc::CLONE_NEWNET;
@@ -229,6 +163,92 @@ impl JailSpec {
                 })
                 .collect(),
         })
+    }
+
+    /// The cgroup `procs` files, opened for writing (the child writes its pid through them).
+    fn open_cgroup_procs(&self) -> Result<Vec<OwnedFd>> {
+        let mut cgroup_fds = Vec::new();
+        for f in &self.cgroup_procs {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(f)
+                .map_err(io_err(format!("opening {}", f.display())))?;
+            cgroup_fds.push(OwnedFd::from(file));
+        }
+        Ok(cgroup_fds)
+    }
+}
+
+/// The jail's layout being planned: the operations so far and the directories they make.
+struct Layout<'a> {
+    root: &'a Path,
+    ops: Vec<Op>,
+    made: Vec<PathBuf>,
+}
+
+impl Layout<'_> {
+    /// Where host path `p` (absolute, without `..`) appears inside the jail.
+    fn inside(&self, p: &Path) -> Result<PathBuf> {
+        if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(Error::Invalid(format!(
+                "jail path {} must be absolute without '..'",
+                p.display()
+            )));
+        }
+        Ok(self.root.join(p.strip_prefix("/").unwrap_or(p)))
+    }
+
+    /// Makes `target` and every directory between it and the root, each once.
+    fn mkdirs(&mut self, target: &Path) -> Result<()> {
+        let mut chain: Vec<&Path> = target.ancestors().take_while(|a| *a != self.root).collect();
+        chain.reverse();
+        for d in chain {
+            if !self.made.iter().any(|m| m == d) {
+                self.ops.push(Op::Mkdir(cstr(d)?));
+                self.made.push(d.to_path_buf());
+            }
+        }
+        Ok(())
+    }
+
+    /// The system directories, bound with `ro`, and the top-level names that link into /usr
+    /// (as links where the host has links, as bound directories where it has directories).
+    fn system(&mut self, ro: libc::c_ulong) -> Result<()> {
+        for d in SYSTEM_DIRS {
+            self.bind_dir(Path::new(d), ro)?;
+        }
+        for l in USR_LINKS {
+            let host = Path::new(l);
+            match std::fs::symlink_metadata(host) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    let to = std::fs::read_link(host).map_err(io_err(format!("reading link {l}")))?;
+                    self.ops.push(Op::Symlink(cstr(&to)?, cstr(&self.inside(host)?)?));
+                }
+                Ok(m) if m.is_dir() => self.bind_dir(host, ro)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds host directory `host` at its place inside the jail with `flags`.
+    fn bind_dir(&mut self, host: &Path, flags: libc::c_ulong) -> Result<()> {
+        let t = self.inside(host)?;
+        self.mkdirs(&t)?;
+        self.ops.push(Op::Bind(cstr(host)?, cstr(&t)?, flags));
+        Ok(())
+    }
+
+    /// Binds host file (or device) `host` at its place inside the jail with `flags`, over an
+    /// empty file made there.
+    fn bind_file(&mut self, host: &Path, flags: libc::c_ulong) -> Result<()> {
+        let t = self.inside(host)?;
+        if let Some(parent) = t.parent() {
+            self.mkdirs(parent)?;
+        }
+        self.ops.push(Op::Touch(cstr(&t)?));
+        self.ops.push(Op::Bind(cstr(host)?, cstr(&t)?, flags));
+        Ok(())
     }
 }
 
@@ -330,16 +350,36 @@ impl Prepared {
     /// # Safety
     /// Async-signal-safe: only syscalls on data prepared before the fork.
     pub unsafe fn enter(&self) -> std::io::Result<()> {
-        let null = std::ptr::null::<libc::c_char>();
+        self.join_cgroups()?;
+        check(libc::unshare(self.unshare_flags))?;
+        // The jail's directories must be traversable by the VM's uid whatever the caller's
+        // umask; QEMU itself then creates its sockets and files private (0700/0600).
+        libc::umask(0);
+        self.build_root()?;
+        libc::umask(0o077);
+        self.pivot()?;
+        self.drop_privileges()
+    }
+
+    /// Writes the child's pid (`0`: the writer) into each cgroup's `procs` file.
+    ///
+    /// # Safety
+    /// As [`Prepared::enter`].
+    unsafe fn join_cgroups(&self) -> std::io::Result<()> {
         for fd in &self.cgroup_fds {
             if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        check(libc::unshare(self.unshare_flags))?;
-        // The jail's directories must be traversable by the VM's uid whatever the caller's
-        // umask; QEMU itself then creates its sockets and files private (0700/0600).
-        libc::umask(0);
+        Ok(())
+    }
+
+    /// Makes every mount private, mounts a small tmpfs at the root and lays out the jail in it.
+    ///
+    /// # Safety
+    /// As [`Prepared::enter`].
+    unsafe fn build_root(&self) -> std::io::Result<()> {
+        let null = std::ptr::null::<libc::c_char>();
         check(libc::mount(
             null,
             c"/".as_ptr(),
@@ -355,44 +395,17 @@ impl Prepared {
             c"mode=0755,size=256k,nr_inodes=512".as_ptr().cast(),
         ))?;
         for op in &self.ops {
-            match op {
-                Op::Mkdir(p) => {
-                    if libc::mkdir(p.as_ptr(), 0o755) < 0 && *libc::__errno_location() != libc::EEXIST {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Op::Touch(p) => {
-                    let fd = libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC, 0o600);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(fd);
-                }
-                Op::Symlink(to, at) => check(libc::symlink(to.as_ptr(), at.as_ptr()))?,
-                Op::Proc(at) => {
-                    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-                    let r = libc::mount(
-                        c"proc".as_ptr(),
-                        at.as_ptr(),
-                        c"proc".as_ptr(),
-                        flags,
-                        c"hidepid=invisible,subset=pid".as_ptr().cast(),
-                    );
-                    if r < 0 {
-                        // Kernels before 5.8 know neither the word nor subset=.
-                        check(libc::mount(
-                            c"proc".as_ptr(),
-                            at.as_ptr(),
-                            c"proc".as_ptr(),
-                            flags,
-                            c"hidepid=2".as_ptr().cast(),
-                        ))?;
-                    }
-                }
-                Op::Bind(src, dst, flags) => bind(src, dst, *flags)?,
-            }
+            run_op(op)?;
         }
-        libc::umask(0o077);
+        Ok(())
+    }
+
+    /// Makes the jail the root (the old root detached) and remounts it read-only.
+    ///
+    /// # Safety
+    /// As [`Prepared::enter`].
+    unsafe fn pivot(&self) -> std::io::Result<()> {
+        let null = std::ptr::null::<libc::c_char>();
         check(libc::chdir(self.root.as_ptr()))?;
         check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
         check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
@@ -403,7 +416,15 @@ impl Prepared {
             null,
             libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
             std::ptr::null(),
-        ))?;
+        ))
+    }
+
+    /// Empties the capability bounding set, becomes the jail's uid, gid and groups, sets
+    /// no_new_privs and applies the resource limits.
+    ///
+    /// # Safety
+    /// As [`Prepared::enter`].
+    unsafe fn drop_privileges(&self) -> std::io::Result<()> {
         for cap in 0..64 {
             if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && *libc::__errno_location() != libc::EINVAL {
                 return Err(std::io::Error::last_os_error());
@@ -418,6 +439,50 @@ impl Prepared {
         }
         Ok(())
     }
+}
+
+/// One step of the jail's layout, inside the new root's tmpfs.
+///
+/// # Safety
+/// As [`Prepared::enter`].
+unsafe fn run_op(op: &Op) -> std::io::Result<()> {
+    match op {
+        Op::Mkdir(p) => {
+            if libc::mkdir(p.as_ptr(), 0o755) < 0 && *libc::__errno_location() != libc::EEXIST {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Op::Touch(p) => {
+            let fd = libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC, 0o600);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+        }
+        Op::Symlink(to, at) => check(libc::symlink(to.as_ptr(), at.as_ptr()))?,
+        Op::Proc(at) => {
+            let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+            let r = libc::mount(
+                c"proc".as_ptr(),
+                at.as_ptr(),
+                c"proc".as_ptr(),
+                flags,
+                c"hidepid=invisible,subset=pid".as_ptr().cast(),
+            );
+            if r < 0 {
+                // Kernels before 5.8 know neither the word nor subset=.
+                check(libc::mount(
+                    c"proc".as_ptr(),
+                    at.as_ptr(),
+                    c"proc".as_ptr(),
+                    flags,
+                    c"hidepid=2".as_ptr().cast(),
+                ))?;
+            }
+        }
+        Op::Bind(src, dst, flags) => bind(src, dst, *flags)?,
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -48,6 +48,15 @@ fn check(rc: libc::c_int, what: &str) -> Result<()> {
 /// Becomes `uid` (and gid `uid`) for good. Call with root, after every privileged step; the
 /// caller applies [`seccomp`] afterwards.
 pub fn drop_to(uid: u32, max_connections: usize) -> Result<()> {
+    set_limits(max_connections)?;
+    drop_capability_bounds()?;
+    become_uid(uid)?;
+    forbid_new_privileges()
+}
+
+/// The descriptor limit for `max_connections` (two descriptors each, plus slack; what the
+/// hard limit allows where it cannot be raised), and no core dumps.
+fn set_limits(max_connections: usize) -> Result<()> {
     let want = (max_connections.saturating_mul(2) + FD_SLACK) as libc::rlim_t;
     let lim = libc::rlimit {
         rlim_cur: want,
@@ -89,7 +98,12 @@ pub fn drop_to(uid: u32, max_connections: usize) -> Result<()> {
         unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) },
         "setting RLIMIT_CORE",
     )?;
+    Ok(())
+}
 
+/// Empties the capability bounding set (while CAP_SETPCAP is still held) and the ambient set,
+/// and clears KEEPCAPS.
+fn drop_capability_bounds() -> Result<()> {
     // The bounding set, while CAP_SETPCAP is still held.
     let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -111,7 +125,11 @@ pub fn drop_to(uid: u32, max_connections: usize) -> Result<()> {
         unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) },
         "clearing KEEPCAPS",
     )?;
+    Ok(())
+}
 
+/// Becomes `uid` (gid `uid`, no supplementary groups, no capabilities) and checks it did.
+fn become_uid(uid: u32) -> Result<()> {
     // glibc applies these to every thread of the process.
     // SAFETY: setgroups with an empty list.
     check(unsafe { libc::setgroups(0, std::ptr::null()) }, "setgroups([])")?;
@@ -129,6 +147,12 @@ pub fn drop_to(uid: u32, max_connections: usize) -> Result<()> {
             std::io::Error::other("the uid did not change"),
         ));
     }
+    Ok(())
+}
+
+/// no_new_privs, and not dumpable: nothing of the proxy's uid (or a guest) may ptrace it or
+/// read its memory.
+fn forbid_new_privileges() -> Result<()> {
     // SAFETY: prctl with integer arguments.
     check(
         unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
@@ -184,116 +208,122 @@ const CLONE_NS_FLAGS: u64 = (libc::CLONE_NEWUSER
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWCGROUP) as u64;
 
-/// The syscalls the proxy uses after dropping root.
+/// The syscalls the proxy uses after dropping root, on every architecture.
+const ALLOWED: &[i64] = &[
+    // memory
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_membarrier,
+    // threads and time
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_set_robust_list,
+    libc::SYS_get_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_set_tid_address,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_getppid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_getresuid,
+    libc::SYS_getresgid,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_getres,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_gettimeofday,
+    libc::SYS_getrandom,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
+    libc::SYS_uname,
+    libc::SYS_sysinfo,
+    libc::SYS_getrlimit,
+    libc::SYS_prlimit64,
+    libc::SYS_getrusage,
+    // descriptors and files (the resolver reads /etc; nothing is written)
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_close,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_openat,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_readlinkat,
+    libc::SYS_getcwd,
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_pipe2,
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_ppoll,
+    libc::SYS_pselect6,
+    // network
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_accept4,
+    libc::SYS_bind,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmmsg,
+    libc::SYS_recvmmsg,
+    libc::SYS_shutdown,
+    // tokio's signal driver (always built with the `process` feature) makes a socketpair
+    libc::SYS_socketpair,
+];
+
+/// The older syscalls x86_64 still has beside their `*at`/newer forms.
+#[cfg(target_arch = "x86_64")]
+const ALLOWED_LEGACY: &[i64] = &[
+    libc::SYS_open,
+    libc::SYS_stat,
+    libc::SYS_lstat,
+    libc::SYS_access,
+    libc::SYS_readlink,
+    libc::SYS_poll,
+    libc::SYS_select,
+    libc::SYS_epoll_wait,
+    libc::SYS_accept,
+    libc::SYS_dup2,
+    libc::SYS_pipe,
+    libc::SYS_arch_prctl,
+    libc::SYS_time,
+];
+#[cfg(not(target_arch = "x86_64"))]
+const ALLOWED_LEGACY: &[i64] = &[];
+
+/// The syscalls the proxy uses after dropping root (the filter's allowlist).
 fn allowed() -> Vec<i64> {
-    let mut v = vec![
-        // memory
-        libc::SYS_brk,
-        libc::SYS_mmap,
-        libc::SYS_munmap,
-        libc::SYS_mremap,
-        libc::SYS_mprotect,
-        libc::SYS_madvise,
-        libc::SYS_membarrier,
-        // threads and time
-        libc::SYS_futex,
-        libc::SYS_sched_yield,
-        libc::SYS_sched_getaffinity,
-        libc::SYS_set_robust_list,
-        libc::SYS_get_robust_list,
-        libc::SYS_rseq,
-        libc::SYS_set_tid_address,
-        libc::SYS_gettid,
-        libc::SYS_getpid,
-        libc::SYS_getppid,
-        libc::SYS_getuid,
-        libc::SYS_geteuid,
-        libc::SYS_getgid,
-        libc::SYS_getegid,
-        libc::SYS_getresuid,
-        libc::SYS_getresgid,
-        libc::SYS_clock_gettime,
-        libc::SYS_clock_getres,
-        libc::SYS_clock_nanosleep,
-        libc::SYS_nanosleep,
-        libc::SYS_gettimeofday,
-        libc::SYS_getrandom,
-        libc::SYS_exit,
-        libc::SYS_exit_group,
-        libc::SYS_rt_sigaction,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_rt_sigreturn,
-        libc::SYS_sigaltstack,
-        libc::SYS_tgkill,
-        libc::SYS_uname,
-        libc::SYS_sysinfo,
-        libc::SYS_getrlimit,
-        libc::SYS_prlimit64,
-        libc::SYS_getrusage,
-        // descriptors and files (the resolver reads /etc; nothing is written)
-        libc::SYS_read,
-        libc::SYS_write,
-        libc::SYS_readv,
-        libc::SYS_writev,
-        libc::SYS_pread64,
-        libc::SYS_close,
-        libc::SYS_fstat,
-        libc::SYS_newfstatat,
-        libc::SYS_statx,
-        libc::SYS_lseek,
-        libc::SYS_openat,
-        libc::SYS_faccessat,
-        libc::SYS_faccessat2,
-        libc::SYS_readlinkat,
-        libc::SYS_getcwd,
-        libc::SYS_fcntl,
-        libc::SYS_ioctl,
-        libc::SYS_dup,
-        libc::SYS_dup3,
-        libc::SYS_pipe2,
-        libc::SYS_eventfd2,
-        libc::SYS_epoll_create1,
-        libc::SYS_epoll_ctl,
-        libc::SYS_epoll_pwait,
-        libc::SYS_epoll_pwait2,
-        libc::SYS_ppoll,
-        libc::SYS_pselect6,
-        // network
-        libc::SYS_socket,
-        libc::SYS_connect,
-        libc::SYS_accept4,
-        libc::SYS_bind,
-        libc::SYS_getsockname,
-        libc::SYS_getpeername,
-        libc::SYS_setsockopt,
-        libc::SYS_getsockopt,
-        libc::SYS_sendto,
-        libc::SYS_recvfrom,
-        libc::SYS_sendmsg,
-        libc::SYS_recvmsg,
-        libc::SYS_sendmmsg,
-        libc::SYS_recvmmsg,
-        libc::SYS_shutdown,
-        // tokio's signal driver (always built with the `process` feature) makes a socketpair
-        libc::SYS_socketpair,
-    ];
-    #[cfg(target_arch = "x86_64")]
-    v.extend([
-        libc::SYS_open,
-        libc::SYS_stat,
-        libc::SYS_lstat,
-        libc::SYS_access,
-        libc::SYS_readlink,
-        libc::SYS_poll,
-        libc::SYS_select,
-        libc::SYS_epoll_wait,
-        libc::SYS_accept,
-        libc::SYS_dup2,
-        libc::SYS_pipe,
-        libc::SYS_arch_prctl,
-        libc::SYS_time,
-    ]);
-    v
+    ALLOWED.iter().chain(ALLOWED_LEGACY).copied().collect()
 }
 
 /// Builds the two filters: the allowlist (EPERM for anything else), and one that answers

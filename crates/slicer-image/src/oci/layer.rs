@@ -188,103 +188,110 @@ impl Applier {
                 continue;
             }
             made.insert(join(&comps));
-            let header = entry.header();
-            let kind = header.entry_type();
-            let mode = header.mode().map_err(ctx)? & 0o7777;
-            let uid = header.uid().map_err(ctx)? as libc::uid_t;
-            let gid = header.gid().map_err(ctx)? as libc::gid_t;
-            let mtime = header.mtime().unwrap_or(0) as i64;
-            let cname = cstr(name)?;
-            let dirfd = pfd.as_raw_fd();
-            match kind {
-                EntryType::Directory => {
-                    if !is_dir_at(dirfd, name) {
-                        remove_at(dirfd, name, 0).map_err(ctx)?;
-                        // SAFETY: valid descriptor and NUL-terminated name.
-                        check(unsafe { libc::mkdirat(dirfd, cname.as_ptr(), 0o700) }).map_err(ctx)?;
-                    }
-                    let fd = open_at(dirfd, name, libc::O_RDONLY | libc::O_DIRECTORY).map_err(ctx)?;
-                    let xattrs = xattrs(&mut entry);
-                    finish_fd(&fd, uid, gid, mode, None, &xattrs).map_err(ctx)?;
-                }
-                EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                    let size = entry.size();
-                    if size > self.budget.bytes {
-                        return Err(err(&raw, "the image's files exceed the size limit"));
-                    }
-                    remove_at(dirfd, name, 0).map_err(ctx)?;
-                    let fd = open_at(dirfd, name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL).map_err(ctx)?;
-                    let mut file = File::from(fd);
-                    let mut limited = (&mut entry).take(self.budget.bytes);
-                    let n = io::copy(&mut limited, &mut file).map_err(ctx)?;
-                    self.budget.bytes -= n;
-                    stats.bytes += n;
-                    file.flush()?;
-                    let fd = OwnedFd::from(file);
-                    let xattrs = xattrs(&mut entry);
-                    finish_fd(&fd, uid, gid, mode, Some(mtime), &xattrs).map_err(ctx)?;
-                }
-                EntryType::Symlink => {
-                    let target = entry
-                        .link_name_bytes()
-                        .ok_or_else(|| err(&raw, "symlink without a target"))?
-                        .into_owned();
-                    remove_at(dirfd, name, 0).map_err(ctx)?;
-                    let t = cstr(&target)?;
-                    // SAFETY: valid descriptor and NUL-terminated strings.
-                    check(unsafe { libc::symlinkat(t.as_ptr(), dirfd, cname.as_ptr()) }).map_err(ctx)?;
-                    chown_at(dirfd, &cname, uid, gid).map_err(ctx)?;
-                }
-                EntryType::Link => {
-                    let target = entry
-                        .link_name_bytes()
-                        .ok_or_else(|| err(&raw, "hardlink without a target"))?
-                        .into_owned();
-                    let tcomps = components(&target)?;
-                    let Some((tname, tparent)) = tcomps.split_last() else {
-                        return Err(err(&raw, "hardlink to the root"));
-                    };
-                    let tfd = self.open_in_root(&join(tparent)).map_err(|e| {
-                        err(
-                            &raw,
-                            format!("hardlink target {}: {e}", String::from_utf8_lossy(&target)),
-                        )
-                    })?;
-                    if tparent == parent && tname == name {
-                        continue;
-                    }
-                    remove_at(dirfd, name, 0).map_err(ctx)?;
-                    let tc = cstr(tname)?;
-                    // SAFETY: valid descriptors and NUL-terminated names; flags 0 links the
-                    // entry itself (a symlink is not followed).
-                    check(unsafe { libc::linkat(tfd.as_raw_fd(), tc.as_ptr(), dirfd, cname.as_ptr(), 0) })
-                        .map_err(|e| err(&raw, format!("hardlink to {}: {e}", String::from_utf8_lossy(&target))))?;
-                }
-                EntryType::Char | EntryType::Block | EntryType::Fifo => {
-                    let ty = match kind {
-                        EntryType::Char => libc::S_IFCHR,
-                        EntryType::Block => libc::S_IFBLK,
-                        _ => libc::S_IFIFO,
-                    };
-                    let major = header.device_major().ok().flatten().unwrap_or(0);
-                    let minor = header.device_minor().ok().flatten().unwrap_or(0);
-                    remove_at(dirfd, name, 0).map_err(ctx)?;
-                    let dev = libc::makedev(major, minor);
-                    // SAFETY: valid descriptor and NUL-terminated name.
-                    check(unsafe { libc::mknodat(dirfd, cname.as_ptr(), ty | 0o600, dev) }).map_err(ctx)?;
-                    chown_at(dirfd, &cname, uid, gid).map_err(ctx)?;
-                    // A device node cannot be opened to fchmod it safely; fchmodat does not
-                    // follow anything here, the name was just made as a node.
-                    // SAFETY: valid descriptor and NUL-terminated name.
-                    check(unsafe { libc::fchmodat(dirfd, cname.as_ptr(), mode, 0) }).map_err(ctx)?;
-                }
-                // PAX and GNU long-name headers are read by the tar crate; others are skipped.
-                _ => {
-                    made.remove(&join(&comps));
-                }
+            let at = At {
+                raw: &raw,
+                dirfd: pfd.as_raw_fd(),
+                parent,
+                name,
+            };
+            if !self.write_entry(&mut entry, &at, &mut stats)? {
+                made.remove(&join(&comps));
             }
         }
         Ok(stats)
+    }
+
+    /// Writes one entry (not a whiteout) at its place; `false` for a kind that is skipped.
+    fn write_entry<R: Read>(&mut self, entry: &mut tar::Entry<R>, at: &At, stats: &mut LayerStats) -> io::Result<bool> {
+        let ctx = |e: io::Error| err(at.raw, e);
+        let header = entry.header();
+        let kind = header.entry_type();
+        let owner = Owner {
+            mode: header.mode().map_err(ctx)? & 0o7777,
+            uid: header.uid().map_err(ctx)? as libc::uid_t,
+            gid: header.gid().map_err(ctx)? as libc::gid_t,
+            mtime: header.mtime().unwrap_or(0) as i64,
+        };
+        let cname = cstr(at.name)?;
+        match kind {
+            EntryType::Directory => write_dir(entry, at, &owner).map_err(ctx)?,
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                self.write_regular(entry, at, &owner, stats)?
+            }
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| err(at.raw, "symlink without a target"))?
+                    .into_owned();
+                remove_at(at.dirfd, at.name, 0).map_err(ctx)?;
+                let t = cstr(&target)?;
+                // SAFETY: valid descriptor and NUL-terminated strings.
+                check(unsafe { libc::symlinkat(t.as_ptr(), at.dirfd, cname.as_ptr()) }).map_err(ctx)?;
+                chown_at(at.dirfd, &cname, owner.uid, owner.gid).map_err(ctx)?;
+            }
+            EntryType::Link => self.write_hardlink(entry, at, &cname)?,
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                write_node(entry.header(), kind, at, &cname, &owner).map_err(ctx)?
+            }
+            // PAX and GNU long-name headers are read by the tar crate; others are skipped.
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// A regular file, its contents within the image's byte budget.
+    fn write_regular<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<R>,
+        at: &At,
+        owner: &Owner,
+        stats: &mut LayerStats,
+    ) -> io::Result<()> {
+        let ctx = |e: io::Error| err(at.raw, e);
+        let size = entry.size();
+        if size > self.budget.bytes {
+            return Err(err(at.raw, "the image's files exceed the size limit"));
+        }
+        remove_at(at.dirfd, at.name, 0).map_err(ctx)?;
+        let fd = open_at(at.dirfd, at.name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL).map_err(ctx)?;
+        let mut file = File::from(fd);
+        let mut limited = (&mut *entry).take(self.budget.bytes);
+        let n = io::copy(&mut limited, &mut file).map_err(ctx)?;
+        self.budget.bytes -= n;
+        stats.bytes += n;
+        file.flush()?;
+        let fd = OwnedFd::from(file);
+        let xattrs = xattrs(entry);
+        finish_fd(&fd, owner.uid, owner.gid, owner.mode, Some(owner.mtime), &xattrs).map_err(ctx)
+    }
+
+    /// A hard link to an entry already in the root (never outside it); a link to itself is
+    /// left alone.
+    fn write_hardlink<R: Read>(&self, entry: &tar::Entry<R>, at: &At, cname: &CString) -> io::Result<()> {
+        let target = entry
+            .link_name_bytes()
+            .ok_or_else(|| err(at.raw, "hardlink without a target"))?
+            .into_owned();
+        let tcomps = components(&target)?;
+        let Some((tname, tparent)) = tcomps.split_last() else {
+            return Err(err(at.raw, "hardlink to the root"));
+        };
+        let tfd = self.open_in_root(&join(tparent)).map_err(|e| {
+            err(
+                at.raw,
+                format!("hardlink target {}: {e}", String::from_utf8_lossy(&target)),
+            )
+        })?;
+        if tparent == at.parent && *tname == at.name {
+            return Ok(());
+        }
+        remove_at(at.dirfd, at.name, 0).map_err(|e| err(at.raw, e))?;
+        let tc = cstr(tname)?;
+        // SAFETY: valid descriptors and NUL-terminated names; flags 0 links the
+        // entry itself (a symlink is not followed).
+        check(unsafe { libc::linkat(tfd.as_raw_fd(), tc.as_ptr(), at.dirfd, cname.as_ptr(), 0) })
+            .map_err(|e| err(at.raw, format!("hardlink to {}: {e}", String::from_utf8_lossy(&target))))?;
+        Ok(())
     }
 
     /// Makes the directory `path` (and missing parents) with `mode`, inside the root. An
@@ -392,6 +399,57 @@ fn remove_at(dirfd: RawFd, name: &[u8], depth: usize) -> io::Result<()> {
     }
     // SAFETY: valid descriptor and NUL-terminated name.
     check(unsafe { libc::unlinkat(dirfd, c.as_ptr(), libc::AT_REMOVEDIR) })?;
+    Ok(())
+}
+
+/// Where an entry goes: its path in the archive (for errors), its parent directory (open,
+/// inside the root) and its name there.
+struct At<'a> {
+    raw: &'a [u8],
+    dirfd: RawFd,
+    parent: &'a [&'a [u8]],
+    name: &'a [u8],
+}
+
+/// An entry's owner, permission bits and modification time, from its header.
+struct Owner {
+    mode: u32,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    mtime: i64,
+}
+
+/// A directory: made unless one is there, then owned, moded and given its xattrs.
+fn write_dir<R: Read>(entry: &mut tar::Entry<R>, at: &At, owner: &Owner) -> io::Result<()> {
+    if !is_dir_at(at.dirfd, at.name) {
+        remove_at(at.dirfd, at.name, 0)?;
+        let cname = cstr(at.name)?;
+        // SAFETY: valid descriptor and NUL-terminated name.
+        check(unsafe { libc::mkdirat(at.dirfd, cname.as_ptr(), 0o700) })?;
+    }
+    let fd = open_at(at.dirfd, at.name, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let xattrs = xattrs(entry);
+    finish_fd(&fd, owner.uid, owner.gid, owner.mode, None, &xattrs)
+}
+
+/// A character or block device, or a FIFO.
+fn write_node(header: &tar::Header, kind: EntryType, at: &At, cname: &CString, owner: &Owner) -> io::Result<()> {
+    let ty = match kind {
+        EntryType::Char => libc::S_IFCHR,
+        EntryType::Block => libc::S_IFBLK,
+        _ => libc::S_IFIFO,
+    };
+    let major = header.device_major().ok().flatten().unwrap_or(0);
+    let minor = header.device_minor().ok().flatten().unwrap_or(0);
+    remove_at(at.dirfd, at.name, 0)?;
+    let dev = libc::makedev(major, minor);
+    // SAFETY: valid descriptor and NUL-terminated name.
+    check(unsafe { libc::mknodat(at.dirfd, cname.as_ptr(), ty | 0o600, dev) })?;
+    chown_at(at.dirfd, cname, owner.uid, owner.gid)?;
+    // A device node cannot be opened to fchmod it safely; fchmodat does not
+    // follow anything here, the name was just made as a node.
+    // SAFETY: valid descriptor and NUL-terminated name.
+    check(unsafe { libc::fchmodat(at.dirfd, cname.as_ptr(), owner.mode, 0) })?;
     Ok(())
 }
 

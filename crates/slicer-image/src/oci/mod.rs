@@ -265,14 +265,7 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
         .pull_image_manifest(&r, &creds)
         .await
         .map_err(|e| classify(&r, opts, e))?;
-    let hex_digest = digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| PullError::Registry {
-            reference: name.clone(),
-            message: format!("unsupported manifest digest {digest:?}"),
-        })?
-        .to_string();
+    let hex_digest = digest_hex(&name, &digest)?;
     let id = format!("{}-{}", &hex_digest[..32], &agent_hash[..16]);
     if let Ok(img) = store.get_stored(&id) {
         store
@@ -281,128 +274,24 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
         tracing::info!(reference = %name, %digest, "image already in the store");
         return Ok(store.complete(img, &name, &base));
     }
-    if manifest.layers.len() > MAX_LAYERS {
-        return Err(PullError::Registry {
-            reference: name.clone(),
-            message: format!("{} layers; at most {MAX_LAYERS} are accepted", manifest.layers.len()),
-        });
-    }
-    for l in &manifest.layers {
-        if !layer_type_ok(&l.media_type) {
-            return Err(PullError::Layer {
-                reference: name.clone(),
-                digest: l.digest.clone(),
-                message: format!("unsupported layer type {:?}", l.media_type),
-            });
-        }
-        if l.size < 0 || l.size as u64 > opts.budget.bytes {
-            return Err(PullError::Layer {
-                reference: name.clone(),
-                digest: l.digest.clone(),
-                message: format!("layer size {} is out of bounds", l.size),
-            });
-        }
-    }
+    check_layers(&name, &manifest.layers, opts)?;
     check_platform(&client, &r, &manifest.config, opts).await?;
     let scratch = store
         .scratch("pull")
         .map_err(|e| PullError::Store(format!("scratch directory: {e:#}")))?;
     let rootfs = scratch.path().join("rootfs");
     std::fs::create_dir(&rootfs).map_err(|e| PullError::Store(e.to_string()))?;
-    let mut applier = layer::Applier::new(&rootfs, opts.budget.clone()).map_err(|e| PullError::Store(e.to_string()))?;
-    let multi = (opts.progress && std::io::stderr().is_terminal()).then(indicatif::MultiProgress::new);
-    let total: i64 = manifest.layers.iter().map(|l| l.size).sum();
-    if opts.progress && multi.is_none() {
-        eprintln!(
-            "==> pulling {name} ({} layers, {} MiB)",
-            manifest.layers.len(),
-            total >> 20
-        );
-    }
-    tracing::info!(reference = %name, %digest, layers = manifest.layers.len(), bytes = total, "pulling image");
-    let started = std::time::Instant::now();
-    for (i, l) in manifest.layers.iter().enumerate() {
-        let layer_err = |message: String| PullError::Layer {
-            reference: name.clone(),
-            digest: l.digest.clone(),
-            message,
-        };
-        let blob = scratch.path().join(format!("layer-{i}"));
-        let file = tokio::fs::File::create(&blob)
-            .await
-            .map_err(|e| PullError::Store(format!("{}: {e}", blob.display())))?;
-        let bar = multi.as_ref().map(|m| {
-            let b = m.add(indicatif::ProgressBar::new(l.size as u64));
-            b.set_style(
-                indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-            b.set_prefix(format!(
-                "layer {}/{} {}",
-                i + 1,
-                manifest.layers.len(),
-                short(&l.digest)
-            ));
-            b
-        });
-        let mut out = Bounded {
-            inner: file,
-            left: l.size as u64,
-            bar: bar.clone(),
-        };
-        let desc: &OciDescriptor = l;
-        client
-            .pull_blob(&r, desc, &mut out)
-            .await
-            .map_err(|e| match classify(&r, opts, e) {
-                PullError::Registry { message, .. } => layer_err(message),
-                other => other,
-            })?;
-        drop(out);
-        if let Some(b) = &bar {
-            b.finish();
-        } else if opts.progress {
-            eprintln!(
-                "    layer {}/{} {} ({} KiB)",
-                i + 1,
-                manifest.layers.len(),
-                short(&l.digest),
-                l.size >> 10
-            );
-        }
-        let path = blob.clone();
-        let (a, res) = tokio::task::spawn_blocking(move || {
-            let res = apply_blob(&mut applier, &path);
-            (applier, res)
-        })
-        .await
-        .map_err(|e| layer_err(e.to_string()))?;
-        applier = a;
-        res.map_err(|e| layer_err(e.to_string()))?;
-        let _ = std::fs::remove_file(&blob);
-    }
-    let agent = opts.agent.clone();
-    let stage = scratch.path().to_path_buf();
-    let digest_for = digest.clone();
-    let budget = opts.budget.clone();
-    let variant = tokio::task::spawn_blocking(move || -> Result<Variant, String> {
-        let variant = inject(&applier, &agent, &digest_for).map_err(|e| format!("injecting the agent: {e}"))?;
-        let bytes = budget.bytes - applier.budget.bytes;
-        let entries = budget.entries - applier.budget.entries;
-        write_ext4(&stage.join("rootfs"), &stage.join("out/rootfs.ext4"), bytes, entries)
-            .map_err(|e| format!("writing the ext4 image: {e}"))?;
-        Ok(variant)
-    })
-    .await
-    .map_err(|e| PullError::Convert {
-        reference: name.clone(),
-        message: e.to_string(),
-    })?
-    .map_err(|message| PullError::Convert {
-        reference: name.clone(),
-        message,
-    })?;
+    let applier = layer::Applier::new(&rootfs, opts.budget.clone()).map_err(|e| PullError::Store(e.to_string()))?;
+    let puller = Puller {
+        client: &client,
+        r: &r,
+        opts,
+        name: &name,
+    };
+    let (applier, started) = puller
+        .fetch_layers(&manifest.layers, &digest, scratch.path(), applier)
+        .await?;
+    let variant = puller.convert(applier, scratch.path(), &digest).await?;
     let out = scratch.path().join("out");
     let img = Image {
         name: name.clone(),
@@ -431,6 +320,166 @@ pub async fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Re
         eprintln!("==> {name} ({variant}) ready in {secs:.1} s, {digest}");
     }
     Ok(store.complete(img, &name, &base))
+}
+
+/// The hex of a `sha256:` manifest digest (the only kind accepted).
+fn digest_hex(name: &str, digest: &str) -> Result<String, PullError> {
+    Ok(digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| PullError::Registry {
+            reference: name.to_string(),
+            message: format!("unsupported manifest digest {digest:?}"),
+        })?
+        .to_string())
+}
+
+/// At most [`MAX_LAYERS`] layers, each of a supported type and within the byte budget.
+fn check_layers(name: &str, layers: &[OciDescriptor], opts: &PullOptions) -> Result<(), PullError> {
+    if layers.len() > MAX_LAYERS {
+        return Err(PullError::Registry {
+            reference: name.to_string(),
+            message: format!("{} layers; at most {MAX_LAYERS} are accepted", layers.len()),
+        });
+    }
+    for l in layers {
+        if !layer_type_ok(&l.media_type) {
+            return Err(PullError::Layer {
+                reference: name.to_string(),
+                digest: l.digest.clone(),
+                message: format!("unsupported layer type {:?}", l.media_type),
+            });
+        }
+        if l.size < 0 || l.size as u64 > opts.budget.bytes {
+            return Err(PullError::Layer {
+                reference: name.to_string(),
+                digest: l.digest.clone(),
+                message: format!("layer size {} is out of bounds", l.size),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One pull's registry, reference and options, for its download and conversion steps.
+struct Puller<'a> {
+    client: &'a Client,
+    r: &'a Reference,
+    opts: &'a PullOptions,
+    name: &'a str,
+}
+
+impl Puller<'_> {
+    /// Downloads each layer into `stage` and applies it (on a blocking thread), with progress;
+    /// returns the applier and when the downloads began.
+    async fn fetch_layers(
+        &self,
+        layers: &[OciDescriptor],
+        digest: &str,
+        stage: &Path,
+        mut applier: layer::Applier,
+    ) -> Result<(layer::Applier, std::time::Instant), PullError> {
+        let (name, opts) = (self.name, self.opts);
+        let multi = (opts.progress && std::io::stderr().is_terminal()).then(indicatif::MultiProgress::new);
+        let total: i64 = layers.iter().map(|l| l.size).sum();
+        if opts.progress && multi.is_none() {
+            eprintln!("==> pulling {name} ({} layers, {} MiB)", layers.len(), total >> 20);
+        }
+        tracing::info!(reference = %name, %digest, layers = layers.len(), bytes = total, "pulling image");
+        let started = std::time::Instant::now();
+        for (i, l) in layers.iter().enumerate() {
+            let bar = multi.as_ref().map(|m| layer_bar(m, l, i, layers.len()));
+            applier = self.fetch_layer(l, i, layers.len(), stage, applier, bar).await?;
+        }
+        Ok((applier, started))
+    }
+
+    /// Downloads layer `i` of `n` into `stage` (bounded to its declared size), applies it and
+    /// removes the blob.
+    async fn fetch_layer(
+        &self,
+        l: &OciDescriptor,
+        i: usize,
+        n: usize,
+        stage: &Path,
+        mut applier: layer::Applier,
+        bar: Option<indicatif::ProgressBar>,
+    ) -> Result<layer::Applier, PullError> {
+        let layer_err = |message: String| PullError::Layer {
+            reference: self.name.to_string(),
+            digest: l.digest.clone(),
+            message,
+        };
+        let blob = stage.join(format!("layer-{i}"));
+        let file = tokio::fs::File::create(&blob)
+            .await
+            .map_err(|e| PullError::Store(format!("{}: {e}", blob.display())))?;
+        let mut out = Bounded {
+            inner: file,
+            left: l.size as u64,
+            bar: bar.clone(),
+        };
+        self.client
+            .pull_blob(self.r, l, &mut out)
+            .await
+            .map_err(|e| match classify(self.r, self.opts, e) {
+                PullError::Registry { message, .. } => layer_err(message),
+                other => other,
+            })?;
+        drop(out);
+        if let Some(b) = &bar {
+            b.finish();
+        } else if self.opts.progress {
+            eprintln!("    layer {}/{} {} ({} KiB)", i + 1, n, short(&l.digest), l.size >> 10);
+        }
+        let path = blob.clone();
+        let (a, res) = tokio::task::spawn_blocking(move || {
+            let res = apply_blob(&mut applier, &path);
+            (applier, res)
+        })
+        .await
+        .map_err(|e| layer_err(e.to_string()))?;
+        res.map_err(|e| layer_err(e.to_string()))?;
+        let _ = std::fs::remove_file(&blob);
+        Ok(a)
+    }
+
+    /// Injects the agent and writes the ext4 image into `stage/out` (on a blocking thread).
+    async fn convert(&self, applier: layer::Applier, stage: &Path, digest: &str) -> Result<Variant, PullError> {
+        let agent = self.opts.agent.clone();
+        let stage = stage.to_path_buf();
+        let digest_for = digest.to_string();
+        let budget = self.opts.budget.clone();
+        tokio::task::spawn_blocking(move || -> Result<Variant, String> {
+            let variant = inject(&applier, &agent, &digest_for).map_err(|e| format!("injecting the agent: {e}"))?;
+            let bytes = budget.bytes - applier.budget.bytes;
+            let entries = budget.entries - applier.budget.entries;
+            write_ext4(&stage.join("rootfs"), &stage.join("out/rootfs.ext4"), bytes, entries)
+                .map_err(|e| format!("writing the ext4 image: {e}"))?;
+            Ok(variant)
+        })
+        .await
+        .map_err(|e| PullError::Convert {
+            reference: self.name.to_string(),
+            message: e.to_string(),
+        })?
+        .map_err(|message| PullError::Convert {
+            reference: self.name.to_string(),
+            message,
+        })
+    }
+}
+
+/// A progress bar for layer `i` of `n`.
+fn layer_bar(m: &indicatif::MultiProgress, l: &OciDescriptor, i: usize, n: usize) -> indicatif::ProgressBar {
+    let b = m.add(indicatif::ProgressBar::new(l.size as u64));
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b.set_prefix(format!("layer {}/{} {}", i + 1, n, short(&l.digest)));
+    b
 }
 
 /// Reads the image's config (at most 1 MiB, digest checked): it must be a linux/amd64 image,
