@@ -6,9 +6,32 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-
 use crate::manager::Error;
+
+/// What the secret store can fail with: the host's files, each with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{context}")]
+    Json {
+        context: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// `context` above an I/O error.
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
 
 /// Largest secret value.
 pub const MAX_SECRET: usize = 512 * 1024;
@@ -55,14 +78,14 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+        .map_err(io(format!("writing {}", tmp.display())))?;
     let written = f
         .write_all(data)
         .and_then(|()| f.sync_all())
         .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
+        return Err(io(format!("writing {}", path.display()))(e));
     }
     Ok(())
 }
@@ -71,8 +94,9 @@ impl SecretStore {
     pub fn open(data_dir: &Path) -> Result<SecretStore> {
         let dir = data_dir.join("secrets");
         for d in [dir.clone(), dir.join("values"), dir.join("meta")] {
-            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::create_dir_all(&d).map_err(io(format!("creating {}", d.display())))?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("making {} private", d.display())))?;
         }
         Ok(SecretStore { dir })
     }
@@ -87,16 +111,22 @@ impl SecretStore {
 
     pub fn info(&self, name: &str) -> Result<Option<SecretInfo>> {
         match std::fs::read(self.meta_path(name)) {
-            Ok(raw) => Ok(Some(serde_json::from_slice(&raw).context("parsing secret metadata")?)),
+            Ok(raw) => Ok(Some(serde_json::from_slice(&raw).map_err(|source| {
+                StoreError::Json {
+                    context: format!("parsing secret {name}'s metadata"),
+                    source,
+                }
+            })?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(io(format!("reading secret {name}'s metadata"))(e)),
         }
     }
 
     pub fn list(&self) -> Result<Vec<SecretInfo>> {
         let mut out = Vec::new();
-        for e in std::fs::read_dir(self.dir.join("meta"))? {
-            let name = e?.file_name().to_string_lossy().into_owned();
+        let listing = || io("listing the secrets");
+        for e in std::fs::read_dir(self.dir.join("meta")).map_err(listing())? {
+            let name = e.map_err(listing())?.file_name().to_string_lossy().into_owned();
             if let Some(n) = name.strip_suffix(".json") {
                 if let Some(i) = self.info(n)? {
                     out.push(i);
@@ -108,18 +138,22 @@ impl SecretStore {
     }
 
     pub fn value(&self, name: &str) -> Result<Vec<u8>> {
-        std::fs::read(self.value_path(name)).with_context(|| format!("reading secret {name}"))
+        std::fs::read(self.value_path(name)).map_err(io(format!("reading secret {name}")))
     }
 
     /// Writes a secret's value and metadata (create or update).
     pub fn put(&self, info: &SecretInfo, value: &[u8]) -> Result<()> {
         write_private(&self.value_path(&info.name), value)?;
-        write_private(&self.meta_path(&info.name), &serde_json::to_vec(info)?)
+        let meta = serde_json::to_vec(info).map_err(|source| StoreError::Json {
+            context: format!("encoding secret {}'s metadata", info.name),
+            source,
+        })?;
+        write_private(&self.meta_path(&info.name), &meta)
     }
 
     pub fn remove(&self, name: &str) -> Result<()> {
-        std::fs::remove_file(self.meta_path(name))?;
-        std::fs::remove_file(self.value_path(name))?;
+        std::fs::remove_file(self.meta_path(name)).map_err(io(format!("removing secret {name}")))?;
+        std::fs::remove_file(self.value_path(name)).map_err(io(format!("removing secret {name}")))?;
         Ok(())
     }
 }

@@ -37,7 +37,7 @@ impl ApiErr {
     }
     /// A failure of the host side (see [`crate::manager::Error::host`] for how the host's
     /// own state, a full disk or a busy database, is told apart from a bug).
-    pub fn internal(e: impl Into<anyhow::Error>) -> ApiErr {
+    pub fn internal(e: impl Into<crate::manager::HostCause>) -> ApiErr {
         ApiErr::from(crate::manager::Error::host(e))
     }
     /// Maps an error of the guest agent: its own 4xx stay client errors.
@@ -118,7 +118,7 @@ mod tests {
         let full = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None);
         assert_eq!(ApiErr::internal(full).status, StatusCode::INSUFFICIENT_STORAGE);
         assert_eq!(
-            ApiErr::internal(anyhow::anyhow!("boom")).status,
+            ApiErr::internal(crate::manager::HostCause::msg("boom")).status,
             StatusCode::INTERNAL_SERVER_ERROR
         );
     }

@@ -381,7 +381,9 @@ impl Collector {
         let rest = serde_json::to_string(answer).map_err(ApiErr::internal)?;
         const EMPTY: &str = r#"{"stdout":"","stderr":"""#;
         let rest = rest.strip_prefix(EMPTY).ok_or_else(|| {
-            ApiErr::internal(anyhow::anyhow!("a buffered answer does not start with {EMPTY}: {rest}"))
+            ApiErr::internal(crate::manager::HostCause::msg(format!(
+                "a buffered answer does not start with {EMPTY}: {rest}"
+            )))
         })?;
         let mut pieces = std::collections::VecDeque::new();
         pieces.push_back(Bytes::from_static(br#"{"stdout":""#));

@@ -90,7 +90,10 @@ impl Manager {
         // A proxy-bound VM is not ready until its environment names the proxy.
         if let (Ok(()), Some(env)) = (&result, &plan.proxy_env) {
             if let Err(e) = write_proxy_env(r.vm.as_ref(), env).await {
-                result = Err(NotReady(format!("writing the proxy environment: {:#}", GuestText(&e))));
+                result = Err(NotReady(format!(
+                    "writing the proxy environment: {}",
+                    GuestText(&slicer_error::chain_string(&e))
+                )));
             }
         }
         if result.is_ok() && r.vm.is_ready() && !adopted {
@@ -115,13 +118,19 @@ impl Manager {
         // had any (pruning it would cost every warm create an agent round trip).
         let prune = plan.restored_live || r.vm.start_mode() == slicer_vmm::StartMode::Resume;
         if let Err(e) = self.sync_secrets(hostname, r, prune).await {
-            tracing::warn!("VM {hostname}: syncing secrets: {:#}", GuestText(&e));
+            tracing::warn!(
+                "VM {hostname}: syncing secrets: {}",
+                GuestText(&slicer_error::chain_string(&e))
+            );
         }
         let mut keys = self.settings.ssh_keys.clone();
         keys.extend(plan.ssh_keys);
         if !keys.is_empty() {
             if let Err(e) = authorize_ssh_keys(r.vm.as_ref(), &keys).await {
-                tracing::warn!("VM {hostname}: installing SSH keys: {:#}", GuestText(&e));
+                tracing::warn!(
+                    "VM {hostname}: installing SSH keys: {}",
+                    GuestText(&slicer_error::chain_string(&e))
+                );
             }
         }
     }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use slicer_agent_proto::ExecRequest;
 use slicer_api::{ChildStatus, CommitMode, CommitRequest, CreateNodeRequest, Fixup, ForkRequest, TagMode, VmStatus};
 
-use super::{detached, stamp, vm_name, Error, GuestText, Machine, Manager, NotReady, Wait};
+use super::{detached, stamp, vm_name, Error, GuestText, HostCause, Machine, Manager, NotReady, Wait};
 
 use crate::state::{CommitRecord, VmRecord};
 
@@ -146,7 +146,7 @@ impl Manager {
     fn capture_of(&self, id: &str) -> Result<Arc<slicer_vmm::Template>, Error> {
         Ok(Arc::new(
             slicer_vmm::Template::open(&self.commits_dir.join(id))
-                .map_err(|e| Error::host(anyhow::Error::from(e).context(format!("commit {id}"))))?,
+                .map_err(|e| Error::host(HostCause::context(e, format!("commit {id}"))))?,
         ))
     }
 
@@ -201,7 +201,7 @@ impl Manager {
             if let Err(e) = slicer_storage::create_overlay(&frozen, &disk, rec.storage_size).await {
                 let _ = slicer_storage::rename_disk(&frozen, &disk);
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(Error::host(anyhow::Error::from(e).context(format!("committing VM {h}"))));
+                return Err(Error::host(HostCause::context(e, format!("committing VM {h}"))));
             }
             use std::os::unix::fs::PermissionsExt;
             let _ = std::os::unix::fs::lchown(&frozen, Some(0), Some(0));
@@ -289,7 +289,7 @@ impl Manager {
             .host
             .capture(vm, &shape, &dir)
             .await
-            .map_err(|e| Error::host(anyhow::Error::from(e).context(format!("committing VM {h} live"))))?;
+            .map_err(|e| Error::host(HostCause::context(e, format!("committing VM {h} live"))))?;
         // The copy sits on the source's chain: on its last commit, or the one it was forked from.
         let (last, parent) = self.db.lineage(&h).map_err(Error::host)?;
         let c = commit_record(&id, &rec, &req, last.or(parent));
@@ -343,9 +343,10 @@ impl Manager {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(Error::host(
-                    anyhow::Error::from(e).context(format!("removing {}", dir.display())),
-                ))
+                return Err(Error::host(HostCause::context(
+                    e,
+                    format!("removing {}", dir.display()),
+                )))
             }
         }
         self.db.delete_commit(id).map_err(Error::host)?;
@@ -657,9 +658,7 @@ impl Manager {
             let _ = std::fs::remove_file(&out);
             let opened = match converted {
                 Ok(()) => Ok(file),
-                Err(e) => Err(Error::host(
-                    anyhow::Error::from(e).context(format!("exporting VM {h}'s disk")),
-                )),
+                Err(e) => Err(Error::host(HostCause::context(e, format!("exporting VM {h}'s disk")))),
             };
             let f = opened?;
             let len = f.metadata().map_err(Error::host)?.len();

@@ -48,12 +48,48 @@ pub enum Error {
 
 /// What a host failure came from: the error with its chain of causes, each link its own
 /// type (`find` one by type).
-pub struct HostCause(anyhow::Error);
+pub struct HostCause(Box<dyn StdError + Send + Sync + 'static>);
+
+use std::error::Error as StdError;
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HostCause {
+    fn from(e: E) -> HostCause {
+        HostCause(Box::new(e))
+    }
+}
+
+/// A host failure known only by its words.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Message(String);
+
+/// A host failure with what was being done when it happened, above its cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}")]
+struct Context {
+    context: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
 
 impl HostCause {
+    /// A cause that is only text.
+    pub fn msg(m: impl Into<String>) -> HostCause {
+        HostCause(Box::new(Message(m.into())))
+    }
+
+    /// `e`, under what was being done: `context: e: e's causes`.
+    pub fn context(e: impl Into<HostCause>, context: impl Into<String>) -> HostCause {
+        HostCause(Box::new(Context {
+            context: context.into(),
+            source: e.into().0,
+        }))
+    }
+
     /// The error, then its causes, outermost first.
-    pub fn chain(&self) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
-        self.0.chain()
+    pub fn chain(&self) -> impl Iterator<Item = &(dyn StdError + 'static)> {
+        let top: &(dyn StdError + 'static) = &*self.0;
+        slicer_error::sources(top)
     }
 
     /// The first link of the chain that is a `T`.
@@ -62,16 +98,16 @@ impl HostCause {
     }
 }
 
-/// The whole chain, as anyhow's `{:#}` prints it: `error: cause: cause's cause`.
+/// The whole chain, each link once: `error: cause: cause's cause`.
 impl std::fmt::Display for HostCause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.0)
+        f.write_str(&slicer_error::chain_string(&*self.0))
     }
 }
 
 impl std::fmt::Debug for HostCause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.0)
+        std::fmt::Display::fmt(self, f)
     }
 }
 
@@ -98,8 +134,8 @@ impl Error {
     /// A host-side failure, classified by walking its chain of causes for the I/O and SQLite
     /// errors that are the host's state rather than a bug. Its text decides only what no
     /// type tells: a child program's stderr (qemu-img, mkfs) carried as a message.
-    pub fn host(e: impl Into<anyhow::Error>) -> Error {
-        let cause = HostCause(e.into());
+    pub fn host(e: impl Into<HostCause>) -> Error {
+        let cause: HostCause = e.into();
         let fault = match cause.chain().find_map(fault_of) {
             Some(f) => f,
             None => fault_of_text(&cause.to_string()),
@@ -109,7 +145,7 @@ impl Error {
 
     /// A host-side failure known only by its text (a wait that ended with a reason).
     pub fn host_msg(m: impl Into<String>) -> Error {
-        Error::host(anyhow::Error::msg(m.into()))
+        Error::host(HostCause::msg(m))
     }
 
     /// What a host failure came from (its chain of causes below it), for a caller to match
@@ -175,7 +211,7 @@ mod tests {
     fn host_faults_are_found_by_type_through_the_chain() {
         let io = std::io::Error::from_raw_os_error(libc::ENOSPC);
         assert_eq!(fault(Error::host(io)), HostFault::DiskFull);
-        let wrapped = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ENOSPC)).context("writing the disk");
+        let wrapped = HostCause::context(std::io::Error::from_raw_os_error(libc::ENOSPC), "writing the disk");
         assert_eq!(fault(Error::host(wrapped)), HostFault::DiskFull);
         let busy = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY), None);
         assert_eq!(fault(Error::host(busy)), HostFault::StateBusy);
@@ -188,5 +224,18 @@ mod tests {
             )),
             HostFault::DiskFull
         );
+        // The state database's own error, with its context above SQLite's.
+        let db = crate::state::Error::Sql {
+            context: "recording VM a-1".into(),
+            source: rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None),
+        };
+        let e = Error::host(db);
+        assert!(e.to_string().starts_with("recording VM a-1: "), "{e}");
+        assert_eq!(fault(e), HostFault::DiskFull);
+        let store = crate::secrets::StoreError::Io {
+            context: "writing k".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert_eq!(fault(Error::host(store)), HostFault::DiskFull);
     }
 }

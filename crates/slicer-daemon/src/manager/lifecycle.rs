@@ -109,8 +109,9 @@ impl Manager {
             Ok(vm) => self
                 .db
                 .set_status(&rec.hostname, VmStatus::Running, vm.process())
-                .map(|()| vm),
-            Err(e) => Err(e.into()),
+                .map(|()| vm)
+                .map_err(Error::host),
+            Err(e) => Err(Error::host(e)),
         };
         let vm = match recorded {
             Ok(vm) => vm,

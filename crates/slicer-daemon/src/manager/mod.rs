@@ -252,7 +252,7 @@ impl Manager {
             vm_ranges,
             crate::proxy::ProxyMetrics::of(&metrics),
         )
-        .map_err(|e| Error::host(e.context("opening the proxy state")))?;
+        .map_err(|e| Error::host(HostCause::context(e, "opening the proxy state")))?;
         let m = Arc::new(Manager {
             ledger: Mutex::new(Ledger::new(
                 settings.capacity,

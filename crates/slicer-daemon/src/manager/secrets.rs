@@ -114,7 +114,10 @@ impl Manager {
         let (me, h, r) = (self.clone(), hostname.to_string(), r.clone());
         tokio::spawn(async move {
             if let Err(e) = me.sync_secrets(&h, &r, true).await {
-                tracing::warn!("VM {h}: syncing secrets: {:#}", GuestText(&e));
+                tracing::warn!(
+                    "VM {h}: syncing secrets: {}",
+                    GuestText(&slicer_error::chain_string(&e))
+                );
             }
         });
     }
@@ -152,7 +155,10 @@ impl Manager {
                 match tokio::time::timeout(SECRET_PUSH_TIMEOUT, me.apply_secret(&hostname, r.vm.as_ref(), &name)).await
                 {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!("VM {hostname}: updating secret {name}: {:#}", GuestText(&e)),
+                    Ok(Err(e)) => tracing::warn!(
+                        "VM {hostname}: updating secret {name}: {}",
+                        GuestText(&slicer_error::chain_string(&e))
+                    ),
                     Err(_) => tracing::warn!(
                         "VM {hostname}: updating secret {name}: the guest did not answer within {SECRET_PUSH_TIMEOUT:?}"
                     ),
@@ -175,7 +181,7 @@ pub enum SecretSyncError {
     Agent(#[from] slicer_agent_client::AgentError),
     /// The secret store could not be read.
     #[error(transparent)]
-    Store(anyhow::Error),
+    Store(crate::secrets::StoreError),
     #[error("the guest did not list its secrets in time")]
     ListTimeout,
     #[error("secret {0}: the guest did not answer within {SECRET_PUSH_TIMEOUT:?}")]

@@ -33,6 +33,18 @@ use crate::metrics::{GroupLabels, ProxyBytesLabels, ProxyDecisionLabels};
 use crate::state::column::Text;
 use crate::state::Db;
 
+/// A failure of the proxy plane's files (its state file, its tables), with its chain of
+/// causes as text: what the manager holds as a host failure's cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct ProxyError(anyhow::Error);
+
+impl From<anyhow::Error> for ProxyError {
+    fn from(e: anyhow::Error) -> ProxyError {
+        ProxyError(e)
+    }
+}
+
 mod admin;
 mod decisions;
 mod files;
@@ -204,6 +216,16 @@ impl ProxyAdmin {
         groups: Vec<String>,
         vm_ranges: Vec<String>,
         metrics: ProxyMetrics,
+    ) -> Result<Arc<ProxyAdmin>, ProxyError> {
+        Ok(Self::open_tables(db_path, data_dir, groups, vm_ranges, metrics)?)
+    }
+
+    fn open_tables(
+        db_path: &Path,
+        data_dir: &Path,
+        groups: Vec<String>,
+        vm_ranges: Vec<String>,
+        metrics: ProxyMetrics,
     ) -> anyhow::Result<Arc<ProxyAdmin>> {
         let db = Db::open(db_path)?;
         secure_db_file(db_path);
@@ -347,7 +369,7 @@ impl ProxyAdmin {
             (self.build_state(&conn)?, tokens_fingerprint(&conn)?)
         };
         *self.tokens_seen.lock().unwrap_or_else(|p| p.into_inner()) = fp;
-        write_state_file(&self.data_dir, &state).map_err(Error::host)?;
+        write_state_file(&self.data_dir, &state).map_err(|e| Error::host(ProxyError(e)))?;
         let g = state.generation;
         self.state.send_replace(Arc::new(state));
         Ok(g)

@@ -222,7 +222,7 @@ mod tests {
         let conn = Connection::open(&path).expect("open");
         conn.pragma_update(None, "user_version", CURRENT + 3).expect("set");
         drop(conn);
-        let err = format!("{:#}", Db::open(&path).err().expect("refused"));
+        let err = slicer_error::chain_string(&Db::open(&path).err().expect("refused"));
         assert!(
             err.contains(&format!("schema version {}", CURRENT + 3)) && err.contains(&format!("up to {CURRENT}")),
             "{err}"

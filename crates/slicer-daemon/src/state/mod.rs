@@ -4,12 +4,69 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use slicer_api::VmStatus;
 
 pub mod column;
 pub mod migrations;
+
+/// What a state database operation can fail with. SQLite's own error stays the source, so
+/// a caller finds `SQLITE_FULL` or `SQLITE_BUSY` by type.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// SQLite failed or refused.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// The same, with what was being done.
+    #[error("{context}")]
+    Sql {
+        context: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A JSON column (tags, labels, names) could not be written.
+    #[error("encoding a JSON column")]
+    Json(#[from] serde_json::Error),
+    /// The database's schema is one this build cannot use.
+    #[error("{context}")]
+    Schema {
+        context: String,
+        #[source]
+        source: migrations::SchemaError,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What was being done, put above a SQLite or schema error (the state database's `context`).
+trait Context<T> {
+    fn context(self, context: &str) -> Result<T>;
+    fn with_context(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Context<T> for rusqlite::Result<T> {
+    fn context(self, context: &str) -> Result<T> {
+        self.with_context(|| context.to_string())
+    }
+    fn with_context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Sql {
+            context: context(),
+            source,
+        })
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, migrations::SchemaError> {
+    fn context(self, context: &str) -> Result<T> {
+        self.with_context(|| context.to_string())
+    }
+    fn with_context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Schema {
+            context: context(),
+            source,
+        })
+    }
+}
 
 use column::Text;
 
