@@ -566,21 +566,27 @@ fn e_host(f: &Fixture) -> String {
     f.manager.records().expect("records")[0].hostname.clone()
 }
 
-/// A group trusting a CA: a guest whose agent cannot install it (here it answers nonsense)
-/// fails the create with a clear error, and nothing of the VM is left.
-#[tokio::test]
-async fn a_guest_that_cannot_take_the_groups_ca_fails_its_create() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let ca = slicer_proxy::ca::GroupCa::init(&dir.path().join("ca"), "t", false).expect("a CA");
-    let pem = dir.path().join("ca.pem");
+/// Settings of one group `t` that trusts a CA made under `dir` (and `<dir>/data` to run in).
+fn ca_group_settings(dir: &std::path::Path) -> crate::config::Settings {
+    let ca = slicer_proxy::ca::GroupCa::init(&dir.join("ca"), "t", false).expect("a CA");
+    let pem = dir.join("ca.pem");
     std::fs::write(&pem, ca.cert_pem()).expect("the CA file");
     let yaml = format!(
         "config:\n  host_groups:\n  - name: t\n    count: 0\n    vcpu: 2\n    ram_mb: 512\n    warm_start: false\n    network: {{mode: none}}\n    ca: {{files: [{}]}}\n  capacity:\n    vms: 4\n    ram_bytes: 17179869184\n",
         pem.display()
     );
-    let settings = crate::config::File::parse(&yaml)
-        .and_then(|f| f.settings(dir.path()))
-        .expect("the test config is valid");
+    std::fs::create_dir_all(dir.join("data")).expect("the data directory");
+    crate::config::File::parse(&yaml)
+        .and_then(|f| f.settings(dir))
+        .expect("the test config is valid")
+}
+
+/// A group trusting a CA: a guest whose agent cannot install it (here it answers nonsense)
+/// fails the create with a clear error, and nothing of the VM is left.
+#[tokio::test]
+async fn a_guest_that_cannot_take_the_groups_ca_fails_its_create() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let settings = ca_group_settings(dir.path());
     assert!(settings.groups[0].ca_bundle().is_some());
     std::fs::create_dir_all(dir.path().join("data")).expect("the data directory");
     let backend = Arc::new(FakeBackend::default());

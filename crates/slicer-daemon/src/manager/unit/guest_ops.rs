@@ -244,16 +244,7 @@ async fn userdata_runs_once_as_root_and_a_failure_keeps_the_vm_with_its_log() {
 #[tokio::test]
 async fn the_groups_ca_is_installed_before_the_vm_is_ready() {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let ca = slicer_proxy::ca::GroupCa::init(&dir.path().join("ca"), "t", false).expect("a CA");
-    let pem = dir.path().join("ca.pem");
-    std::fs::write(&pem, ca.cert_pem()).expect("the CA file");
-    let yaml = format!(
-        "config:\n  host_groups:\n  - name: t\n    count: 0\n    vcpu: 2\n    ram_mb: 512\n    warm_start: false\n    network: {{mode: none}}\n    ca: {{files: [{}]}}\n  capacity:\n    vms: 4\n    ram_bytes: 17179869184\n",
-        pem.display()
-    );
-    let settings = crate::config::File::parse(&yaml)
-        .and_then(|f| f.settings(dir.path()))
-        .expect("the test config is valid");
+    let settings = super::ca_group_settings(dir.path());
     let bundle = settings.groups[0].ca_bundle().expect("a bundle");
     std::fs::create_dir_all(dir.path().join("data")).expect("the data directory");
     let backend = std::sync::Arc::new(super::FakeBackend::default());
