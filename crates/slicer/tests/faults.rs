@@ -182,10 +182,19 @@ async fn sh(api: &ApiClient, vm: &str, line: &str) -> String {
     v["stdout"].as_str().unwrap_or_default().to_string()
 }
 
-/// What the daemon's records say matches what runs: every Running VM has one QEMU and (in an
-/// isolated group) its namespace and table; nothing of the group runs or stays without a
-/// record; the database is intact.
-async fn converged(api: &ApiClient, data: &Path, group: &str, isolated: bool) {
+/// `Err` with the message unless `cond` (a check of [`divergence`]).
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+/// The first way the daemon's records and what runs differ, if any. They agree when every
+/// Running VM has one QEMU and (in an isolated group) its namespace and table, nothing of the
+/// group runs or stays without a record, and the database is intact.
+async fn divergence(api: &ApiClient, data: &Path, group: &str, isolated: bool) -> Result<(), String> {
     let nodes: Vec<serde_json::Value> = api.json(Method::GET, "/nodes", None).await.unwrap();
     let running: Vec<String> = nodes
         .iter()
@@ -200,13 +209,13 @@ async fn converged(api: &ApiClient, data: &Path, group: &str, isolated: bool) {
         let name = format!("slicer-{h}");
         let own =
             slicer_hypervisor::qemu::processes_where(|args| slicer_hypervisor::qemu::args_name(args, &name, false));
-        assert_eq!(own.len(), 1, "{h}: one QEMU");
+        ensure!(own.len() == 1, "{h}: one QEMU");
         if isolated {
-            assert!(
+            ensure!(
                 netns_exists(&format!("slicer-{h}")),
                 "{h} runs without its network namespace"
             );
-            assert!(
+            ensure!(
                 nft_tables().iter().any(|(_, t)| *t == format!("slicer-{h}")),
                 "{h} runs without its firewall table"
             );
@@ -214,23 +223,37 @@ async fn converged(api: &ApiClient, data: &Path, group: &str, isolated: bool) {
     }
     let prefix = format!("slicer-{group}-");
     for (_, name) in slicer_testkit::qemu::hostnames_like(&format!("{group}-")) {
-        assert!(
+        ensure!(
             running.contains(&name),
             "a QEMU for {name} runs without a running record"
         );
     }
     for (_, t) in nft_tables().into_iter().filter(|(_, t)| t.starts_with(&prefix)) {
         let h = t.trim_start_matches("slicer-");
-        assert!(running.iter().any(|r| r == h), "firewall table {t} left behind");
+        ensure!(running.iter().any(|r| r == h), "firewall table {t} left behind");
     }
     for e in std::fs::read_dir(data.join("vms")).into_iter().flatten().flatten() {
         let h = e.file_name().to_string_lossy().into_owned();
-        assert!(known.contains(&h), "the directory of {h} stays without a record");
+        ensure!(known.contains(&h), "the directory of {h} stays without a record");
     }
     let ok = rusqlite::Connection::open(data.join("state.db"))
         .and_then(|c| c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0)))
         .unwrap();
-    assert_eq!(ok, "ok", "state.db integrity");
+    ensure!(ok == "ok", "state.db integrity");
+    Ok(())
+}
+
+/// [`divergence`] comes to nothing within 10 s: a VM seen Stopped (its QEMU gone) may still
+/// be having its network objects removed by its exit watcher.
+async fn converged(api: &ApiClient, data: &Path, group: &str, isolated: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match divergence(api, data, group, isolated).await {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= deadline => panic!("{e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }
 
 /// One group `group` of 256 MiB VMs, then the groups in `extra_groups` (YAML list items).
