@@ -118,10 +118,7 @@ impl Manager {
         // had any (pruning it would cost every warm create an agent round trip).
         let prune = plan.restored_live || r.vm.start_mode() == slicer_vmm::StartMode::Resume;
         if let Err(e) = self.sync_secrets(hostname, r, prune).await {
-            tracing::warn!(
-                "VM {hostname}: syncing secrets: {}",
-                GuestText(&slicer_error::chain_string(&e))
-            );
+            tracing::warn!("VM {hostname}: syncing secrets: {:#}", GuestText(&e));
         }
         let mut keys = self.settings.ssh_keys.clone();
         keys.extend(plan.ssh_keys);

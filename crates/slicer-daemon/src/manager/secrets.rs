@@ -114,10 +114,7 @@ impl Manager {
         let (me, h, r) = (self.clone(), hostname.to_string(), r.clone());
         tokio::spawn(async move {
             if let Err(e) = me.sync_secrets(&h, &r, true).await {
-                tracing::warn!(
-                    "VM {h}: syncing secrets: {}",
-                    GuestText(&slicer_error::chain_string(&e))
-                );
+                tracing::warn!("VM {h}: syncing secrets: {:#}", GuestText(&e));
             }
         });
     }
@@ -155,10 +152,7 @@ impl Manager {
                 match tokio::time::timeout(SECRET_PUSH_TIMEOUT, me.apply_secret(&hostname, r.vm.as_ref(), &name)).await
                 {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(
-                        "VM {hostname}: updating secret {name}: {}",
-                        GuestText(&slicer_error::chain_string(&e))
-                    ),
+                    Ok(Err(e)) => tracing::warn!("VM {hostname}: updating secret {name}: {:#}", GuestText(&e)),
                     Err(_) => tracing::warn!(
                         "VM {hostname}: updating secret {name}: the guest did not answer within {SECRET_PUSH_TIMEOUT:?}"
                     ),
@@ -179,8 +173,8 @@ pub enum SecretSyncError {
     /// The guest agent failed or refused.
     #[error(transparent)]
     Agent(#[from] slicer_agent_client::AgentError),
-    /// The secret store could not be read.
-    #[error(transparent)]
+    /// The secret store could not be read (printed with its causes: it is logged whole).
+    #[error("{}", slicer_error::chain_string(.0))]
     Store(crate::secrets::StoreError),
     #[error("the guest did not list its secrets in time")]
     ListTimeout,

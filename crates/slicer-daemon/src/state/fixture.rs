@@ -2,7 +2,8 @@
 //! versions wrote it (`user_version` 0), with VMs, tags, lineage, commits, a secret scope and
 //! proxy clients, rules and secrets. The checked-in file was written by that release's code
 //! (commit aca883f, `Db::open` with `CREATE TABLE IF NOT EXISTS` only). Run with
-//! `SLICER_STATE_FIXTURE=$PWD/crates/slicer-daemon/tests/fixtures/state-v0.db cargo test -p slicer-daemon --lib write_state_fixture -- --ignored`.
+//! `SLICER_STATE_FIXTURE=$PWD/crates/slicer-daemon/tests/fixtures/state-v0.db cargo test -p slicer-daemon --lib write_state_fixture`
+//! (without the variable the test checks that the writer still makes the fixture's rows).
 //! While migration 1 is the only one, it is that release's schema exactly, so a database
 //! written through today's code and set back to `user_version` 0 is the same database. Once a
 //! migration 2 exists, keep this file as it is and add a fixture per version instead.
@@ -96,12 +97,10 @@ async fn write(path: &Path) {
     drop(admin);
 }
 
+/// With `SLICER_STATE_FIXTURE` set, writes the fixture there. Without, checks that the
+/// writer still makes what the checked-in fixture holds: the same tables with as many rows.
 #[tokio::test]
-#[ignore = "writes the fixture; run by hand (see the module comment)"]
 async fn write_state_fixture() {
-    let Ok(out) = std::env::var("SLICER_STATE_FIXTURE") else {
-        panic!("set SLICER_STATE_FIXTURE to the fixture's path");
-    };
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("state.db");
     write(&path).await;
@@ -109,5 +108,32 @@ async fn write_state_fixture() {
     conn.execute_batch("PRAGMA user_version = 0;")
         .expect("back to version 0");
     drop(conn);
-    std::fs::copy(&path, out).expect("copy");
+    match std::env::var_os("SLICER_STATE_FIXTURE") {
+        Some(out) => {
+            std::fs::copy(&path, out).expect("copy");
+        }
+        None => {
+            let checked_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/state-v0.db");
+            assert_eq!(row_counts(&path), row_counts(&checked_in));
+        }
+    }
+}
+
+/// Each table of a database with its number of rows.
+fn row_counts(db: &Path) -> BTreeMap<String, i64> {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let conn = rusqlite::Connection::open_with_flags(db, flags).expect("open");
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+        .expect("tables");
+    tables
+        .into_iter()
+        .map(|t| {
+            let n = conn
+                .query_row(&format!("SELECT count(*) FROM \"{t}\""), [], |r| r.get(0))
+                .expect("count");
+            (t, n)
+        })
+        .collect()
 }
