@@ -126,11 +126,7 @@ impl AgentClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| u32::from_str_radix(v, 8).ok())
             .map(|m| m & 0o7777);
-        Ok(Download {
-            mode,
-            body: resp.into_body(),
-            pending: slicer_agent_proto::lines::LineBuf::default(),
-        })
+        Ok(Download::new(mode, Box::new(resp.into_body())))
     }
 
     /// Unpacks a tar stream into directory `dir` in the guest.

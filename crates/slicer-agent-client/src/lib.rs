@@ -30,7 +30,7 @@ mod guest_text;
 mod streams;
 pub use exec::{ExecEvent, ExecProcess, Output};
 pub use guest_text::GuestText;
-pub use streams::{Download, StdinWriter};
+pub use streams::{Chunks, Download, StdinWriter};
 
 pub type ReqBody = BoxBody<Bytes, io::Error>;
 

@@ -1,7 +1,9 @@
 //! Long-lived streams with the guest: forwards, shells, watches, and the [`Download`] and
 //! [`StdinWriter`] halves every stream is read and written through.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 
 use bytes::Bytes;
 use http::Request;
@@ -23,14 +25,7 @@ impl AgentClient {
             check(self.send(req).await?).await
         })
         .await?;
-        Ok((
-            StdinWriter { tx },
-            Download {
-                mode: None,
-                body: resp.into_body(),
-                pending: slicer_agent_proto::lines::LineBuf::default(),
-            },
-        ))
+        Ok((StdinWriter { tx }, Download::new(None, Box::new(resp.into_body()))))
     }
 
     /// Connects to `target` inside the guest (`host:port` or `unix:/path`): bytes both ways.
@@ -61,11 +56,7 @@ impl AgentClient {
             check(self.send(req).await?).await
         })
         .await?;
-        Ok(Download {
-            mode: None,
-            body: resp.into_body(),
-            pending: slicer_agent_proto::lines::LineBuf::default(),
-        })
+        Ok(Download::new(None, Box::new(resp.into_body())))
     }
 }
 
@@ -83,29 +74,66 @@ impl StdinWriter {
     }
 }
 
-/// A file or tar stream coming from the guest.
+/// Where a [`Download`]'s chunks come from: an answer's body from the agent, or anything else
+/// that hands out chunks (what is in memory; a wrapper that holds something while it reads).
+pub trait Chunks: Send {
+    /// The next chunk; `None` at the end.
+    fn chunk(&mut self) -> Pin<Box<dyn Future<Output = Result<Option<Bytes>>> + Send + '_>>;
+}
+
+impl Chunks for Incoming {
+    fn chunk(&mut self) -> Pin<Box<dyn Future<Output = Result<Option<Bytes>>> + Send + '_>> {
+        Box::pin(async move {
+            loop {
+                match self.frame().await {
+                    Some(Ok(f)) => {
+                        if let Ok(d) = f.into_data() {
+                            return Ok(Some(d));
+                        }
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Ok(None),
+                }
+            }
+        })
+    }
+}
+
+impl Chunks for std::collections::VecDeque<Bytes> {
+    fn chunk(&mut self) -> Pin<Box<dyn Future<Output = Result<Option<Bytes>>> + Send + '_>> {
+        let next = self.pop_front();
+        Box::pin(async move { Ok(next) })
+    }
+}
+
+/// A file, tar or event stream coming from the guest.
 pub struct Download {
     /// Mode bits of a downloaded file.
     pub mode: Option<u32>,
-    pub(crate) body: Incoming,
+    source: Box<dyn Chunks>,
     /// Bytes read past the last line handed out by [`Download::next_line`].
-    pub(crate) pending: slicer_agent_proto::lines::LineBuf,
+    pending: slicer_agent_proto::lines::LineBuf,
 }
 
 impl Download {
+    /// A stream of `source`'s chunks.
+    pub fn new(mode: Option<u32>, source: Box<dyn Chunks>) -> Download {
+        Download {
+            mode,
+            source,
+            pending: slicer_agent_proto::lines::LineBuf::default(),
+        }
+    }
+
+    /// A stream of what is in memory.
+    pub fn of(mode: Option<u32>, chunks: impl IntoIterator<Item = Bytes>) -> Download {
+        let q: std::collections::VecDeque<Bytes> = chunks.into_iter().collect();
+        Download::new(mode, Box::new(q))
+    }
+
     /// The next chunk; `None` at the end.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
-        loop {
-            match self.body.frame().await {
-                Some(Ok(f)) => {
-                    if let Ok(d) = f.into_data() {
-                        return Ok(Some(d));
-                    }
-                }
-                Some(Err(e)) => return Err(e.into()),
-                None => return Ok(None),
-            }
-        }
+        self.source.chunk().await
     }
 
     /// The next `\n`-terminated line of a line-oriented stream (NDJSON), `None` at its end. A

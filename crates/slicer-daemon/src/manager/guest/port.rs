@@ -38,91 +38,12 @@ pub struct Upload {
     pub owner: Option<(u32, Option<u32>)>,
 }
 
+/// A file, tar or event stream coming from the guest: the agent client's [`Download`], whose
+/// chunks come from the agent's answer or, in the unit tests' guest, from memory.
+pub type GuestStream = Download;
+
 /// One chunk source of a [`GuestStream`].
-pub trait Chunks: Send {
-    /// The next chunk; `None` at the end.
-    fn chunk(&mut self) -> BoxFut<'_, GuestResult<Option<Bytes>>>;
-}
-
-impl Chunks for Download {
-    fn chunk(&mut self) -> BoxFut<'_, GuestResult<Option<Bytes>>> {
-        Box::pin(Download::chunk(self))
-    }
-}
-
-impl Chunks for std::collections::VecDeque<Bytes> {
-    fn chunk(&mut self) -> BoxFut<'_, GuestResult<Option<Bytes>>> {
-        let next = self.pop_front();
-        Box::pin(async move { Ok(next) })
-    }
-}
-
-/// A file, tar or event stream coming from the guest.
-pub struct GuestStream {
-    /// Mode bits of a downloaded file.
-    pub mode: Option<u32>,
-    source: Box<dyn Chunks>,
-    /// Bytes read past the last line handed out by [`GuestStream::next_line`].
-    pending: slicer_agent_proto::lines::LineBuf,
-}
-
-impl GuestStream {
-    pub fn new(mode: Option<u32>, source: Box<dyn Chunks>) -> GuestStream {
-        GuestStream {
-            mode,
-            source,
-            pending: slicer_agent_proto::lines::LineBuf::default(),
-        }
-    }
-
-    /// A stream of what is in memory.
-    pub fn of(mode: Option<u32>, chunks: impl IntoIterator<Item = Bytes>) -> GuestStream {
-        let q: std::collections::VecDeque<Bytes> = chunks.into_iter().collect();
-        GuestStream::new(mode, Box::new(q))
-    }
-
-    /// The next chunk; `None` at the end.
-    pub async fn chunk(&mut self) -> GuestResult<Option<Bytes>> {
-        self.source.chunk().await
-    }
-
-    /// The next `\n`-terminated line (NDJSON), `None` at the end; a line over `max` bytes is
-    /// an error. Cancelling the call loses nothing.
-    pub async fn next_line(&mut self, max: usize) -> GuestResult<Option<Vec<u8>>> {
-        loop {
-            if let Some(line) = self.pending.next_line() {
-                return Ok(Some(line.to_vec()));
-            }
-            if self.pending.pending() > max {
-                return Err(AgentError::Protocol(format!(
-                    "a line from the agent is over {max} bytes"
-                )));
-            }
-            match self.source.chunk().await? {
-                Some(c) => self.pending.push(&c),
-                None => return Ok(None),
-            }
-        }
-    }
-
-    /// Reads everything into memory, failing beyond `limit` bytes.
-    pub async fn bytes(mut self, limit: usize) -> GuestResult<Vec<u8>> {
-        let mut out = Vec::new();
-        while let Some(c) = self.chunk().await? {
-            if out.len() + c.len() > limit {
-                return Err(AgentError::Protocol(format!("download larger than {limit} bytes")));
-            }
-            out.extend_from_slice(&c);
-        }
-        Ok(out)
-    }
-}
-
-impl From<Download> for GuestStream {
-    fn from(d: Download) -> GuestStream {
-        GuestStream::new(d.mode, Box::new(d))
-    }
-}
+pub use slicer_agent_client::Chunks;
 
 /// Writes a guest process's (or a shell's, a forward's) input; dropping it closes it.
 pub trait GuestInput: Send + Sync {
@@ -230,7 +151,7 @@ pub trait Guest: Send + Sync {
 }
 
 fn duplex((tx, rx): (StdinWriter, Download)) -> Duplex {
-    (Box::new(tx), rx.into())
+    (Box::new(tx), rx)
 }
 
 impl Guest for AgentClient {
@@ -259,10 +180,10 @@ impl Guest for AgentClient {
         })
     }
     fn download_file<'a>(&'a self, path: &'a str) -> BoxFut<'a, GuestResult<GuestStream>> {
-        Box::pin(async move { AgentClient::download_file(self, path).await.map(GuestStream::from) })
+        Box::pin(async move { AgentClient::download_file(self, path).await })
     }
     fn download_tar<'a>(&'a self, dir: &'a str) -> BoxFut<'a, GuestResult<GuestStream>> {
-        Box::pin(async move { AgentClient::download_tar(self, dir).await.map(GuestStream::from) })
+        Box::pin(async move { AgentClient::download_tar(self, dir).await })
     }
     fn readdir<'a>(&'a self, path: &'a str) -> BoxFut<'a, GuestResult<Vec<FsEntry>>> {
         Box::pin(AgentClient::readdir(self, path))
@@ -277,7 +198,7 @@ impl Guest for AgentClient {
         Box::pin(AgentClient::remove(self, path, recursive))
     }
     fn watch<'a>(&'a self, req: &'a WatchRequest) -> BoxFut<'a, GuestResult<GuestStream>> {
-        Box::pin(async move { AgentClient::watch(self, req).await.map(GuestStream::from) })
+        Box::pin(async move { AgentClient::watch(self, req).await })
     }
     fn shell<'a>(&'a self, q: &'a ShellQuery) -> BoxFut<'a, GuestResult<Duplex>> {
         Box::pin(async move { AgentClient::shell(self, q).await.map(duplex) })
@@ -310,6 +231,6 @@ impl Guest for AgentClient {
         Box::pin(async move { AgentClient::bg_reap(self, id).await.map(|_| ()) })
     }
     fn bg_logs<'a>(&'a self, id: &'a str, q: &'a BgLogsQuery) -> BoxFut<'a, GuestResult<GuestStream>> {
-        Box::pin(async move { AgentClient::bg_logs(self, id, q).await.map(GuestStream::from) })
+        Box::pin(async move { AgentClient::bg_logs(self, id, q).await })
     }
 }
