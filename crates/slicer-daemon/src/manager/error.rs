@@ -1,6 +1,8 @@
 //! What a manager operation can fail with, in the domain's terms. The API maps each kind to
 //! an HTTP status (`api::error`); nothing here knows about HTTP.
 
+use std::error::Error as StdError;
+
 /// Why a host-side failure happened, as far as a caller can act on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostFault {
@@ -49,8 +51,6 @@ pub enum Error {
 /// What a host failure came from: the error with its chain of causes, each link its own
 /// type (`find` one by type).
 pub struct HostCause(Box<dyn StdError + Send + Sync + 'static>);
-
-use std::error::Error as StdError;
 
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for HostCause {
     fn from(e: E) -> HostCause {
